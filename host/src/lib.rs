@@ -1,0 +1,6 @@
+//! Lockstep keeps login sessions consistent between a modern identity provider (Keycloak)
+//! and the legacy IAM systems that run beside it. This crate is the host service; `main.rs`
+//! is a thin wrapper over [`cli::run`].
+
+pub mod store;
+pub mod sync;

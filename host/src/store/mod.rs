@@ -1,0 +1,232 @@
+//! The session-mapping store: SQLite (embedded default, one writer task with group commit)
+//! and PostgreSQL (pooled transactions, for more than one instance). It owns the schema,
+//! migrations and every SQL statement; it knows nothing of HTTP.
+
+mod ops;
+mod postgres;
+mod row;
+mod sqlite;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::sync::model::{DestroyCommand, MapCommand, Session, SessionStatus};
+
+pub use sqlite::Durability;
+
+/// Store failures. Domain refusals are distinct variants so the API can map them to 4xx.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `(realm, external_id)` is already taken (decided by the unique constraint).
+    #[error("session {0:?} already exists in this realm")]
+    AlreadyExists(String),
+    /// The session named in a destroy does not exist in the realm.
+    #[error("session {0:?} not found in this realm")]
+    NotFound(String),
+    /// A CHILD names a parent that does not exist in the realm.
+    #[error("parent session {0:?} not found in this realm")]
+    ParentNotFound(String),
+    /// A CHILD names a parent that has ended.
+    #[error("parent session {id:?} is {status}, not ACTIVE")]
+    ParentNotActive {
+        /// The parent's external id.
+        id: String,
+        /// Its current status.
+        status: SessionStatus,
+    },
+    /// A destroy named a session of the wrong kind for that route.
+    #[error("{0}")]
+    WrongKind(String),
+    /// The database URL is not one this build understands.
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    /// A row holds a value the code cannot interpret.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The SQLite writer task is gone (shutting down or crashed).
+    #[error("the store is shutting down")]
+    Unavailable,
+    /// Any database failure.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Result alias for store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Filters of the cursor-paginated query (DESIGN.md section 3).
+#[derive(Clone, Debug, Default)]
+pub struct SessionQuery {
+    /// Match `idp_session_id`.
+    pub idp_session_id: Option<String>,
+    /// Match `idp_client_session_id`.
+    pub idp_client_session_id: Option<String>,
+    /// Match `user_id`.
+    pub user_id: Option<String>,
+    /// Match `status`.
+    pub status: Option<SessionStatus>,
+    /// Match `system`.
+    pub system: Option<String>,
+    /// Only rows after this sequence number.
+    pub after: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// One page of query results.
+#[derive(Clone, Debug)]
+pub struct Page {
+    /// The rows, in sequence order.
+    pub items: Vec<Session>,
+    /// Sequence number to continue after, when more rows may follow.
+    pub next_after: Option<i64>,
+}
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// `sqlite://PATH` or `postgres://...`.
+    pub url: String,
+    /// SQLite commit durability.
+    pub durability: Durability,
+    /// Pool size (PostgreSQL connections, or SQLite readers).
+    pub max_connections: u32,
+    /// How long a caller waits for a pooled connection.
+    pub acquire_timeout: Duration,
+}
+
+impl StoreOptions {
+    /// Options with defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        StoreOptions {
+            url: url.into(),
+            durability: Durability::Normal,
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The backend in use. Cloning is cheap (pools and channels are shared).
+#[derive(Clone)]
+pub enum Store {
+    /// Embedded SQLite.
+    Sqlite(sqlite::SqliteStore),
+    /// PostgreSQL.
+    Postgres(postgres::PgStore),
+}
+
+impl Store {
+    /// Opens the database named by `opts.url`, creating a SQLite file if needed.
+    /// Does not migrate; call [`Store::migrate`].
+    pub async fn connect(opts: &StoreOptions) -> Result<Self> {
+        let url = opts.url.as_str();
+        if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(sqlite::SqliteStore::open(opts).await?))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Store::Postgres(postgres::PgStore::open(opts).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(opts.url.clone()))
+        }
+    }
+
+    /// Applies pending migrations of this backend.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.migrate().await,
+            Store::Postgres(p) => p.migrate().await,
+        }
+    }
+
+    /// Registers a session and its `login` event in one transaction.
+    pub async fn map(&self, cmd: MapCommand) -> Result<Session> {
+        match self {
+            Store::Sqlite(s) => s.map(cmd).await,
+            Store::Postgres(p) => p.map(cmd).await,
+        }
+    }
+
+    /// Ends the targeted sessions and their trees, with `logout` events, in one transaction.
+    /// Returns every session that changed.
+    pub async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
+        match self {
+            Store::Sqlite(s) => s.destroy(cmd).await,
+            Store::Postgres(p) => p.destroy(cmd).await,
+        }
+    }
+
+    /// One session.
+    pub async fn get(&self, realm: &str, external_id: &str) -> Result<Option<Session>> {
+        match self {
+            Store::Sqlite(s) => s.get(realm, external_id).await,
+            Store::Postgres(p) => p.get(realm, external_id).await,
+        }
+    }
+
+    /// The whole tree containing `external_id`, root first, or `None` if it does not exist.
+    pub async fn tree(&self, realm: &str, external_id: &str) -> Result<Option<Vec<Session>>> {
+        match self {
+            Store::Sqlite(s) => s.tree(realm, external_id).await,
+            Store::Postgres(p) => p.tree(realm, external_id).await,
+        }
+    }
+
+    /// Filtered, cursor-paginated listing.
+    pub async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
+        match self {
+            Store::Sqlite(s) => s.query(realm, q).await,
+            Store::Postgres(p) => p.query(realm, q).await,
+        }
+    }
+
+    /// Number of outbox rows for a session (used by tests and diagnostics).
+    pub async fn outbox_count(&self, realm: &str, external_id: &str) -> Result<i64> {
+        match self {
+            Store::Sqlite(s) => s.outbox_count(realm, external_id).await,
+            Store::Postgres(p) => p.outbox_count(realm, external_id).await,
+        }
+    }
+
+    /// Cheap liveness probe of the database.
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(p) => p.ping().await,
+        }
+    }
+
+    /// Stops background work (the SQLite writer) after finishing queued writes.
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(s) => s.close().await,
+            Store::Postgres(p) => p.close().await,
+        }
+    }
+
+    /// Short backend name for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+}
+
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(Durability::Normal),
+            "fsync" => Ok(Durability::Fsync),
+            other => Err(format!("durability must be normal or fsync, got {other:?}")),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, the storage format of every timestamp.
+pub(crate) fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,416 @@
+//! The transactional session operations, written once and instantiated per backend.
+//!
+//! Both backends accept `$N` placeholders, so the SQL is shared; the few differences
+//! (row locks, how a JSON array of ids is expanded, whether concurrent writers exist)
+//! are parameters of [`session_ops!`]. Every function runs inside a transaction that the
+//! caller owns, so a whole operation commits or rolls back as one.
+
+/// Most outbox rows per INSERT statement (keeps bind counts far below both backends' limits).
+pub(crate) const EVENT_CHUNK: usize = 200;
+/// Bound on straggler passes after a cascade (each pass is one level of concurrent inserts).
+pub(crate) const MAX_CASCADE_PASSES: usize = 32;
+
+/// Generates `map`, `destroy`, `get`, `tree`, `query` and `outbox_count` for one backend.
+///
+/// - `for_share` / `for_update`: row-lock suffixes (empty where the backend serialises writers).
+/// - `ids`: a subquery that expands the JSON array bound at `$2` into rows of text.
+/// - `recheck`: whether concurrent writers can add children under a tree while it is being
+///   destroyed, so the cascade must look again for sessions it could not see.
+macro_rules! session_ops {
+    (
+        db = $db:ty,
+        conn = $conn:ty,
+        for_share = $for_share:literal,
+        for_update = $for_update:literal,
+        ids = $ids:literal,
+        recheck = $recheck:literal $(,)?
+    ) => {
+        use crate::store::ops::{EVENT_CHUNK, MAX_CASCADE_PASSES};
+        use crate::store::row::{into_sessions, millis_to_time, session_columns, SessionRow};
+        use crate::store::{Page, Result, SessionQuery, StoreError};
+        use crate::sync::model::{
+            DestroyCommand, DestroyTarget, EndReason, EventType, MapCommand, Session,
+            SessionKind, SessionStatus, SyncEvent,
+        };
+
+        /// Inserts a session (and its `login` event). The unique constraint decides conflicts.
+        pub(crate) async fn map(conn: &mut $conn, cmd: &MapCommand, now: i64) -> Result<Session> {
+            let new = &cmd.session;
+            let mut idp_session_id = new.idp_session_id.clone();
+            let mut user_id = new.user_id.clone();
+            if let Some(parent_id) = &new.parent_id {
+                let parent: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(concat!(
+                    "SELECT status, idp_session_id, user_id FROM sessions \
+                     WHERE realm = $1 AND external_id = $2",
+                    $for_share
+                ))
+                .bind(&new.realm)
+                .bind(parent_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some((status, parent_sid, parent_user)) = parent else {
+                    return Err(StoreError::ParentNotFound(parent_id.clone()));
+                };
+                let status: SessionStatus =
+                    status.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+                if status != SessionStatus::Active {
+                    return Err(StoreError::ParentNotActive { id: parent_id.clone(), status });
+                }
+                // A child belongs to its parent's IdP session and user unless told otherwise,
+                // so that queries and logout-everywhere find it.
+                idp_session_id = idp_session_id.or(parent_sid);
+                user_id = user_id.or(parent_user);
+            }
+            let attributes = serde_json::to_string(&new.attributes)
+                .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
+            let row: Option<SessionRow> = sqlx::query_as(concat!(
+                "INSERT INTO sessions (realm, external_id, kind, parent_id, idp_session_id, \
+                 idp_client_session_id, user_id, system, delegated_by, status, end_reason, \
+                 attributes, expires_at, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', NULL, $10, $11, $12, $12) \
+                 ON CONFLICT (realm, external_id) DO NOTHING RETURNING ",
+                session_columns!()
+            ))
+            .bind(&new.realm)
+            .bind(&new.external_id)
+            .bind(new.kind.as_str())
+            .bind(&new.parent_id)
+            .bind(&idp_session_id)
+            .bind(&new.idp_client_session_id)
+            .bind(&user_id)
+            .bind(&new.system)
+            .bind(&new.delegated_by)
+            .bind(attributes)
+            .bind(new.expires_at.map(|t| t.timestamp_millis()))
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else {
+                return Err(StoreError::AlreadyExists(new.external_id.clone()));
+            };
+            let session = Session::try_from(row)?;
+            let event = SyncEvent::for_session(
+                EventType::Login,
+                &session,
+                cmd.origin_system.as_deref(),
+                millis_to_time(now)?,
+            );
+            insert_events(conn, std::slice::from_ref(&event), now).await?;
+            Ok(session)
+        }
+
+        /// Ends the targeted sessions and everything below them; writes a `logout` event per
+        /// ended session. Returns the changed sessions in creation order.
+        pub(crate) async fn destroy(
+            conn: &mut $conn,
+            cmd: &DestroyCommand,
+            now: i64,
+        ) -> Result<Vec<Session>> {
+            let seeds: Vec<String> = match &cmd.target {
+                DestroyTarget::Parent(id) | DestroyTarget::Child(id) => {
+                    let found: Option<(String, String)> = sqlx::query_as(concat!(
+                        "SELECT kind, status FROM sessions WHERE realm = $1 AND external_id = $2",
+                        $for_update
+                    ))
+                    .bind(&cmd.realm)
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    let Some((kind, status)) = found else {
+                        return Err(StoreError::NotFound(id.clone()));
+                    };
+                    let kind: SessionKind =
+                        kind.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+                    check_kind(&cmd.target, id, kind)?;
+                    if status == SessionStatus::Destroyed.as_str() {
+                        return Ok(Vec::new());
+                    }
+                    vec![id.clone()]
+                }
+                DestroyTarget::User(user_id) => {
+                    sqlx::query_scalar(
+                        "SELECT external_id FROM sessions WHERE realm = $1 AND user_id = $2 \
+                         AND status IN ('ACTIVE', 'ORPHANED')",
+                    )
+                    .bind(&cmd.realm)
+                    .bind(user_id)
+                    .fetch_all(&mut *conn)
+                    .await?
+                }
+            };
+            if seeds.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut changed =
+                cascade(conn, &cmd.realm, &seeds, 0, cmd.reason, cmd.orphan_children, now).await?;
+            if $recheck {
+                let mut last: Vec<String> =
+                    changed.iter().map(|s| s.external_id.clone()).collect();
+                for _ in 0..MAX_CASCADE_PASSES {
+                    let stragglers = active_children(conn, &cmd.realm, &last).await?;
+                    if stragglers.is_empty() {
+                        break;
+                    }
+                    let more = cascade(
+                        conn,
+                        &cmd.realm,
+                        &stragglers,
+                        1,
+                        EndReason::Cascade,
+                        cmd.orphan_children,
+                        now,
+                    )
+                    .await?;
+                    last = more.iter().map(|s| s.external_id.clone()).collect();
+                    changed.extend(more);
+                }
+            }
+            changed.sort_by_key(|s| s.seq);
+            let occurred_at = millis_to_time(now)?;
+            let events: Vec<SyncEvent> = changed
+                .iter()
+                .filter(|s| s.status == SessionStatus::Destroyed)
+                .map(|s| {
+                    SyncEvent::for_session(
+                        EventType::Logout,
+                        s,
+                        cmd.origin_system.as_deref(),
+                        occurred_at,
+                    )
+                })
+                .collect();
+            insert_events(conn, &events, now).await?;
+            Ok(changed)
+        }
+
+        /// One statement over the whole tree below `seeds`: children via `parent_id` get
+        /// `cascade` (or ORPHANED under the orphan policy), sessions reached through
+        /// `delegated_by` get `delegation_ended`. `seed_via` is 0 for the targets themselves.
+        async fn cascade(
+            conn: &mut $conn,
+            realm: &str,
+            seeds: &[String],
+            seed_via: i32,
+            reason: EndReason,
+            orphan: bool,
+            now: i64,
+        ) -> Result<Vec<Session>> {
+            let ids = serde_json::to_string(seeds)
+                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+            let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                "WITH RECURSIVE tree(external_id, via) AS ( \
+                     SELECT s.external_id, CAST($3 AS INTEGER) FROM sessions s \
+                     WHERE s.realm = $1 AND s.external_id IN (",
+                $ids,
+                ") UNION \
+                     SELECT c.external_id, \
+                            CASE WHEN c.parent_id = t.external_id THEN 1 ELSE 2 END \
+                     FROM tree t JOIN sessions c ON c.realm = $1 \
+                      AND (c.parent_id = t.external_id OR c.delegated_by = t.external_id) \
+                 ), marked AS ( \
+                     SELECT external_id AS m_id, MIN(via) AS via FROM tree GROUP BY external_id \
+                 ) \
+                 UPDATE sessions SET \
+                     status = CASE WHEN marked.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
+                     end_reason = CASE WHEN marked.via = 0 THEN $5 \
+                                       WHEN marked.via = 1 AND $4 THEN NULL \
+                                       WHEN marked.via = 1 THEN 'cascade' \
+                                       ELSE 'delegation_ended' END, \
+                     updated_at = $6 \
+                 FROM marked \
+                 WHERE sessions.realm = $1 AND sessions.external_id = marked.m_id \
+                   AND (sessions.status = 'ACTIVE' \
+                        OR (sessions.status = 'ORPHANED' AND NOT (marked.via = 1 AND $4))) \
+                 RETURNING ",
+                session_columns!()
+            ))
+            .bind(realm)
+            .bind(ids)
+            .bind(seed_via)
+            .bind(orphan)
+            .bind(reason.as_str())
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            into_sessions(rows)
+        }
+
+        /// Live sessions directly below any of `ids` (committed after the cascade looked).
+        async fn active_children(
+            conn: &mut $conn,
+            realm: &str,
+            ids: &[String],
+        ) -> Result<Vec<String>> {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids = serde_json::to_string(ids)
+                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+            Ok(sqlx::query_scalar(concat!(
+                "SELECT external_id FROM sessions WHERE realm = $1 AND status = 'ACTIVE' \
+                 AND (parent_id IN (",
+                $ids,
+                ") OR delegated_by IN (",
+                $ids,
+                "))"
+            ))
+            .bind(realm)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?)
+        }
+
+        fn check_kind(target: &DestroyTarget, id: &str, kind: SessionKind) -> Result<()> {
+            match (target, kind) {
+                (DestroyTarget::Parent(_), SessionKind::Parent | SessionKind::Fixed)
+                | (DestroyTarget::Child(_), SessionKind::Child) => Ok(()),
+                (DestroyTarget::Parent(_), SessionKind::Child) => Err(StoreError::WrongKind(
+                    format!("session {id:?} is a CHILD; use destroy-child"),
+                )),
+                (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
+                    "session {id:?} is a {other}; use destroy-parent"
+                ))),
+                (DestroyTarget::User(_), _) => Ok(()),
+            }
+        }
+
+        async fn insert_events(conn: &mut $conn, events: &[SyncEvent], now: i64) -> Result<()> {
+            for chunk in events.chunks(EVENT_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO outbox (event_id, realm, event_type, external_id, \
+                     origin_system, payload, created_at) ",
+                );
+                let mut payloads = Vec::with_capacity(chunk.len());
+                for e in chunk {
+                    payloads.push(
+                        serde_json::to_string(e)
+                            .map_err(|err| StoreError::Corrupt(format!("event: {err}")))?,
+                    );
+                }
+                qb.push_values(chunk.iter().zip(payloads), |mut b, (e, payload)| {
+                    b.push_bind(e.event_id.clone())
+                        .push_bind(e.realm.clone())
+                        .push_bind(e.event_type.as_str())
+                        .push_bind(e.external_id.clone())
+                        .push_bind(e.origin_system.clone())
+                        .push_bind(payload)
+                        .push_bind(now);
+                });
+                qb.build().execute(&mut *conn).await?;
+            }
+            Ok(())
+        }
+
+        pub(crate) async fn get(
+            conn: &mut $conn,
+            realm: &str,
+            external_id: &str,
+        ) -> Result<Option<Session>> {
+            let row: Option<SessionRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE realm = $1 AND external_id = $2"
+            ))
+            .bind(realm)
+            .bind(external_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.map(Session::try_from).transpose()
+        }
+
+        pub(crate) async fn tree(
+            conn: &mut $conn,
+            realm: &str,
+            external_id: &str,
+        ) -> Result<Option<Vec<Session>>> {
+            // Walk up to the root (depth-bounded: parents exist before children, so there is
+            // no cycle, but a corrupt row must not loop forever), then down from it.
+            let root: Option<String> = sqlx::query_scalar(
+                "WITH RECURSIVE up(external_id, parent_id, depth) AS ( \
+                     SELECT external_id, parent_id, 0 FROM sessions \
+                     WHERE realm = $1 AND external_id = $2 \
+                   UNION ALL \
+                     SELECT s.external_id, s.parent_id, up.depth + 1 FROM up \
+                     JOIN sessions s ON s.realm = $1 AND s.external_id = up.parent_id \
+                     WHERE up.depth < 10000 \
+                 ) SELECT external_id FROM up ORDER BY depth DESC LIMIT 1",
+            )
+            .bind(realm)
+            .bind(external_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(root) = root else {
+                return Ok(None);
+            };
+            let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                "WITH RECURSIVE down(external_id) AS ( \
+                     SELECT CAST($2 AS TEXT) \
+                   UNION \
+                     SELECT s.external_id FROM down \
+                     JOIN sessions s ON s.realm = $1 AND s.parent_id = down.external_id \
+                 ) SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE realm = $1 \
+                   AND external_id IN (SELECT external_id FROM down) ORDER BY id"
+            ))
+            .bind(realm)
+            .bind(&root)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(Some(into_sessions(rows)?))
+        }
+
+        pub(crate) async fn query(
+            conn: &mut $conn,
+            realm: &str,
+            q: &SessionQuery,
+        ) -> Result<Page> {
+            let mut qb = sqlx::QueryBuilder::<$db>::new(concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE realm = "
+            ));
+            qb.push_bind(realm.to_owned());
+            // Only the filters present go into the SQL, so each query can use its index.
+            let filters = [
+                ("idp_session_id", q.idp_session_id.clone()),
+                ("idp_client_session_id", q.idp_client_session_id.clone()),
+                ("user_id", q.user_id.clone()),
+                ("status", q.status.map(|s| s.as_str().to_owned())),
+                ("system", q.system.clone()),
+            ];
+            for (column, value) in filters {
+                if let Some(value) = value {
+                    qb.push(" AND ").push(column).push(" = ").push_bind(value);
+                }
+            }
+            if let Some(after) = q.after {
+                qb.push(" AND id > ").push_bind(after);
+            }
+            // One extra row tells whether another page follows.
+            qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit) + 1);
+            let rows: Vec<SessionRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+            let mut items = into_sessions(rows)?;
+            let more = items.len() > q.limit as usize;
+            items.truncate(q.limit as usize);
+            let next_after = if more { items.last().map(|s| s.seq) } else { None };
+            Ok(Page { items, next_after })
+        }
+
+        pub(crate) async fn outbox_count(
+            conn: &mut $conn,
+            realm: &str,
+            external_id: &str,
+        ) -> Result<i64> {
+            Ok(sqlx::query_scalar(
+                "SELECT COUNT(*) FROM outbox WHERE realm = $1 AND external_id = $2",
+            )
+            .bind(realm)
+            .bind(external_id)
+            .fetch_one(&mut *conn)
+            .await?)
+        }
+    };
+}
+
+pub(crate) use session_ops;

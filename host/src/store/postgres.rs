@@ -1,0 +1,131 @@
+//! PostgreSQL backend: every operation is one pooled transaction. Concurrent instances are
+//! safe because map-child holds its parent row FOR SHARE while a destroy locks its target
+//! FOR UPDATE and re-checks for children committed while it ran.
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
+use crate::sync::model::{DestroyCommand, MapCommand, Session};
+
+mod ops {
+    crate::store::ops::session_ops!(
+        db = sqlx::Postgres,
+        conn = sqlx::postgres::PgConnection,
+        for_share = " FOR SHARE",
+        for_update = " FOR UPDATE",
+        ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
+        recheck = true,
+    );
+}
+
+/// Deadlocks and serialisation failures between concurrent cascades are retried this often.
+const MAX_TX_ATTEMPTS: usize = 5;
+
+/// Handle to the PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// Whether the database asked us to run the transaction again.
+fn is_retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40001") | Some("40P01"))
+        }
+        _ => false,
+    }
+}
+
+/// Runs `$body` (an expression using `$conn: &mut PgConnection`) in a transaction, retrying
+/// on deadlock or serialisation failure.
+macro_rules! in_tx {
+    ($pool:expr, |$conn:ident| $body:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = $pool.begin().await?;
+            let result = {
+                let $conn: &mut sqlx::PgConnection = &mut tx;
+                $body.await
+            };
+            match result {
+                Ok(v) => {
+                    tx.commit().await?;
+                    break Ok(v);
+                }
+                Err(e) => {
+                    tx.rollback().await?;
+                    if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) {
+                        tracing::debug!(attempt, error = %e, "retrying transaction");
+                        continue;
+                    }
+                    break Err(e);
+                }
+            }
+        }
+    }};
+}
+
+impl PgStore {
+    pub(super) async fn open(opts: &StoreOptions) -> Result<Self> {
+        let connect = PgConnectOptions::from_str(&opts.url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    pub(super) async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {
+        let now = now_millis();
+        in_tx!(self.pool, |conn| ops::map(conn, &cmd, now))
+    }
+
+    pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
+        let now = now_millis();
+        in_tx!(self.pool, |conn| ops::destroy(conn, &cmd, now))
+    }
+
+    pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
+        let mut conn = self.pool.acquire().await?;
+        ops::get(&mut conn, realm, id).await
+    }
+
+    pub(super) async fn tree(&self, realm: &str, id: &str) -> Result<Option<Vec<Session>>> {
+        // One snapshot for both statements, so the tree is consistent.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let tree = ops::tree(&mut tx, realm, id).await?;
+        tx.commit().await?;
+        Ok(tree)
+    }
+
+    pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
+        let mut conn = self.pool.acquire().await?;
+        ops::query(&mut conn, realm, q).await
+    }
+
+    pub(super) async fn outbox_count(&self, realm: &str, id: &str) -> Result<i64> {
+        let mut conn = self.pool.acquire().await?;
+        ops::outbox_count(&mut conn, realm, id).await
+    }
+
+    pub(super) async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,6 @@
+//! Domain rules of session synchronisation: the session model, input limits, and the
+//! operations the API offers (map, destroy, query) expressed over the store.
+//! It knows nothing of HTTP; the store does the transactional work it asks for.
+
+pub mod model;
+pub mod validate;

@@ -1,0 +1,291 @@
+//! Domain types shared by every layer: sessions, their kinds and states, and sync events.
+//! Conversions to wire formats (JSON DTOs, SQL rows) live at the edges, not here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Free-form string metadata attached to a session.
+pub type Attributes = BTreeMap<String, String>;
+
+/// Declares a closed string enum with a canonical spelling, used in SQL, JSON and logs alike.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The canonical spelling (SQL, JSON, logs).
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownValue { kind: stringify!($name), value: other.to_owned() }),
+                }
+            }
+        }
+    };
+}
+
+/// A string that is not one of an enum's spellings (a corrupt row or bad input).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} value {value:?}")]
+pub struct UnknownValue {
+    /// The enum that was being parsed.
+    pub kind: &'static str,
+    /// The offending text.
+    pub value: String,
+}
+
+string_enum! {
+    /// How a session hangs in the tree.
+    SessionKind {
+        /// Mapped to an IdP user session; the usual root of a tree.
+        Parent => "PARENT",
+        /// Linked to a parent session in the same realm.
+        Child => "CHILD",
+        /// Standalone; may still have children.
+        Fixed => "FIXED",
+    }
+}
+
+string_enum! {
+    /// Lifecycle state of a session.
+    SessionStatus {
+        /// Live.
+        Active => "ACTIVE",
+        /// Ended; `end_reason` says why.
+        Destroyed => "DESTROYED",
+        /// Its parent ended under the `orphan_children` policy; its owner must destroy it.
+        Orphaned => "ORPHANED",
+    }
+}
+
+string_enum! {
+    /// Why a session ended.
+    EndReason {
+        /// The owning system logged it out.
+        Logout => "logout",
+        /// An administrator ended it.
+        Admin => "admin",
+        /// The identity provider ended the user session.
+        IdpLogout => "idp_logout",
+        /// Its lifetime ran out.
+        Expired => "expired",
+        /// An ancestor ended.
+        Cascade => "cascade",
+        /// The session it was delegated by ended.
+        DelegationEnded => "delegation_ended",
+        /// Its grant was revoked.
+        Revoked => "revoked",
+    }
+}
+
+string_enum! {
+    /// Kinds of sync events written to the outbox.
+    EventType {
+        /// A session began.
+        Login => "login",
+        /// A session ended.
+        Logout => "logout",
+        /// A user's grants were revoked.
+        Revoke => "revoke",
+        /// A session's lifetime was extended.
+        Refresh => "refresh",
+    }
+}
+
+/// A stored session record (DESIGN.md section 2).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Session {
+    /// Store-assigned, monotonically increasing; the pagination key.
+    pub seq: i64,
+    /// Tenant.
+    pub realm: String,
+    /// Id given by the owning system; unique within the realm.
+    pub external_id: String,
+    /// PARENT, CHILD or FIXED.
+    pub kind: SessionKind,
+    /// CHILD only: the parent's external id.
+    pub parent_id: Option<String>,
+    /// IdP user-session id.
+    pub idp_session_id: Option<String>,
+    /// IdP client-session id.
+    pub idp_client_session_id: Option<String>,
+    /// Subject.
+    pub user_id: Option<String>,
+    /// Owning system.
+    pub system: Option<String>,
+    /// External id of the actor's session when this one was delegated.
+    pub delegated_by: Option<String>,
+    /// Lifecycle state.
+    pub status: SessionStatus,
+    /// Why it ended.
+    pub end_reason: Option<EndReason>,
+    /// Metadata.
+    pub attributes: Attributes,
+    /// When it expires, if known.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A session to register (already validated by the caller).
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// Tenant.
+    pub realm: String,
+    /// Id given by the owning system.
+    pub external_id: String,
+    /// Kind to register.
+    pub kind: SessionKind,
+    /// CHILD only.
+    pub parent_id: Option<String>,
+    /// Required for PARENT; a CHILD inherits its parent's when absent.
+    pub idp_session_id: Option<String>,
+    /// Optional client-session id.
+    pub idp_client_session_id: Option<String>,
+    /// A CHILD inherits its parent's when absent.
+    pub user_id: Option<String>,
+    /// Owning system.
+    pub system: Option<String>,
+    /// Delegating session, if any.
+    pub delegated_by: Option<String>,
+    /// Metadata.
+    pub attributes: Attributes,
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A request to register a session, with the system the change came from.
+#[derive(Clone, Debug)]
+pub struct MapCommand {
+    /// The session.
+    pub session: NewSession,
+    /// Connectors with this name do not receive the resulting event.
+    pub origin_system: Option<String>,
+}
+
+/// Which sessions a destroy starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestroyTarget {
+    /// A root (PARENT or FIXED) and everything below it.
+    Parent(String),
+    /// A CHILD and its own descendants.
+    Child(String),
+    /// Every live session of a user, cascading.
+    User(String),
+}
+
+/// A request to end sessions.
+#[derive(Clone, Debug)]
+pub struct DestroyCommand {
+    /// Tenant.
+    pub realm: String,
+    /// Where the destroy starts.
+    pub target: DestroyTarget,
+    /// Reason recorded on the targeted sessions; descendants get `cascade`/`delegation_ended`.
+    pub reason: EndReason,
+    /// Connectors with this name do not receive the resulting events.
+    pub origin_system: Option<String>,
+    /// Realm policy: descendants become ORPHANED instead of DESTROYED when the IdP ended the root.
+    pub orphan_children: bool,
+}
+
+/// A sync event as written to the outbox and later handed to connectors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncEvent {
+    /// Stable id for de-duplication by connectors.
+    pub event_id: String,
+    /// login, logout, revoke, refresh.
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// Tenant.
+    pub realm: String,
+    /// The session concerned.
+    pub external_id: String,
+    /// Its kind.
+    pub kind: SessionKind,
+    /// IdP user-session id.
+    pub idp_session_id: Option<String>,
+    /// IdP client-session id.
+    pub idp_client_session_id: Option<String>,
+    /// Subject.
+    pub user_id: Option<String>,
+    /// Owning system.
+    pub system: Option<String>,
+    /// Where the change came from.
+    pub origin_system: Option<String>,
+    /// Why the session ended (logout events).
+    pub end_reason: Option<EndReason>,
+    /// Session metadata.
+    pub attributes: Attributes,
+    /// When the change happened.
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl SyncEvent {
+    /// The event describing `session` after a change of type `event_type`.
+    pub fn for_session(
+        event_type: EventType,
+        session: &Session,
+        origin_system: Option<&str>,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
+        SyncEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type,
+            realm: session.realm.clone(),
+            external_id: session.external_id.clone(),
+            kind: session.kind,
+            idp_session_id: session.idp_session_id.clone(),
+            idp_client_session_id: session.idp_client_session_id.clone(),
+            user_id: session.user_id.clone(),
+            system: session.system.clone(),
+            origin_system: origin_system.map(str::to_owned),
+            end_reason: session.end_reason,
+            attributes: session.attributes.clone(),
+            occurred_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_spellings_round_trip() {
+        for r in EndReason::ALL {
+            assert_eq!(r.as_str().parse::<EndReason>().ok(), Some(*r));
+        }
+        for k in SessionKind::ALL {
+            assert_eq!(k.as_str().parse::<SessionKind>().ok(), Some(*k));
+        }
+        assert!("parent".parse::<SessionKind>().is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! Input limits from DESIGN.md section 2, as pure functions: realm names, ids and attributes.
+//! Every client-supplied value passes through here before it reaches the store.
+
+use super::model::Attributes;
+
+/// Longest external id, session id, user id or system label accepted.
+pub const MAX_ID_LEN: usize = 255;
+/// Most attribute entries on one session.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Longest attribute key.
+pub const MAX_ATTRIBUTE_KEY_LEN: usize = 128;
+/// Most bytes of keys plus values on one session.
+pub const MAX_ATTRIBUTES_BYTES: usize = 8 * 1024;
+/// Longest realm name.
+pub const MAX_REALM_LEN: usize = 64;
+
+/// A value broke one of the limits; the message names the field and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+/// Realm names are 1–64 characters from `[A-Za-z0-9._-]`.
+pub fn realm(name: &str) -> Result<(), ValidationError> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > MAX_REALM_LEN || !ok_chars {
+        return Err(ValidationError(format!(
+            "realm must be 1-{MAX_REALM_LEN} characters from [A-Za-z0-9._-], got {:?}",
+            truncate(name)
+        )));
+    }
+    Ok(())
+}
+
+/// Ids are 1–255 characters without control characters.
+pub fn id(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError(format!("{field} must not be empty")));
+    }
+    let chars = value.chars().count();
+    if chars > MAX_ID_LEN {
+        return Err(ValidationError(format!(
+            "{field} is {chars} characters long; the limit is {MAX_ID_LEN}"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ValidationError(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Like [`id`] for an optional field.
+pub fn optional_id(field: &str, value: Option<&str>) -> Result<(), ValidationError> {
+    value.map_or(Ok(()), |v| id(field, v))
+}
+
+/// At most 64 entries, non-empty keys of at most 128 characters, 8 KiB of keys and values.
+pub fn attributes(attrs: &Attributes) -> Result<(), ValidationError> {
+    if attrs.len() > MAX_ATTRIBUTES {
+        return Err(ValidationError(format!(
+            "attributes has {} entries; the limit is {MAX_ATTRIBUTES}",
+            attrs.len()
+        )));
+    }
+    let mut total = 0usize;
+    for (key, value) in attrs {
+        if key.is_empty() {
+            return Err(ValidationError("attribute keys must not be empty".into()));
+        }
+        if key.chars().count() > MAX_ATTRIBUTE_KEY_LEN {
+            return Err(ValidationError(format!(
+                "attribute key {:?} is longer than {MAX_ATTRIBUTE_KEY_LEN} characters",
+                truncate(key)
+            )));
+        }
+        if key.chars().any(char::is_control) {
+            return Err(ValidationError(format!(
+                "attribute key {:?} contains control characters",
+                truncate(key)
+            )));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_ATTRIBUTES_BYTES {
+        return Err(ValidationError(format!(
+            "attributes hold {total} bytes of keys and values; the limit is {MAX_ATTRIBUTES_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// Keeps echoed input short in error messages.
+fn truncate(s: &str) -> String {
+    const SHOWN: usize = 40;
+    if s.chars().count() <= SHOWN {
+        s.to_owned()
+    } else {
+        let head: String = s.chars().take(SHOWN).collect();
+        format!("{head}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn realm_names_follow_the_documented_alphabet() {
+        assert!(realm("acme").is_ok());
+        assert!(realm("a.b_c-1").is_ok());
+        assert!(realm(&"x".repeat(64)).is_ok());
+        assert!(realm("").is_err());
+        assert!(realm(&"x".repeat(65)).is_err());
+        assert!(realm("a b").is_err());
+        assert!(realm("ä").is_err());
+    }
+
+    #[test]
+    fn ids_must_be_non_empty_bounded_and_printable() {
+        assert!(id("externalId", "portal-session-001").is_ok());
+        assert!(id("externalId", &"é".repeat(255)).is_ok());
+        assert!(id("externalId", "").is_err());
+        assert!(id("externalId", &"x".repeat(256)).is_err());
+        assert!(id("externalId", "a\nb").is_err());
+    }
+
+    #[test]
+    fn attributes_are_bounded_in_count_key_length_and_bytes() {
+        let mut a = Attributes::new();
+        for i in 0..64 {
+            a.insert(format!("k{i}"), "v".into());
+        }
+        assert!(attributes(&a).is_ok());
+        a.insert("k64".into(), "v".into());
+        assert!(attributes(&a).is_err());
+
+        let long_key: Attributes = [("k".repeat(129), String::new())].into();
+        assert!(attributes(&long_key).is_err());
+        let empty_key: Attributes = [(String::new(), "v".into())].into();
+        assert!(attributes(&empty_key).is_err());
+
+        let big: Attributes = [("k".into(), "v".repeat(8 * 1024))].into();
+        assert!(attributes(&big).is_err());
+        let fits: Attributes = [("k".into(), "v".repeat(8 * 1024 - 1))].into();
+        assert!(attributes(&fits).is_ok());
+    }
+}
