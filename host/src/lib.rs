@@ -2,5 +2,10 @@
 //! and the legacy IAM systems that run beside it. This crate is the host service; `main.rs`
 //! is a thin wrapper over [`cli::run`].
 
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
 pub mod store;
 pub mod sync;
+pub mod telemetry;

@@ -7,11 +7,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::Connection;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -50,7 +50,7 @@ enum WriteOp {
 }
 
 enum WriteOutcome {
-    Mapped(Session),
+    Mapped(Box<Session>),
     Destroyed(Vec<Session>),
 }
 
@@ -125,15 +125,19 @@ impl SqliteStore {
 
     pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {
         match self.submit(WriteOp::Map(cmd)).await? {
-            WriteOutcome::Mapped(s) => Ok(s),
-            WriteOutcome::Destroyed(_) => Err(StoreError::Corrupt("writer answered a map with a destroy".into())),
+            WriteOutcome::Mapped(s) => Ok(*s),
+            WriteOutcome::Destroyed(_) => Err(StoreError::Corrupt(
+                "writer answered a map with a destroy".into(),
+            )),
         }
     }
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
         match self.submit(WriteOp::Destroy(cmd)).await? {
             WriteOutcome::Destroyed(v) => Ok(v),
-            WriteOutcome::Mapped(_) => Err(StoreError::Corrupt("writer answered a destroy with a map".into())),
+            WriteOutcome::Mapped(_) => Err(StoreError::Corrupt(
+                "writer answered a destroy with a map".into(),
+            )),
         }
     }
 
@@ -214,8 +218,12 @@ async fn run_batch(conn: &mut SqliteConnection, batch: &[WriteJob]) -> Vec<Resul
 async fn run_one(conn: &mut SqliteConnection, op: &WriteOp, now: i64) -> Result<WriteOutcome> {
     exec(conn, "SAVEPOINT op").await?;
     let result = match op {
-        WriteOp::Map(cmd) => ops::map(conn, cmd, now).await.map(WriteOutcome::Mapped),
-        WriteOp::Destroy(cmd) => ops::destroy(conn, cmd, now).await.map(WriteOutcome::Destroyed),
+        WriteOp::Map(cmd) => ops::map(conn, cmd, now)
+            .await
+            .map(|s| WriteOutcome::Mapped(Box::new(s))),
+        WriteOp::Destroy(cmd) => ops::destroy(conn, cmd, now)
+            .await
+            .map(WriteOutcome::Destroyed),
     };
     // If the savepoint cannot be closed the whole batch is in doubt; COMMIT will then fail
     // and every caller in it gets an error, which is the honest answer.

@@ -3,4 +3,5 @@
 //! It knows nothing of HTTP; the store does the transactional work it asks for.
 
 pub mod model;
+pub mod sessions;
 pub mod validate;

@@ -1,0 +1,227 @@
+//! Wire shapes of the external-sessions API (camelCase JSON), strict on input
+//! (`deny_unknown_fields`), and their conversion from domain types.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::sync::model::{Attributes, EndReason, Session, SessionKind, SessionStatus};
+
+/// A session as returned by the API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDto {
+    /// Id given by the owning system (unique in the realm).
+    pub external_id: String,
+    /// Realm.
+    pub realm: String,
+    /// PARENT, CHILD or FIXED.
+    pub kind: SessionKind,
+    /// CHILD only: the parent's external id.
+    pub parent_external_id: Option<String>,
+    /// Keycloak user-session id (`sid`).
+    pub keycloak_session_id: Option<String>,
+    /// Keycloak client-session id.
+    pub keycloak_client_session_id: Option<String>,
+    /// Subject (Keycloak user id).
+    pub user_id: Option<String>,
+    /// Owning system.
+    pub system: Option<String>,
+    /// External id of the session this one was delegated by.
+    pub delegated_by: Option<String>,
+    /// ACTIVE, DESTROYED or ORPHANED.
+    pub status: SessionStatus,
+    /// Why it ended.
+    pub end_reason: Option<EndReason>,
+    /// String metadata.
+    pub attributes: Attributes,
+    /// Expiry (RFC 3339).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Creation time (RFC 3339).
+    pub created_at: DateTime<Utc>,
+    /// Last change (RFC 3339).
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Session> for SessionDto {
+    fn from(s: Session) -> Self {
+        SessionDto {
+            external_id: s.external_id,
+            realm: s.realm,
+            kind: s.kind,
+            parent_external_id: s.parent_id,
+            keycloak_session_id: s.idp_session_id,
+            keycloak_client_session_id: s.idp_client_session_id,
+            user_id: s.user_id,
+            system: s.system,
+            delegated_by: s.delegated_by,
+            status: s.status,
+            end_reason: s.end_reason,
+            attributes: s.attributes,
+            expires_at: s.expires_at,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// Body of `map-parent`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MapParentRequest {
+    /// Id of the session in the calling system (1–255 characters).
+    pub external_id: String,
+    /// The Keycloak user session (`sid`) it belongs to.
+    pub keycloak_session_id: String,
+    /// Keycloak client session.
+    pub keycloak_client_session_id: Option<String>,
+    /// Subject.
+    pub user_id: Option<String>,
+    /// Owning system (default: the caller's name).
+    pub system: Option<String>,
+    /// Up to 64 string entries, 8 KiB in all.
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// Expiry (RFC 3339).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Connectors with this name do not receive the event (default: the caller's name).
+    pub origin_system: Option<String>,
+}
+
+/// Body of `map-child`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MapChildRequest {
+    /// Id of the session in the calling system.
+    pub external_id: String,
+    /// The ACTIVE session (same realm) this one hangs under.
+    pub parent_external_id: String,
+    /// Keycloak client session.
+    pub keycloak_client_session_id: Option<String>,
+    /// Subject (default: the parent's).
+    pub user_id: Option<String>,
+    /// Owning system (default: the caller's name).
+    pub system: Option<String>,
+    /// Up to 64 string entries, 8 KiB in all.
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// Expiry (RFC 3339).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Connectors with this name do not receive the event.
+    pub origin_system: Option<String>,
+}
+
+/// Body of `map-fixed`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MapFixedRequest {
+    /// Id of the session in the calling system.
+    pub external_id: String,
+    /// Optional Keycloak user session.
+    pub keycloak_session_id: Option<String>,
+    /// Keycloak client session.
+    pub keycloak_client_session_id: Option<String>,
+    /// Subject.
+    pub user_id: Option<String>,
+    /// Owning system (default: the caller's name).
+    pub system: Option<String>,
+    /// Up to 64 string entries, 8 KiB in all.
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// Expiry (RFC 3339).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Connectors with this name do not receive the event.
+    pub origin_system: Option<String>,
+}
+
+/// Body of `destroy-parent` and `destroy-child`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestroyRequest {
+    /// The session to end.
+    pub external_id: String,
+    /// logout (default), admin, idp_logout, expired or revoked.
+    pub reason: Option<EndReason>,
+    /// Connectors with this name do not receive the events.
+    pub origin_system: Option<String>,
+}
+
+/// Body of `destroy-user`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestroyUserRequest {
+    /// Every live session of this subject in the realm ends.
+    pub user_id: String,
+    /// logout (default), admin, idp_logout, expired or revoked.
+    pub reason: Option<EndReason>,
+    /// Connectors with this name do not receive the events.
+    pub origin_system: Option<String>,
+}
+
+/// Result of every destroy: each session whose state changed (empty when nothing did).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DestroyResponse {
+    /// Changed sessions in creation order.
+    pub changed: Vec<SessionDto>,
+}
+
+/// A session in a tree.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TreeEntryDto {
+    /// Distance from the root (0 for the root).
+    pub depth: u32,
+    /// The session.
+    #[serde(flatten)]
+    pub session: SessionDto,
+}
+
+/// The whole tree containing the requested session, depth-first from its root: each session
+/// is followed by its descendants (use `depth` and `parentExternalId` to nest them).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TreeResponse {
+    /// External id of the root.
+    pub root_external_id: String,
+    /// Number of sessions in the tree.
+    pub size: usize,
+    /// The sessions, root first.
+    pub sessions: Vec<TreeEntryDto>,
+}
+
+/// Query parameters of the listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+pub struct ListParams {
+    /// Sessions of this Keycloak user session.
+    pub keycloak_session_id: Option<String>,
+    /// Sessions of this Keycloak client session.
+    pub keycloak_client_session_id: Option<String>,
+    /// Sessions of this subject.
+    pub user_id: Option<String>,
+    /// ACTIVE, DESTROYED or ORPHANED.
+    pub status: Option<SessionStatus>,
+    /// Owning system.
+    pub system: Option<String>,
+    /// Opaque cursor from a previous page's `nextCursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1–500 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// One page of sessions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListResponse {
+    /// Sessions in creation order.
+    pub items: Vec<SessionDto>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Liveness/readiness answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok` or the reason it is not.
+    pub status: String,
+}

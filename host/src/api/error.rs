@@ -1,0 +1,163 @@
+//! The one error type of the HTTP edge and its RFC 9457 problem document. Conversion from
+//! lower layers happens here; `into_response` only renders (logging is middleware's job,
+//! except for 5xx causes, which are logged when converted because the client never sees them).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+use crate::sync::validate::ValidationError;
+
+/// Every error the API can answer with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or out-of-bounds input.
+    #[error("{0}")]
+    Validation(String),
+    /// Body larger than the limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Body is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Missing or invalid credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid credentials without the permission.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The named resource does not exist (in this realm).
+    #[error("{0}")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A CHILD names a missing parent.
+    #[error("{0}")]
+    ParentNotFound(String),
+    /// A CHILD names an ended parent.
+    #[error("{0}")]
+    ParentNotActive(String),
+    /// A destroy named the wrong kind of session.
+    #[error("{0}")]
+    WrongKind(String),
+    /// The route exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The store cannot take requests right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Our fault; details stay in the logs.
+    #[error("internal error")]
+    Internal,
+}
+
+/// RFC 9457 problem document with Lockstep's stable `code`.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Problem {
+    /// URI identifying the problem type.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// Short summary of the problem type.
+    pub title: String,
+    /// HTTP status code.
+    pub status: u16,
+    /// Explanation of this occurrence.
+    pub detail: String,
+    /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
+    /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
+    /// METHOD_NOT_ALLOWED, UNAVAILABLE, INTERNAL.
+    pub code: String,
+}
+
+impl ApiError {
+    /// HTTP status and stable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Validation(_) => (StatusCode::BAD_REQUEST, "VALIDATION"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "VALIDATION"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::AlreadyExists(_) => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
+            ApiError::ParentNotFound(_) => (StatusCode::NOT_FOUND, "PARENT_NOT_FOUND"),
+            ApiError::ParentNotActive(_) => (StatusCode::CONFLICT, "PARENT_NOT_ACTIVE"),
+            ApiError::WrongKind(_) => (StatusCode::CONFLICT, "WRONG_KIND"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        let (status, code) = self.status_and_code();
+        Problem {
+            problem_type: format!(
+                "urn:lockstep:problem:{}",
+                code.to_ascii_lowercase().replace('_', "-")
+            ),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: code.to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_code();
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::Validation(e.0)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated(m) => ApiError::Unauthorized(m),
+            AuthError::Forbidden(m) => ApiError::Forbidden(m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists(_) => ApiError::AlreadyExists(e.to_string()),
+            StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::ParentNotFound(_) => ApiError::ParentNotFound(e.to_string()),
+            StoreError::ParentNotActive { .. } => ApiError::ParentNotActive(e.to_string()),
+            StoreError::WrongKind(m) => ApiError::WrongKind(m),
+            StoreError::Unavailable => ApiError::Unavailable(e.to_string()),
+            StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                tracing::warn!("database pool exhausted");
+                ApiError::Unavailable("the database is busy; retry shortly".into())
+            }
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::Internal
+            }
+        }
+    }
+}

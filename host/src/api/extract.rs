@@ -1,0 +1,127 @@
+//! Extractors that turn every kind of bad input into an [`ApiError`] problem document
+//! (axum's own rejections are plain text): JSON bodies, path and query parameters, and the
+//! authenticated caller.
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::Principal;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON body: `application/json`, at most [`MAX_BODY_BYTES`], strict deserialisation.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mime = content_type.split(';').next().unwrap_or("").trim();
+        let is_json = mime.eq_ignore_ascii_case("application/json")
+            || (mime.starts_with("application/") && mime.ends_with("+json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "request body must be application/json, got {:?}",
+                if content_type.is_empty() {
+                    "no Content-Type"
+                } else {
+                    content_type
+                }
+            )));
+        }
+        let too_large = || {
+            ApiError::PayloadTooLarge(format!(
+                "request body exceeds the limit of {MAX_BODY_BYTES} bytes"
+            ))
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    too_large()
+                } else {
+                    ApiError::Validation(format!("could not read request body: {e}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::Validation(format!("invalid JSON body: {e}")))
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Path parameters with problem-document rejections.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|e| ApiError::Validation(format!("invalid path: {}", e.body_text())))
+    }
+}
+
+/// Query parameters with problem-document rejections (unknown parameters are refused by
+/// the target type's `deny_unknown_fields`).
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| ApiError::Validation(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// The authenticated caller of an admin endpoint.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ApiError::Unauthorized("Authorization header is not valid text".into())
+            })?),
+        };
+        Ok(Caller(state.auth.authenticate(header)?))
+    }
+}

@@ -1,0 +1,69 @@
+//! HTTP edge: axum routers for every resource, the shared state, the error-to-problem
+//! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
+//! the rules live in `sync`, the SQL in `store`.
+
+pub mod dto;
+pub mod error;
+pub mod extract;
+mod health;
+pub mod openapi;
+mod sessions;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{Request, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::Authenticator;
+use crate::sync::sessions::SessionService;
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Session operations.
+    pub sessions: SessionService,
+    /// Caller authentication.
+    pub auth: Authenticator,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(sessions::router())
+        .merge(health::router())
+        .merge(openapi::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("request handler panicked");
+            axum::response::IntoResponse::into_response(ApiError::Internal)
+        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+                })
+                .on_request(())
+                .on_response(|res: &Response<_>, latency: Duration, _span: &tracing::Span| {
+                    let status = res.status().as_u16();
+                    let ms = latency.as_secs_f64() * 1000.0;
+                    if status >= 500 {
+                        tracing::error!(status, latency_ms = ms, "response");
+                    } else {
+                        tracing::debug!(status, latency_ms = ms, "response");
+                    }
+                }),
+        )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("method not allowed on this route".into())
+}

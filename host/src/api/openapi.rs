@@ -1,0 +1,76 @@
+//! The OpenAPI 3.1 document, generated from the handlers and DTOs and served at
+//! `/openapi.json`; `docs/openapi.json` is a checked-in copy kept equal by a test.
+
+use axum::Json;
+use axum::routing::get;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Lockstep",
+        description = "Keeps login sessions consistent between Keycloak and legacy IAM systems. \
+                       The external-sessions API is compatible with Keymate's.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        super::sessions::map_parent,
+        super::sessions::map_child,
+        super::sessions::map_fixed,
+        super::sessions::destroy_parent,
+        super::sessions::destroy_child,
+        super::sessions::destroy_user,
+        super::sessions::session_tree,
+        super::sessions::get_session,
+        super::sessions::list_sessions,
+        super::health::healthz,
+        super::health::readyz,
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "external-sessions", description = "Map and destroy external sessions"),
+         (name = "health", description = "Liveness and readiness"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "LOCKSTEP_ADMIN_TOKEN, a configured API key, or an IdP access token",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as pretty JSON (what `docs/openapi.json` holds, plus a trailing newline).
+pub fn document_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let mut text = doc.to_pretty_json().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot render the OpenAPI document");
+        "{}".to_owned()
+    });
+    text.push('\n');
+    text
+}
+
+/// Routes of this resource.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new().route("/openapi.json", get(serve))
+}
+
+async fn serve() -> Json<serde_json::Value> {
+    Json(serde_json::from_str(&document_json()).unwrap_or_default())
+}

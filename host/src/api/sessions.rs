@@ -1,0 +1,424 @@
+//! `/admin/realms/{realm}/external-sessions`: the Keymate-compatible external-sessions API.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+
+use super::AppState;
+use super::dto::*;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::auth::Permission;
+use crate::store::SessionQuery;
+use crate::sync::model::{DestroyTarget, MapCommand, NewSession, Session, SessionKind};
+use crate::sync::sessions::SessionError;
+use crate::sync::validate;
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Invalid(v) => v.into(),
+            SessionError::Store(s) => s.into(),
+        }
+    }
+}
+
+/// Routes of this resource.
+pub fn router() -> axum::Router<AppState> {
+    let base = "/admin/realms/{realm}/external-sessions";
+    axum::Router::new()
+        .route(&format!("{base}/map-parent"), post(map_parent))
+        .route(&format!("{base}/map-child"), post(map_child))
+        .route(&format!("{base}/map-fixed"), post(map_fixed))
+        .route(&format!("{base}/destroy-parent"), post(destroy_parent))
+        .route(&format!("{base}/destroy-child"), post(destroy_child))
+        .route(&format!("{base}/destroy-user"), post(destroy_user))
+        .route(
+            &format!("{base}/session-tree/{{externalId}}"),
+            get(session_tree),
+        )
+        .route(&format!("{base}/{{externalId}}"), get(get_session))
+        .route(base, get(list_sessions))
+        .route(&format!("{base}/"), get(list_sessions))
+}
+
+/// Authorises the caller for `users:manage` in `realm` (403 before any input is examined,
+/// so a key scoped elsewhere learns nothing), then checks the realm name.
+fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
+    caller.0.authorize(realm, Permission::UsersManage)?;
+    validate::realm(realm)?;
+    Ok(())
+}
+
+fn default_name(value: Option<String>, caller: &Caller) -> Option<String> {
+    value.or_else(|| Some(caller.0.name().to_owned()))
+}
+
+async fn do_map(
+    state: &AppState,
+    caller: &Caller,
+    session: NewSession,
+    origin: Option<String>,
+) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
+    let origin_system = default_name(origin, caller);
+    let created = state
+        .sessions
+        .map(MapCommand {
+            session,
+            origin_system,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(created.into())))
+}
+
+/// Register a PARENT session mapped to a Keycloak user session.
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-parent",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = MapParentRequest,
+    responses(
+        (status = 201, description = "Registered", body = SessionDto),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn map_parent(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<MapParentRequest>,
+) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
+    authorize(&caller, &realm)?;
+    let session = NewSession {
+        realm,
+        external_id: req.external_id,
+        kind: SessionKind::Parent,
+        parent_id: None,
+        idp_session_id: Some(req.keycloak_session_id),
+        idp_client_session_id: req.keycloak_client_session_id,
+        user_id: req.user_id,
+        system: default_name(req.system, &caller),
+        delegated_by: None,
+        attributes: req.attributes,
+        expires_at: req.expires_at,
+    };
+    do_map(&state, &caller, session, req.origin_system).await
+}
+
+/// Register a CHILD session under an ACTIVE parent of the same realm.
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-child",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = MapChildRequest,
+    responses(
+        (status = 201, description = "Registered", body = SessionDto),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn map_child(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<MapChildRequest>,
+) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
+    authorize(&caller, &realm)?;
+    let session = NewSession {
+        realm,
+        external_id: req.external_id,
+        kind: SessionKind::Child,
+        parent_id: Some(req.parent_external_id),
+        idp_session_id: None,
+        idp_client_session_id: req.keycloak_client_session_id,
+        user_id: req.user_id,
+        system: default_name(req.system, &caller),
+        delegated_by: None,
+        attributes: req.attributes,
+        expires_at: req.expires_at,
+    };
+    do_map(&state, &caller, session, req.origin_system).await
+}
+
+/// Register a FIXED (standalone) session.
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-fixed",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = MapFixedRequest,
+    responses(
+        (status = 201, description = "Registered", body = SessionDto),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn map_fixed(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<MapFixedRequest>,
+) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
+    authorize(&caller, &realm)?;
+    let session = NewSession {
+        realm,
+        external_id: req.external_id,
+        kind: SessionKind::Fixed,
+        parent_id: None,
+        idp_session_id: req.keycloak_session_id,
+        idp_client_session_id: req.keycloak_client_session_id,
+        user_id: req.user_id,
+        system: default_name(req.system, &caller),
+        delegated_by: None,
+        attributes: req.attributes,
+        expires_at: req.expires_at,
+    };
+    do_map(&state, &caller, session, req.origin_system).await
+}
+
+fn destroyed(changed: Vec<Session>) -> Json<DestroyResponse> {
+    Json(DestroyResponse {
+        changed: changed.into_iter().map(Into::into).collect(),
+    })
+}
+
+/// End a root session (PARENT or FIXED) and its whole tree, in one transaction.
+/// Idempotent: an already-ended session gives `changed: []`.
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-parent",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = DestroyRequest,
+    responses(
+        (status = 200, description = "Every session that changed", body = DestroyResponse),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn destroy_parent(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<DestroyRequest>,
+) -> Result<Json<DestroyResponse>, ApiError> {
+    authorize(&caller, &realm)?;
+    let origin = default_name(req.origin_system, &caller);
+    let changed = state
+        .sessions
+        .destroy(
+            &realm,
+            DestroyTarget::Parent(req.external_id),
+            req.reason,
+            origin,
+        )
+        .await?;
+    Ok(destroyed(changed))
+}
+
+/// End one CHILD session and its own descendants; its parent and siblings stay.
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-child",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = DestroyRequest,
+    responses(
+        (status = 200, description = "Every session that changed", body = DestroyResponse),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn destroy_child(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<DestroyRequest>,
+) -> Result<Json<DestroyResponse>, ApiError> {
+    authorize(&caller, &realm)?;
+    let origin = default_name(req.origin_system, &caller);
+    let changed = state
+        .sessions
+        .destroy(
+            &realm,
+            DestroyTarget::Child(req.external_id),
+            req.reason,
+            origin,
+        )
+        .await?;
+    Ok(destroyed(changed))
+}
+
+/// End every live session of a user in the realm, each with its tree (logout everywhere).
+#[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-user",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name")),
+    request_body = DestroyUserRequest,
+    responses(
+        (status = 200, description = "Every session that changed", body = DestroyResponse),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn destroy_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiJson(req): ApiJson<DestroyUserRequest>,
+) -> Result<Json<DestroyResponse>, ApiError> {
+    authorize(&caller, &realm)?;
+    let origin = default_name(req.origin_system, &caller);
+    let changed = state
+        .sessions
+        .destroy(&realm, DestroyTarget::User(req.user_id), req.reason, origin)
+        .await?;
+    Ok(destroyed(changed))
+}
+
+/// The whole tree that contains this session, from its root.
+#[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions/session-tree/{externalId}",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name"),
+           ("externalId" = String, Path, description = "Any session of the tree")),
+    responses(
+        (status = 200, description = "The tree", body = TreeResponse),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn session_tree(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((realm, external_id)): ApiPath<(String, String)>,
+) -> Result<Json<TreeResponse>, ApiError> {
+    authorize(&caller, &realm)?;
+    let entries = state
+        .sessions
+        .tree(&realm, &external_id)
+        .await?
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+        })?;
+    let root_external_id = entries
+        .first()
+        .map(|e| e.session.external_id.clone())
+        .unwrap_or_default();
+    Ok(Json(TreeResponse {
+        root_external_id,
+        size: entries.len(),
+        sessions: entries
+            .into_iter()
+            .map(|e| TreeEntryDto {
+                depth: e.depth,
+                session: e.session.into(),
+            })
+            .collect(),
+    }))
+}
+
+/// One session.
+#[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions/{externalId}",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name"),
+           ("externalId" = String, Path, description = "External id")),
+    responses(
+        (status = 200, description = "The session", body = SessionDto),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_session(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((realm, external_id)): ApiPath<(String, String)>,
+) -> Result<Json<SessionDto>, ApiError> {
+    authorize(&caller, &realm)?;
+    let session = state
+        .sessions
+        .get(&realm, &external_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+        })?;
+    Ok(Json(session.into()))
+}
+
+/// Sessions of the realm, filtered, in creation order, cursor-paginated.
+#[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions",
+    tag = "external-sessions", security(("bearer" = [])),
+    params(("realm" = String, Path, description = "Realm name"), ListParams),
+    responses(
+        (status = 200, description = "One page", body = ListResponse),
+        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_sessions(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<ListResponse>, ApiError> {
+    authorize(&caller, &realm)?;
+    let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    if params.limit == Some(0) {
+        return Err(ApiError::Validation("limit must be at least 1".into()));
+    }
+    let page = state
+        .sessions
+        .query(
+            &realm,
+            SessionQuery {
+                idp_session_id: params.keycloak_session_id,
+                idp_client_session_id: params.keycloak_client_session_id,
+                user_id: params.user_id,
+                status: params.status,
+                system: params.system,
+                after,
+                limit: params.limit.unwrap_or(0),
+            },
+        )
+        .await?;
+    Ok(Json(ListResponse {
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_after.map(encode_cursor),
+    }))
+}
+
+/// Cursors are opaque to clients: a versioned, hex-encoded position.
+fn encode_cursor(after: i64) -> String {
+    hex::encode(format!("v1:{after}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
+    hex::decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("v1:").and_then(|n| n.parse::<i64>().ok()))
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::Validation("cursor is not one this server issued".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_forgeries() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
+        assert!(decode_cursor("zz").is_err());
+        assert!(decode_cursor(&hex::encode("v1:-5")).is_err());
+        assert!(decode_cursor(&hex::encode("v2:5")).is_err());
+    }
+}

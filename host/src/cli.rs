@@ -1,0 +1,299 @@
+//! Command line and start-up: parses flags (each with a `LOCKSTEP_*` env var), merges the
+//! optional TOML file, opens and migrates the store, and serves until a shutdown signal.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::auth::{self, Authenticator};
+use crate::config::FileConfig;
+use crate::store::{Durability, Store, StoreOptions};
+use crate::sync::sessions::{RealmPolicy, SessionService};
+use crate::telemetry::{self, LogFormat};
+
+/// Default SQLite file when no database URL is given.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://lockstep.db";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Lockstep keeps login sessions consistent between Keycloak and legacy IAM systems.
+#[derive(Debug, Parser)]
+#[command(name = "lockstep", version, about)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (overridden by RUST_LOG), e.g. `info` or `lockstep=debug`.
+    #[arg(
+        long,
+        env = "LOCKSTEP_LOG_LEVEL",
+        default_value = "info",
+        global = true
+    )]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(StoreArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Print the SHA-256 of an API key, for `[[api_keys]] sha256` in the config file.
+    HashKey {
+        /// The key (prefer reading it from stdin with `-` to keep it out of shell history).
+        key: String,
+    },
+}
+
+/// Where the data lives.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Configuration file (TOML, DESIGN.md 6b); flags and env vars override it.
+    #[arg(long, env = "LOCKSTEP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `sqlite://PATH` (default `sqlite://lockstep.db`) or `postgres://USER@HOST/DB`.
+    #[arg(long, env = "LOCKSTEP_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// SQLite commit durability: `normal` survives a process crash, `fsync` survives power
+    /// loss (concurrent writes share one fsync).
+    #[arg(long, env = "LOCKSTEP_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Database connections (PostgreSQL pool, SQLite readers).
+    #[arg(long, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+}
+
+/// `serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "LOCKSTEP_LISTEN")]
+    pub listen: Option<String>,
+    /// Bootstrap token with every permission in every realm (first set-up, demos, tests).
+    #[arg(
+        long = "admin-token",
+        env = "LOCKSTEP_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Storage.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl StoreArgs {
+    fn file(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(path) => Ok(FileConfig::load(path)?),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    fn options(&self, file: &FileConfig) -> anyhow::Result<StoreOptions> {
+        let url = self
+            .database_url
+            .clone()
+            .or_else(|| file.database_url.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let durability = match (self.durability, &file.durability) {
+            (Some(d), _) => d,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("config durability: {e}"))?,
+            (None, None) => Durability::Normal,
+        };
+        let mut opts = StoreOptions::new(url);
+        opts.durability = durability;
+        opts.max_connections = self.max_connections;
+        Ok(opts)
+    }
+}
+
+async fn open_store(opts: &StoreOptions) -> anyhow::Result<Store> {
+    let store = Store::connect(opts)
+        .await
+        .with_context(|| format!("cannot open database {}", redact(&opts.url)))?;
+    store.migrate().await.context("database migration failed")?;
+    Ok(store)
+}
+
+/// Hides a password in a database URL before it reaches a log line.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Parses the command line and runs it.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => {
+            let file = args.file()?;
+            let store = open_store(&args.options(&file)?).await?;
+            tracing::info!(backend = store.backend(), "migrations applied");
+            store.close().await;
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", api::openapi::document_json());
+            Ok(())
+        }
+        Command::HashKey { key } => {
+            let key = if key == "-" {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            } else {
+                key
+            };
+            println!("{}", hex::encode(auth::sha256(&key)));
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = args.store.file()?;
+    let policies: HashMap<String, RealmPolicy> = file
+        .realm_policies()?
+        .into_iter()
+        .map(|(name, r)| {
+            (
+                name,
+                RealmPolicy {
+                    orphan_children: r.orphan_children,
+                },
+            )
+        })
+        .collect();
+    let keys = file.api_keys()?;
+    let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
+    if admin_token.is_none() && keys.is_empty() {
+        // Nothing could ever authenticate; mint a one-off bootstrap token so a first run works.
+        let token = format!("lst_{}", uuid::Uuid::new_v4().simple());
+        eprintln!(
+            "No LOCKSTEP_ADMIN_TOKEN or API keys configured; generated a bootstrap admin token for this run:\n\n    export TOKEN={token}\n"
+        );
+        admin_token = Some(token);
+    }
+    let auth = Authenticator::new(admin_token.as_deref(), keys);
+
+    let listen = args
+        .listen
+        .clone()
+        .or_else(|| file.listen.clone())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("invalid listen address {listen:?}"))?;
+    let opts = args.store.options(&file)?;
+    let store = open_store(&opts).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, "lockstep serving");
+    // Machine-readable readiness line for scripts and black-box tests.
+    println!("listening on {local}");
+
+    let state = AppState {
+        sessions: SessionService::new(store.clone(), policies),
+        auth,
+    };
+    let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
+    let result = server.await;
+    tracing::info!("shutting down: draining the store");
+    tokio::time::timeout(Duration::from_secs(10), store.close())
+        .await
+        .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
+    result.context("server error")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_database_urls() {
+        assert_eq!(
+            redact("postgres://lockstep:s3cret@db:5432/lockstep"),
+            "postgres://lockstep:***@db:5432/lockstep"
+        );
+        assert_eq!(redact("sqlite://lockstep.db"), "sqlite://lockstep.db");
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+    }
+
+    #[test]
+    fn cli_parses_the_documented_commands() {
+        let cli = Cli::try_parse_from([
+            "lockstep",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            "fsync",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Serve(_)));
+        assert!(Cli::try_parse_from(["lockstep", "serve", "--durability", "sometimes"]).is_err());
+        assert!(Cli::try_parse_from(["lockstep", "migrate"]).is_ok());
+    }
+}

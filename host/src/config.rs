@@ -1,0 +1,211 @@
+//! Configuration: the optional TOML file of DESIGN.md 6b, parsed strictly (unknown keys are
+//! errors), and validated into the settings the service runs with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::auth::{ApiKey, Permission};
+use crate::sync::validate;
+
+/// Problems with the configuration file; each names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// File path.
+        path: String,
+        /// Cause (with line and column).
+        source: Box<toml::de::Error>,
+    },
+    /// A value breaks a rule.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The TOML file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Database URL.
+    pub database_url: Option<String>,
+    /// `normal` or `fsync`.
+    pub durability: Option<String>,
+    /// Per-realm settings.
+    #[serde(default)]
+    pub realms: BTreeMap<String, RealmConfig>,
+    /// Static API keys.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// `[realms.NAME]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealmConfig {
+    /// OIDC issuer (discovery and JWKS); used by back-channel logout and admin JWTs.
+    pub issuer: Option<String>,
+    /// Accepted token audiences.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted JWS algorithms.
+    #[serde(default)]
+    pub allowed_algs: Vec<String>,
+    /// Allowed clock skew in seconds.
+    pub clock_skew_s: Option<u64>,
+    /// When the IdP ends a user session, children become ORPHANED instead of DESTROYED.
+    #[serde(default)]
+    pub orphan_children: bool,
+    /// Scope or client role that grants `users:manage` to an IdP access token.
+    pub permission_role: Option<String>,
+}
+
+/// `[[api_keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Name shown in audit records and used as the default origin system.
+    pub id: String,
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    pub sha256: String,
+    /// Realms the key may act in (`"*"` for all).
+    pub realms: Vec<String>,
+    /// Permissions it grants.
+    pub permissions: Vec<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: display,
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<inline>".into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Validated realm policies.
+    pub fn realm_policies(&self) -> Result<HashMap<String, RealmConfig>, ConfigError> {
+        let mut out = HashMap::new();
+        for (name, realm) in &self.realms {
+            validate::realm(name)
+                .map_err(|e| ConfigError::Invalid(format!("[realms.{name}]: {e}")))?;
+            out.insert(name.clone(), realm.clone());
+        }
+        Ok(out)
+    }
+
+    /// Validated API keys.
+    pub fn api_keys(&self) -> Result<Vec<ApiKey>, ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut keys = Vec::with_capacity(self.api_keys.len());
+        for k in &self.api_keys {
+            let ctx = |msg: String| ConfigError::Invalid(format!("api key {:?}: {msg}", k.id));
+            validate::id("id", &k.id).map_err(|e| ctx(e.to_string()))?;
+            if !seen.insert(k.id.clone()) {
+                return Err(ctx("duplicate id".into()));
+            }
+            let digest = hex::decode(&k.sha256)
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .ok_or_else(|| ctx("sha256 must be 64 hex digits".into()))?;
+            if k.realms.is_empty() {
+                return Err(ctx("realms must not be empty (use [\"*\"] for all)".into()));
+            }
+            for realm in &k.realms {
+                if realm != "*" {
+                    validate::realm(realm).map_err(|e| ctx(e.to_string()))?;
+                }
+            }
+            let permissions = k
+                .permissions
+                .iter()
+                .map(|p| p.parse::<Permission>().map_err(&ctx))
+                .collect::<Result<Vec<_>, _>>()?;
+            keys.push(ApiKey {
+                id: k.id.clone(),
+                sha256: digest,
+                realms: k.realms.clone(),
+                permissions,
+            });
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_example_parses() {
+        let cfg = FileConfig::parse(
+            r#"
+listen = "127.0.0.1:8080"
+database_url = "sqlite://lockstep.db"
+
+[realms.acme]
+issuer = "http://127.0.0.1:8180/realms/acme"
+audiences = ["lockstep"]
+allowed_algs = ["RS256", "ES256"]
+clock_skew_s = 60
+orphan_children = false
+permission_role = "users:manage"
+
+[[api_keys]]
+id = "portal"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+realms = ["acme"]
+permissions = ["users:manage"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.api_keys().unwrap().len(), 1);
+        assert!(cfg.realm_policies().unwrap().contains_key("acme"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(FileConfig::parse("lisen = \"x\"").is_err());
+        let bad_hash = FileConfig::parse(
+            "[[api_keys]]\nid = \"a\"\nsha256 = \"zz\"\nrealms = [\"*\"]\npermissions = []\n",
+        )
+        .unwrap();
+        assert!(bad_hash.api_keys().is_err());
+        let bad_perm = FileConfig::parse(&format!(
+            "[[api_keys]]\nid = \"a\"\nsha256 = \"{}\"\nrealms = [\"*\"]\npermissions = [\"root\"]\n",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        assert!(bad_perm.api_keys().is_err());
+        let bad_realm = FileConfig::parse("[realms.\"a b\"]\n").unwrap();
+        assert!(bad_realm.realm_policies().is_err());
+    }
+}

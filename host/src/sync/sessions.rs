@@ -1,0 +1,271 @@
+//! The session operations the API offers, with the rules that are not the store's business:
+//! input limits, which end reasons a caller may give, and when the realm's
+//! `orphan_children` policy applies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::model::{DestroyCommand, DestroyTarget, EndReason, MapCommand, Session, SessionKind};
+use super::validate::{self, ValidationError};
+use crate::store::{Page, SessionQuery, Store, StoreError};
+
+/// Largest page a query may ask for.
+pub const MAX_PAGE: u32 = 500;
+/// Page size when the caller gives none.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// Per-realm rules.
+#[derive(Clone, Debug, Default)]
+pub struct RealmPolicy {
+    /// When the IdP ends a user session, descendants become ORPHANED instead of DESTROYED.
+    pub orphan_children: bool,
+}
+
+/// Failures of a session operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The input breaks a rule.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A session in a tree, with its distance from the root.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TreeEntry {
+    /// 0 for the root.
+    pub depth: u32,
+    /// The session.
+    pub session: Session,
+}
+
+/// Orders a flat tree (root first, as the store returns it) depth-first, each node
+/// followed by its descendants, siblings in creation order. Flat rather than nested so that
+/// neither building, serialising nor dropping a deep chain can exhaust the stack.
+pub fn tree_order(mut flat: Vec<Session>) -> Vec<TreeEntry> {
+    if flat.is_empty() {
+        return Vec::new();
+    }
+    let root = flat.remove(0);
+    let mut by_parent: HashMap<String, Vec<Session>> = HashMap::new();
+    for s in flat {
+        if let Some(p) = s.parent_id.clone() {
+            by_parent.entry(p).or_default().push(s);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![(0u32, root)];
+    while let Some((depth, node)) = stack.pop() {
+        if let Some(mut kids) = by_parent.remove(&node.external_id) {
+            kids.reverse();
+            stack.extend(kids.into_iter().map(|k| (depth + 1, k)));
+        }
+        out.push(TreeEntry {
+            depth,
+            session: node,
+        });
+    }
+    out
+}
+
+/// Session operations over a store.
+#[derive(Clone)]
+pub struct SessionService {
+    store: Store,
+    policies: Arc<HashMap<String, RealmPolicy>>,
+}
+
+impl SessionService {
+    /// A service over `store` with per-realm `policies` (realms not listed use defaults).
+    pub fn new(store: Store, policies: HashMap<String, RealmPolicy>) -> Self {
+        SessionService {
+            store,
+            policies: Arc::new(policies),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn policy(&self, realm: &str) -> RealmPolicy {
+        self.policies.get(realm).cloned().unwrap_or_default()
+    }
+
+    /// Validates and registers a session.
+    pub async fn map(&self, cmd: MapCommand) -> Result<Session, SessionError> {
+        let s = &cmd.session;
+        validate::realm(&s.realm)?;
+        validate::id("externalId", &s.external_id)?;
+        validate::optional_id("parentExternalId", s.parent_id.as_deref())?;
+        validate::optional_id("keycloakSessionId", s.idp_session_id.as_deref())?;
+        validate::optional_id(
+            "keycloakClientSessionId",
+            s.idp_client_session_id.as_deref(),
+        )?;
+        validate::optional_id("userId", s.user_id.as_deref())?;
+        validate::optional_id("system", s.system.as_deref())?;
+        validate::optional_id("delegatedBy", s.delegated_by.as_deref())?;
+        validate::optional_id("originSystem", cmd.origin_system.as_deref())?;
+        validate::attributes(&s.attributes)?;
+        match s.kind {
+            SessionKind::Parent if s.idp_session_id.is_none() => {
+                return Err(ValidationError("a PARENT needs keycloakSessionId".into()).into());
+            }
+            SessionKind::Child if s.parent_id.is_none() => {
+                return Err(ValidationError("a CHILD needs parentExternalId".into()).into());
+            }
+            SessionKind::Child if s.parent_id.as_deref() == Some(s.external_id.as_str()) => {
+                return Err(ValidationError("a session cannot be its own parent".into()).into());
+            }
+            _ => {}
+        }
+        Ok(self.store.map(cmd).await?)
+    }
+
+    /// Ends sessions. `reason` must be one a caller may give (not `cascade` or
+    /// `delegation_ended`, which only the cascade assigns).
+    pub async fn destroy(
+        &self,
+        realm: &str,
+        target: DestroyTarget,
+        reason: Option<EndReason>,
+        origin_system: Option<String>,
+    ) -> Result<Vec<Session>, SessionError> {
+        validate::realm(realm)?;
+        match &target {
+            DestroyTarget::Parent(id) | DestroyTarget::Child(id) => validate::id("externalId", id)?,
+            DestroyTarget::User(id) => validate::id("userId", id)?,
+        }
+        validate::optional_id("originSystem", origin_system.as_deref())?;
+        let reason = reason.unwrap_or(EndReason::Logout);
+        if matches!(reason, EndReason::Cascade | EndReason::DelegationEnded) {
+            return Err(ValidationError(format!(
+                "reason {reason} is assigned by the cascade; use logout, admin, idp_logout, expired or revoked"
+            ))
+            .into());
+        }
+        // DESIGN.md section 2: the orphan policy applies when the IdP ended the session.
+        let orphan_children = reason == EndReason::IdpLogout && self.policy(realm).orphan_children;
+        Ok(self
+            .store
+            .destroy(DestroyCommand {
+                realm: realm.to_owned(),
+                target,
+                reason,
+                origin_system,
+                orphan_children,
+            })
+            .await?)
+    }
+
+    /// One session.
+    pub async fn get(
+        &self,
+        realm: &str,
+        external_id: &str,
+    ) -> Result<Option<Session>, SessionError> {
+        validate::realm(realm)?;
+        validate::id("externalId", external_id)?;
+        Ok(self.store.get(realm, external_id).await?)
+    }
+
+    /// The tree containing a session.
+    pub async fn tree(
+        &self,
+        realm: &str,
+        external_id: &str,
+    ) -> Result<Option<Vec<TreeEntry>>, SessionError> {
+        validate::realm(realm)?;
+        validate::id("externalId", external_id)?;
+        Ok(self.store.tree(realm, external_id).await?.map(tree_order))
+    }
+
+    /// Filtered listing; `limit` defaults to 50 and may not exceed 500.
+    pub async fn query(&self, realm: &str, mut q: SessionQuery) -> Result<Page, SessionError> {
+        validate::realm(realm)?;
+        for (field, v) in [
+            ("keycloakSessionId", &q.idp_session_id),
+            ("keycloakClientSessionId", &q.idp_client_session_id),
+            ("userId", &q.user_id),
+            ("system", &q.system),
+        ] {
+            validate::optional_id(field, v.as_deref())?;
+        }
+        if q.limit == 0 {
+            q.limit = DEFAULT_PAGE;
+        }
+        if q.limit > MAX_PAGE {
+            return Err(ValidationError(format!("limit must be 1-{MAX_PAGE}")).into());
+        }
+        Ok(self.store.query(realm, &q).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::model::SessionStatus;
+
+    fn session(id: &str, parent: Option<&str>, seq: i64) -> Session {
+        let now = chrono::Utc::now();
+        Session {
+            seq,
+            realm: "acme".into(),
+            external_id: id.into(),
+            kind: if parent.is_some() {
+                SessionKind::Child
+            } else {
+                SessionKind::Parent
+            },
+            parent_id: parent.map(Into::into),
+            idp_session_id: None,
+            idp_client_session_id: None,
+            user_id: None,
+            system: None,
+            delegated_by: None,
+            status: SessionStatus::Active,
+            end_reason: None,
+            attributes: Default::default(),
+            expires_at: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn tree_order_is_depth_first_with_siblings_in_creation_order() {
+        let order: Vec<(u32, String)> = tree_order(vec![
+            session("root", None, 1),
+            session("a", Some("root"), 2),
+            session("b", Some("root"), 3),
+            session("a1", Some("a"), 4),
+        ])
+        .into_iter()
+        .map(|e| (e.depth, e.session.external_id))
+        .collect();
+        assert_eq!(
+            order,
+            vec![
+                (0, "root".into()),
+                (1, "a".into()),
+                (2, "a1".into()),
+                (1, "b".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn deep_chains_are_ordered_without_recursion() {
+        let mut flat = vec![session("n0", None, 0)];
+        for i in 1..50_000 {
+            flat.push(session(&format!("n{i}"), Some(&format!("n{}", i - 1)), i));
+        }
+        let order = tree_order(flat);
+        assert_eq!(order.len(), 50_000);
+        assert_eq!(order.last().map(|e| e.depth), Some(49_999));
+    }
+}
