@@ -119,6 +119,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was not read, so this connection cannot carry another
+            // request; tell the client instead of letting it reuse a dead connection.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -74,3 +74,39 @@ pub fn router() -> axum::Router<AppState> {
 async fn serve() -> Json<serde_json::Value> {
     Json(serde_json::from_str(&document_json()).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_in_openapi_document_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == document_json(),
+            "docs/openapi.json is stale: run `cargo run -p lockstep -- openapi > docs/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn document_is_openapi_3_1_and_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(&document_json()).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+        let paths = doc["paths"].as_object().unwrap();
+        for route in [
+            "map-parent",
+            "map-child",
+            "map-fixed",
+            "destroy-parent",
+            "destroy-child",
+            "destroy-user",
+            "session-tree/{externalId}",
+            "{externalId}",
+        ] {
+            let key = format!("/admin/realms/{{realm}}/external-sessions/{route}");
+            assert!(paths.contains_key(&key), "missing {key}");
+        }
+        assert!(paths.contains_key("/admin/realms/{realm}/external-sessions"));
+    }
+}

@@ -1,0 +1,385 @@
+//! Black-box harness: starts the real `lockstep` binary on 127.0.0.1:0 against a fresh
+//! SQLite file or a fresh PostgreSQL database, and talks to it over HTTP.
+//! PostgreSQL comes from `LOCKSTEP_TEST_DATABASE_URL` (an admin URL; `scripts/test.sh` starts
+//! a throwaway cluster and sets it). Without it the PostgreSQL tests fail, unless
+//! `LOCKSTEP_SKIP_POSTGRES=1` says to skip them on purpose.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const TOKEN: &str = "test-admin-token";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one test per backend for each named `async fn name(backend: Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::common::skip_postgres() {
+                        eprintln!("LOCKSTEP_SKIP_POSTGRES=1: skipping {}", stringify!($name));
+                        return;
+                    }
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+pub fn skip_postgres() -> bool {
+    std::env::var("LOCKSTEP_SKIP_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+fn postgres_admin_url() -> String {
+    std::env::var("LOCKSTEP_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .expect(
+            "PostgreSQL tests need LOCKSTEP_TEST_DATABASE_URL (bash scripts/test.sh starts a \
+             throwaway cluster and sets it); set LOCKSTEP_SKIP_POSTGRES=1 to skip them",
+        )
+}
+
+/// A fresh, empty database of the backend; returns its URL (and keeps a temp dir alive).
+pub async fn fresh_database(backend: Backend) -> (String, Option<tempfile::TempDir>) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}/lockstep.db", dir.path().display());
+            (url, Some(dir))
+        }
+        Backend::Postgres => {
+            use sqlx::Connection;
+            let admin = postgres_admin_url();
+            let name = format!("lockstep_test_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.ok();
+            let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+            (format!("{base}/{name}"), None)
+        }
+    }
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub database_url: String,
+    pub backend: Backend,
+    client: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+pub struct ServerOptions {
+    pub config: Option<String>,
+    pub durability: &'static str,
+    pub admin_token: Option<&'static str>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            config: None,
+            durability: "normal",
+            admin_token: Some(TOKEN),
+        }
+    }
+}
+
+impl Server {
+    pub async fn start(backend: Backend) -> Server {
+        Self::start_with(backend, ServerOptions::default()).await
+    }
+
+    pub async fn start_with(backend: Backend, opts: ServerOptions) -> Server {
+        let (database_url, dir) = fresh_database(backend).await;
+        Self::start_on(backend, database_url, dir, opts).await
+    }
+
+    pub async fn start_on(
+        backend: Backend,
+        database_url: String,
+        dir: Option<tempfile::TempDir>,
+        opts: ServerOptions,
+    ) -> Server {
+        let config = opts.config.map(|text| {
+            use std::io::Write;
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            f
+        });
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--database-url")
+            .arg(&database_url)
+            .arg("--durability")
+            .arg(opts.durability)
+            .env_remove("LOCKSTEP_ADMIN_TOKEN")
+            .env_remove("LOCKSTEP_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(token) = opts.admin_token {
+            cmd.env("LOCKSTEP_ADMIN_TOKEN", token);
+        }
+        if let Some(f) = &config {
+            cmd.arg("--config").arg(f.path());
+        }
+        let mut child = cmd.spawn().expect("start lockstep");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return addr.to_owned();
+                }
+            }
+            panic!("lockstep exited before it was ready");
+        })
+        .await
+        .expect("lockstep did not become ready within 30 s");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            database_url,
+            backend,
+            client: reqwest::Client::new(),
+            _dir: dir,
+            _config: config,
+        }
+    }
+
+    /// Stops the process (SIGKILL) and returns the database so it can be reopened.
+    pub async fn kill(mut self) -> (String, Option<tempfile::TempDir>) {
+        self.child.kill().await.ok();
+        (self.database_url.clone(), self._dir.take())
+    }
+
+    pub fn sessions_url(&self, realm: &str) -> String {
+        format!("{}/admin/realms/{realm}/external-sessions", self.base)
+    }
+
+    pub fn api(&self, realm: &str) -> Api {
+        self.api_as(realm, TOKEN)
+    }
+
+    pub fn api_as(&self, realm: &str, token: &str) -> Api {
+        Api {
+            client: self.client.clone(),
+            base: self.sessions_url(realm),
+            token: Some(token.to_owned()),
+        }
+    }
+
+    /// Outbox payloads for one session, read straight from the database.
+    pub async fn outbox(&self, realm: &str, external_id: &str) -> Vec<Value> {
+        use sqlx::Connection;
+        let sql = "SELECT payload FROM outbox WHERE realm = $1 AND external_id = $2 ORDER BY id";
+        let rows: Vec<String> = match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(realm)
+                    .bind(external_id)
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(realm)
+                    .bind(external_id)
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap()
+            }
+        };
+        rows.iter()
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect()
+    }
+
+    /// Total outbox rows.
+    pub async fn outbox_total(&self) -> i64 {
+        use sqlx::Connection;
+        let sql = "SELECT COUNT(*) FROM outbox";
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+            }
+        }
+    }
+}
+
+/// A client for one realm's external-sessions API.
+#[derive(Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    pub base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    pub fn without_token(mut self) -> Api {
+        self.token = None;
+        self
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let req = self
+            .client
+            .post(format!("{}/{path}", self.base))
+            .json(&body);
+        send(self.auth(req)).await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.client.post(format!("{}/{path}", self.base)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        send(self.auth(req)).await
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> (StatusCode, Value) {
+        let url = if path_and_query.is_empty() {
+            self.base.clone()
+        } else if path_and_query.starts_with('?') {
+            format!("{}{path_and_query}", self.base)
+        } else {
+            format!("{}/{path_and_query}", self.base)
+        };
+        send(self.auth(self.client.get(url))).await
+    }
+
+    pub async fn map_parent(&self, id: &str, sid: &str) -> (StatusCode, Value) {
+        self.post(
+            "map-parent",
+            json!({"externalId": id, "keycloakSessionId": sid}),
+        )
+        .await
+    }
+
+    pub async fn map_child(&self, id: &str, parent: &str) -> (StatusCode, Value) {
+        self.post(
+            "map-child",
+            json!({"externalId": id, "parentExternalId": parent}),
+        )
+        .await
+    }
+
+    pub async fn status_of(&self, id: &str) -> String {
+        let (code, body) = self.get(id).await;
+        assert_eq!(code, StatusCode::OK, "GET {id}: {body}");
+        body["status"].as_str().unwrap().to_owned()
+    }
+
+    /// Every session of the realm, following cursors.
+    pub async fn list_all(&self, filter: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..10_000 {
+            let q = match &cursor {
+                Some(c) => format!("?limit=500&cursor={c}{filter}"),
+                None => format!("?limit=500{filter}"),
+            };
+            let (code, body) = self.get(&q).await;
+            assert_eq!(code, StatusCode::OK, "{body}");
+            out.extend(body["items"].as_array().unwrap().iter().cloned());
+            match body["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return out,
+            }
+        }
+        panic!("pagination did not end");
+    }
+}
+
+async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let res = req.send().await.expect("request failed");
+    let status = res.status();
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = res.text().await.unwrap();
+    if status.is_client_error() || status.is_server_error() {
+        assert_eq!(
+            content_type, "application/problem+json",
+            "error responses are problem documents: {status} {text}"
+        );
+    }
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+/// Asserts a problem document with this status and code.
+#[track_caller]
+pub fn assert_problem(got: &(StatusCode, Value), status: u16, code: &str) {
+    assert_eq!(got.0.as_u16(), status, "unexpected status: {}", got.1);
+    assert_eq!(got.1["code"], code, "unexpected problem: {}", got.1);
+    assert_eq!(got.1["status"], status);
+    assert!(got.1["detail"].as_str().is_some_and(|d| !d.is_empty()));
+}
