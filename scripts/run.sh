@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's run command (README): builds the release binary and serves on
+# 127.0.0.1:8080 with the embedded SQLite store (./lockstep.db). Without
+# LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token.
+# Extra arguments go to `lockstep serve` (e.g. --listen, --database-url, --config).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "run.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+cargo build --release -p lockstep
+exec target/release/lockstep serve "$@"
