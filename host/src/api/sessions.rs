@@ -11,7 +11,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
 use crate::store::SessionQuery;
-use crate::sync::model::{DestroyTarget, MapCommand, NewSession, Session, SessionKind};
+use crate::sync::model::{DestroyTarget, EndReason, MapCommand, NewSession, Session, SessionKind};
 use crate::sync::sessions::SessionError;
 use crate::sync::validate;
 
@@ -22,6 +22,33 @@ impl From<SessionError> for ApiError {
             SessionError::Store(s) => s.into(),
         }
     }
+}
+
+/// Problems every authenticated route can answer with.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only describes responses for the OpenAPI document
+enum AccessProblems {
+    /// VALIDATION: bad realm name, path, query or body.
+    #[response(status = 400, content_type = "application/problem+json")]
+    Invalid(Problem),
+    /// UNAUTHORIZED: missing or invalid bearer token.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthenticated(Problem),
+    /// FORBIDDEN: no `users:manage` in this realm.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+}
+
+/// Problems of routes that take a JSON body.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only describes responses for the OpenAPI document
+enum BodyProblems {
+    /// PAYLOAD_TOO_LARGE: body over 64 KiB.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(Problem),
+    /// VALIDATION: body is not application/json.
+    #[response(status = 415, content_type = "application/problem+json")]
+    NotJson(Problem),
 }
 
 /// Routes of this resource.
@@ -79,12 +106,9 @@ async fn do_map(
     request_body = MapParentRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        BodyProblems,
     ))]
 async fn map_parent(
     State(state): State<AppState>,
@@ -116,13 +140,10 @@ async fn map_parent(
     request_body = MapChildRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
         (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        BodyProblems,
     ))]
 async fn map_child(
     State(state): State<AppState>,
@@ -154,12 +175,9 @@ async fn map_child(
     request_body = MapFixedRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        BodyProblems,
     ))]
 async fn map_fixed(
     State(state): State<AppState>,
@@ -184,10 +202,23 @@ async fn map_fixed(
     do_map(&state, &caller, session, req.origin_system).await
 }
 
-fn destroyed(changed: Vec<Session>) -> Json<DestroyResponse> {
-    Json(DestroyResponse {
+async fn do_destroy(
+    state: &AppState,
+    caller: &Caller,
+    realm: &str,
+    target: DestroyTarget,
+    reason: Option<EndReason>,
+    origin: Option<String>,
+) -> Result<Json<DestroyResponse>, ApiError> {
+    authorize(caller, realm)?;
+    let origin = default_name(origin, caller);
+    let changed: Vec<Session> = state
+        .sessions
+        .destroy(realm, target, reason, origin)
+        .await?;
+    Ok(Json(DestroyResponse {
         changed: changed.into_iter().map(Into::into).collect(),
-    })
+    }))
 }
 
 /// End a root session (PARENT or FIXED) and its whole tree, in one transaction.
@@ -198,9 +229,8 @@ fn destroyed(changed: Vec<Session>) -> Json<DestroyResponse> {
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
+        BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -210,18 +240,15 @@ async fn destroy_parent(
     ApiPath(realm): ApiPath<String>,
     ApiJson(req): ApiJson<DestroyRequest>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
-    authorize(&caller, &realm)?;
-    let origin = default_name(req.origin_system, &caller);
-    let changed = state
-        .sessions
-        .destroy(
-            &realm,
-            DestroyTarget::Parent(req.external_id),
-            req.reason,
-            origin,
-        )
-        .await?;
-    Ok(destroyed(changed))
+    do_destroy(
+        &state,
+        &caller,
+        &realm,
+        DestroyTarget::Parent(req.external_id),
+        req.reason,
+        req.origin_system,
+    )
+    .await
 }
 
 /// End one CHILD session and its own descendants; its parent and siblings stay.
@@ -231,9 +258,8 @@ async fn destroy_parent(
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
+        BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -243,18 +269,15 @@ async fn destroy_child(
     ApiPath(realm): ApiPath<String>,
     ApiJson(req): ApiJson<DestroyRequest>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
-    authorize(&caller, &realm)?;
-    let origin = default_name(req.origin_system, &caller);
-    let changed = state
-        .sessions
-        .destroy(
-            &realm,
-            DestroyTarget::Child(req.external_id),
-            req.reason,
-            origin,
-        )
-        .await?;
-    Ok(destroyed(changed))
+    do_destroy(
+        &state,
+        &caller,
+        &realm,
+        DestroyTarget::Child(req.external_id),
+        req.reason,
+        req.origin_system,
+    )
+    .await
 }
 
 /// End every live session of a user in the realm, each with its tree (logout everywhere).
@@ -264,9 +287,8 @@ async fn destroy_child(
     request_body = DestroyUserRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
+        BodyProblems,
     ))]
 async fn destroy_user(
     State(state): State<AppState>,
@@ -274,13 +296,15 @@ async fn destroy_user(
     ApiPath(realm): ApiPath<String>,
     ApiJson(req): ApiJson<DestroyUserRequest>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
-    authorize(&caller, &realm)?;
-    let origin = default_name(req.origin_system, &caller);
-    let changed = state
-        .sessions
-        .destroy(&realm, DestroyTarget::User(req.user_id), req.reason, origin)
-        .await?;
-    Ok(destroyed(changed))
+    do_destroy(
+        &state,
+        &caller,
+        &realm,
+        DestroyTarget::User(req.user_id),
+        req.reason,
+        req.origin_system,
+    )
+    .await
 }
 
 /// The whole tree that contains this session, from its root.
@@ -290,9 +314,7 @@ async fn destroy_user(
            ("externalId" = String, Path, description = "Any session of the tree")),
     responses(
         (status = 200, description = "The tree", body = TreeResponse),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn session_tree(
@@ -333,9 +355,7 @@ async fn session_tree(
            ("externalId" = String, Path, description = "External id")),
     responses(
         (status = 200, description = "The session", body = SessionDto),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn get_session(
@@ -360,9 +380,7 @@ async fn get_session(
     params(("realm" = String, Path, description = "Realm name"), ListParams),
     responses(
         (status = 200, description = "One page", body = ListResponse),
-        (status = 400, description = "Invalid input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not allowed in this realm", body = Problem, content_type = "application/problem+json"),
+        AccessProblems,
     ))]
 async fn list_sessions(
     State(state): State<AppState>,
