@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod runtime;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

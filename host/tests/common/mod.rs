@@ -5,6 +5,9 @@
 //! `LOCKSTEP_SKIP_POSTGRES=1` says to skip them on purpose.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod components;
+pub mod receiver;
+
 use std::process::Stdio;
 use std::time::Duration;
 

@@ -1,0 +1,369 @@
+//! Connector runtime: one Wasmtime engine and linker per process, connectors compiled once
+//! (through the on-disk cache) and pre-instantiated, and every hook call in a fresh store
+//! with a deadline (epoch interruption plus a wall-clock timeout for host I/O), a memory cap
+//! and an HTTP allowlist. It knows nothing of HTTP routing or the database.
+
+pub mod bindings;
+pub mod cache;
+pub mod manifest;
+pub mod registry;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use bindings::{ConnectorCore, ConnectorCorePre, EventType as WitEventType, HookError, SessionEvent, SessionKind as WitKind};
+use cache::{CacheOutcome, CompileCache};
+use manifest::Manifest;
+use sandbox::CallState;
+
+use crate::sync::model::{EventType, SessionKind, SyncEvent};
+
+/// Epoch tick; deadlines are rounded up to it.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Longest error message kept from a connector.
+pub const MAX_ERROR_BYTES: usize = 2 * 1024;
+/// Component instances alive at once (bounds memory: each may use up to its `memory_mb`).
+pub const MAX_CONCURRENT_CALLS: usize = 64;
+
+/// Runtime failures outside a hook call (loading, compiling).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be built.
+    #[error("cannot configure the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The component could not be read.
+    #[error("cannot read component {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not a valid component, or it does not fit the `lockstep:connector` world.
+    #[error("connector {name}: {message}")]
+    Invalid {
+        /// Connector.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The compile cache directory is unusable.
+    #[error("compile cache: {0}")]
+    Cache(std::io::Error),
+}
+
+/// Why a hook call did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookFailure {
+    /// The connector asked for a retry.
+    Retry(String),
+    /// The connector failed permanently.
+    Fail(String),
+    /// The call ran past its deadline.
+    Timeout(u64),
+    /// The connector exceeded its memory cap.
+    OutOfMemory(u32),
+    /// The connector trapped (panic, unreachable, bad host call...).
+    Trap(String),
+}
+
+impl HookFailure {
+    /// Whether trying again may help.
+    pub fn retryable(&self) -> bool {
+        matches!(self, HookFailure::Retry(_) | HookFailure::Timeout(_))
+    }
+
+    /// Short reason for logs and the deliveries API.
+    pub fn reason(&self) -> String {
+        match self {
+            HookFailure::Retry(m) => format!("retry: {m}"),
+            HookFailure::Fail(m) => format!("fail: {m}"),
+            HookFailure::Timeout(ms) => format!("timeout: exceeded {ms} ms"),
+            HookFailure::OutOfMemory(mb) => format!("out of memory: exceeded {mb} MiB"),
+            HookFailure::Trap(m) => format!("trap: {m}"),
+        }
+    }
+
+    /// Stable outcome label (metrics, attempts).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HookFailure::Retry(_) => "retry",
+            HookFailure::Fail(_) => "fail",
+            HookFailure::Timeout(_) => "timeout",
+            HookFailure::OutOfMemory(_) => "oom",
+            HookFailure::Trap(_) => "trap",
+        }
+    }
+}
+
+/// A connector ready to serve: its manifest, version and pre-instantiated component.
+pub struct LoadedConnector {
+    /// Manifest.
+    pub manifest: Arc<Manifest>,
+    /// Content hash of component and manifest (first 16 hex digits).
+    pub version: String,
+    /// Whether the compiled code came from the cache.
+    pub cache: CacheOutcome,
+    pre: ConnectorCorePre<CallState>,
+}
+
+impl std::fmt::Debug for LoadedConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedConnector")
+            .field("name", &self.manifest.name)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// The process-wide engine, linker and compile cache.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<CallState>>,
+    cache: CompileCache,
+    slots: Arc<tokio::sync::Semaphore>,
+    _ticker: Arc<EpochTicker>,
+}
+
+/// Advances the engine's epoch on a fixed tick until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config() -> Result<Config, RuntimeError> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(MAX_CONCURRENT_CALLS as u32 * 4)
+        .total_core_instances(MAX_CONCURRENT_CALLS as u32 * 16)
+        .total_memories(MAX_CONCURRENT_CALLS as u32 * 4)
+        .total_tables(MAX_CONCURRENT_CALLS as u32 * 16)
+        .total_stacks(MAX_CONCURRENT_CALLS as u32 * 4)
+        // componentize-py components hold more than 16 core instances.
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(8)
+        .max_tables_per_component(64)
+        .max_memory_size(manifest::MAX_MEMORY_MB as usize * 1024 * 1024)
+        // Keeping a little memory resident avoids page faults on every fresh instance.
+        .linear_memory_keep_resident(64 * 1024);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(config)
+}
+
+impl Runtime {
+    /// Builds the engine and linker; `cache_dir` keeps compiled components across restarts.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, RuntimeError> {
+        let engine =
+            Engine::new(&engine_config()?).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        let link = |r: wasmtime::Result<()>| r.map_err(|e| RuntimeError::Engine(format!("{e:#}")));
+        // Guests built for wasip2 import wasi:cli/io/clocks/random even when they use none of
+        // it; the WasiCtx of each call grants nothing (no preopens, env, args or sockets).
+        link(wasmtime_wasi::p2::add_to_linker_async(&mut linker))?;
+        link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))?;
+        link(ConnectorCore::add_to_linker::<CallState, HasSelf<CallState>>(
+            &mut linker,
+            |s| s,
+        ))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("lockstep-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        }
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            cache: CompileCache::new(cache_dir).map_err(RuntimeError::Cache)?,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS)),
+            _ticker: Arc::new(EpochTicker { stop }),
+        })
+    }
+
+    /// Reads the manifest's component, compiles it (or takes it from the cache) off the async
+    /// threads, and pre-instantiates it, which checks it against the `lockstep:connector`
+    /// world: a component importing anything the host does not offer is refused here.
+    pub async fn load(&self, manifest: Manifest) -> Result<Arc<LoadedConnector>, RuntimeError> {
+        let path = manifest.component.clone();
+        let bytes = tokio::fs::read(&path).await.map_err(|source| RuntimeError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.load_bytes(manifest, bytes).await
+    }
+
+    /// Like [`Runtime::load`] with the component bytes in hand.
+    pub async fn load_bytes(
+        &self,
+        manifest: Manifest,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<LoadedConnector>, RuntimeError> {
+        let name = manifest.name.clone();
+        let invalid = |message: String| RuntimeError::Invalid {
+            name: name.clone(),
+            message,
+        };
+        let mut h = Sha256::new();
+        h.update(&bytes);
+        h.update(manifest.source.as_bytes());
+        let version = hex::encode(h.finalize())[..16].to_owned();
+        let engine = self.engine.clone();
+        let cache = self.cache.clone();
+        let started = Instant::now();
+        let (component, outcome) = tokio::task::spawn_blocking(move || cache.load(&engine, &bytes))
+            .await
+            .map_err(|e| invalid(format!("compiler task failed: {e}")))?
+            .map_err(|e| invalid(format!("not a loadable component: {e:#}")))?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("does not fit the lockstep:connector world: {e:#}")))?;
+        let pre = ConnectorCorePre::new(instance_pre)
+            .map_err(|e| invalid(format!("does not export lockstep:connector/hooks: {e:#}")))?;
+        tracing::info!(
+            connector = %name,
+            %version,
+            cache = ?outcome,
+            ms = started.elapsed().as_millis() as u64,
+            "connector compiled and pre-instantiated"
+        );
+        Ok(Arc::new(LoadedConnector {
+            manifest: Arc::new(manifest),
+            version,
+            cache: outcome,
+            pre,
+        }))
+    }
+
+    /// Calls the hook for `event` in a fresh, sandboxed instance. Never panics and never
+    /// hangs past the connector's deadline; every failure comes back as a [`HookFailure`].
+    pub async fn call(
+        &self,
+        connector: &LoadedConnector,
+        event: &SyncEvent,
+    ) -> Result<(), HookFailure> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| HookFailure::Retry("runtime shutting down".into()))?;
+        let manifest = &connector.manifest;
+        let timeout_ms = manifest.timeout_ms;
+        let mut store = Store::new(
+            &self.engine,
+            CallState::new(manifest.clone(), event.event_id.clone()),
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1));
+        store.epoch_deadline_trap();
+        let wit_event = to_wit(event);
+        let run = async {
+            let instance = connector.pre.instantiate_async(&mut store).await?;
+            let hooks = instance.lockstep_connector_hooks();
+            match event.event_type {
+                EventType::Login => hooks.call_on_login(&mut store, &wit_event).await,
+                EventType::Logout => hooks.call_on_logout(&mut store, &wit_event).await,
+                // Refresh has no hook of its own in 0.1.0; it is not delivered.
+                EventType::Revoke | EventType::Refresh => {
+                    hooks.call_revoke(&mut store, &wit_event).await
+                }
+            }
+        };
+        // The epoch deadline stops runaway guest code; this outer bound also stops a guest
+        // blocked in host I/O (which the epoch cannot interrupt).
+        let outer = Duration::from_millis(timeout_ms) + Duration::from_millis(250);
+        let result = tokio::time::timeout(outer, run).await;
+        let oom = store.data().limiter.hit;
+        let dropped_logs = store.data().logs.dropped;
+        if dropped_logs > 0 {
+            tracing::warn!(
+                connector = %manifest.name,
+                event_id = %event.event_id,
+                dropped_logs,
+                "connector exceeded its log budget; lines dropped"
+            );
+        }
+        match result {
+            Err(_) => Err(HookFailure::Timeout(timeout_ms)),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(HookError::Retry(m)))) => Err(HookFailure::Retry(cap(m))),
+            Ok(Ok(Err(HookError::Fail(m)))) => Err(HookFailure::Fail(cap(m))),
+            Ok(Err(e)) => Err(if oom {
+                HookFailure::OutOfMemory(manifest.memory_mb)
+            } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+                HookFailure::Timeout(timeout_ms)
+            } else {
+                HookFailure::Trap(cap(format!("{e:#}")))
+            }),
+        }
+    }
+}
+
+/// Bounds a connector-supplied message.
+fn cap(mut s: String) -> String {
+    if s.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let total = s.len();
+        s.truncate(cut);
+        s.push_str(&format!("…[{total} bytes]"));
+    }
+    s
+}
+
+fn to_wit(e: &SyncEvent) -> SessionEvent {
+    SessionEvent {
+        event_id: e.event_id.clone(),
+        event_type: match e.event_type {
+            EventType::Login => WitEventType::Login,
+            EventType::Logout => WitEventType::Logout,
+            EventType::Revoke => WitEventType::Revoke,
+            EventType::Refresh => WitEventType::Refresh,
+        },
+        realm: e.realm.clone(),
+        external_id: e.external_id.clone(),
+        kind: match e.kind {
+            SessionKind::Parent => WitKind::Parent,
+            SessionKind::Child => WitKind::Child,
+            SessionKind::Fixed => WitKind::Fixed,
+        },
+        idp_session_id: e.idp_session_id.clone(),
+        idp_client_session_id: e.idp_client_session_id.clone(),
+        user_id: e.user_id.clone(),
+        system: e.system.clone(),
+        origin_system: e.origin_system.clone(),
+        end_reason: e.end_reason.map(|r| r.as_str().to_owned()),
+        attributes: e
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        occurred_at: e.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}

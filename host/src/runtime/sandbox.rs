@@ -1,0 +1,224 @@
+//! The per-call store data of a hook call: an empty WASI context (no filesystem, environment,
+//! arguments or sockets), wasi:http gated by the manifest's allowlist, a memory limiter, and
+//! the `host` interface (capped logging, config lookups).
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use super::bindings::{Level, lockstep};
+use super::manifest::{Manifest, split_host_port};
+
+/// Most log lines one hook call may write; the rest are counted and summarised.
+pub const MAX_LOG_LINES: u32 = 100;
+/// Longest log line kept.
+pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
+/// Resource-table entries one call may hold (bounds handles a guest can open).
+pub const MAX_TABLE_ENTRIES: usize = 1_000;
+
+/// State of one hook call.
+pub struct CallState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    gate: HttpGate,
+    pub(super) limiter: MemoryLimiter,
+    pub(super) logs: LogBudget,
+    manifest: Arc<Manifest>,
+    event_id: String,
+}
+
+impl CallState {
+    pub(super) fn new(manifest: Arc<Manifest>, event_id: String) -> Self {
+        // Nothing is inherited or granted: no args, env, preopens, stdin; sockets denied.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_TABLE_ENTRIES);
+        CallState {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table,
+            gate: HttpGate {
+                manifest: manifest.clone(),
+                event_id: event_id.clone(),
+            },
+            limiter: MemoryLimiter {
+                max_bytes: manifest.memory_mb as usize * 1024 * 1024,
+                hit: false,
+            },
+            logs: LogBudget::default(),
+            manifest,
+            event_id,
+        }
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.gate,
+        }
+    }
+}
+
+/// Checks every outgoing request against the manifest before it leaves the host.
+struct HttpGate {
+    manifest: Arc<Manifest>,
+    event_id: String,
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                ),
+                wasmtime_wasi_http::Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpGate {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> SendFuture {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+        let default_port = if scheme == "http" { 80 } else { 443 };
+        let allowed = match split_host_port(authority) {
+            Some((host, port)) => {
+                self.manifest
+                    .allows(&scheme, host, port.unwrap_or(default_port))
+            }
+            None => false,
+        };
+        if !allowed {
+            tracing::warn!(
+                connector = %self.manifest.name,
+                event_id = %self.event_id,
+                destination = %format!("{scheme}://{authority}"),
+                "connector tried to reach a host outside its allowed_hosts; request denied"
+            );
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        // A request may not outlive the hook's own deadline.
+        let cap = std::time::Duration::from_millis(self.manifest.timeout_ms);
+        let mut options = options.unwrap_or_default();
+        for t in [
+            &mut options.connect_timeout,
+            &mut options.first_byte_timeout,
+            &mut options.between_bytes_timeout,
+        ] {
+            *t = Some(t.map_or(cap, |v| v.min(cap)));
+        }
+        drop(fut);
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// Caps linear memory (and table) growth; remembers that the cap was hit so the failure
+/// can be reported as out-of-memory rather than a generic trap.
+pub(super) struct MemoryLimiter {
+    max_bytes: usize,
+    pub(super) hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            return Err(wasmtime::Error::msg(format!(
+                "memory limit of {} MiB exceeded",
+                self.max_bytes / (1024 * 1024)
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Counts log lines of one call.
+#[derive(Default)]
+pub(super) struct LogBudget {
+    pub(super) written: u32,
+    pub(super) dropped: u64,
+}
+
+impl lockstep::connector::session::Host for CallState {}
+
+impl lockstep::connector::host::Host for CallState {
+    async fn log(&mut self, level: Level, message: String) {
+        if self.logs.written >= MAX_LOG_LINES {
+            self.logs.dropped += 1;
+            return;
+        }
+        self.logs.written += 1;
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE_BYTES {
+            let mut cut = MAX_LOG_LINE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("…[truncated]");
+        }
+        let connector = self.manifest.name.as_str();
+        let event_id = self.event_id.as_str();
+        match level {
+            Level::Trace => tracing::trace!(connector, event_id, "{message}"),
+            Level::Debug => tracing::debug!(connector, event_id, "{message}"),
+            Level::Info => tracing::info!(connector, event_id, "{message}"),
+            Level::Warn => tracing::warn!(connector, event_id, "{message}"),
+            Level::Error => tracing::error!(connector, event_id, "{message}"),
+        }
+    }
+
+    async fn config_get(&mut self, key: String) -> Option<String> {
+        self.manifest.config.get(&key).cloned()
+    }
+}

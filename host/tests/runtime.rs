@@ -1,0 +1,254 @@
+//! The connector runtime with real components (built from `connectors/` and
+//! `tests/fixtures/`) and a real HTTP receiver on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::components::component;
+use common::receiver::Receiver;
+use hmac::{Hmac, Mac};
+use lockstep::runtime::cache::CacheOutcome;
+use lockstep::runtime::manifest::Manifest;
+use lockstep::runtime::{HookFailure, Runtime, RuntimeError};
+use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
+
+fn manifest(name: &str, component_name: &str, extra: &str) -> Manifest {
+    let text = format!(
+        "name = \"{name}\"\ncomponent = \"{}\"\n{extra}\n",
+        component(component_name).display()
+    );
+    Manifest::parse(&text, Path::new("."), name).unwrap()
+}
+
+fn event(event_type: EventType) -> SyncEvent {
+    SyncEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        event_type,
+        realm: "acme".into(),
+        external_id: "portal-session-001".into(),
+        kind: SessionKind::Parent,
+        idp_session_id: Some("kc-user-123".into()),
+        idp_client_session_id: None,
+        user_id: Some("alice".into()),
+        system: Some("portal".into()),
+        origin_system: Some("portal".into()),
+        end_reason: None,
+        attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+fn hostile(mode: &str, extra: &str) -> Manifest {
+    manifest(
+        &format!("hostile-{mode}"),
+        "hostile",
+        &format!("timeout_ms = 300\nmemory_mb = 16\n{extra}\n[config]\nmode = \"{mode}\"\n"),
+    )
+}
+
+#[tokio::test]
+async fn webhook_posts_the_event_signed_per_standard_webhooks() {
+    let receiver = Receiver::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let secret_bytes = b"0123456789abcdef0123456789abcdef";
+    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secret_bytes));
+    let webhook = runtime
+        .load(manifest(
+            "billing",
+            "webhook",
+            &format!(
+                "allowed_hosts = [\"{}\"]\n[config]\nurl = \"{}\"\nsecret = \"{secret}\"\nauthorization = \"Bearer legacy\"\n",
+                receiver.origin(),
+                receiver.url("/sessions")
+            ),
+        ))
+        .await
+        .unwrap();
+    let ev = event(EventType::Login);
+    runtime.call(&webhook, &ev).await.unwrap();
+    let got = receiver.wait_for(1, Duration::from_secs(5)).await;
+    let req = &got[0];
+    assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/sessions"));
+    assert_eq!(req.header("authorization"), Some("Bearer legacy"));
+    let body = req.json();
+    assert_eq!(body["eventId"], ev.event_id.as_str());
+    assert_eq!(body["type"], "login");
+    assert_eq!(body["externalId"], "portal-session-001");
+    assert_eq!(body["kind"], "PARENT");
+    assert_eq!(body["idpSessionId"], "kc-user-123");
+    assert_eq!(body["userId"], "alice");
+    assert_eq!(body["attributes"]["ip"], "10.1.2.3");
+    // Standard Webhooks: v1,base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")).
+    let id = req.header("webhook-id").unwrap();
+    let ts = req.header("webhook-timestamp").unwrap();
+    assert_eq!(id, ev.event_id);
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret_bytes).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&req.body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(req.header("webhook-signature"), Some(expected.as_str()));
+}
+
+#[tokio::test]
+async fn webhook_maps_statuses_and_outages_to_retry_or_fail() {
+    let receiver = Receiver::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let load = |url: String, origin: String| {
+        let runtime = runtime.clone();
+        async move {
+            runtime
+                .load(manifest(
+                    "legacy",
+                    "webhook",
+                    &format!("allowed_hosts = [\"{origin}\"]\n[config]\nurl = \"{url}\"\ntimeout_ms = \"500\"\n"),
+                ))
+                .await
+                .unwrap()
+        }
+    };
+    let webhook = load(receiver.url("/s"), receiver.origin()).await;
+    receiver.set_status(503);
+    let got = runtime.call(&webhook, &event(EventType::Logout)).await;
+    assert!(matches!(&got, Err(HookFailure::Retry(m)) if m.contains("503")), "{got:?}");
+    receiver.set_status(400);
+    let got = runtime.call(&webhook, &event(EventType::Logout)).await;
+    assert!(matches!(&got, Err(HookFailure::Fail(m)) if m.contains("400")), "{got:?}");
+    receiver.set_status(200);
+    assert_eq!(runtime.call(&webhook, &event(EventType::Revoke)).await, Ok(()));
+
+    // Nothing listens on this port: a transport failure, worth a retry.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let down = load(
+        format!("http://127.0.0.1:{port}/s"),
+        format!("http://127.0.0.1:{port}"),
+    )
+    .await;
+    let got = runtime.call(&down, &event(EventType::Login)).await;
+    assert!(matches!(got, Err(HookFailure::Retry(_))), "{got:?}");
+}
+
+#[tokio::test]
+async fn requests_outside_the_allowlist_are_denied_before_they_leave() {
+    let receiver = Receiver::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    // The manifest allows another port on the same host; the receiver must never be reached.
+    let c = runtime
+        .load(hostile(
+            "forbidden-host",
+            "allowed_hosts = [\"http://127.0.0.1:1\"]",
+        ))
+        .await
+        .unwrap();
+    let mut m = (*c.manifest).clone();
+    m.config.insert("url".into(), receiver.url("/steal"));
+    let c = runtime.load(m).await.unwrap();
+    let got = runtime.call(&c, &event(EventType::Login)).await;
+    assert!(
+        matches!(&got, Err(HookFailure::Fail(msg)) if msg.contains("denied")),
+        "{got:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(receiver.requests().is_empty());
+}
+
+#[tokio::test]
+async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
+    let runtime = Runtime::new(None).unwrap();
+
+    let looping = runtime.load(hostile("loop", "")).await.unwrap();
+    let started = Instant::now();
+    let got = runtime.call(&looping, &event(EventType::Login)).await;
+    assert_eq!(got, Err(HookFailure::Timeout(300)));
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+
+    let hog = runtime.load(hostile("alloc", "")).await.unwrap();
+    assert_eq!(
+        runtime.call(&hog, &event(EventType::Login)).await,
+        Err(HookFailure::OutOfMemory(16))
+    );
+
+    let trap = runtime.load(hostile("trap", "")).await.unwrap();
+    let got = runtime.call(&trap, &event(EventType::Login)).await;
+    assert!(matches!(got, Err(HookFailure::Trap(_))), "{got:?}");
+
+    let spam = runtime
+        .load(manifest(
+            "spam",
+            "hostile",
+            "timeout_ms = 10000\n[config]\nmode = \"log-spam\"\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(runtime.call(&spam, &event(EventType::Login)).await, Ok(()));
+
+    let loud = runtime
+        .load(manifest(
+            "loud",
+            "hostile",
+            "memory_mb = 64\n[config]\nmode = \"huge-error\"\n",
+        ))
+        .await
+        .unwrap();
+    match runtime.call(&loud, &event(EventType::Login)).await {
+        Err(HookFailure::Fail(m)) => assert!(m.len() < 4096, "error not capped: {} bytes", m.len()),
+        other => panic!("{other:?}"),
+    }
+
+    // After all that, the engine and the same pre-instantiated components still work.
+    let fine = runtime.load(hostile("ok", "")).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(runtime.call(&fine, &event(EventType::Logout)).await, Ok(()));
+    }
+    assert_eq!(
+        runtime.call(&looping, &event(EventType::Login)).await,
+        Err(HookFailure::Timeout(300))
+    );
+}
+
+#[tokio::test]
+async fn invalid_components_are_refused_with_a_message() {
+    let runtime = Runtime::new(None).unwrap();
+    let m = hostile("ok", "");
+    let not_wasm = runtime.load_bytes(m.clone(), b"not a component".to_vec()).await;
+    assert!(matches!(&not_wasm, Err(RuntimeError::Invalid { message, .. }) if message.contains("not a loadable component")), "{not_wasm:?}");
+    // A core module, not a component.
+    let core = runtime
+        .load_bytes(m.clone(), b"\0asm\x01\0\0\0".to_vec())
+        .await;
+    assert!(matches!(core, Err(RuntimeError::Invalid { .. })), "{core:?}");
+    // An empty component: valid, but it exports no hooks (wrong world).
+    let empty = runtime
+        .load_bytes(m, b"\0asm\x0d\0\x01\0".to_vec())
+        .await;
+    assert!(
+        matches!(&empty, Err(RuntimeError::Invalid { message, .. }) if message.contains("hooks")),
+        "{empty:?}"
+    );
+}
+
+#[tokio::test]
+async fn compiled_components_are_cached_by_content_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Runtime::new(Some(dir.path().to_owned())).unwrap();
+    let a = first.load(hostile("ok", "")).await.unwrap();
+    assert_eq!(a.cache, CacheOutcome::Miss);
+    // A new runtime (a restart) finds the artefact.
+    let second = Runtime::new(Some(dir.path().to_owned())).unwrap();
+    let b = second.load(hostile("ok", "")).await.unwrap();
+    assert_eq!(b.cache, CacheOutcome::Hit);
+    assert_eq!(a.version, b.version);
+    assert_eq!(second.call(&b, &event(EventType::Login)).await, Ok(()));
+    // Same component, different manifest: same compiled code, different version.
+    let c = second.load(hostile("trap", "")).await.unwrap();
+    assert_eq!(c.cache, CacheOutcome::Hit);
+    assert_ne!(c.version, b.version);
+}
