@@ -8,17 +8,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
+use crate::runtime::Runtime;
+use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
+use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::sessions::{RealmPolicy, SessionService};
 use crate::telemetry::{self, LogFormat};
 
 /// Default SQLite file when no database URL is given.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://lockstep.db";
+/// Default directory of compiled components.
+pub const DEFAULT_COMPILE_CACHE: &str = "lockstep-cache";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -89,6 +97,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// Directory of connector manifests (`*.toml`, DESIGN.md "Connector manifest").
+    #[arg(long, env = "LOCKSTEP_CONNECTORS_DIR")]
+    pub connectors_dir: Option<PathBuf>,
+    /// Directory for compiled connector components (reused across restarts).
+    #[arg(long, env = "LOCKSTEP_COMPILE_CACHE")]
+    pub compile_cache: Option<PathBuf>,
     /// Storage.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -223,12 +237,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Machine-readable readiness line for scripts and black-box tests.
     println!("listening on {local}");
 
+    let cache_dir = args
+        .compile_cache
+        .clone()
+        .or_else(|| file.compile_cache.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_COMPILE_CACHE));
+    let runtime = Runtime::new(Some(cache_dir)).context("cannot start the connector runtime")?;
+    let registry = Arc::new(Registry::new());
+    if let Some(dir) = args
+        .connectors_dir
+        .clone()
+        .or_else(|| file.connectors_dir.clone())
+    {
+        let n = registry
+            .load_dir(&runtime, &dir)
+            .await
+            .with_context(|| format!("cannot load connectors from {}", dir.display()))?;
+        tracing::info!(connectors = n, dir = %dir.display(), "connectors loaded");
+    }
+    let (stop_dispatch, dispatch_stopped) = watch::channel(false);
+    let dispatcher = Dispatcher::new(
+        store.clone(),
+        runtime.clone(),
+        registry.clone(),
+        DispatcherConfig::default(),
+    );
+    let dispatch = tokio::spawn(dispatcher.run(dispatch_stopped));
+
     let state = AppState {
         sessions: SessionService::new(store.clone(), policies),
         auth,
     };
     let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
     let result = server.await;
+    tracing::info!("shutting down: finishing hook calls in flight");
+    let _ = stop_dispatch.send(true);
+    match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),
+        Err(_) => tracing::warn!("dispatcher did not stop within 70 s"),
+    }
     tracing::info!("shutting down: draining the store");
     tokio::time::timeout(Duration::from_secs(10), store.close())
         .await

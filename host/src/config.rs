@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     /// `normal` or `fsync`.
     pub durability: Option<String>,
+    /// Directory of connector manifests (`*.toml`) and their components.
+    pub connectors_dir: Option<std::path::PathBuf>,
+    /// Directory for compiled components.
+    pub compile_cache: Option<std::path::PathBuf>,
     /// Per-realm settings.
     #[serde(default)]
     pub realms: BTreeMap<String, RealmConfig>,
@@ -170,6 +174,7 @@ mod tests {
             r#"
 listen = "127.0.0.1:8080"
 database_url = "sqlite://lockstep.db"
+connectors_dir = "connectors.d"
 
 [realms.acme]
 issuer = "http://127.0.0.1:8180/realms/acme"

@@ -55,7 +55,10 @@ async fn webhook_posts_the_event_signed_per_standard_webhooks() {
     let receiver = Receiver::start().await;
     let runtime = Runtime::new(None).unwrap();
     let secret_bytes = b"0123456789abcdef0123456789abcdef";
-    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secret_bytes));
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(secret_bytes)
+    );
     let webhook = runtime
         .load(manifest(
             "billing",
@@ -72,7 +75,10 @@ async fn webhook_posts_the_event_signed_per_standard_webhooks() {
     runtime.call(&webhook, &ev).await.unwrap();
     let got = receiver.wait_for(1, Duration::from_secs(5)).await;
     let req = &got[0];
-    assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/sessions"));
+    assert_eq!(
+        (req.method.as_str(), req.path.as_str()),
+        ("POST", "/sessions")
+    );
     assert_eq!(req.header("authorization"), Some("Bearer legacy"));
     let body = req.json();
     assert_eq!(body["eventId"], ev.event_id.as_str());
@@ -116,12 +122,21 @@ async fn webhook_maps_statuses_and_outages_to_retry_or_fail() {
     let webhook = load(receiver.url("/s"), receiver.origin()).await;
     receiver.set_status(503);
     let got = runtime.call(&webhook, &event(EventType::Logout)).await;
-    assert!(matches!(&got, Err(HookFailure::Retry(m)) if m.contains("503")), "{got:?}");
+    assert!(
+        matches!(&got, Err(HookFailure::Retry(m)) if m.contains("503")),
+        "{got:?}"
+    );
     receiver.set_status(400);
     let got = runtime.call(&webhook, &event(EventType::Logout)).await;
-    assert!(matches!(&got, Err(HookFailure::Fail(m)) if m.contains("400")), "{got:?}");
+    assert!(
+        matches!(&got, Err(HookFailure::Fail(m)) if m.contains("400")),
+        "{got:?}"
+    );
     receiver.set_status(200);
-    assert_eq!(runtime.call(&webhook, &event(EventType::Revoke)).await, Ok(()));
+    assert_eq!(
+        runtime.call(&webhook, &event(EventType::Revoke)).await,
+        Ok(())
+    );
 
     // Nothing listens on this port: a transport failure, worth a retry.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -168,7 +183,11 @@ async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
     let started = Instant::now();
     let got = runtime.call(&looping, &event(EventType::Login)).await;
     assert_eq!(got, Err(HookFailure::Timeout(300)));
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     let hog = runtime.load(hostile("alloc", "")).await.unwrap();
     assert_eq!(
@@ -218,17 +237,23 @@ async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
 async fn invalid_components_are_refused_with_a_message() {
     let runtime = Runtime::new(None).unwrap();
     let m = hostile("ok", "");
-    let not_wasm = runtime.load_bytes(m.clone(), b"not a component".to_vec()).await;
-    assert!(matches!(&not_wasm, Err(RuntimeError::Invalid { message, .. }) if message.contains("not a loadable component")), "{not_wasm:?}");
+    let not_wasm = runtime
+        .load_bytes(m.clone(), b"not a component".to_vec())
+        .await;
+    assert!(
+        matches!(&not_wasm, Err(RuntimeError::Invalid { message, .. }) if message.contains("not a loadable component")),
+        "{not_wasm:?}"
+    );
     // A core module, not a component.
     let core = runtime
         .load_bytes(m.clone(), b"\0asm\x01\0\0\0".to_vec())
         .await;
-    assert!(matches!(core, Err(RuntimeError::Invalid { .. })), "{core:?}");
+    assert!(
+        matches!(core, Err(RuntimeError::Invalid { .. })),
+        "{core:?}"
+    );
     // An empty component: valid, but it exports no hooks (wrong world).
-    let empty = runtime
-        .load_bytes(m, b"\0asm\x0d\0\x01\0".to_vec())
-        .await;
+    let empty = runtime.load_bytes(m, b"\0asm\x0d\0\x01\0".to_vec()).await;
     assert!(
         matches!(&empty, Err(RuntimeError::Invalid { message, .. }) if message.contains("hooks")),
         "{empty:?}"

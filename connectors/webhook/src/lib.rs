@@ -83,5 +83,8 @@ fn sign(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Result<String, 
     mac.update(timestamp.as_bytes());
     mac.update(b".");
     mac.update(body);
-    Ok(format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())))
+    Ok(format!(
+        "v1,{}",
+        STANDARD.encode(mac.finalize().into_bytes())
+    ))
 }

@@ -165,6 +165,24 @@ pub struct DestroyResponse {
     pub changed: Vec<SessionDto>,
 }
 
+/// Where one event of a session stands with one connector.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDeliveryDto {
+    /// Delivery id (see `/admin/deliveries/{id}`).
+    pub id: i64,
+    /// Connector.
+    pub connector: String,
+    /// login, logout or revoke.
+    pub event_type: String,
+    /// pending, delivered, dead or dropped.
+    pub status: crate::store::deliveries::DeliveryStatus,
+    /// Attempts made.
+    pub attempts: i32,
+    /// Last failure.
+    pub last_error: Option<String>,
+}
+
 /// A session in a tree.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TreeEntryDto {
@@ -173,6 +191,8 @@ pub struct TreeEntryDto {
     /// The session.
     #[serde(flatten)]
     pub session: SessionDto,
+    /// Delivery state of its events per connector, oldest first.
+    pub deliveries: Vec<SessionDeliveryDto>,
 }
 
 /// The whole tree containing the requested session, depth-first from its root: each session

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// A destroy named the wrong kind of session.
     #[error("{0}")]
     WrongKind(String),
+    /// The resource is not in a state that allows this.
+    #[error("{0}")]
+    Conflict(String),
     /// The route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -69,7 +72,7 @@ pub struct Problem {
     pub detail: String,
     /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
     /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
-    /// METHOD_NOT_ALLOWED, UNAVAILABLE, INTERNAL.
+    /// CONFLICT, METHOD_NOT_ALLOWED, UNAVAILABLE, INTERNAL.
     pub code: String,
 }
 
@@ -87,6 +90,7 @@ impl ApiError {
             ApiError::ParentNotFound(_) => (StatusCode::NOT_FOUND, "PARENT_NOT_FOUND"),
             ApiError::ParentNotActive(_) => (StatusCode::CONFLICT, "PARENT_NOT_ACTIVE"),
             ApiError::WrongKind(_) => (StatusCode::CONFLICT, "WRONG_KIND"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),

@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+mod deliveries;
 pub mod dto;
 pub mod error;
 pub mod extract;
@@ -33,6 +34,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
+        .merge(deliveries::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

@@ -26,11 +26,15 @@ use super::AppState;
         super::sessions::session_tree,
         super::sessions::get_session,
         super::sessions::list_sessions,
+        super::deliveries::list,
+        super::deliveries::one,
+        super::deliveries::replay,
         super::health::healthz,
         super::health::readyz,
     ),
     modifiers(&BearerAuth),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
+         (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "health", description = "Liveness and readiness"))
 )]
 struct ApiDoc;

@@ -335,6 +335,32 @@ async fn session_tree(
         .first()
         .map(|e| e.session.external_id.clone())
         .unwrap_or_default();
+    let ids: Vec<String> = entries
+        .iter()
+        .map(|e| e.session.external_id.clone())
+        .collect();
+    let mut by_session: std::collections::HashMap<String, Vec<SessionDeliveryDto>> =
+        std::collections::HashMap::new();
+    for d in state
+        .sessions
+        .store()
+        .session_deliveries(&realm, &ids)
+        .await?
+    {
+        let status = crate::store::deliveries::DeliveryStatus::parse(&d.status)
+            .unwrap_or(crate::store::deliveries::DeliveryStatus::Pending);
+        by_session
+            .entry(d.external_id)
+            .or_default()
+            .push(SessionDeliveryDto {
+                id: d.id,
+                connector: d.connector,
+                event_type: d.event_type,
+                status,
+                attempts: d.attempts,
+                last_error: d.last_error,
+            });
+    }
     Ok(Json(TreeResponse {
         root_external_id,
         size: entries.len(),
@@ -342,6 +368,9 @@ async fn session_tree(
             .into_iter()
             .map(|e| TreeEntryDto {
                 depth: e.depth,
+                deliveries: by_session
+                    .remove(&e.session.external_id)
+                    .unwrap_or_default(),
                 session: e.session.into(),
             })
             .collect(),

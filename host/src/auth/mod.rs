@@ -137,6 +137,30 @@ impl Principal {
     }
 }
 
+impl Principal {
+    /// Succeeds when the caller holds `permission` in every realm (operator surfaces such as
+    /// connectors and deliveries span realms).
+    pub fn authorize_global(&self, permission: Permission) -> Result<(), AuthError> {
+        let allowed = match self {
+            Principal::Admin => true,
+            Principal::Key {
+                realms,
+                permissions,
+                ..
+            } => permissions.contains(&permission) && realms.iter().any(|r| r == "*"),
+            Principal::Token { .. } => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
+                "{} may not {permission} across realms (needs realms = [\"*\"])",
+                self.name()
+            )))
+        }
+    }
+}
+
 /// Verifies IdP-issued bearer tokens. The Keycloak issue plugs a JWKS-backed verifier in
 /// here; until then no token verifier is configured and only keys are accepted.
 pub trait AccessTokenVerifier: Send + Sync {

@@ -167,10 +167,12 @@ impl AllowedHost {
         };
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() || rest.contains('/') || rest.contains('@') {
-            return Err(format!("{text:?} must be scheme://host[:port] without a path"));
+            return Err(format!(
+                "{text:?} must be scheme://host[:port] without a path"
+            ));
         }
-        let (host, port) = split_host_port(rest)
-            .ok_or_else(|| format!("{text:?}: invalid port"))?;
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("{text:?}: invalid port"))?;
         Ok(AllowedHost {
             scheme,
             host: host.to_ascii_lowercase(),
@@ -256,7 +258,9 @@ impl Manifest {
             )));
         }
         if raw.realms.is_empty() {
-            return Err(invalid("realms must not be empty (use [\"*\"] for all)".into()));
+            return Err(invalid(
+                "realms must not be empty (use [\"*\"] for all)".into(),
+            ));
         }
         for realm in &raw.realms {
             if realm != "*" {
@@ -276,7 +280,9 @@ impl Manifest {
         }
         let p = &raw.policy;
         if p.max_attempts == 0 || p.max_attempts > MAX_ATTEMPTS {
-            return Err(invalid(format!("policy.max_attempts must be 1-{MAX_ATTEMPTS}")));
+            return Err(invalid(format!(
+                "policy.max_attempts must be 1-{MAX_ATTEMPTS}"
+            )));
         }
         if p.backoff_ms == 0 || p.max_backoff_ms < p.backoff_ms {
             return Err(invalid(
@@ -315,7 +321,9 @@ impl Manifest {
     pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.allowed_hosts.iter().any(|a| {
-            a.scheme.eq_ignore_ascii_case(scheme) && a.host.eq_ignore_ascii_case(host) && a.port == port
+            a.scheme.eq_ignore_ascii_case(scheme)
+                && a.host.eq_ignore_ascii_case(host)
+                && a.port == port
         })
     }
 }
@@ -370,11 +378,23 @@ url = "http://127.0.0.1:9000/sessions"
             ("timeout_ms = 2000", "timeout_ms = 0", "timeout_ms"),
             ("memory_mb = 32", "memory_mb = 4096", "memory_mb"),
             ("max_attempts = 5", "max_attempts = 0", "max_attempts"),
-            ("\"http://127.0.0.1:9000\"]", "\"ftp://x\"]", "allowed_hosts"),
-            ("\"http://127.0.0.1:9000\"]", "\"http://x/path\"]", "allowed_hosts"),
+            (
+                "\"http://127.0.0.1:9000\"]",
+                "\"ftp://x\"]",
+                "allowed_hosts",
+            ),
+            (
+                "\"http://127.0.0.1:9000\"]",
+                "\"http://x/path\"]",
+                "allowed_hosts",
+            ),
             ("name = \"billing-portal\"", "name = \"a b\"", "name"),
             ("mode = \"outbound\"", "mode = \"sideways\"", "mode"),
-            ("memory_mb = 32", "memory_mb = 32\ncolour = \"red\"", "colour"),
+            (
+                "memory_mb = 32",
+                "memory_mb = 32\ncolour = \"red\"",
+                "colour",
+            ),
         ] {
             let text = EXAMPLE.replace(from, to);
             let err = Manifest::parse(&text, Path::new("."), "x.toml").unwrap_err();

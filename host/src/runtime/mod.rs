@@ -18,7 +18,10 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use bindings::{ConnectorCore, ConnectorCorePre, EventType as WitEventType, HookError, SessionEvent, SessionKind as WitKind};
+use bindings::{
+    ConnectorCore, ConnectorCorePre, EventType as WitEventType, HookError, SessionEvent,
+    SessionKind as WitKind,
+};
 use cache::{CacheOutcome, CompileCache};
 use manifest::Manifest;
 use sandbox::CallState;
@@ -176,11 +179,10 @@ impl Runtime {
         // Guests built for wasip2 import wasi:cli/io/clocks/random even when they use none of
         // it; the WasiCtx of each call grants nothing (no preopens, env, args or sockets).
         link(wasmtime_wasi::p2::add_to_linker_async(&mut linker))?;
-        link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))?;
-        link(ConnectorCore::add_to_linker::<CallState, HasSelf<CallState>>(
+        link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(
             &mut linker,
-            |s| s,
         ))?;
+        link(ConnectorCore::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s))?;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -209,10 +211,12 @@ impl Runtime {
     /// world: a component importing anything the host does not offer is refused here.
     pub async fn load(&self, manifest: Manifest) -> Result<Arc<LoadedConnector>, RuntimeError> {
         let path = manifest.component.clone();
-        let bytes = tokio::fs::read(&path).await.map_err(|source| RuntimeError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|source| RuntimeError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
         self.load_bytes(manifest, bytes).await
     }
 
@@ -364,6 +368,8 @@ fn to_wit(e: &SyncEvent) -> SessionEvent {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        occurred_at: e.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        occurred_at: e
+            .occurred_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     }
 }

@@ -111,10 +111,9 @@ impl WasiHttpHooks for HttpGate {
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
         let default_port = if scheme == "http" { 80 } else { 443 };
         let allowed = match split_host_port(authority) {
-            Some((host, port)) => {
-                self.manifest
-                    .allows(&scheme, host, port.unwrap_or(default_port))
-            }
+            Some((host, port)) => self
+                .manifest
+                .allows(&scheme, host, port.unwrap_or(default_port)),
             None => false,
         };
         if !allowed {
@@ -139,7 +138,8 @@ impl WasiHttpHooks for HttpGate {
         drop(fut);
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let (response, io) =
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,

@@ -2,6 +2,7 @@
 //! and PostgreSQL (pooled transactions, for more than one instance). It owns the schema,
 //! migrations and every SQL statement; it knows nothing of HTTP.
 
+pub mod deliveries;
 mod ops;
 mod postgres;
 mod row;
@@ -10,7 +11,15 @@ mod sqlite;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::sync::model::{DestroyCommand, MapCommand, Session, SessionStatus};
+use std::sync::Arc;
+
+use crate::sync::model::{DestroyCommand, MapCommand, Session, SessionStatus, SyncEvent};
+use deliveries::{
+    AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, ReplayTarget,
+};
+
+/// Decides which connectors receive an event (the sync engine's routing rule).
+pub type Route = Arc<dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync>;
 
 pub use sqlite::Durability;
 
@@ -203,6 +212,133 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.close().await,
             Store::Postgres(p) => p.close().await,
+        }
+    }
+
+    /// Signalled after commits that wrote outbox events (wakes the dispatcher).
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        match self {
+            Store::Sqlite(s) => s.committed(),
+            Store::Postgres(p) => p.committed(),
+        }
+    }
+
+    /// Turns new outbox events into deliveries for the connectors `route` names.
+    /// Returns (events, deliveries) handled in this round.
+    pub async fn fan_out(&self, route: Route) -> Result<(usize, usize)> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(async move { sqlite::ops::fan_out(c, &*route, now).await })
+                })
+                .await
+            }
+            Store::Postgres(p) => p.fan_out(&*route).await,
+        }
+    }
+
+    /// Leases due deliveries of these connectors until `lease_until` (epoch ms).
+    pub async fn claim(
+        &self,
+        connectors: Vec<String>,
+        limit: i64,
+        lease_until: i64,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(async move {
+                        sqlite::ops::claim(c, &connectors, limit, lease_until, now).await
+                    })
+                })
+                .await
+            }
+            Store::Postgres(p) => p.claim(&connectors, limit, lease_until).await,
+        }
+    }
+
+    /// Records a finished attempt.
+    pub async fn record(&self, record: AttemptRecord) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, _| Box::pin(async move { sqlite::ops::record(c, &record).await }))
+                    .await
+            }
+            Store::Postgres(p) => p.record(&record).await,
+        }
+    }
+
+    /// After a restart of the only instance (SQLite), its old leases are void.
+    pub async fn release_leases(&self) -> Result<u64> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(|c, _| Box::pin(async move { sqlite::ops::release_leases(c).await }))
+                    .await
+            }
+            // Other instances may hold live leases; expired ones are reclaimed by `claim`.
+            Store::Postgres(_) => Ok(0),
+        }
+    }
+
+    /// Re-queues dead letters; returns how many.
+    pub async fn replay(&self, target: ReplayTarget) -> Result<u64> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(async move { sqlite::ops::replay(c, &target, now).await })
+                })
+                .await
+            }
+            Store::Postgres(p) => p.replay(&target).await,
+        }
+    }
+
+    /// Filtered deliveries, by id.
+    pub async fn list_deliveries(&self, q: &DeliveryQuery) -> Result<Vec<DeliveryRow>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::list_deliveries(&mut *s.reader().await?, q).await,
+            Store::Postgres(p) => {
+                postgres::ops::list_deliveries(&mut *p.pool.acquire().await?, q).await
+            }
+        }
+    }
+
+    /// One delivery with its attempts.
+    pub async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::get_delivery(&mut *s.reader().await?, id).await,
+            Store::Postgres(p) => {
+                postgres::ops::get_delivery(&mut *p.pool.acquire().await?, id).await
+            }
+        }
+    }
+
+    /// Deliveries of some sessions of a realm.
+    pub async fn session_deliveries(
+        &self,
+        realm: &str,
+        external_ids: &[String],
+    ) -> Result<Vec<DeliveryRow>> {
+        match self {
+            Store::Sqlite(s) => {
+                sqlite::ops::session_deliveries(&mut *s.reader().await?, realm, external_ids).await
+            }
+            Store::Postgres(p) => {
+                postgres::ops::session_deliveries(
+                    &mut *p.pool.acquire().await?,
+                    realm,
+                    external_ids,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Deliveries still pending.
+    pub async fn pending_deliveries(&self) -> Result<i64> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::pending_count(&mut *s.reader().await?).await,
+            Store::Postgres(p) => postgres::ops::pending_count(&mut *p.pool.acquire().await?).await,
         }
     }
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
 use crate::sync::model::{DestroyCommand, MapCommand, Session};
 
-mod ops {
+pub(super) mod ops {
     crate::store::ops::session_ops!(
         db = sqlx::Postgres,
         conn = sqlx::postgres::PgConnection,
@@ -16,6 +16,13 @@ mod ops {
         for_update = " FOR UPDATE",
         ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
         recheck = true,
+    );
+    crate::store::deliveries::delivery_ops!(
+        db = sqlx::Postgres,
+        conn = sqlx::postgres::PgConnection,
+        skip_locked = " FOR UPDATE SKIP LOCKED",
+        ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
+        int_ids = "SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS BIGINT)",
     );
 }
 
@@ -25,7 +32,8 @@ const MAX_TX_ATTEMPTS: usize = 5;
 /// Handle to the PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
+    committed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Whether the database asked us to run the transaction again.
@@ -76,7 +84,10 @@ impl PgStore {
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(connect)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            committed: std::sync::Arc::new(tokio::sync::Notify::new()),
+        })
     }
 
     pub(super) async fn migrate(&self) -> Result<()> {
@@ -88,12 +99,58 @@ impl PgStore {
 
     pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| ops::map(conn, &cmd, now))
+        let session = in_tx!(self.pool, |conn| ops::map(conn, &cmd, now))?;
+        self.committed.notify_one();
+        Ok(session)
     }
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| ops::destroy(conn, &cmd, now))
+        let changed = in_tx!(self.pool, |conn| ops::destroy(conn, &cmd, now))?;
+        if !changed.is_empty() {
+            self.committed.notify_one();
+        }
+        Ok(changed)
+    }
+
+    /// Signalled after commits that wrote outbox events on this instance.
+    pub(super) fn committed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.committed.clone()
+    }
+
+    pub(super) async fn fan_out(
+        &self,
+        route: &(dyn Fn(&crate::sync::model::SyncEvent) -> Vec<String> + Send + Sync),
+    ) -> Result<(usize, usize)> {
+        let now = now_millis();
+        in_tx!(self.pool, |conn| ops::fan_out(conn, route, now))
+    }
+
+    pub(super) async fn claim(
+        &self,
+        connectors: &[String],
+        limit: i64,
+        lease_until: i64,
+    ) -> Result<Vec<super::deliveries::ClaimedDelivery>> {
+        let now = now_millis();
+        in_tx!(self.pool, |conn| ops::claim(
+            conn,
+            connectors,
+            limit,
+            lease_until,
+            now
+        ))
+    }
+
+    pub(super) async fn record(&self, r: &super::deliveries::AttemptRecord) -> Result<()> {
+        in_tx!(self.pool, |conn| ops::record(conn, r))
+    }
+
+    pub(super) async fn replay(&self, target: &super::deliveries::ReplayTarget) -> Result<u64> {
+        let now = now_millis();
+        let n = in_tx!(self.pool, |conn| ops::replay(conn, target, now))?;
+        self.committed.notify_one();
+        Ok(n)
     }
 
     pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {

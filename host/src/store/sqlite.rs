@@ -12,13 +12,13 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
 use crate::sync::model::{DestroyCommand, MapCommand, Session};
 
-mod ops {
+pub(super) mod ops {
     crate::store::ops::session_ops!(
         db = sqlx::Sqlite,
         conn = sqlx::sqlite::SqliteConnection,
@@ -26,6 +26,13 @@ mod ops {
         for_update = "",
         ids = "SELECT value FROM json_each($2)",
         recheck = false,
+    );
+    crate::store::deliveries::delivery_ops!(
+        db = sqlx::Sqlite,
+        conn = sqlx::sqlite::SqliteConnection,
+        skip_locked = "",
+        ids = "SELECT value FROM json_each($2)",
+        int_ids = "SELECT value FROM json_each($2)",
     );
 }
 
@@ -44,28 +51,26 @@ const MAX_BATCH: usize = 256;
 /// Requests waiting for the writer before callers feel back-pressure.
 const QUEUE_DEPTH: usize = 4096;
 
-enum WriteOp {
-    Map(MapCommand),
-    Destroy(DestroyCommand),
+/// What a job hands back after running: whether it succeeded (so its savepoint is kept) and
+/// how to answer its caller once the commit's outcome is known.
+struct Pending {
+    ok: bool,
+    answer: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
-enum WriteOutcome {
-    Mapped(Box<Session>),
-    Destroyed(Vec<Session>),
-}
-
-struct WriteJob {
-    op: WriteOp,
-    reply: oneshot::Sender<Result<WriteOutcome>>,
-}
+type JobFn = Box<
+    dyn for<'c> FnOnce(&'c mut SqliteConnection, i64) -> futures::future::BoxFuture<'c, Pending>
+        + Send,
+>;
 
 /// Handle to the SQLite store; clones share the writer and the read pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
-    writer: mpsc::Sender<WriteJob>,
+    writer: mpsc::Sender<JobFn>,
     task: std::sync::Arc<Mutex<Option<JoinHandle<()>>>>,
     migrate_conn: std::sync::Arc<Mutex<Option<SqliteConnection>>>,
+    committed: std::sync::Arc<Notify>,
 }
 
 fn connect_options(opts: &StoreOptions) -> Result<SqliteConnectOptions> {
@@ -93,12 +98,14 @@ impl SqliteStore {
             .connect_with(base.read_only(true))
             .await?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(writer_loop(write_conn, rx));
+        let committed = std::sync::Arc::new(Notify::new());
+        let task = tokio::spawn(writer_loop(write_conn, rx, committed.clone()));
         Ok(SqliteStore {
             read,
             writer: tx,
             task: std::sync::Arc::new(Mutex::new(Some(task))),
             migrate_conn: std::sync::Arc::new(Mutex::new(Some(migrate_conn))),
+            committed,
         })
     }
 
@@ -114,31 +121,55 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn submit(&self, op: WriteOp) -> Result<WriteOutcome> {
-        let (reply, rx) = oneshot::channel();
+    /// Runs `f` inside the writer's next group commit and answers after the COMMIT.
+    pub(super) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut SqliteConnection,
+                i64,
+            ) -> futures::future::BoxFuture<'c, Result<T>>
+            + Send
+            + 'static,
+    {
+        let (reply, rx) = oneshot::channel::<Result<T>>();
+        let job: JobFn = Box::new(move |conn, now| {
+            Box::pin(async move {
+                let result = f(conn, now).await;
+                Pending {
+                    ok: result.is_ok(),
+                    answer: Box::new(move |commit: Result<()>| {
+                        // The caller may have gone away (client disconnected); the change stands.
+                        let _ = reply.send(commit.and(result));
+                    }),
+                }
+            })
+        });
         self.writer
-            .send(WriteJob { op, reply })
+            .send(job)
             .await
             .map_err(|_| StoreError::Unavailable)?;
         rx.await.map_err(|_| StoreError::Unavailable)?
     }
 
+    /// Signalled after every commit (the dispatcher waits on it).
+    pub(super) fn committed(&self) -> std::sync::Arc<Notify> {
+        self.committed.clone()
+    }
+
     pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {
-        match self.submit(WriteOp::Map(cmd)).await? {
-            WriteOutcome::Mapped(s) => Ok(*s),
-            WriteOutcome::Destroyed(_) => Err(StoreError::Corrupt(
-                "writer answered a map with a destroy".into(),
-            )),
-        }
+        self.write(move |conn, now| Box::pin(async move { ops::map(conn, &cmd, now).await }))
+            .await
     }
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
-        match self.submit(WriteOp::Destroy(cmd)).await? {
-            WriteOutcome::Destroyed(v) => Ok(v),
-            WriteOutcome::Mapped(_) => Err(StoreError::Corrupt(
-                "writer answered a destroy with a map".into(),
-            )),
-        }
+        self.write(move |conn, now| Box::pin(async move { ops::destroy(conn, &cmd, now).await }))
+            .await
+    }
+
+    /// A read-only connection.
+    pub(super) async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
+        Ok(self.read.acquire().await?)
     }
 
     pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
@@ -184,54 +215,70 @@ impl SqliteStore {
 }
 
 /// Owns the write connection; folds queued requests into one transaction per round.
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteJob>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+async fn writer_loop(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<JobFn>,
+    committed: std::sync::Arc<Notify>,
+) {
+    let mut batch: Vec<JobFn> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let results = run_batch(&mut conn, &batch).await;
-        for (job, result) in batch.drain(..).zip(results) {
-            // The caller may have gone away (client disconnected); the change stands.
-            let _ = job.reply.send(result);
+        let now = now_millis();
+        let mut pending = Vec::with_capacity(batch.len());
+        let began = exec(&mut conn, "BEGIN IMMEDIATE").await;
+        if let Err(e) = &began {
+            tracing::error!(error = %e, "sqlite writer could not begin a transaction");
+        }
+        for job in batch.drain(..) {
+            if began.is_err() {
+                continue;
+            }
+            pending.push(run_one(&mut conn, job, now).await);
+        }
+        let commit = match began {
+            Err(_) => Err(StoreError::Unavailable),
+            Ok(()) => match exec(&mut conn, "COMMIT").await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::error!(error = %e, "sqlite group commit failed; every request in it fails");
+                    let _ = exec(&mut conn, "ROLLBACK").await;
+                    Err(StoreError::Unavailable)
+                }
+            },
+        };
+        let ok = commit.is_ok();
+        for p in pending {
+            (p.answer)(if ok {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable)
+            });
+        }
+        if ok {
+            committed.notify_one();
         }
     }
 }
 
-async fn run_batch(conn: &mut SqliteConnection, batch: &[WriteJob]) -> Vec<Result<WriteOutcome>> {
-    let now = now_millis();
-    if let Err(e) = exec(conn, "BEGIN IMMEDIATE").await {
-        tracing::error!(error = %e, "sqlite writer could not begin a transaction");
-        return batch.iter().map(|_| Err(StoreError::Unavailable)).collect();
+/// Runs one job under its own savepoint, so a refused request never undoes another.
+async fn run_one(conn: &mut SqliteConnection, job: JobFn, now: i64) -> Pending {
+    if let Err(e) = exec(conn, "SAVEPOINT op").await {
+        return Pending {
+            ok: false,
+            answer: Box::new(move |_| drop(e)),
+        };
     }
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        results.push(run_one(conn, &job.op, now).await);
-    }
-    match exec(conn, "COMMIT").await {
-        Ok(_) => results,
-        Err(e) => {
-            tracing::error!(error = %e, "sqlite group commit failed; every request in it fails");
-            let _ = exec(conn, "ROLLBACK").await;
-            batch.iter().map(|_| Err(StoreError::Unavailable)).collect()
-        }
-    }
-}
-
-async fn run_one(conn: &mut SqliteConnection, op: &WriteOp, now: i64) -> Result<WriteOutcome> {
-    exec(conn, "SAVEPOINT op").await?;
-    let result = match op {
-        WriteOp::Map(cmd) => ops::map(conn, cmd, now)
-            .await
-            .map(|s| WriteOutcome::Mapped(Box::new(s))),
-        WriteOp::Destroy(cmd) => ops::destroy(conn, cmd, now)
-            .await
-            .map(WriteOutcome::Destroyed),
-    };
+    let pending = job(conn, now).await;
     // If the savepoint cannot be closed the whole batch is in doubt; COMMIT will then fail
     // and every caller in it gets an error, which is the honest answer.
-    if result.is_err() {
-        exec(conn, "ROLLBACK TO op").await?;
+    if !pending.ok
+        && let Err(e) = exec(conn, "ROLLBACK TO op").await
+    {
+        tracing::error!(error = %e, "sqlite savepoint could not be rolled back");
     }
-    exec(conn, "RELEASE op").await?;
-    result
+    if let Err(e) = exec(conn, "RELEASE op").await {
+        tracing::error!(error = %e, "sqlite savepoint could not be released");
+    }
+    pending
 }
 
 /// Runs one parameterless statement on the writer connection.

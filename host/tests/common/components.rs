@@ -22,7 +22,12 @@ pub fn component(name: &str) -> PathBuf {
 }
 
 /// Writes a manifest for `component` into `dir` and returns its path.
-pub fn write_manifest(dir: &std::path::Path, name: &str, component_name: &str, extra: &str) -> PathBuf {
+pub fn write_manifest(
+    dir: &std::path::Path,
+    name: &str,
+    component_name: &str,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
         "name = \"{name}\"\ncomponent = \"{}\"\n{extra}\n",

@@ -98,10 +98,13 @@ pub struct Server {
     _config: Option<tempfile::NamedTempFile>,
 }
 
+#[derive(Clone)]
 pub struct ServerOptions {
     pub config: Option<String>,
     pub durability: &'static str,
     pub admin_token: Option<&'static str>,
+    pub connectors_dir: Option<std::path::PathBuf>,
+    pub log: &'static str,
 }
 
 impl Default for ServerOptions {
@@ -110,6 +113,8 @@ impl Default for ServerOptions {
             config: None,
             durability: "normal",
             admin_token: Some(TOKEN),
+            connectors_dir: None,
+            log: "error",
         }
     }
 }
@@ -146,7 +151,9 @@ impl Server {
             .arg(opts.durability)
             .env_remove("LOCKSTEP_ADMIN_TOKEN")
             .env_remove("LOCKSTEP_CONFIG")
-            .env("RUST_LOG", "warn")
+            .arg("--compile-cache")
+            .arg(components::workspace().join("target/test-compile-cache"))
+            .env("RUST_LOG", opts.log)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -155,6 +162,9 @@ impl Server {
         }
         if let Some(f) = &config {
             cmd.arg("--config").arg(f.path());
+        }
+        if let Some(d) = &opts.connectors_dir {
+            cmd.arg("--connectors-dir").arg(d);
         }
         let mut child = cmd.spawn().expect("start lockstep");
         let stdout = child.stdout.take().unwrap();
@@ -179,6 +189,67 @@ impl Server {
             client: reqwest::Client::new(),
             _dir: dir,
             _config: config,
+        }
+    }
+
+    /// Process id (for memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// An admin client for operator endpoints (`/admin/deliveries`...).
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, Value) {
+        send(
+            self.client
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(TOKEN),
+        )
+        .await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        send(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(TOKEN)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Polls `/admin/deliveries` until `pred` holds for the filtered list (bounded).
+    pub async fn wait_deliveries(
+        &self,
+        query: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (code, body) = self
+                .admin_get(&format!("/admin/deliveries?limit=500&{query}"))
+                .await;
+            assert_eq!(code, StatusCode::OK, "{body}");
+            let items = body["items"].as_array().unwrap().clone();
+            if pred(&items) {
+                return items;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "deliveries never satisfied the condition: {items:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -84,7 +84,9 @@ impl Receiver {
     }
 
     pub fn set_delay(&self, delay: Duration) {
-        self.shared.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {

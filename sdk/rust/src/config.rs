@@ -18,9 +18,8 @@ pub fn require(key: &str) -> Result<String, HookError> {
 pub fn get_u64(key: &str, default: u64) -> Result<u64, HookError> {
     match get(key) {
         None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| HookError::Fail(format!("config key `{key}` must be a number, got {v:?}"))),
+        Some(v) => v.trim().parse().map_err(|_| {
+            HookError::Fail(format!("config key `{key}` must be a number, got {v:?}"))
+        }),
     }
 }

@@ -152,8 +152,12 @@ impl Request {
             .map_err(|e| HttpError::Invalid(format!("header rejected: {e:?}")))?;
         let request = OutgoingRequest::new(headers);
         let invalid = |what: &str| HttpError::Invalid(format!("{what} rejected: {}", self.url));
-        request.set_method(&self.method).map_err(|()| invalid("method"))?;
-        request.set_scheme(Some(&scheme)).map_err(|()| invalid("scheme"))?;
+        request
+            .set_method(&self.method)
+            .map_err(|()| invalid("method"))?;
+        request
+            .set_scheme(Some(&scheme))
+            .map_err(|()| invalid("scheme"))?;
         request
             .set_authority(Some(authority))
             .map_err(|()| invalid("authority"))?;

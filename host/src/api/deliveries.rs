@@ -1,0 +1,290 @@
+//! `/admin/deliveries`: outbox delivery state per connector, dead letters and replay.
+//! Operator surface: needs `connectors:manage` in every realm.
+
+use axum::Json;
+use axum::extract::State;
+use axum::routing::{get, post};
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::auth::Permission;
+use crate::store::deliveries::{
+    AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
+};
+
+/// Routes of this resource.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route("/admin/deliveries", get(list))
+        .route("/admin/deliveries/replay", post(replay))
+        .route("/admin/deliveries/{id}", get(one))
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// A delivery of one event to one connector.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryDto {
+    /// Delivery id.
+    pub id: i64,
+    /// Event id (stable across redeliveries).
+    pub event_id: String,
+    /// login, logout or revoke.
+    pub event_type: String,
+    /// Target connector.
+    pub connector: String,
+    /// Realm.
+    pub realm: String,
+    /// Session.
+    pub external_id: String,
+    /// pending, delivered, dead or dropped.
+    pub status: DeliveryStatus,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Last failure reason.
+    pub last_error: Option<String>,
+    /// Connector version that made the last attempt.
+    pub connector_version: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Confirmed.
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl From<DeliveryRow> for DeliveryDto {
+    fn from(r: DeliveryRow) -> Self {
+        let status = DeliveryStatus::parse(&r.status).unwrap_or(DeliveryStatus::Pending);
+        DeliveryDto {
+            id: r.id,
+            event_id: r.event_id,
+            event_type: r.event_type,
+            connector: r.connector,
+            realm: r.realm,
+            external_id: r.external_id,
+            next_attempt_at: (status == DeliveryStatus::Pending).then(|| time(r.next_attempt_at)),
+            status,
+            attempts: r.attempts,
+            last_error: r.last_error,
+            connector_version: r.connector_version,
+            created_at: time(r.created_at),
+            updated_at: time(r.updated_at),
+            delivered_at: r.delivered_at.map(time),
+        }
+    }
+}
+
+/// One attempt.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptDto {
+    /// Number (1-based; restarts after a replay).
+    pub attempt: i32,
+    /// delivered, retry, fail, timeout, oom or trap.
+    pub outcome: String,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Connector version that served it.
+    pub connector_version: Option<String>,
+    /// Start.
+    pub started_at: DateTime<Utc>,
+    /// End.
+    pub finished_at: DateTime<Utc>,
+}
+
+impl From<AttemptRow> for AttemptDto {
+    fn from(a: AttemptRow) -> Self {
+        AttemptDto {
+            attempt: a.attempt,
+            outcome: a.outcome,
+            error: a.error,
+            connector_version: a.connector_version,
+            started_at: time(a.started_at),
+            finished_at: time(a.finished_at),
+        }
+    }
+}
+
+/// A delivery with its attempts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryDetail {
+    /// The delivery.
+    #[serde(flatten)]
+    pub delivery: DeliveryDto,
+    /// Every attempt, oldest first.
+    pub history: Vec<AttemptDto>,
+}
+
+/// Query parameters of the listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// pending, delivered, dead or dropped.
+    pub status: Option<DeliveryStatus>,
+    /// Connector name.
+    pub connector: Option<String>,
+    /// Session external id.
+    pub session: Option<String>,
+    /// Realm.
+    pub realm: Option<String>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+    /// Page size, 1-500 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// One page of deliveries.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryPage {
+    /// Deliveries by id.
+    pub items: Vec<DeliveryDto>,
+    /// Next page cursor; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Body of replay: exactly one of the two fields.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// Replay every dead or dropped delivery of this connector.
+    pub connector: Option<String>,
+    /// Replay this one delivery.
+    pub delivery_id: Option<i64>,
+}
+
+/// How many deliveries were queued again.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplayResponse {
+    /// Count.
+    pub replayed: u64,
+}
+
+/// Deliveries, filtered and paginated by id.
+#[utoipa::path(get, path = "/admin/deliveries", tag = "deliveries", security(("bearer" = [])),
+    params(ListParams),
+    responses((status = 200, body = DeliveryPage),
+              (status = 400, body = Problem, content_type = "application/problem+json"),
+              (status = 401, body = Problem, content_type = "application/problem+json"),
+              (status = 403, body = Problem, content_type = "application/problem+json")))]
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<DeliveryPage>, ApiError> {
+    caller.0.authorize_global(Permission::ConnectorsManage)?;
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::Validation("limit must be 1-500".into()));
+    }
+    let after = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::Validation("cursor is not one this server issued".into()))?,
+        ),
+    };
+    let mut rows = state
+        .sessions
+        .store()
+        .list_deliveries(&DeliveryQuery {
+            status: p.status,
+            connector: p.connector,
+            session: p.session,
+            realm: p.realm,
+            after,
+            limit: limit + 1,
+        })
+        .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_cursor = if more {
+        rows.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(DeliveryPage {
+        items: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// One delivery with its attempts.
+#[utoipa::path(get, path = "/admin/deliveries/{id}", tag = "deliveries", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Delivery id")),
+    responses((status = 200, body = DeliveryDetail),
+              (status = 401, body = Problem, content_type = "application/problem+json"),
+              (status = 403, body = Problem, content_type = "application/problem+json"),
+              (status = 404, body = Problem, content_type = "application/problem+json")))]
+async fn one(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<DeliveryDetail>, ApiError> {
+    caller.0.authorize_global(Permission::ConnectorsManage)?;
+    let (row, attempts) = state
+        .sessions
+        .store()
+        .get_delivery(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
+    Ok(Json(DeliveryDetail {
+        delivery: row.into(),
+        history: attempts.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Queue dead (or dropped) deliveries again: all of a connector's, or one.
+#[utoipa::path(post, path = "/admin/deliveries/replay", tag = "deliveries", security(("bearer" = [])),
+    request_body = ReplayRequest,
+    responses((status = 200, body = ReplayResponse),
+              (status = 400, body = Problem, content_type = "application/problem+json"),
+              (status = 401, body = Problem, content_type = "application/problem+json"),
+              (status = 403, body = Problem, content_type = "application/problem+json"),
+              (status = 404, body = Problem, content_type = "application/problem+json"),
+              (status = 409, body = Problem, content_type = "application/problem+json")))]
+async fn replay(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<ReplayRequest>,
+) -> Result<Json<ReplayResponse>, ApiError> {
+    caller.0.authorize_global(Permission::ConnectorsManage)?;
+    let store = state.sessions.store();
+    let target = match (req.connector, req.delivery_id) {
+        (Some(name), None) => {
+            crate::sync::validate::id("connector", &name)?;
+            ReplayTarget::Connector(name)
+        }
+        (None, Some(id)) => {
+            let (row, _) = store
+                .get_delivery(id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
+            if !matches!(row.status.as_str(), "dead" | "dropped") {
+                return Err(ApiError::Conflict(format!(
+                    "delivery {id} is {}; only dead or dropped deliveries can be replayed",
+                    row.status
+                )));
+            }
+            ReplayTarget::Delivery(id)
+        }
+        _ => {
+            return Err(ApiError::Validation(
+                "give exactly one of `connector` or `deliveryId`".into(),
+            ));
+        }
+    };
+    let replayed = store.replay(target).await?;
+    Ok(Json(ReplayResponse { replayed }))
+}

@@ -1,0 +1,334 @@
+//! The outbox dispatcher: turns committed outbox events into per-connector deliveries,
+//! claims due deliveries (leases, so several instances can share a PostgreSQL outbox),
+//! calls the connector's hook in the sandbox, and records the outcome under the connector's
+//! failure policy. Everything it knows lives in the database, so a crash loses nothing:
+//! unfinished deliveries are claimed again after a restart (at least once).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::runtime::manifest::{OnFailure, Policy};
+use crate::runtime::registry::Registry;
+use crate::runtime::{HookFailure, Runtime};
+use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
+use crate::store::{Route, Store, now_millis};
+use crate::sync::model::EventType;
+
+/// Dispatcher settings.
+#[derive(Clone, Debug)]
+pub struct DispatcherConfig {
+    /// How often to look for work without a wake-up (other instances' events, backoffs).
+    pub poll: Duration,
+    /// Hook calls in flight at once.
+    pub concurrency: usize,
+    /// Lease added to the longest connector timeout.
+    pub lease_margin: Duration,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            poll: Duration::from_millis(200),
+            concurrency: crate::runtime::MAX_CONCURRENT_CALLS,
+            lease_margin: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Delivers outbox events to connectors.
+#[derive(Clone)]
+pub struct Dispatcher {
+    store: Store,
+    runtime: Runtime,
+    registry: Arc<Registry>,
+    wake: Arc<Notify>,
+    config: DispatcherConfig,
+}
+
+/// Event types that have a hook in `lockstep:connector@0.1.0`.
+fn has_hook(t: EventType) -> bool {
+    matches!(t, EventType::Login | EventType::Logout | EventType::Revoke)
+}
+
+/// The delay before attempt `attempt + 1`: exponential ceiling, full jitter.
+pub fn backoff_ms(policy: &Policy, attempt: u32, rng: &mut impl Rng) -> u64 {
+    let ceiling = policy
+        .backoff_ms
+        .saturating_mul(1u64 << attempt.min(32))
+        .min(policy.max_backoff_ms);
+    rng.random_range(0..=ceiling)
+}
+
+/// What the policy makes of a failed attempt number `attempt` (1-based).
+pub fn decide(policy: &Policy, failure: &HookFailure, attempt: u32, now: i64) -> AttemptResult {
+    match policy.on_failure {
+        OnFailure::Log => AttemptResult::Dropped,
+        OnFailure::Alert => AttemptResult::Dead,
+        OnFailure::Retry if failure.retryable() && attempt < policy.max_attempts => {
+            let delay = backoff_ms(policy, attempt - 1, &mut rand::rng());
+            AttemptResult::Retry {
+                next_attempt_at: now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
+            }
+        }
+        OnFailure::Retry => AttemptResult::Dead,
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over this store, runtime and connector registry.
+    pub fn new(
+        store: Store,
+        runtime: Runtime,
+        registry: Arc<Registry>,
+        config: DispatcherConfig,
+    ) -> Self {
+        let wake = store.committed();
+        Dispatcher {
+            store,
+            runtime,
+            registry,
+            wake,
+            config,
+        }
+    }
+
+    /// Runs until `shutdown` turns true, then waits for calls in flight (each bounded by its
+    /// connector's deadline) and returns.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        match self.store.release_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                deliveries = n,
+                "resuming deliveries interrupted by a restart"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot release stale delivery leases"),
+        }
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(e) = self.fan_out().await {
+                tracing::error!(error = %e, "outbox fan-out failed; retrying");
+            }
+            let free = self.config.concurrency.saturating_sub(in_flight.len());
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(claimed) => {
+                        for delivery in claimed {
+                            let me = self.clone();
+                            in_flight.spawn(async move { me.attempt(delivery).await });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "claiming deliveries failed; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                Some(res) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "delivery task failed");
+                    }
+                }
+                _ = tokio::time::sleep(self.config.poll) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        tracing::info!(in_flight = in_flight.len(), "dispatcher draining");
+        while let Some(res) = in_flight.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "delivery task failed");
+            }
+        }
+    }
+
+    /// Fans out every committed event not yet routed.
+    async fn fan_out(&self) -> crate::store::Result<()> {
+        loop {
+            let connectors = self.registry.snapshot();
+            let route: Route = Arc::new(move |event| {
+                if !has_hook(event.event_type) {
+                    return Vec::new();
+                }
+                connectors
+                    .values()
+                    .filter(|c| {
+                        c.manifest.subscribes(
+                            &event.realm,
+                            event.event_type,
+                            event.origin_system.as_deref(),
+                        )
+                    })
+                    .map(|c| c.manifest.name.clone())
+                    .collect()
+            });
+            let (events, deliveries) = self.store.fan_out(route).await?;
+            if events > 0 {
+                tracing::debug!(events, deliveries, "fanned out outbox events");
+            }
+            if events < crate::store::deliveries::FAN_OUT_BATCH as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> crate::store::Result<Vec<ClaimedDelivery>> {
+        let connectors = self.registry.snapshot();
+        if connectors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let longest = connectors
+            .values()
+            .map(|c| c.manifest.timeout_ms)
+            .max()
+            .unwrap_or(0);
+        let lease_until = now_millis()
+            + i64::try_from(longest).unwrap_or(i64::MAX / 2)
+            + i64::try_from(self.config.lease_margin.as_millis()).unwrap_or(5_000);
+        let names: Vec<String> = connectors.keys().cloned().collect();
+        self.store
+            .claim(names, i64::try_from(limit).unwrap_or(64), lease_until)
+            .await
+    }
+
+    /// One attempt of one delivery, recorded whatever happens.
+    async fn attempt(&self, delivery: ClaimedDelivery) {
+        let attempt = u32::try_from(delivery.attempts)
+            .unwrap_or(0)
+            .saturating_add(1);
+        let started_at = now_millis();
+        // Resolve the connector now: a replacement loaded since the claim serves the attempt.
+        let Some(connector) = self.registry.get(&delivery.connector) else {
+            // Unloaded after the claim: the lease expires and the delivery waits, untouched,
+            // for the connector to return.
+            tracing::warn!(connector = %delivery.connector, delivery = delivery.id, "connector unloaded; delivery held");
+            return;
+        };
+        let span = tracing::info_span!(
+            "delivery",
+            delivery = delivery.id,
+            connector = %delivery.connector,
+            event_id = %delivery.event.event_id,
+            realm = %delivery.event.realm,
+            external_id = %delivery.event.external_id,
+            attempt,
+        );
+        let outcome = self
+            .runtime
+            .call(&connector, &delivery.event)
+            .instrument(span.clone())
+            .await;
+        let _enter = span.enter();
+        let finished_at = now_millis();
+        let policy = &connector.manifest.policy;
+        let (result, outcome_label, error) = match &outcome {
+            Ok(()) => (AttemptResult::Delivered, "delivered".to_owned(), None),
+            Err(failure) => {
+                let result = decide(policy, failure, attempt, finished_at);
+                match (&result, policy.on_failure) {
+                    (AttemptResult::Dead, OnFailure::Alert) => tracing::error!(
+                        alert = "connector_alert",
+                        reason = %failure.reason(),
+                        "connector_alert: delivery failed; dead-lettered"
+                    ),
+                    (AttemptResult::Dead, _) => {
+                        tracing::warn!(reason = %failure.reason(), "delivery dead-lettered")
+                    }
+                    (AttemptResult::Dropped, _) => {
+                        tracing::warn!(reason = %failure.reason(), "delivery failed; dropped (log policy)")
+                    }
+                    _ => tracing::info!(reason = %failure.reason(), "delivery failed; will retry"),
+                }
+                (result, failure.kind().to_owned(), Some(failure.reason()))
+            }
+        };
+        let record = AttemptRecord {
+            delivery_id: delivery.id,
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            result,
+            outcome: outcome_label,
+            error,
+            version: connector.version.clone(),
+            started_at,
+            finished_at,
+        };
+        drop(_enter);
+        // If recording fails the lease expires and the attempt is made again (at least once).
+        for wait in [0u64, 100, 500, 2_000] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            match self.store.record(record.clone()).await {
+                Ok(()) => return,
+                Err(e) => tracing::error!(error = %e, "cannot record delivery attempt"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(on_failure: OnFailure) -> Policy {
+        Policy {
+            on_failure,
+            max_attempts: 3,
+            backoff_ms: 100,
+            max_backoff_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_ceiling() {
+        let p = policy(OnFailure::Retry);
+        let mut rng = rand::rng();
+        for attempt in 0..20 {
+            let ceiling = (100u64 << attempt.min(32)).min(1_000);
+            for _ in 0..50 {
+                assert!(backoff_ms(&p, attempt, &mut rng) <= ceiling);
+            }
+        }
+        // Jitter: not always the ceiling.
+        let samples: std::collections::HashSet<u64> =
+            (0..50).map(|_| backoff_ms(&p, 3, &mut rng)).collect();
+        assert!(samples.len() > 5);
+    }
+
+    #[test]
+    fn policies_decide_retry_dead_or_dropped() {
+        let retry = HookFailure::Retry("503".into());
+        let fail = HookFailure::Fail("400".into());
+        let trap = HookFailure::Trap("unreachable".into());
+        let timeout = HookFailure::Timeout(10);
+        let p = policy(OnFailure::Retry);
+        assert!(matches!(
+            decide(&p, &retry, 1, 0),
+            AttemptResult::Retry { .. }
+        ));
+        assert!(matches!(
+            decide(&p, &timeout, 2, 0),
+            AttemptResult::Retry { .. }
+        ));
+        assert_eq!(decide(&p, &retry, 3, 0), AttemptResult::Dead);
+        assert_eq!(decide(&p, &fail, 1, 0), AttemptResult::Dead);
+        assert_eq!(decide(&p, &trap, 1, 0), AttemptResult::Dead);
+        assert_eq!(
+            decide(&policy(OnFailure::Alert), &retry, 1, 0),
+            AttemptResult::Dead
+        );
+        assert_eq!(
+            decide(&policy(OnFailure::Log), &retry, 1, 0),
+            AttemptResult::Dropped
+        );
+        match decide(&p, &retry, 1, 1_000) {
+            AttemptResult::Retry { next_attempt_at } => {
+                assert!((1_000..=1_100).contains(&next_attempt_at))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The sync engine end to end: the real binary, real connector components (webhook and the
+//! hostile fixtures) and real HTTP receivers on 127.0.0.1, on SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::components::write_manifest;
+use common::receiver::Receiver;
+use common::{Backend, Server, ServerOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+on_both_backends!(
+    webhook_receives_login_and_one_logout_per_destroyed_session,
+    failed_deliveries_retry_then_dead_letter_and_replay_delivers_them,
+    log_and_alert_policies_do_not_retry,
+    events_are_not_echoed_to_their_origin_system,
+    hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working,
+    sigkill_with_pending_events_loses_nothing,
+    deliveries_api_is_for_operators_only_and_validates_input,
+);
+
+const FAST_RETRY: &str =
+    "[policy]\non_failure = \"retry\"\nmax_attempts = 3\nbackoff_ms = 20\nmax_backoff_ms = 100\n";
+
+fn webhook_manifest(dir: &Path, name: &str, receiver: &Receiver, extra: &str, policy: &str) {
+    write_manifest(
+        dir,
+        name,
+        "webhook",
+        &format!(
+            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n{extra}\n{policy}\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
+            receiver.origin(),
+            receiver.url(&format!("/{name}"))
+        ),
+    );
+}
+
+async fn start(backend: Backend, dir: &Path) -> Server {
+    Server::start_with(
+        backend,
+        ServerOptions {
+            connectors_dir: Some(dir.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn webhook_receives_login_and_one_logout_per_destroyed_session(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "billing", &receiver, "", FAST_RETRY);
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+
+    api.post(
+        "map-parent",
+        json!({"externalId": "portal-session-001", "keycloakSessionId": "kc-user-123", "userId": "alice", "system": "portal"}),
+    )
+    .await;
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    let login = got[0].json();
+    assert_eq!(login["type"], "login");
+    assert_eq!(login["externalId"], "portal-session-001");
+    assert_eq!(login["idpSessionId"], "kc-user-123");
+    assert_eq!(login["userId"], "alice");
+    assert_eq!(login["realm"], "acme");
+    assert_eq!(got[0].header("webhook-id"), login["eventId"].as_str());
+    assert!(
+        got[0]
+            .header("webhook-signature")
+            .unwrap()
+            .starts_with("v1,")
+    );
+
+    api.map_child("service-a-session-001", "portal-session-001")
+        .await;
+    api.map_child("service-b-session-001", "portal-session-001")
+        .await;
+    receiver.wait_for(3, Duration::from_secs(10)).await;
+    let (_, res) = api
+        .post(
+            "destroy-parent",
+            json!({"externalId": "portal-session-001"}),
+        )
+        .await;
+    assert_eq!(res["changed"].as_array().unwrap().len(), 3);
+    let got = receiver.wait_for(6, Duration::from_secs(10)).await;
+    // Give a duplicate the chance to show up before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logouts: Vec<Value> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.json())
+        .filter(|e| e["type"] == "logout")
+        .collect();
+    assert_eq!(logouts.len(), 3, "{logouts:#?}");
+    let ids: BTreeSet<&str> = logouts
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "each logout event once, with its own id");
+    let sessions: BTreeSet<&str> = logouts
+        .iter()
+        .map(|e| e["externalId"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sessions,
+        BTreeSet::from([
+            "portal-session-001",
+            "service-a-session-001",
+            "service-b-session-001"
+        ])
+    );
+    // Every signature verifies with the secret (raw secret: key is its bytes).
+    for r in &got {
+        let id = r.header("webhook-id").unwrap();
+        let ts = r.header("webhook-timestamp").unwrap();
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(&r.body);
+        use base64::Engine;
+        let sig = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(r.header("webhook-signature"), Some(sig.as_str()));
+    }
+    // The session tree shows the delivery state per connector.
+    let (_, tree) = api.get("session-tree/portal-session-001").await;
+    for s in tree["sessions"].as_array().unwrap() {
+        let d = s["deliveries"].as_array().unwrap();
+        assert_eq!(d.len(), 2, "{s}");
+        assert!(
+            d.iter()
+                .all(|d| d["status"] == "delivered" && d["connector"] == "billing")
+        );
+    }
+}
+
+async fn failed_deliveries_retry_then_dead_letter_and_replay_delivers_them(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "legacy", &receiver, "", FAST_RETRY);
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+    api.map_parent("p1", "kc").await;
+    let dead = server
+        .wait_deliveries("connector=legacy", Duration::from_secs(15), |items| {
+            items.len() == 1 && items[0]["status"] == "dead"
+        })
+        .await;
+    assert_eq!(dead[0]["attempts"], 3);
+    assert!(dead[0]["lastError"].as_str().unwrap().contains("503"));
+    let id = dead[0]["id"].as_i64().unwrap();
+    let (_, detail) = server.admin_get(&format!("/admin/deliveries/{id}")).await;
+    let history = detail["history"].as_array().unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|a| a["outcome"] == "retry"));
+    // Backoff: attempts are spread out, not back to back.
+    let first =
+        chrono::DateTime::parse_from_rfc3339(history[0]["finishedAt"].as_str().unwrap()).unwrap();
+    let last =
+        chrono::DateTime::parse_from_rfc3339(history[2]["startedAt"].as_str().unwrap()).unwrap();
+    assert!(last >= first);
+    assert!(receiver.requests().is_empty());
+
+    // Receiver back: replay by connector delivers the dead letter.
+    receiver.set_status(200);
+    let (code, res) = server
+        .admin_post("/admin/deliveries/replay", json!({"connector": "legacy"}))
+        .await;
+    assert_eq!((code, res["replayed"].as_u64()), (StatusCode::OK, Some(1)));
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["externalId"], "p1");
+    server
+        .wait_deliveries(
+            "connector=legacy&status=delivered",
+            Duration::from_secs(10),
+            |i| i.len() == 1,
+        )
+        .await;
+
+    // Replay of one delivery by id; a delivered one cannot be replayed.
+    receiver.set_status(500);
+    api.map_parent("p2", "kc").await;
+    let dead = server
+        .wait_deliveries(
+            "connector=legacy&status=dead",
+            Duration::from_secs(15),
+            |i| i.len() == 1,
+        )
+        .await;
+    receiver.set_status(200);
+    let id = dead[0]["id"].as_i64().unwrap();
+    let (code, _) = server
+        .admin_post("/admin/deliveries/replay", json!({"deliveryId": id}))
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    receiver.wait_for(2, Duration::from_secs(10)).await;
+    let again = server
+        .admin_post("/admin/deliveries/replay", json!({"deliveryId": id}))
+        .await;
+    // It may still be pending for a moment; once delivered, replay is a conflict.
+    server
+        .wait_deliveries(
+            "connector=legacy&status=delivered",
+            Duration::from_secs(10),
+            |i| i.len() == 2,
+        )
+        .await;
+    let after = server
+        .admin_post("/admin/deliveries/replay", json!({"deliveryId": id}))
+        .await;
+    assert!(again.0 == StatusCode::OK || again.0 == StatusCode::CONFLICT);
+    common::assert_problem(&after, 409, "CONFLICT");
+}
+
+async fn log_and_alert_policies_do_not_retry(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(
+        dir.path(),
+        "logged",
+        &receiver,
+        "",
+        "[policy]\non_failure = \"log\"\n",
+    );
+    webhook_manifest(
+        dir.path(),
+        "alerting",
+        &receiver,
+        "",
+        "[policy]\non_failure = \"alert\"\n",
+    );
+    let server = start(backend, dir.path()).await;
+    server.api("acme").map_parent("p", "kc").await;
+    let logged = server
+        .wait_deliveries("connector=logged", Duration::from_secs(10), |i| {
+            i.len() == 1 && i[0]["status"] != "pending"
+        })
+        .await;
+    assert_eq!(logged[0]["status"], "dropped");
+    assert_eq!(logged[0]["attempts"], 1);
+    let alerting = server
+        .wait_deliveries("connector=alerting", Duration::from_secs(10), |i| {
+            i.len() == 1 && i[0]["status"] != "pending"
+        })
+        .await;
+    assert_eq!(alerting[0]["status"], "dead");
+    assert_eq!(alerting[0]["attempts"], 1);
+    // Nothing retries behind our back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, d) = server
+        .admin_get(&format!("/admin/deliveries/{}", alerting[0]["id"]))
+        .await;
+    assert_eq!(d["history"].as_array().unwrap().len(), 1);
+}
+
+async fn events_are_not_echoed_to_their_origin_system(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "portal", &receiver, "", FAST_RETRY);
+    webhook_manifest(dir.path(), "billing", &receiver, "", FAST_RETRY);
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+    api.post(
+        "map-parent",
+        json!({"externalId": "from-portal", "keycloakSessionId": "kc", "originSystem": "portal"}),
+    )
+    .await;
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paths: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        ["/billing"],
+        "portal must not get its own event back: {got:?}"
+    );
+    let (_, page) = server.admin_get("/admin/deliveries?connector=portal").await;
+    assert!(page["items"].as_array().unwrap().is_empty());
+}
+
+async fn hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working(
+    backend: Backend,
+) {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "good", &receiver, "", FAST_RETRY);
+    for (mode, extra) in [
+        ("loop", "timeout_ms = 200"),
+        ("alloc", "memory_mb = 16"),
+        ("trap", ""),
+        ("log-spam", "timeout_ms = 10000"),
+        ("forbidden-host", "allowed_hosts = [\"http://127.0.0.1:1\"]"),
+    ] {
+        write_manifest(
+            dir.path(),
+            &format!("hostile-{mode}"),
+            "hostile",
+            &format!(
+                "realms = [\"acme\"]\n{extra}\n[policy]\non_failure = \"alert\"\n[config]\nmode = \"{mode}\"\nurl = \"{}\"\n",
+                receiver.url("/stolen")
+            ),
+        );
+    }
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+    let rss_before = server.rss_kib();
+    for i in 0..20 {
+        let (code, _) = api.map_parent(&format!("h{i}"), "kc").await;
+        assert_eq!(code, StatusCode::CREATED);
+    }
+    // The good connector gets all 20 while the hostile ones fail.
+    receiver.wait_for(20, Duration::from_secs(30)).await;
+    let expect = [
+        ("hostile-loop", "timeout"),
+        ("hostile-alloc", "out of memory"),
+        ("hostile-trap", "trap"),
+        ("hostile-forbidden-host", "denied"),
+    ];
+    for (connector, reason) in expect {
+        let items = server
+            .wait_deliveries(
+                &format!("connector={connector}"),
+                Duration::from_secs(60),
+                |i| i.len() == 20 && i.iter().all(|d| d["status"] == "dead"),
+            )
+            .await;
+        for d in &items {
+            assert!(
+                d["lastError"].as_str().unwrap().contains(reason),
+                "{connector}: {d}"
+            );
+        }
+    }
+    // Log spam is capped, not fatal.
+    server
+        .wait_deliveries(
+            "connector=hostile-log-spam",
+            Duration::from_secs(120),
+            |i| i.len() == 20 && i.iter().all(|d| d["status"] == "delivered"),
+        )
+        .await;
+    // The API kept answering throughout, nothing reached the forbidden path, memory bounded.
+    let (code, _) = api.get("h0").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(receiver.requests().iter().all(|r| r.path == "/good"));
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 512 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+async fn sigkill_with_pending_events_loses_nothing(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_status(503);
+    let dir = tempfile::tempdir().unwrap();
+    // Slow retries keep the 1,000 events pending while the host dies.
+    webhook_manifest(
+        dir.path(),
+        "legacy",
+        &receiver,
+        "",
+        "[policy]\non_failure = \"retry\"\nmax_attempts = 100\nbackoff_ms = 50\nmax_backoff_ms = 200\n",
+    );
+    let opts = ServerOptions {
+        connectors_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let server = Server::start_with(backend, opts.clone()).await;
+    let api = server.api("acme");
+    let mut tasks = Vec::new();
+    for chunk in 0..10 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let id = format!("k{chunk}-{i}");
+                assert_eq!(api.map_parent(&id, "kc").await.0, StatusCode::CREATED);
+                let (code, _) = api.post("destroy-parent", json!({"externalId": id})).await;
+                assert_eq!(code, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(server.outbox_total().await, 1000);
+    let backend = server.backend;
+    let (url, db_dir) = server.kill().await;
+    // The receiver recovers; the restarted host must deliver every event.
+    receiver.set_status(200);
+    let server = Server::start_on(backend, url, db_dir, opts).await;
+    let got = receiver.wait_for(1000, Duration::from_secs(120)).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for r in &got {
+        *seen
+            .entry(r.json()["eventId"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "{backend:?}: {} distinct events delivered, {duplicates} duplicates",
+        seen.len()
+    );
+    assert_eq!(seen.len(), 1000, "every event delivered");
+    server
+        .wait_deliveries("status=pending", Duration::from_secs(30), |i| i.is_empty())
+        .await;
+}
+
+async fn deliveries_api_is_for_operators_only_and_validates_input(backend: Backend) {
+    let hash = hex::encode(lockstep::auth::sha256("realm-key"));
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(format!(
+                "[[api_keys]]\nid = \"scoped\"\nsha256 = \"{hash}\"\nrealms = [\"acme\"]\npermissions = [\"users:manage\", \"connectors:manage\"]\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let res = client
+        .get(format!("{}/admin/deliveries", server.base))
+        .bearer_auth("realm-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let res = client
+        .get(format!("{}/admin/deliveries", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    common::assert_problem(
+        &server.admin_get("/admin/deliveries?status=lost").await,
+        400,
+        "VALIDATION",
+    );
+    common::assert_problem(
+        &server.admin_get("/admin/deliveries?limit=0").await,
+        400,
+        "VALIDATION",
+    );
+    common::assert_problem(
+        &server.admin_get("/admin/deliveries/999").await,
+        404,
+        "NOT_FOUND",
+    );
+    common::assert_problem(
+        &server.admin_get("/admin/deliveries/abc").await,
+        400,
+        "VALIDATION",
+    );
+    common::assert_problem(
+        &server
+            .admin_post("/admin/deliveries/replay", json!({}))
+            .await,
+        400,
+        "VALIDATION",
+    );
+    common::assert_problem(
+        &server
+            .admin_post(
+                "/admin/deliveries/replay",
+                json!({"connector": "a", "deliveryId": 1}),
+            )
+            .await,
+        400,
+        "VALIDATION",
+    );
+    common::assert_problem(
+        &server
+            .admin_post("/admin/deliveries/replay", json!({"deliveryId": 12345}))
+            .await,
+        404,
+        "NOT_FOUND",
+    );
+    let (code, body) = server
+        .admin_post("/admin/deliveries/replay", json!({"connector": "nobody"}))
+        .await;
+    assert_eq!((code, body["replayed"].as_u64()), (StatusCode::OK, Some(0)));
+}
