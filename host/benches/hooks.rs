@@ -1,0 +1,277 @@
+//! Hook-call benchmark (issue 4): a fresh sandboxed instance per call, against the same
+//! payload POSTed over loopback HTTP, and destroy-parent → every connector called, end to end.
+//!
+//! Run: `cargo xtask build-connectors && cargo bench -p lockstep --bench hooks`
+//! (`-- --calls N` to change the sample size). Prints medians, p99 and ratios; figures go to
+//! docs/benchmarks.md. Not a test: nothing here asserts a time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lockstep::runtime::Runtime;
+use lockstep::runtime::manifest::Manifest;
+use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
+
+fn component(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip2/connector")
+        .join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} missing: run `cargo xtask build-connectors`", p.display());
+    p
+}
+
+fn event() -> SyncEvent {
+    SyncEvent {
+        event_id: "01a20897-7a57-7512-bb52-195b95bc028a".into(),
+        event_type: EventType::Login,
+        realm: "acme".into(),
+        external_id: "portal-session-001".into(),
+        kind: SessionKind::Parent,
+        idp_session_id: Some("kc-user-123".into()),
+        idp_client_session_id: None,
+        user_id: Some("alice".into()),
+        system: Some("portal".into()),
+        origin_system: Some("portal".into()),
+        end_reason: None,
+        attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+struct Stats {
+    median_us: f64,
+    p99_us: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        median_us: at(0.5).as_secs_f64() * 1e6,
+        p99_us: at(0.99).as_secs_f64() * 1e6,
+    }
+}
+
+async fn receiver() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move |_body: axum::body::Bytes| {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (addr, hits)
+}
+
+fn main() {
+    let calls: usize = std::env::args()
+        .skip_while(|a| a != "--calls")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(calls));
+}
+
+async fn run(calls: usize) {
+    println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
+    let runtime = Runtime::new(None).unwrap();
+    let text = format!(
+        "name = \"noop\"\ncomponent = \"{}\"\n[config]\nmode = \"ok\"\n",
+        component("hostile").display()
+    );
+    let noop = runtime
+        .load(Manifest::parse(&text, Path::new("."), "noop").unwrap())
+        .await
+        .unwrap();
+    let ev = event();
+    for _ in 0..500 {
+        runtime.call(&noop, &ev).await.unwrap();
+    }
+    // 1. Sequential: fresh store + instantiate + on-login + drop.
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        runtime.call(&noop, &ev).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    let hook = stats(samples);
+    // 2. Throughput: 64 concurrent callers on 2 workers.
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (runtime, noop, ev, done) = (runtime.clone(), noop.clone(), ev.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while done.fetch_add(1, Ordering::Relaxed) < calls {
+                runtime.call(&noop, &ev).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let per_s = calls as f64 / started.elapsed().as_secs_f64();
+
+    // 3. The same payload as a loopback HTTP POST (keep-alive, and a new connection each).
+    let (addr, _) = receiver().await;
+    let body = serde_json::to_vec(&ev).unwrap();
+    let url = format!("http://{addr}/events");
+    let keep = reqwest::Client::new();
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let http = |client: reqwest::Client| {
+        let url = url.clone();
+        let body = body.clone();
+        async move {
+            let mut s = Vec::with_capacity(calls);
+            for _ in 0..calls.min(10_000) {
+                let t = Instant::now();
+                client.post(&url).body(body.clone()).send().await.unwrap();
+                s.push(t.elapsed());
+            }
+            stats(s)
+        }
+    };
+    let keepalive = http(keep).await;
+    let newconn = http(fresh).await;
+
+    // 4. The webhook connector calling a loopback receiver (hook + real HTTP).
+    let (waddr, _) = receiver().await;
+    let text = format!(
+        "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{waddr}\"]\n[config]\nurl = \"http://{waddr}/s\"\n",
+        component("webhook").display()
+    );
+    let webhook = runtime
+        .load(Manifest::parse(&text, Path::new("."), "webhook").unwrap())
+        .await
+        .unwrap();
+    let mut s = Vec::new();
+    for _ in 0..calls.min(5_000) {
+        let t = Instant::now();
+        runtime.call(&webhook, &ev).await.unwrap();
+        s.push(t.elapsed());
+    }
+    let webhook_call = stats(s);
+
+    let e2e = end_to_end(200).await;
+
+    println!("| figure | median | p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs |",
+        hook.median_us, hook.p99_us
+    );
+    println!(
+        "| loopback HTTP POST, keep-alive | {:.1} µs | {:.1} µs |",
+        keepalive.median_us, keepalive.p99_us
+    );
+    println!(
+        "| loopback HTTP POST, new connection | {:.1} µs | {:.1} µs |",
+        newconn.median_us, newconn.p99_us
+    );
+    println!(
+        "| webhook connector → loopback receiver (hook + HTTP) | {:.1} µs | {:.1} µs |",
+        webhook_call.median_us, webhook_call.p99_us
+    );
+    println!(
+        "| destroy-parent (3 sessions) → 2 webhook connectors called 3 times each | {:.1} µs | {:.1} µs |",
+        e2e.median_us, e2e.p99_us
+    );
+    println!("hook calls/s (64 concurrent callers, 2 workers): {per_s:.0}");
+    println!(
+        "hook median / HTTP keep-alive median: {:.2}; / HTTP new-connection median: {:.2}",
+        hook.median_us / keepalive.median_us,
+        hook.median_us / newconn.median_us
+    );
+}
+
+/// destroy-parent of a 3-session tree through the real binary until both webhook receivers
+/// have their three logout events.
+async fn end_to_end(rounds: usize) -> Stats {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, hits_a) = receiver().await;
+    let (b, hits_b) = receiver().await;
+    for (name, addr) in [("a", a), ("b", b)] {
+        std::fs::write(
+            dir.path().join(format!("{name}.toml")),
+            format!(
+                "name = \"{name}\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{addr}\"]\n[config]\nurl = \"http://{addr}/s\"\n",
+                component("webhook").display()
+            ),
+        )
+        .unwrap();
+    }
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}/bench.db", dir.path().display()))
+        .arg("--connectors-dir")
+        .arg(dir.path())
+        .arg("--compile-cache")
+        .arg(dir.path().join("cache"))
+        .env("LOCKSTEP_ADMIN_TOKEN", "bench")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    let base = format!("http://{addr}/admin/realms/acme/external-sessions");
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        client
+            .post(format!("{base}/{path}"))
+            .bearer_auth("bench")
+            .json(&body)
+            .send()
+    };
+    let wait = |target: usize| {
+        let (ha, hb) = (hits_a.clone(), hits_b.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while ha.load(Ordering::SeqCst) < target || hb.load(Ordering::SeqCst) < target {
+                assert!(Instant::now() < deadline, "connectors not called in time");
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+        }
+    };
+    let mut samples = Vec::with_capacity(rounds);
+    let mut expected = 0;
+    for i in 0..rounds {
+        let p = format!("p{i}");
+        post("map-parent", serde_json::json!({"externalId": p, "keycloakSessionId": "kc"})).await.unwrap();
+        post("map-child", serde_json::json!({"externalId": format!("{p}-a"), "parentExternalId": p})).await.unwrap();
+        post("map-child", serde_json::json!({"externalId": format!("{p}-b"), "parentExternalId": p})).await.unwrap();
+        expected += 3;
+        wait(expected).await;
+        let t = Instant::now();
+        let res = post("destroy-parent", serde_json::json!({"externalId": p})).await.unwrap();
+        assert!(res.status().is_success());
+        expected += 3;
+        wait(expected).await;
+        samples.push(t.elapsed());
+    }
+    child.kill().await.ok();
+    stats(samples)
+}
