@@ -19,7 +19,11 @@ fn component(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/wasm32-wasip2/connector")
         .join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} missing: run `cargo xtask build-connectors`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo xtask build-connectors`",
+        p.display()
+    );
     p
 }
 
@@ -260,13 +264,30 @@ async fn end_to_end(rounds: usize) -> Stats {
     let mut expected = 0;
     for i in 0..rounds {
         let p = format!("p{i}");
-        post("map-parent", serde_json::json!({"externalId": p, "keycloakSessionId": "kc"})).await.unwrap();
-        post("map-child", serde_json::json!({"externalId": format!("{p}-a"), "parentExternalId": p})).await.unwrap();
-        post("map-child", serde_json::json!({"externalId": format!("{p}-b"), "parentExternalId": p})).await.unwrap();
+        post(
+            "map-parent",
+            serde_json::json!({"externalId": p, "keycloakSessionId": "kc"}),
+        )
+        .await
+        .unwrap();
+        post(
+            "map-child",
+            serde_json::json!({"externalId": format!("{p}-a"), "parentExternalId": p}),
+        )
+        .await
+        .unwrap();
+        post(
+            "map-child",
+            serde_json::json!({"externalId": format!("{p}-b"), "parentExternalId": p}),
+        )
+        .await
+        .unwrap();
         expected += 3;
         wait(expected).await;
         let t = Instant::now();
-        let res = post("destroy-parent", serde_json::json!({"externalId": p})).await.unwrap();
+        let res = post("destroy-parent", serde_json::json!({"externalId": p}))
+            .await
+            .unwrap();
         assert!(res.status().is_success());
         expected += 3;
         wait(expected).await;

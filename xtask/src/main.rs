@@ -1,1 +1,60 @@
-fn main() {}
+//! Project tasks that are not part of the product: `cargo xtask <command>`.
+//!
+//! - `build-connectors`: build the connector components (`connectors/`, `tests/fixtures/`)
+//!   for `wasm32-wasip2` into `target/wasm32-wasip2/connector/`, where tests load them.
+//! - `bench-api`: load-test the external-sessions REST API of a release build against SQLite
+//!   and (optionally) PostgreSQL, beside a raw-insert ceiling; see `docs/benchmarks.md`.
+
+mod bench_api;
+mod build_connectors;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Lockstep project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build every connector component for wasm32-wasip2 (the tests load them).
+    BuildConnectors(build_connectors::Args),
+    /// Benchmark the external-sessions API (map, destroy, cascades) on SQLite and PostgreSQL.
+    BenchApi(bench_api::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BuildConnectors(args) => build_connectors::main(args).map(|()| ExitCode::SUCCESS),
+        Command::BenchApi(args) => bench_api::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}

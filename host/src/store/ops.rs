@@ -14,6 +14,8 @@ pub(crate) const MAX_CASCADE_PASSES: usize = 32;
 ///
 /// - `for_share` / `for_update`: row-lock suffixes (empty where the backend serialises writers).
 /// - `ids`: a subquery that expands the JSON array bound at `$2` into rows of text.
+/// - `children`: the recursive step of the cascade CTE over `tree(external_id, via)`, yielding
+///   children (`via` 1) and delegated sessions (`via` 2) of the rows found so far.
 /// - `recheck`: whether concurrent writers can add children under a tree while it is being
 ///   destroyed, so the cascade must look again for sessions it could not see.
 macro_rules! session_ops {
@@ -23,6 +25,7 @@ macro_rules! session_ops {
         for_share = $for_share:literal,
         for_update = $for_update:literal,
         ids = $ids:literal,
+        children = $children:literal,
         recheck = $recheck:literal $(,)?
     ) => {
         use crate::store::ops::{EVENT_CHUNK, MAX_CASCADE_PASSES};
@@ -202,12 +205,9 @@ macro_rules! session_ops {
                      SELECT s.external_id, CAST($3 AS INTEGER) FROM sessions s \
                      WHERE s.realm = $1 AND s.external_id IN (",
                 $ids,
-                ") UNION \
-                     SELECT c.external_id, \
-                            CASE WHEN c.parent_id = t.external_id THEN 1 ELSE 2 END \
-                     FROM tree t JOIN sessions c ON c.realm = $1 \
-                      AND (c.parent_id = t.external_id OR c.delegated_by = t.external_id) \
-                 ), marked AS ( \
+                ") UNION ",
+                $children,
+                " ), marked AS ( \
                      SELECT external_id AS m_id, MIN(via) AS via FROM tree GROUP BY external_id \
                  ) \
                  UPDATE sessions SET \
@@ -246,13 +246,15 @@ macro_rules! session_ops {
             }
             let ids = serde_json::to_string(ids)
                 .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+            // Two index lookups rather than one OR, which planners turn into a scan.
             Ok(sqlx::query_scalar(concat!(
                 "SELECT external_id FROM sessions WHERE realm = $1 AND status = 'ACTIVE' \
-                 AND (parent_id IN (",
+                 AND parent_id IS NOT NULL AND parent_id IN (",
                 $ids,
-                ") OR delegated_by IN (",
+                ") UNION SELECT external_id FROM sessions WHERE realm = $1 AND status = 'ACTIVE' \
+                 AND delegated_by IS NOT NULL AND delegated_by IN (",
                 $ids,
-                "))"
+                ")"
             ))
             .bind(realm)
             .bind(ids)

@@ -15,6 +15,12 @@ pub(super) mod ops {
         for_share = " FOR SHARE",
         for_update = " FOR UPDATE",
         ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
+        // PostgreSQL allows one recursive reference; a lateral union keeps both index lookups.
+        children = "SELECT x.external_id, x.via FROM tree t CROSS JOIN LATERAL ( \
+                    SELECT c.external_id, 1 AS via FROM sessions c \
+                    WHERE c.realm = $1 AND c.parent_id = t.external_id \
+                    UNION ALL SELECT c.external_id, 2 AS via FROM sessions c \
+                    WHERE c.realm = $1 AND c.delegated_by = t.external_id) x",
         recheck = true,
     );
     crate::store::deliveries::delivery_ops!(

@@ -25,6 +25,11 @@ pub(super) mod ops {
         for_share = "",
         for_update = "",
         ids = "SELECT value FROM json_each($2)",
+        // Two recursive arms, one per edge, so each uses its index (an OR join cannot).
+        children = "SELECT c.external_id, 1 FROM tree t JOIN sessions c \
+                    ON c.realm = $1 AND c.parent_id = t.external_id \
+                    UNION SELECT c.external_id, 2 FROM tree t JOIN sessions c \
+                    ON c.realm = $1 AND c.delegated_by = t.external_id",
         recheck = false,
     );
     crate::store::deliveries::delivery_ops!(

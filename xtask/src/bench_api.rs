@@ -1,0 +1,565 @@
+//! `cargo xtask bench-api`: load-tests the external-sessions API of a release build of
+//! `lockstep serve`, once per backend, and sets the figures beside what the database itself
+//! can do (a raw-insert ceiling). Phases per backend:
+//!
+//! 1. ceiling: raw sqlx inserts, one row per transaction and 100 rows per transaction;
+//! 2. API load: map-parent, map-child, get, destroy-parent (each parent with its children);
+//! 3. cascade: destroy-parent of the root of 1,000-session trees, median of several;
+//! 4. the same cascade after growing `sessions` to 1,000,000 rows, then a short rerun of the
+//!    load phases (unless `--skip-1m`).
+//!
+//! Each backend gets a fresh store (a temp dir for SQLite, a new database for PostgreSQL), so
+//! runs never see each other's rows.
+
+mod db;
+mod load;
+mod report;
+mod server;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use db::Target;
+use load::{Api, Outcome, PhaseStats, run_phase};
+use server::Server;
+
+const TOKEN: &str = "bench-token";
+const REALM: &str = "bench";
+/// Sessions per level of a cascade tree: 1 + 10 + 100 + 889 = 1000.
+const TREE_LEVELS: [usize; 4] = [1, 10, 100, 889];
+
+/// Options of `cargo xtask bench-api`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// PostgreSQL server to benchmark as well; a fresh database is created on it for the run
+    /// and dropped afterwards. Without it only SQLite is measured.
+    #[arg(long, env = "LOCKSTEP_TEST_DATABASE_URL")]
+    postgres_url: Option<String>,
+    /// Commit durability given to the server (`--durability`) and used by the SQLite ceiling.
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    durability: Durability,
+    /// Concurrent client tasks (each with its own keep-alive connection).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Operations in the map-parent and map-child phases (destroy-parent does half as many);
+    /// also the row count of each ceiling run.
+    #[arg(long, default_value_t = 20_000)]
+    ops: usize,
+    /// Upper bound on any single phase, in seconds; a phase cut short says so.
+    #[arg(long, default_value_t = 120)]
+    seconds_cap: u64,
+    /// Cascade trees per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    trees: usize,
+    /// Rows the sessions table is grown to before the cascade and load are measured again.
+    #[arg(long, default_value_t = 1_000_000)]
+    grow_to: i64,
+    /// Realm of the filler rows. The default keeps them out of the benchmark realm, as most
+    /// of a big table would be; `bench` puts them in the realm the cascades run in.
+    #[arg(long, default_value = "filler")]
+    filler_realm: String,
+    /// Skip growing the table and the cascade and load reruns on it.
+    #[arg(long)]
+    skip_1m: bool,
+    /// Skip SQLite (benchmark PostgreSQL only).
+    #[arg(long)]
+    skip_sqlite: bool,
+    /// Server binary to run instead of building `target/release/lockstep` first.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Keep the temp directories and the PostgreSQL database (their paths are printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Commit durability, as `lockstep serve --durability` takes it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Normal,
+    Fsync,
+}
+
+impl Durability {
+    fn as_str(self) -> &'static str {
+        match self {
+            Durability::Normal => "normal",
+            Durability::Fsync => "fsync",
+        }
+    }
+}
+
+/// Everything measured on one backend.
+pub struct BackendReport {
+    pub backend: &'static str,
+    pub ceiling: Option<(PhaseStats, PhaseStats)>,
+    pub phases: Vec<PhaseStats>,
+    pub cascades: Vec<CascadeResult>,
+    /// Unclean server exits and other oddities worth reporting.
+    pub notes: Vec<String>,
+    /// Set when the run on this backend was aborted.
+    pub failure: Option<String>,
+}
+
+impl BackendReport {
+    fn new(backend: &'static str) -> Self {
+        BackendReport {
+            backend,
+            ceiling: None,
+            phases: Vec::new(),
+            cascades: Vec::new(),
+            notes: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Errors in API phases, cascade builds and destroys.
+    pub fn errors(&self) -> usize {
+        self.phases.iter().map(|p| p.errors).sum::<usize>()
+            + self
+                .cascades
+                .iter()
+                .map(|c| c.build.errors + c.destroy_errors.len())
+                .sum::<usize>()
+    }
+}
+
+/// Destroy-parent of tree roots at one table size.
+pub struct CascadeResult {
+    pub label: String,
+    /// Rows in `sessions` before the trees were built.
+    pub table_rows: i64,
+    /// All map calls that built the trees.
+    pub build: PhaseStats,
+    /// Wall time of each root's destroy-parent call.
+    pub times: Vec<Duration>,
+    pub destroy_errors: Vec<String>,
+}
+
+impl CascadeResult {
+    pub fn median_ms(&self) -> f64 {
+        let mut ms: Vec<f64> = self.times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        match ms.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => ms[n / 2],
+            n => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+        }
+    }
+}
+
+/// Entry point: runs the benchmark on a Tokio runtime; Ctrl-C stops the servers and cleans up.
+pub fn main(args: Args) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")?;
+    runtime.block_on(async {
+        let pg_db = format!(
+            "lockstep_bench_{}",
+            chrono::Utc::now().format("%Y%m%d_%H%M%S")
+        );
+        let outcome = tokio::select! {
+            r = run(&args, &pg_db) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        };
+        // Dropping `run` killed the servers; the scratch database needs an explicit drop.
+        if let (Some(url), false) = (&args.postgres_url, args.keep)
+            && let Err(e) = db::drop_pg_database(url, &pg_db).await
+        {
+            eprintln!("warning: could not drop database {pg_db}: {e:#}");
+        }
+        outcome
+    })
+}
+
+async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
+    if args.concurrency == 0 || args.ops == 0 {
+        bail!("--concurrency and --ops must be positive");
+    }
+    let command_line = command_line();
+    let bin = match &args.server_bin {
+        Some(bin) => bin.clone(),
+        None => build_server()?,
+    };
+    let mut reports = Vec::new();
+    if !args.skip_sqlite {
+        let dir = tempfile::Builder::new()
+            .prefix("lockstep-bench-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let target = Target::Sqlite {
+            path: dir.path().join("bench.db"),
+        };
+        reports.push(bench_backend(args, &bin, &target, dir.path()).await);
+        if args.keep {
+            eprintln!("kept {}", dir.keep().display());
+        }
+    }
+    if let Some(admin_url) = &args.postgres_url {
+        let dir = tempfile::Builder::new()
+            .prefix("lockstep-bench-pg-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let report = match db::create_pg_database(admin_url, pg_db).await {
+            Ok(url) => bench_backend(args, &bin, &Target::Postgres { url }, dir.path()).await,
+            Err(e) => {
+                let mut r = BackendReport::new("postgres");
+                r.failure = Some(format!("{e:#}"));
+                r
+            }
+        };
+        reports.push(report);
+        if args.keep {
+            eprintln!("kept {} and database {pg_db}", dir.keep().display());
+        }
+    }
+    if reports.is_empty() {
+        bail!("nothing to benchmark: --skip-sqlite without --postgres-url");
+    }
+    report::print(&reports, args, &command_line, &revision());
+    let failed = reports
+        .iter()
+        .any(|r| r.failure.is_some() || r.errors() > 0);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs every phase on one backend; a failure ends this backend's run but keeps its figures.
+async fn bench_backend(args: &Args, bin: &Path, target: &Target, dir: &Path) -> BackendReport {
+    let mut report = BackendReport::new(target.name());
+    eprintln!("\n=== {} ({})", target.name(), dir.display());
+    if let Err(e) = bench_backend_inner(args, bin, target, dir, &mut report).await {
+        eprintln!("  [{}] aborted: {e:#}", target.name());
+        report.failure = Some(format!("{e:#}"));
+    }
+    report
+}
+
+async fn bench_backend_inner(
+    args: &Args,
+    bin: &Path,
+    target: &Target,
+    dir: &Path,
+    report: &mut BackendReport,
+) -> Result<()> {
+    let name = target.name();
+    let cap = Duration::from_secs(args.seconds_cap);
+    let log = dir.join("server.log");
+
+    // The ceiling runs first, with no server competing for the two cores.
+    let (single, batched) =
+        db::ceiling(target, args.durability, args.concurrency, args.ops, cap).await?;
+    eprintln!("  [{name}] {}", single.summary());
+    eprintln!("  [{name}] {}", batched.summary());
+    report.ceiling = Some((single, batched));
+
+    let server = start_server(bin, target, args.durability, &log).await?;
+    let api = Arc::new(Api::new(server.addr, REALM, TOKEN, args.concurrency, cap)?);
+    eprintln!(
+        "  [{name}] server on {} (log {})",
+        server.addr,
+        log.display()
+    );
+
+    load_phases(report, &api, args, name, "load", args.ops, "").await?;
+
+    let rows = db::count_sessions(target).await?;
+    let base = cascade(&api, args, "base", rows).await?;
+    eprintln!("  [{name}] {}", cascade_summary(&base));
+    report.cascades.push(base);
+    if let Some(note) = server.stop().await? {
+        report.notes.push(note);
+    }
+
+    if !args.skip_1m {
+        db::fill_sessions(target, args.grow_to, &args.filler_realm).await?;
+        let rows = db::count_sessions(target).await?;
+        let server = start_server(bin, target, args.durability, &log).await?;
+        let api = Arc::new(Api::new(
+            server.addr,
+            REALM,
+            TOKEN,
+            args.concurrency,
+            Duration::from_secs(args.seconds_cap),
+        )?);
+        let grown = cascade(&api, args, "grown", rows).await?;
+        eprintln!("  [{name}] {}", cascade_summary(&grown));
+        report.cascades.push(grown);
+        // A short rerun of the load phases shows what the table size does to single calls.
+        let n = (args.ops / 20).max(1);
+        load_phases(report, &api, args, name, "grown", n, " (grown)").await?;
+        if let Some(note) = server.stop().await? {
+            report.notes.push(note);
+        }
+    }
+    Ok(())
+}
+
+/// map-parent, map-child (one child under each parent), get, and destroy-parent of half the
+/// parents, `n` operations each; ids start with `prefix`, phase names end with `suffix`.
+async fn load_phases(
+    report: &mut BackendReport,
+    api: &Arc<Api>,
+    args: &Args,
+    backend: &str,
+    prefix: &'static str,
+    n: usize,
+    suffix: &str,
+) -> Result<()> {
+    let a = Arc::clone(api);
+    let parents = phase(
+        report,
+        backend,
+        &format!("map-parent{suffix}"),
+        n,
+        args,
+        move |i| {
+            let a = Arc::clone(&a);
+            async move {
+                a.map_parent(&parent_id(prefix, i), &idp_session_id(i), &user_id(i))
+                    .await
+            }
+        },
+    )
+    .await?
+    .max(1);
+
+    let a = Arc::clone(api);
+    let children = phase(
+        report,
+        backend,
+        &format!("map-child{suffix}"),
+        n,
+        args,
+        move |i| {
+            let a = Arc::clone(&a);
+            async move {
+                a.map_child(&child_id(prefix, i), &parent_id(prefix, i % parents))
+                    .await
+            }
+        },
+    )
+    .await?;
+
+    let a = Arc::clone(api);
+    phase(
+        report,
+        backend,
+        &format!("get{suffix}"),
+        n,
+        args,
+        move |i| {
+            let a = Arc::clone(&a);
+            async move { a.get(&parent_id(prefix, i % parents)).await }
+        },
+    )
+    .await?;
+
+    let a = Arc::clone(api);
+    let destroys = (n / 2).min(parents);
+    phase(
+        report,
+        backend,
+        &format!("destroy-parent{suffix}"),
+        destroys,
+        args,
+        move |i| {
+            let a = Arc::clone(&a);
+            // Child j was mapped under parent j % parents.
+            let expect = 1 + children / parents + usize::from(i < children % parents);
+            async move { a.destroy_parent(&parent_id(prefix, i), expect).await }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn start_server(
+    bin: &Path,
+    target: &Target,
+    durability: Durability,
+    log: &Path,
+) -> Result<Server> {
+    Server::start(bin, &target.server_url(), durability.as_str(), TOKEN, log).await
+}
+
+/// Runs one API phase, records it, and returns how many operations it got through.
+async fn phase<F, Fut>(
+    report: &mut BackendReport,
+    backend: &str,
+    name: &str,
+    total: usize,
+    args: &Args,
+    op: F,
+) -> Result<usize>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let cap = Duration::from_secs(args.seconds_cap);
+    let stats = run_phase(name, total, args.concurrency, cap, op).await?;
+    eprintln!("  [{backend}] {}", stats.summary());
+    let done = stats.ops;
+    report.phases.push(stats);
+    Ok(done)
+}
+
+/// Builds `args.trees` trees of 1,000 sessions through the API (level by level, concurrently
+/// within a level) and times destroy-parent of each root on its own.
+async fn cascade(
+    api: &Arc<Api>,
+    args: &Args,
+    label: &str,
+    table_rows: i64,
+) -> Result<CascadeResult> {
+    let cap = Duration::from_secs(args.seconds_cap);
+    let tree_size: usize = TREE_LEVELS.iter().sum();
+    let mut result = CascadeResult {
+        label: label.to_owned(),
+        table_rows,
+        build: PhaseStats::named(&format!("cascade build ({label})")),
+        times: Vec::new(),
+        destroy_errors: Vec::new(),
+    };
+    for t in 0..args.trees {
+        let prefix = format!("tree-{label}-{t}");
+        for (level, &width) in TREE_LEVELS.iter().enumerate() {
+            let a = Arc::clone(api);
+            let p = prefix.clone();
+            let stats = run_phase("tree level", width, args.concurrency, cap, move |j| {
+                let a = Arc::clone(&a);
+                let p = p.clone();
+                async move {
+                    if level == 0 {
+                        a.map_parent(&tree_node(&p, 0, j), &idp_session_id(j), &user_id(j))
+                            .await
+                    } else {
+                        let parent = tree_node(&p, level - 1, j % TREE_LEVELS[level - 1]);
+                        a.map_child(&tree_node(&p, level, j), &parent).await
+                    }
+                }
+            })
+            .await?;
+            result.build.absorb(&stats);
+        }
+        let began = Instant::now();
+        let outcome = api
+            .destroy_parent(&tree_node(&prefix, 0, 0), tree_size)
+            .await;
+        let took = began.elapsed();
+        match outcome {
+            Outcome::Ok => result.times.push(took),
+            Outcome::Warn(w) => {
+                result.times.push(took);
+                result.build.warnings += 1;
+                result.build.first_warning.get_or_insert(w);
+            }
+            Outcome::Err(e) => result.destroy_errors.push(e),
+        }
+    }
+    Ok(result)
+}
+
+fn cascade_summary(c: &CascadeResult) -> String {
+    let mut line = format!(
+        "cascade ({}, {} rows): destroy-parent of a {}-session tree, median {:.2} ms over {}; build errors {}, destroy errors {}",
+        c.label,
+        c.table_rows,
+        TREE_LEVELS.iter().sum::<usize>(),
+        c.median_ms(),
+        c.times.len(),
+        c.build.errors,
+        c.destroy_errors.len()
+    );
+    if let Some(e) = &c.build.first_error {
+        line.push_str(&format!("\n      first build error: {e}"));
+    }
+    if let Some(e) = c.destroy_errors.first() {
+        line.push_str(&format!("\n      first destroy error: {e}"));
+    }
+    line
+}
+
+pub(crate) fn parent_id(prefix: &str, i: usize) -> String {
+    format!("{prefix}-parent-{i:08}")
+}
+
+fn child_id(prefix: &str, i: usize) -> String {
+    format!("{prefix}-child-{i:08}")
+}
+
+fn tree_node(prefix: &str, level: usize, j: usize) -> String {
+    format!("{prefix}-l{level}-{j:04}")
+}
+
+/// A Keycloak-session-id-sized value.
+pub(crate) fn idp_session_id(i: usize) -> String {
+    format!("kc-{i:032}")
+}
+
+pub(crate) fn user_id(i: usize) -> String {
+    format!("user-{}", i % 10_000)
+}
+
+/// `cargo build --release -p lockstep`; returns the binary's path.
+fn build_server() -> Result<PathBuf> {
+    let root = crate::workspace_root()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building: cargo build --release -p lockstep");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "lockstep"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p lockstep failed: {status}");
+    }
+    let bin = crate::target_dir(&root).join("release").join("lockstep");
+    if !bin.is_file() {
+        bail!("{} is missing after the build", bin.display());
+    }
+    Ok(bin)
+}
+
+/// `git rev-parse --short HEAD`, marked when the work tree has uncommitted changes.
+fn revision() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match (
+        git(&["rev-parse", "--short", "HEAD"]),
+        git(&["status", "--porcelain"]),
+    ) {
+        (Some(rev), Some(status)) if status.is_empty() => rev,
+        (Some(rev), Some(_)) => format!("{rev} + uncommitted changes"),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// The command as typed, for the report (`cargo xtask ...`).
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"$\\".contains(c)) {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            } else {
+                a
+            }
+        })
+        .collect();
+    format!("cargo xtask {}", args.join(" "))
+}

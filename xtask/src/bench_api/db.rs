@@ -1,0 +1,360 @@
+//! Direct database work for the benchmark: the scratch PostgreSQL database, the raw-insert
+//! ceiling, and growing the `sessions` table with filler rows while the server is stopped.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Executor};
+
+use super::Durability;
+use super::load::{Outcome, PhaseStats, run_phase};
+
+/// Rows per transaction in the batched ceiling.
+pub const BATCH: usize = 100;
+/// Filler rows per transaction when growing the table.
+const FILL_CHUNK: i64 = 50_000;
+
+/// Where a backend keeps its data.
+#[derive(Clone)]
+pub enum Target {
+    /// The server's SQLite file; the ceiling uses a sibling file.
+    Sqlite { path: PathBuf },
+    /// A scratch PostgreSQL database.
+    Postgres { url: String },
+}
+
+impl Target {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Sqlite { .. } => "sqlite",
+            Target::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// The `--database-url` the server gets.
+    pub fn server_url(&self) -> String {
+        match self {
+            Target::Sqlite { path } => format!("sqlite://{}", path.display()),
+            Target::Postgres { url } => url.clone(),
+        }
+    }
+}
+
+/// Creates a fresh database on the PostgreSQL server at `admin_url`; returns its URL.
+pub async fn create_pg_database(admin_url: &str, name: &str) -> Result<String> {
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to {admin_url}"))?;
+    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+        .await
+        .with_context(|| format!("CREATE DATABASE {name}"))?;
+    let mut url = reqwest::Url::parse(admin_url).context("parsing the PostgreSQL URL")?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+pub async fn drop_pg_database(admin_url: &str, name: &str) -> Result<()> {
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to {admin_url}"))?;
+    conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await
+        .with_context(|| format!("DROP DATABASE {name}"))?;
+    Ok(())
+}
+
+fn sqlite_options(path: &PathBuf, durability: Durability) -> SqliteConnectOptions {
+    let synchronous = match durability {
+        Durability::Normal => SqliteSynchronous::Normal,
+        Durability::Fsync => SqliteSynchronous::Full,
+    };
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+const CEILING_SQLITE: &str = "CREATE TABLE ceiling (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, realm TEXT NOT NULL, external_id TEXT NOT NULL,
+    kind TEXT NOT NULL, idp_session_id TEXT, user_id TEXT, status TEXT NOT NULL,
+    attributes TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+    UNIQUE (realm, external_id))";
+const CEILING_PG: &str = "CREATE TABLE ceiling (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, realm TEXT NOT NULL,
+    external_id TEXT NOT NULL, kind TEXT NOT NULL, idp_session_id TEXT, user_id TEXT,
+    status TEXT NOT NULL, attributes TEXT NOT NULL, created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL, UNIQUE (realm, external_id))";
+const INSERT_SQLITE: &str = "INSERT INTO ceiling
+    (realm, external_id, kind, idp_session_id, user_id, status, attributes, created_at, updated_at)
+    VALUES ('bench', ?1, 'PARENT', ?2, ?3, 'ACTIVE', '{}', ?4, ?4)";
+const INSERT_PG: &str = "INSERT INTO ceiling
+    (realm, external_id, kind, idp_session_id, user_id, status, attributes, created_at, updated_at)
+    VALUES ('bench', $1, 'PARENT', $2, $3, 'ACTIVE', '{}', $4, $4)";
+
+/// A row of the same shape as the API's parents.
+fn ceiling_row(i: usize) -> (String, String, String, i64) {
+    (
+        super::parent_id("ceil", i),
+        super::idp_session_id(i),
+        super::user_id(i),
+        chrono::Utc::now().timestamp_millis(),
+    )
+}
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+impl Pool {
+    /// Inserts rows `first..first + n` in one transaction (`n == 1`: autocommit).
+    async fn insert(&self, first: usize, n: usize) -> std::result::Result<(), sqlx::Error> {
+        match self {
+            Pool::Sqlite(pool) if n == 1 => {
+                let (ext, idp, user, now) = ceiling_row(first);
+                let q = sqlx::query(INSERT_SQLITE)
+                    .bind(ext)
+                    .bind(idp)
+                    .bind(user)
+                    .bind(now);
+                q.execute(pool).await?;
+            }
+            Pool::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for i in first..first + n {
+                    let (ext, idp, user, now) = ceiling_row(i);
+                    let q = sqlx::query(INSERT_SQLITE)
+                        .bind(ext)
+                        .bind(idp)
+                        .bind(user)
+                        .bind(now);
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Pool::Pg(pool) if n == 1 => {
+                let (ext, idp, user, now) = ceiling_row(first);
+                let q = sqlx::query(INSERT_PG)
+                    .bind(ext)
+                    .bind(idp)
+                    .bind(user)
+                    .bind(now);
+                q.execute(pool).await?;
+            }
+            Pool::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                for i in first..first + n {
+                    let (ext, idp, user, now) = ceiling_row(i);
+                    let q = sqlx::query(INSERT_PG)
+                        .bind(ext)
+                        .bind(idp)
+                        .bind(user)
+                        .bind(now);
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw-insert ceiling: `rows` rows one per autocommit transaction from `concurrency`
+/// tasks, then `rows` rows in transactions of [`BATCH`]. SQLite gets a single connection
+/// (it has one writer) in a separate file; PostgreSQL a pool of `concurrency` connections in
+/// the scratch database, with the server's settings (synchronous_commit on).
+pub async fn ceiling(
+    target: &Target,
+    durability: Durability,
+    concurrency: usize,
+    rows: usize,
+    cap: Duration,
+) -> Result<(PhaseStats, PhaseStats)> {
+    let pool = match target {
+        Target::Sqlite { path } => {
+            let file = path.with_file_name("ceiling.db");
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(120))
+                .connect_with(sqlite_options(&file, durability))
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            pool.execute(CEILING_SQLITE)
+                .await
+                .context("creating the ceiling table")?;
+            Pool::Sqlite(pool)
+        }
+        Target::Postgres { url } => {
+            let pool = PgPoolOptions::new()
+                .max_connections(u32::try_from(concurrency).unwrap_or(u32::MAX))
+                .acquire_timeout(Duration::from_secs(120))
+                .connect_with(PgConnectOptions::from_str(url).context("parsing the URL")?)
+                .await
+                .context("connecting to PostgreSQL")?;
+            pool.execute(CEILING_PG)
+                .await
+                .context("creating the ceiling table")?;
+            Pool::Pg(pool)
+        }
+    };
+    let pool = Arc::new(pool);
+
+    let p = Arc::clone(&pool);
+    let single = run_phase("ceiling 1 row/tx", rows, concurrency, cap, move |i| {
+        let p = Arc::clone(&p);
+        async move { to_outcome(p.insert(i, 1).await) }
+    })
+    .await?;
+
+    let p = Arc::clone(&pool);
+    let batches = rows.div_ceil(BATCH);
+    let offset = rows;
+    let mut batched = run_phase(
+        &format!("ceiling {BATCH} rows/tx"),
+        batches,
+        concurrency,
+        cap,
+        move |b| {
+            let p = Arc::clone(&p);
+            async move { to_outcome(p.insert(offset + b * BATCH, BATCH).await) }
+        },
+    )
+    .await?;
+    batched.rows_per_op = BATCH;
+
+    match &*pool {
+        Pool::Sqlite(p) => p.close().await,
+        Pool::Pg(p) => {
+            p.execute("DROP TABLE ceiling")
+                .await
+                .context("dropping the ceiling table")?;
+            p.close().await;
+        }
+    }
+    Ok((single, batched))
+}
+
+fn to_outcome(r: std::result::Result<(), sqlx::Error>) -> Outcome {
+    match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Err(e.to_string()),
+    }
+}
+
+/// Rows in `sessions` (all realms). Safe while the server runs.
+pub async fn count_sessions(target: &Target) -> Result<i64> {
+    match target {
+        Target::Sqlite { path } => {
+            let opts = SqliteConnectOptions::new().filename(path).read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+                .await
+                .context("opening the SQLite database")?;
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions")
+                .fetch_one(&mut conn)
+                .await
+                .context("counting sessions")?;
+            Ok(n)
+        }
+        Target::Postgres { url } => {
+            let mut conn = PgConnection::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sessions")
+                .fetch_one(&mut conn)
+                .await
+                .context("counting sessions")?;
+            Ok(n)
+        }
+    }
+}
+
+const FILL_SQLITE: &str =
+    "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2)
+    INSERT INTO sessions (realm, external_id, kind, idp_session_id, user_id, system, status,
+                          attributes, created_at, updated_at)
+    SELECT ?4, 'filler-' || i, 'FIXED',
+           'kc-' || substr('00000000000000000000000000000000' || i, -32, 32),
+           'user-' || (i % 10000), 'bench', 'ACTIVE', '{}', ?3, ?3
+    FROM n";
+const FILL_PG: &str = "INSERT INTO sessions (realm, external_id, kind, idp_session_id, user_id,
+                          system, status, attributes, created_at, updated_at)
+    SELECT $4, 'filler-' || g, 'FIXED', 'kc-' || lpad(g::text, 32, '0'),
+           'user-' || (g % 10000), 'bench', 'ACTIVE', '{}', $3, $3
+    FROM generate_series($1::bigint, $2::bigint) AS g";
+
+/// Grows `sessions` to `to` rows with FIXED sessions in `realm`, in transactions of
+/// [`FILL_CHUNK`] rows. The server must be stopped. Returns the rows added.
+pub async fn fill_sessions(target: &Target, to: i64, realm: &str) -> Result<i64> {
+    let have = count_sessions(target).await?;
+    let want = (to - have).max(0);
+    let now = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let mut first = 0_i64;
+    match target {
+        Target::Sqlite { path } => {
+            let opts = sqlite_options(path, Durability::Normal);
+            let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+                .await
+                .context("opening the SQLite database")?;
+            while first < want {
+                let last = (first + FILL_CHUNK).min(want) - 1;
+                let mut tx = conn.begin().await?;
+                sqlx::query(FILL_SQLITE)
+                    .bind(first)
+                    .bind(last)
+                    .bind(now)
+                    .bind(realm)
+                    .execute(&mut *tx)
+                    .await
+                    .context("inserting filler rows")?;
+                tx.commit().await?;
+                first = last + 1;
+            }
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&mut conn)
+                .await
+                .context("checkpointing the WAL")?;
+            conn.close().await?;
+        }
+        Target::Postgres { url } => {
+            let mut conn = PgConnection::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            while first < want {
+                let last = (first + FILL_CHUNK).min(want) - 1;
+                let mut tx = conn.begin().await?;
+                sqlx::query(FILL_PG)
+                    .bind(first)
+                    .bind(last)
+                    .bind(now)
+                    .bind(realm)
+                    .execute(&mut *tx)
+                    .await
+                    .context("inserting filler rows")?;
+                tx.commit().await?;
+                first = last + 1;
+            }
+            // What autovacuum would soon do on its own; without it the planner still sees
+            // the statistics of a nearly empty table.
+            conn.execute("ANALYZE sessions")
+                .await
+                .context("ANALYZE sessions")?;
+            conn.close().await?;
+        }
+    }
+    eprintln!(
+        "  [{}] filled sessions: +{want} rows to {to} in {:.1} s",
+        target.name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(want)
+}
