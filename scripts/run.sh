@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The project's run command (README): builds the release binary and serves on
-# 127.0.0.1:8080 with the embedded SQLite store (./lockstep.db). Without
-# LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token.
+# The project's run command (README): builds the bundled connectors and the release binary,
+# then serves on 127.0.0.1:8080 with the embedded SQLite store (./lockstep.db) and the
+# connector manifests of examples/connectors.d (only `*.toml` files load; the webhook example
+# ships as `webhook.toml.example`, so nothing is delivered until you enable it).
+# Without LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token.
 # Extra arguments go to `lockstep serve` (e.g. --listen, --database-url, --config).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,5 +11,9 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "run.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
     exit 1
 fi
+if command -v rustup >/dev/null 2>&1; then
+    rustup target add wasm32-wasip2
+fi
+cargo xtask build-connectors
 cargo build --release -p lockstep
-exec target/release/lockstep serve "$@"
+exec target/release/lockstep serve --connectors-dir examples/connectors.d "$@"

@@ -54,12 +54,22 @@ pub fn main(args: Args) -> Result<()> {
         bail!("building the components failed: {status}");
     }
     let out = target_dir(&root).join(TARGET).join(PROFILE);
+    let dist = root.join("dist/connectors");
     for p in &packages {
         let wasm = out.join(format!("{}.wasm", p.replace('-', "_")));
         if !wasm.is_file() {
             bail!("{} is missing after the build", wasm.display());
         }
         println!("{}", wasm.display());
+        // Bundled connectors (not test fixtures) are also published to dist/connectors/.
+        if root.join("connectors").join(p).is_dir() {
+            std::fs::create_dir_all(&dist)
+                .with_context(|| format!("creating {}", dist.display()))?;
+            let to = dist.join(format!("{p}.wasm"));
+            std::fs::copy(&wasm, &to)
+                .with_context(|| format!("copying {} to {}", wasm.display(), to.display()))?;
+            println!("{}", to.display());
+        }
     }
     Ok(())
 }
