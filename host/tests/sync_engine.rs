@@ -413,6 +413,26 @@ async fn sigkill_with_pending_events_loses_nothing(backend: Backend) {
         seen.len()
     );
     assert_eq!(seen.len(), 1000, "every event delivered");
+    // Per session, the connector saw the login before the logout (per-session order).
+    let mut first_login: HashMap<String, usize> = HashMap::new();
+    let mut first_logout: HashMap<String, usize> = HashMap::new();
+    for (i, r) in got.iter().enumerate() {
+        let e = r.json();
+        let session = e["externalId"].as_str().unwrap().to_owned();
+        let slot = if e["type"] == "login" {
+            &mut first_login
+        } else {
+            &mut first_logout
+        };
+        slot.entry(session).or_insert(i);
+    }
+    assert_eq!(first_login.len(), 500);
+    for (session, login) in &first_login {
+        assert!(
+            login < &first_logout[session],
+            "{session}: logout delivered before login"
+        );
+    }
     server
         .wait_deliveries("status=pending", Duration::from_secs(30), |i| i.is_empty())
         .await;

@@ -115,54 +115,32 @@ enum Pool {
     Pg(PgPool),
 }
 
+/// One autocommit insert when `n == 1`, else `n` inserts in one transaction; the same code
+/// for both backends (their pools have different types).
+macro_rules! insert_rows {
+    ($pool:expr, $sql:expr, $first:expr, $n:expr) => {{
+        let bind = |i: usize| {
+            let (ext, idp, user, now) = ceiling_row(i);
+            sqlx::query($sql).bind(ext).bind(idp).bind(user).bind(now)
+        };
+        if $n == 1 {
+            bind($first).execute($pool).await?;
+        } else {
+            let mut tx = $pool.begin().await?;
+            for i in $first..$first + $n {
+                bind(i).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+    }};
+}
+
 impl Pool {
     /// Inserts rows `first..first + n` in one transaction (`n == 1`: autocommit).
     async fn insert(&self, first: usize, n: usize) -> std::result::Result<(), sqlx::Error> {
         match self {
-            Pool::Sqlite(pool) if n == 1 => {
-                let (ext, idp, user, now) = ceiling_row(first);
-                let q = sqlx::query(INSERT_SQLITE)
-                    .bind(ext)
-                    .bind(idp)
-                    .bind(user)
-                    .bind(now);
-                q.execute(pool).await?;
-            }
-            Pool::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                for i in first..first + n {
-                    let (ext, idp, user, now) = ceiling_row(i);
-                    let q = sqlx::query(INSERT_SQLITE)
-                        .bind(ext)
-                        .bind(idp)
-                        .bind(user)
-                        .bind(now);
-                    q.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-            }
-            Pool::Pg(pool) if n == 1 => {
-                let (ext, idp, user, now) = ceiling_row(first);
-                let q = sqlx::query(INSERT_PG)
-                    .bind(ext)
-                    .bind(idp)
-                    .bind(user)
-                    .bind(now);
-                q.execute(pool).await?;
-            }
-            Pool::Pg(pool) => {
-                let mut tx = pool.begin().await?;
-                for i in first..first + n {
-                    let (ext, idp, user, now) = ceiling_row(i);
-                    let q = sqlx::query(INSERT_PG)
-                        .bind(ext)
-                        .bind(idp)
-                        .bind(user)
-                        .bind(now);
-                    q.execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-            }
+            Pool::Sqlite(pool) => insert_rows!(pool, INSERT_SQLITE, first, n),
+            Pool::Pg(pool) => insert_rows!(pool, INSERT_PG, first, n),
         }
         Ok(())
     }
