@@ -4,7 +4,8 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "connector-core",
-    imports: { default: async },
+    // Host functions (log, config-get) never wait on I/O: sync calls skip the future
+    // machinery on every import call.
     exports: { default: async },
 });
 

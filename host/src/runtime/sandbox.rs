@@ -192,7 +192,7 @@ pub(super) struct LogBudget {
 impl lockstep::connector::session::Host for CallState {}
 
 impl lockstep::connector::host::Host for CallState {
-    async fn log(&mut self, level: Level, message: String) {
+    fn log(&mut self, level: Level, message: String) {
         if self.logs.written >= MAX_LOG_LINES {
             self.logs.dropped += 1;
             return;
@@ -218,7 +218,7 @@ impl lockstep::connector::host::Host for CallState {
         }
     }
 
-    async fn config_get(&mut self, key: String) -> Option<String> {
+    fn config_get(&mut self, key: String) -> Option<String> {
         self.manifest.config.get(&key).cloned()
     }
 }
