@@ -209,18 +209,21 @@ macro_rules! session_ops {
                 $children,
                 " ), marked AS ( \
                      SELECT external_id AS m_id, MIN(via) AS via FROM tree GROUP BY external_id \
+                 ), targets AS MATERIALIZED ( \
+                     SELECT s.id AS t_id, m.via AS via FROM marked m CROSS JOIN sessions s \
+                     WHERE s.realm = $1 AND s.external_id = m.m_id \
                  ) \
                  UPDATE sessions SET \
-                     status = CASE WHEN marked.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
-                     end_reason = CASE WHEN marked.via = 0 THEN $5 \
-                                       WHEN marked.via = 1 AND $4 THEN NULL \
-                                       WHEN marked.via = 1 THEN 'cascade' \
+                     status = CASE WHEN targets.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
+                     end_reason = CASE WHEN targets.via = 0 THEN $5 \
+                                       WHEN targets.via = 1 AND $4 THEN NULL \
+                                       WHEN targets.via = 1 THEN 'cascade' \
                                        ELSE 'delegation_ended' END, \
                      updated_at = $6 \
-                 FROM marked \
-                 WHERE sessions.realm = $1 AND sessions.external_id = marked.m_id \
+                 FROM targets \
+                 WHERE sessions.id = targets.t_id \
                    AND (sessions.status = 'ACTIVE' \
-                        OR (sessions.status = 'ORPHANED' AND NOT (marked.via = 1 AND $4))) \
+                        OR (sessions.status = 'ORPHANED' AND NOT (targets.via = 1 AND $4))) \
                  RETURNING ",
                 session_columns!()
             ))
@@ -325,6 +328,7 @@ macro_rules! session_ops {
             realm: &str,
             external_id: &str,
         ) -> Result<Option<Vec<Session>>> {
+            // CROSS JOIN fixes the join order (SQLite): the walk drives the index lookups.
             // Walk up to the root (depth-bounded: parents exist before children, so there is
             // no cycle, but a corrupt row must not loop forever), then down from it.
             let root: Option<String> = sqlx::query_scalar(
@@ -333,8 +337,8 @@ macro_rules! session_ops {
                      WHERE realm = $1 AND external_id = $2 \
                    UNION ALL \
                      SELECT s.external_id, s.parent_id, up.depth + 1 FROM up \
-                     JOIN sessions s ON s.realm = $1 AND s.external_id = up.parent_id \
-                     WHERE up.depth < 10000 \
+                     CROSS JOIN sessions s \
+                     WHERE s.realm = $1 AND s.external_id = up.parent_id AND up.depth < 10000 \
                  ) SELECT external_id FROM up ORDER BY depth DESC LIMIT 1",
             )
             .bind(realm)
@@ -349,7 +353,7 @@ macro_rules! session_ops {
                      SELECT CAST($2 AS TEXT) \
                    UNION \
                      SELECT s.external_id FROM down \
-                     JOIN sessions s ON s.realm = $1 AND s.parent_id = down.external_id \
+                     CROSS JOIN sessions s WHERE s.realm = $1 AND s.parent_id = down.external_id \
                  ) SELECT ",
                 session_columns!(),
                 " FROM sessions WHERE realm = $1 \

@@ -26,10 +26,11 @@ pub(super) mod ops {
         for_update = "",
         ids = "SELECT value FROM json_each($2)",
         // Two recursive arms, one per edge, so each uses its index (an OR join cannot).
-        children = "SELECT c.external_id, 1 FROM tree t JOIN sessions c \
-                    ON c.realm = $1 AND c.parent_id = t.external_id \
-                    UNION SELECT c.external_id, 2 FROM tree t JOIN sessions c \
-                    ON c.realm = $1 AND c.delegated_by = t.external_id",
+        // CROSS JOIN keeps `tree` as the outer loop, so each step is an index lookup.
+        children = "SELECT c.external_id, 1 FROM tree t CROSS JOIN sessions c \
+                    WHERE c.realm = $1 AND c.parent_id = t.external_id \
+                    UNION SELECT c.external_id, 2 FROM tree t CROSS JOIN sessions c \
+                    WHERE c.realm = $1 AND c.delegated_by = t.external_id",
         recheck = false,
     );
     crate::store::deliveries::delivery_ops!(
@@ -226,7 +227,12 @@ async fn writer_loop(
     committed: std::sync::Arc<Notify>,
 ) {
     let mut batch: Vec<JobFn> = Vec::with_capacity(MAX_BATCH);
+    // Table statistics steer SQLite's planner to the selective indexes (a realm holds many
+    // sessions; a user, parent or IdP session few); refresh them at start and now and then.
+    optimize(&mut conn).await;
+    let mut since_optimize = 0usize;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        since_optimize += batch.len();
         let now = now_millis();
         let mut pending = Vec::with_capacity(batch.len());
         let began = exec(&mut conn, "BEGIN IMMEDIATE").await;
@@ -260,6 +266,23 @@ async fn writer_loop(
         }
         if ok {
             committed.notify_one();
+        }
+        if since_optimize >= OPTIMIZE_EVERY {
+            since_optimize = 0;
+            optimize(&mut conn).await;
+        }
+    }
+}
+
+/// Write jobs between two `PRAGMA optimize` runs.
+const OPTIMIZE_EVERY: usize = 50_000;
+
+async fn optimize(conn: &mut SqliteConnection) {
+    // 0x10002: analyse the tables that need it, even on a fresh connection; analysis_limit
+    // keeps it to milliseconds on big tables.
+    for sql in ["PRAGMA analysis_limit = 400", "PRAGMA optimize = 0x10002"] {
+        if let Err(e) = exec(conn, sql).await {
+            tracing::warn!(error = %e, "sqlite {sql} failed");
         }
     }
 }
