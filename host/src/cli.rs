@@ -233,9 +233,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, "lockstep serving");
-    // Machine-readable readiness line for scripts and black-box tests.
-    println!("listening on {local}");
 
     let cache_dir = args
         .compile_cache
@@ -255,6 +252,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot load connectors from {}", dir.display()))?;
         tracing::info!(connectors = n, dir = %dir.display(), "connectors loaded");
     }
+    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, "lockstep serving");
+    // Machine-readable readiness line for scripts and black-box tests: printed only once the
+    // store is migrated and every connector is loaded.
+    println!("listening on {local}");
     let (stop_dispatch, dispatch_stopped) = watch::channel(false);
     let dispatcher = Dispatcher::new(
         store.clone(),

@@ -513,3 +513,34 @@ async fn deliveries_api_is_for_operators_only_and_validates_input(backend: Backe
         .await;
     assert_eq!((code, body["replayed"].as_u64()), (StatusCode::OK, Some(0)));
 }
+
+/// A broken connector is a configuration error: the service refuses to start and says which
+/// one and why, rather than running without it and silently dropping its events.
+#[test]
+fn a_broken_connector_stops_the_start_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk.wasm"), b"not a component").unwrap();
+    std::fs::write(
+        dir.path().join("junk.toml"),
+        "name = \"junk\"\ncomponent = \"junk.wasm\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}/x.db", dir.path().display()))
+        .arg("--connectors-dir")
+        .arg(dir.path())
+        .arg("--compile-cache")
+        .arg(dir.path().join("cache"))
+        .env("LOCKSTEP_ADMIN_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("listening on"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("junk") && stderr.contains("not a loadable component"),
+        "{stderr}"
+    );
+}
