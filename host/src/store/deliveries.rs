@@ -467,13 +467,6 @@ macro_rules! delivery_ops {
             .fetch_all(&mut *conn)
             .await?)
         }
-
-        /// Deliveries not finished yet (pending), for readiness and tests.
-        pub(crate) async fn pending_count(conn: &mut $conn) -> Result<i64> {
-            Ok(sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'")
-                .fetch_one(&mut *conn)
-                .await?)
-        }
     };
 }
 

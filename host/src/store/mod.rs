@@ -191,14 +191,6 @@ impl Store {
         }
     }
 
-    /// Number of outbox rows for a session (used by tests and diagnostics).
-    pub async fn outbox_count(&self, realm: &str, external_id: &str) -> Result<i64> {
-        match self {
-            Store::Sqlite(s) => s.outbox_count(realm, external_id).await,
-            Store::Postgres(p) => p.outbox_count(realm, external_id).await,
-        }
-    }
-
     /// Cheap liveness probe of the database.
     pub async fn ping(&self) -> Result<()> {
         match self {
@@ -331,14 +323,6 @@ impl Store {
                 )
                 .await
             }
-        }
-    }
-
-    /// Deliveries still pending.
-    pub async fn pending_deliveries(&self) -> Result<i64> {
-        match self {
-            Store::Sqlite(s) => sqlite::ops::pending_count(&mut *s.reader().await?).await,
-            Store::Postgres(p) => postgres::ops::pending_count(&mut *p.pool.acquire().await?).await,
         }
     }
 

@@ -10,7 +10,7 @@ pub(crate) const EVENT_CHUNK: usize = 200;
 /// Bound on straggler passes after a cascade (each pass is one level of concurrent inserts).
 pub(crate) const MAX_CASCADE_PASSES: usize = 32;
 
-/// Generates `map`, `destroy`, `get`, `tree`, `query` and `outbox_count` for one backend.
+/// Generates `map`, `destroy`, `get`, `tree` and `query` for one backend.
 ///
 /// - `for_share` / `for_update`: row-lock suffixes (empty where the backend serialises writers).
 /// - `ids`: a subquery that expands the JSON array bound at `$2` into rows of text.
@@ -401,20 +401,6 @@ macro_rules! session_ops {
             items.truncate(q.limit as usize);
             let next_after = if more { items.last().map(|s| s.seq) } else { None };
             Ok(Page { items, next_after })
-        }
-
-        pub(crate) async fn outbox_count(
-            conn: &mut $conn,
-            realm: &str,
-            external_id: &str,
-        ) -> Result<i64> {
-            Ok(sqlx::query_scalar(
-                "SELECT COUNT(*) FROM outbox WHERE realm = $1 AND external_id = $2",
-            )
-            .bind(realm)
-            .bind(external_id)
-            .fetch_one(&mut *conn)
-            .await?)
         }
     };
 }

@@ -180,11 +180,6 @@ impl PgStore {
         ops::query(&mut conn, realm, q).await
     }
 
-    pub(super) async fn outbox_count(&self, realm: &str, id: &str) -> Result<i64> {
-        let mut conn = self.pool.acquire().await?;
-        ops::outbox_count(&mut conn, realm, id).await
-    }
-
     pub(super) async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

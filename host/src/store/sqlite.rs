@@ -193,11 +193,6 @@ impl SqliteStore {
         ops::query(&mut conn, realm, q).await
     }
 
-    pub(super) async fn outbox_count(&self, realm: &str, id: &str) -> Result<i64> {
-        let mut conn = self.read.acquire().await?;
-        ops::outbox_count(&mut conn, realm, id).await
-    }
-
     pub(super) async fn ping(&self) -> Result<()> {
         if self.writer.is_closed() {
             return Err(StoreError::Unavailable);
