@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
+use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
@@ -188,13 +189,7 @@ async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::Validation("limit must be 1-500".into()));
     }
-    let after = match p.cursor.as_deref() {
-        None => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| ApiError::Validation("cursor is not one this server issued".into()))?,
-        ),
-    };
+    let after = p.cursor.as_deref().map(cursor::decode).transpose()?;
     let mut rows = state
         .sessions
         .store()
@@ -210,7 +205,7 @@ async fn list(
     let more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor = if more {
-        rows.last().map(|r| r.id.to_string())
+        rows.last().map(|r| cursor::encode(r.id))
     } else {
         None
     };

@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+mod cursor;
 mod deliveries;
 pub mod dto;
 pub mod error;

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 
 use super::AppState;
+use super::cursor;
 use super::dto::*;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
@@ -418,7 +419,7 @@ async fn list_sessions(
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<ListResponse>, ApiError> {
     authorize(&caller, &realm)?;
-    let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    let after = params.cursor.as_deref().map(cursor::decode).transpose()?;
     if params.limit == Some(0) {
         return Err(ApiError::Validation("limit must be at least 1".into()));
     }
@@ -439,33 +440,6 @@ async fn list_sessions(
         .await?;
     Ok(Json(ListResponse {
         items: page.items.into_iter().map(Into::into).collect(),
-        next_cursor: page.next_after.map(encode_cursor),
+        next_cursor: page.next_after.map(cursor::encode),
     }))
-}
-
-/// Cursors are opaque to clients: a versioned, hex-encoded position.
-fn encode_cursor(after: i64) -> String {
-    hex::encode(format!("v1:{after}"))
-}
-
-fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
-    hex::decode(cursor)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("v1:").and_then(|n| n.parse::<i64>().ok()))
-        .filter(|n| *n >= 0)
-        .ok_or_else(|| ApiError::Validation("cursor is not one this server issued".into()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_reject_forgeries() {
-        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
-        assert!(decode_cursor("zz").is_err());
-        assert!(decode_cursor(&hex::encode("v1:-5")).is_err());
-        assert!(decode_cursor(&hex::encode("v2:5")).is_err());
-    }
 }
