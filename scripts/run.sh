@@ -11,9 +11,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "run.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
     exit 1
 fi
-if command -v rustup >/dev/null 2>&1; then
-    rustup target add wasm32-wasip2
-fi
+# build-connectors adds the wasm32-wasip2 target with rustup when it is missing.
 cargo xtask build-connectors
 cargo build --release -p lockstep
 exec target/release/lockstep serve --connectors-dir examples/connectors.d "$@"

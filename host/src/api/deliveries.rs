@@ -16,6 +16,7 @@ use crate::auth::Permission;
 use crate::store::deliveries::{
     AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
 };
+use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Routes of this resource.
 pub fn router() -> axum::Router<AppState> {
@@ -185,9 +186,9 @@ async fn list(
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
     caller.0.authorize_global(Permission::ConnectorsManage)?;
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::Validation("limit must be 1-500".into()));
+    let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Validation(format!("limit must be 1-{MAX_PAGE}")));
     }
     let after = p.cursor.as_deref().map(cursor::decode).transpose()?;
     let mut rows = state
