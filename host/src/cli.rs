@@ -16,11 +16,13 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
+use crate::lifecycle::{self, Connectors};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::sessions::{RealmPolicy, SessionService};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{self, LogFormat};
 
 /// Default SQLite file when no database URL is given.
@@ -59,6 +61,8 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Print the OpenAPI document.
     Openapi,
+    /// Manage the connectors of a running instance through its admin API.
+    Connectors(crate::admin_client::ClientArgs),
     /// Print the SHA-256 of an API key, for `[[api_keys]] sha256` in the config file.
     HashKey {
         /// The key (prefer reading it from stdin with `-` to keep it out of shell history).
@@ -175,6 +179,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Connectors(args) => crate::admin_client::run(args).await,
         Command::Openapi => {
             print!("{}", api::openapi::document_json());
             Ok(())
@@ -241,38 +246,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_COMPILE_CACHE));
     let runtime = Runtime::new(Some(cache_dir)).context("cannot start the connector runtime")?;
     let registry = Arc::new(Registry::new());
-    if let Some(dir) = args
+    let metrics = Arc::new(Metrics::new());
+    let connectors = Connectors::new(
+        runtime.clone(),
+        registry.clone(),
+        store.clone(),
+        metrics.clone(),
+    );
+    let dir = args
         .connectors_dir
         .clone()
-        .or_else(|| file.connectors_dir.clone())
-    {
-        let n = registry
-            .load_dir(&runtime, &dir)
-            .await
-            .with_context(|| format!("cannot load connectors from {}", dir.display()))?;
-        tracing::info!(connectors = n, dir = %dir.display(), "connectors loaded");
+        .or_else(|| file.connectors_dir.clone());
+    let n = connectors
+        .start(dir.as_deref())
+        .await
+        .with_context(|| match &dir {
+            Some(d) => format!("cannot load connectors from {}", d.display()),
+            None => "cannot load the stored connectors".to_owned(),
+        })?;
+    tracing::info!(connectors = n, dir = ?dir, "connectors loaded");
+    let (stop, stopping) = watch::channel(false);
+    if let Some(dir) = dir {
+        lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone());
     }
+    lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
     tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, "lockstep serving");
     // Machine-readable readiness line for scripts and black-box tests: printed only once the
     // store is migrated and every connector is loaded.
     println!("listening on {local}");
-    let (stop_dispatch, dispatch_stopped) = watch::channel(false);
     let dispatcher = Dispatcher::new(
         store.clone(),
         runtime.clone(),
         registry.clone(),
+        metrics,
         DispatcherConfig::default(),
     );
-    let dispatch = tokio::spawn(dispatcher.run(dispatch_stopped));
+    let dispatch = tokio::spawn(dispatcher.run(stopping));
 
     let state = AppState {
         sessions: SessionService::new(store.clone(), policies),
         auth,
+        connectors,
     };
     let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
     let result = server.await;
     tracing::info!("shutting down: finishing hook calls in flight");
-    let _ = stop_dispatch.send(true);
+    let _ = stop.send(true);
     match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),
@@ -344,5 +363,14 @@ mod tests {
         assert!(matches!(cli.command, Command::Serve(_)));
         assert!(Cli::try_parse_from(["lockstep", "serve", "--durability", "sometimes"]).is_err());
         assert!(Cli::try_parse_from(["lockstep", "migrate"]).is_ok());
+        for args in [
+            &["lockstep", "connectors", "list"][..],
+            &["lockstep", "connectors", "load", "x.toml", "--component", "x.wasm"],
+            &["lockstep", "connectors", "--url", "http://127.0.0.1:1", "remove", "x"],
+            &["lockstep", "connectors", "disable", "x", "--json"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["lockstep", "connectors", "frobnicate"]).is_err());
     }
 }

@@ -2,10 +2,12 @@
 //! and the legacy IAM systems that run beside it. This crate is the host service; `main.rs`
 //! is a thin wrapper over [`cli::run`].
 
+pub mod admin_client;
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod lifecycle;
 pub mod runtime;
 pub mod store;
 pub mod sync;

@@ -20,6 +20,12 @@ pub enum ApiError {
     /// Body larger than the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A connector manifest is invalid.
+    #[error("{0}")]
+    InvalidManifest(String),
+    /// A connector component does not load (not a component, wrong world, fails at start).
+    #[error("{0}")]
+    InvalidComponent(String),
     /// Body is not JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -82,6 +88,10 @@ impl ApiError {
         match self {
             ApiError::Validation(_) => (StatusCode::BAD_REQUEST, "VALIDATION"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+            ApiError::InvalidManifest(_) => (StatusCode::BAD_REQUEST, "INVALID_MANIFEST"),
+            ApiError::InvalidComponent(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_COMPONENT")
+            }
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "VALIDATION"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),

@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+pub mod connectors;
 mod cursor;
 mod deliveries;
 pub mod dto;
@@ -19,6 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
+use crate::lifecycle::Connectors;
 use crate::sync::sessions::SessionService;
 use error::ApiError;
 
@@ -29,6 +31,8 @@ pub struct AppState {
     pub sessions: SessionService,
     /// Caller authentication.
     pub auth: Authenticator,
+    /// Connector lifecycle and metrics.
+    pub connectors: Connectors,
 }
 
 /// The whole HTTP application.
@@ -36,6 +40,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
         .merge(deliveries::router())
+        .merge(connectors::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

@@ -29,13 +29,21 @@ use super::AppState;
         super::deliveries::list,
         super::deliveries::one,
         super::deliveries::replay,
+        super::connectors::list,
+        super::connectors::one,
+        super::connectors::put,
+        super::connectors::remove,
+        super::connectors::disable,
+        super::connectors::enable,
+        super::connectors::metrics,
         super::health::healthz,
         super::health::readyz,
     ),
     modifiers(&BearerAuth),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
-         (name = "health", description = "Liveness and readiness"))
+         (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
+         (name = "health", description = "Liveness, readiness and metrics"))
 )]
 struct ApiDoc;
 

@@ -107,7 +107,8 @@ impl Default for Policy {
 #[serde(deny_unknown_fields)]
 struct RawManifest {
     name: String,
-    component: PathBuf,
+    #[serde(default)]
+    component: Option<PathBuf>,
     #[serde(default = "all_realms")]
     realms: Vec<String>,
     #[serde(default = "all_events")]
@@ -202,7 +203,7 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
 pub struct Manifest {
     /// Unique name; also the `system` label of sessions the connector owns.
     pub name: String,
-    /// Component file (absolute, resolved against the manifest's directory).
+    /// Component file (resolved against the manifest's directory; empty for an upload).
     pub component: PathBuf,
     /// Realms it serves (`*` for all).
     pub realms: Vec<String>,
@@ -237,6 +238,16 @@ impl Manifest {
 
     /// Parses manifest text; relative component paths resolve against `dir`.
     pub fn parse(text: &str, dir: &Path, label: &str) -> Result<Self, ManifestError> {
+        Self::parse_with(text, Some(dir), label)
+    }
+
+    /// Parses the manifest of an uploaded connector: the component comes with it, so a
+    /// `component` path (kept when the same file serves a directory) is ignored.
+    pub fn parse_uploaded(text: &str, label: &str) -> Result<Self, ManifestError> {
+        Self::parse_with(text, None, label)
+    }
+
+    fn parse_with(text: &str, dir: Option<&Path>, label: &str) -> Result<Self, ManifestError> {
         let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
             path: label.to_owned(),
             message: e.to_string(),
@@ -289,10 +300,16 @@ impl Manifest {
                 "policy.backoff_ms must be > 0 and <= policy.max_backoff_ms".into(),
             ));
         }
-        let component = if raw.component.is_absolute() {
-            raw.component.clone()
-        } else {
-            dir.join(&raw.component)
+        let component = match (dir, &raw.component) {
+            (None, _) => PathBuf::new(),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "component is required (path of the .wasm file, relative to the manifest)"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(c)) if c.is_absolute() => c.clone(),
+            (Some(dir), Some(c)) => dir.join(c),
         };
         Ok(Manifest {
             name: raw.name,
@@ -400,6 +417,17 @@ url = "http://127.0.0.1:9000/sessions"
             let err = Manifest::parse(&text, Path::new("."), "x.toml").unwrap_err();
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn uploaded_manifests_need_no_component_path() {
+        let text = EXAMPLE.replace("component = \"webhook.wasm\"\n", "");
+        assert!(Manifest::parse(&text, Path::new("."), "x.toml").is_err());
+        let m = Manifest::parse_uploaded(&text, "upload").unwrap();
+        assert_eq!(m.name, "billing-portal");
+        assert_eq!(m.component, PathBuf::new());
+        // The same file that serves a directory uploads as it is.
+        assert!(Manifest::parse_uploaded(EXAMPLE, "upload").is_ok());
     }
 
     #[test]

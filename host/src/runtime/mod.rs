@@ -231,10 +231,8 @@ impl Runtime {
             name: name.clone(),
             message,
         };
-        let mut h = Sha256::new();
-        h.update(&bytes);
-        h.update(manifest.source.as_bytes());
-        let version = hex::encode(h.finalize())[..16].to_owned();
+        let version = version_of(&bytes, &manifest.source);
+        let manifest = Arc::new(manifest);
         let engine = self.engine.clone();
         let cache = self.cache.clone();
         let started = Instant::now();
@@ -248,6 +246,33 @@ impl Runtime {
             .map_err(|e| invalid(format!("does not fit the lockstep:connector world: {e:#}")))?;
         let pre = ConnectorCorePre::new(instance_pre)
             .map_err(|e| invalid(format!("does not export lockstep:connector/hooks: {e:#}")))?;
+        // Instantiate once now, under the manifest's limits: a component that traps in its
+        // start function or outgrows its memory cap at start is refused before it can serve.
+        {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| invalid("runtime shutting down".into()))?;
+            let mut store = self.sandboxed_store(&manifest, "load-check".into());
+            let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
+            match tokio::time::timeout(outer, pre.instantiate_async(&mut store)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if store.data().limiter.hit => {
+                    return Err(invalid(format!(
+                        "needs more than memory_mb = {} at start: {e:#}",
+                        manifest.memory_mb
+                    )));
+                }
+                Ok(Err(e)) => return Err(invalid(format!("fails when instantiated: {e:#}"))),
+                Err(_) => {
+                    return Err(invalid(format!(
+                        "instantiation ran past timeout_ms = {}",
+                        manifest.timeout_ms
+                    )));
+                }
+            }
+        }
         tracing::info!(
             connector = %name,
             %version,
@@ -256,11 +281,25 @@ impl Runtime {
             "connector compiled and pre-instantiated"
         );
         Ok(Arc::new(LoadedConnector {
-            manifest: Arc::new(manifest),
+            manifest,
             version,
             cache: outcome,
             pre,
         }))
+    }
+
+    /// A fresh store with the manifest's memory cap and deadline.
+    fn sandboxed_store(&self, manifest: &Arc<Manifest>, call_id: String) -> Store<CallState> {
+        let mut store = Store::new(&self.engine, CallState::new(manifest.clone(), call_id));
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(
+            manifest
+                .timeout_ms
+                .div_ceil(EPOCH_TICK.as_millis() as u64)
+                .max(1),
+        );
+        store.epoch_deadline_trap();
+        store
     }
 
     /// Calls the hook for `event` in a fresh, sandboxed instance. Never panics and never
@@ -277,13 +316,7 @@ impl Runtime {
             .map_err(|_| HookFailure::Retry("runtime shutting down".into()))?;
         let manifest = &connector.manifest;
         let timeout_ms = manifest.timeout_ms;
-        let mut store = Store::new(
-            &self.engine,
-            CallState::new(manifest.clone(), event.event_id.clone()),
-        );
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1));
-        store.epoch_deadline_trap();
+        let mut store = self.sandboxed_store(manifest, event.event_id.clone());
         let wit_event = to_wit(event);
         let run = async {
             let instance = connector.pre.instantiate_async(&mut store).await?;
@@ -325,6 +358,15 @@ impl Runtime {
             }),
         }
     }
+}
+
+/// The version of a connector: content hash of its component and manifest (16 hex digits),
+/// so identical bytes and settings always give the same version.
+pub fn version_of(component: &[u8], manifest_source: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(component);
+    h.update(manifest_source.as_bytes());
+    hex::encode(h.finalize())[..16].to_owned()
 }
 
 /// Bounds a connector-supplied message.

@@ -1,39 +1,50 @@
 //! The set of loaded connectors, swapped atomically as a whole (`ArcSwap`), so readers never
-//! lock and a replacement never disturbs a call in flight (it keeps its `Arc`).
+//! lock and a replacement never disturbs a call in flight (it keeps its `Arc`). Writers are
+//! serialised by the connector manager (`lifecycle`); this type only holds the current set.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
 
-use super::manifest::Manifest;
-use super::{LoadedConnector, Runtime, RuntimeError};
+use super::LoadedConnector;
+
+/// Where a connector came from; the source owns the name until the connector is removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A manifest in the watched connectors directory.
+    Directory(PathBuf),
+    /// Uploaded through the admin API (stored in the database).
+    Api,
+}
+
+impl Source {
+    /// `directory` or `api`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Directory(_) => "directory",
+            Source::Api => "api",
+        }
+    }
+}
+
+/// One loaded connector and its operator state.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The version serving.
+    pub connector: Arc<LoadedConnector>,
+    /// Who manages it.
+    pub source: Source,
+    /// Disabled connectors keep receiving (held) deliveries but are never called.
+    pub enabled: bool,
+    /// When this version was swapped in.
+    pub loaded_at: DateTime<Utc>,
+}
 
 /// An immutable snapshot of the loaded connectors, by name.
-pub type ConnectorSet = BTreeMap<String, Arc<LoadedConnector>>;
-
-/// Failures loading a connector directory.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// The directory could not be listed.
-    #[error("cannot read connectors directory {path}: {source}")]
-    Dir {
-        /// Directory.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A manifest is invalid.
-    #[error(transparent)]
-    Manifest(#[from] super::manifest::ManifestError),
-    /// A component is invalid.
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    /// Two manifests claim one name.
-    #[error("connector name {0:?} is used by more than one manifest")]
-    Duplicate(String),
-}
+pub type ConnectorSet = BTreeMap<String, Arc<Entry>>;
 
 /// The loaded connectors.
 #[derive(Default)]
@@ -52,41 +63,16 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// Replaces the whole set at once.
-    pub fn replace(&self, set: ConnectorSet) {
-        self.current.store(Arc::new(set));
-    }
-
     /// One connector.
-    pub fn get(&self, name: &str) -> Option<Arc<LoadedConnector>> {
+    pub fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.current.load().get(name).cloned()
     }
 
-    /// Loads every `*.toml` manifest in `dir` (sorted by file name); any invalid manifest or
-    /// component fails the whole load with a message naming it.
-    pub async fn load_dir(&self, runtime: &Runtime, dir: &Path) -> Result<usize, LoadError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let mut manifests: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        manifests.sort();
-        let mut set = ConnectorSet::new();
-        for path in manifests {
-            let manifest = Manifest::load(&path)?;
-            let name = manifest.name.clone();
-            if set.contains_key(&name) {
-                return Err(LoadError::Duplicate(name));
-            }
-            let loaded = runtime.load(manifest).await?;
-            set.insert(name, loaded);
-        }
-        let n = set.len();
-        self.replace(set);
-        Ok(n)
+    /// Applies `change` to a copy of the set and publishes it in one atomic store. Callers
+    /// must be serialised (the connector manager holds a lock), or one change could be lost.
+    pub fn update(&self, change: impl FnOnce(&mut ConnectorSet)) {
+        let mut next = ConnectorSet::clone(&self.current.load());
+        change(&mut next);
+        self.current.store(Arc::new(next));
     }
 }

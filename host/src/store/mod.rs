@@ -2,6 +2,7 @@
 //! and PostgreSQL (pooled transactions, for more than one instance). It owns the schema,
 //! migrations and every SQL statement; it knows nothing of HTTP.
 
+pub mod connectors;
 pub mod deliveries;
 mod ops;
 mod postgres;
@@ -323,6 +324,126 @@ impl Store {
                 )
                 .await
             }
+        }
+    }
+
+    /// Stores (or replaces) an uploaded connector and announces the change.
+    pub async fn put_upload(&self, row: connectors::UploadRow) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, _| Box::pin(async move { sqlite::ops::put_upload(c, &row).await }))
+                    .await
+            }
+            Store::Postgres(p) => {
+                let name = row.name.clone();
+                p.connector_change(&name, |c| {
+                    let row = row.clone();
+                    Box::pin(async move { postgres::ops::put_upload(c, &row).await })
+                })
+                .await
+            }
+        }
+    }
+
+    /// Removes an uploaded connector (and its enabled flag); whether it existed.
+    pub async fn delete_upload(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, _| {
+                    Box::pin(async move { sqlite::ops::delete_upload(c, &name).await })
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                p.connector_change(&name, |c| {
+                    let name = name.clone();
+                    Box::pin(async move { postgres::ops::delete_upload(c, &name).await })
+                })
+                .await
+            }
+        }
+    }
+
+    /// One uploaded connector with its component bytes.
+    pub async fn get_upload(&self, name: &str) -> Result<Option<connectors::UploadRow>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::get_upload(&mut *s.reader().await?, name).await,
+            Store::Postgres(p) => {
+                postgres::ops::get_upload(&mut *p.pool.acquire().await?, name).await
+            }
+        }
+    }
+
+    /// Name and version of every uploaded connector.
+    pub async fn upload_versions(&self) -> Result<Vec<(String, String)>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::upload_versions(&mut *s.reader().await?).await,
+            Store::Postgres(p) => {
+                postgres::ops::upload_versions(&mut *p.pool.acquire().await?).await
+            }
+        }
+    }
+
+    /// Switches a connector on or off (for every instance) and announces the change.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let name = name.to_owned();
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(async move { sqlite::ops::set_enabled(c, &name, enabled, now).await })
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                p.connector_change(&name, |c| {
+                    let name = name.clone();
+                    Box::pin(async move {
+                        postgres::ops::set_enabled(c, &name, enabled, now_millis()).await
+                    })
+                })
+                .await
+            }
+        }
+    }
+
+    /// Names of the connectors switched off.
+    pub async fn disabled_connectors(&self) -> Result<Vec<String>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::disabled(&mut *s.reader().await?).await,
+            Store::Postgres(p) => postgres::ops::disabled(&mut *p.pool.acquire().await?).await,
+        }
+    }
+
+    /// Undelivered deliveries per connector and status.
+    pub async fn queue_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, connectors::QueueCounts>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::queue_counts(&mut *s.reader().await?).await,
+            Store::Postgres(p) => postgres::ops::queue_counts(&mut *p.pool.acquire().await?).await,
+        }
+    }
+
+    /// Gives a claimed delivery back without an attempt.
+    pub async fn unlease(&self, id: i64) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, _| Box::pin(async move { sqlite::ops::unlease(c, id).await }))
+                    .await
+            }
+            Store::Postgres(p) => {
+                postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await
+            }
+        }
+    }
+
+    /// A listener for connector changes made by other instances (PostgreSQL only; a SQLite
+    /// database has one instance).
+    pub async fn listen_connectors(&self) -> Result<Option<sqlx::postgres::PgListener>> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(p) => p.listen_connectors().await.map(Some),
         }
     }
 

@@ -30,6 +30,20 @@ pub(super) mod ops {
         ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
         int_ids = "SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS BIGINT)",
     );
+    crate::store::connectors::connector_ops!(
+        db = sqlx::Postgres,
+        conn = sqlx::postgres::PgConnection,
+    );
+
+    /// Announces a connector change to every instance (delivered when the transaction commits).
+    pub(crate) async fn announce(conn: &mut sqlx::postgres::PgConnection, name: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::store::connectors::CHANGES_CHANNEL)
+            .bind(name)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
 }
 
 /// Deadlocks and serialisation failures between concurrent cascades are retried this often.
@@ -101,6 +115,27 @@ impl PgStore {
             .run(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Runs a connector control-plane change and announces it in the same transaction.
+    pub(super) async fn connector_change<T, F>(&self, name: &str, f: F) -> Result<T>
+    where
+        F: for<'c> Fn(&'c mut sqlx::PgConnection) -> futures::future::BoxFuture<'c, Result<T>>,
+    {
+        in_tx!(self.pool, |conn| async {
+            let out = f(&mut *conn).await?;
+            ops::announce(conn, name).await?;
+            Ok(out)
+        })
+    }
+
+    /// A listener on the connector-changes channel.
+    pub(super) async fn listen_connectors(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener
+            .listen(crate::store::connectors::CHANGES_CHANNEL)
+            .await?;
+        Ok(listener)
     }
 
     pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {

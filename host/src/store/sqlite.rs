@@ -40,6 +40,10 @@ pub(super) mod ops {
         ids = "SELECT value FROM json_each($2)",
         int_ids = "SELECT value FROM json_each($2)",
     );
+    crate::store::connectors::connector_ops!(
+        db = sqlx::Sqlite,
+        conn = sqlx::sqlite::SqliteConnection,
+    );
 }
 
 /// How hard a commit is pushed to disk.

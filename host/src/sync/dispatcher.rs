@@ -18,6 +18,7 @@ use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
 use crate::store::{Route, Store, now_millis};
 use crate::sync::model::EventType;
+use crate::telemetry::metrics::Metrics;
 
 /// Dispatcher settings.
 #[derive(Clone, Debug)]
@@ -46,6 +47,7 @@ pub struct Dispatcher {
     store: Store,
     runtime: Runtime,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     config: DispatcherConfig,
 }
@@ -85,6 +87,7 @@ impl Dispatcher {
         store: Store,
         runtime: Runtime,
         registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
         config: DispatcherConfig,
     ) -> Self {
         let wake = store.committed();
@@ -92,6 +95,7 @@ impl Dispatcher {
             store,
             runtime,
             registry,
+            metrics,
             wake,
             config,
         }
@@ -155,8 +159,10 @@ impl Dispatcher {
                 if !has_hook(event.event_type) {
                     return Vec::new();
                 }
+                // Disabled connectors are routed to as well: their deliveries are held.
                 connectors
                     .values()
+                    .map(|e| &e.connector)
                     .filter(|c| {
                         c.manifest.subscribes(
                             &event.realm,
@@ -178,19 +184,20 @@ impl Dispatcher {
     }
 
     async fn claim(&self, limit: usize) -> crate::store::Result<Vec<ClaimedDelivery>> {
-        let connectors = self.registry.snapshot();
-        if connectors.is_empty() {
+        let snapshot = self.registry.snapshot();
+        let enabled: Vec<_> = snapshot.iter().filter(|(_, e)| e.enabled).collect();
+        if enabled.is_empty() {
             return Ok(Vec::new());
         }
-        let longest = connectors
-            .values()
-            .map(|c| c.manifest.timeout_ms)
+        let longest = enabled
+            .iter()
+            .map(|(_, e)| e.connector.manifest.timeout_ms)
             .max()
             .unwrap_or(0);
         let lease_until = now_millis()
             + i64::try_from(longest).unwrap_or(i64::MAX / 2)
             + i64::try_from(self.config.lease_margin.as_millis()).unwrap_or(5_000);
-        let names: Vec<String> = connectors.keys().cloned().collect();
+        let names: Vec<String> = enabled.iter().map(|(n, _)| (*n).clone()).collect();
         self.store
             .claim(names, i64::try_from(limit).unwrap_or(64), lease_until)
             .await
@@ -203,11 +210,22 @@ impl Dispatcher {
             .saturating_add(1);
         let started_at = now_millis();
         // Resolve the connector now: a replacement loaded since the claim serves the attempt.
-        let Some(connector) = self.registry.get(&delivery.connector) else {
-            // Unloaded after the claim: the lease expires and the delivery waits, untouched,
-            // for the connector to return.
-            tracing::warn!(connector = %delivery.connector, delivery = delivery.id, "connector unloaded; delivery held");
-            return;
+        let connector = match self.registry.get(&delivery.connector) {
+            Some(entry) if entry.enabled => entry.connector.clone(),
+            gone_or_off => {
+                // Unloaded or disabled after the claim: give the delivery back untouched; it
+                // waits for the connector to return or be enabled.
+                tracing::info!(
+                    connector = %delivery.connector,
+                    delivery = delivery.id,
+                    state = if gone_or_off.is_some() { "disabled" } else { "unloaded" },
+                    "delivery held"
+                );
+                if let Err(e) = self.store.unlease(delivery.id).await {
+                    tracing::warn!(error = %e, "cannot release the lease; it expires instead");
+                }
+                return;
+            }
         };
         let span = tracing::info_span!(
             "delivery",
@@ -218,13 +236,16 @@ impl Dispatcher {
             external_id = %delivery.event.external_id,
             attempt,
         );
+        let clock = std::time::Instant::now();
         let outcome = self
             .runtime
             .call(&connector, &delivery.event)
             .instrument(span.clone())
             .await;
+        let took = clock.elapsed();
         let _enter = span.enter();
         let finished_at = now_millis();
+        let metrics = self.metrics.connector(&delivery.connector);
         let policy = &connector.manifest.policy;
         let (result, outcome_label, error) = match &outcome {
             Ok(()) => (AttemptResult::Delivered, "delivered".to_owned(), None),
@@ -247,6 +268,12 @@ impl Dispatcher {
                 (result, failure.kind().to_owned(), Some(failure.reason()))
             }
         };
+        metrics.hook_call(&outcome_label, took);
+        match result {
+            AttemptResult::Dead => metrics.dead_letter(),
+            AttemptResult::Dropped => metrics.dropped(),
+            _ => {}
+        }
         let record = AttemptRecord {
             delivery_id: delivery.id,
             attempt: i32::try_from(attempt).unwrap_or(i32::MAX),

@@ -1,5 +1,8 @@
 //! Logging set-up: `tracing` to stderr as text or JSON, filtered by `RUST_LOG` or
 //! `--log-level`. It configures output only; what gets logged is each module's business.
+//! [`metrics`] holds the counters behind `GET /metrics`.
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,154 @@
+//! Records of the connector control plane: components uploaded through the admin API and the
+//! enabled flag of every connector. Both live in the database so an upload survives a restart
+//! and a change made on one instance reaches every instance sharing the database.
+
+/// PostgreSQL channel that announces a connector change (the payload is the name).
+pub const CHANGES_CHANNEL: &str = "lockstep_connectors";
+
+/// An uploaded connector as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct UploadRow {
+    /// Connector name.
+    pub name: String,
+    /// Manifest text (TOML).
+    pub manifest: String,
+    /// Component bytes.
+    pub component: Vec<u8>,
+    /// Version (content hash of component and manifest).
+    pub version: String,
+    /// Last change (epoch ms).
+    pub updated_at: i64,
+}
+
+/// Deliveries of one connector that are not delivered, by status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Waiting for an attempt (or held while the connector is disabled or missing).
+    pub pending: i64,
+    /// Dead letters.
+    pub dead: i64,
+    /// Dropped under the `log` policy.
+    pub dropped: i64,
+}
+
+/// Generates the connector statements for one backend.
+macro_rules! connector_ops {
+    (db = $db:ty, conn = $conn:ty $(,)?) => {
+        use crate::store::connectors::{QueueCounts, UploadRow};
+
+        /// Inserts or replaces an upload.
+        pub(crate) async fn put_upload(conn: &mut $conn, row: &UploadRow) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO connector_uploads (name, manifest, component, version, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET \
+                 manifest = excluded.manifest, component = excluded.component, \
+                 version = excluded.version, updated_at = excluded.updated_at",
+            )
+            .bind(&row.name)
+            .bind(&row.manifest)
+            .bind(&row.component)
+            .bind(&row.version)
+            .bind(row.updated_at)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+
+        /// Removes an upload and its state; whether there was one.
+        pub(crate) async fn delete_upload(conn: &mut $conn, name: &str) -> Result<bool> {
+            let gone = sqlx::query("DELETE FROM connector_uploads WHERE name = $1")
+                .bind(name)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM connector_states WHERE name = $1")
+                .bind(name)
+                .execute(&mut *conn)
+                .await?;
+            Ok(gone > 0)
+        }
+
+        /// One upload with its bytes.
+        pub(crate) async fn get_upload(conn: &mut $conn, name: &str) -> Result<Option<UploadRow>> {
+            Ok(sqlx::query_as(
+                "SELECT name, manifest, component, version, updated_at \
+                 FROM connector_uploads WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?)
+        }
+
+        /// Name and version of every upload (no bytes).
+        pub(crate) async fn upload_versions(conn: &mut $conn) -> Result<Vec<(String, String)>> {
+            Ok(
+                sqlx::query_as("SELECT name, version FROM connector_uploads ORDER BY name")
+                    .fetch_all(&mut *conn)
+                    .await?,
+            )
+        }
+
+        /// Sets a connector's enabled flag.
+        pub(crate) async fn set_enabled(
+            conn: &mut $conn,
+            name: &str,
+            enabled: bool,
+            now: i64,
+        ) -> Result<()> {
+            sqlx::query(
+                "INSERT INTO connector_states (name, enabled, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(name)
+            .bind(i32::from(enabled))
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+
+        /// Names of the connectors switched off.
+        pub(crate) async fn disabled(conn: &mut $conn) -> Result<Vec<String>> {
+            Ok(sqlx::query_scalar(
+                "SELECT name FROM connector_states WHERE enabled = 0 ORDER BY name",
+            )
+            .fetch_all(&mut *conn)
+            .await?)
+        }
+
+        /// Undelivered deliveries per connector and status (the status index covers it).
+        pub(crate) async fn queue_counts(
+            conn: &mut $conn,
+        ) -> Result<std::collections::BTreeMap<String, QueueCounts>> {
+            let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT connector, status, COUNT(*) FROM deliveries \
+                 WHERE status IN ('pending', 'dead', 'dropped') GROUP BY connector, status",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut out = std::collections::BTreeMap::<String, QueueCounts>::new();
+            for (connector, status, n) in rows {
+                let c = out.entry(connector).or_default();
+                match status.as_str() {
+                    "pending" => c.pending = n,
+                    "dead" => c.dead = n,
+                    _ => c.dropped = n,
+                }
+            }
+            Ok(out)
+        }
+
+        /// Gives a claimed delivery back without an attempt (its connector is switched off).
+        pub(crate) async fn unlease(conn: &mut $conn, id: i64) -> Result<()> {
+            sqlx::query(
+                "UPDATE deliveries SET lease_until = NULL WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+    };
+}
+pub(crate) use connector_ops;
