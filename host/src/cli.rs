@@ -365,8 +365,22 @@ mod tests {
         assert!(Cli::try_parse_from(["lockstep", "migrate"]).is_ok());
         for args in [
             &["lockstep", "connectors", "list"][..],
-            &["lockstep", "connectors", "load", "x.toml", "--component", "x.wasm"],
-            &["lockstep", "connectors", "--url", "http://127.0.0.1:1", "remove", "x"],
+            &[
+                "lockstep",
+                "connectors",
+                "load",
+                "x.toml",
+                "--component",
+                "x.wasm",
+            ],
+            &[
+                "lockstep",
+                "connectors",
+                "--url",
+                "http://127.0.0.1:1",
+                "remove",
+                "x",
+            ],
             &["lockstep", "connectors", "disable", "x", "--json"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");

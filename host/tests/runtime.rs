@@ -261,6 +261,18 @@ async fn invalid_components_are_refused_with_a_message() {
 }
 
 #[tokio::test]
+async fn a_component_that_traps_at_start_is_refused_when_loaded() {
+    let runtime = Runtime::new(None).unwrap();
+    let wat = common::components::workspace().join("tests/fixtures/trap-at-start.wat");
+    let bytes = wat::parse_file(&wat).unwrap();
+    let refused = runtime.load_bytes(hostile("ok", ""), bytes).await;
+    assert!(
+        matches!(&refused, Err(RuntimeError::Invalid { message, .. }) if message.contains("fails when instantiated")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
 async fn compiled_components_are_cached_by_content_hash() {
     let dir = tempfile::tempdir().unwrap();
     let first = Runtime::new(Some(dir.path().to_owned())).unwrap();

@@ -12,9 +12,9 @@
 //! runs never see each other's rows.
 
 mod db;
-mod load;
+pub(crate) mod load;
 mod report;
-mod server;
+pub(crate) mod server;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -387,7 +387,15 @@ async fn start_server(
     durability: Durability,
     log: &Path,
 ) -> Result<Server> {
-    Server::start(bin, &target.server_url(), durability.as_str(), TOKEN, log).await
+    Server::start(
+        bin,
+        &target.server_url(),
+        durability.as_str(),
+        TOKEN,
+        &[],
+        log,
+    )
+    .await
 }
 
 /// Runs one API phase, records it, and returns how many operations it got through.
@@ -509,7 +517,7 @@ pub(crate) fn user_id(i: usize) -> String {
 }
 
 /// `cargo build --release -p lockstep`; returns the binary's path.
-fn build_server() -> Result<PathBuf> {
+pub(crate) fn build_server() -> Result<PathBuf> {
     let root = crate::workspace_root()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("building: cargo build --release -p lockstep");
@@ -529,7 +537,7 @@ fn build_server() -> Result<PathBuf> {
 }
 
 /// `git rev-parse --short HEAD`, marked when the work tree has uncommitted changes.
-fn revision() -> String {
+pub(crate) fn revision() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
@@ -550,7 +558,7 @@ fn revision() -> String {
 }
 
 /// The command as typed, for the report (`cargo xtask ...`).
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .map(|a| {

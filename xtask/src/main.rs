@@ -4,8 +4,11 @@
 //!   for `wasm32-wasip2` into `target/wasm32-wasip2/connector/`, where tests load them.
 //! - `bench-api`: load-test the external-sessions REST API of a release build against SQLite
 //!   and (optionally) PostgreSQL, beside a raw-insert ceiling; see `docs/benchmarks.md`.
+//! - `bench-swap`: measure connector hot-swapping (directory manifest and API upload) of a
+//!   release build under session load: request latency, time to serving, lost deliveries.
 
 mod bench_api;
+mod bench_swap;
 mod build_connectors;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,8 @@ enum Command {
     BuildConnectors(build_connectors::Args),
     /// Benchmark the external-sessions API (map, destroy, cascades) on SQLite and PostgreSQL.
     BenchApi(bench_api::Args),
+    /// Benchmark connector hot-swapping under load (directory and API swaps, delivery check).
+    BenchSwap(bench_swap::Args),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BuildConnectors(args) => build_connectors::main(args).map(|()| ExitCode::SUCCESS),
         Command::BenchApi(args) => bench_api::main(args),
+        Command::BenchSwap(args) => bench_swap::main(args),
     };
     match result {
         Ok(code) => code,

@@ -317,7 +317,10 @@ async fn put(
     check_name(&name)?;
     let (manifest, component) = read_upload(request, &state).await?;
     let (outcome, entry) = state.connectors.put(&name, &manifest, component).await?;
-    let info = state.connectors.describe(&entry.connector.manifest.name).await?;
+    let info = state
+        .connectors
+        .describe(&entry.connector.manifest.name)
+        .await?;
     let (status, label, previous) = match outcome {
         PutOutcome::Created => (StatusCode::CREATED, "created", None),
         PutOutcome::Replaced { previous } => (StatusCode::OK, "replaced", Some(previous)),
@@ -377,7 +380,9 @@ async fn read_upload(
     }
     let mut multipart = axum::extract::Multipart::from_request(request, state)
         .await
-        .map_err(|e| ApiError::Validation(format!("malformed multipart body: {}", e.body_text())))?;
+        .map_err(|e| {
+            ApiError::Validation(format!("malformed multipart body: {}", e.body_text()))
+        })?;
     let read_error = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
@@ -492,7 +497,10 @@ async fn set_enabled(
     responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.connectors.render_metrics().await,
     )
 }

@@ -400,7 +400,12 @@ impl Connectors {
         manifest: Manifest,
         bytes: &[u8],
     ) -> Result<Arc<LoadedConnector>, ManageError> {
-        match self.inner.runtime.load_bytes(manifest, bytes.to_vec()).await {
+        match self
+            .inner
+            .runtime
+            .load_bytes(manifest, bytes.to_vec())
+            .await
+        {
             Ok(loaded) => {
                 self.inner
                     .metrics
@@ -547,12 +552,14 @@ impl Connectors {
             }
             _ => {}
         }
-        let bytes = tokio::fs::read(&manifest.component).await.map_err(|source| {
-            ManageError::Component(RuntimeError::Read {
-                path: manifest.component.display().to_string(),
-                source,
-            })
-        });
+        let bytes = tokio::fs::read(&manifest.component)
+            .await
+            .map_err(|source| {
+                ManageError::Component(RuntimeError::Read {
+                    path: manifest.component.display().to_string(),
+                    source,
+                })
+            });
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
@@ -655,8 +662,16 @@ impl Connectors {
     /// Brings this instance in line with the database: uploads added, replaced or removed and
     /// enabled flags changed by any instance.
     pub async fn reconcile(&self) -> Result<(), StoreError> {
-        let versions: BTreeMap<String, String> =
-            self.inner.store.upload_versions().await?.into_iter().collect();
+        // Read under the lock: a change this instance is making commits before the lock is
+        // released, so what is read here is never older than the registry.
+        let mut control = self.inner.control.lock().await;
+        let versions: BTreeMap<String, String> = self
+            .inner
+            .store
+            .upload_versions()
+            .await?
+            .into_iter()
+            .collect();
         let disabled: HashSet<String> = self
             .inner
             .store
@@ -664,7 +679,6 @@ impl Connectors {
             .await?
             .into_iter()
             .collect();
-        let mut control = self.inner.control.lock().await;
         for (name, version) in &versions {
             let current = self.inner.registry.get(name);
             if current

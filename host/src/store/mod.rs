@@ -432,9 +432,7 @@ impl Store {
                 s.write(move |c, _| Box::pin(async move { sqlite::ops::unlease(c, id).await }))
                     .await
             }
-            Store::Postgres(p) => {
-                postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await
-            }
+            Store::Postgres(p) => postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await,
         }
     }
 

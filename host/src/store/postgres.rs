@@ -36,7 +36,10 @@ pub(super) mod ops {
     );
 
     /// Announces a connector change to every instance (delivered when the transaction commits).
-    pub(crate) async fn announce(conn: &mut sqlx::postgres::PgConnection, name: &str) -> Result<()> {
+    pub(crate) async fn announce(
+        conn: &mut sqlx::postgres::PgConnection,
+        name: &str,
+    ) -> Result<()> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(crate::store::connectors::CHANGES_CHANNEL)
             .bind(name)

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 /// Upper bounds (seconds) of the hook latency buckets.
 pub const LATENCY_BUCKETS: [f64; 18] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 60.0,
 ];
 
 /// Outcome labels of a hook call (as recorded in delivery attempts).
@@ -123,11 +123,7 @@ impl ConnectorMetrics {
 
     /// Calls that did not deliver.
     pub fn failed_calls(&self) -> u64 {
-        OUTCOMES
-            .iter()
-            .skip(1)
-            .map(|o| self.calls(o))
-            .sum::<u64>()
+        OUTCOMES.iter().skip(1).map(|o| self.calls(o)).sum::<u64>()
     }
 
     /// A delivery was dead-lettered.
@@ -266,8 +262,11 @@ impl Metrics {
         );
         for g in gauges {
             if let Some(q) = g.queue {
-                for (status, n) in [("pending", q.pending), ("dead", q.dead), ("dropped", q.dropped)]
-                {
+                for (status, n) in [
+                    ("pending", q.pending),
+                    ("dead", q.dead),
+                    ("dropped", q.dropped),
+                ] {
                     let _ = writeln!(
                         out,
                         "lockstep_deliveries_queued{{connector=\"{}\",status=\"{status}\"}} {n}",
@@ -308,7 +307,8 @@ impl Metrics {
             (
                 "lockstep_dead_letters_total",
                 "Deliveries dead-lettered by connector.",
-                (|m: &ConnectorMetrics| m.dead.load(Ordering::Relaxed)) as fn(&ConnectorMetrics) -> u64,
+                (|m: &ConnectorMetrics| m.dead.load(Ordering::Relaxed))
+                    as fn(&ConnectorMetrics) -> u64,
             ),
             (
                 "lockstep_dropped_deliveries_total",
@@ -338,8 +338,14 @@ impl Metrics {
             "Component loads by compile-cache outcome (hit: no compilation).",
         );
         let (hits, misses) = self.compile_counts();
-        let _ = writeln!(out, "lockstep_compile_cache_total{{outcome=\"hit\"}} {hits}");
-        let _ = writeln!(out, "lockstep_compile_cache_total{{outcome=\"miss\"}} {misses}");
+        let _ = writeln!(
+            out,
+            "lockstep_compile_cache_total{{outcome=\"hit\"}} {hits}"
+        );
+        let _ = writeln!(
+            out,
+            "lockstep_compile_cache_total{{outcome=\"miss\"}} {misses}"
+        );
         out
     }
 }

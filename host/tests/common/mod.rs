@@ -104,6 +104,8 @@ pub struct ServerOptions {
     pub durability: &'static str,
     pub admin_token: Option<&'static str>,
     pub connectors_dir: Option<std::path::PathBuf>,
+    /// Compile cache; the default is shared by every test (target/test-compile-cache).
+    pub compile_cache: Option<std::path::PathBuf>,
     pub log: &'static str,
 }
 
@@ -114,6 +116,7 @@ impl Default for ServerOptions {
             durability: "normal",
             admin_token: Some(TOKEN),
             connectors_dir: None,
+            compile_cache: None,
             log: "error",
         }
     }
@@ -152,7 +155,11 @@ impl Server {
             .env_remove("LOCKSTEP_ADMIN_TOKEN")
             .env_remove("LOCKSTEP_CONFIG")
             .arg("--compile-cache")
-            .arg(components::workspace().join("target/test-compile-cache"))
+            .arg(
+                opts.compile_cache
+                    .clone()
+                    .unwrap_or_else(|| components::workspace().join("target/test-compile-cache")),
+            )
             .env("RUST_LOG", opts.log)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -216,6 +223,47 @@ impl Server {
                 .bearer_auth(TOKEN),
         )
         .await
+    }
+
+    pub async fn admin_delete(&self, path: &str) -> (StatusCode, Value) {
+        send(
+            self.client
+                .delete(format!("{}{path}", self.base))
+                .bearer_auth(TOKEN),
+        )
+        .await
+    }
+
+    /// `PUT /admin/connectors/{name}` with a manifest and, optionally, a component.
+    pub async fn put_connector(
+        &self,
+        name: &str,
+        manifest: &str,
+        component: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
+        let mut form = reqwest::multipart::Form::new().text("manifest", manifest.to_owned());
+        if let Some(bytes) = component {
+            form = form.part("component", reqwest::multipart::Part::bytes(bytes));
+        }
+        send(
+            self.client
+                .put(format!("{}/admin/connectors/{name}", self.base))
+                .bearer_auth(TOKEN)
+                .multipart(form),
+        )
+        .await
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn admin_post(&self, path: &str, body: Value) -> (StatusCode, Value) {

@@ -99,7 +99,7 @@ impl PhaseStats {
         self.latencies_us.sort_unstable();
     }
 
-    fn record(&mut self, latency: Duration, outcome: Outcome) {
+    pub(crate) fn record(&mut self, latency: Duration, outcome: Outcome) {
         self.ops += 1;
         self.latencies_us
             .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));

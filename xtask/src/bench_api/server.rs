@@ -1,6 +1,7 @@
 //! Runs `lockstep serve` as a child process on an ephemeral port. The child is killed when the
 //! handle is dropped, whatever happens to the benchmark.
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -26,12 +27,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server and waits (bounded) for its readiness line.
+    /// Starts the server and waits (bounded) for its readiness line. `extra_args` are
+    /// further `serve` flags (say, a connectors directory).
     pub async fn start(
         bin: &Path,
         database_url: &str,
         durability: &str,
         token: &str,
+        extra_args: &[&OsStr],
         log: &Path,
     ) -> Result<Server> {
         let stderr = open_log(log)?;
@@ -39,6 +42,7 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
             .arg(database_url)
             .args(["--durability", durability])
+            .args(extra_args)
             .env("LOCKSTEP_ADMIN_TOKEN", token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,990 @@
+//! `cargo xtask bench-swap`: measures connector hot-swapping on a release build of
+//! `lockstep serve` under session load. Two connectors run the real `webhook.wasm`: `hook-dir`
+//! from a manifest in the watched connectors directory and `hook-api` uploaded through the
+//! admin API; both post every event to one of two local receivers (A, B). Phases:
+//!
+//! 1. baseline: `--clients` tasks map and destroy parent sessions for `--seconds`;
+//! 2. swapping: the same load while, every `--swap-every-ms`, one connector is re-pointed at
+//!    the other receiver, alternately by renaming a new manifest into the directory and by a
+//!    manifest-only `PUT /admin/connectors/hook-api`.
+//!
+//! Each webhook URL carries the sequence number of the swap that set it (`?v=N`), so the
+//! receivers know exactly which version delivered each event. At the end every event must
+//! have arrived at least once and no delivery may be pending or dead.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use serde_json::Value;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::MissedTickBehavior;
+
+use crate::bench_api::load::{Api, Outcome, PhaseStats};
+use crate::bench_api::server::Server;
+use crate::bench_api::{self, idp_session_id, parent_id, user_id};
+
+const TOKEN: &str = "bench-swap-token";
+const REALM: &str = "bench";
+/// Process-crash durability: the figures are about swapping, not about fsync on a shared box.
+const DURABILITY: &str = "normal";
+/// The Standard Webhooks example secret. Signing makes the connector send `webhook-id` (the
+/// event id), which the receivers count unique events by.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// How often a directory swap is polled for the new version.
+const POLL: Duration = Duration::from_millis(5);
+/// Longest wait for a directory swap to serve.
+const SWAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the deliveries to drain, between the phases and at the end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the drain is checked.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// Per-request timeout of the session load; a slower request counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Admin calls and the first load: a cold compile of the component takes seconds on a busy
+/// two-core machine.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Options of `cargo xtask bench-swap`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Length of each phase (baseline, then swapping), in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent clients, each mapping and then destroying one parent session at a time.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Interval between swaps; they alternate between the directory and the API connector.
+    #[arg(long, default_value_t = 500)]
+    swap_every_ms: u64,
+    /// Server binary to run instead of building `target/release/lockstep` first.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Keep the temp directory (database, manifests, server log); its path is printed.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The two connectors under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Hook {
+    /// `hook-dir`: a manifest in the watched directory.
+    Dir,
+    /// `hook-api`: uploaded with `PUT /admin/connectors/hook-api`.
+    Api,
+}
+
+impl Hook {
+    const ALL: [Hook; 2] = [Hook::Dir, Hook::Api];
+
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Dir => "hook-dir",
+            Hook::Api => "hook-api",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Hook::Dir => 0,
+            Hook::Api => 1,
+        }
+    }
+
+    /// Each connector posts to `/<its name>`, so a receiver can tell them apart.
+    fn from_path(path: &str) -> Option<Hook> {
+        Hook::ALL
+            .into_iter()
+            .find(|h| path.strip_prefix('/') == Some(h.name()))
+    }
+}
+
+/// Entry point: checks the prerequisites, builds the server, and runs the benchmark on a
+/// Tokio runtime; Ctrl-C stops the server and cleans up.
+pub fn main(args: Args) -> Result<ExitCode> {
+    if args.seconds == 0 || args.clients == 0 || args.swap_every_ms == 0 {
+        bail!("--seconds, --clients and --swap-every-ms must be positive");
+    }
+    let root = crate::workspace_root()?;
+    let wasm = crate::target_dir(&root).join("wasm32-wasip2/connector/webhook.wasm");
+    if !wasm.is_file() {
+        bail!(
+            "{} is missing; build it with `cargo xtask build-connectors`",
+            wasm.display()
+        );
+    }
+    let command_line = bench_api::command_line();
+    let bin = match &args.server_bin {
+        Some(bin) => bin.clone(),
+        None => bench_api::build_server()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")?;
+    runtime.block_on(async {
+        tokio::select! {
+            r = run(&args, &bin, &wasm, &command_line) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        }
+    })
+}
+
+async fn run(args: &Args, bin: &Path, wasm: &Path, command_line: &str) -> Result<ExitCode> {
+    let dir = tempfile::Builder::new()
+        .prefix("lockstep-bench-swap-")
+        .tempdir()
+        .context("creating a temp dir")?;
+    let result = bench(args, bin, wasm, dir.path()).await;
+    if args.keep {
+        eprintln!("kept {}", dir.keep().display());
+    }
+    let report = result?;
+    report.print(args, command_line, &bench_api::revision());
+    Ok(if report.failures().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Everything measured.
+struct Report {
+    baseline: PhaseStats,
+    swapping: PhaseStats,
+    swaps: Vec<Swap>,
+    /// First arrival of each connector version, from the receivers.
+    first: HashMap<(Hook, u32, usize), Instant>,
+    /// Events each connector should have received (one per successful request).
+    events: usize,
+    /// Unique events each connector did receive (by `Hook::index`).
+    received: [usize; 2],
+    duplicates: usize,
+    /// Requests at the receivers that no connector version accounts for.
+    unrecognised: usize,
+    final_drain: Drain,
+    /// Summed over both connectors, from `GET /admin/connectors/{name}`.
+    queue: QueueCounts,
+    /// Unclean server exit and the like.
+    notes: Vec<String>,
+}
+
+/// Runs both phases on a fresh server in `dir`. The server and the receivers stop when this
+/// returns, whichever way.
+async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Report> {
+    // Small files: blocking std::fs calls are fine here and below.
+    let connectors_dir = dir.join("connectors");
+    let cache_dir = dir.join("compile-cache");
+    for d in [&connectors_dir, &cache_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // A private copy, so a `build-connectors` run meanwhile cannot swap in another component.
+    let component = dir.join("webhook.wasm");
+    std::fs::copy(wasm, &component)
+        .with_context(|| format!("copying {} into {}", wasm.display(), dir.display()))?;
+    let component_bytes =
+        std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
+
+    let receivers = Receivers::start().await?;
+    let dir_manifest = connectors_dir.join(format!("{}.toml", Hook::Dir.name()));
+    std::fs::write(
+        &dir_manifest,
+        manifest(Hook::Dir, Some(&component), &receivers, 0, 0),
+    )
+    .with_context(|| format!("writing {}", dir_manifest.display()))?;
+
+    let log = dir.join("server.log");
+    let database_url = format!("sqlite://{}", dir.join("bench.db").display());
+    let extra: [&OsStr; 4] = [
+        "--connectors-dir".as_ref(),
+        connectors_dir.as_os_str(),
+        "--compile-cache".as_ref(),
+        cache_dir.as_os_str(),
+    ];
+    let server = Server::start(bin, &database_url, DURABILITY, TOKEN, &extra, &log).await?;
+    eprintln!("server on {} (log {})", server.addr, log.display());
+    let admin = Admin::new(server.addr)?;
+    admin.wait_loaded(Hook::Dir.name()).await?;
+    let (status, body) = admin
+        .put(
+            Hook::Api.name(),
+            manifest(Hook::Api, None, &receivers, 0, 0),
+            Some(component_bytes),
+        )
+        .await?;
+    if status != StatusCode::CREATED {
+        bail!("uploading {} answered {status}: {body}", Hook::Api.name());
+    }
+
+    let api = Arc::new(Api::new(
+        server.addr,
+        REALM,
+        TOKEN,
+        args.clients,
+        REQUEST_TIMEOUT,
+    )?);
+    let phase = Duration::from_secs(args.seconds);
+
+    eprintln!("baseline: {} s, {} clients", args.seconds, args.clients);
+    let baseline = load(
+        &api,
+        args.clients,
+        "baseline",
+        "base",
+        Instant::now() + phase,
+    )
+    .await?;
+    eprintln!("  {}", baseline.summary());
+    let mut events = baseline.ops - baseline.errors;
+    // The swapping phase starts from an empty queue, so both phases see the same work.
+    let settled = drain(&admin, &receivers, events).await?;
+    eprintln!("  {}", settled.summary());
+
+    eprintln!(
+        "swapping: {} s, {} clients, a swap every {} ms",
+        args.seconds, args.clients, args.swap_every_ms
+    );
+    let until = Instant::now() + phase;
+    let swapper = Swapper {
+        admin: &admin,
+        receivers: &receivers,
+        dir_manifest: &dir_manifest,
+        component: &component,
+    };
+    let (swapping, swaps) = tokio::join!(
+        load(&api, args.clients, "swapping", "swap", until),
+        swapper.run(Duration::from_millis(args.swap_every_ms), until),
+    );
+    let swapping = swapping?;
+    eprintln!("  {}", swapping.summary());
+    events += swapping.ops - swapping.errors;
+    let final_drain = drain(&admin, &receivers, events).await?;
+    eprintln!("  {}", final_drain.summary());
+
+    let mut queue = QueueCounts::default();
+    for hook in Hook::ALL {
+        queue.add(&admin.queue_counts(hook.name()).await?);
+    }
+    let (received, duplicates, unrecognised, first) = {
+        let log = receivers.log();
+        (
+            [log.seen[0].len(), log.seen[1].len()],
+            log.duplicates,
+            log.unrecognised,
+            log.first.clone(),
+        )
+    };
+    let mut notes = Vec::new();
+    if let Some(note) = server.stop().await? {
+        notes.push(note);
+    }
+    Ok(Report {
+        baseline,
+        swapping,
+        swaps,
+        first,
+        events,
+        received,
+        duplicates,
+        unrecognised,
+        final_drain,
+        queue,
+        notes,
+    })
+}
+
+/// `clients` tasks, each mapping a parent session and destroying it again until `until`;
+/// every request is timed on its own.
+async fn load(
+    api: &Arc<Api>,
+    clients: usize,
+    name: &str,
+    prefix: &'static str,
+    until: Instant,
+) -> Result<PhaseStats> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients {
+        let api = Arc::clone(api);
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut stats = PhaseStats::default();
+            while Instant::now() < until {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let id = parent_id(prefix, i);
+                let began = Instant::now();
+                let outcome = api.map_parent(&id, &idp_session_id(i), &user_id(i)).await;
+                let mapped = !matches!(outcome, Outcome::Err(_));
+                stats.record(began.elapsed(), outcome);
+                if mapped {
+                    let began = Instant::now();
+                    let outcome = api.destroy_parent(&id, 1).await;
+                    stats.record(began.elapsed(), outcome);
+                }
+            }
+            stats
+        });
+    }
+    let mut stats = PhaseStats::named(name);
+    while let Some(joined) = tasks.join_next().await {
+        let worker = joined.with_context(|| format!("a {name} client task failed"))?;
+        stats.absorb(&worker);
+    }
+    // A timed phase has no planned count; this keeps `capped()` from calling it cut short.
+    stats.planned = stats.ops;
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+/// One swap: which connector was pointed where, and how it went.
+struct Swap {
+    hook: Hook,
+    seq: u32,
+    /// Receiver index the new version posts to.
+    target: usize,
+    outcome: Result<SwapTiming, String>,
+}
+
+struct SwapTiming {
+    /// The PUT was sent / the manifest was renamed into place.
+    started: Instant,
+    /// From `started` until the new version was serving.
+    serving: Duration,
+}
+
+/// Re-points the connectors at the other receiver, one swap at a time.
+struct Swapper<'a> {
+    admin: &'a Admin,
+    receivers: &'a Receivers,
+    dir_manifest: &'a Path,
+    component: &'a Path,
+}
+
+impl Swapper<'_> {
+    /// Swaps every `every` until `until`, alternating directory and API. A swap waits until
+    /// its version serves, so a slow one delays the next rather than overlapping it.
+    async fn run(&self, every: Duration, until: Instant) -> Vec<Swap> {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Both start on receiver A (version 0).
+        let mut target = [0usize; 2];
+        let mut swaps = Vec::new();
+        let mut seq = 0u32;
+        loop {
+            ticker.tick().await;
+            if Instant::now() >= until {
+                return swaps;
+            }
+            seq += 1;
+            let hook = if seq % 2 == 1 { Hook::Dir } else { Hook::Api };
+            let to = 1 - target[hook.index()];
+            let outcome = match hook {
+                Hook::Dir => self.swap_dir(to, seq).await,
+                Hook::Api => self.swap_api(to, seq).await,
+            };
+            // Even a failed directory swap may still apply later; the run fails either way.
+            target[hook.index()] = to;
+            swaps.push(Swap {
+                hook,
+                seq,
+                target: to,
+                outcome: outcome.map_err(|e| format!("{e:#}")),
+            });
+        }
+    }
+
+    /// Writes the new manifest beside the old one and renames it into place (the watcher
+    /// never sees a half-written file), then polls until the new version serves.
+    async fn swap_dir(&self, to: usize, seq: u32) -> Result<SwapTiming> {
+        let name = Hook::Dir.name();
+        let before = self
+            .admin
+            .version(name)
+            .await?
+            .with_context(|| format!("{name} is not loaded"))?;
+        let text = manifest(Hook::Dir, Some(self.component), self.receivers, to, seq);
+        // `.toml.tmp`: the watcher only reads `*.toml`.
+        let tmp = self.dir_manifest.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        let started = Instant::now();
+        std::fs::rename(&tmp, self.dir_manifest)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+        loop {
+            match self.admin.version(name).await? {
+                Some(v) if v != before => {
+                    return Ok(SwapTiming {
+                        started,
+                        serving: started.elapsed(),
+                    });
+                }
+                _ if started.elapsed() >= SWAP_TIMEOUT => {
+                    bail!("{name} version {seq} was not serving within {SWAP_TIMEOUT:?}")
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// A manifest-only PUT (the stored component is kept); it answers once the new version
+    /// serves.
+    async fn swap_api(&self, to: usize, seq: u32) -> Result<SwapTiming> {
+        let name = Hook::Api.name();
+        let text = manifest(Hook::Api, None, self.receivers, to, seq);
+        let started = Instant::now();
+        let (status, body) = self.admin.put(name, text, None).await?;
+        let serving = started.elapsed();
+        let outcome = body.get("outcome").and_then(Value::as_str);
+        if outcome != Some("replaced") {
+            bail!(
+                "PUT {name} version {seq} answered {status} with outcome {outcome:?}, expected \"replaced\""
+            );
+        }
+        Ok(SwapTiming { started, serving })
+    }
+}
+
+/// The manifest of `hook` posting to receiver `to`, tagged with version `seq`. Both receivers
+/// are always allowed, so a swap changes only the URL. `component` is left out of uploads.
+fn manifest(
+    hook: Hook,
+    component: Option<&Path>,
+    receivers: &Receivers,
+    to: usize,
+    seq: u32,
+) -> String {
+    let mut text = format!("name = {}\n", toml_str(hook.name()));
+    if let Some(c) = component {
+        text.push_str(&format!(
+            "component = {}\n",
+            toml_str(&c.display().to_string())
+        ));
+    }
+    text.push_str(&format!(
+        r#"realms = ["*"]
+events = ["login", "logout", "revoke"]
+allowed_hosts = [{}, {}]
+timeout_ms = 2000
+
+[policy]
+on_failure = "retry"
+max_attempts = 10
+backoff_ms = 50
+max_backoff_ms = 1000
+
+[config]
+url = {}
+secret = {}
+"#,
+        toml_str(&receivers.origin(0)),
+        toml_str(&receivers.origin(1)),
+        toml_str(&format!("{}/{}?v={seq}", receivers.origin(to), hook.name())),
+        toml_str(SECRET),
+    ));
+    text
+}
+
+/// A TOML basic string. A JSON string literal is one: serde_json escapes only `"`, `\` and
+/// control characters, with escapes TOML shares (it never writes `\/`).
+fn toml_str(s: &str) -> String {
+    Value::from(s).to_string()
+}
+
+/// How the wait for the deliveries ended.
+struct Drain {
+    /// Nothing pending and every event arrived at both connectors' receivers.
+    complete: bool,
+    /// `GET /admin/deliveries?status=pending&limit=1` listed something at the end.
+    pending: bool,
+    /// Same for `status=dead`.
+    dead: bool,
+    took: Duration,
+}
+
+impl Drain {
+    fn summary(&self) -> String {
+        format!(
+            "deliveries {} after {:.1} s{}{}",
+            if self.complete {
+                "drained"
+            } else {
+                "NOT drained"
+            },
+            self.took.as_secs_f64(),
+            if self.pending { ", some pending" } else { "" },
+            if self.dead { ", some dead" } else { "" },
+        )
+    }
+}
+
+/// Waits (bounded) until nothing is pending and each connector's receivers hold at least
+/// `events` unique events. The count matters as much as the queue: events not yet fanned out
+/// to deliveries are not pending yet.
+async fn drain(admin: &Admin, receivers: &Receivers, events: usize) -> Result<Drain> {
+    let start = Instant::now();
+    loop {
+        let pending = admin.any_delivery("pending").await?;
+        let arrived = {
+            let log = receivers.log();
+            log.seen.iter().all(|s| s.len() >= events)
+        };
+        let timed_out = start.elapsed() >= DRAIN_TIMEOUT;
+        if (!pending && arrived) || timed_out {
+            return Ok(Drain {
+                complete: !pending && arrived,
+                pending,
+                dead: admin.any_delivery("dead").await?,
+                took: start.elapsed(),
+            });
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// Delivery counts of the connectors, from the database.
+#[derive(Default)]
+struct QueueCounts {
+    pending: i64,
+    dead: i64,
+    dropped: i64,
+}
+
+impl QueueCounts {
+    fn add(&mut self, other: &QueueCounts) {
+        self.pending += other.pending;
+        self.dead += other.dead;
+        self.dropped += other.dropped;
+    }
+}
+
+/// The admin API: connectors and deliveries.
+struct Admin {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Admin {
+    fn new(addr: SocketAddr) -> Result<Self> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(ADMIN_TIMEOUT)
+            .build()
+            .context("building the admin HTTP client")?;
+        Ok(Admin {
+            client,
+            base: format!("http://{addr}/admin"),
+        })
+    }
+
+    /// `GET /admin/connectors/{name}`; `None` when it is not loaded.
+    async fn connector(&self, name: &str) -> Result<Option<Value>> {
+        let resp = self
+            .client
+            .get(format!("{}/connectors/{name}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .with_context(|| format!("GET connector {name}"))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        json_body(resp, &format!("GET connector {name}"))
+            .await
+            .map(|(_, v)| Some(v))
+    }
+
+    /// The version serving, if the connector is loaded.
+    async fn version(&self, name: &str) -> Result<Option<String>> {
+        match self.connector(name).await? {
+            None => Ok(None),
+            Some(c) => c
+                .get("version")
+                .and_then(Value::as_str)
+                .map(|v| Some(v.to_owned()))
+                .with_context(|| format!("connector {name} has no version: {c}")),
+        }
+    }
+
+    /// Waits (bounded) until the directory connector has been loaded.
+    async fn wait_loaded(&self, name: &str) -> Result<()> {
+        let start = Instant::now();
+        while self.version(name).await?.is_none() {
+            if start.elapsed() >= ADMIN_TIMEOUT {
+                bail!("connector {name} was not loaded within {ADMIN_TIMEOUT:?}");
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        Ok(())
+    }
+
+    async fn queue_counts(&self, name: &str) -> Result<QueueCounts> {
+        let c = self
+            .connector(name)
+            .await?
+            .with_context(|| format!("connector {name} is not loaded"))?;
+        let count = |key: &str| {
+            c.pointer(&format!("/deliveries/{key}"))
+                .and_then(Value::as_i64)
+                .with_context(|| format!("connector {name} has no deliveries.{key}: {c}"))
+        };
+        Ok(QueueCounts {
+            pending: count("pending")?,
+            dead: count("dead")?,
+            dropped: count("dropped")?,
+        })
+    }
+
+    /// `PUT /admin/connectors/{name}` (multipart); non-2xx is an error.
+    async fn put(
+        &self,
+        name: &str,
+        manifest: String,
+        component: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Value)> {
+        let mut form = reqwest::multipart::Form::new().text("manifest", manifest);
+        if let Some(bytes) = component {
+            let part = reqwest::multipart::Part::bytes(bytes)
+                .file_name("webhook.wasm")
+                .mime_str("application/wasm")
+                .context("building the component part")?;
+            form = form.part("component", part);
+        }
+        let resp = self
+            .client
+            .put(format!("{}/connectors/{name}", self.base))
+            .bearer_auth(TOKEN)
+            .multipart(form)
+            .send()
+            .await
+            .with_context(|| format!("PUT connector {name}"))?;
+        json_body(resp, &format!("PUT connector {name}")).await
+    }
+
+    /// Whether `GET /admin/deliveries?status={status}&limit=1` lists anything.
+    async fn any_delivery(&self, status: &str) -> Result<bool> {
+        let what = format!("GET deliveries ({status})");
+        let resp = self
+            .client
+            .get(format!("{}/deliveries", self.base))
+            .query(&[("status", status), ("limit", "1")])
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .with_context(|| what.clone())?;
+        let (_, page) = json_body(resp, &what).await?;
+        let items = page
+            .get("items")
+            .and_then(Value::as_array)
+            .with_context(|| format!("{what}: no `items` array: {page}"))?;
+        Ok(!items.is_empty())
+    }
+}
+
+/// The JSON body of a 2xx response; anything else is an error carrying the body.
+async fn json_body(resp: reqwest::Response, what: &str) -> Result<(StatusCode, Value)> {
+    let status = resp.status();
+    let text = resp
+        .text()
+        .await
+        .with_context(|| format!("{what}: reading the body"))?;
+    if !status.is_success() {
+        bail!("{what}: HTTP {status}: {text}");
+    }
+    let value = serde_json::from_str(&text)
+        .with_context(|| format!("{what}: HTTP {status} with a body that is not JSON: {text}"))?;
+    Ok((status, value))
+}
+
+/// What the receivers saw, shared by both.
+#[derive(Default)]
+struct DeliveryLog {
+    /// Unique event ids per connector (by `Hook::index`).
+    seen: [HashSet<String>; 2],
+    /// Repeats of an event already seen (allowed: delivery is at least once).
+    duplicates: usize,
+    /// Requests no connector version accounts for (unknown path or version, no event id).
+    unrecognised: usize,
+    /// First arrival of each (connector, version, receiver).
+    first: HashMap<(Hook, u32, usize), Instant>,
+}
+
+/// Two HTTP servers on 127.0.0.1 (receiver 0 = A, 1 = B) that answer 200 to every request
+/// and log each webhook. They stop when this is dropped.
+struct Receivers {
+    addrs: [SocketAddr; 2],
+    log: Arc<Mutex<DeliveryLog>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    receiver: usize,
+    log: Arc<Mutex<DeliveryLog>>,
+}
+
+impl Receivers {
+    async fn start() -> Result<Receivers> {
+        let log = Arc::new(Mutex::new(DeliveryLog::default()));
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for receiver in 0..2 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("binding a receiver")?;
+            let addr = listener
+                .local_addr()
+                .context("reading a receiver's address")?;
+            let app = axum::Router::new()
+                .fallback(receive)
+                .with_state(ReceiverState {
+                    receiver,
+                    log: Arc::clone(&log),
+                });
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("warning: receiver {addr} stopped: {e}");
+                }
+            }));
+            addrs.push(addr);
+        }
+        let addrs: [SocketAddr; 2] = addrs
+            .try_into()
+            .map_err(|_| anyhow!("expected two receiver addresses"))?;
+        Ok(Receivers { addrs, log, tasks })
+    }
+
+    /// `http://127.0.0.1:PORT` of receiver `i` (0 or 1).
+    fn origin(&self, i: usize) -> String {
+        format!("http://{}", self.addrs[i])
+    }
+
+    fn log(&self) -> MutexGuard<'_, DeliveryLog> {
+        lock(&self.log)
+    }
+}
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The log stays consistent even if a holder panicked (each update is a few plain inserts),
+/// so a poisoned lock is used as is.
+fn lock(log: &Mutex<DeliveryLog>) -> MutexGuard<'_, DeliveryLog> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Logs one webhook. Taking the body reads it whole, so the connection can be reused.
+async fn receive(
+    State(state): State<ReceiverState>,
+    uri: Uri,
+    headers: HeaderMap,
+    _body: Bytes,
+) -> StatusCode {
+    let at = Instant::now();
+    let hook = Hook::from_path(uri.path());
+    let seq = uri
+        .query()
+        .and_then(|q| q.strip_prefix("v="))
+        .and_then(|v| v.parse::<u32>().ok());
+    let event_id = headers.get("webhook-id").and_then(|v| v.to_str().ok());
+    let mut log = lock(&state.log);
+    match (hook, seq, event_id) {
+        (Some(hook), Some(seq), Some(id)) => {
+            if !log.seen[hook.index()].insert(id.to_owned()) {
+                log.duplicates += 1;
+            }
+            log.first.entry((hook, seq, state.receiver)).or_insert(at);
+        }
+        _ => log.unrecognised += 1,
+    }
+    StatusCode::OK
+}
+
+/// Nearest-rank percentile of sorted durations, in milliseconds.
+fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let rank = ((q / 100.0) * n as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, n) - 1].as_secs_f64() * 1e3)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+impl Report {
+    /// Why the run failed; empty when it passed.
+    fn failures(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let errors = self.baseline.errors + self.swapping.errors;
+        if errors > 0 {
+            out.push(format!("{errors} requests failed"));
+        }
+        let failed_swaps = self.swaps.iter().filter(|s| s.outcome.is_err()).count();
+        if failed_swaps > 0 {
+            out.push(format!("{failed_swaps} swaps failed"));
+        }
+        if self.lost() > 0 {
+            out.push(format!("{} events lost", self.lost()));
+        }
+        if self.final_drain.pending || self.queue.pending > 0 {
+            out.push(format!("{} deliveries still pending", self.queue.pending));
+        }
+        if self.final_drain.dead || self.queue.dead > 0 {
+            out.push(format!("{} deliveries dead", self.queue.dead));
+        }
+        if self.queue.dropped > 0 {
+            out.push(format!("{} deliveries dropped", self.queue.dropped));
+        }
+        out
+    }
+
+    /// Events some connector never received, summed over both.
+    fn lost(&self) -> usize {
+        self.received
+            .iter()
+            .map(|r| self.events.saturating_sub(*r))
+            .sum()
+    }
+
+    fn print(&self, args: &Args, command_line: &str, revision: &str) {
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        println!();
+        println!("== Connector hot-swap benchmark");
+        println!("command:     {command_line}");
+        println!("revision:    {revision}");
+        println!(
+            "settings:    seconds={} clients={} swap-every-ms={} durability={DURABILITY}; {cores} cores shared by clients, server and receivers",
+            args.seconds, args.clients, args.swap_every_ms
+        );
+
+        println!();
+        println!(
+            "{:<10} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8}",
+            "phase", "requests", "errors", "req/s", "p50 ms", "p99 ms", "max ms"
+        );
+        for p in [&self.baseline, &self.swapping] {
+            println!(
+                "{:<10} {:>9} {:>7} {:>8.0} {:>8.2} {:>8.2} {:>8.2}",
+                p.name,
+                p.ops,
+                p.errors,
+                p.ops_per_sec(),
+                p.percentile_ms(50.0),
+                p.percentile_ms(99.0),
+                p.percentile_ms(100.0),
+            );
+        }
+        let base_p99 = self.baseline.percentile_ms(99.0);
+        if base_p99 > 0.0 {
+            println!(
+                "p99 ratio swapping/baseline: {:.2}",
+                self.swapping.percentile_ms(99.0) / base_p99
+            );
+        }
+        for p in [&self.baseline, &self.swapping] {
+            if let Some(e) = &p.first_error {
+                println!("first {} error: {e}", p.name);
+            }
+            if let Some(w) = &p.first_warning {
+                println!("{} {} warnings, first: {w}", p.warnings, p.name);
+            }
+        }
+
+        println!();
+        println!(
+            "{:<19} {:>5} {:>6}   {:>25}   {:>25}",
+            "swap", "count", "failed", "to serving ms: med p99 max", "to 1st delivery: med max"
+        );
+        for (hook, label) in [
+            (Hook::Api, "PUT hook-api"),
+            (Hook::Dir, "directory hook-dir"),
+        ] {
+            let mine: Vec<&Swap> = self.swaps.iter().filter(|s| s.hook == hook).collect();
+            let mut serving = Vec::new();
+            let mut delivery = Vec::new();
+            let mut undelivered = 0;
+            for s in &mine {
+                let Ok(t) = &s.outcome else { continue };
+                serving.push(t.serving);
+                match self.first.get(&(hook, s.seq, s.target)) {
+                    Some(at) => delivery.push(at.saturating_duration_since(t.started)),
+                    None => undelivered += 1,
+                }
+            }
+            serving.sort_unstable();
+            delivery.sort_unstable();
+            let failed = mine.len() - serving.len();
+            println!(
+                "{:<19} {:>5} {:>6}   {:>9} {:>7} {:>7}   {:>17} {:>7}{}",
+                label,
+                mine.len(),
+                failed,
+                ms(percentile_ms(&serving, 50.0)),
+                ms(percentile_ms(&serving, 99.0)),
+                ms(percentile_ms(&serving, 100.0)),
+                ms(percentile_ms(&delivery, 50.0)),
+                ms(percentile_ms(&delivery, 100.0)),
+                if undelivered > 0 {
+                    format!("  ({undelivered} versions delivered nothing)")
+                } else {
+                    String::new()
+                },
+            );
+        }
+        println!(
+            "  to serving: PUT sent → its response; rename → GET /admin/connectors/hook-dir shows the new version (polled every {} ms)",
+            POLL.as_millis()
+        );
+        println!(
+            "  to 1st delivery: same start → first webhook of the new version at its receiver"
+        );
+        for s in &self.swaps {
+            if let Err(e) = &s.outcome {
+                println!("  swap {} ({}) failed: {e}", s.seq, s.hook.name());
+            }
+        }
+
+        println!();
+        println!(
+            "deliveries:  {} events per connector; received hook-dir {}, hook-api {} (unique; {} repeats, {} unrecognised requests)",
+            self.events,
+            self.received[Hook::Dir.index()],
+            self.received[Hook::Api.index()],
+            self.duplicates,
+            self.unrecognised,
+        );
+        println!(
+            "             lost {}, pending {}, dead {}, dropped {}; {}",
+            self.lost(),
+            self.queue.pending,
+            self.queue.dead,
+            self.queue.dropped,
+            self.final_drain.summary(),
+        );
+        for note in &self.notes {
+            println!("note:        {note}");
+        }
+        let failures = self.failures();
+        if failures.is_empty() {
+            println!("result:      PASS");
+        } else {
+            println!("result:      FAIL: {}", failures.join("; "));
+        }
+    }
+}
