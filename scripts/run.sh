@@ -2,7 +2,8 @@
 # The project's run command (README): builds the bundled connectors and the release binary,
 # then serves on 127.0.0.1:8080 with the embedded SQLite store (./lockstep.db) and the
 # connector manifests of examples/connectors.d (only `*.toml` files load; the webhook example
-# ships as `webhook.toml.example`, so nothing is delivered until you enable it).
+# ships as `webhook.toml.example`, so nothing is delivered until you copy it to webhook.toml,
+# which the running service picks up without a restart).
 # Without LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token.
 # Extra arguments go to `lockstep serve` (e.g. --listen, --database-url, --config).
 set -euo pipefail
