@@ -111,7 +111,13 @@ async fn swapping_under_load_loses_nothing_and_serves_each_event_with_a_current_
     let a = Receiver::start().await;
     let b = Receiver::start().await;
     let origins = [a.origin(), b.origin()];
-    let url = |i: usize, path: &str| if i.is_multiple_of(2) { a.url(path) } else { b.url(path) };
+    let url = |i: usize, path: &str| {
+        if i.is_multiple_of(2) {
+            a.url(path)
+        } else {
+            b.url(path)
+        }
+    };
     let dir = tempfile::tempdir().unwrap();
     let wasm = component("webhook").display().to_string();
     let manifest_path = dir.path().join("hook-dir.toml");
@@ -292,7 +298,11 @@ async fn swapping_under_load_loses_nothing_and_serves_each_event_with_a_current_
                 d["id"]
             );
             let key = (path.to_owned(), d["eventId"].as_str().unwrap().to_owned());
-            let receiver = if index.is_multiple_of(2) { &a_ids } else { &b_ids };
+            let receiver = if index.is_multiple_of(2) {
+                &a_ids
+            } else {
+                &b_ids
+            };
             assert!(
                 receiver.contains(&key),
                 "{name}: event {} should have reached the receiver of version #{index}",
