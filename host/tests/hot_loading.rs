@@ -920,3 +920,107 @@ async fn a_change_on_one_instance_reaches_every_instance() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.requests().len(), 1, "delivered exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_calls_finish_on_the_old_version_and_retries_move_to_the_new_one() {
+    let slow = Receiver::start().await;
+    let failing = Receiver::start().await;
+    let good = Receiver::start().await;
+    let origins = [slow.origin(), failing.origin(), good.origin()];
+    let server = Server::start(Backend::Sqlite).await;
+    let api = server.api("acme");
+
+    // A call in flight when the swap happens finishes on the version it started with.
+    slow.set_delay(Duration::from_millis(1_500));
+    let (code, body) = server
+        .put_connector(
+            "hook",
+            &webhook_manifest("hook", &slow.url("/slow"), &origins, None),
+            Some(webhook_bytes()),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let old = body["connector"]["version"].as_str().unwrap().to_owned();
+    assert_eq!(api.map_parent("p1", "sid").await.0, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let (code, body) = server
+        .put_connector(
+            "hook",
+            &webhook_manifest("hook", &good.url("/good"), &origins, None),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "the swap does not wait for calls in flight"
+    );
+    let got = slow.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["externalId"], "p1");
+    let done = server
+        .wait_deliveries("connector=hook", Duration::from_secs(10), |d| {
+            d.len() == 1 && d[0]["status"] == "delivered"
+        })
+        .await;
+    assert_eq!(done[0]["attempts"], 1);
+    assert_eq!(done[0]["connectorVersion"], old.as_str());
+    assert!(
+        good.requests().is_empty(),
+        "the in-flight call was not repeated"
+    );
+
+    // Deliveries failing on one version are retried on its replacement.
+    failing.set_status(503);
+    let (code, body) = server
+        .put_connector(
+            "hook",
+            &webhook_manifest("hook", &failing.url("/failing"), &origins, None),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let failing_version = body["connector"]["version"].as_str().unwrap().to_owned();
+    for id in ["p2", "p3"] {
+        assert_eq!(api.map_parent(id, "sid").await.0, StatusCode::CREATED);
+    }
+    server
+        .wait_deliveries(
+            "connector=hook&status=pending",
+            Duration::from_secs(10),
+            |d| d.len() == 2 && d.iter().all(|x| x["attempts"].as_i64() >= Some(2)),
+        )
+        .await;
+    let (code, body) = server
+        .put_connector(
+            "hook",
+            &(webhook_manifest("hook", &good.url("/good"), &origins, None) + "fixed = \"1\"\n"),
+            None,
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let new = body["connector"]["version"].as_str().unwrap().to_owned();
+    let done = server
+        .wait_deliveries("connector=hook", Duration::from_secs(10), |d| {
+            d.len() == 3 && d.iter().all(|x| x["status"] == "delivered")
+        })
+        .await;
+    for d in done.iter().filter(|d| d["externalId"] != "p1") {
+        let (_, detail) = server
+            .admin_get(&format!("/admin/deliveries/{}", d["id"]))
+            .await;
+        let history = detail["history"].as_array().unwrap();
+        let (last, earlier) = history.split_last().unwrap();
+        assert!(!earlier.is_empty(), "{detail:#}");
+        assert!(
+            earlier
+                .iter()
+                .all(|a| a["outcome"] == "retry"
+                    && a["connectorVersion"] == failing_version.as_str()),
+            "{detail:#}"
+        );
+        assert_eq!(last["outcome"], "delivered");
+        assert_eq!(last["connectorVersion"], new.as_str(), "{detail:#}");
+    }
+    assert_eq!(good.requests().len(), 2);
+}
