@@ -44,8 +44,10 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const POLL: Duration = Duration::from_millis(5);
 /// Longest wait for a directory swap to serve.
 const SWAP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for the deliveries to drain, between the phases and at the end.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the deliveries to drain, between the phases and at the end. The load
+/// creates deliveries faster than one dispatcher on two shared cores makes webhook calls
+/// (about 4:1 measured), so a 10 s phase leaves about a minute of backlog.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
 /// How often the drain is checked.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Per-request timeout of the session load; a slower request counts as an error.
@@ -171,9 +173,11 @@ struct Report {
     duplicates: usize,
     /// Requests at the receivers that no connector version accounts for.
     unrecognised: usize,
+    /// The wait between the phases (the swapping phase starts with what is left).
+    settle: Drain,
     final_drain: Drain,
-    /// Summed over both connectors, from `GET /admin/connectors/{name}`.
-    queue: QueueCounts,
+    /// Per connector (by `Hook::index`), from `GET /admin/connectors/{name}` at the end.
+    queues: [QueueCounts; 2],
     /// Unclean server exit and the like.
     notes: Vec<String>,
 }
@@ -246,8 +250,8 @@ async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Repor
     eprintln!("  {}", baseline.summary());
     let mut events = baseline.ops - baseline.errors;
     // The swapping phase starts from an empty queue, so both phases see the same work.
-    let settled = drain(&admin, &receivers, events).await?;
-    eprintln!("  {}", settled.summary());
+    let settle = drain(&admin, &receivers, events).await?;
+    eprintln!("  {}", settle.summary());
 
     eprintln!(
         "swapping: {} s, {} clients, a swap every {} ms",
@@ -270,10 +274,10 @@ async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Repor
     let final_drain = drain(&admin, &receivers, events).await?;
     eprintln!("  {}", final_drain.summary());
 
-    let mut queue = QueueCounts::default();
-    for hook in Hook::ALL {
-        queue.add(&admin.queue_counts(hook.name()).await?);
-    }
+    let queues = [
+        admin.queue_counts(Hook::Dir.name()).await?,
+        admin.queue_counts(Hook::Api.name()).await?,
+    ];
     let (received, duplicates, unrecognised, first) = {
         let log = receivers.log();
         (
@@ -296,8 +300,9 @@ async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Repor
         received,
         duplicates,
         unrecognised,
+        settle,
         final_drain,
-        queue,
+        queues,
         notes,
     })
 }
@@ -508,18 +513,27 @@ struct Drain {
     /// Same for `status=dead`.
     dead: bool,
     took: Duration,
+    /// Unique events that arrived during the wait (both connectors); with the load stopped,
+    /// this over `took` is what the dispatcher alone manages.
+    delivered: usize,
 }
 
 impl Drain {
     fn summary(&self) -> String {
+        let secs = self.took.as_secs_f64();
         format!(
-            "deliveries {} after {:.1} s{}{}",
+            "deliveries {} after {secs:.1} s ({} delivered meanwhile, {:.0}/s){}{}",
             if self.complete {
                 "drained"
             } else {
                 "NOT drained"
             },
-            self.took.as_secs_f64(),
+            self.delivered,
+            if secs > 0.0 {
+                self.delivered as f64 / secs
+            } else {
+                0.0
+            },
             if self.pending { ", some pending" } else { "" },
             if self.dead { ", some dead" } else { "" },
         )
@@ -531,12 +545,19 @@ impl Drain {
 /// to deliveries are not pending yet.
 async fn drain(admin: &Admin, receivers: &Receivers, events: usize) -> Result<Drain> {
     let start = Instant::now();
+    let unique = || {
+        receivers
+            .log()
+            .seen
+            .iter()
+            .map(HashSet::len)
+            .collect::<Vec<_>>()
+    };
+    let before: usize = unique().iter().sum();
     loop {
         let pending = admin.any_delivery("pending").await?;
-        let arrived = {
-            let log = receivers.log();
-            log.seen.iter().all(|s| s.len() >= events)
-        };
+        let now = unique();
+        let arrived = now.iter().all(|&n| n >= events);
         let timed_out = start.elapsed() >= DRAIN_TIMEOUT;
         if (!pending && arrived) || timed_out {
             return Ok(Drain {
@@ -544,6 +565,7 @@ async fn drain(admin: &Admin, receivers: &Receivers, events: usize) -> Result<Dr
                 pending,
                 dead: admin.any_delivery("dead").await?,
                 took: start.elapsed(),
+                delivered: now.iter().sum::<usize>() - before,
             });
         }
         tokio::time::sleep(DRAIN_POLL).await;
@@ -559,10 +581,18 @@ struct QueueCounts {
 }
 
 impl QueueCounts {
-    fn add(&mut self, other: &QueueCounts) {
-        self.pending += other.pending;
-        self.dead += other.dead;
-        self.dropped += other.dropped;
+    fn sum(counts: &[QueueCounts]) -> QueueCounts {
+        counts
+            .iter()
+            .fold(QueueCounts::default(), |acc, c| QueueCounts {
+                pending: acc.pending + c.pending,
+                dead: acc.dead + c.dead,
+                dropped: acc.dropped + c.dropped,
+            })
+    }
+
+    fn all(&self) -> usize {
+        usize::try_from(self.pending + self.dead + self.dropped).unwrap_or(0)
     }
 }
 
@@ -842,23 +872,34 @@ impl Report {
         if self.lost() > 0 {
             out.push(format!("{} events lost", self.lost()));
         }
-        if self.final_drain.pending || self.queue.pending > 0 {
-            out.push(format!("{} deliveries still pending", self.queue.pending));
+        let queue = QueueCounts::sum(&self.queues);
+        if self.final_drain.pending || queue.pending > 0 {
+            out.push(format!(
+                "{} deliveries still pending after {:.0} s",
+                queue.pending,
+                DRAIN_TIMEOUT.as_secs_f64()
+            ));
         }
-        if self.final_drain.dead || self.queue.dead > 0 {
-            out.push(format!("{} deliveries dead", self.queue.dead));
+        if self.final_drain.dead || queue.dead > 0 {
+            out.push(format!("{} deliveries dead", queue.dead));
         }
-        if self.queue.dropped > 0 {
-            out.push(format!("{} deliveries dropped", self.queue.dropped));
+        if queue.dropped > 0 {
+            out.push(format!("{} deliveries dropped", queue.dropped));
         }
         out
     }
 
-    /// Events some connector never received, summed over both.
+    /// Events a connector neither received nor still holds (pending, dead or dropped),
+    /// summed over both. Exact once drained; before that, events not yet fanned out to
+    /// deliveries count here too.
     fn lost(&self) -> usize {
-        self.received
-            .iter()
-            .map(|r| self.events.saturating_sub(*r))
+        Hook::ALL
+            .into_iter()
+            .map(|h| {
+                let i = h.index();
+                self.events
+                    .saturating_sub(self.received[i] + self.queues[i].all())
+            })
             .sum()
     }
 
@@ -969,14 +1010,16 @@ impl Report {
             self.duplicates,
             self.unrecognised,
         );
+        let queue = QueueCounts::sum(&self.queues);
         println!(
-            "             lost {}, pending {}, dead {}, dropped {}; {}",
+            "             lost {}, pending {}, dead {}, dropped {}",
             self.lost(),
-            self.queue.pending,
-            self.queue.dead,
-            self.queue.dropped,
-            self.final_drain.summary(),
+            queue.pending,
+            queue.dead,
+            queue.dropped,
         );
+        println!("between:     {}", self.settle.summary());
+        println!("at the end:  {}", self.final_drain.summary());
         for note in &self.notes {
             println!("note:        {note}");
         }
