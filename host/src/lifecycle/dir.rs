@@ -1,6 +1,7 @@
 //! The watched connectors directory. A change is applied only once the files involved (the
-//! manifest and the component it names) have stopped changing for one debounce interval, so
-//! a file still being written is not even read; a component that is still incomplete when it
+//! manifest and the component it names) have stopped changing for one debounce interval (seen
+//! unchanged across two scans, or last modified at least that long ago), so a file still
+//! being written is not even read; a component that is still incomplete when it
 //! settles fails validation and the previous version keeps serving until the write finishes.
 //! File-system notifications make the reaction quick; a slow poll catches what they miss
 //! (components outside the directory, file systems without notifications).
@@ -62,6 +63,18 @@ impl Fingerprint {
 
     fn absent(&self) -> bool {
         self.manifest.is_none()
+    }
+
+    /// Whether every file was last modified at least `quiet` ago: such files are as settled as
+    /// files seen unchanged across one interval, so they need not wait for another scan.
+    fn quiet_for(&self, quiet: Duration) -> bool {
+        let old = |s: &Option<Stamp>| {
+            s.as_ref()
+                .and_then(|s| s.modified)
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .is_some_and(|age| age >= quiet)
+        };
+        old(&self.manifest) && self.component.as_ref().is_none_or(|(_, c)| old(c))
     }
 }
 
@@ -152,9 +165,11 @@ impl DirState {
         for path in paths {
             let now = Fingerprint::of(&path);
             if self.observed.get(&path) != Some(&now) {
-                self.observed.insert(path, now);
-                unsettled = true;
-                continue;
+                self.observed.insert(path.clone(), now.clone());
+                if now.absent() || !now.quiet_for(DEBOUNCE) {
+                    unsettled = true;
+                    continue;
+                }
             }
             if self.applied.get(&path) == Some(&now) {
                 continue;
@@ -258,6 +273,19 @@ mod tests {
         let (actions, _) = state.scan();
         assert!(matches!(actions.as_slice(), [Action::Unload(p)] if p == &manifest));
         assert!(state.scan().0.is_empty());
+    }
+
+    #[test]
+    fn files_unchanged_for_the_debounce_interval_apply_at_first_sight() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = DirState::new(dir.path().to_owned());
+        write(&dir.path().join("c.wasm"), "bytes");
+        let manifest = dir.path().join("c.toml");
+        write(&manifest, "name = \"c\"\ncomponent = \"c.wasm\"\n");
+        std::thread::sleep(DEBOUNCE + Duration::from_millis(20));
+        let (actions, unsettled) = state.scan();
+        assert!(!unsettled);
+        assert!(matches!(actions.as_slice(), [Action::Apply(p, _)] if p == &manifest));
     }
 
     #[test]
