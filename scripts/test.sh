@@ -6,6 +6,10 @@
 # PostgreSQL: the PostgreSQL URL comes from LOCKSTEP_TEST_DATABASE_URL or DATABASE_URL when the
 # caller sets one; otherwise the throwaway cluster of scripts/pg.sh (PGPORT, default 55432) is
 # used: reused if already running, else started here and always stopped on exit.
+# Likewise the test Keycloak of `cargo xtask keycloak` (127.0.0.1:18180, realm
+# tests/keycloak/acme-realm.json): reused if already running, else started here and stopped
+# on exit; its URL reaches the tests as LOCKSTEP_TEST_KEYCLOAK_URL (a caller's own value wins).
+# LOCKSTEP_SKIP_KEYCLOAK=1 skips it (the Keycloak tests then say they are skipped).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,7 +17,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STARTED=$SECONDS
 step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - STARTED))" "$*"; }
 
-# Ctrl-C / SIGTERM become a normal exit so the EXIT trap below still stops PostgreSQL.
+# What the EXIT trap undoes, last started first (Keycloak, then PostgreSQL).
+CLEANUP=()
+cleanup() {
+    local i
+    for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do
+        eval "${CLEANUP[i]}" || true
+    done
+}
+trap cleanup EXIT
+# Ctrl-C / SIGTERM become a normal exit so the EXIT trap still stops PostgreSQL and Keycloak.
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -44,12 +57,30 @@ elif bash scripts/pg.sh status >/dev/null 2>&1; then
     # Someone started it by hand (scripts/pg.sh start): use it and leave it running.
     echo "reusing the running cluster on port ${PGPORT:-55432}"
 else
-    trap 'bash scripts/pg.sh stop || true' EXIT
+    CLEANUP+=('bash scripts/pg.sh stop')
     bash scripts/pg.sh start
 fi
 if [[ -z "${LOCKSTEP_TEST_DATABASE_URL:-}" ]]; then
     LOCKSTEP_TEST_DATABASE_URL="$(bash scripts/pg.sh url)"
     export LOCKSTEP_TEST_DATABASE_URL
+fi
+
+step "Keycloak"
+if [[ "${LOCKSTEP_SKIP_KEYCLOAK:-0}" == 1 ]]; then
+    echo "LOCKSTEP_SKIP_KEYCLOAK=1: not starting Keycloak; its tests will be skipped"
+    unset LOCKSTEP_TEST_KEYCLOAK_URL
+elif [[ -n "${LOCKSTEP_TEST_KEYCLOAK_URL:-}" ]]; then
+    echo "using LOCKSTEP_TEST_KEYCLOAK_URL from the caller"
+else
+    if cargo xtask keycloak status >/dev/null; then
+        # Someone started it by hand (cargo xtask keycloak start): use it and leave it running.
+        echo "reusing the running Keycloak"
+    else
+        CLEANUP+=('cargo xtask keycloak stop')
+        cargo xtask keycloak start
+    fi
+    LOCKSTEP_TEST_KEYCLOAK_URL="$(cargo xtask keycloak url)"
+    export LOCKSTEP_TEST_KEYCLOAK_URL
 fi
 
 step "cargo fmt --all --check"

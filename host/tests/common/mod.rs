@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod components;
+pub mod keycloak;
 pub mod receiver;
 
 use std::process::Stdio;

@@ -1,0 +1,563 @@
+//! A real Keycloak for the tests: the one `cargo xtask keycloak start` runs on
+//! 127.0.0.1:18180 with the realm of `tests/keycloak/acme-realm.json` (`scripts/test.sh`
+//! starts it and sets `LOCKSTEP_TEST_KEYCLOAK_URL`). Helpers drive it like a browser and an
+//! administrator would: a headless authorization-code login, client-credentials tokens, and
+//! the Admin REST API (sessions, client attributes, signing keys).
+//!
+//! Every request has a timeout and no helper loops, so a stuck Keycloak fails a test instead
+//! of hanging it. Tokens are decoded here without verification; verifying them is the
+//! product's job.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{Response, StatusCode, Url};
+use serde_json::{Value, json};
+
+/// The realm imported from `tests/keycloak/acme-realm.json`.
+pub const REALM: &str = "acme";
+pub const ALICE: &str = "alice";
+pub const ALICE_PASSWORD: &str = "alice-password";
+/// Confidential client with the `realm-management` roles `manage-users` and `view-users`;
+/// defines the client role `users:manage`.
+pub const LOCKSTEP_CLIENT: (&str, &str) = ("lockstep", "lockstep-secret");
+/// Relying party with back-channel logout (`set_backchannel_logout_url` points it).
+pub const PORTAL_CLIENT: (&str, &str) = ("portal", "portal-secret");
+/// Service account holding `lockstep` → `users:manage` (aud `lockstep`).
+pub const OPS_CLIENT: (&str, &str) = ("ops-tool", "ops-secret");
+/// Service account with audience `lockstep` and no lockstep role.
+pub const NO_PERM_CLIENT: (&str, &str) = ("no-perm", "no-perm-secret");
+/// Where the login flow redirects to; nothing listens there, the code is taken from the
+/// `Location` header.
+pub const REDIRECT_URI: &str = "http://127.0.0.1/cb";
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Base URL of the test Keycloak from `LOCKSTEP_TEST_KEYCLOAK_URL`; `None` when it is unset
+/// and `LOCKSTEP_SKIP_KEYCLOAK=1` asks to skip Keycloak tests (the test then prints why).
+pub fn keycloak_url() -> Option<String> {
+    match std::env::var("LOCKSTEP_TEST_KEYCLOAK_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url.trim().trim_end_matches('/').to_owned()),
+        _ if std::env::var("LOCKSTEP_SKIP_KEYCLOAK").is_ok_and(|v| v == "1") => None,
+        _ => panic!(
+            "Keycloak tests need LOCKSTEP_TEST_KEYCLOAK_URL: run `bash scripts/test.sh` (starts \
+             Keycloak and sets it), or `cargo xtask keycloak start` and then \
+             LOCKSTEP_TEST_KEYCLOAK_URL=$(cargo xtask keycloak url); set \
+             LOCKSTEP_SKIP_KEYCLOAK=1 to skip them"
+        ),
+    }
+}
+
+/// The tokens of a finished login, and the Keycloak session id (`sid` of the ID token).
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub access_token: String,
+    pub id_token: String,
+    pub refresh_token: String,
+    pub sid: String,
+}
+
+/// An HTTP client that never follows redirects (the login flow reads them) and times out.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(REQUEST_TIMEOUT)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+fn token_endpoint(base: &str, realm: &str) -> String {
+    format!("{base}/realms/{realm}/protocol/openid-connect/token")
+}
+
+/// The realm's JWKS URL.
+pub fn jwks_url(base: &str, realm: &str) -> String {
+    format!("{base}/realms/{realm}/protocol/openid-connect/certs")
+}
+
+/// The realm's issuer (`iss` of its tokens).
+pub fn issuer(base: &str, realm: &str) -> String {
+    format!("{base}/realms/{realm}")
+}
+
+/// The claims of a JWT, decoded without any verification.
+pub fn claims(jwt: &str) -> Value {
+    let payload = jwt
+        .split('.')
+        .nth(1)
+        .unwrap_or_else(|| panic!("not a JWT: {jwt:?}"));
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .unwrap_or_else(|e| panic!("JWT payload is not base64url: {e}"));
+    serde_json::from_slice(&bytes).expect("JWT payload is not JSON")
+}
+
+/// The `kid` of a JWT's header.
+pub fn kid(jwt: &str) -> String {
+    let header = jwt.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .unwrap_or_else(|e| panic!("JWT header is not base64url: {e}"));
+    let header: Value = serde_json::from_slice(&bytes).expect("JWT header is not JSON");
+    header["kid"]
+        .as_str()
+        .expect("JWT header has no kid")
+        .to_owned()
+}
+
+/// Panics with the response body unless the status is `want`; returns the body.
+async fn expect_status(resp: Response, want: StatusCode, what: &str) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, want, "{what}: unexpected status; body: {body}");
+    body
+}
+
+async fn json_of(resp: Response, want: StatusCode, what: &str) -> Value {
+    let body = expect_status(resp, want, what).await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {body}"))
+}
+
+/// An access token of the master realm's `admin` (admin-cli, password grant). Master-realm
+/// tokens live 60 s, so each admin helper takes a fresh one.
+pub async fn admin_token(base: &str) -> String {
+    let resp = http()
+        .post(token_endpoint(base, "master"))
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", "admin-cli"),
+            ("username", "admin"),
+            ("password", "admin"),
+        ])
+        .send()
+        .await
+        .expect("admin token request");
+    let body = json_of(resp, StatusCode::OK, "admin token").await;
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// An access token of `client_id` by the client-credentials grant.
+pub async fn client_credentials(base: &str, realm: &str, client_id: &str, secret: &str) -> String {
+    let resp = http()
+        .post(token_endpoint(base, realm))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+        ])
+        .send()
+        .await
+        .expect("client credentials request");
+    let body = json_of(
+        resp,
+        StatusCode::OK,
+        &format!("client credentials of {client_id}"),
+    )
+    .await;
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// Cookies of one login, kept by hand (reqwest is built without its cookie store).
+#[derive(Default)]
+struct Cookies(BTreeMap<String, String>);
+
+impl Cookies {
+    fn take(&mut self, resp: &Response) {
+        for value in resp.headers().get_all(SET_COOKIE) {
+            let Ok(value) = value.to_str() else { continue };
+            let pair = value.split(';').next().unwrap_or_default();
+            if let Some((name, value)) = pair.split_once('=') {
+                let (name, value) = (name.trim(), value.trim());
+                if value.is_empty() {
+                    self.0.remove(name); // an expired (deleted) cookie
+                } else {
+                    self.0.insert(name.to_owned(), value.to_owned());
+                }
+            }
+        }
+    }
+
+    fn header(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Logs `username` in through `client_id` with the authorization code flow, as a browser
+/// would: the login page, the form post, the redirect with the code (not followed), and the
+/// code exchange at the token endpoint.
+pub async fn login(
+    base: &str,
+    realm: &str,
+    client_id: &str,
+    secret: &str,
+    username: &str,
+    password: &str,
+) -> Login {
+    let http = http();
+    let mut cookies = Cookies::default();
+    let state = uuid::Uuid::new_v4().simple().to_string();
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+
+    let page = http
+        .get(format!(
+            "{base}/realms/{realm}/protocol/openid-connect/auth"
+        ))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", client_id),
+            ("redirect_uri", REDIRECT_URI),
+            ("scope", "openid"),
+            ("state", &state),
+            ("nonce", &nonce),
+        ])
+        .send()
+        .await
+        .expect("authorization request");
+    cookies.take(&page);
+    let html = expect_status(page, StatusCode::OK, "login page").await;
+    let action = login_form_action(&html);
+
+    let posted = http
+        .post(&action)
+        .header(COOKIE, cookies.header())
+        .form(&[
+            ("username", username),
+            ("password", password),
+            ("credentialId", ""),
+        ])
+        .send()
+        .await
+        .expect("login form post");
+    let status = posted.status();
+    let location = posted
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let Some(location) = location.filter(|_| status == StatusCode::FOUND) else {
+        let body = posted.text().await.unwrap_or_default();
+        panic!(
+            "login of {username} via {client_id}: expected a 302 to {REDIRECT_URI}, got \
+             {status} (wrong password, or a required action?); page: {}",
+            page_summary(&body)
+        );
+    };
+    let redirect = Url::parse(&location).expect("Location is not a URL");
+    assert!(
+        location.starts_with(REDIRECT_URI),
+        "login redirected elsewhere: {location}"
+    );
+    let param = |name: &str| {
+        redirect
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    if let Some(error) = param("error") {
+        panic!("login of {username} via {client_id} failed: {error} ({location})");
+    }
+    assert_eq!(param("state").as_deref(), Some(state.as_str()), "state");
+    let code = param("code").unwrap_or_else(|| panic!("no code in {location}"));
+
+    let resp = http
+        .post(token_endpoint(base, realm))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT_URI),
+            ("client_id", client_id),
+            ("client_secret", secret),
+        ])
+        .send()
+        .await
+        .expect("code exchange");
+    let tokens = json_of(resp, StatusCode::OK, "code exchange").await;
+    let field = |name: &str| {
+        tokens[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in the token response: {tokens}"))
+            .to_owned()
+    };
+    let id_token = field("id_token");
+    let id_claims = claims(&id_token);
+    assert_eq!(id_claims["nonce"], json!(nonce), "nonce of the ID token");
+    let sid = id_claims["sid"]
+        .as_str()
+        .unwrap_or_else(|| panic!("ID token has no sid: {id_claims}"))
+        .to_owned();
+    Login {
+        access_token: field("access_token"),
+        id_token,
+        refresh_token: field("refresh_token"),
+        sid,
+    }
+}
+
+/// The `action` URL of Keycloak's login form (`<form id="kc-form-login" ... action="...">`).
+fn login_form_action(html: &str) -> String {
+    let at = html.find("kc-form-login").unwrap_or_else(|| {
+        panic!(
+            "no login form (kc-form-login) on the page: {}",
+            page_summary(html)
+        )
+    });
+    let start = html[..at]
+        .rfind("<form")
+        .expect("kc-form-login outside a <form> tag");
+    let end = at + html[at..].find('>').expect("unterminated <form> tag");
+    let tag = &html[start..end];
+    let value = tag
+        .split_once("action=\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(v, _)| v)
+        .unwrap_or_else(|| panic!("login form has no action: {tag}"));
+    html_unescape(value)
+}
+
+/// Undoes the HTML escaping of an attribute value (`&amp;`, `&quot;`, numeric references).
+fn html_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(semi) = rest.find(';').filter(|&j| j <= 10) else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let entity = &rest[1..semi];
+        let decoded = match entity {
+            "amp" => Some('&'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            _ => entity
+                .strip_prefix("#x")
+                .or_else(|| entity.strip_prefix("#X"))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The title and any error message of a Keycloak page, for panic messages.
+fn page_summary(html: &str) -> String {
+    let between = |open: &str, close: &str| {
+        html.split_once(open)
+            .and_then(|(_, rest)| rest.split_once(close))
+            .map(|(v, _)| v.trim().to_owned())
+    };
+    let title = between("<title>", "</title>").unwrap_or_default();
+    let error = between("kc-feedback-text\">", "<")
+        .or_else(|| between("input-error\"", "</span>"))
+        .unwrap_or_default();
+    format!("title {title:?}, message {error:?}, {} bytes", html.len())
+}
+
+/// GET an Admin REST API path (below `/admin/realms/`) with `token`; panics unless 200.
+async fn admin_get(base: &str, token: &str, path: &str) -> Value {
+    let resp = http()
+        .get(format!("{base}/admin/realms/{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET /admin/realms/{path}: {e}"));
+    json_of(resp, StatusCode::OK, &format!("GET /admin/realms/{path}")).await
+}
+
+/// The internal id of a user, looked up by exact username.
+async fn user_id(base: &str, token: &str, realm: &str, username: &str) -> String {
+    let resp = http()
+        .get(format!("{base}/admin/realms/{realm}/users"))
+        .query(&[("username", username), ("exact", "true")])
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("user lookup");
+    let users = json_of(resp, StatusCode::OK, "user lookup").await;
+    users[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no user {username} in realm {realm}: {users}"))
+        .to_owned()
+}
+
+/// The internal id of a client, looked up by its `clientId`.
+async fn client_uuid(base: &str, token: &str, realm: &str, client_id: &str) -> String {
+    let resp = http()
+        .get(format!("{base}/admin/realms/{realm}/clients"))
+        .query(&[("clientId", client_id)])
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("client lookup");
+    let clients = json_of(resp, StatusCode::OK, "client lookup").await;
+    clients[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client {client_id} in realm {realm}: {clients}"))
+        .to_owned()
+}
+
+/// Points a client's OIDC back-channel logout at `url` (the attribute
+/// `backchannel.logout.url`), so Keycloak calls it when a session of the client ends.
+pub async fn set_backchannel_logout_url(base: &str, realm: &str, client_id: &str, url: &str) {
+    let token = admin_token(base).await;
+    let id = client_uuid(base, &token, realm, client_id).await;
+    let mut rep = admin_get(base, &token, &format!("{realm}/clients/{id}")).await;
+    rep["attributes"]["backchannel.logout.url"] = json!(url);
+    let resp = http()
+        .put(format!("{base}/admin/realms/{realm}/clients/{id}"))
+        .bearer_auth(&token)
+        .json(&rep)
+        .send()
+        .await
+        .expect("client update");
+    expect_status(
+        resp,
+        StatusCode::NO_CONTENT,
+        &format!("setting the back-channel logout URL of {client_id}"),
+    )
+    .await;
+}
+
+/// The user's active sessions as Keycloak lists them (`id` is the session id, the `sid`
+/// claim; `clients` maps client ids to client ids).
+pub async fn user_sessions(base: &str, realm: &str, username: &str) -> Vec<Value> {
+    let token = admin_token(base).await;
+    let id = user_id(base, &token, realm, username).await;
+    let sessions = admin_get(base, &token, &format!("{realm}/users/{id}/sessions")).await;
+    sessions
+        .as_array()
+        .unwrap_or_else(|| panic!("sessions is not an array: {sessions}"))
+        .clone()
+}
+
+/// Ends one Keycloak session (Admin API `DELETE /admin/realms/{realm}/sessions/{sid}`) as
+/// the master admin.
+pub async fn delete_session(base: &str, realm: &str, sid: &str) {
+    let token = admin_token(base).await;
+    delete_session_as(base, realm, sid, &token).await;
+}
+
+/// Ends one Keycloak session with the caller's `token` (say, the `lockstep` service
+/// account's, which holds `realm-management` → `manage-users`).
+pub async fn delete_session_as(base: &str, realm: &str, sid: &str, token: &str) {
+    let resp = http()
+        .delete(format!("{base}/admin/realms/{realm}/sessions/{sid}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("session delete");
+    expect_status(
+        resp,
+        StatusCode::NO_CONTENT,
+        &format!("deleting session {sid}"),
+    )
+    .await;
+}
+
+/// Ends every session of a user (Admin API `POST /admin/realms/{realm}/users/{id}/logout`).
+pub async fn logout_user(base: &str, realm: &str, username: &str) {
+    let token = admin_token(base).await;
+    let id = user_id(base, &token, realm, username).await;
+    let resp = http()
+        .post(format!("{base}/admin/realms/{realm}/users/{id}/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("user logout");
+    expect_status(
+        resp,
+        StatusCode::NO_CONTENT,
+        &format!("logging out {username}"),
+    )
+    .await;
+}
+
+/// Adds an `rsa-generated` key provider with a priority above every existing key provider of
+/// the realm, so tokens issued from now on are signed with a new key; the old keys stay in
+/// the JWKS. Returns the `kid` of the new RS256 key.
+pub async fn rotate_keys(base: &str, realm: &str) -> String {
+    let token = admin_token(base).await;
+    let realm_rep = admin_get(base, &token, realm).await;
+    let realm_id = realm_rep["id"]
+        .as_str()
+        .expect("realm has no id")
+        .to_owned();
+    let providers = admin_get(
+        base,
+        &token,
+        &format!("{realm}/components?type=org.keycloak.keys.KeyProvider"),
+    )
+    .await;
+    let top = providers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["config"]["priority"][0].as_str()?.parse::<i64>().ok())
+        .max()
+        .unwrap_or(100);
+    let priority = (top + 100).to_string();
+    let name = format!("rsa-rotated-{}", uuid::Uuid::new_v4().simple());
+    let resp = http()
+        .post(format!("{base}/admin/realms/{realm}/components"))
+        .bearer_auth(&token)
+        .json(&json!({
+            "name": name,
+            "providerId": "rsa-generated",
+            "providerType": "org.keycloak.keys.KeyProvider",
+            "parentId": realm_id,
+            "config": {
+                "priority": [priority],
+                "enabled": ["true"],
+                "active": ["true"],
+                "algorithm": ["RS256"],
+                "keySize": ["2048"],
+            },
+        }))
+        .send()
+        .await
+        .expect("key provider create");
+    let location = resp
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    expect_status(resp, StatusCode::CREATED, "adding a key provider").await;
+    let component = location
+        .as_deref()
+        .and_then(|l| l.rsplit('/').next())
+        .expect("no Location for the new key provider")
+        .to_owned();
+    let keys = admin_get(base, &token, &format!("{realm}/keys")).await;
+    keys["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["providerId"] == json!(component) && k["algorithm"] == json!("RS256"))
+        .and_then(|k| k["kid"].as_str())
+        .unwrap_or_else(|| panic!("no key of provider {component} in {keys}"))
+        .to_owned()
+}

@@ -1,0 +1,492 @@
+//! `cargo xtask keycloak start|stop|status|url`: one real Keycloak for a test run, the
+//! Quarkus distribution from Maven Central in dev mode (H2 under the distribution's `data/`),
+//! on `127.0.0.1:18180`, with the realms of `tests/keycloak/*.json` imported at start-up.
+//!
+//! The server runs detached in its own process group so this command can exit; its pid is
+//! kept in `target/keycloak/keycloak.pid` and its output in `target/keycloak/keycloak.log`.
+//! `start` reuses a server that is already running and answering; `stop` ends the whole
+//! process group (`kc.sh` and its JVM).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::{target_dir, workspace_root};
+
+/// Keycloak release to run; 26.5.x still runs on JDK 17.
+const VERSION: &str = "26.5.6";
+const HOST: &str = "127.0.0.1";
+const PORT: u16 = 18180;
+/// Realm whose discovery document says the server is up and the test realm imported.
+const READY_REALM: &str = "acme";
+/// Bound on a (first) start: unpacking Quarkus, H2 schema creation, realm import.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time given to a graceful shutdown after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(500);
+/// Timeout of each readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The admin user the tests' helpers log in with (master realm, password grant).
+const ADMIN_USER: &str = "admin";
+const ADMIN_PASSWORD: &str = "admin";
+/// JVM heap: the default (512 MiB) is tight for imports on a busy machine; 1 GiB is plenty.
+const HEAP: &str = "-Xms256m -Xmx1g";
+/// Realm files the tests rely on, copied into the distribution's `data/import/`.
+const REALM_DIR: &str = "tests/keycloak";
+
+/// Options of `cargo xtask keycloak`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Action {
+    /// Download (Maven) and unpack Keycloak if needed, import tests/keycloak/*.json and start
+    /// it in the background; waits until the `acme` realm answers. Reuses a running one.
+    Start,
+    /// Stop the Keycloak started by `start` (SIGTERM to its process group, SIGKILL after 20 s).
+    Stop,
+    /// Exit 0 when the Keycloak started by `start` is running and answering.
+    Status,
+    /// Print the base URL of the test Keycloak.
+    Url,
+}
+
+pub fn main(args: Args) -> Result<ExitCode> {
+    let paths = Paths::new()?;
+    match args.action {
+        Action::Start => start(&paths).map(|()| ExitCode::SUCCESS),
+        Action::Stop => stop(&paths).map(|()| ExitCode::SUCCESS),
+        Action::Status => status(&paths),
+        Action::Url => {
+            println!("{}", base_url());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn base_url() -> String {
+    format!("http://{HOST}:{PORT}")
+}
+
+fn ready_url() -> String {
+    format!(
+        "{}/realms/{READY_REALM}/.well-known/openid-configuration",
+        base_url()
+    )
+}
+
+struct Paths {
+    root: PathBuf,
+    /// `target/keycloak/`: the unpacked distribution, the log and the pid file.
+    dir: PathBuf,
+    /// `target/keycloak/keycloak-<version>/`.
+    home: PathBuf,
+    log: PathBuf,
+    pid: PathBuf,
+}
+
+impl Paths {
+    fn new() -> Result<Paths> {
+        let root = workspace_root()?;
+        let dir = target_dir(&root).join("keycloak");
+        Ok(Paths {
+            home: dir.join(format!("keycloak-{VERSION}")),
+            log: dir.join("keycloak.log"),
+            pid: dir.join("keycloak.pid"),
+            root,
+            dir,
+        })
+    }
+}
+
+fn start(paths: &Paths) -> Result<()> {
+    let rt = runtime()?;
+    let client = http_client()?;
+    if let Some(pid) = read_pid(paths)? {
+        if group_alive(pid) {
+            if rt.block_on(answers(&client)) {
+                println!("Keycloak already running (pid {pid}): {}", base_url());
+                return Ok(());
+            }
+            // Alive but not answering yet: most likely another `start` is still waiting.
+            eprintln!("Keycloak (pid {pid}) is running but not answering yet; waiting for it");
+            return rt.block_on(wait_ready(&client, paths, pid, None));
+        }
+        eprintln!("removing stale pid file (pid {pid} is gone)");
+        remove_pid(paths)?;
+    }
+    if rt.block_on(answers(&client)) {
+        bail!(
+            "something not started by `cargo xtask keycloak start` (no pid file in {}) already \
+             answers on {}; stop it first",
+            paths.dir.display(),
+            base_url()
+        );
+    }
+
+    std::fs::create_dir_all(&paths.dir)
+        .with_context(|| format!("creating {}", paths.dir.display()))?;
+    let archive = distribution()?;
+    unpack(&archive, paths)?;
+    install_realms(paths)?;
+
+    let log = open_log(&paths.log)?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("duplicating the handle of {}", paths.log.display()))?;
+    let kc = paths.home.join("bin/kc.sh");
+    let mut cmd = Command::new(&kc);
+    cmd.current_dir(&paths.home)
+        .args([
+            "start-dev",
+            &format!("--http-host={HOST}"),
+            &format!("--http-port={PORT}"),
+            "--import-realm",
+        ])
+        .env("KC_BOOTSTRAP_ADMIN_USERNAME", ADMIN_USER)
+        .env("KC_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("JAVA_OPTS_KC_HEAP", HEAP)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: it outlives this command, and `stop` can end kc.sh and the
+        // JVM it starts together.
+        .process_group(0);
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", kc.display()))?;
+    let pid = child.id();
+    std::fs::write(&paths.pid, format!("{pid}\n"))
+        .with_context(|| format!("writing {}", paths.pid.display()))?;
+    eprintln!(
+        "started Keycloak {VERSION} (pid {pid}, log {}); waiting up to {}s for {}",
+        paths.log.display(),
+        START_TIMEOUT.as_secs(),
+        ready_url()
+    );
+    let ready = rt.block_on(wait_ready(&client, paths, pid, Some(&mut child)));
+    if ready.is_err() {
+        // Do not leave a half-started server behind.
+        kill_group(pid, "-KILL");
+        remove_pid(paths)?;
+    }
+    ready?;
+    println!(
+        "Keycloak {VERSION} ready in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        base_url()
+    );
+    Ok(())
+}
+
+/// Polls the readiness URL until it answers 200, the process dies, or [`START_TIMEOUT`].
+async fn wait_ready(
+    client: &reqwest::Client,
+    paths: &Paths,
+    pid: u32,
+    mut child: Option<&mut std::process::Child>,
+) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if answers(client).await {
+            return Ok(());
+        }
+        let exited = match child.as_mut() {
+            Some(c) => c.try_wait().context("checking the Keycloak process")?,
+            None => None,
+        };
+        if let Some(status) = exited {
+            bail!(
+                "Keycloak exited ({status}) before it was ready; last lines of {}:\n{}",
+                paths.log.display(),
+                tail(&paths.log)
+            );
+        }
+        if child.is_none() && !group_alive(pid) {
+            bail!(
+                "Keycloak (pid {pid}) exited before it was ready; last lines of {}:\n{}",
+                paths.log.display(),
+                tail(&paths.log)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "Keycloak did not answer {} within {}s; last lines of {}:\n{}",
+                ready_url(),
+                START_TIMEOUT.as_secs(),
+                paths.log.display(),
+                tail(&paths.log)
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn stop(paths: &Paths) -> Result<()> {
+    let Some(pid) = read_pid(paths)? else {
+        eprintln!(
+            "no Keycloak pid file ({}); nothing to stop",
+            paths.pid.display()
+        );
+        return Ok(());
+    };
+    if !group_alive(pid) {
+        eprintln!("Keycloak (pid {pid}) is not running");
+        return remove_pid(paths);
+    }
+    eprintln!("stopping Keycloak (process group {pid})");
+    kill_group(pid, "-TERM");
+    let deadline = Instant::now() + STOP_GRACE;
+    while group_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if group_alive(pid) {
+        eprintln!(
+            "Keycloak did not stop within {}s of SIGTERM; sending SIGKILL",
+            STOP_GRACE.as_secs()
+        );
+        kill_group(pid, "-KILL");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if group_alive(pid) {
+            bail!("Keycloak process group {pid} survived SIGKILL");
+        }
+    }
+    remove_pid(paths)
+}
+
+fn status(paths: &Paths) -> Result<ExitCode> {
+    let Some(pid) = read_pid(paths)? else {
+        eprintln!("Keycloak not running (no pid file)");
+        return Ok(ExitCode::FAILURE);
+    };
+    if !group_alive(pid) {
+        eprintln!("Keycloak not running (pid {pid} is gone)");
+        return Ok(ExitCode::FAILURE);
+    }
+    let client = http_client()?;
+    if runtime()?.block_on(answers(&client)) {
+        eprintln!("Keycloak running (pid {pid}): {}", base_url());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "Keycloak process {pid} is alive but {} does not answer",
+            ready_url()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The distribution archive in the local Maven repository, fetched with Maven if missing.
+fn distribution() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set (needed for ~/.m2)")?;
+    let archive = PathBuf::from(home).join(format!(
+        ".m2/repository/org/keycloak/keycloak-quarkus-dist/{VERSION}/keycloak-quarkus-dist-{VERSION}.tar.gz"
+    ));
+    if archive.is_file() {
+        return Ok(archive);
+    }
+    eprintln!("fetching org.keycloak:keycloak-quarkus-dist:{VERSION}:tar.gz with Maven");
+    let status = Command::new("mvn")
+        .args([
+            "-q",
+            "-B",
+            "org.apache.maven.plugins:maven-dependency-plugin:3.6.1:get",
+            &format!("-Dartifact=org.keycloak:keycloak-quarkus-dist:{VERSION}:tar.gz"),
+            "-Dtransitive=false",
+        ])
+        .status()
+        .context("running mvn (is Maven installed?)")?;
+    if !status.success() {
+        bail!("mvn dependency:get of keycloak-quarkus-dist {VERSION} failed: {status}");
+    }
+    if !archive.is_file() {
+        bail!("Maven succeeded but {} is missing", archive.display());
+    }
+    Ok(archive)
+}
+
+/// Unpacks the archive into `target/keycloak/` unless already there; through a temporary
+/// directory so an interrupted run never leaves a half-unpacked distribution in place.
+fn unpack(archive: &Path, paths: &Paths) -> Result<()> {
+    if paths.home.join("bin/kc.sh").is_file() {
+        return Ok(());
+    }
+    let tmp = paths.dir.join(".unpacking");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    eprintln!(
+        "unpacking {} into {}",
+        archive.display(),
+        paths.dir.display()
+    );
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(&tmp)
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar -xzf {} failed: {status}", archive.display());
+    }
+    let unpacked = tmp.join(format!("keycloak-{VERSION}"));
+    if !unpacked.join("bin/kc.sh").is_file() {
+        bail!("{} has no bin/kc.sh", unpacked.display());
+    }
+    if paths.home.exists() {
+        // A distribution without kc.sh: a leftover of something else; replace it.
+        std::fs::remove_dir_all(&paths.home)
+            .with_context(|| format!("removing {}", paths.home.display()))?;
+    }
+    std::fs::rename(&unpacked, &paths.home)
+        .with_context(|| format!("moving {} to {}", unpacked.display(), paths.home.display()))?;
+    std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))
+}
+
+/// Copies `tests/keycloak/*.json` into `data/import/`. Keycloak skips the import of a realm
+/// that already exists, so when the files changed since the last import the dev database
+/// (`data/h2/`) is removed and every realm is imported afresh.
+fn install_realms(paths: &Paths) -> Result<()> {
+    let source = paths.root.join(REALM_DIR);
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(&source).with_context(|| format!("reading {}", source.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("reading {}", source.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "json") && path.is_file() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        bail!("no realm files (*.json) in {}", source.display());
+    }
+    let import = paths.home.join("data/import");
+    std::fs::create_dir_all(&import).with_context(|| format!("creating {}", import.display()))?;
+    let mut changed = false;
+    for path in &files {
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow!("{} has no file name", path.display()))?;
+        let to = import.join(name);
+        let new = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if std::fs::read(&to).ok().as_deref() != Some(new.as_slice()) {
+            changed = true;
+            std::fs::write(&to, &new).with_context(|| format!("writing {}", to.display()))?;
+        }
+    }
+    // Realm files removed from the repository must not be imported any more either.
+    for entry in
+        std::fs::read_dir(&import).with_context(|| format!("reading {}", import.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("reading {}", import.display()))?
+            .path();
+        if !files.iter().any(|f| f.file_name() == path.file_name()) {
+            changed = true;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    let db = paths.home.join("data/h2");
+    if changed && db.exists() {
+        eprintln!(
+            "realm files changed since the last import; removing {} so they are imported afresh",
+            db.display()
+        );
+        std::fs::remove_dir_all(&db).with_context(|| format!("removing {}", db.display()))?;
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")
+}
+
+fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .no_proxy()
+        .build()
+        .context("building the HTTP client")
+}
+
+/// True when the `acme` realm's discovery document answers 200.
+async fn answers(client: &reqwest::Client) -> bool {
+    client
+        .get(ready_url())
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+}
+
+fn read_pid(paths: &Paths) -> Result<Option<u32>> {
+    match std::fs::read_to_string(&paths.pid) {
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .map(Some)
+            .with_context(|| format!("{} holds no pid: {text:?}", paths.pid.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", paths.pid.display())),
+    }
+}
+
+fn remove_pid(paths: &Paths) -> Result<()> {
+    match std::fs::remove_file(&paths.pid) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", paths.pid.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// True while any process of the group led by `pid` exists (`kill -0 -- -pid`).
+fn group_alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`) to the process group led by `pid`; failures (the group
+/// is already gone) are for the caller's liveness check to notice.
+fn kill_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn open_log(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Last lines of the Keycloak log, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
