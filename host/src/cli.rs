@@ -17,6 +17,7 @@ use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
+use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
@@ -212,9 +213,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let idps = file
+        .realm_policies()?
+        .iter()
+        .map(|(name, r)| RealmIdp::from_config(name, r).map_err(|e| anyhow::anyhow!("config: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    let oidc = Arc::new(Verifier::new(idps).context("cannot set up token verification")?);
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
-    if admin_token.is_none() && keys.is_empty() {
+    if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {
         // Nothing could ever authenticate; mint a one-off bootstrap token so a first run works.
         let token = format!("lst_{}", uuid::Uuid::new_v4().simple());
         eprintln!(
@@ -222,7 +232,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         admin_token = Some(token);
     }
-    let auth = Authenticator::new(admin_token.as_deref(), keys);
+    let mut auth = Authenticator::new(admin_token.as_deref(), keys);
+    if !oidc.is_empty() {
+        auth = auth.with_verifier(Arc::new(AccessTokens(oidc.clone())));
+    }
 
     let listen = args
         .listen
@@ -287,6 +300,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sessions: SessionService::new(store.clone(), policies),
         auth,
         connectors,
+        oidc,
     };
     let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
     let result = server.await;

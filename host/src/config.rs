@@ -74,6 +74,9 @@ pub struct RealmConfig {
     pub orphan_children: bool,
     /// Scope or client role that grants `users:manage` to an IdP access token.
     pub permission_role: Option<String>,
+    /// `originSystem` of the events a back-channel logout produces (default `keycloak`), so
+    /// the connector of that name does not get its own logout back.
+    pub idp_system: Option<String>,
 }
 
 /// `[[api_keys]]`.

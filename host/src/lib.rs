@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod oidc;
 pub mod runtime;
 pub mod store;
 pub mod sync;

@@ -122,6 +122,6 @@ impl FromRequestParts<AppState> for Caller {
                 ApiError::Unauthorized("Authorization header is not valid text".into())
             })?),
         };
-        Ok(Caller(state.auth.authenticate(header)?))
+        Ok(Caller(state.auth.authenticate(header).await?))
     }
 }

@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+mod backchannel;
 pub mod connectors;
 mod cursor;
 mod deliveries;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub auth: Authenticator,
     /// Connector lifecycle and metrics.
     pub connectors: Connectors,
+    /// Identity providers of the realms (back-channel logout, access tokens).
+    pub oidc: std::sync::Arc<crate::oidc::Verifier>,
 }
 
 /// The whole HTTP application.
@@ -41,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .merge(sessions::router())
         .merge(deliveries::router())
         .merge(connectors::router())
+        .merge(backchannel::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

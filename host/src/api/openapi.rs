@@ -36,6 +36,7 @@ use super::AppState;
         super::connectors::disable,
         super::connectors::enable,
         super::connectors::metrics,
+        super::backchannel::logout,
         super::health::healthz,
         super::health::readyz,
     ),
@@ -43,6 +44,7 @@ use super::AppState;
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
+         (name = "identity-provider", description = "OIDC Back-Channel Logout from the realm's identity provider"),
          (name = "health", description = "Liveness, readiness and metrics"))
 )]
 struct ApiDoc;

@@ -161,12 +161,15 @@ impl Principal {
     }
 }
 
-/// Verifies IdP-issued bearer tokens. The Keycloak issue plugs a JWKS-backed verifier in
-/// here; until then no token verifier is configured and only keys are accepted.
+/// Verifies IdP-issued bearer tokens (`oidc::AccessTokens`, backed by each realm's JWKS).
+/// Asynchronous because verifying may fetch the issuer's keys.
 pub trait AccessTokenVerifier: Send + Sync {
     /// `Ok(Some)` for a valid token, `Ok(None)` when the token is not one this verifier
     /// recognises (so it is not a JWT of a configured issuer), `Err` when it is invalid.
-    fn verify(&self, token: &str) -> Result<Option<Principal>, AuthError>;
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<Principal>, AuthError>>;
 }
 
 /// Resolves bearer credentials to a [`Principal`].
@@ -204,7 +207,7 @@ impl Authenticator {
     }
 
     /// Resolves an `Authorization` header value.
-    pub fn authenticate(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Principal, AuthError> {
         let header = header.ok_or_else(|| {
             AuthError::Unauthenticated("missing Authorization: Bearer <token> header".into())
         })?;
@@ -231,7 +234,7 @@ impl Authenticator {
             });
         }
         if let Some(verifier) = &self.verifier
-            && let Some(principal) = verifier.verify(token)?
+            && let Some(principal) = verifier.verify(token).await?
         {
             return Ok(principal);
         }
@@ -257,32 +260,35 @@ mod tests {
         )
     }
 
-    #[test]
-    fn bearer_tokens_resolve_to_their_principal() {
+    #[tokio::test]
+    async fn bearer_tokens_resolve_to_their_principal() {
         let a = auth();
         assert_eq!(
-            a.authenticate(Some("Bearer root-secret")),
+            a.authenticate(Some("Bearer root-secret")).await,
             Ok(Principal::Admin)
         );
-        let key = a.authenticate(Some("Bearer portal-secret")).unwrap();
+        let key = a.authenticate(Some("Bearer portal-secret")).await.unwrap();
         assert_eq!(key.name(), "portal");
         assert!(matches!(
-            a.authenticate(Some("Bearer nope")),
+            a.authenticate(Some("Bearer nope")).await,
             Err(AuthError::Unauthenticated(_))
         ));
         assert!(matches!(
-            a.authenticate(None),
+            a.authenticate(None).await,
             Err(AuthError::Unauthenticated(_))
         ));
         assert!(matches!(
-            a.authenticate(Some("Basic cm9vdA==")),
+            a.authenticate(Some("Basic cm9vdA==")).await,
             Err(AuthError::Unauthenticated(_))
         ));
     }
 
-    #[test]
-    fn keys_are_confined_to_their_realms_and_permissions() {
-        let key = auth().authenticate(Some("Bearer portal-secret")).unwrap();
+    #[tokio::test]
+    async fn keys_are_confined_to_their_realms_and_permissions() {
+        let key = auth()
+            .authenticate(Some("Bearer portal-secret"))
+            .await
+            .unwrap();
         assert!(key.authorize("acme", Permission::UsersManage).is_ok());
         assert!(matches!(
             key.authorize("other", Permission::UsersManage),

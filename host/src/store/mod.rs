@@ -44,6 +44,9 @@ pub enum StoreError {
         /// Its current status.
         status: SessionStatus,
     },
+    /// A logout token id was seen before (back-channel logout replay).
+    #[error("logout token {0:?} was already used")]
+    Replayed(String),
     /// A destroy named a session of the wrong kind for that route.
     #[error("{0}")]
     WrongKind(String),

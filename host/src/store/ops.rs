@@ -109,6 +109,25 @@ macro_rules! session_ops {
             cmd: &DestroyCommand,
             now: i64,
         ) -> Result<Vec<Session>> {
+            if let Some(guard) = &cmd.replay_guard {
+                sqlx::query("DELETE FROM logout_tokens WHERE until_ms < $1")
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+                let fresh = sqlx::query(
+                    "INSERT INTO logout_tokens (realm, jti, until_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (realm, jti) DO NOTHING",
+                )
+                .bind(&cmd.realm)
+                .bind(&guard.jti)
+                .bind(guard.until_ms)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if fresh == 0 {
+                    return Err(StoreError::Replayed(guard.jti.clone()));
+                }
+            }
             let seeds: Vec<String> = match &cmd.target {
                 DestroyTarget::Parent(id) | DestroyTarget::Child(id) => {
                     let found: Option<(String, String)> = sqlx::query_as(concat!(
@@ -129,6 +148,16 @@ macro_rules! session_ops {
                         return Ok(Vec::new());
                     }
                     vec![id.clone()]
+                }
+                DestroyTarget::IdpSession(sid) => {
+                    sqlx::query_scalar(
+                        "SELECT external_id FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
+                         AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+                    )
+                    .bind(&cmd.realm)
+                    .bind(sid)
+                    .fetch_all(&mut *conn)
+                    .await?
                 }
                 DestroyTarget::User(user_id) => {
                     sqlx::query_scalar(
@@ -275,7 +304,7 @@ macro_rules! session_ops {
                 (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
                     "session {id:?} is a {other}; use destroy-parent"
                 ))),
-                (DestroyTarget::User(_), _) => Ok(()),
+                (DestroyTarget::User(_) | DestroyTarget::IdpSession(_), _) => Ok(()),
             }
         }
 

@@ -198,6 +198,18 @@ pub enum DestroyTarget {
     Child(String),
     /// Every live session of a user, cascading.
     User(String),
+    /// Every live PARENT mapped to this IdP session (back-channel logout `sid`), cascading.
+    IdpSession(String),
+}
+
+/// A logout token's id, stored in the destroy's transaction so a replay is refused even
+/// after a restart.
+#[derive(Clone, Debug)]
+pub struct ReplayGuard {
+    /// `jti` of the logout token.
+    pub jti: String,
+    /// Until when (epoch ms) it is remembered.
+    pub until_ms: i64,
 }
 
 /// A request to end sessions.
@@ -213,6 +225,8 @@ pub struct DestroyCommand {
     pub origin_system: Option<String>,
     /// Realm policy: descendants become ORPHANED instead of DESTROYED when the IdP ended the root.
     pub orphan_children: bool,
+    /// Refuse the whole destroy if this token id was seen before (back-channel logout).
+    pub replay_guard: Option<ReplayGuard>,
 }
 
 /// A sync event as written to the outbox and later handed to connectors.

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::model::{DestroyCommand, DestroyTarget, EndReason, MapCommand, Session, SessionKind};
+use super::model::{
+    DestroyCommand, DestroyTarget, EndReason, MapCommand, ReplayGuard, Session, SessionKind,
+};
 use super::validate::{self, ValidationError};
 use crate::store::{Page, SessionQuery, Store, StoreError};
 
@@ -139,6 +141,7 @@ impl SessionService {
         match &target {
             DestroyTarget::Parent(id) | DestroyTarget::Child(id) => validate::id("externalId", id)?,
             DestroyTarget::User(id) => validate::id("userId", id)?,
+            DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
         }
         validate::optional_id("originSystem", origin_system.as_deref())?;
         let reason = reason.unwrap_or(EndReason::Logout);
@@ -158,6 +161,38 @@ impl SessionService {
                 reason,
                 origin_system,
                 orphan_children,
+                replay_guard: None,
+            })
+            .await?)
+    }
+
+    /// Ends what the IdP ended (back-channel logout): every PARENT of the IdP session `sid`,
+    /// or every session of the user `sub`, with reason `idp_logout` and the realm's orphan
+    /// policy, storing the token's `jti` in the same transaction (a replay changes nothing).
+    pub async fn idp_logout(
+        &self,
+        realm: &str,
+        target: DestroyTarget,
+        guard: ReplayGuard,
+        origin_system: &str,
+    ) -> Result<Vec<Session>, SessionError> {
+        validate::realm(realm)?;
+        match &target {
+            DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
+            DestroyTarget::User(id) => validate::id("sub", id)?,
+            DestroyTarget::Parent(_) | DestroyTarget::Child(_) => {
+                return Err(ValidationError("an IdP logout names a sid or a sub".into()).into());
+            }
+        }
+        Ok(self
+            .store
+            .destroy(DestroyCommand {
+                realm: realm.to_owned(),
+                target,
+                reason: EndReason::IdpLogout,
+                origin_system: Some(origin_system.to_owned()),
+                orphan_children: self.policy(realm).orphan_children,
+                replay_guard: Some(guard),
             })
             .await?)
     }

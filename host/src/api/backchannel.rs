@@ -1,0 +1,125 @@
+//! `POST /realms/{realm}/backchannel-logout`: the OIDC Back-Channel Logout 1.0 receiver.
+//! The logout token is the credential (no bearer token): it is verified in full by `oidc`,
+//! then every PARENT of its `sid` (or every session of its `sub`) ends with reason
+//! `idp_logout`, cascading, in one transaction that also stores the token's `jti`.
+//! Answers are 200 or 400, both `Cache-Control: no-store` (Back-Channel Logout 1.0, 2.8).
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::json;
+
+use super::AppState;
+use super::extract::{ApiPath, MAX_BODY_BYTES};
+use crate::oidc::OidcError;
+use crate::store::StoreError;
+use crate::sync::model::{DestroyTarget, ReplayGuard};
+use crate::sync::sessions::SessionError;
+
+/// Routes of this resource.
+pub fn router() -> axum::Router<AppState> {
+    axum::Router::new().route("/realms/{realm}/backchannel-logout", post(logout))
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn refuse(description: impl Into<String>) -> Response {
+    let description = description.into();
+    tracing::warn!(reason = %description, "back-channel logout refused");
+    answer(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid_request", "error_description": description}),
+    )
+}
+
+/// Receives a logout token from the realm's identity provider.
+#[utoipa::path(post, path = "/realms/{realm}/backchannel-logout", tag = "identity-provider",
+    params(("realm" = String, Path, description = "Realm (must have an issuer configured)")),
+    request_body(content = String, content_type = "application/x-www-form-urlencoded",
+                 description = "logout_token=<JWT>"),
+    responses((status = 200, description = "Logged out (also when nothing was mapped)"),
+              (status = 400, description = "Invalid, replayed or unverifiable logout token")))]
+async fn logout(
+    State(state): State<AppState>,
+    ApiPath(realm): ApiPath<String>,
+    request: Request,
+) -> Response {
+    let Some(idp) = state.oidc.realm(&realm).cloned() else {
+        return refuse(OidcError::NotConfigured(realm).to_string());
+    };
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    {
+        return refuse("the body must be application/x-www-form-urlencoded");
+    }
+    let Ok(body) = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await else {
+        return refuse(format!(
+            "the body is unreadable or larger than {MAX_BODY_BYTES} bytes"
+        ));
+    };
+    let Ok(form) = serde_urlencoded::from_bytes::<HashMap<String, String>>(&body) else {
+        return refuse("the body is not a valid form");
+    };
+    let Some(token) = form.get("logout_token").filter(|t| !t.is_empty()) else {
+        return refuse("logout_token is missing");
+    };
+    let verified = match state.oidc.verify_logout(&realm, token).await {
+        Ok(v) => v,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let target = match (&verified.sid, &verified.sub) {
+        (Some(sid), _) => DestroyTarget::IdpSession(sid.clone()),
+        (None, Some(sub)) => DestroyTarget::User(sub.clone()),
+        (None, None) => return refuse("a logout token must name a sid or a sub"),
+    };
+    let guard = ReplayGuard {
+        jti: verified.jti.clone(),
+        until_ms: verified.remember_until_ms,
+    };
+    match state
+        .sessions
+        .idp_logout(&realm, target, guard, &idp.idp_system)
+        .await
+    {
+        Ok(changed) => {
+            tracing::info!(
+                %realm,
+                sid = verified.sid.as_deref().unwrap_or("-"),
+                sub = verified.sub.as_deref().unwrap_or("-"),
+                ended = changed.len(),
+                "back-channel logout"
+            );
+            answer(StatusCode::OK, json!({"ended": changed.len()}))
+        }
+        Err(SessionError::Store(StoreError::Replayed(jti))) => {
+            refuse(format!("logout token {jti:?} was already used"))
+        }
+        Err(SessionError::Invalid(e)) => refuse(e.0),
+        Err(e) => {
+            tracing::error!(error = %e, "back-channel logout could not be applied");
+            answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "temporarily_unavailable", "error_description": "retry later"}),
+            )
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Back-channel logout and admin access tokens against a local identity provider: a real HTTP
+//! server on 127.0.0.1 that publishes a discovery document and a JWKS, with tokens signed by
+//! the test (keys in `tests/fixtures/oidc/`). This checks every verification rule one by one
+//! without Keycloak; `keycloak.rs` runs the same flows against a real Keycloak.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::routing::get;
+use base64::Engine;
+use common::components::workspace;
+use common::{Backend, Server, ServerOptions, assert_problem};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+on_both_backends!(a_verified_logout_token_ends_the_mapped_tree_once);
+
+/// A local IdP: discovery + JWKS, with keys that can be rotated.
+struct Idp {
+    issuer: String,
+    keys: Arc<Mutex<Vec<Value>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(workspace().join("tests/fixtures/oidc").join(name)).unwrap()
+}
+
+fn jwk(name: &str) -> Value {
+    serde_json::from_str(&fixture(&format!("test-rsa-{name}.jwk.json"))).unwrap()
+}
+
+impl Idp {
+    async fn start() -> Idp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}/realms/acme", listener.local_addr().unwrap());
+        let keys = Arc::new(Mutex::new(vec![jwk("a")]));
+        let (discovery, jwks) = (issuer.clone(), keys.clone());
+        let app =
+            axum::Router::new()
+                .route(
+                    "/realms/acme/.well-known/openid-configuration",
+                    get(move || {
+                        let issuer = discovery.clone();
+                        async move {
+                            Json(json!({"issuer": issuer, "jwks_uri": format!("{issuer}/certs")}))
+                        }
+                    }),
+                )
+                .route(
+                    "/realms/acme/certs",
+                    get(move || {
+                        let keys = jwks.lock().unwrap().clone();
+                        async move { Json(json!({ "keys": keys })) }
+                    }),
+                );
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+                .ok();
+        });
+        Idp {
+            issuer,
+            keys,
+            stop: Some(tx),
+        }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[realms.acme]\nissuer = \"{}\"\naudiences = [\"lockstep\"]\nallowed_algs = [\"RS256\"]\nclock_skew_s = 30\n",
+            self.issuer
+        )
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn sign(key: &str, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    header.typ = Some("logout+jwt".into());
+    let key =
+        EncodingKey::from_rsa_pem(fixture(&format!("test-rsa-{key}.pem")).as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+fn logout_claims(idp: &Idp, sid: Option<&str>, sub: Option<&str>) -> Value {
+    let mut c = json!({
+        "iss": idp.issuer,
+        "aud": "lockstep",
+        "iat": now(),
+        "exp": now() + 120,
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    });
+    if let Some(sid) = sid {
+        c["sid"] = json!(sid);
+    }
+    if let Some(sub) = sub {
+        c["sub"] = json!(sub);
+    }
+    c
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+async fn post_logout(server: &Server, realm: &str, token: &str) -> (StatusCode, Value, String) {
+    let res = reqwest::Client::new()
+        .post(format!("{}/realms/{realm}/backchannel-logout", server.base))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let cache = res
+        .headers()
+        .get("cache-control")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (status, res.json().await.unwrap_or(Value::Null), cache)
+}
+
+async fn server_with(backend: Backend, idp: &Idp) -> Server {
+    Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(idp.config()),
+            ..ServerOptions::default()
+        },
+    )
+    .await
+}
+
+async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
+    let idp = Idp::start().await;
+    let server = server_with(backend, &idp).await;
+    let api = server.api("acme");
+    assert_eq!(
+        api.map_parent("portal-1", "kc-sid-1").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.map_child("svc-a", "portal-1").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.map_child("svc-b", "portal-1").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api.map_parent("other", "kc-sid-2").await.0,
+        StatusCode::CREATED
+    );
+
+    let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
+    let (code, body, cache) = post_logout(&server, "acme", &token).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+    assert_eq!(cache, "no-store");
+    for (id, reason) in [
+        ("portal-1", "idp_logout"),
+        ("svc-a", "cascade"),
+        ("svc-b", "cascade"),
+    ] {
+        let (_, s) = api.get(id).await;
+        assert_eq!(s["status"], "DESTROYED", "{s}");
+        assert_eq!(s["endReason"], reason, "{s}");
+    }
+    assert_eq!(api.status_of("other").await, "ACTIVE");
+    // Connectors get the logouts, marked as coming from the IdP (no echo to `keycloak`).
+    let events = server.outbox("acme", "svc-a").await;
+    let logout = events.iter().find(|e| e["type"] == "logout").unwrap();
+    assert_eq!(logout["originSystem"], "keycloak");
+
+    // The same token again: refused, nothing written.
+    let outbox = server.outbox_total().await;
+    let (code, body, cache) = post_logout(&server, "acme", &token).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+    assert_eq!(cache, "no-store");
+    // A fresh token for the same session: accepted, changes nothing (idempotent).
+    let again = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
+    let (code, body, _) = post_logout(&server, "acme", &again).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(0)),
+        "{body}"
+    );
+    assert_eq!(server.outbox_total().await, outbox);
+
+    // By `sub`: every session of the user.
+    let body = json!({"externalId": "u1", "keycloakSessionId": "kc-sid-9", "userId": "alice"});
+    assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
+    let by_sub = sign("a", "test-a", &logout_claims(&idp, None, Some("alice")));
+    let (code, body, _) = post_logout(&server, "acme", &by_sub).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
+    let idp = Idp::start().await;
+    let server = server_with(Backend::Sqlite, &idp).await;
+    let api = server.api("acme");
+    assert_eq!(api.map_parent("p", "kc-sid").await.0, StatusCode::CREATED);
+    let good = || logout_claims(&idp, Some("kc-sid"), None);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = good();
+        f(&mut c);
+        sign("a", "test-a", &c)
+    };
+    let valid = sign("a", "test-a", &good());
+    let (h, p, _) = {
+        let mut parts = valid.split('.');
+        (
+            parts.next().unwrap().to_owned(),
+            parts.next().unwrap().to_owned(),
+            parts.next().unwrap().to_owned(),
+        )
+    };
+    let tampered_payload = {
+        let mut c = good();
+        c["sid"] = json!("someone-else");
+        b64(c.to_string().as_bytes())
+    };
+    let hs256_with_public_key = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("test-a".into());
+        jsonwebtoken::encode(
+            &header,
+            &good(),
+            &EncodingKey::from_secret(fixture("test-rsa-a.pub.pem").as_bytes()),
+        )
+        .unwrap()
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(good().to_string().as_bytes())
+    );
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "bad signature",
+            format!(
+                "{h}.{tampered_payload}.{}",
+                valid.split('.').nth(2).unwrap()
+            ),
+        ),
+        ("unknown key", sign("b", "test-b", &good())),
+        ("known kid, other key", sign("b", "test-a", &good())),
+        ("alg none", alg_none),
+        ("HS256 keyed with the public key", hs256_with_public_key),
+        (
+            "wrong iss",
+            with(&|c| c["iss"] = json!("http://127.0.0.1:1/realms/acme")),
+        ),
+        ("wrong aud", with(&|c| c["aud"] = json!("someone-else"))),
+        (
+            "expired",
+            with(&|c| {
+                c["iat"] = json!(now() - 300);
+                c["exp"] = json!(now() - 200);
+            }),
+        ),
+        (
+            "iat in the future",
+            with(&|c| c["iat"] = json!(now() + 3_600)),
+        ),
+        (
+            "too old",
+            with(&|c| {
+                c["iat"] = json!(now() - 3_600);
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
+        (
+            "no iat",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("iat");
+            }),
+        ),
+        (
+            "no events",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("events");
+            }),
+        ),
+        (
+            "other event",
+            with(&|c| c["events"] = json!({"http://example.com/other": {}})),
+        ),
+        (
+            "nonce present",
+            with(&|c| c["nonce"] = json!("n-0S6_WzA2Mj")),
+        ),
+        (
+            "neither sid nor sub",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("sid");
+            }),
+        ),
+        (
+            "no jti",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("jti");
+            }),
+        ),
+        ("not a JWT", "not-a-jwt".to_owned()),
+        ("two parts", format!("{h}.{p}")),
+    ];
+    for (what, token) in &cases {
+        let (code, body, cache) = post_logout(&server, "acme", token).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{what}: {body}");
+        assert_eq!(cache, "no-store", "{what}");
+    }
+    // A realm without an IdP, a wrong media type, a missing token.
+    let (code, _, _) = post_logout(&server, "other", &valid).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let res = reqwest::Client::new()
+        .post(format!("{}/realms/acme/backchannel-logout", server.base))
+        .json(&json!({"logout_token": valid}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = reqwest::Client::new()
+        .post(format!("{}/realms/acme/backchannel-logout", server.base))
+        .form(&[("other", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(api.status_of("p").await, "ACTIVE", "nothing changed");
+    // The genuine token still works afterwards.
+    let (code, body, _) = post_logout(&server, "acme", &valid).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_keys_verify_after_a_refetch() {
+    let idp = Idp::start().await;
+    let server = server_with(Backend::Sqlite, &idp).await;
+    let api = server.api("acme");
+    assert_eq!(api.map_parent("p1", "sid-1").await.0, StatusCode::CREATED);
+    assert_eq!(api.map_parent("p2", "sid-2").await.0, StatusCode::CREATED);
+    let first = sign("a", "test-a", &logout_claims(&idp, Some("sid-1"), None));
+    assert_eq!(post_logout(&server, "acme", &first).await.0, StatusCode::OK);
+    // The IdP rotates to key b (published before use, as Keycloak does). The cached set does
+    // not hold it; the next token with the new kid makes the verifier fetch again, once the
+    // rate limit since the last fetch (10 s) has passed.
+    idp.keys.lock().unwrap().push(jwk("b"));
+    tokio::time::sleep(lockstep::oidc::jwks::MIN_REFETCH).await;
+    let rotated = sign("b", "test-b", &logout_claims(&idp, Some("sid-2"), None));
+    let (code, body, _) = post_logout(&server, "acme", &rotated).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_accept_verified_access_tokens_with_the_permission() {
+    let idp = Idp::start().await;
+    let server = server_with(Backend::Sqlite, &idp).await;
+    let token = |f: &dyn Fn(&mut Value), key: &str, kid: &str| {
+        let mut c = json!({
+            "iss": idp.issuer, "aud": ["lockstep", "account"], "sub": "svc-ops", "azp": "ops-tool",
+            "iat": now(), "exp": now() + 300,
+            "resource_access": {"lockstep": {"roles": ["users:manage"]}},
+        });
+        f(&mut c);
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        let key =
+            EncodingKey::from_rsa_pem(fixture(&format!("test-rsa-{key}.pem")).as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &c, &key).unwrap()
+    };
+    let map = |t: String| {
+        let api = server.api_as("acme", &t);
+        async move {
+            api.map_parent(&format!("p-{}", uuid::Uuid::new_v4()), "sid")
+                .await
+        }
+    };
+    assert_eq!(
+        map(token(&|_| {}, "a", "test-a")).await.0,
+        StatusCode::CREATED
+    );
+    let by_scope = token(
+        &|c| {
+            c.as_object_mut().unwrap().remove("resource_access");
+            c["scope"] = json!("openid users:manage");
+        },
+        "a",
+        "test-a",
+    );
+    assert_eq!(map(by_scope).await.0, StatusCode::CREATED);
+    let no_role = token(
+        &|c| {
+            c.as_object_mut().unwrap().remove("resource_access");
+        },
+        "a",
+        "test-a",
+    );
+    assert_problem(&map(no_role.clone()).await, 403, "FORBIDDEN");
+    // The token's realm only.
+    let other_realm = server.api_as("other", &token(&|_| {}, "a", "test-a"));
+    assert_problem(&other_realm.map_parent("x", "sid").await, 403, "FORBIDDEN");
+    for (what, t) in [
+        (
+            "expired",
+            token(&|c| c["exp"] = json!(now() - 120), "a", "test-a"),
+        ),
+        (
+            "wrong audience",
+            token(&|c| c["aud"] = json!("account"), "a", "test-a"),
+        ),
+        ("forged", token(&|_| {}, "b", "test-a")),
+        (
+            "unknown issuer",
+            token(&|c| c["iss"] = json!("http://127.0.0.1:1/x"), "a", "test-a"),
+        ),
+    ] {
+        assert_problem(&map(t).await, 401, "UNAUTHORIZED");
+        let _ = what;
+    }
+    // Operator endpoints need connectors:manage across realms, which a token never carries.
+    let (code, _) = send_get(&server, "/admin/connectors", &no_role).await;
+    assert_eq!(code, StatusCode::FORBIDDEN);
+}
+
+async fn send_get(server: &Server, path: &str, token: &str) -> (StatusCode, Value) {
+    let res = reqwest::Client::new()
+        .get(format!("{}{path}", server.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    (res.status(), res.json().await.unwrap_or(Value::Null))
+}
