@@ -442,6 +442,11 @@ impl Connectors {
         if let Ok(mut errors) = self.inner.errors.lock() {
             errors.remove(name);
         }
+        if let Some(old) = &previous
+            && old.connector.version != entry.connector.version
+        {
+            self.inner.runtime.forget(&old.connector);
+        }
         let metrics = self.inner.metrics.connector(name);
         metrics.swapped();
         tracing::info!(
@@ -459,6 +464,9 @@ impl Connectors {
     }
 
     fn unload(&self, name: &str, why: &str) {
+        if let Some(old) = self.inner.registry.get(name) {
+            self.inner.runtime.forget(&old.connector);
+        }
         self.inner.registry.update(|set| {
             set.remove(name);
         });

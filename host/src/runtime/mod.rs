@@ -5,6 +5,7 @@
 
 pub mod bindings;
 pub mod cache;
+pub mod kv;
 pub mod manifest;
 pub mod registry;
 mod sandbox;
@@ -132,6 +133,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<CallState>>,
     cache: CompileCache,
+    kv: kv::Kv,
     slots: Arc<tokio::sync::Semaphore>,
     _ticker: Arc<EpochTicker>,
 }
@@ -201,6 +203,7 @@ impl Runtime {
             engine,
             linker: Arc::new(linker),
             cache: CompileCache::new(cache_dir).map_err(RuntimeError::Cache)?,
+            kv: kv::Kv::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS)),
             _ticker: Arc::new(EpochTicker { stop }),
         })
@@ -254,7 +257,7 @@ impl Runtime {
                 .acquire()
                 .await
                 .map_err(|_| invalid("runtime shutting down".into()))?;
-            let mut store = self.sandboxed_store(&manifest, "load-check".into());
+            let mut store = self.sandboxed_store(&manifest, &version, "load-check".into());
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
             match tokio::time::timeout(outer, pre.instantiate_async(&mut store)).await {
                 Ok(Ok(_)) => {}
@@ -289,8 +292,17 @@ impl Runtime {
     }
 
     /// A fresh store with the manifest's memory cap and deadline.
-    fn sandboxed_store(&self, manifest: &Arc<Manifest>, call_id: String) -> Store<CallState> {
-        let mut store = Store::new(&self.engine, CallState::new(manifest.clone(), call_id));
+    fn sandboxed_store(
+        &self,
+        manifest: &Arc<Manifest>,
+        version: &str,
+        call_id: String,
+    ) -> Store<CallState> {
+        let scope = format!("{}@{version}", manifest.name);
+        let mut store = Store::new(
+            &self.engine,
+            CallState::new(manifest.clone(), call_id, self.kv.clone(), scope),
+        );
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(
             manifest
@@ -300,6 +312,14 @@ impl Runtime {
         );
         store.epoch_deadline_trap();
         store
+    }
+
+    /// Forgets the cache entries of a connector version that no longer serves.
+    pub fn forget(&self, connector: &LoadedConnector) {
+        self.kv.drop_scope(&format!(
+            "{}@{}",
+            connector.manifest.name, connector.version
+        ));
     }
 
     /// Calls the hook for `event` in a fresh, sandboxed instance. Never panics and never
@@ -316,7 +336,7 @@ impl Runtime {
             .map_err(|_| HookFailure::Retry("runtime shutting down".into()))?;
         let manifest = &connector.manifest;
         let timeout_ms = manifest.timeout_ms;
-        let mut store = self.sandboxed_store(manifest, event.event_id.clone());
+        let mut store = self.sandboxed_store(manifest, &connector.version, event.event_id.clone());
         let wit_event = to_wit(event);
         let run = async {
             let instance = connector.pre.instantiate_async(&mut store).await?;

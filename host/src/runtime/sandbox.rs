@@ -3,6 +3,7 @@
 //! the `host` interface (capped logging, config lookups).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -11,6 +12,7 @@ use wasmtime_wasi_http::{
 };
 
 use super::bindings::{Level, lockstep};
+use super::kv::Kv;
 use super::manifest::{Manifest, split_host_port};
 
 /// Most log lines one hook call may write; the rest are counted and summarised.
@@ -30,10 +32,12 @@ pub struct CallState {
     pub(super) logs: LogBudget,
     manifest: Arc<Manifest>,
     event_id: String,
+    kv: Kv,
+    kv_scope: String,
 }
 
 impl CallState {
-    pub(super) fn new(manifest: Arc<Manifest>, event_id: String) -> Self {
+    pub(super) fn new(manifest: Arc<Manifest>, event_id: String, kv: Kv, kv_scope: String) -> Self {
         // Nothing is inherited or granted: no args, env, preopens, stdin; sockets denied.
         let wasi = WasiCtxBuilder::new()
             .allow_tcp(false)
@@ -58,6 +62,8 @@ impl CallState {
             logs: LogBudget::default(),
             manifest,
             event_id,
+            kv,
+            kv_scope,
         }
     }
 }
@@ -220,5 +226,18 @@ impl lockstep::connector::host::Host for CallState {
 
     fn config_get(&mut self, key: String) -> Option<String> {
         self.manifest.config.get(&key).cloned()
+    }
+
+    fn cache_get(&mut self, key: String) -> Option<String> {
+        self.kv.get(&self.kv_scope, &key)
+    }
+
+    fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
+        if !self
+            .kv
+            .set(&self.kv_scope, key, value, Duration::from_millis(ttl_ms))
+        {
+            tracing::debug!(connector = %self.manifest.name, "cache-set refused: entry too large");
+        }
     }
 }

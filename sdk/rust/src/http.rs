@@ -29,6 +29,11 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The body parsed as JSON.
+    pub fn json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+
     /// The hook error this status deserves: 5xx, 408 and 429 are worth a retry; other
     /// statuses are permanent.
     pub fn into_hook_error(self) -> HookError {
@@ -126,6 +131,13 @@ impl Request {
         self.header("content-type", "application/json")
     }
 
+    /// Sets an `application/x-www-form-urlencoded` body (an OAuth token request, say) from
+    /// name/value pairs, each [`percent_encode`]d.
+    pub fn form(mut self, pairs: &[(&str, &str)]) -> Self {
+        self.body = form_body(pairs).into_bytes();
+        self.header("content-type", "application/x-www-form-urlencoded")
+    }
+
     /// Sets a raw body.
     pub fn body(mut self, body: Vec<u8>) -> Self {
         self.body = body;
@@ -221,6 +233,33 @@ impl Request {
     }
 }
 
+/// Percent-encodes every byte of `text` except the RFC 3986 unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`), so the result is safe as one URL path segment, a query value or a
+/// form value: `/`, `?`, `#`, `&`, `=`, `+`, `%` and spaces cannot change the URL's meaning.
+pub fn percent_encode(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    out
+}
+
+/// `name=value&...` with every name and value [`percent_encode`]d.
+pub fn form_body(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{}={}", percent_encode(name), percent_encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// Splits `scheme://authority/path?query`.
 fn split_url(url: &str) -> Result<(Scheme, &str, &str), HttpError> {
     let (scheme, rest) = url
@@ -248,5 +287,45 @@ fn classify(code: ErrorCode) -> HttpError {
             HttpError::Invalid(format!("{code:?}"))
         }
         other => HttpError::Transport(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encode_keeps_only_unreserved_characters() {
+        assert_eq!(percent_encode("AZaz09-._~"), "AZaz09-._~");
+        assert_eq!(
+            percent_encode("a/b?c#d&e=f+g h%"),
+            "a%2Fb%3Fc%23d%26e%3Df%2Bg%20h%25"
+        );
+        assert_eq!(percent_encode("../x"), "..%2Fx");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+        assert_eq!(percent_encode(""), "");
+    }
+
+    #[test]
+    fn form_body_encodes_names_and_values() {
+        assert_eq!(
+            form_body(&[
+                ("grant_type", "client_credentials"),
+                ("client_secret", "s3&=+ /")
+            ]),
+            "grant_type=client_credentials&client_secret=s3%26%3D%2B%20%2F"
+        );
+        assert_eq!(form_body(&[]), "");
+    }
+
+    #[test]
+    fn split_url_separates_scheme_authority_and_path() {
+        let (scheme, authority, path) = split_url("http://127.0.0.1:18180/a/b?x=1").unwrap();
+        assert!(matches!(scheme, Scheme::Http));
+        assert_eq!((authority, path), ("127.0.0.1:18180", "/a/b?x=1"));
+        let (_, authority, path) = split_url("https://kc.example").unwrap();
+        assert_eq!((authority, path), ("kc.example", "/"));
+        assert!(split_url("kc.example/x").is_err());
+        assert!(split_url("ftp://kc.example/").is_err());
     }
 }

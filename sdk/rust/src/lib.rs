@@ -30,6 +30,7 @@
 //! `target/wasm32-wasip2/release/` is the component to load.
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod config;
 pub mod http;
 pub mod json;

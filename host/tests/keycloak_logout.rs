@@ -1,0 +1,262 @@
+//! Single logout from Keycloak, against the real Keycloak of `cargo xtask keycloak start`:
+//! a real login (authorization code flow, headless) gives a Keycloak session; Lockstep maps
+//! it; Keycloak ends it (admin session delete, user logout) and its back-channel logout
+//! reaches Lockstep, which ends the mapped tree. Admin API calls carry real Keycloak access
+//! tokens. Everything runs in one test function: it re-points the shared `portal` client's
+//! back-channel URL at this test's server, so nothing else may run beside it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::keycloak::{self, NO_PERM_CLIENT, OPS_CLIENT, PORTAL_CLIENT, REALM};
+use common::receiver::Receiver;
+use common::{Api, Backend, Server, ServerOptions, assert_problem};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const USER: &str = "bob-logout";
+const PASSWORD: &str = "bob-logout-password";
+
+/// Creates the test's own user (so other Keycloak tests' users are untouched).
+async fn ensure_user(base: &str) {
+    let token = keycloak::admin_token(base).await;
+    let res = keycloak::http()
+        .post(format!("{base}/admin/realms/{REALM}/users"))
+        .bearer_auth(token)
+        .json(&json!({
+            "username": USER, "enabled": true, "emailVerified": true,
+            "email": format!("{USER}@example.com"), "firstName": "Bob", "lastName": "Logout",
+            "credentials": [{"type": "password", "value": PASSWORD, "temporary": false}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.status() == StatusCode::CREATED || res.status() == StatusCode::CONFLICT,
+        "create user: {}",
+        res.status()
+    );
+}
+
+async fn login(base: &str) -> keycloak::Login {
+    keycloak::login(
+        base,
+        REALM,
+        PORTAL_CLIENT.0,
+        PORTAL_CLIENT.1,
+        USER,
+        PASSWORD,
+    )
+    .await
+}
+
+async fn wait_status(api: &Api, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = api.get(id).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        if body["status"] == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn map_tree(api: &Api, root: &str, sid: &str) {
+    let body = json!({"externalId": root, "keycloakSessionId": sid, "userId": USER});
+    assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
+    for child in ["a", "b"] {
+        assert_eq!(
+            api.map_child(&format!("{root}-{child}"), root).await.0,
+            StatusCode::CREATED
+        );
+    }
+}
+
+async fn post_logout(server: &Server, token: &str) -> (StatusCode, Value) {
+    let res = reqwest::Client::new()
+        .post(format!("{}/realms/{REALM}/backchannel-logout", server.base))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_calls() {
+    let Some(base) = keycloak::keycloak_url() else {
+        eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
+        return;
+    };
+    ensure_user(&base).await;
+    keycloak::logout_user(&base, REALM, USER).await;
+    let issuer = keycloak::issuer(&base, REALM);
+    let config = format!(
+        "[realms.{REALM}]\nissuer = \"{issuer}\"\naudiences = [\"portal\", \"lockstep\"]\n\
+         allowed_algs = [\"RS256\"]\nclock_skew_s = 30\n"
+    );
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(config),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api(REALM);
+    let backchannel = format!("{}/realms/{REALM}/backchannel-logout", server.base);
+    keycloak::set_backchannel_logout_url(&base, REALM, PORTAL_CLIENT.0, &backchannel).await;
+
+    // 1. An administrator ends the Keycloak session: the mapped tree ends in Lockstep.
+    let first = login(&base).await;
+    map_tree(&api, "portal-1", &first.sid).await;
+    let started = Instant::now();
+    keycloak::delete_session(&base, REALM, &first.sid).await;
+    let root = wait_status(&api, "portal-1", "DESTROYED").await;
+    eprintln!(
+        "Keycloak session delete → Lockstep tree ended in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(root["endReason"], "idp_logout");
+    for child in ["portal-1-a", "portal-1-b"] {
+        let s = wait_status(&api, child, "DESTROYED").await;
+        assert_eq!(s["endReason"], "cascade");
+    }
+    let logout = server
+        .outbox(REALM, "portal-1-a")
+        .await
+        .into_iter()
+        .find(|e| e["type"] == "logout")
+        .unwrap();
+    assert_eq!(logout["originSystem"], "keycloak");
+
+    // 2. The user logs out everywhere (Keycloak's user logout): the same, by back-channel.
+    let second = login(&base).await;
+    map_tree(&api, "portal-2", &second.sid).await;
+    keycloak::logout_user(&base, REALM, USER).await;
+    wait_status(&api, "portal-2", "DESTROYED").await;
+    wait_status(&api, "portal-2-b", "DESTROYED").await;
+
+    // 3. A logout token really signed by Keycloak, captured on its way: accepted once, then a
+    //    replay; tampering with it breaks the signature.
+    let recorder = Receiver::start().await;
+    keycloak::set_backchannel_logout_url(&base, REALM, PORTAL_CLIENT.0, &recorder.url("/bc")).await;
+    let third = login(&base).await;
+    map_tree(&api, "portal-3", &third.sid).await;
+    keycloak::delete_session(&base, REALM, &third.sid).await;
+    let got = recorder.wait_for(1, Duration::from_secs(20)).await;
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&got[0].body).unwrap();
+    let token = form
+        .into_iter()
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v)
+        .unwrap();
+    let claims = keycloak::claims(&token);
+    assert_eq!(claims["sid"], third.sid.as_str());
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut forged_claims = claims.clone();
+    forged_claims["sid"] = json!("someone-else");
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        base64_url(forged_claims.to_string().as_bytes()),
+        parts[2]
+    );
+    let (code, body) = post_logout(&server, &tampered).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(api.status_of("portal-3").await, "ACTIVE");
+    let (code, body) = post_logout(&server, &token).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+    let (code, body) = post_logout(&server, &token).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("already used")
+    );
+    keycloak::set_backchannel_logout_url(&base, REALM, PORTAL_CLIENT.0, &backchannel).await;
+
+    // 4. Admin API calls with real Keycloak access tokens.
+    let ops = keycloak::client_credentials(&base, REALM, OPS_CLIENT.0, OPS_CLIENT.1).await;
+    let as_ops = server.api_as(REALM, &ops);
+    assert_eq!(
+        as_ops.map_parent("ops-1", "sid-x").await.0,
+        StatusCode::CREATED
+    );
+    let no_perm =
+        keycloak::client_credentials(&base, REALM, NO_PERM_CLIENT.0, NO_PERM_CLIENT.1).await;
+    assert_problem(
+        &server
+            .api_as(REALM, &no_perm)
+            .map_parent("np-1", "sid-y")
+            .await,
+        403,
+        "FORBIDDEN",
+    );
+    assert_problem(
+        &server
+            .api_as("other", &ops)
+            .map_parent("o-1", "sid-z")
+            .await,
+        403,
+        "FORBIDDEN",
+    );
+    let ops_parts: Vec<&str> = ops.split('.').collect();
+    let mut escalated = keycloak::claims(&ops);
+    escalated["sub"] = json!("someone-else");
+    let forged = format!(
+        "{}.{}.{}",
+        ops_parts[0],
+        base64_url(escalated.to_string().as_bytes()),
+        ops_parts[2]
+    );
+    let master = keycloak::admin_token(&base).await; // another realm's issuer
+    for (what, token) in [("forged", forged), ("other realm's token", master)] {
+        let got = server.api_as(REALM, &token).map_parent("f-1", "sid").await;
+        assert_eq!(got.0, StatusCode::UNAUTHORIZED, "{what}: {}", got.1);
+    }
+
+    // 5. Keycloak rotates its keys: tokens signed with the new key still verify (the cached
+    //    key set is refetched for the unknown kid once the 10 s rate limit allows).
+    let new_kid = keycloak::rotate_keys(&base, REALM).await;
+    tokio::time::sleep(lockstep::oidc::jwks::MIN_REFETCH).await;
+    let rotated = keycloak::client_credentials(&base, REALM, OPS_CLIENT.0, OPS_CLIENT.1).await;
+    assert_eq!(keycloak::kid(&rotated), new_kid);
+    assert_eq!(
+        server
+            .api_as(REALM, &rotated)
+            .map_parent("ops-2", "sid-r")
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let fourth = login(&base).await;
+    map_tree(&api, "portal-4", &fourth.sid).await;
+    keycloak::delete_session(&base, REALM, &fourth.sid).await;
+    wait_status(&api, "portal-4", "DESTROYED").await;
+    keycloak::set_backchannel_logout_url(
+        &base,
+        REALM,
+        PORTAL_CLIENT.0,
+        "http://127.0.0.1:9/realms/acme/backchannel-logout",
+    )
+    .await;
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
