@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::keycloak::{self, NO_PERM_CLIENT, OPS_CLIENT, PORTAL_CLIENT, REALM};
+use common::keycloak::{self, LOCKSTEP_CLIENT, NO_PERM_CLIENT, OPS_CLIENT, PORTAL_CLIENT, REALM};
 use common::receiver::Receiver;
 use common::{Api, Backend, Server, ServerOptions, assert_problem};
 use reqwest::StatusCode;
@@ -103,10 +103,26 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
         "[realms.{REALM}]\nissuer = \"{issuer}\"\naudiences = [\"portal\", \"lockstep\"]\n\
          allowed_algs = [\"RS256\"]\nclock_skew_s = 30\n"
     );
+    // The bundled Keycloak connector, so a logout in Lockstep reaches Keycloak too.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keycloak.toml"),
+        format!(
+            "name = \"keycloak\"\ncomponent = \"{}\"\nrealms = [\"{REALM}\"]\n\
+             events = [\"logout\", \"revoke\"]\nallowed_hosts = [\"{base}\"]\ntimeout_ms = 5000\n\
+             [policy]\non_failure = \"retry\"\nmax_attempts = 5\nbackoff_ms = 100\nmax_backoff_ms = 1000\n\
+             [config]\nbase_url = \"{base}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n",
+            common::components::component("keycloak").display(),
+            LOCKSTEP_CLIENT.0,
+            LOCKSTEP_CLIENT.1,
+        ),
+    )
+    .unwrap();
     let server = Server::start_with(
         Backend::Sqlite,
         ServerOptions {
             config: Some(config),
+            connectors_dir: Some(dir.path().to_owned()),
             ..ServerOptions::default()
         },
     )
@@ -137,6 +153,11 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
         .find(|e| e["type"] == "logout")
         .unwrap();
     assert_eq!(logout["originSystem"], "keycloak");
+    // No ping-pong: the Keycloak connector does not get Keycloak's own logouts.
+    let (_, echoed) = server
+        .admin_get("/admin/deliveries?connector=keycloak&session=portal-1")
+        .await;
+    assert_eq!(echoed["items"], json!([]), "{echoed}");
 
     // 2. The user logs out everywhere (Keycloak's user logout): the same, by back-channel.
     let second = login(&base).await;
@@ -247,6 +268,58 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
     map_tree(&api, "portal-4", &fourth.sid).await;
     keycloak::delete_session(&base, REALM, &fourth.sid).await;
     wait_status(&api, "portal-4", "DESTROYED").await;
+
+    // 6. destroy-parent in Lockstep ends the Keycloak session (Keycloak connector); the
+    //    back-channel logout Keycloak then sends is accepted and changes nothing.
+    let fifth = login(&base).await;
+    map_tree(&api, "portal-5", &fifth.sid).await;
+    let has_session = |sessions: &[Value]| sessions.iter().any(|s| s["id"] == fifth.sid.as_str());
+    assert!(has_session(
+        &keycloak::user_sessions(&base, REALM, USER).await
+    ));
+    let used_before = used_logout_tokens(&server).await;
+    let (code, body) = api
+        .post("destroy-parent", json!({"externalId": "portal-5"}))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(20);
+    while has_session(&keycloak::user_sessions(&base, REALM, USER).await) {
+        assert!(
+            Instant::now() < deadline,
+            "the Keycloak session was never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "destroy-parent → Keycloak session gone in {:?}",
+        started.elapsed()
+    );
+    while used_logout_tokens(&server).await == used_before {
+        assert!(
+            Instant::now() < deadline,
+            "Keycloak's back-channel logout never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in ["portal-5", "portal-5-a", "portal-5-b"] {
+        let logouts = server
+            .outbox(REALM, id)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "logout")
+            .count();
+        assert_eq!(logouts, 1, "{id}: no duplicate logout event");
+    }
+    let (_, deliveries) = server
+        .admin_get("/admin/deliveries?connector=keycloak&session=portal-5")
+        .await;
+    assert_eq!(
+        deliveries["items"][0]["status"], "delivered",
+        "{deliveries}"
+    );
+
     keycloak::set_backchannel_logout_url(
         &base,
         REALM,
@@ -254,6 +327,18 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
         "http://127.0.0.1:9/realms/acme/backchannel-logout",
     )
     .await;
+}
+
+/// Logout tokens Lockstep has accepted (their `jti`s are kept for the replay window).
+async fn used_logout_tokens(server: &Server) -> i64 {
+    use sqlx::Connection;
+    let mut c = sqlx::SqliteConnection::connect(&server.database_url)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT COUNT(*) FROM logout_tokens")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
 }
 
 fn base64_url(bytes: &[u8]) -> String {
