@@ -84,7 +84,7 @@ pub enum Durability {
 }
 
 impl Durability {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Durability::Normal => "normal",
             Durability::Fsync => "fsync",

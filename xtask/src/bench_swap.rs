@@ -216,7 +216,7 @@ async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Repor
     ];
     let server = Server::start(bin, &database_url, DURABILITY, TOKEN, &extra, &log).await?;
     eprintln!("server on {} (log {})", server.addr, log.display());
-    let admin = Admin::new(server.addr)?;
+    let admin = Admin::new(server.addr, TOKEN)?;
     admin.wait_loaded(Hook::Dir.name()).await?;
     let (status, body) = admin
         .put(
@@ -500,7 +500,7 @@ secret = {}
 
 /// A TOML basic string. A JSON string literal is one: serde_json escapes only `"`, `\` and
 /// control characters, with escapes TOML shares (it never writes `\/`).
-fn toml_str(s: &str) -> String {
+pub(crate) fn toml_str(s: &str) -> String {
     Value::from(s).to_string()
 }
 
@@ -597,13 +597,14 @@ impl QueueCounts {
 }
 
 /// The admin API: connectors and deliveries.
-struct Admin {
+pub(crate) struct Admin {
     client: reqwest::Client,
     base: String,
+    token: String,
 }
 
 impl Admin {
-    fn new(addr: SocketAddr) -> Result<Self> {
+    pub(crate) fn new(addr: SocketAddr, token: &str) -> Result<Self> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(ADMIN_TIMEOUT)
@@ -612,6 +613,7 @@ impl Admin {
         Ok(Admin {
             client,
             base: format!("http://{addr}/admin"),
+            token: token.to_owned(),
         })
     }
 
@@ -620,7 +622,7 @@ impl Admin {
         let resp = self
             .client
             .get(format!("{}/connectors/{name}", self.base))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .send()
             .await
             .with_context(|| format!("GET connector {name}"))?;
@@ -691,7 +693,7 @@ impl Admin {
         let resp = self
             .client
             .put(format!("{}/connectors/{name}", self.base))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .multipart(form)
             .send()
             .await
@@ -700,13 +702,13 @@ impl Admin {
     }
 
     /// Whether `GET /admin/deliveries?status={status}&limit=1` lists anything.
-    async fn any_delivery(&self, status: &str) -> Result<bool> {
+    pub(crate) async fn any_delivery(&self, status: &str) -> Result<bool> {
         let what = format!("GET deliveries ({status})");
         let resp = self
             .client
             .get(format!("{}/deliveries", self.base))
             .query(&[("status", status), ("limit", "1")])
-            .bearer_auth(TOKEN)
+            .bearer_auth(&self.token)
             .send()
             .await
             .with_context(|| what.clone())?;
@@ -747,12 +749,48 @@ struct DeliveryLog {
     first: HashMap<(Hook, u32, usize), Instant>,
 }
 
+/// An axum app served on 127.0.0.1 (ephemeral port) by a task that is aborted when this is
+/// dropped, so a loopback peer of a benchmark never outlives it.
+pub(crate) struct Loopback {
+    pub(crate) addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Loopback {
+    /// Binds 127.0.0.1:0 and serves `app`; `what` names it in errors.
+    pub(crate) async fn serve(what: &str, app: axum::Router) -> Result<Loopback> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .with_context(|| format!("binding {what}"))?;
+        let addr = listener
+            .local_addr()
+            .with_context(|| format!("reading the address of {what}"))?;
+        let name = what.to_owned();
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("warning: {name} on {addr} stopped: {e}");
+            }
+        });
+        Ok(Loopback { addr, task })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Two HTTP servers on 127.0.0.1 (receiver 0 = A, 1 = B) that answer 200 to every request
 /// and log each webhook. They stop when this is dropped.
 struct Receivers {
-    addrs: [SocketAddr; 2],
+    servers: [Loopback; 2],
     log: Arc<Mutex<DeliveryLog>>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 #[derive(Clone)]
@@ -764,37 +802,25 @@ struct ReceiverState {
 impl Receivers {
     async fn start() -> Result<Receivers> {
         let log = Arc::new(Mutex::new(DeliveryLog::default()));
-        let mut addrs = Vec::new();
-        let mut tasks = Vec::new();
+        let mut servers = Vec::new();
         for receiver in 0..2 {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .context("binding a receiver")?;
-            let addr = listener
-                .local_addr()
-                .context("reading a receiver's address")?;
             let app = axum::Router::new()
                 .fallback(receive)
                 .with_state(ReceiverState {
                     receiver,
                     log: Arc::clone(&log),
                 });
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    eprintln!("warning: receiver {addr} stopped: {e}");
-                }
-            }));
-            addrs.push(addr);
+            servers.push(Loopback::serve("a receiver", app).await?);
         }
-        let addrs: [SocketAddr; 2] = addrs
+        let servers: [Loopback; 2] = servers
             .try_into()
-            .map_err(|_| anyhow!("expected two receiver addresses"))?;
-        Ok(Receivers { addrs, log, tasks })
+            .map_err(|_| anyhow!("expected two receivers"))?;
+        Ok(Receivers { servers, log })
     }
 
     /// `http://127.0.0.1:PORT` of receiver `i` (0 or 1).
     fn origin(&self, i: usize) -> String {
-        format!("http://{}", self.addrs[i])
+        self.servers[i].origin()
     }
 
     fn log(&self) -> MutexGuard<'_, DeliveryLog> {
@@ -802,17 +828,9 @@ impl Receivers {
     }
 }
 
-impl Drop for Receivers {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// The log stays consistent even if a holder panicked (each update is a few plain inserts),
-/// so a poisoned lock is used as is.
-fn lock(log: &Mutex<DeliveryLog>) -> MutexGuard<'_, DeliveryLog> {
+/// A receiver's log stays consistent even if a holder panicked (each update is a few plain
+/// inserts), so a poisoned lock is used as is.
+pub(crate) fn lock<T>(log: &Mutex<T>) -> MutexGuard<'_, T> {
     log.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -844,7 +862,7 @@ async fn receive(
 }
 
 /// Nearest-rank percentile of sorted durations, in milliseconds.
-fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
     let n = sorted.len();
     if n == 0 {
         return None;
@@ -853,7 +871,8 @@ fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, n) - 1].as_secs_f64() * 1e3)
 }
 
-fn ms(v: Option<f64>) -> String {
+/// A figure from [`percentile_ms`], or `-` when there is none.
+pub(crate) fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
 }
 

@@ -6,10 +6,13 @@
 //!   and (optionally) PostgreSQL, beside a raw-insert ceiling; see `docs/benchmarks.md`.
 //! - `bench-swap`: measure connector hot-swapping (directory manifest and API upload) of a
 //!   release build under session load: request latency, time to serving, lost deliveries.
+//! - `bench-logout`: measure OIDC back-channel logout of a release build against a local
+//!   identity provider: time to the answer (sessions ended) and to every connector called.
 //! - `keycloak start|stop|status|url`: the real Keycloak the tests log in against
 //!   (`127.0.0.1:18180`, realms from `tests/keycloak/`), started once per test run.
 
 mod bench_api;
+mod bench_logout;
 mod bench_swap;
 mod build_connectors;
 mod keycloak;
@@ -35,6 +38,8 @@ enum Command {
     BenchApi(bench_api::Args),
     /// Benchmark connector hot-swapping under load (directory and API swaps, delivery check).
     BenchSwap(bench_swap::Args),
+    /// Benchmark OIDC back-channel logout: sessions ended and every connector called.
+    BenchLogout(bench_logout::Args),
     /// Run the test Keycloak: `start` (download, import tests/keycloak/*.json), `stop`,
     /// `status`, `url`.
     Keycloak(keycloak::Args),
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Command::BuildConnectors(args) => build_connectors::main(args).map(|()| ExitCode::SUCCESS),
         Command::BenchApi(args) => bench_api::main(args),
         Command::BenchSwap(args) => bench_swap::main(args),
+        Command::BenchLogout(args) => bench_logout::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
     match result {
