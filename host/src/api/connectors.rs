@@ -19,7 +19,7 @@ use crate::lifecycle::{
     ConnectorInfo, MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, ManageError, PutOutcome,
 };
 use crate::runtime::cache::CacheOutcome;
-use crate::runtime::manifest::{OnFailure, SyncMode};
+use crate::runtime::manifest::{self, OnFailure, SyncMode};
 use crate::runtime::registry::Source;
 
 /// Largest upload body: both parts plus room for the multipart framing.
@@ -244,18 +244,7 @@ impl From<ManageError> for ApiError {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::Validation(format!(
-            "connector name {name:?} must be 1-64 characters from [A-Za-z0-9._-]"
-        )))
-    }
+    manifest::check_name(name).map_err(ApiError::Validation)
 }
 
 /// Every loaded connector with its state, counts and hook latency.

@@ -198,6 +198,21 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
+/// The rule for connector names (manifests, the admin API's path): they are file names,
+/// metric labels and `originSystem` values, so a short, plain alphabet.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if plain && !name.is_empty() && name.len() <= 64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "connector name {name:?} must be 1-64 characters from [A-Za-z0-9._-]"
+        ))
+    }
+}
+
 /// A validated manifest.
 #[derive(Clone, Debug)]
 pub struct Manifest {
@@ -257,17 +272,7 @@ impl Manifest {
             message,
         };
         validate::id("name", &raw.name).map_err(|e| invalid(e.to_string()))?;
-        if !raw
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            || raw.name.len() > 64
-        {
-            return Err(invalid(format!(
-                "name {:?} must be 1-64 characters from [A-Za-z0-9._-]",
-                raw.name
-            )));
-        }
+        check_name(&raw.name).map_err(invalid)?;
         if raw.realms.is_empty() {
             return Err(invalid(
                 "realms must not be empty (use [\"*\"] for all)".into(),
