@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::routing::get;
-use base64::Engine;
 use common::components::workspace;
 use common::{Backend, Server, ServerOptions, assert_problem};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -23,15 +22,7 @@ on_both_backends!(a_verified_logout_token_ends_the_mapped_tree_once);
 struct Idp {
     issuer: String,
     keys: Arc<Mutex<Vec<Value>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Idp {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
+    _server: common::Loopback,
 }
 
 fn fixture(name: &str) -> String {
@@ -66,19 +57,11 @@ impl Idp {
                         async move { Json(json!({ "keys": keys })) }
                     }),
                 );
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .ok();
-        });
+        let server = common::serve(listener, app);
         Idp {
             issuer,
             keys,
-            stop: Some(tx),
+            _server: server,
         }
     }
 
@@ -121,27 +104,6 @@ fn logout_claims(idp: &Idp, sid: Option<&str>, sub: Option<&str>) -> Value {
     c
 }
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-async fn post_logout(server: &Server, realm: &str, token: &str) -> (StatusCode, Value, String) {
-    let res = reqwest::Client::new()
-        .post(format!("{}/realms/{realm}/backchannel-logout", server.base))
-        .form(&[("logout_token", token)])
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let cache = res
-        .headers()
-        .get("cache-control")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    (status, res.json().await.unwrap_or(Value::Null), cache)
-}
-
 async fn server_with(backend: Backend, idp: &Idp) -> Server {
     Server::start_with(
         backend,
@@ -175,7 +137,7 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     );
 
     let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
-    let (code, body, cache) = post_logout(&server, "acme", &token).await;
+    let (code, body, cache) = server.backchannel_logout("acme", &token).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(3)),
@@ -199,7 +161,7 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
 
     // The same token again: refused, nothing written.
     let outbox = server.outbox_total().await;
-    let (code, body, cache) = post_logout(&server, "acme", &token).await;
+    let (code, body, cache) = server.backchannel_logout("acme", &token).await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     assert!(
         body["error_description"]
@@ -210,7 +172,7 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     assert_eq!(cache, "no-store");
     // A fresh token for the same session: accepted, changes nothing (idempotent).
     let again = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
-    let (code, body, _) = post_logout(&server, "acme", &again).await;
+    let (code, body, _) = server.backchannel_logout("acme", &again).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(0)),
@@ -222,7 +184,7 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     let body = json!({"externalId": "u1", "keycloakSessionId": "kc-sid-9", "userId": "alice"});
     assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
     let by_sub = sign("a", "test-a", &logout_claims(&idp, None, Some("alice")));
-    let (code, body, _) = post_logout(&server, "acme", &by_sub).await;
+    let (code, body, _) = server.backchannel_logout("acme", &by_sub).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(1)),
@@ -254,7 +216,7 @@ async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
     let tampered_payload = {
         let mut c = good();
         c["sid"] = json!("someone-else");
-        b64(c.to_string().as_bytes())
+        common::b64url(c.to_string().as_bytes())
     };
     let hs256_with_public_key = {
         let mut header = Header::new(Algorithm::HS256);
@@ -268,8 +230,8 @@ async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
     };
     let alg_none = format!(
         "{}.{}.",
-        b64(br#"{"alg":"none","typ":"JWT"}"#),
-        b64(good().to_string().as_bytes())
+        common::b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        common::b64url(good().to_string().as_bytes())
     );
     let cases: Vec<(&str, String)> = vec![
         (
@@ -342,13 +304,13 @@ async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
         ("two parts", format!("{h}.{p}")),
     ];
     for (what, token) in &cases {
-        let (code, body, cache) = post_logout(&server, "acme", token).await;
+        let (code, body, cache) = server.backchannel_logout("acme", token).await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{what}: {body}");
         assert_eq!(body["error"], "invalid_request", "{what}: {body}");
         assert_eq!(cache, "no-store", "{what}");
     }
     // A realm without an IdP, a wrong media type, a missing token.
-    let (code, _, _) = post_logout(&server, "other", &valid).await;
+    let (code, _, _) = server.backchannel_logout("other", &valid).await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     let res = reqwest::Client::new()
         .post(format!("{}/realms/acme/backchannel-logout", server.base))
@@ -366,7 +328,7 @@ async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(api.status_of("p").await, "ACTIVE", "nothing changed");
     // The genuine token still works afterwards.
-    let (code, body, _) = post_logout(&server, "acme", &valid).await;
+    let (code, body, _) = server.backchannel_logout("acme", &valid).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(1)),
@@ -382,14 +344,17 @@ async fn rotated_keys_verify_after_a_refetch() {
     assert_eq!(api.map_parent("p1", "sid-1").await.0, StatusCode::CREATED);
     assert_eq!(api.map_parent("p2", "sid-2").await.0, StatusCode::CREATED);
     let first = sign("a", "test-a", &logout_claims(&idp, Some("sid-1"), None));
-    assert_eq!(post_logout(&server, "acme", &first).await.0, StatusCode::OK);
+    assert_eq!(
+        server.backchannel_logout("acme", &first).await.0,
+        StatusCode::OK
+    );
     // The IdP rotates to key b (published before use, as Keycloak does). The cached set does
     // not hold it; the next token with the new kid makes the verifier fetch again, once the
     // rate limit since the last fetch (10 s) has passed.
     idp.keys.lock().unwrap().push(jwk("b"));
     tokio::time::sleep(lockstep::oidc::jwks::MIN_REFETCH).await;
     let rotated = sign("b", "test-b", &logout_claims(&idp, Some("sid-2"), None));
-    let (code, body, _) = post_logout(&server, "acme", &rotated).await;
+    let (code, body, _) = server.backchannel_logout("acme", &rotated).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(1)),

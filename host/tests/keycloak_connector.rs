@@ -300,7 +300,7 @@ struct FakeState {
 struct FakeKeycloak {
     addr: std::net::SocketAddr,
     state: Arc<FakeState>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _server: common::Loopback,
 }
 
 impl FakeKeycloak {
@@ -313,19 +313,11 @@ impl FakeKeycloak {
         let app = axum::Router::new()
             .fallback(fake_keycloak)
             .with_state(state.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .ok();
-        });
+        let server = common::serve(listener, app);
         FakeKeycloak {
             addr,
             state,
-            _stop: tx,
+            _server: server,
         }
     }
 

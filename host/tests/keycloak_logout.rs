@@ -79,17 +79,6 @@ async fn map_tree(api: &Api, root: &str, sid: &str) {
     }
 }
 
-async fn post_logout(server: &Server, token: &str) -> (StatusCode, Value) {
-    let res = reqwest::Client::new()
-        .post(format!("{}/realms/{REALM}/backchannel-logout", server.base))
-        .form(&[("logout_token", token)])
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_calls() {
     let Some(base) = keycloak::keycloak_url() else {
@@ -188,19 +177,19 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
     let tampered = format!(
         "{}.{}.{}",
         parts[0],
-        base64_url(forged_claims.to_string().as_bytes()),
+        common::b64url(forged_claims.to_string().as_bytes()),
         parts[2]
     );
-    let (code, body) = post_logout(&server, &tampered).await;
+    let (code, body, _) = server.backchannel_logout(REALM, &tampered).await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(api.status_of("portal-3").await, "ACTIVE");
-    let (code, body) = post_logout(&server, &token).await;
+    let (code, body, _) = server.backchannel_logout(REALM, &token).await;
     assert_eq!(
         (code, body["ended"].as_u64()),
         (StatusCode::OK, Some(3)),
         "{body}"
     );
-    let (code, body) = post_logout(&server, &token).await;
+    let (code, body, _) = server.backchannel_logout(REALM, &token).await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
     assert!(
         body["error_description"]
@@ -241,7 +230,7 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
     let forged = format!(
         "{}.{}.{}",
         ops_parts[0],
-        base64_url(escalated.to_string().as_bytes()),
+        common::b64url(escalated.to_string().as_bytes()),
         ops_parts[2]
     );
     let master = keycloak::admin_token(&base).await; // another realm's issuer
@@ -339,9 +328,4 @@ async fn used_logout_tokens(server: &Server) -> i64 {
         .fetch_one(&mut c)
         .await
         .unwrap()
-}
-
-fn base64_url(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

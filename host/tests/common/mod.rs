@@ -52,6 +52,32 @@ macro_rules! on_both_backends {
     };
 }
 
+/// An axum app served on a loopback listener until this is dropped (dropping the sender
+/// starts the graceful shutdown). Receivers, the local IdP and fakes share it.
+pub struct Loopback {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Serves `app` on `listener` (bound by the caller, who may need its address first).
+pub fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> Loopback {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+            .ok();
+    });
+    Loopback { _stop: tx }
+}
+
+/// Base64url without padding (JWT segments).
+pub fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 pub fn skip_postgres() -> bool {
     std::env::var("LOCKSTEP_SKIP_POSTGRES").is_ok_and(|v| v == "1")
 }
@@ -253,6 +279,30 @@ impl Server {
                 .multipart(form),
         )
         .await
+    }
+
+    /// `POST /realms/{realm}/backchannel-logout` with a logout token: status, body and the
+    /// `Cache-Control` header.
+    pub async fn backchannel_logout(
+        &self,
+        realm: &str,
+        token: &str,
+    ) -> (StatusCode, Value, String) {
+        let res = self
+            .client
+            .post(format!("{}/realms/{realm}/backchannel-logout", self.base))
+            .form(&[("logout_token", token)])
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let cache = res
+            .headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        (status, res.json().await.unwrap_or(Value::Null), cache)
     }
 
     /// `GET /metrics` as text.

@@ -39,7 +39,7 @@ struct Shared {
 pub struct Receiver {
     pub addr: std::net::SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _server: super::Loopback,
 }
 
 impl Receiver {
@@ -55,19 +55,11 @@ impl Receiver {
         let app = axum::Router::new()
             .fallback(record)
             .with_state(shared.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .ok();
-        });
+        let server = super::serve(listener, app);
         Receiver {
             addr,
             shared,
-            stop: Some(tx),
+            _server: server,
         }
     }
 
@@ -111,14 +103,6 @@ impl Receiver {
                 );
                 return got;
             }
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
         }
     }
 }
