@@ -151,21 +151,53 @@ impl CascadeResult {
     }
 }
 
-/// Entry point: runs the benchmark on a Tokio runtime; Ctrl-C stops the servers and cleans up.
-pub fn main(args: Args) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Runs a benchmark on a fresh multi-threaded Tokio runtime.
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("building the Tokio runtime")?;
-    runtime.block_on(async {
+        .context("building the Tokio runtime")?
+        .block_on(f)
+}
+
+/// Runs `f` until it ends or Ctrl-C (dropping it stops the servers it started).
+pub(crate) async fn until_interrupted<T>(
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = f => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    }
+}
+
+/// The server binary: `--server-bin` if given, else a fresh release build.
+pub(crate) fn server_bin(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(bin) => Ok(bin.to_owned()),
+        None => build_server(),
+    }
+}
+
+/// The built webhook component the connector benchmarks load.
+pub(crate) fn webhook_component(root: &Path) -> Result<PathBuf> {
+    let wasm = crate::target_dir(root).join("wasm32-wasip2/connector/webhook.wasm");
+    if !wasm.is_file() {
+        bail!(
+            "{} is missing; build it with `cargo xtask build-connectors`",
+            wasm.display()
+        );
+    }
+    Ok(wasm)
+}
+
+/// Entry point: runs the benchmark on a Tokio runtime; Ctrl-C stops the servers and cleans up.
+pub fn main(args: Args) -> Result<ExitCode> {
+    block_on(async {
         let pg_db = format!(
             "lockstep_bench_{}",
             chrono::Utc::now().format("%Y%m%d_%H%M%S")
         );
-        let outcome = tokio::select! {
-            r = run(&args, &pg_db) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        };
+        let outcome = until_interrupted(run(&args, &pg_db)).await;
         // Dropping `run` killed the servers; the scratch database needs an explicit drop.
         if let (Some(url), false) = (&args.postgres_url, args.keep)
             && let Err(e) = db::drop_pg_database(url, &pg_db).await
@@ -181,10 +213,7 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
         bail!("--concurrency and --ops must be positive");
     }
     let command_line = command_line();
-    let bin = match &args.server_bin {
-        Some(bin) => bin.clone(),
-        None => build_server()?,
-    };
+    let bin = server_bin(args.server_bin.as_deref())?;
     let mut reports = Vec::new();
     if !args.skip_sqlite {
         let dir = tempfile::Builder::new()

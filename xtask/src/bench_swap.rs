@@ -117,28 +117,15 @@ pub fn main(args: Args) -> Result<ExitCode> {
         bail!("--seconds, --clients and --swap-every-ms must be positive");
     }
     let root = crate::workspace_root()?;
-    let wasm = crate::target_dir(&root).join("wasm32-wasip2/connector/webhook.wasm");
-    if !wasm.is_file() {
-        bail!(
-            "{} is missing; build it with `cargo xtask build-connectors`",
-            wasm.display()
-        );
-    }
+    let wasm = bench_api::webhook_component(&root)?;
     let command_line = bench_api::command_line();
-    let bin = match &args.server_bin {
-        Some(bin) => bin.clone(),
-        None => bench_api::build_server()?,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("building the Tokio runtime")?;
-    runtime.block_on(async {
-        tokio::select! {
-            r = run(&args, &bin, &wasm, &command_line) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-        }
-    })
+    let bin = bench_api::server_bin(args.server_bin.as_deref())?;
+    bench_api::block_on(bench_api::until_interrupted(run(
+        &args,
+        &bin,
+        &wasm,
+        &command_line,
+    )))
 }
 
 async fn run(args: &Args, bin: &Path, wasm: &Path, command_line: &str) -> Result<ExitCode> {
