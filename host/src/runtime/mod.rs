@@ -115,6 +115,8 @@ pub struct LoadedConnector {
     pub version: String,
     /// Whether the compiled code came from the cache.
     pub cache: CacheOutcome,
+    /// Its scope in the connector cache (`name@version`), computed once.
+    kv_scope: Arc<str>,
     pre: ConnectorCorePre<CallState>,
 }
 
@@ -236,6 +238,7 @@ impl Runtime {
         };
         let version = version_of(&bytes, &manifest.source);
         let manifest = Arc::new(manifest);
+        let kv_scope: Arc<str> = format!("{}@{version}", manifest.name).into();
         let engine = self.engine.clone();
         let cache = self.cache.clone();
         let started = Instant::now();
@@ -257,7 +260,7 @@ impl Runtime {
                 .acquire()
                 .await
                 .map_err(|_| invalid("runtime shutting down".into()))?;
-            let mut store = self.sandboxed_store(&manifest, &version, "load-check".into());
+            let mut store = self.sandboxed_store(&manifest, &kv_scope, "load-check".into());
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
             match tokio::time::timeout(outer, pre.instantiate_async(&mut store)).await {
                 Ok(Ok(_)) => {}
@@ -287,6 +290,7 @@ impl Runtime {
             manifest,
             version,
             cache: outcome,
+            kv_scope,
             pre,
         }))
     }
@@ -295,13 +299,12 @@ impl Runtime {
     fn sandboxed_store(
         &self,
         manifest: &Arc<Manifest>,
-        version: &str,
+        kv_scope: &Arc<str>,
         call_id: String,
     ) -> Store<CallState> {
-        let scope = format!("{}@{version}", manifest.name);
         let mut store = Store::new(
             &self.engine,
-            CallState::new(manifest.clone(), call_id, self.kv.clone(), scope),
+            CallState::new(manifest.clone(), call_id, self.kv.clone(), kv_scope.clone()),
         );
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(
@@ -316,10 +319,7 @@ impl Runtime {
 
     /// Forgets the cache entries of a connector version that no longer serves.
     pub fn forget(&self, connector: &LoadedConnector) {
-        self.kv.drop_scope(&format!(
-            "{}@{}",
-            connector.manifest.name, connector.version
-        ));
+        self.kv.drop_scope(&connector.kv_scope);
     }
 
     /// Calls the hook for `event` in a fresh, sandboxed instance. Never panics and never
@@ -336,7 +336,7 @@ impl Runtime {
             .map_err(|_| HookFailure::Retry("runtime shutting down".into()))?;
         let manifest = &connector.manifest;
         let timeout_ms = manifest.timeout_ms;
-        let mut store = self.sandboxed_store(manifest, &connector.version, event.event_id.clone());
+        let mut store = self.sandboxed_store(manifest, &connector.kv_scope, event.event_id.clone());
         let wit_event = to_wit(event);
         let run = async {
             let instance = connector.pre.instantiate_async(&mut store).await?;

@@ -33,11 +33,16 @@ pub struct CallState {
     manifest: Arc<Manifest>,
     event_id: String,
     kv: Kv,
-    kv_scope: String,
+    kv_scope: Arc<str>,
 }
 
 impl CallState {
-    pub(super) fn new(manifest: Arc<Manifest>, event_id: String, kv: Kv, kv_scope: String) -> Self {
+    pub(super) fn new(
+        manifest: Arc<Manifest>,
+        event_id: String,
+        kv: Kv,
+        kv_scope: Arc<str>,
+    ) -> Self {
         // Nothing is inherited or granted: no args, env, preopens, stdin; sockets denied.
         let wasi = WasiCtxBuilder::new()
             .allow_tcp(false)
