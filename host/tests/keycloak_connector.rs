@@ -421,6 +421,7 @@ fn event(event_type: EventType, kind: SessionKind, sid: &str, origin: &str) -> S
         origin_system: Some(origin.to_owned()),
         end_reason: Some(EndReason::Logout),
         attributes: Default::default(),
+        expires_at: None,
         occurred_at: chrono::Utc::now(),
     }
 }

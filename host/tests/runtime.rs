@@ -38,6 +38,7 @@ fn event(event_type: EventType) -> SyncEvent {
         origin_system: Some("portal".into()),
         end_reason: None,
         attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
+        expires_at: None,
         occurred_at: chrono::Utc::now(),
     }
 }

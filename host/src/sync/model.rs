@@ -258,6 +258,9 @@ pub struct SyncEvent {
     pub end_reason: Option<EndReason>,
     /// Session metadata.
     pub attributes: Attributes,
+    /// When the session expires, if known (refresh events carry the new value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
     /// When the change happened.
     pub occurred_at: DateTime<Utc>,
 }
@@ -283,6 +286,7 @@ impl SyncEvent {
             origin_system: origin_system.map(str::to_owned),
             end_reason: session.end_reason,
             attributes: session.attributes.clone(),
+            expires_at: session.expires_at,
             occurred_at,
         }
     }
