@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
+use crate::auth::webhook::{EventKeys, WebhookKeys};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
@@ -22,6 +23,7 @@ use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
+use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::sessions::{RealmPolicy, SessionService};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{self, LogFormat};
@@ -209,6 +211,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 name,
                 RealmPolicy {
                     orphan_children: r.orphan_children,
+                    idp_system: r.idp_system,
+                    idp_events: !r.events_secrets.is_empty(),
                 },
             )
         })
@@ -222,6 +226,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .flatten()
         .collect::<Vec<_>>();
     let oidc = Arc::new(Verifier::new(idps).context("cannot set up token verification")?);
+    let events = file
+        .realm_policies()?
+        .into_iter()
+        .map(|(name, r)| {
+            WebhookKeys::parse(&r.events_secrets)
+                .map(|k| (name.clone(), k))
+                .map_err(|e| anyhow::anyhow!("config: [realms.{name}] events_secrets: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let events = Arc::new(EventKeys::new(events));
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
     if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {
@@ -294,18 +308,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         DispatcherConfig::default(),
     );
-    let dispatch = tokio::spawn(dispatcher.run(stopping));
+    let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
+    let sessions = SessionService::new(store.clone(), policies);
+    let sweeper = tokio::spawn(expiry::run(
+        sessions.clone(),
+        ExpiryConfig::default(),
+        stopping,
+    ));
 
     let state = AppState {
-        sessions: SessionService::new(store.clone(), policies),
+        sessions,
         auth,
         connectors,
         oidc,
+        events,
     };
     let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
     let result = server.await;
     tracing::info!("shutting down: finishing hook calls in flight");
     let _ = stop.send(true);
+    if let Err(e) = sweeper.await {
+        tracing::error!(error = %e, "expiry sweeper failed");
+    }
     match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),

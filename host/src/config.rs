@@ -77,6 +77,11 @@ pub struct RealmConfig {
     /// `originSystem` of the events a back-channel logout produces (default `keycloak`), so
     /// the connector of that name does not get its own logout back.
     pub idp_system: Option<String>,
+    /// Secrets that sign the Keycloak extension's event posts (`whsec_<base64>` or a plain
+    /// string of at least 16 bytes); more than one during a rotation. Without any, the
+    /// realm's `POST /realms/{realm}/events` answers 404.
+    #[serde(default)]
+    pub events_secrets: Vec<String>,
 }
 
 /// `[[api_keys]]`.

@@ -17,7 +17,7 @@ use super::AppState;
 use super::extract::{ApiPath, MAX_BODY_BYTES};
 use crate::oidc::OidcError;
 use crate::store::StoreError;
-use crate::sync::model::{DestroyTarget, ReplayGuard};
+use crate::sync::model::{DestroyTarget, ReplayGuard, ReplayKind};
 use crate::sync::sessions::SessionError;
 
 /// Routes of this resource.
@@ -92,6 +92,7 @@ async fn logout(
         (None, None) => return refuse("a logout token must name a sid or a sub"),
     };
     let guard = ReplayGuard {
+        kind: ReplayKind::LogoutToken,
         jti: verified.jti.clone(),
         until_ms: verified.remember_until_ms,
     };

@@ -53,6 +53,9 @@ pub enum ApiError {
     /// The resource is not in a state that allows this.
     #[error("{0}")]
     Conflict(String),
+    /// An IdP event with this id was applied before.
+    #[error("{0}")]
+    DuplicateEvent(String),
     /// The route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -101,6 +104,7 @@ impl ApiError {
             ApiError::ParentNotActive(_) => (StatusCode::CONFLICT, "PARENT_NOT_ACTIVE"),
             ApiError::WrongKind(_) => (StatusCode::CONFLICT, "WRONG_KIND"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
+            ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
@@ -168,6 +172,9 @@ impl From<StoreError> for ApiError {
             StoreError::ParentNotFound(_) => ApiError::ParentNotFound(e.to_string()),
             StoreError::ParentNotActive { .. } => ApiError::ParentNotActive(e.to_string()),
             StoreError::WrongKind(m) => ApiError::WrongKind(m),
+            StoreError::Replayed(id) => {
+                ApiError::DuplicateEvent(format!("event {id:?} was already applied"))
+            }
             StoreError::Unavailable => ApiError::Unavailable(e.to_string()),
             StoreError::Database(sqlx::Error::PoolTimedOut) => {
                 tracing::warn!("database pool exhausted");

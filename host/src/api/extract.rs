@@ -20,6 +20,21 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let JsonBytes(bytes) = JsonBytes::from_request(req, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::Validation(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// The raw bytes of a JSON body (for handlers that authenticate the exact bytes before
+/// parsing them): `application/json`, at most [`MAX_BODY_BYTES`].
+pub struct JsonBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBytes {
+    type Rejection = ApiError;
+
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let content_type = req
             .headers()
@@ -52,18 +67,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
             .await
+            .map(JsonBytes)
             .map_err(|e| {
                 if is_length_limit(&e) {
                     too_large()
                 } else {
                     ApiError::Validation(format!("could not read request body: {e}"))
                 }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::Validation(format!("invalid JSON body: {e}")))
+            })
     }
 }
 

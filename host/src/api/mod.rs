@@ -8,6 +8,7 @@ mod cursor;
 mod deliveries;
 pub mod dto;
 pub mod error;
+pub mod events;
 pub mod extract;
 mod health;
 pub mod openapi;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub connectors: Connectors,
     /// Identity providers of the realms (back-channel logout, access tokens).
     pub oidc: std::sync::Arc<crate::oidc::Verifier>,
+    /// Realms that accept Keycloak events, with their signing secrets.
+    pub events: std::sync::Arc<crate::auth::webhook::EventKeys>,
 }
 
 /// The whole HTTP application.
@@ -45,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .merge(deliveries::router())
         .merge(connectors::router())
         .merge(backchannel::router())
+        .merge(events::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(not_found)

@@ -37,6 +37,7 @@ use super::AppState;
         super::connectors::enable,
         super::connectors::metrics,
         super::backchannel::logout,
+        super::events::receive,
         super::health::healthz,
         super::health::readyz,
     ),
@@ -44,7 +45,7 @@ use super::AppState;
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
-         (name = "identity-provider", description = "OIDC Back-Channel Logout from the realm's identity provider"),
+         (name = "identity-provider", description = "OIDC Back-Channel Logout and Keycloak event intake from the realm's identity provider"),
          (name = "health", description = "Liveness, readiness and metrics"))
 )]
 struct ApiDoc;

@@ -95,6 +95,7 @@ async fn do_map(
         .map(MapCommand {
             session,
             origin_system,
+            inherit_from: None,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(created.into())))

@@ -2,6 +2,8 @@
 //! API keys (stored as SHA-256 digests), and the seam where IdP access tokens will be
 //! verified. It decides who the caller is and what it may do; it does not know routes.
 
+pub mod webhook;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;

@@ -30,8 +30,7 @@ pub const DEFAULT_ALGS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Al
 pub const DEFAULT_SKEW_S: u64 = 60;
 /// The scope or client role that grants `users:manage` by default.
 pub const DEFAULT_PERMISSION_ROLE: &str = "users:manage";
-/// `originSystem` of the events a back-channel logout produces, by default.
-pub const DEFAULT_IDP_SYSTEM: &str = "keycloak";
+pub use crate::sync::sessions::DEFAULT_IDP_SYSTEM;
 
 /// Why a token was refused, or could not be checked.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::sync::model::{DestroyCommand, MapCommand, Session, SessionStatus, SyncEvent};
+use crate::sync::model::{
+    DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session, SessionStatus, SyncEvent,
+};
 use deliveries::{
     AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, ReplayTarget,
 };
@@ -168,6 +170,23 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.destroy(cmd).await,
             Store::Postgres(p) => p.destroy(cmd).await,
+        }
+    }
+
+    /// Applies an identity-provider event (and remembers its id) in one transaction.
+    pub async fn apply_idp(&self, cmd: IdpCommand) -> Result<IdpOutcome> {
+        match self {
+            Store::Sqlite(s) => s.apply_idp(cmd).await,
+            Store::Postgres(p) => p.apply_idp(cmd).await,
+        }
+    }
+
+    /// Up to `limit` live sessions past their `expires_at` at `now`: `(realm, external_id)`,
+    /// soonest first.
+    pub async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        match self {
+            Store::Sqlite(s) => s.expired(now, limit).await,
+            Store::Postgres(p) => p.expired(now, limit).await,
         }
     }
 

@@ -38,9 +38,7 @@ macro_rules! session_ops {
 
         /// Inserts a session (and its `login` event). The unique constraint decides conflicts.
         pub(crate) async fn map(conn: &mut $conn, cmd: &MapCommand, now: i64) -> Result<Session> {
-            let new = &cmd.session;
-            let mut idp_session_id = new.idp_session_id.clone();
-            let mut user_id = new.user_id.clone();
+            let mut new = cmd.session.clone();
             if let Some(parent_id) = &new.parent_id {
                 let parent: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(concat!(
                     "SELECT status, idp_session_id, user_id FROM sessions \
@@ -61,9 +59,42 @@ macro_rules! session_ops {
                 }
                 // A child belongs to its parent's IdP session and user unless told otherwise,
                 // so that queries and logout-everywhere find it.
-                idp_session_id = idp_session_id.or(parent_sid);
-                user_id = user_id.or(parent_user);
+                new.idp_session_id = new.idp_session_id.or(parent_sid);
+                new.user_id = new.user_id.or(parent_user);
             }
+            if let Some(mirror_id) = cmd.inherit_from.as_deref().filter(|m| *m != new.external_id) {
+                // The IdP session's lifetime and delegation (impersonation) hold for every
+                // PARENT mapped to it.
+                let mirror: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+                    "SELECT delegated_by, expires_at FROM sessions \
+                     WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE'",
+                )
+                .bind(&new.realm)
+                .bind(mirror_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some((delegated_by, expires_at)) = mirror {
+                    if new.expires_at.is_none() {
+                        new.expires_at = expires_at.map(millis_to_time).transpose()?;
+                    }
+                    if new.delegated_by.is_none() && delegated_by.is_some() {
+                        new.delegated_by = Some(mirror_id.to_owned());
+                    }
+                }
+            }
+            match insert_session(conn, &new, cmd.origin_system.as_deref(), now).await? {
+                Some(session) => Ok(session),
+                None => Err(StoreError::AlreadyExists(new.external_id.clone())),
+            }
+        }
+
+        /// Inserts a session and its `login` event; `None` when `(realm, external_id)` is taken.
+        async fn insert_session(
+            conn: &mut $conn,
+            new: &crate::sync::model::NewSession,
+            origin_system: Option<&str>,
+            now: i64,
+        ) -> Result<Option<Session>> {
             let attributes = serde_json::to_string(&new.attributes)
                 .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
             let row: Option<SessionRow> = sqlx::query_as(concat!(
@@ -78,9 +109,9 @@ macro_rules! session_ops {
             .bind(&new.external_id)
             .bind(new.kind.as_str())
             .bind(&new.parent_id)
-            .bind(&idp_session_id)
+            .bind(&new.idp_session_id)
             .bind(&new.idp_client_session_id)
-            .bind(&user_id)
+            .bind(&new.user_id)
             .bind(&new.system)
             .bind(&new.delegated_by)
             .bind(attributes)
@@ -89,17 +120,176 @@ macro_rules! session_ops {
             .fetch_optional(&mut *conn)
             .await?;
             let Some(row) = row else {
-                return Err(StoreError::AlreadyExists(new.external_id.clone()));
+                return Ok(None);
             };
             let session = Session::try_from(row)?;
-            let event = SyncEvent::for_session(
-                EventType::Login,
-                &session,
-                cmd.origin_system.as_deref(),
-                millis_to_time(now)?,
-            );
+            let event =
+                SyncEvent::for_session(EventType::Login, &session, origin_system, millis_to_time(now)?);
             insert_events(conn, std::slice::from_ref(&event), now).await?;
-            Ok(session)
+            Ok(Some(session))
+        }
+
+        /// Remembers `guard`'s id for its window; refuses an id seen before.
+        async fn check_replay(
+            conn: &mut $conn,
+            realm: &str,
+            guard: &crate::sync::model::ReplayGuard,
+            now: i64,
+        ) -> Result<()> {
+            use crate::sync::model::ReplayKind;
+            let (purge, insert) = match guard.kind {
+                ReplayKind::LogoutToken => (
+                    "DELETE FROM logout_tokens WHERE until_ms < $1",
+                    "INSERT INTO logout_tokens (realm, jti, until_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (realm, jti) DO NOTHING",
+                ),
+                ReplayKind::IdpEvent => (
+                    "DELETE FROM idp_events WHERE until_ms < $1",
+                    "INSERT INTO idp_events (realm, event_id, until_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (realm, event_id) DO NOTHING",
+                ),
+            };
+            sqlx::query(purge).bind(now).execute(&mut *conn).await?;
+            let fresh = sqlx::query(insert)
+                .bind(realm)
+                .bind(&guard.jti)
+                .bind(guard.until_ms)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if fresh == 0 {
+                return Err(StoreError::Replayed(guard.jti.clone()));
+            }
+            Ok(())
+        }
+
+        /// Applies an identity-provider event and stores its id, in one transaction.
+        pub(crate) async fn apply_idp(
+            conn: &mut $conn,
+            cmd: &crate::sync::model::IdpCommand,
+            now: i64,
+        ) -> Result<crate::sync::model::IdpOutcome> {
+            use crate::sync::model::{IdpChange, IdpOutcome};
+            check_replay(conn, &cmd.realm, &cmd.guard, now).await?;
+            let origin = Some(cmd.origin_system.as_str());
+            let mut out = IdpOutcome::default();
+            match &cmd.change {
+                IdpChange::Alive { mirror, actor } => {
+                    if let Some(actor) = actor {
+                        out.created.extend(insert_session(conn, actor, origin, now).await?);
+                    }
+                    let created = insert_session(conn, mirror, origin, now).await?;
+                    if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
+                        // The mirror was registered by an earlier event: it becomes delegated.
+                        let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                            "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
+                             WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE' \
+                             AND delegated_by IS NULL RETURNING ",
+                            session_columns!()
+                        ))
+                        .bind(&cmd.realm)
+                        .bind(&mirror.external_id)
+                        .bind(actor)
+                        .bind(now)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        out.updated.extend(into_sessions(rows)?);
+                    }
+                    out.created.extend(created);
+                    let Some(sid) = mirror.idp_session_id.as_deref() else {
+                        return Ok(out);
+                    };
+                    if let Some(expires_at) = mirror.expires_at {
+                        let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                            "UPDATE sessions SET expires_at = $3, updated_at = $4 \
+                             WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
+                             AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> $3) \
+                             RETURNING ",
+                            session_columns!()
+                        ))
+                        .bind(&cmd.realm)
+                        .bind(sid)
+                        .bind(expires_at.timestamp_millis())
+                        .bind(now)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        let mut refreshed = into_sessions(rows)?;
+                        refreshed.sort_by_key(|s| s.seq);
+                        let occurred_at = millis_to_time(now)?;
+                        let events: Vec<SyncEvent> = refreshed
+                            .iter()
+                            .map(|s| SyncEvent::for_session(EventType::Refresh, s, origin, occurred_at))
+                            .collect();
+                        insert_events(conn, &events, now).await?;
+                        out.updated.extend(refreshed);
+                    }
+                    if mirror.delegated_by.is_some() {
+                        // PARENTs mapped before the impersonation event arrived.
+                        let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                            "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
+                             WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
+                             AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> $3 \
+                             RETURNING ",
+                            session_columns!()
+                        ))
+                        .bind(&cmd.realm)
+                        .bind(sid)
+                        .bind(&mirror.external_id)
+                        .bind(now)
+                        .fetch_all(&mut *conn)
+                        .await?;
+                        out.updated.extend(into_sessions(rows)?);
+                    }
+                }
+                IdpChange::Revoke { user_id } => {
+                    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                        "SELECT ",
+                        session_columns!(),
+                        " FROM sessions WHERE realm = $1 AND user_id = $2 AND status = 'ACTIVE' \
+                         ORDER BY id"
+                    ))
+                    .bind(&cmd.realm)
+                    .bind(user_id)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let occurred_at = millis_to_time(now)?;
+                    let events: Vec<SyncEvent> = into_sessions(rows)?
+                        .iter()
+                        .map(|s| SyncEvent::for_session(EventType::Revoke, s, origin, occurred_at))
+                        .collect();
+                    insert_events(conn, &events, now).await?;
+                    out.revoked = events.len();
+                }
+                IdpChange::End { target, reason } => {
+                    let destroy = DestroyCommand {
+                        realm: cmd.realm.clone(),
+                        target: target.clone(),
+                        reason: *reason,
+                        origin_system: Some(cmd.origin_system.clone()),
+                        orphan_children: cmd.orphan_children,
+                        replay_guard: None,
+                    };
+                    out.ended = destroy_unguarded(conn, &destroy, now).await?;
+                }
+            }
+            Ok(out)
+        }
+
+        /// Sessions past their `expires_at` (any realm), soonest first: `(realm, external_id)`.
+        pub(crate) async fn expired(
+            conn: &mut $conn,
+            now: i64,
+            limit: i64,
+        ) -> Result<Vec<(String, String)>> {
+            Ok(sqlx::query_as(
+                "SELECT realm, external_id FROM sessions \
+                 WHERE status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $1 \
+                 ORDER BY expires_at LIMIT $2",
+            )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?)
         }
 
         /// Ends the targeted sessions and everything below them; writes a `logout` event per
@@ -110,24 +300,16 @@ macro_rules! session_ops {
             now: i64,
         ) -> Result<Vec<Session>> {
             if let Some(guard) = &cmd.replay_guard {
-                sqlx::query("DELETE FROM logout_tokens WHERE until_ms < $1")
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await?;
-                let fresh = sqlx::query(
-                    "INSERT INTO logout_tokens (realm, jti, until_ms) VALUES ($1, $2, $3) \
-                     ON CONFLICT (realm, jti) DO NOTHING",
-                )
-                .bind(&cmd.realm)
-                .bind(&guard.jti)
-                .bind(guard.until_ms)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                if fresh == 0 {
-                    return Err(StoreError::Replayed(guard.jti.clone()));
-                }
+                check_replay(conn, &cmd.realm, guard, now).await?;
             }
+            destroy_unguarded(conn, cmd, now).await
+        }
+
+        async fn destroy_unguarded(
+            conn: &mut $conn,
+            cmd: &DestroyCommand,
+            now: i64,
+        ) -> Result<Vec<Session>> {
             let seeds: Vec<String> = match &cmd.target {
                 DestroyTarget::Parent(id) | DestroyTarget::Child(id) => {
                     let found: Option<(String, String)> = sqlx::query_as(concat!(
@@ -159,6 +341,32 @@ macro_rules! session_ops {
                     .fetch_all(&mut *conn)
                     .await?
                 }
+                DestroyTarget::AllIdpSessions => {
+                    sqlx::query_scalar(
+                        "SELECT external_id FROM sessions WHERE realm = $1 \
+                         AND idp_session_id IS NOT NULL AND kind = 'PARENT' \
+                         AND status IN ('ACTIVE', 'ORPHANED')",
+                    )
+                    .bind(&cmd.realm)
+                    .fetch_all(&mut *conn)
+                    .await?
+                }
+                DestroyTarget::Expired(ids) => {
+                    let ids = serde_json::to_string(ids)
+                        .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+                    // Looked at again here: a refresh may have moved the expiry since the
+                    // sweeper read it.
+                    sqlx::query_scalar(concat!(
+                        "SELECT external_id FROM sessions WHERE realm = $1 AND external_id IN (",
+                        $ids,
+                        ") AND status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $3"
+                    ))
+                    .bind(&cmd.realm)
+                    .bind(ids)
+                    .bind(now)
+                    .fetch_all(&mut *conn)
+                    .await?
+                }
                 DestroyTarget::User(user_id) => {
                     sqlx::query_scalar(
                         "SELECT external_id FROM sessions WHERE realm = $1 AND user_id = $2 \
@@ -173,8 +381,9 @@ macro_rules! session_ops {
             if seeds.is_empty() {
                 return Ok(Vec::new());
             }
+            let reasons = (cmd.reason, cmd.reason.for_descendants());
             let mut changed =
-                cascade(conn, &cmd.realm, &seeds, 0, cmd.reason, cmd.orphan_children, now).await?;
+                cascade(conn, &cmd.realm, &seeds, 0, reasons, cmd.orphan_children, now).await?;
             if $recheck {
                 let mut last: Vec<String> =
                     changed.iter().map(|s| s.external_id.clone()).collect();
@@ -188,7 +397,7 @@ macro_rules! session_ops {
                         &cmd.realm,
                         &stragglers,
                         1,
-                        EndReason::Cascade,
+                        reasons,
                         cmd.orphan_children,
                         now,
                     )
@@ -223,7 +432,7 @@ macro_rules! session_ops {
             realm: &str,
             seeds: &[String],
             seed_via: i32,
-            reason: EndReason,
+            (reason, cascade_reason): (EndReason, EndReason),
             orphan: bool,
             now: i64,
         ) -> Result<Vec<Session>> {
@@ -246,7 +455,7 @@ macro_rules! session_ops {
                      status = CASE WHEN targets.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
                      end_reason = CASE WHEN targets.via = 0 THEN $5 \
                                        WHEN targets.via = 1 AND $4 THEN NULL \
-                                       WHEN targets.via = 1 THEN 'cascade' \
+                                       WHEN targets.via = 1 THEN $7 \
                                        ELSE 'delegation_ended' END, \
                      updated_at = $6 \
                  FROM targets \
@@ -262,6 +471,7 @@ macro_rules! session_ops {
             .bind(orphan)
             .bind(reason.as_str())
             .bind(now)
+            .bind(cascade_reason.as_str())
             .fetch_all(&mut *conn)
             .await?;
             into_sessions(rows)
@@ -304,7 +514,13 @@ macro_rules! session_ops {
                 (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
                     "session {id:?} is a {other}; use destroy-parent"
                 ))),
-                (DestroyTarget::User(_) | DestroyTarget::IdpSession(_), _) => Ok(()),
+                (
+                    DestroyTarget::User(_)
+                    | DestroyTarget::IdpSession(_)
+                    | DestroyTarget::AllIdpSessions
+                    | DestroyTarget::Expired(_),
+                    _,
+                ) => Ok(()),
             }
         }
 

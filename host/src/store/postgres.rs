@@ -6,7 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
-use crate::sync::model::{DestroyCommand, MapCommand, Session};
+use crate::sync::model::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
 
 pub(super) mod ops {
     crate::store::ops::session_ops!(
@@ -155,6 +155,18 @@ impl PgStore {
             self.committed.notify_one();
         }
         Ok(changed)
+    }
+
+    pub(super) async fn apply_idp(&self, cmd: IdpCommand) -> Result<IdpOutcome> {
+        let now = now_millis();
+        let out = in_tx!(self.pool, |conn| ops::apply_idp(conn, &cmd, now))?;
+        self.committed.notify_one();
+        Ok(out)
+    }
+
+    pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        let mut conn = self.pool.acquire().await?;
+        ops::expired(&mut conn, now, limit).await
     }
 
     /// Signalled after commits that wrote outbox events on this instance.

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
-use crate::sync::model::{DestroyCommand, MapCommand, Session};
+use crate::sync::model::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
 
 pub(super) mod ops {
     crate::store::ops::session_ops!(
@@ -175,6 +175,16 @@ impl SqliteStore {
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
         self.write(move |conn, now| Box::pin(async move { ops::destroy(conn, &cmd, now).await }))
             .await
+    }
+
+    pub(super) async fn apply_idp(&self, cmd: IdpCommand) -> Result<IdpOutcome> {
+        self.write(move |conn, now| Box::pin(async move { ops::apply_idp(conn, &cmd, now).await }))
+            .await
+    }
+
+    pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
+        let mut conn = self.read.acquire().await?;
+        ops::expired(&mut conn, now, limit).await
     }
 
     /// A read-only connection.

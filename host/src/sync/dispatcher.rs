@@ -17,7 +17,6 @@ use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
 use crate::store::{Route, Store, now_millis};
-use crate::sync::model::EventType;
 use crate::telemetry::metrics::Metrics;
 
 /// Dispatcher settings.
@@ -50,11 +49,6 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     config: DispatcherConfig,
-}
-
-/// Event types that have a hook in `lockstep:connector@0.1.0`.
-fn has_hook(t: EventType) -> bool {
-    matches!(t, EventType::Login | EventType::Logout | EventType::Revoke)
 }
 
 /// The delay before attempt `attempt + 1`: exponential ceiling, full jitter.
@@ -156,19 +150,19 @@ impl Dispatcher {
         loop {
             let connectors = self.registry.snapshot();
             let route: Route = Arc::new(move |event| {
-                if !has_hook(event.event_type) {
-                    return Vec::new();
-                }
-                // Disabled connectors are routed to as well: their deliveries are held.
+                // Disabled connectors are routed to as well: their deliveries are held. A
+                // connector only gets events its world has a hook for (refresh needs 0.2.0);
+                // loading already refuses a 0.1.0 component subscribed to refresh.
                 connectors
                     .values()
                     .map(|e| &e.connector)
                     .filter(|c| {
-                        c.manifest.subscribes(
-                            &event.realm,
-                            event.event_type,
-                            event.origin_system.as_deref(),
-                        )
+                        c.world.has_hook(event.event_type)
+                            && c.manifest.subscribes(
+                                &event.realm,
+                                event.event_type,
+                                event.origin_system.as_deref(),
+                            )
                     })
                     .map(|c| c.manifest.name.clone())
                     .collect()

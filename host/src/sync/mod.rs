@@ -3,6 +3,8 @@
 //! It knows nothing of HTTP; the store does the transactional work it asks for.
 
 pub mod dispatcher;
+pub mod expiry;
+pub mod idp_events;
 pub mod model;
 pub mod sessions;
 pub mod validate;

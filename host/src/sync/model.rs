@@ -102,6 +102,17 @@ string_enum! {
     }
 }
 
+impl EndReason {
+    /// What the sessions below an ended one get: `expired` when a lifetime ran out (the
+    /// whole tree outlived its IdP session), otherwise `cascade`.
+    pub fn for_descendants(self) -> EndReason {
+        match self {
+            EndReason::Expired => EndReason::Expired,
+            _ => EndReason::Cascade,
+        }
+    }
+}
+
 string_enum! {
     /// Kinds of sync events written to the outbox.
     EventType {
@@ -187,6 +198,9 @@ pub struct MapCommand {
     pub session: NewSession,
     /// Connectors with this name do not receive the resulting event.
     pub origin_system: Option<String>,
+    /// A PARENT takes `expires_at` (when it has none) and delegation from this session, the
+    /// mirror of its IdP session, when that is live.
+    pub inherit_from: Option<String>,
 }
 
 /// Which sessions a destroy starts from.
@@ -200,13 +214,28 @@ pub enum DestroyTarget {
     User(String),
     /// Every live PARENT mapped to this IdP session (back-channel logout `sid`), cascading.
     IdpSession(String),
+    /// Every live PARENT mapped to any IdP session of the realm (the IdP logged everyone out).
+    AllIdpSessions,
+    /// These sessions, if they are still ACTIVE and past their `expires_at` (the sweeper).
+    Expired(Vec<String>),
+}
+
+/// What an id stored by a [`ReplayGuard`] identifies; each kind has its own table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplayKind {
+    /// A back-channel logout token's `jti`.
+    LogoutToken,
+    /// An event id of the IdP event intake.
+    IdpEvent,
 }
 
 /// A logout token's id, stored in the destroy's transaction so a replay is refused even
 /// after a restart.
 #[derive(Clone, Debug)]
 pub struct ReplayGuard {
-    /// `jti` of the logout token.
+    /// Which table remembers it.
+    pub kind: ReplayKind,
+    /// `jti` of the logout token, or the event id.
     pub jti: String,
     /// Until when (epoch ms) it is remembered.
     pub until_ms: i64,
@@ -219,7 +248,8 @@ pub struct DestroyCommand {
     pub realm: String,
     /// Where the destroy starts.
     pub target: DestroyTarget,
-    /// Reason recorded on the targeted sessions; descendants get `cascade`/`delegation_ended`.
+    /// Reason recorded on the targeted sessions; descendants get
+    /// [`EndReason::for_descendants`], delegated sessions `delegation_ended`.
     pub reason: EndReason,
     /// Connectors with this name do not receive the resulting events.
     pub origin_system: Option<String>,
@@ -227,6 +257,61 @@ pub struct DestroyCommand {
     pub orphan_children: bool,
     /// Refuse the whole destroy if this token id was seen before (back-channel logout).
     pub replay_guard: Option<ReplayGuard>,
+}
+
+/// What an identity-provider event (Keycloak event intake) does to the realm's sessions.
+#[derive(Clone, Debug)]
+pub enum IdpChange {
+    /// The IdP session is alive (login, code-to-token, refresh, impersonation): its mirror
+    /// PARENT is registered if new (`login` event), and every live PARENT mapped to the IdP
+    /// session takes its `expires_at` (`refresh` event when it changes) and, when the mirror
+    /// is delegated, its delegation.
+    Alive {
+        /// The mirror session (PARENT, system = the realm's IdP system).
+        mirror: NewSession,
+        /// For an impersonation: the mirror of the impersonator's own IdP session.
+        actor: Option<NewSession>,
+    },
+    /// The user's grants were revoked: a `revoke` event for each of their live sessions.
+    Revoke {
+        /// Whose.
+        user_id: String,
+    },
+    /// Sessions end (logout, session deleted, user deleted or disabled, logout-all).
+    End {
+        /// Where the destroy starts.
+        target: DestroyTarget,
+        /// Reason on the targeted sessions.
+        reason: EndReason,
+    },
+}
+
+/// An IdP event to apply in one transaction with its replay guard.
+#[derive(Clone, Debug)]
+pub struct IdpCommand {
+    /// Tenant.
+    pub realm: String,
+    /// The change.
+    pub change: IdpChange,
+    /// The event id, refused if seen before.
+    pub guard: ReplayGuard,
+    /// The realm's IdP system (origin of the resulting events).
+    pub origin_system: String,
+    /// Realm policy for IdP-ended sessions.
+    pub orphan_children: bool,
+}
+
+/// What applying an IdP event changed.
+#[derive(Clone, Debug, Default)]
+pub struct IdpOutcome {
+    /// Sessions registered (mirrors).
+    pub created: Vec<Session>,
+    /// Sessions whose lifetime or delegation changed.
+    pub updated: Vec<Session>,
+    /// Sessions that ended.
+    pub ended: Vec<Session>,
+    /// Revoke events written.
+    pub revoked: usize,
 }
 
 /// A sync event as written to the outbox and later handed to connectors.

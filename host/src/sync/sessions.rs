@@ -5,8 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::idp_events::{self, KeycloakEvent};
 use super::model::{
-    DestroyCommand, DestroyTarget, EndReason, MapCommand, ReplayGuard, Session, SessionKind,
+    DestroyCommand, DestroyTarget, EndReason, IdpCommand, IdpOutcome, MapCommand, ReplayGuard,
+    ReplayKind, Session, SessionKind,
 };
 use super::validate::{self, ValidationError};
 use crate::store::{Page, SessionQuery, Store, StoreError};
@@ -21,6 +23,22 @@ pub const DEFAULT_PAGE: u32 = 50;
 pub struct RealmPolicy {
     /// When the IdP ends a user session, descendants become ORPHANED instead of DESTROYED.
     pub orphan_children: bool,
+    /// The IdP's system label (default `keycloak`): origin of IdP-caused events and owner of
+    /// the mirrors of IdP sessions.
+    pub idp_system: Option<String>,
+    /// The realm receives IdP events, so PARENTs inherit lifetime and delegation from the
+    /// mirror of their IdP session.
+    pub idp_events: bool,
+}
+
+/// The IdP system label when the realm names none.
+pub const DEFAULT_IDP_SYSTEM: &str = "keycloak";
+
+impl RealmPolicy {
+    /// The realm's IdP system label.
+    pub fn idp_system(&self) -> &str {
+        self.idp_system.as_deref().unwrap_or(DEFAULT_IDP_SYSTEM)
+    }
 }
 
 /// Failures of a session operation.
@@ -125,7 +143,73 @@ impl SessionService {
             }
             _ => {}
         }
+        let mut cmd = cmd;
+        let policy = self.policy(&cmd.session.realm);
+        if policy.idp_events
+            && cmd.session.kind == SessionKind::Parent
+            && let Some(sid) = &cmd.session.idp_session_id
+        {
+            cmd.inherit_from = Some(idp_events::mirror_id(policy.idp_system(), sid));
+        }
         Ok(self.store.map(cmd).await?)
+    }
+
+    /// Applies a Keycloak event (already authenticated) and remembers its id until
+    /// `remember_until_ms`; a second delivery of the same id is `StoreError::Replayed`.
+    pub async fn apply_idp_event(
+        &self,
+        realm: &str,
+        event: &KeycloakEvent,
+        remember_until_ms: i64,
+    ) -> Result<IdpOutcome, SessionError> {
+        validate::realm(realm)?;
+        let policy = self.policy(realm);
+        let change = idp_events::change_for(realm, policy.idp_system(), event)?;
+        Ok(self
+            .store
+            .apply_idp(IdpCommand {
+                realm: realm.to_owned(),
+                change,
+                guard: ReplayGuard {
+                    kind: ReplayKind::IdpEvent,
+                    jti: event.id.clone(),
+                    until_ms: remember_until_ms,
+                },
+                origin_system: policy.idp_system().to_owned(),
+                orphan_children: policy.orphan_children,
+            })
+            .await?)
+    }
+
+    /// Ends up to `limit` sessions whose lifetime ran out (reason `expired`, descendants too,
+    /// or ORPHANED under the realm's policy). Returns how many sessions changed and whether
+    /// the batch was full (more may be due).
+    pub async fn end_expired(&self, limit: i64) -> Result<(usize, bool), SessionError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let due = self.store.expired(now, limit).await?;
+        let full = due.len() as i64 >= limit;
+        let mut by_realm: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (realm, id) in due {
+            by_realm.entry(realm).or_default().push(id);
+        }
+        let mut changed = 0;
+        for (realm, ids) in by_realm {
+            let policy = self.policy(&realm);
+            changed += self
+                .store
+                .destroy(DestroyCommand {
+                    realm,
+                    target: DestroyTarget::Expired(ids),
+                    reason: EndReason::Expired,
+                    // Lockstep decided it: every subscribed connector hears of it.
+                    origin_system: None,
+                    orphan_children: policy.orphan_children,
+                    replay_guard: None,
+                })
+                .await?
+                .len();
+        }
+        Ok((changed, full))
     }
 
     /// Ends sessions. `reason` must be one a caller may give (not `cascade` or
@@ -142,6 +226,9 @@ impl SessionService {
             DestroyTarget::Parent(id) | DestroyTarget::Child(id) => validate::id("externalId", id)?,
             DestroyTarget::User(id) => validate::id("userId", id)?,
             DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
+            DestroyTarget::AllIdpSessions | DestroyTarget::Expired(_) => {
+                return Err(ValidationError("not a destroy a caller can ask for".into()).into());
+            }
         }
         validate::optional_id("originSystem", origin_system.as_deref())?;
         let reason = reason.unwrap_or(EndReason::Logout);
@@ -180,7 +267,10 @@ impl SessionService {
         match &target {
             DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
             DestroyTarget::User(id) => validate::id("sub", id)?,
-            DestroyTarget::Parent(_) | DestroyTarget::Child(_) => {
+            DestroyTarget::Parent(_)
+            | DestroyTarget::Child(_)
+            | DestroyTarget::AllIdpSessions
+            | DestroyTarget::Expired(_) => {
                 return Err(ValidationError("an IdP logout names a sid or a sub".into()).into());
             }
         }
