@@ -13,6 +13,7 @@ use common::receiver::Receiver;
 use hmac::{Hmac, Mac};
 use lockstep::runtime::cache::CacheOutcome;
 use lockstep::runtime::manifest::Manifest;
+use lockstep::runtime::world::World;
 use lockstep::runtime::{HookFailure, Runtime, RuntimeError};
 use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
 
@@ -253,10 +254,14 @@ async fn invalid_components_are_refused_with_a_message() {
         matches!(core, Err(RuntimeError::Invalid { .. })),
         "{core:?}"
     );
-    // An empty component: valid, but it exports no hooks (wrong world).
+    // An empty component: valid, but it exports no hooks (wrong world); the message names
+    // both versions the host loads.
     let empty = runtime.load_bytes(m, b"\0asm\x0d\0\x01\0".to_vec()).await;
     assert!(
-        matches!(&empty, Err(RuntimeError::Invalid { message, .. }) if message.contains("hooks")),
+        matches!(&empty, Err(RuntimeError::Invalid { message, .. })
+            if message.contains("hooks")
+                && message.contains("lockstep:connector@0.2.0")
+                && message.contains("lockstep:connector@0.1.0")),
         "{empty:?}"
     );
 }
@@ -289,4 +294,100 @@ async fn compiled_components_are_cached_by_content_hash() {
     let c = second.load(hostile("trap", "")).await.unwrap();
     assert_eq!(c.cache, CacheOutcome::Hit);
     assert_ne!(c.version, b.version);
+}
+
+#[tokio::test]
+async fn webhook_posts_refresh_events_with_the_new_expiry() {
+    let receiver = Receiver::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let webhook = runtime
+        .load(manifest(
+            "billing",
+            "webhook",
+            &format!(
+                "events = [\"login\", \"refresh\"]\nallowed_hosts = [\"{}\"]\n[config]\nurl = \"{}\"\n",
+                receiver.origin(),
+                receiver.url("/sessions")
+            ),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(webhook.world, World::V0_2_0);
+    let mut ev = event(EventType::Refresh);
+    ev.expires_at = Some("2030-01-02T03:04:05.678Z".parse().unwrap());
+    runtime.call(&webhook, &ev).await.unwrap();
+    let got = receiver.wait_for(1, Duration::from_secs(5)).await;
+    let body = got[0].json();
+    assert_eq!(body["type"], "refresh");
+    assert_eq!(body["eventId"], ev.event_id.as_str());
+    assert_eq!(body["expiresAt"], "2030-01-02T03:04:05.678Z");
+    // Other events carry the expiry when the session has one, and null when not.
+    runtime
+        .call(&webhook, &event(EventType::Login))
+        .await
+        .unwrap();
+    let got = receiver.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(got[1].json()["expiresAt"], serde_json::Value::Null);
+}
+
+fn connector_v0_1_0(extra: &str) -> Manifest {
+    manifest("legacy", "connector_v0_1_0", extra)
+}
+
+#[tokio::test]
+async fn a_0_1_0_component_loads_and_its_three_hooks_are_called() {
+    let runtime = Runtime::new(None).unwrap();
+    let legacy = runtime
+        .load(connector_v0_1_0("[config]\nanswer = \"echo\"\n"))
+        .await
+        .unwrap();
+    assert_eq!(legacy.world, World::V0_1_0);
+    // Each hook answers with its name, the event it got and the hook the host cache saw
+    // before it: the 0.1.0 hooks, event record and host interface (config, cache) all work.
+    for (event_type, expected) in [
+        (
+            EventType::Login,
+            "on-login login portal-session-001 previous=-",
+        ),
+        (
+            EventType::Logout,
+            "on-logout logout portal-session-001 previous=on-login",
+        ),
+        (
+            EventType::Revoke,
+            "revoke revoke portal-session-001 previous=on-logout",
+        ),
+    ] {
+        assert_eq!(
+            runtime.call(&legacy, &event(event_type)).await,
+            Err(HookFailure::Fail(expected.to_owned()))
+        );
+    }
+    let fine = runtime.load(connector_v0_1_0("")).await.unwrap();
+    for event_type in [EventType::Login, EventType::Logout, EventType::Revoke] {
+        assert_eq!(runtime.call(&fine, &event(event_type)).await, Ok(()));
+    }
+}
+
+#[tokio::test]
+async fn a_0_1_0_component_subscribed_to_refresh_is_refused() {
+    let runtime = Runtime::new(None).unwrap();
+    let refused = runtime
+        .load(connector_v0_1_0("events = [\"login\", \"refresh\"]"))
+        .await;
+    assert!(
+        matches!(&refused, Err(RuntimeError::Invalid { message, .. })
+            if message.contains("refresh needs lockstep:connector@0.2.0")),
+        "{refused:?}"
+    );
+    // The same subscription is fine for a 0.2.0 component.
+    let hostile = runtime
+        .load(hostile("ok", "events = [\"login\", \"refresh\"]"))
+        .await
+        .unwrap();
+    assert_eq!(hostile.world, World::V0_2_0);
+    assert_eq!(
+        runtime.call(&hostile, &event(EventType::Refresh)).await,
+        Ok(())
+    );
 }

@@ -18,7 +18,7 @@
 //!
 //! Hooks: `on-logout` and `revoke` (a revocation ends the Keycloak session too) act on PARENT
 //! events that carry an `idp-session-id` and did not come from `idp_system`; every other
-//! event, and `on-login`, has nothing to do and succeeds.
+//! event, `on-login` and `on-refresh` have nothing to do and succeed.
 //!
 //! The access token is kept in the host's cache (per connector version) for its
 //! `expires_in` minus 30 s, so a burst of logouts costs one token request. If Keycloak
@@ -61,6 +61,13 @@ impl Connector for Keycloak {
     /// so their SSO session must not outlive them.
     fn revoke(event: SessionEvent) -> Result<(), HookError> {
         end_keycloak_session(&event)
+    }
+
+    /// A longer session in Lockstep changes nothing in Keycloak (Keycloak's own refresh is
+    /// usually where the event came from).
+    fn on_refresh(event: SessionEvent) -> Result<(), HookError> {
+        let _ = event;
+        Ok(())
     }
 }
 
@@ -382,6 +389,7 @@ mod tests {
             end_reason: Some("logout".into()),
             attributes: Vec::new(),
             occurred_at: "2025-01-01T00:00:00Z".into(),
+            expires_at: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! The generic HTTP connector: POSTs every session event as JSON to `config.url`.
+//! The generic HTTP connector: POSTs every session event as JSON to `config.url` (the
+//! `lockstep_connector::json` shape; refresh events carry the new `expiresAt`).
 //!
 //! Config (`[config]` in the manifest):
 //! - `url` (required): where to POST.
@@ -32,6 +33,10 @@ impl Connector for Webhook {
     }
 
     fn revoke(event: SessionEvent) -> Result<(), HookError> {
+        deliver(&event)
+    }
+
+    fn on_refresh(event: SessionEvent) -> Result<(), HookError> {
         deliver(&event)
     }
 }

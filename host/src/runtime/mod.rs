@@ -9,6 +9,7 @@ pub mod kv;
 pub mod manifest;
 pub mod registry;
 mod sandbox;
+pub mod world;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,15 +20,13 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use bindings::{
-    ConnectorCore, ConnectorCorePre, EventType as WitEventType, HookError, SessionEvent,
-    SessionKind as WitKind,
-};
+use bindings::{v0_1_0, v0_2_0};
 use cache::{CacheOutcome, CompileCache};
 use manifest::Manifest;
 use sandbox::CallState;
+use world::{Hooks, World};
 
-use crate::sync::model::{EventType, SessionKind, SyncEvent};
+use crate::sync::model::SyncEvent;
 
 /// Epoch tick; deadlines are rounded up to it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -50,7 +49,8 @@ pub enum RuntimeError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Not a valid component, or it does not fit the `lockstep:connector` world.
+    /// Not a valid component, or it fits no `lockstep:connector` version the host serves,
+    /// or its manifest subscribes to events its version has no hook for.
     #[error("connector {name}: {message}")]
     Invalid {
         /// Connector.
@@ -113,11 +113,13 @@ pub struct LoadedConnector {
     pub manifest: Arc<Manifest>,
     /// Content hash of component and manifest (first 16 hex digits).
     pub version: String,
+    /// The `lockstep:connector` version the component targets.
+    pub world: World,
     /// Whether the compiled code came from the cache.
     pub cache: CacheOutcome,
     /// Its scope in the connector cache (`name@version`), computed once.
     kv_scope: Arc<str>,
-    pre: ConnectorCorePre<CallState>,
+    hooks: Hooks,
 }
 
 impl std::fmt::Debug for LoadedConnector {
@@ -125,6 +127,7 @@ impl std::fmt::Debug for LoadedConnector {
         f.debug_struct("LoadedConnector")
             .field("name", &self.manifest.name)
             .field("version", &self.version)
+            .field("world", &self.world)
             .finish()
     }
 }
@@ -186,7 +189,15 @@ impl Runtime {
         link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(
             &mut linker,
         ))?;
-        link(ConnectorCore::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s))?;
+        // Both versions' `host` interfaces, so components of either version link.
+        link(v0_2_0::ConnectorCore::add_to_linker::<
+            CallState,
+            HasSelf<CallState>,
+        >(&mut linker, |s| s))?;
+        link(v0_1_0::ConnectorCore::add_to_linker::<
+            CallState,
+            HasSelf<CallState>,
+        >(&mut linker, |s| s))?;
         let stop = Arc::new(AtomicBool::new(false));
         {
             let engine = engine.clone();
@@ -213,7 +224,9 @@ impl Runtime {
 
     /// Reads the manifest's component, compiles it (or takes it from the cache) off the async
     /// threads, and pre-instantiates it, which checks it against the `lockstep:connector`
-    /// world: a component importing anything the host does not offer is refused here.
+    /// version whose hooks it exports (0.2.0 or 0.1.0): a component importing anything the
+    /// host does not offer, exporting neither version's hooks, or subscribing to events its
+    /// version has no hook for is refused here.
     pub async fn load(&self, manifest: Manifest) -> Result<Arc<LoadedConnector>, RuntimeError> {
         let path = manifest.component.clone();
         let bytes = tokio::fs::read(&path)
@@ -246,12 +259,28 @@ impl Runtime {
             .await
             .map_err(|e| invalid(format!("compiler task failed: {e}")))?
             .map_err(|e| invalid(format!("not a loadable component: {e:#}")))?;
+        let world = World::of(&component).ok_or_else(|| {
+            invalid(format!(
+                "exports no lockstep:connector/hooks of a supported version (the host loads {})",
+                World::supported_list()
+            ))
+        })?;
+        if let Some(t) = manifest.events.iter().find(|t| !world.has_hook(**t)) {
+            return Err(invalid(format!(
+                "its manifest subscribes to {t} events, but the component targets {world}: \
+                 {t} needs {}",
+                World::SUPPORTED
+                    .into_iter()
+                    .find(|w| w.has_hook(*t))
+                    .unwrap_or(World::V0_2_0)
+            )));
+        }
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| invalid(format!("does not fit the lockstep:connector world: {e:#}")))?;
-        let pre = ConnectorCorePre::new(instance_pre)
-            .map_err(|e| invalid(format!("does not export lockstep:connector/hooks: {e:#}")))?;
+            .map_err(|e| invalid(format!("does not fit the {world} world: {e:#}")))?;
+        let hooks = Hooks::new(world, instance_pre)
+            .map_err(|e| invalid(format!("does not export {world}'s hooks: {e:#}")))?;
         // Instantiate once now, under the manifest's limits: a component that traps in its
         // start function or outgrows its memory cap at start is refused before it can serve.
         {
@@ -262,8 +291,8 @@ impl Runtime {
                 .map_err(|_| invalid("runtime shutting down".into()))?;
             let mut store = self.sandboxed_store(&manifest, &kv_scope, "load-check".into());
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
-            match tokio::time::timeout(outer, pre.instantiate_async(&mut store)).await {
-                Ok(Ok(_)) => {}
+            match tokio::time::timeout(outer, hooks.instantiate(&mut store)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) if store.data().limiter.hit => {
                     return Err(invalid(format!(
                         "needs more than memory_mb = {} at start: {e:#}",
@@ -282,6 +311,7 @@ impl Runtime {
         tracing::info!(
             connector = %name,
             %version,
+            %world,
             cache = ?outcome,
             ms = started.elapsed().as_millis() as u64,
             "connector compiled and pre-instantiated"
@@ -289,9 +319,10 @@ impl Runtime {
         Ok(Arc::new(LoadedConnector {
             manifest,
             version,
+            world,
             cache: outcome,
             kv_scope,
-            pre,
+            hooks,
         }))
     }
 
@@ -337,19 +368,7 @@ impl Runtime {
         let manifest = &connector.manifest;
         let timeout_ms = manifest.timeout_ms;
         let mut store = self.sandboxed_store(manifest, &connector.kv_scope, event.event_id.clone());
-        let wit_event = to_wit(event);
-        let run = async {
-            let instance = connector.pre.instantiate_async(&mut store).await?;
-            let hooks = instance.lockstep_connector_hooks();
-            match event.event_type {
-                EventType::Login => hooks.call_on_login(&mut store, &wit_event).await,
-                EventType::Logout => hooks.call_on_logout(&mut store, &wit_event).await,
-                // Refresh has no hook of its own in 0.1.0; it is not delivered.
-                EventType::Revoke | EventType::Refresh => {
-                    hooks.call_revoke(&mut store, &wit_event).await
-                }
-            }
-        };
+        let run = connector.hooks.call(&mut store, event);
         // The epoch deadline stops runaway guest code; this outer bound also stops a guest
         // blocked in host I/O (which the epoch cannot interrupt).
         let outer = Duration::from_millis(timeout_ms) + Duration::from_millis(250);
@@ -367,8 +386,9 @@ impl Runtime {
         match result {
             Err(_) => Err(HookFailure::Timeout(timeout_ms)),
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(HookError::Retry(m)))) => Err(HookFailure::Retry(cap(m))),
-            Ok(Ok(Err(HookError::Fail(m)))) => Err(HookFailure::Fail(cap(m))),
+            Ok(Ok(Err(HookFailure::Retry(m)))) => Err(HookFailure::Retry(cap(m))),
+            Ok(Ok(Err(HookFailure::Fail(m)))) => Err(HookFailure::Fail(cap(m))),
+            Ok(Ok(Err(other))) => Err(other),
             Ok(Err(e)) => Err(if oom {
                 HookFailure::OutOfMemory(manifest.memory_mb)
             } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
@@ -401,37 +421,4 @@ fn cap(mut s: String) -> String {
         s.push_str(&format!("…[{total} bytes]"));
     }
     s
-}
-
-fn to_wit(e: &SyncEvent) -> SessionEvent {
-    SessionEvent {
-        event_id: e.event_id.clone(),
-        event_type: match e.event_type {
-            EventType::Login => WitEventType::Login,
-            EventType::Logout => WitEventType::Logout,
-            EventType::Revoke => WitEventType::Revoke,
-            EventType::Refresh => WitEventType::Refresh,
-        },
-        realm: e.realm.clone(),
-        external_id: e.external_id.clone(),
-        kind: match e.kind {
-            SessionKind::Parent => WitKind::Parent,
-            SessionKind::Child => WitKind::Child,
-            SessionKind::Fixed => WitKind::Fixed,
-        },
-        idp_session_id: e.idp_session_id.clone(),
-        idp_client_session_id: e.idp_client_session_id.clone(),
-        user_id: e.user_id.clone(),
-        system: e.system.clone(),
-        origin_system: e.origin_system.clone(),
-        end_reason: e.end_reason.map(|r| r.as_str().to_owned()),
-        attributes: e
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        occurred_at: e
-            .occurred_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    }
 }

@@ -11,7 +11,7 @@ use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
 
-use super::bindings::{Level, lockstep};
+use super::bindings::{v0_1_0, v0_2_0};
 use super::kv::Kv;
 use super::manifest::{Manifest, split_host_port};
 
@@ -200,10 +200,13 @@ pub(super) struct LogBudget {
     pub(super) dropped: u64,
 }
 
-impl lockstep::connector::session::Host for CallState {}
+impl v0_2_0::lockstep::connector0_2_0::session::Host for CallState {}
+impl v0_1_0::lockstep::connector0_1_0::session::Host for CallState {}
 
-impl lockstep::connector::host::Host for CallState {
-    fn log(&mut self, level: Level, message: String) {
+/// The `host` interface, written once for the newest version; older versions delegate to it.
+impl v0_2_0::Host for CallState {
+    fn log(&mut self, level: v0_2_0::Level, message: String) {
+        use v0_2_0::Level;
         if self.logs.written >= MAX_LOG_LINES {
             self.logs.dropped += 1;
             return;
@@ -244,5 +247,32 @@ impl lockstep::connector::host::Host for CallState {
         {
             tracing::debug!(connector = %self.manifest.name, "cache-set refused: entry too large");
         }
+    }
+}
+
+/// 0.1.0's `host` interface is the same as 0.2.0's (the versions differ only in the hooks and
+/// the event record), so each function forwards to the 0.2.0 one.
+impl v0_1_0::Host for CallState {
+    fn log(&mut self, level: v0_1_0::Level, message: String) {
+        let level = match level {
+            v0_1_0::Level::Trace => v0_2_0::Level::Trace,
+            v0_1_0::Level::Debug => v0_2_0::Level::Debug,
+            v0_1_0::Level::Info => v0_2_0::Level::Info,
+            v0_1_0::Level::Warn => v0_2_0::Level::Warn,
+            v0_1_0::Level::Error => v0_2_0::Level::Error,
+        };
+        v0_2_0::Host::log(self, level, message)
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        v0_2_0::Host::config_get(self, key)
+    }
+
+    fn cache_get(&mut self, key: String) -> Option<String> {
+        v0_2_0::Host::cache_get(self, key)
+    }
+
+    fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
+        v0_2_0::Host::cache_set(self, key, value, ttl_ms)
     }
 }

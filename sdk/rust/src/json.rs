@@ -23,6 +23,7 @@ pub fn event(event: &SessionEvent) -> serde_json::Value {
         "endReason": event.end_reason,
         "attributes": attributes,
         "occurredAt": event.occurred_at,
+        "expiresAt": event.expires_at,
     })
 }
 

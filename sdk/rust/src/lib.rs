@@ -1,8 +1,8 @@
 //! Write [Lockstep](https://example.invalid/lockstep) connectors in Rust.
 //!
-//! A connector is a WebAssembly component targeting the `lockstep:connector` world: the host
-//! calls its hooks whenever a session begins or ends, and the connector tells a legacy system
-//! about it. This crate gives you the bindings, a [`Connector`] trait whose hooks default to
+//! A connector is a WebAssembly component targeting the `lockstep:connector@0.2.0` world: the
+//! host calls its hooks whenever a session begins, ends or is extended, and the connector
+//! tells a legacy system about it. This crate gives you the bindings, a [`Connector`] trait whose hooks default to
 //! "nothing to do", typed access to the connector's `[config]`, logging, and an HTTP client
 //! over `wasi:http` that maps failures to the right [`HookError`].
 //!
@@ -36,13 +36,15 @@ pub mod http;
 pub mod json;
 pub mod log;
 
-/// Generated bindings of the `connector-core` world. Use the re-exports instead.
+/// Generated bindings of the `connector-core` world of `lockstep:connector@0.2.0`. Use the
+/// re-exports instead. (`wit/` also holds the frozen 0.1.0 package, so generated module paths
+/// carry the version.)
 #[doc(hidden)]
 #[allow(missing_docs, clippy::all, unsafe_code)]
 pub mod wit {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "connector-core",
+        world: "lockstep:connector/connector-core@0.2.0",
         pub_export_macro: true,
         export_macro_name: "export",
         default_bindings_module: "lockstep_connector::wit",
@@ -50,7 +52,9 @@ pub mod wit {
     });
 }
 
-pub use wit::lockstep::connector::session::{EventType, HookError, SessionEvent, SessionKind};
+pub use wit::lockstep::connector0_2_0::session::{
+    EventType, HookError, SessionEvent, SessionKind,
+};
 
 /// A connector's hooks. Each defaults to doing nothing, so implement only what the legacy
 /// system needs. Return [`HookError::Retry`] when trying again can help (the peer is down,
@@ -74,9 +78,16 @@ pub trait Connector {
         let _ = event;
         Ok(())
     }
+
+    /// A session's lifetime was extended; [`SessionEvent::expires_at`] is the new expiry.
+    /// Delivered only if the manifest lists `refresh` in `events`.
+    fn on_refresh(event: SessionEvent) -> Result<(), HookError> {
+        let _ = event;
+        Ok(())
+    }
 }
 
-impl<T: Connector> wit::exports::lockstep::connector::hooks::Guest for T {
+impl<T: Connector> wit::exports::lockstep::connector0_2_0::hooks::Guest for T {
     fn on_login(event: SessionEvent) -> Result<(), HookError> {
         <T as Connector>::on_login(event)
     }
@@ -87,6 +98,10 @@ impl<T: Connector> wit::exports::lockstep::connector::hooks::Guest for T {
 
     fn revoke(event: SessionEvent) -> Result<(), HookError> {
         <T as Connector>::revoke(event)
+    }
+
+    fn on_refresh(event: SessionEvent) -> Result<(), HookError> {
+        <T as Connector>::on_refresh(event)
     }
 }
 
