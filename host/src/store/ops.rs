@@ -63,17 +63,19 @@ macro_rules! session_ops {
                 new.user_id = new.user_id.or(parent_user);
             }
             if let Some(mirror_id) = cmd.inherit_from.as_deref().filter(|m| *m != new.external_id) {
-                // The IdP session's lifetime and delegation (impersonation) hold for every
-                // PARENT mapped to it.
-                let mirror: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
-                    "SELECT delegated_by, expires_at FROM sessions \
+                // The IdP session's user, lifetime and delegation (impersonation) hold for
+                // every PARENT mapped to it.
+                let mirror: Option<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+                    "SELECT delegated_by, expires_at, user_id FROM sessions \
                      WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE'",
                 )
                 .bind(&new.realm)
                 .bind(mirror_id)
                 .fetch_optional(&mut *conn)
                 .await?;
-                if let Some((delegated_by, expires_at)) = mirror {
+                if let Some((delegated_by, expires_at, user_id)) = mirror {
+                    // Logout-everywhere and revoke find it by the IdP session's user.
+                    new.user_id = new.user_id.or(user_id);
                     if new.expires_at.is_none() {
                         new.expires_at = expires_at.map(millis_to_time).transpose()?;
                     }
@@ -199,6 +201,20 @@ macro_rules! session_ops {
                     let Some(sid) = mirror.idp_session_id.as_deref() else {
                         return Ok(out);
                     };
+                    if let Some(user_id) = &mirror.user_id {
+                        // Sessions mapped before the event arrived, without a user.
+                        sqlx::query(
+                            "UPDATE sessions SET user_id = $3, updated_at = $4 \
+                             WHERE realm = $1 AND idp_session_id = $2 AND user_id IS NULL \
+                             AND status = 'ACTIVE'",
+                        )
+                        .bind(&cmd.realm)
+                        .bind(sid)
+                        .bind(user_id)
+                        .bind(now)
+                        .execute(&mut *conn)
+                        .await?;
+                    }
                     if let Some(expires_at) = mirror.expires_at {
                         let rows: Vec<SessionRow> = sqlx::query_as(concat!(
                             "UPDATE sessions SET expires_at = $3, updated_at = $4 \

@@ -407,6 +407,48 @@ impl Server {
             .collect()
     }
 
+    /// Posts a Keycloak event signed the way `keycloak-extension/` signs it (Standard
+    /// Webhooks, `webhook-id` = the event's `id`, timestamp = now).
+    pub async fn post_event(
+        &self,
+        realm: &str,
+        secret: &str,
+        event: &Value,
+    ) -> (StatusCode, Value) {
+        let body = serde_json::to_vec(event).unwrap();
+        let id = event["id"].as_str().unwrap().to_owned();
+        let ts = chrono::Utc::now().timestamp().to_string();
+        let signature = sign_event(secret, &id, &ts, &body);
+        self.post_event_raw(
+            realm,
+            &[
+                ("webhook-id", id.as_str()),
+                ("webhook-timestamp", ts.as_str()),
+                ("webhook-signature", signature.as_str()),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// Posts `body` to the event intake with exactly these headers.
+    pub async fn post_event_raw(
+        &self,
+        realm: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .post(format!("{}/realms/{realm}/events", self.base))
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        send(req).await
+    }
+
     /// Total outbox rows.
     pub async fn outbox_total(&self) -> i64 {
         use sqlx::Connection;
@@ -546,6 +588,22 @@ async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     };
     (status, body)
+}
+
+/// `v1,<base64 HMAC-SHA256(key, "{id}.{ts}.{body}")>`; the key is the secret's bytes, or the
+/// base64 after `whsec_`.
+pub fn sign_event(secret: &str, id: &str, ts: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use hmac::{Hmac, Mac};
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => STANDARD.decode(b64).unwrap(),
+        None => secret.as_bytes().to_vec(),
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
 /// Asserts a problem document with this status and code.
