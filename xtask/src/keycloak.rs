@@ -6,6 +6,10 @@
 //! kept in `target/keycloak/keycloak.pid` and its output in `target/keycloak/keycloak.log`.
 //! `start` reuses a server that is already running and answering; `stop` ends the whole
 //! process group (`kc.sh` and its JVM).
+//!
+//! Before a start it builds the Lockstep event listener (`keycloak-extension/`, Maven) and
+//! copies the jar into the distribution's `providers/`; `start-dev` re-augments the server
+//! when that jar changed. A server that is reused keeps the jar it was started with.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
@@ -37,6 +41,9 @@ const ADMIN_PASSWORD: &str = "admin";
 const HEAP: &str = "-Xms256m -Xmx1g";
 /// Realm files the tests rely on, copied into the distribution's `data/import/`.
 const REALM_DIR: &str = "tests/keycloak";
+/// The Lockstep event listener's Maven project, and the jar it builds.
+const EXTENSION_POM: &str = "keycloak-extension/pom.xml";
+const EXTENSION_JAR: &str = "keycloak-extension/target/lockstep-keycloak-extension.jar";
 
 /// Options of `cargo xtask keycloak`.
 #[derive(clap::Args, Debug)]
@@ -135,6 +142,7 @@ fn start(paths: &Paths) -> Result<()> {
         .with_context(|| format!("creating {}", paths.dir.display()))?;
     let archive = distribution()?;
     unpack(&archive, paths)?;
+    install_extension(paths)?;
     install_realms(paths)?;
 
     let log = open_log(&paths.log)?;
@@ -354,6 +362,41 @@ fn unpack(archive: &Path, paths: &Paths) -> Result<()> {
     std::fs::rename(&unpacked, &paths.home)
         .with_context(|| format!("moving {} to {}", unpacked.display(), paths.home.display()))?;
     std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))
+}
+
+/// Builds the Lockstep event listener with Maven and copies the jar into `providers/` (only
+/// when its bytes changed, so an unchanged jar does not make Keycloak re-augment).
+fn install_extension(paths: &Paths) -> Result<()> {
+    let pom = paths.root.join(EXTENSION_POM);
+    eprintln!("building the Lockstep event listener ({})", pom.display());
+    let status = Command::new("mvn")
+        .args(["-q", "-B", "-Dstyle.color=never", "-f"])
+        .arg(&pom)
+        .arg("package")
+        .status()
+        .context("running mvn to build keycloak-extension (is Maven installed?)")?;
+    if !status.success() {
+        bail!(
+            "building the Lockstep Keycloak extension failed ({status}): `mvn -q -B -f {} package`; \
+             Keycloak was not started",
+            pom.display()
+        );
+    }
+    let jar = paths.root.join(EXTENSION_JAR);
+    let bytes = std::fs::read(&jar)
+        .with_context(|| format!("Maven succeeded but {} is unreadable", jar.display()))?;
+    let providers = paths.home.join("providers");
+    std::fs::create_dir_all(&providers)
+        .with_context(|| format!("creating {}", providers.display()))?;
+    let name = jar
+        .file_name()
+        .ok_or_else(|| anyhow!("{} has no file name", jar.display()))?;
+    let to = providers.join(name);
+    if std::fs::read(&to).ok().as_deref() != Some(bytes.as_slice()) {
+        std::fs::write(&to, &bytes).with_context(|| format!("writing {}", to.display()))?;
+        eprintln!("installed {}", to.display());
+    }
+    Ok(())
 }
 
 /// Copies `tests/keycloak/*.json` into `data/import/`. Keycloak skips the import of a realm
