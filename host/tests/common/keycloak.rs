@@ -561,3 +561,323 @@ pub async fn rotate_keys(base: &str, realm: &str) -> String {
         .unwrap_or_else(|| panic!("no key of provider {component} in {keys}"))
         .to_owned()
 }
+
+/// A throwaway realm whose events the `lockstep` event listener (`keycloak-extension/`)
+/// forwards to one Lockstep server: made by [`events_realm`], one per test.
+///
+/// There is no async `Drop`: every test calls [`EventsRealm::delete`] at its end. A test that
+/// fails before that leaves its `ev-…` realm behind in the dev database; it sends nothing
+/// once its Lockstep server is gone, and a fresh database (`target/keycloak/.../data/h2`
+/// removed) clears it.
+#[derive(Clone, Debug)]
+pub struct EventsRealm {
+    pub base: String,
+    pub name: String,
+}
+
+/// Tokens of a password-grant login (or a refresh) and the Keycloak session id (`sid`).
+#[derive(Clone, Debug)]
+pub struct PasswordLogin {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub sid: String,
+}
+
+/// What an admin impersonation produced.
+#[derive(Clone, Debug)]
+pub struct Impersonation {
+    /// The new Keycloak session of the impersonated user (`sessionId` of the IMPERSONATE event).
+    pub session_id: String,
+    /// The impersonating admin's own session (`sid` of its token). Impersonating in its own
+    /// realm, Keycloak ends that session in the same request.
+    pub impersonator_sid: String,
+    pub impersonator_id: String,
+}
+
+/// The realm user the tests log in as.
+pub const EV_ALICE: (&str, &str) = ("alice", "alice-password");
+/// Realm administrator with `realm-management` → impersonation, manage-users, view-users,
+/// query-users.
+pub const EV_ANN: (&str, &str) = ("ann", "ann-password");
+
+/// Creates (Admin REST API, master `admin`) a realm `ev-<8 hex>` with the `lockstep` and
+/// `jboss-logging` event listeners, user events not stored, admin events stored with details,
+/// SSO Session Idle `sso_idle_s` and Max 36000 s, the realm attributes `lockstep.url` and
+/// `lockstep.secret`, the users [`EV_ALICE`] and [`EV_ANN`], and the confidential client
+/// [`PORTAL_CLIENT`] (direct access grants, standard flow, redirect [`REDIRECT_URI`]).
+pub async fn events_realm(
+    base: &str,
+    lockstep_url: &str,
+    secret: &str,
+    sso_idle_s: u32,
+) -> EventsRealm {
+    let name = format!("ev-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let user = |username: &str, password: &str, first: &str| {
+        json!({
+            "username": username,
+            "enabled": true,
+            "emailVerified": true,
+            "email": format!("{username}@example.com"),
+            "firstName": first,
+            "lastName": "Test",
+            "credentials": [{"type": "password", "value": password, "temporary": false}],
+        })
+    };
+    let mut ann = user(EV_ANN.0, EV_ANN.1, "Ann");
+    ann["clientRoles"] = json!({
+        "realm-management": ["impersonation", "manage-users", "view-users", "query-users"],
+    });
+    let rep = json!({
+        "realm": name,
+        "enabled": true,
+        "eventsListeners": ["lockstep", "jboss-logging"],
+        "eventsEnabled": false,
+        "adminEventsEnabled": true,
+        "adminEventsDetailsEnabled": true,
+        "ssoSessionIdleTimeout": sso_idle_s,
+        "ssoSessionMaxLifespan": 36000,
+        "attributes": {"lockstep.url": lockstep_url, "lockstep.secret": secret},
+        "users": [user(EV_ALICE.0, EV_ALICE.1, "Alice"), ann],
+        "clients": [{
+            "clientId": PORTAL_CLIENT.0,
+            "enabled": true,
+            "publicClient": false,
+            "secret": PORTAL_CLIENT.1,
+            "directAccessGrantsEnabled": true,
+            "standardFlowEnabled": true,
+            "redirectUris": [REDIRECT_URI],
+        }],
+    });
+    let token = admin_token(base).await;
+    let resp = http()
+        .post(format!("{base}/admin/realms"))
+        .bearer_auth(&token)
+        .json(&rep)
+        .send()
+        .await
+        .expect("realm create");
+    expect_status(resp, StatusCode::CREATED, &format!("creating realm {name}")).await;
+    EventsRealm {
+        base: base.to_owned(),
+        name,
+    }
+}
+
+impl EventsRealm {
+    async fn token_request(&self, form: &[(&str, &str)], what: &str) -> PasswordLogin {
+        let resp = http()
+            .post(token_endpoint(&self.base, &self.name))
+            .form(form)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let body = json_of(resp, StatusCode::OK, what).await;
+        let field = |name: &str| {
+            body[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("{what}: no {name} in {body}"))
+                .to_owned()
+        };
+        let access_token = field("access_token");
+        let sid = claims(&access_token)["sid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: access token has no sid"))
+            .to_owned();
+        PasswordLogin {
+            refresh_token: field("refresh_token"),
+            access_token,
+            sid,
+        }
+    }
+
+    /// Password grant of `username` through the confidential `client_id` (LOGIN event).
+    pub async fn password_login(
+        &self,
+        client_id: &str,
+        secret: &str,
+        username: &str,
+        password: &str,
+    ) -> PasswordLogin {
+        self.token_request(
+            &[
+                ("grant_type", "password"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("username", username),
+                ("password", password),
+                ("scope", "openid"),
+            ],
+            &format!("password grant of {username} via {client_id}"),
+        )
+        .await
+    }
+
+    /// Refresh-token grant (REFRESH_TOKEN event); the same `sid`.
+    pub async fn refresh(
+        &self,
+        client_id: &str,
+        secret: &str,
+        refresh_token: &str,
+    ) -> PasswordLogin {
+        self.token_request(
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("refresh_token", refresh_token),
+            ],
+            &format!("refresh via {client_id}"),
+        )
+        .await
+    }
+
+    /// [`EV_ANN`] (password grant on this realm's `admin-cli`) impersonates `username`
+    /// (`POST /admin/realms/{realm}/users/{id}/impersonation`; IMPERSONATE event). The new
+    /// session's id is the `sid` of the `KEYCLOAK_IDENTITY` cookie Keycloak sets.
+    pub async fn impersonate(&self, username: &str) -> Impersonation {
+        let ann = self
+            .token_request(
+                &[
+                    ("grant_type", "password"),
+                    ("client_id", "admin-cli"),
+                    ("username", EV_ANN.0),
+                    ("password", EV_ANN.1),
+                ],
+                "password grant of ann via admin-cli",
+            )
+            .await;
+        // admin-cli tokens carry no `sub` (no `basic` scope), so ann's id comes from the API.
+        let impersonator_id = self.user_id(EV_ANN.0).await;
+        let id = self.user_id(username).await;
+        let resp = http()
+            .post(format!(
+                "{}/admin/realms/{}/users/{id}/impersonation",
+                self.base, self.name
+            ))
+            .bearer_auth(&ann.access_token)
+            .send()
+            .await
+            .expect("impersonation");
+        let mut cookies = Cookies::default();
+        cookies.take(&resp);
+        expect_status(
+            resp,
+            StatusCode::OK,
+            &format!("ann impersonating {username}"),
+        )
+        .await;
+        let identity = cookies.0.get("KEYCLOAK_IDENTITY").unwrap_or_else(|| {
+            panic!(
+                "impersonation set no KEYCLOAK_IDENTITY cookie: {:?}",
+                cookies.0
+            )
+        });
+        let session_id = claims(identity)["sid"]
+            .as_str()
+            .expect("KEYCLOAK_IDENTITY has no sid")
+            .to_owned();
+        Impersonation {
+            session_id,
+            impersonator_sid: ann.sid,
+            impersonator_id,
+        }
+    }
+
+    /// [`EventsRealm::impersonate`] of [`EV_ALICE`].
+    pub async fn impersonate_alice(&self) -> Impersonation {
+        self.impersonate(EV_ALICE.0).await
+    }
+
+    /// The internal id of a user of this realm.
+    pub async fn user_id(&self, username: &str) -> String {
+        let token = admin_token(&self.base).await;
+        user_id(&self.base, &token, &self.name, username).await
+    }
+
+    /// Disables a user (`PUT users/{id}` with `enabled: false`; USER_DISABLED).
+    pub async fn disable_user(&self, username: &str) {
+        let token = admin_token(&self.base).await;
+        let id = user_id(&self.base, &token, &self.name, username).await;
+        let mut rep = admin_get(&self.base, &token, &format!("{}/users/{id}", self.name)).await;
+        rep["enabled"] = json!(false);
+        let resp = http()
+            .put(format!(
+                "{}/admin/realms/{}/users/{id}",
+                self.base, self.name
+            ))
+            .bearer_auth(&token)
+            .json(&rep)
+            .send()
+            .await
+            .expect("user update");
+        expect_status(
+            resp,
+            StatusCode::NO_CONTENT,
+            &format!("disabling {username}"),
+        )
+        .await;
+    }
+
+    /// Deletes a user (`DELETE users/{id}`; USER_DELETED).
+    pub async fn delete_user(&self, username: &str) {
+        let token = admin_token(&self.base).await;
+        let id = user_id(&self.base, &token, &self.name, username).await;
+        let resp = http()
+            .delete(format!(
+                "{}/admin/realms/{}/users/{id}",
+                self.base, self.name
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("user delete");
+        expect_status(
+            resp,
+            StatusCode::NO_CONTENT,
+            &format!("deleting {username}"),
+        )
+        .await;
+    }
+
+    /// Ends every session of a user (`POST users/{id}/logout`; USER_LOGOUT_ALL).
+    pub async fn logout_user(&self, username: &str) {
+        logout_user(&self.base, &self.name, username).await;
+    }
+
+    /// Ends one session (`DELETE sessions/{sid}`; SESSION_DELETED).
+    pub async fn delete_session(&self, sid: &str) {
+        delete_session(&self.base, &self.name, sid).await;
+    }
+
+    /// Ends every session of the realm (`POST logout-all`; REALM_LOGOUT_ALL).
+    pub async fn logout_all(&self) {
+        let token = admin_token(&self.base).await;
+        let resp = http()
+            .post(format!(
+                "{}/admin/realms/{}/logout-all",
+                self.base, self.name
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("logout-all");
+        expect_status(resp, StatusCode::OK, "logout-all").await;
+    }
+
+    /// Deletes the realm; every test calls this at its end (see [`EventsRealm`]).
+    pub async fn delete(self) {
+        let token = admin_token(&self.base).await;
+        let resp = http()
+            .delete(format!("{}/admin/realms/{}", self.base, self.name))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("realm delete");
+        expect_status(
+            resp,
+            StatusCode::NO_CONTENT,
+            &format!("deleting realm {}", self.name),
+        )
+        .await;
+    }
+}
