@@ -222,7 +222,8 @@ pub struct Manifest {
     pub component: PathBuf,
     /// Realms it serves (`*` for all).
     pub realms: Vec<String>,
-    /// Event types it receives.
+    /// Event types it receives (`refresh` only if listed; it needs a 0.2.0 component, which
+    /// loading checks).
     pub events: Vec<EventType>,
     /// Sync direction.
     pub mode: SyncMode,
@@ -392,6 +393,19 @@ url = "http://127.0.0.1:9000/sessions"
         let inbound = EXAMPLE.replace("\"outbound\"", "\"inbound\"");
         let m = Manifest::parse(&inbound, Path::new("."), "x.toml").unwrap();
         assert!(!m.subscribes("acme", EventType::Login, None));
+    }
+
+    #[test]
+    fn refresh_is_received_only_when_listed() {
+        let text = EXAMPLE.replace("events = [\"login\", \"logout\", \"revoke\"]\n", "");
+        let m = Manifest::parse(&text, Path::new("."), "x.toml").unwrap();
+        assert_eq!(
+            m.events,
+            [EventType::Login, EventType::Logout, EventType::Revoke]
+        );
+        let text = EXAMPLE.replace("\"revoke\"]", "\"revoke\", \"refresh\"]");
+        let m = Manifest::parse(&text, Path::new("."), "x.toml").unwrap();
+        assert!(m.subscribes("acme", EventType::Refresh, None));
     }
 
     #[test]
