@@ -23,7 +23,8 @@ on_both_backends!(
 fn config() -> String {
     format!(
         "[realms.acme]\nevents_secrets = [\"{SECRET}\"]\n\
-         [realms.orphans]\nevents_secrets = [\"{SECRET}\"]\norphan_children = true\n"
+         [realms.orphans]\nevents_secrets = [\"{SECRET}\"]\norphan_children = true\n\
+         [realms.master]\nevents_secrets = [\"{SECRET}\"]\n"
     )
 }
 
@@ -234,6 +235,40 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
     }
     // The user's own session was not touched by the admin's logout.
     assert_eq!(api.status_of("portal-1").await, "ACTIVE");
+
+    // An administrator of another realm (Keycloak's master) impersonates: when its session
+    // ends in its own realm, the delegated sessions here end, and that realm's caller learns
+    // only how many.
+    let cross = event(
+        "IMPERSONATE",
+        json!({"userId": "u-1", "sessionId": "sid-x", "impersonatorId": "root",
+               "impersonatorSessionId": "sid-m", "impersonatorRealm": "master"}),
+    );
+    let (code, body) = s.post_event("acme", SECRET, &cross).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        api.map_parent("app-x", "sid-x").await.0,
+        StatusCode::CREATED
+    );
+    let mut master_logout = event("LOGOUT", json!({"userId": "root", "sessionId": "sid-m"}));
+    master_logout["realm"] = json!("master");
+    let (code, body) = s.post_event("master", SECRET, &master_logout).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["ended"], json!([]));
+    assert_eq!(body["endedElsewhere"], 3);
+    for (id, reason) in [
+        ("keycloak:sid-m", "idp_logout"),
+        ("keycloak:sid-x", "delegation_ended"),
+        ("app-x", "delegation_ended"),
+    ] {
+        let (_, got) = api.get(id).await;
+        assert_eq!(got["endReason"], reason, "{id}");
+    }
+    // The delegation was used up: a second end of that session reaches nothing here.
+    let mut again = master_logout.clone();
+    again["id"] = json!(uuid::Uuid::new_v4().to_string());
+    let (_, body) = s.post_event("master", SECRET, &again).await;
+    assert_eq!(body["endedElsewhere"], 0);
 
     // LOGOUT of the user's session: the same path as a back-channel logout.
     let (code, body) = s

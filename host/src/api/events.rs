@@ -39,6 +39,9 @@ pub struct EventOutcome {
     pub ended: Vec<String>,
     /// Revoke events written.
     pub revoked: usize,
+    /// Sessions ended in other realms that this realm's administrator session had
+    /// impersonated into (counted only: their ids belong to those realms).
+    pub ended_elsewhere: usize,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -108,6 +111,7 @@ pub(super) async fn receive(
         updated: ids(outcome.updated),
         ended: ids(outcome.ended),
         revoked: outcome.revoked,
+        ended_elsewhere: outcome.ended_elsewhere,
     };
     tracing::info!(
         %realm,
@@ -118,6 +122,7 @@ pub(super) async fn receive(
         updated = out.updated.len(),
         ended = out.ended.len(),
         revoked = out.revoked,
+        ended_elsewhere = out.ended_elsewhere,
         "IdP event applied"
     );
     Ok(Json(out))

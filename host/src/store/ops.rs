@@ -176,9 +176,22 @@ macro_rules! session_ops {
             let origin = Some(cmd.origin_system.as_str());
             let mut out = IdpOutcome::default();
             match &cmd.change {
-                IdpChange::Alive { mirror, actor } => {
+                IdpChange::Alive { mirror, actor, actor_realm } => {
                     if let Some(actor) = actor {
                         out.created.extend(insert_session(conn, actor, origin, now).await?);
+                        if let (Some(actor_realm), Some(actor_sid)) =
+                            (actor_realm, actor.idp_session_id.as_deref())
+                        {
+                            sqlx::query(
+                                "INSERT INTO idp_delegations (actor_realm, actor_sid, realm) \
+                                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                            )
+                            .bind(actor_realm)
+                            .bind(actor_sid)
+                            .bind(&cmd.realm)
+                            .execute(&mut *conn)
+                            .await?;
+                        }
                     }
                     let created = insert_session(conn, mirror, origin, now).await?;
                     if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
@@ -286,9 +299,45 @@ macro_rules! session_ops {
                         replay_guard: None,
                     };
                     out.ended = destroy_unguarded(conn, &destroy, now).await?;
+                    if let DestroyTarget::IdpSession(sid) = target {
+                        out.ended_elsewhere =
+                            end_delegations(conn, cmd, sid, *reason, now).await?;
+                    }
                 }
             }
             Ok(out)
+        }
+
+        /// The IdP session `sid` of `cmd.realm` ended: its mirrors in the realms where it
+        /// impersonated someone end too (cascading to the delegated sessions there).
+        async fn end_delegations(
+            conn: &mut $conn,
+            cmd: &crate::sync::model::IdpCommand,
+            sid: &str,
+            reason: EndReason,
+            now: i64,
+        ) -> Result<usize> {
+            let realms: Vec<String> = sqlx::query_scalar(
+                "DELETE FROM idp_delegations WHERE actor_realm = $1 AND actor_sid = $2 \
+                 RETURNING realm",
+            )
+            .bind(&cmd.realm)
+            .bind(sid)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut ended = 0;
+            for realm in realms {
+                let destroy = DestroyCommand {
+                    realm,
+                    target: DestroyTarget::IdpSession(sid.to_owned()),
+                    reason,
+                    origin_system: Some(cmd.origin_system.clone()),
+                    orphan_children: cmd.orphan_children,
+                    replay_guard: None,
+                };
+                ended += destroy_unguarded(conn, &destroy, now).await?.len();
+            }
+            Ok(ended)
         }
 
         /// Sessions past their `expires_at` (any realm), soonest first: `(realm, external_id)`.

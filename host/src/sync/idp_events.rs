@@ -150,16 +150,26 @@ pub fn change_for(
             let mut mirror = mirror_session(realm, idp_system, &sid, event.user_id.clone());
             mirror.expires_at = expires_at;
             let mut actor = None;
+            let mut actor_realm = None;
             if kind == T::Impersonate
                 && let Some(admin_sid) = &event.impersonator_session_id
             {
                 let admin =
                     mirror_session(realm, idp_system, admin_sid, event.impersonator_id.clone());
                 mirror.delegated_by = Some(admin.external_id.clone());
+                validate::id("externalId", &admin.external_id)?;
                 actor = Some(admin);
+                if let Some(r) = event.impersonator_realm.as_deref().filter(|r| *r != realm) {
+                    validate::realm(r)?;
+                    actor_realm = Some(r.to_owned());
+                }
             }
             validate::id("externalId", &mirror.external_id)?;
-            Ok(IdpChange::Alive { mirror, actor })
+            Ok(IdpChange::Alive {
+                mirror,
+                actor,
+                actor_realm,
+            })
         }
         T::RevokeGrant => Ok(IdpChange::Revoke {
             user_id: need("userId", &event.user_id)?,
@@ -237,7 +247,8 @@ mod tests {
     #[test]
     fn logins_and_refreshes_keep_a_mirror_with_the_idp_lifetime() {
         for t in ["LOGIN", "CODE_TO_TOKEN", "REFRESH_TOKEN"] {
-            let Ok(IdpChange::Alive { mirror, actor }) = change_for("acme", "keycloak", &event(t))
+            let Ok(IdpChange::Alive { mirror, actor, .. }) =
+                change_for("acme", "keycloak", &event(t))
             else {
                 panic!("{t}: not alive");
             };
@@ -258,9 +269,16 @@ mod tests {
         let mut e = event("IMPERSONATE");
         e.impersonator_id = Some("admin-1".into());
         e.impersonator_session_id = Some("admin-sid".into());
-        let Ok(IdpChange::Alive { mirror, actor }) = change_for("acme", "kc", &e) else {
+        e.impersonator_realm = Some("master".into());
+        let Ok(IdpChange::Alive {
+            mirror,
+            actor,
+            actor_realm,
+        }) = change_for("acme", "kc", &e)
+        else {
             panic!("not alive");
         };
+        assert_eq!(actor_realm.as_deref(), Some("master"));
         let actor = actor.expect("actor");
         assert_eq!(actor.external_id, "kc:admin-sid");
         assert_eq!(actor.user_id.as_deref(), Some("admin-1"));

@@ -271,6 +271,9 @@ pub enum IdpChange {
         mirror: NewSession,
         /// For an impersonation: the mirror of the impersonator's own IdP session.
         actor: Option<NewSession>,
+        /// For an impersonation by an administrator of another realm: that realm, whose
+        /// events end the actor's session (recorded in `idp_delegations`).
+        actor_realm: Option<String>,
     },
     /// The user's grants were revoked: a `revoke` event for each of their live sessions.
     Revoke {
@@ -312,6 +315,9 @@ pub struct IdpOutcome {
     pub ended: Vec<Session>,
     /// Revoke events written.
     pub revoked: usize,
+    /// Sessions that ended in other realms, delegated by an administrator's session of this
+    /// realm (counted, not listed: their ids belong to those realms).
+    pub ended_elsewhere: usize,
 }
 
 /// A sync event as written to the outbox and later handed to connectors.
