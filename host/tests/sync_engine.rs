@@ -22,6 +22,7 @@ on_both_backends!(
     hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working,
     sigkill_with_pending_events_loses_nothing,
     deliveries_api_is_for_operators_only_and_validates_input,
+    refresh_events_reach_only_connectors_that_subscribe_to_them,
 );
 
 const FAST_RETRY: &str =
@@ -543,4 +544,58 @@ fn a_broken_connector_stops_the_start_with_a_message() {
         stderr.contains("junk") && stderr.contains("not a loadable component"),
         "{stderr}"
     );
+}
+
+async fn refresh_events_reach_only_connectors_that_subscribe_to_them(backend: Backend) {
+    const SECRET: &str = "whsec_c2VjcmV0LWZvci1sb2Nrc3RlcC1ldmVudC10ZXN0cw==";
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let all = "events = [\"login\", \"logout\", \"revoke\", \"refresh\"]";
+    webhook_manifest(dir.path(), "billing", &receiver, all, FAST_RETRY);
+    webhook_manifest(dir.path(), "crm", &receiver, "", FAST_RETRY);
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            connectors_dir: Some(dir.path().to_owned()),
+            config: Some(format!("[realms.acme]\nevents_secrets = [\"{SECRET}\"]\n")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    assert_eq!(
+        api.map_parent("portal-1", "sid-1").await.0,
+        StatusCode::CREATED
+    );
+    receiver.wait_for(2, Duration::from_secs(10)).await;
+
+    // Keycloak reports a token refresh: the PARENT mapped to its session is extended.
+    let later = chrono::Utc::now().timestamp_millis() + 7_200_000;
+    let refresh = json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "REFRESH_TOKEN",
+        "realm": "acme",
+        "time": chrono::Utc::now().timestamp_millis(),
+        "userId": "u-1",
+        "sessionId": "sid-1",
+        "sessionExpiresAt": later,
+    });
+    let (code, body) = server.post_event("acme", SECRET, &refresh).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+
+    let got = receiver.wait_for(3, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refreshes: Vec<(String, Value)> = receiver
+        .requests()
+        .iter()
+        .map(|r| (r.path.clone(), r.json()))
+        .filter(|(_, body)| body["type"] == "refresh")
+        .collect();
+    assert_eq!(refreshes.len(), 1, "{got:?}");
+    let (path, body) = &refreshes[0];
+    assert_eq!(path, "/billing", "crm does not subscribe to refresh");
+    assert_eq!(body["externalId"], "portal-1");
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(body["expiresAt"].as_str().unwrap()).unwrap();
+    assert_eq!(expires.timestamp_millis(), later);
 }
