@@ -52,9 +52,7 @@ pub mod wit {
     });
 }
 
-pub use wit::lockstep::connector0_2_0::session::{
-    EventType, HookError, SessionEvent, SessionKind,
-};
+pub use wit::lockstep::connector0_2_0::session::{EventType, HookError, SessionEvent, SessionKind};
 
 /// A connector's hooks. Each defaults to doing nothing, so implement only what the legacy
 /// system needs. Return [`HookError::Retry`] when trying again can help (the peer is down,
