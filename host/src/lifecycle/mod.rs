@@ -452,6 +452,7 @@ impl Connectors {
         tracing::info!(
             connector = %name,
             version = %entry.connector.version,
+            world = %entry.connector.world,
             previous = previous.as_ref().map(|p| p.connector.version.as_str()).unwrap_or("-"),
             source = entry.source.label(),
             enabled,
