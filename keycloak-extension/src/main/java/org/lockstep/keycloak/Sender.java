@@ -5,8 +5,11 @@ import java.net.http.HttpClient;
 import java.net.http.HttpRequest;
 import java.net.http.HttpResponse;
 import java.time.Duration;
+import java.net.URI;
 import java.util.ArrayDeque;
 import java.util.Collection;
+import java.util.LinkedHashMap;
+import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.locks.Condition;
@@ -15,13 +18,17 @@ import java.util.concurrent.locks.ReentrantLock;
 import org.jboss.logging.Logger;
 
 /**
- * The bounded in-memory queue and the one daemon thread that drains it, in order.
+ * The bounded in-memory queue and the one daemon thread that drains it.
  * <ul>
- * <li>Full queue: the oldest queued event is dropped (WARN with the running count).</li>
+ * <li>Events are kept in order per Lockstep endpoint ({@code {url}/realms/{realm}/events}):
+ *     a retrying endpoint holds up only its own events, never another realm's or another
+ *     Lockstep's.</li>
+ * <li>Full queue (all endpoints together): the oldest queued event is dropped (WARN with the
+ *     running count).</li>
  * <li>2xx and 409 (already received): done. Other 4xx: permanent, WARN and drop.</li>
  * <li>5xx, I/O error, timeout: the same event again (same id, fresh timestamp and signature)
  *     after 250 ms, doubling up to 5 s, until it is older than {@code maxAge}; then WARN and
- *     drop. Events behind it wait, so order is kept.</li>
+ *     drop.</li>
  * </ul>
  * Nothing survives a restart: the queue lives in memory only.
  */
@@ -30,6 +37,18 @@ public final class Sender {
     private static final Logger LOG = Logger.getLogger(Sender.class);
     /** At most one WARN per this interval about overflow drops (the counter says how many). */
     private static final long OVERFLOW_LOG_INTERVAL_NANOS = TimeUnit.SECONDS.toNanos(10);
+
+    /** The events of one endpoint, in order, and the retry state of the first. */
+    private static final class Lane {
+        final ArrayDeque<Delivery> queue = new ArrayDeque<>();
+        long notBeforeNanos;
+        long backoffMillis;
+        int attempts;
+        String failure = "never attempted";
+        boolean sending;
+    }
+
+    private enum Outcome { DONE, DROPPED, RETRY, STOPPED }
 
     private final int capacity;
     private final Duration sendTimeout;
@@ -40,7 +59,8 @@ public final class Sender {
 
     private final ReentrantLock lock = new ReentrantLock();
     private final Condition changed = lock.newCondition();
-    private final ArrayDeque<Delivery> queue = new ArrayDeque<>();
+    private final Map<URI, Lane> lanes = new LinkedHashMap<>();
+    private int size;
     private boolean running;
     private Thread thread;
     private long lastOverflowLog;
@@ -101,8 +121,9 @@ public final class Sender {
             running = false;
             t = thread;
             thread = null;
-            left = queue.size();
-            queue.clear();
+            left = size;
+            lanes.clear();
+            size = 0;
             changed.signalAll();
         } finally {
             lock.unlock();
@@ -123,18 +144,15 @@ public final class Sender {
         lock.lock();
         try {
             for (Delivery d : deliveries) {
-                if (queue.size() >= capacity) {
-                    Delivery oldest = queue.pollFirst();
-                    long n = droppedOverflow.incrementAndGet();
-                    long now = System.nanoTime();
-                    if (n == 1 || now - lastOverflowLog >= OVERFLOW_LOG_INTERVAL_NANOS) {
-                        lastOverflowLog = now;
-                        LOG.warnf("Lockstep event queue full (capacity %d): dropped the oldest event %s (%s); "
-                                + "%d events dropped so far", capacity, oldest == null ? "-" : oldest.event().id(),
-                                oldest == null ? "-" : oldest.event().type(), n);
-                    }
+                if (size >= capacity) {
+                    dropOldest();
                 }
-                queue.addLast(d.queuedNow());
+                Lane lane = lanes.computeIfAbsent(d.endpoint(), e -> new Lane());
+                if (lane.queue.isEmpty() && !lane.sending) {
+                    lane.backoffMillis = initialBackoffMillis;
+                }
+                lane.queue.addLast(d.queuedNow());
+                size++;
             }
             changed.signalAll();
         } finally {
@@ -142,10 +160,35 @@ public final class Sender {
         }
     }
 
+    /** Drops the oldest queued event of all endpoints (caller holds the lock). */
+    private void dropOldest() {
+        Lane oldestLane = null;
+        for (Lane lane : lanes.values()) {
+            Delivery head = lane.queue.peekFirst();
+            if (head != null && (oldestLane == null
+                    || head.queuedAtNanos() - oldestLane.queue.getFirst().queuedAtNanos() < 0)) {
+                oldestLane = lane;
+            }
+        }
+        if (oldestLane == null) {
+            return;
+        }
+        Delivery oldest = oldestLane.queue.pollFirst();
+        size--;
+        oldestLane.attempts = 0;
+        long n = droppedOverflow.incrementAndGet();
+        long now = System.nanoTime();
+        if (n == 1 || now - lastOverflowLog >= OVERFLOW_LOG_INTERVAL_NANOS) {
+            lastOverflowLog = now;
+            LOG.warnf("Lockstep event queue full (capacity %d): dropped the oldest event %s (%s); "
+                    + "%d events dropped so far", capacity, oldest.event().id(), oldest.event().type(), n);
+        }
+    }
+
     public int queued() {
         lock.lock();
         try {
-            return queue.size();
+            return size;
         } finally {
             lock.unlock();
         }
@@ -169,72 +212,113 @@ public final class Sender {
 
     private void run() {
         while (true) {
+            Lane lane;
             Delivery next;
             lock.lock();
             try {
-                while (running && queue.isEmpty()) {
-                    changed.awaitUninterruptibly();
+                while (true) {
+                    if (!running) {
+                        return;
+                    }
+                    lane = null;
+                    for (Lane l : lanes.values()) {
+                        if (!l.sending && !l.queue.isEmpty()
+                                && (lane == null || l.notBeforeNanos - lane.notBeforeNanos < 0)) {
+                            lane = l;
+                        }
+                    }
+                    if (lane == null) {
+                        changed.awaitUninterruptibly();
+                        continue;
+                    }
+                    long wait = lane.notBeforeNanos - System.nanoTime();
+                    if (wait > 0) {
+                        changed.awaitNanos(wait);
+                        continue;
+                    }
+                    next = lane.queue.pollFirst();
+                    size--;
+                    lane.sending = true;
+                    break;
                 }
-                if (!running) {
+            } catch (InterruptedException e) {
+                if (!stillRunning()) {
                     return;
                 }
-                next = queue.pollFirst();
+                continue;
             } finally {
                 lock.unlock();
             }
-            if (!deliver(next)) {
-                return;
+            Outcome outcome = attempt(next, lane);
+            lock.lock();
+            try {
+                lane.sending = false;
+                if (!running || outcome == Outcome.STOPPED) {
+                    return;
+                }
+                if (outcome == Outcome.RETRY) {
+                    lane.queue.addFirst(next);
+                    size++;
+                    lane.notBeforeNanos = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(lane.backoffMillis);
+                    lane.backoffMillis = Math.min(lane.backoffMillis * 2, maxBackoffMillis);
+                } else {
+                    lane.attempts = 0;
+                    lane.failure = "never attempted";
+                    lane.notBeforeNanos = System.nanoTime();
+                    lane.backoffMillis = initialBackoffMillis;
+                    if (lane.queue.isEmpty()) {
+                        lanes.remove(next.endpoint());
+                    }
+                }
+            } finally {
+                lock.unlock();
             }
         }
     }
 
-    /** Sends one event until it is done or dropped; false when the sender was stopped. */
-    private boolean deliver(Delivery d) {
-        long backoff = initialBackoffMillis;
-        int attempt = 0;
-        String failure = "never attempted";
-        while (true) {
-            if (System.nanoTime() - d.queuedAtNanos() >= maxAgeNanos) {
-                droppedExpired.incrementAndGet();
-                LOG.warnf("Lockstep event %s (%s) for realm %s dropped after %d attempts: older than max-age-ms "
-                        + "(last failure: %s)", d.event().id(), d.event().type(), d.event().realm(), attempt, failure);
-                return true;
-            }
-            attempt++;
-            try {
-                int status = send(d);
-                if ((status >= 200 && status < 300) || status == 409) {
-                    delivered.incrementAndGet();
-                    if (attempt > 1) {
-                        LOG.infof("Lockstep event %s (%s) delivered after %d attempts", d.event().id(),
-                                d.event().type(), attempt);
-                    }
-                    return true;
-                }
-                if (status >= 400 && status < 500) {
-                    droppedRejected.incrementAndGet();
-                    LOG.warnf("Lockstep refused event %s (%s) for realm %s with HTTP %d; dropped (not retried)",
-                            d.event().id(), d.event().type(), d.event().realm(), status);
-                    return true;
-                }
-                failure = "HTTP " + status;
-            } catch (IOException e) {
-                failure = e.getClass().getSimpleName() + (e.getMessage() == null ? "" : ": " + e.getMessage());
-            } catch (InterruptedException e) {
-                if (!stillRunning()) {
-                    return false;
-                }
-                failure = "interrupted";
-            }
-            if (attempt == 1 || attempt % 10 == 0) {
-                LOG.warnf("Lockstep event %s (%s) not delivered to %s (%s); retrying (attempt %d)",
-                        d.event().id(), d.event().type(), d.endpoint(), failure, attempt);
-            }
-            if (!pause(backoff)) {
-                return false;
-            }
-            backoff = Math.min(backoff * 2, maxBackoffMillis);
+    /** One attempt at the first event of {@code lane} (no lock held while sending). */
+    private Outcome attempt(Delivery d, Lane lane) {
+        if (System.nanoTime() - d.queuedAtNanos() >= maxAgeNanos) {
+            droppedExpired.incrementAndGet();
+            LOG.warnf("Lockstep event %s (%s) for realm %s dropped after %d attempts: older than max-age-ms "
+                    + "(last failure: %s)", d.event().id(), d.event().type(), d.event().realm(), lane.attempts,
+                    lane.failure);
+            return Outcome.DROPPED;
         }
+        lane.attempts++;
+        int attempt = lane.attempts;
+        String failure;
+        try {
+            int status = send(d);
+            if ((status >= 200 && status < 300) || status == 409) {
+                delivered.incrementAndGet();
+                if (attempt > 1) {
+                    LOG.infof("Lockstep event %s (%s) delivered after %d attempts", d.event().id(),
+                            d.event().type(), attempt);
+                }
+                return Outcome.DONE;
+            }
+            if (status >= 400 && status < 500) {
+                droppedRejected.incrementAndGet();
+                LOG.warnf("Lockstep refused event %s (%s) for realm %s with HTTP %d; dropped (not retried)",
+                        d.event().id(), d.event().type(), d.event().realm(), status);
+                return Outcome.DROPPED;
+            }
+            failure = "HTTP " + status;
+        } catch (IOException e) {
+            failure = e.getClass().getSimpleName() + (e.getMessage() == null ? "" : ": " + e.getMessage());
+        } catch (InterruptedException e) {
+            if (!stillRunning()) {
+                return Outcome.STOPPED;
+            }
+            failure = "interrupted";
+        }
+        lane.failure = failure;
+        if (attempt == 1 || attempt % 10 == 0) {
+            LOG.warnf("Lockstep event %s (%s) not delivered to %s (%s); retrying (attempt %d)",
+                    d.event().id(), d.event().type(), d.endpoint(), failure, attempt);
+        }
+        return Outcome.RETRY;
     }
 
     private int send(Delivery d) throws IOException, InterruptedException {
@@ -249,28 +333,6 @@ public final class Sender {
                 .POST(HttpRequest.BodyPublishers.ofByteArray(d.body()))
                 .build();
         return http.send(request, HttpResponse.BodyHandlers.discarding()).statusCode();
-    }
-
-    /** Waits {@code millis} unless stopped first; false when stopped. */
-    private boolean pause(long millis) {
-        long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(millis);
-        lock.lock();
-        try {
-            while (running) {
-                long left = deadline - System.nanoTime();
-                if (left <= 0) {
-                    return true;
-                }
-                try {
-                    changed.awaitNanos(left);
-                } catch (InterruptedException e) {
-                    return running;
-                }
-            }
-            return false;
-        } finally {
-            lock.unlock();
-        }
     }
 
     private boolean stillRunning() {

@@ -181,4 +181,21 @@ class SenderTest {
             sender.stop(Duration.ofSeconds(2));
         }
     }
+
+    @Test
+    void aDeadEndpointHoldsUpOnlyItsOwnEvents() throws Exception {
+        Sender sender = new Sender(100, Duration.ofMillis(300), Duration.ofMinutes(1), 10, 40);
+        sender.start();
+        try {
+            // Port 9 on loopback refuses: that lane keeps retrying while the live one delivers.
+            sender.enqueue(List.of(Delivery.of(LockstepEvent.of("stuck", "LOGIN", "dead", 1L),
+                    URI.create("http://127.0.0.1:9/realms/dead/events"), signer)));
+            sender.enqueue(List.of(delivery("a"), delivery("b")));
+            await(() -> sender.delivered() == 2);
+            assertEquals(1, sender.queued());
+        } finally {
+            sender.stop(Duration.ofSeconds(2));
+        }
+        assertEquals(List.of("a", "b"), seen.stream().map(Seen::id).toList());
+    }
 }
