@@ -748,24 +748,54 @@ impl EventsRealm {
             .await;
         // admin-cli tokens carry no `sub` (no `basic` scope), so ann's id comes from the API.
         let impersonator_id = self.user_id(EV_ANN.0).await;
+        self.impersonate_with(&ann.access_token, ann.sid, impersonator_id, username)
+            .await
+    }
+
+    /// The master realm's `admin` impersonates `username` of this realm: the administrator's
+    /// own session lives in master and outlives the impersonation.
+    pub async fn impersonate_as_master_admin(&self, username: &str) -> Impersonation {
+        let resp = http()
+            .post(token_endpoint(&self.base, "master"))
+            .form(&[
+                ("grant_type", "password"),
+                ("client_id", "admin-cli"),
+                ("username", "admin"),
+                ("password", "admin"),
+            ])
+            .send()
+            .await
+            .expect("admin token request");
+        let body = json_of(resp, StatusCode::OK, "admin token").await;
+        let token = body["access_token"].as_str().unwrap().to_owned();
+        let sid = claims(&token)["sid"]
+            .as_str()
+            .expect("admin token sid")
+            .to_owned();
+        let admin_id = user_id(&self.base, &token, "master", "admin").await;
+        self.impersonate_with(&token, sid, admin_id, username).await
+    }
+
+    async fn impersonate_with(
+        &self,
+        token: &str,
+        impersonator_sid: String,
+        impersonator_id: String,
+        username: &str,
+    ) -> Impersonation {
         let id = self.user_id(username).await;
         let resp = http()
             .post(format!(
                 "{}/admin/realms/{}/users/{id}/impersonation",
                 self.base, self.name
             ))
-            .bearer_auth(&ann.access_token)
+            .bearer_auth(token)
             .send()
             .await
             .expect("impersonation");
         let mut cookies = Cookies::default();
         cookies.take(&resp);
-        expect_status(
-            resp,
-            StatusCode::OK,
-            &format!("ann impersonating {username}"),
-        )
-        .await;
+        expect_status(resp, StatusCode::OK, &format!("impersonating {username}")).await;
         let identity = cookies.0.get("KEYCLOAK_IDENTITY").unwrap_or_else(|| {
             panic!(
                 "impersonation set no KEYCLOAK_IDENTITY cookie: {:?}",
@@ -778,9 +808,14 @@ impl EventsRealm {
             .to_owned();
         Impersonation {
             session_id,
-            impersonator_sid: ann.sid,
+            impersonator_sid,
             impersonator_id,
         }
+    }
+
+    /// Points the realm's `lockstep` listener at another Lockstep (realm attributes).
+    pub async fn set_lockstep(&self, lockstep_url: &str, secret: &str) {
+        set_realm_events(&self.base, &self.name, lockstep_url, secret, true).await;
     }
 
     /// [`EventsRealm::impersonate`] of [`EV_ALICE`].
@@ -879,5 +914,75 @@ impl EventsRealm {
             &format!("deleting realm {}", self.name),
         )
         .await;
+    }
+}
+
+/// Sets (or, with `on` false, removes) the `lockstep` event listener and its realm attributes.
+async fn set_realm_events(base: &str, realm: &str, lockstep_url: &str, secret: &str, on: bool) {
+    let token = admin_token(base).await;
+    let url = format!("{base}/admin/realms/{realm}");
+    let resp = http()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("realm get");
+    let rep = json_of(resp, StatusCode::OK, &format!("reading realm {realm}")).await;
+    let mut listeners: Vec<String> = rep["eventsListeners"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    listeners.retain(|l| l != "lockstep");
+    if on {
+        listeners.push("lockstep".into());
+    }
+    let mut attributes = rep["attributes"].as_object().cloned().unwrap_or_default();
+    if on {
+        attributes.insert("lockstep.url".into(), json!(lockstep_url));
+        attributes.insert("lockstep.secret".into(), json!(secret));
+    } else {
+        attributes.remove("lockstep.url");
+        attributes.remove("lockstep.secret");
+    }
+    let resp = http()
+        .put(&url)
+        .bearer_auth(&token)
+        .json(
+            &json!({"eventsListeners": listeners, "adminEventsEnabled": true,
+                      "adminEventsDetailsEnabled": true, "attributes": attributes}),
+        )
+        .send()
+        .await
+        .expect("realm update");
+    expect_status(
+        resp,
+        StatusCode::NO_CONTENT,
+        &format!("updating realm {realm}"),
+    )
+    .await;
+}
+
+/// The master realm's events sent to a test's Lockstep, until [`MasterEvents::restore`].
+/// One test at a time may hold it (only the impersonation test does).
+pub struct MasterEvents {
+    base: String,
+}
+
+/// Enables the `lockstep` listener on the master realm, posting to `lockstep_url`.
+pub async fn master_events(base: &str, lockstep_url: &str, secret: &str) -> MasterEvents {
+    set_realm_events(base, "master", lockstep_url, secret, true).await;
+    MasterEvents {
+        base: base.to_owned(),
+    }
+}
+
+impl MasterEvents {
+    /// Removes the listener and its attributes from master again.
+    pub async fn restore(self) {
+        set_realm_events(&self.base, "master", "", "", false).await;
     }
 }

@@ -134,6 +134,9 @@ pub struct ServerOptions {
     /// Compile cache; the default is shared by every test (target/test-compile-cache).
     pub compile_cache: Option<std::path::PathBuf>,
     pub log: &'static str,
+    /// Listen address (default `127.0.0.1:0`); a restart on the same address keeps what
+    /// points at the server valid.
+    pub listen: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -145,6 +148,7 @@ impl Default for ServerOptions {
             connectors_dir: None,
             compile_cache: None,
             log: "error",
+            listen: None,
         }
     }
 }
@@ -174,7 +178,7 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--database-url")
             .arg(&database_url)
             .arg("--durability")

@@ -1,0 +1,394 @@
+//! Keycloak → Lockstep through the event extension, end to end: a real Keycloak
+//! (`cargo xtask keycloak start`, which builds `keycloak-extension/` and installs it), a
+//! throwaway realm per test whose `lockstep` event listener posts to this test's Lockstep,
+//! the real webhook connector, and a real receiver on 127.0.0.1 standing in for the legacy
+//! system. Skipped (with a note) only when `LOCKSTEP_TEST_KEYCLOAK_URL` is unset and
+//! `LOCKSTEP_SKIP_KEYCLOAK=1` says so; `scripts/test.sh` always provides Keycloak.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::keycloak::{self, EV_ALICE, EV_ANN, EventsRealm, PORTAL_CLIENT};
+use common::receiver::{Receiver, Recorded};
+use common::{Api, Backend, Server, ServerOptions};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const SECRET: &str = "whsec_a2V5Y2xvYWstZXZlbnRzLXRlc3Qtc2VjcmV0LTMyYnl0ZXM=";
+
+/// A Lockstep with the webhook connector (login, logout, revoke, refresh) posting to
+/// `receiver`, accepting events for `realm` (and `extra_realms`).
+fn options(
+    realm: &str,
+    extra_realms: &[&str],
+    receiver: &Receiver,
+    dir: &std::path::Path,
+) -> ServerOptions {
+    std::fs::write(
+        dir.join("legacy.toml"),
+        format!(
+            "name = \"legacy\"\ncomponent = \"{}\"\nrealms = [\"*\"]\n\
+             events = [\"login\", \"logout\", \"revoke\", \"refresh\"]\n\
+             allowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n\
+             [policy]\non_failure = \"retry\"\nmax_attempts = 10\nbackoff_ms = 50\nmax_backoff_ms = 500\n\
+             [config]\nurl = \"{}\"\n",
+            common::components::component("webhook").display(),
+            receiver.origin(),
+            receiver.url("/sessions"),
+        ),
+    )
+    .unwrap();
+    let mut config = String::new();
+    for r in std::iter::once(&realm).chain(extra_realms) {
+        config.push_str(&format!(
+            "[realms.\"{r}\"]\nevents_secrets = [\"{SECRET}\"]\n"
+        ));
+    }
+    ServerOptions {
+        config: Some(config),
+        connectors_dir: Some(dir.to_owned()),
+        ..ServerOptions::default()
+    }
+}
+
+/// A fresh realm whose events go to a fresh Lockstep.
+async fn setup(
+    sso_idle_s: u32,
+) -> Option<(String, EventsRealm, Server, Receiver, tempfile::TempDir)> {
+    let base = keycloak::keycloak_url()?;
+    // The realm is made first (its name is random), pointed at Lockstep once that listens.
+    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", SECRET, sso_idle_s).await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        Backend::Sqlite,
+        options(&realm.name, &[], &receiver, dir.path()),
+    )
+    .await;
+    realm.set_lockstep(&server.base, SECRET).await;
+    Some((base, realm, server, receiver, dir))
+}
+
+/// The receiver's events of `type` for `external_id`.
+fn received(receiver: &Receiver, kind: &str, external_id: &str) -> Vec<Value> {
+    receiver
+        .requests()
+        .iter()
+        .map(Recorded::json)
+        .filter(|e| e["type"] == kind && e["externalId"] == external_id)
+        .collect()
+}
+
+async fn wait_received(
+    receiver: &Receiver,
+    kind: &str,
+    external_id: &str,
+    timeout: Duration,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(e) = received(receiver, kind, external_id).pop() {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} event for {external_id} within {timeout:?}; got {:#?}",
+            receiver
+                .requests()
+                .iter()
+                .map(Recorded::json)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_ended(api: &Api, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, s) = api.get(id).await;
+        if code == StatusCode::OK && s["status"] != "ACTIVE" {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} still {s} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn map_legacy(api: &Api, id: &str, sid: &str) {
+    let (code, body) = api.map_parent(id, sid).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = api.map_child(&format!("{id}-c"), id).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+}
+
+fn millis(rfc3339: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339.as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_refreshes_and_expiry_follow_keycloak() {
+    let Some((_, realm, server, receiver, _dir)) = setup(4).await else {
+        return;
+    };
+    let api = server.api(&realm.name);
+    let alice_id = realm.user_id(EV_ALICE.0).await;
+
+    // A real login reaches the legacy system as a `login` event within 1 s.
+    let started = Instant::now();
+    let login = realm
+        .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, EV_ALICE.0, EV_ALICE.1)
+        .await;
+    let mirror = format!("keycloak:{}", login.sid);
+    let event = wait_received(&receiver, "login", &mirror, Duration::from_secs(1)).await;
+    eprintln!(
+        "Keycloak login → connector login event in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(event["idpSessionId"], login.sid);
+    assert_eq!(event["userId"], alice_id);
+    assert_eq!(event["system"], "keycloak");
+
+    // The legacy system maps its session; it inherits the Keycloak session's lifetime.
+    map_legacy(&api, "crm-1", &login.sid).await;
+    let (_, crm) = api.get("crm-1").await;
+    assert_eq!(crm["userId"], alice_id);
+    let first_expiry = millis(&crm["expiresAt"]);
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(
+        (now..now + 5_000).contains(&first_expiry),
+        "expiry {first_expiry} should be ~4 s (SSO Session Idle) after {now}"
+    );
+
+    // A refresh-token grant moves the expiry forward and is delivered as `refresh`.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let refreshed = realm
+        .refresh(PORTAL_CLIENT.0, PORTAL_CLIENT.1, &login.refresh_token)
+        .await;
+    assert_eq!(refreshed.sid, login.sid);
+    let event = wait_received(&receiver, "refresh", "crm-1", Duration::from_secs(2)).await;
+    let moved = millis(&event["expiresAt"]);
+    assert!(
+        moved > first_expiry,
+        "refresh moved the expiry {first_expiry} → {moved}"
+    );
+    let (_, crm) = api.get("crm-1").await;
+    assert_eq!(millis(&crm["expiresAt"]), moved);
+
+    // No more refreshes: when the Keycloak session's idle time runs out, the tree ends with
+    // reason `expired` and the legacy system hears of each session.
+    for id in [mirror.as_str(), "crm-1", "crm-1-c"] {
+        let ended = wait_ended(&api, id, Duration::from_secs(15)).await;
+        assert_eq!(ended["endReason"], "expired", "{id}");
+        let event = wait_received(&receiver, "logout", id, Duration::from_secs(5)).await;
+        assert_eq!(event["endReason"], "expired", "{id}");
+    }
+    realm.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_admin_actions_end_every_mapped_session() {
+    let Some((_, realm, server, receiver, _dir)) = setup(1800).await else {
+        return;
+    };
+    let api = server.api(&realm.name);
+    let login = |who: (&'static str, &'static str)| {
+        let realm = realm.clone();
+        async move {
+            realm
+                .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, who.0, who.1)
+                .await
+        }
+    };
+    // Each admin action against a fresh Keycloak session with a mapped legacy tree.
+    let s = login(EV_ALICE).await;
+    map_legacy(&api, "by-session-delete", &s.sid).await;
+    realm.delete_session(&s.sid).await;
+    let s = login(EV_ALICE).await;
+    wait_received(
+        &receiver,
+        "login",
+        &format!("keycloak:{}", s.sid),
+        Duration::from_secs(2),
+    )
+    .await;
+    map_legacy(&api, "by-sign-out-all", &s.sid).await;
+    realm.logout_user(EV_ALICE.0).await;
+    let s = login(EV_ALICE).await;
+    wait_received(
+        &receiver,
+        "login",
+        &format!("keycloak:{}", s.sid),
+        Duration::from_secs(2),
+    )
+    .await;
+    map_legacy(&api, "by-realm-logout-all", &s.sid).await;
+    realm.logout_all().await;
+    let s = login(EV_ALICE).await;
+    wait_received(
+        &receiver,
+        "login",
+        &format!("keycloak:{}", s.sid),
+        Duration::from_secs(2),
+    )
+    .await;
+    map_legacy(&api, "by-user-disabled", &s.sid).await;
+    realm.disable_user(EV_ALICE.0).await;
+    let s = login(EV_ANN).await;
+    wait_received(
+        &receiver,
+        "login",
+        &format!("keycloak:{}", s.sid),
+        Duration::from_secs(2),
+    )
+    .await;
+    map_legacy(&api, "by-user-deleted", &s.sid).await;
+    realm.delete_user(EV_ANN.0).await;
+
+    for (id, reason, child_reason) in [
+        ("by-session-delete", "admin", "cascade"),
+        ("by-sign-out-all", "admin", "admin"),
+        ("by-realm-logout-all", "admin", "cascade"),
+        ("by-user-disabled", "revoked", "revoked"),
+        ("by-user-deleted", "admin", "admin"),
+    ] {
+        let root = wait_ended(&api, id, Duration::from_secs(10)).await;
+        assert_eq!(root["endReason"], reason, "{id}");
+        let child = wait_ended(&api, &format!("{id}-c"), Duration::from_secs(2)).await;
+        // User-wide ends target the child too (it carries the user); session-wide ones
+        // reach it through the cascade.
+        assert_eq!(child["endReason"], child_reason, "{id}-c");
+        for s in [id.to_owned(), format!("{id}-c")] {
+            let event = wait_received(&receiver, "logout", &s, Duration::from_secs(5)).await;
+            assert_eq!(event["originSystem"], "keycloak", "{s}");
+        }
+    }
+    realm.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_lockstep_loses_no_event_and_never_slows_logins() {
+    let Some((_, realm, server, _receiver, dir)) = setup(1800).await else {
+        return;
+    };
+    let listen = server.base.trim_start_matches("http://").to_owned();
+    let (database_url, db_dir) = server.kill().await;
+
+    // 30 s without Lockstep while users keep logging in.
+    let down_since = Instant::now();
+    let mut sids = Vec::new();
+    let mut latencies = Vec::new();
+    while down_since.elapsed() < Duration::from_secs(30) {
+        let t = Instant::now();
+        let l = realm
+            .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, EV_ALICE.0, EV_ALICE.1)
+            .await;
+        latencies.push(t.elapsed());
+        sids.push(l.sid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    latencies.sort();
+    let worst = *latencies.last().unwrap();
+    eprintln!(
+        "{} logins while Lockstep was down: median {:?}, worst {worst:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2]
+    );
+    // The extension's send timeout is 2 s; a login must never wait on Lockstep.
+    assert!(worst < Duration::from_secs(2), "a login took {worst:?}");
+
+    // Lockstep comes back on the same address: every queued event arrives, once.
+    let receiver = Receiver::start().await;
+    let mut opts = options(&realm.name, &[], &receiver, dir.path());
+    opts.listen = Some(listen);
+    let server = Server::start_on(Backend::Sqlite, database_url, db_dir, opts).await;
+    let api = server.api(&realm.name);
+    let back = Instant::now();
+    for sid in &sids {
+        let id = format!("keycloak:{sid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.get(&id).await.0 != StatusCode::OK {
+            assert!(
+                Instant::now() < deadline,
+                "the login of {sid} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "{} queued logins applied {:?} after Lockstep returned",
+        sids.len(),
+        back.elapsed()
+    );
+    let mirrors = api.list_all("&system=keycloak").await;
+    assert_eq!(
+        mirrors.len(),
+        sids.len(),
+        "one mirror per login, no duplicates"
+    );
+    realm.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impersonation_ends_when_the_administrators_session_ends() {
+    let Some(base) = keycloak::keycloak_url() else {
+        return;
+    };
+    // The master realm's administrator impersonates alice: its own session (in master)
+    // outlives the impersonation, and ending it ends everything it delegated.
+    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", SECRET, 1800).await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        Backend::Sqlite,
+        options(&realm.name, &["master"], &receiver, dir.path()),
+    )
+    .await;
+    realm.set_lockstep(&server.base, SECRET).await;
+    let master = keycloak::master_events(&base, &server.base, SECRET).await;
+    let api = server.api(&realm.name);
+
+    let imp = realm.impersonate_as_master_admin(EV_ALICE.0).await;
+    let mirror = format!("keycloak:{}", imp.session_id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let recorded = loop {
+        let (code, s) = api.get(&mirror).await;
+        if code == StatusCode::OK {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the impersonation never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        recorded["delegatedBy"],
+        format!("keycloak:{}", imp.impersonator_sid)
+    );
+    let (code, app) = api.map_parent("crm-imp", &imp.session_id).await;
+    assert_eq!(code, StatusCode::CREATED, "{app}");
+    assert_eq!(app["delegatedBy"], mirror);
+    assert_eq!(
+        api.map_child("crm-imp-c", "crm-imp").await.0,
+        StatusCode::CREATED
+    );
+
+    // The administrator's session ends in master: the delegated tree ends here.
+    keycloak::delete_session(&base, "master", &imp.impersonator_sid).await;
+    for (id, reason) in [
+        (mirror.as_str(), "delegation_ended"),
+        ("crm-imp", "delegation_ended"),
+        ("crm-imp-c", "cascade"),
+    ] {
+        let s = wait_ended(&api, id, Duration::from_secs(10)).await;
+        assert_eq!(s["endReason"], reason, "{id}");
+        wait_received(&receiver, "logout", id, Duration::from_secs(5)).await;
+    }
+    master.restore().await;
+    realm.delete().await;
+}
