@@ -41,6 +41,7 @@ fn event() -> SyncEvent {
         origin_system: Some("portal".into()),
         end_reason: None,
         attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
+        expires_at: None,
         occurred_at: chrono::Utc::now(),
     }
 }

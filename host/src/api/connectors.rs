@@ -100,6 +100,8 @@ pub struct ConnectorDto {
     pub name: String,
     /// Version serving: content hash of component and manifest.
     pub version: String,
+    /// The WIT world the component targets (`lockstep:connector@0.2.0` or `@0.1.0`).
+    pub world: String,
     /// `directory` (a manifest in the watched directory) or `api` (uploaded).
     pub source: String,
     /// The manifest file, for directory connectors.
@@ -140,6 +142,7 @@ impl From<ConnectorInfo> for ConnectorDto {
         ConnectorDto {
             name: m.name.clone(),
             version: e.connector.version.clone(),
+            world: e.connector.world.package().to_owned(),
             source: e.source.label().to_owned(),
             manifest_path: match &e.source {
                 Source::Directory(p) => Some(p.display().to_string()),

@@ -158,7 +158,7 @@ pub fn change_for(
                     mirror_session(realm, idp_system, admin_sid, event.impersonator_id.clone());
                 mirror.delegated_by = Some(admin.external_id.clone());
                 validate::id("externalId", &admin.external_id)?;
-                actor = Some(admin);
+                actor = Some(Box::new(admin));
                 if let Some(r) = event.impersonator_realm.as_deref().filter(|r| *r != realm) {
                     validate::realm(r)?;
                     actor_realm = Some(r.to_owned());
@@ -166,7 +166,7 @@ pub fn change_for(
             }
             validate::id("externalId", &mirror.external_id)?;
             Ok(IdpChange::Alive {
-                mirror,
+                mirror: Box::new(mirror),
                 actor,
                 actor_realm,
             })

@@ -268,9 +268,9 @@ pub enum IdpChange {
     /// is delegated, its delegation.
     Alive {
         /// The mirror session (PARENT, system = the realm's IdP system).
-        mirror: NewSession,
+        mirror: Box<NewSession>,
         /// For an impersonation: the mirror of the impersonator's own IdP session.
-        actor: Option<NewSession>,
+        actor: Option<Box<NewSession>>,
         /// For an impersonation by an administrator of another realm: that realm, whose
         /// events end the actor's session (recorded in `idp_delegations`).
         actor_realm: Option<String>,
