@@ -77,6 +77,13 @@ else
         echo "reusing the running Keycloak"
     else
         CLEANUP+=('cargo xtask keycloak stop')
+        # Keycloak and its event extension need a JDK 17 and Maven.
+        if ! command -v mvn >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
+            echo "installing Maven and a JDK 17 with apt-get"
+            sudo=(); [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y maven openjdk-17-jdk-headless
+        fi
         cargo xtask keycloak start
     fi
     LOCKSTEP_TEST_KEYCLOAK_URL="$(cargo xtask keycloak url)"

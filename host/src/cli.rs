@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
-use crate::auth::webhook::{EventKeys, WebhookKeys};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
@@ -226,16 +225,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .flatten()
         .collect::<Vec<_>>();
     let oidc = Arc::new(Verifier::new(idps).context("cannot set up token verification")?);
-    let events = file
-        .realm_policies()?
-        .into_iter()
-        .map(|(name, r)| {
-            WebhookKeys::parse(&r.events_secrets)
-                .map(|k| (name.clone(), k))
-                .map_err(|e| anyhow::anyhow!("config: [realms.{name}] events_secrets: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let events = Arc::new(EventKeys::new(events));
+    let events = Arc::new(file.event_keys()?);
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
     if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {

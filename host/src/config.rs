@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::auth::webhook::{EventKeys, WebhookKeys};
 use crate::auth::{ApiKey, Permission};
 use crate::sync::validate;
 
@@ -170,6 +171,18 @@ impl FileConfig {
         }
         Ok(keys)
     }
+
+    /// The realms that accept Keycloak events, with their parsed `events_secrets`.
+    pub fn event_keys(&self) -> Result<EventKeys, ConfigError> {
+        let mut realms = Vec::new();
+        for (name, realm) in self.realm_policies()? {
+            let keys = WebhookKeys::parse(&realm.events_secrets).map_err(|e| {
+                ConfigError::Invalid(format!("[realms.{name}] events_secrets: {e}"))
+            })?;
+            realms.push((name, keys));
+        }
+        Ok(EventKeys::new(realms))
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +215,24 @@ permissions = ["users:manage"]
         .unwrap();
         assert_eq!(cfg.api_keys().unwrap().len(), 1);
         assert!(cfg.realm_policies().unwrap().contains_key("acme"));
+    }
+
+    #[test]
+    fn event_secrets_are_checked_at_start() {
+        let ok = FileConfig::parse(
+            "[realms.acme]\nevents_secrets = [\"whsec_c2VjcmV0LWZvci1sb2Nrc3RlcC1ldmVudHM=\"]\n\
+             [realms.other]\n",
+        )
+        .unwrap();
+        let keys = ok.event_keys().unwrap();
+        assert!(keys.realm("acme").is_some());
+        assert!(keys.realm("other").is_none(), "no secrets: no intake");
+        for bad in ["short", "whsec_not*base64"] {
+            let cfg = FileConfig::parse(&format!("[realms.acme]\nevents_secrets = [\"{bad}\"]\n"))
+                .unwrap();
+            let err = cfg.event_keys().unwrap_err().to_string();
+            assert!(err.contains("[realms.acme] events_secrets"), "{err}");
+        }
     }
 
     #[test]
