@@ -38,8 +38,9 @@ macro_rules! session_ops {
 
         /// Inserts a session (and its `login` event). The unique constraint decides conflicts.
         pub(crate) async fn map(conn: &mut $conn, cmd: &MapCommand, now: i64) -> Result<Session> {
-            let mut new = cmd.session.clone();
-            if let Some(parent_id) = &new.parent_id {
+            // Copied only when something is inherited (the common PARENT is not).
+            let mut new = std::borrow::Cow::Borrowed(&cmd.session);
+            if let Some(parent_id) = &cmd.session.parent_id {
                 let parent: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(concat!(
                     "SELECT status, idp_session_id, user_id FROM sessions \
                      WHERE realm = $1 AND external_id = $2",
@@ -59,8 +60,12 @@ macro_rules! session_ops {
                 }
                 // A child belongs to its parent's IdP session and user unless told otherwise,
                 // so that queries and logout-everywhere find it.
-                new.idp_session_id = new.idp_session_id.or(parent_sid);
-                new.user_id = new.user_id.or(parent_user);
+                if new.idp_session_id.is_none() && parent_sid.is_some() {
+                    new.to_mut().idp_session_id = parent_sid;
+                }
+                if new.user_id.is_none() && parent_user.is_some() {
+                    new.to_mut().user_id = parent_user;
+                }
             }
             if let Some(mirror_id) = cmd.inherit_from.as_deref().filter(|m| *m != new.external_id) {
                 // The IdP session's user, lifetime and delegation (impersonation) hold for
@@ -75,12 +80,14 @@ macro_rules! session_ops {
                 .await?;
                 if let Some((delegated_by, expires_at, user_id)) = mirror {
                     // Logout-everywhere and revoke find it by the IdP session's user.
-                    new.user_id = new.user_id.or(user_id);
-                    if new.expires_at.is_none() {
-                        new.expires_at = expires_at.map(millis_to_time).transpose()?;
+                    if new.user_id.is_none() && user_id.is_some() {
+                        new.to_mut().user_id = user_id;
+                    }
+                    if new.expires_at.is_none() && expires_at.is_some() {
+                        new.to_mut().expires_at = expires_at.map(millis_to_time).transpose()?;
                     }
                     if new.delegated_by.is_none() && delegated_by.is_some() {
-                        new.delegated_by = Some(mirror_id.to_owned());
+                        new.to_mut().delegated_by = Some(mirror_id.to_owned());
                     }
                 }
             }
