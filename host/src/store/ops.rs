@@ -183,12 +183,21 @@ macro_rules! session_ops {
             let origin = Some(cmd.origin_system.as_str());
             let mut out = IdpOutcome::default();
             match &cmd.change {
-                IdpChange::Alive { mirror, actor, actor_realm } => {
-                    if let Some(actor) = actor {
+                IdpChange::Alive { mirror, actor, ended } => {
+                    if let Some(sid) = ended {
+                        let destroy = DestroyCommand {
+                            realm: cmd.realm.clone(),
+                            target: DestroyTarget::IdpSession(sid.clone()),
+                            reason: EndReason::IdpLogout,
+                            origin_system: Some(cmd.origin_system.clone()),
+                            orphan_children: cmd.orphan_children,
+                            replay_guard: None,
+                        };
+                        out.ended = destroy_unguarded(conn, &destroy, now).await?;
+                    }
+                    if let Some((actor, actor_realm)) = actor {
                         out.created.extend(insert_session(conn, actor, origin, now).await?);
-                        if let (Some(actor_realm), Some(actor_sid)) =
-                            (actor_realm, actor.idp_session_id.as_deref())
-                        {
+                        if let Some(actor_sid) = actor.idp_session_id.as_deref() {
                             sqlx::query(
                                 "INSERT INTO idp_delegations (actor_realm, actor_sid, realm) \
                                  VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",

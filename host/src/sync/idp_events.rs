@@ -150,25 +150,47 @@ pub fn change_for(
             let mut mirror = mirror_session(realm, idp_system, &sid, event.user_id.clone());
             mirror.expires_at = expires_at;
             let mut actor = None;
-            let mut actor_realm = None;
-            if kind == T::Impersonate
-                && let Some(admin_sid) = &event.impersonator_session_id
-            {
-                let admin =
-                    mirror_session(realm, idp_system, admin_sid, event.impersonator_id.clone());
-                mirror.delegated_by = Some(admin.external_id.clone());
-                validate::id("externalId", &admin.external_id)?;
-                actor = Some(Box::new(admin));
-                if let Some(r) = event.impersonator_realm.as_deref().filter(|r| *r != realm) {
-                    validate::realm(r)?;
-                    actor_realm = Some(r.to_owned());
+            let mut ended = None;
+            if kind == T::Impersonate {
+                // Who impersonated stays on the record, whatever else happens.
+                for (key, value) in [
+                    ("impersonatorId", &event.impersonator_id),
+                    ("impersonatorSessionId", &event.impersonator_session_id),
+                    ("impersonatorRealm", &event.impersonator_realm),
+                ] {
+                    if let Some(v) = value {
+                        mirror.attributes.insert(key.to_owned(), v.clone());
+                    }
+                }
+                validate::attributes(&mirror.attributes)?;
+                match (
+                    &event.impersonator_session_id,
+                    event.impersonator_realm.as_deref(),
+                ) {
+                    // Within its own realm, Keycloak ends the administrator's session when
+                    // the impersonation starts: what was mapped to it ends now, and the
+                    // impersonated session stands on its own.
+                    (Some(admin_sid), Some(r)) if r == realm => ended = Some(admin_sid.clone()),
+                    (Some(admin_sid), Some(r)) => {
+                        validate::realm(r)?;
+                        let admin = mirror_session(
+                            realm,
+                            idp_system,
+                            admin_sid,
+                            event.impersonator_id.clone(),
+                        );
+                        validate::id("externalId", &admin.external_id)?;
+                        mirror.delegated_by = Some(admin.external_id.clone());
+                        actor = Some((Box::new(admin), r.to_owned()));
+                    }
+                    _ => {}
                 }
             }
             validate::id("externalId", &mirror.external_id)?;
             Ok(IdpChange::Alive {
                 mirror: Box::new(mirror),
                 actor,
-                actor_realm,
+                ended,
             })
         }
         T::RevokeGrant => Ok(IdpChange::Revoke {
@@ -261,11 +283,12 @@ mod tests {
                 Some(1_900_000_000_000)
             );
             assert!(actor.is_none() && mirror.delegated_by.is_none());
+            assert!(mirror.attributes.is_empty());
         }
     }
 
     #[test]
-    fn an_impersonation_is_delegated_by_the_admins_session() {
+    fn an_impersonation_from_another_realm_is_delegated_by_the_admins_session() {
         let mut e = event("IMPERSONATE");
         e.impersonator_id = Some("admin-1".into());
         e.impersonator_session_id = Some("admin-sid".into());
@@ -273,16 +296,37 @@ mod tests {
         let Ok(IdpChange::Alive {
             mirror,
             actor,
-            actor_realm,
+            ended,
         }) = change_for("acme", "kc", &e)
         else {
             panic!("not alive");
         };
-        assert_eq!(actor_realm.as_deref(), Some("master"));
-        let actor = actor.expect("actor");
+        let (actor, actor_realm) = actor.expect("actor");
+        assert_eq!(actor_realm, "master");
         assert_eq!(actor.external_id, "kc:admin-sid");
         assert_eq!(actor.user_id.as_deref(), Some("admin-1"));
         assert_eq!(mirror.delegated_by.as_deref(), Some("kc:admin-sid"));
+        assert_eq!(mirror.attributes["impersonatorId"], "admin-1");
+        assert!(ended.is_none());
+    }
+
+    #[test]
+    fn an_impersonation_within_the_realm_ends_the_admins_session() {
+        let mut e = event("IMPERSONATE");
+        e.impersonator_id = Some("admin-1".into());
+        e.impersonator_session_id = Some("admin-sid".into());
+        e.impersonator_realm = Some("acme".into());
+        let Ok(IdpChange::Alive {
+            mirror,
+            actor,
+            ended,
+        }) = change_for("acme", "kc", &e)
+        else {
+            panic!("not alive");
+        };
+        assert!(actor.is_none() && mirror.delegated_by.is_none());
+        assert_eq!(ended.as_deref(), Some("admin-sid"));
+        assert_eq!(mirror.attributes["impersonatorSessionId"], "admin-sid");
     }
 
     #[test]

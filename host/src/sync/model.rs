@@ -269,11 +269,13 @@ pub enum IdpChange {
     Alive {
         /// The mirror session (PARENT, system = the realm's IdP system).
         mirror: Box<NewSession>,
-        /// For an impersonation: the mirror of the impersonator's own IdP session.
-        actor: Option<Box<NewSession>>,
-        /// For an impersonation by an administrator of another realm: that realm, whose
-        /// events end the actor's session (recorded in `idp_delegations`).
-        actor_realm: Option<String>,
+        /// An impersonation by an administrator of another realm (Keycloak's master): the
+        /// mirror here of the administrator's session, which the mirror is delegated by, and
+        /// that realm, whose events end it (recorded in `idp_delegations`).
+        actor: Option<(Box<NewSession>, String)>,
+        /// An IdP session the IdP ended in the same request: the administrator's own session
+        /// when it impersonates within its realm (Keycloak emits no event for that).
+        ended: Option<String>,
     },
     /// The user's grants were revoked: a `revoke` event for each of their live sessions.
     Revoke {
