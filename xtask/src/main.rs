@@ -8,10 +8,13 @@
 //!   release build under session load: request latency, time to serving, lost deliveries.
 //! - `bench-logout`: measure OIDC back-channel logout of a release build against a local
 //!   identity provider: time to the answer (sessions ended) and to every connector called.
+//! - `bench-events`: load the Keycloak event intake (`POST /realms/{realm}/events`) of a
+//!   release build: answer latency, throughput, time to the webhooks, replays refused.
 //! - `keycloak start|stop|status|url`: the real Keycloak the tests log in against
 //!   (`127.0.0.1:18180`, realms from `tests/keycloak/`), started once per test run.
 
 mod bench_api;
+mod bench_events;
 mod bench_logout;
 mod bench_swap;
 mod build_connectors;
@@ -40,6 +43,9 @@ enum Command {
     BenchSwap(bench_swap::Args),
     /// Benchmark OIDC back-channel logout: sessions ended and every connector called.
     BenchLogout(bench_logout::Args),
+    /// Benchmark the Keycloak event intake: signed LOGIN, REFRESH_TOKEN, LOGOUT under load,
+    /// time to the webhooks, replays refused.
+    BenchEvents(bench_events::Args),
     /// Run the test Keycloak: `start` (download, import tests/keycloak/*.json), `stop`,
     /// `status`, `url`.
     Keycloak(keycloak::Args),
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
         Command::BenchApi(args) => bench_api::main(args),
         Command::BenchSwap(args) => bench_swap::main(args),
         Command::BenchLogout(args) => bench_logout::main(args),
+        Command::BenchEvents(args) => bench_events::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
     match result {
