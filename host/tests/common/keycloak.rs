@@ -755,19 +755,7 @@ impl EventsRealm {
     /// The master realm's `admin` impersonates `username` of this realm: the administrator's
     /// own session lives in master and outlives the impersonation.
     pub async fn impersonate_as_master_admin(&self, username: &str) -> Impersonation {
-        let resp = http()
-            .post(token_endpoint(&self.base, "master"))
-            .form(&[
-                ("grant_type", "password"),
-                ("client_id", "admin-cli"),
-                ("username", "admin"),
-                ("password", "admin"),
-            ])
-            .send()
-            .await
-            .expect("admin token request");
-        let body = json_of(resp, StatusCode::OK, "admin token").await;
-        let token = body["access_token"].as_str().unwrap().to_owned();
+        let token = admin_token(&self.base).await;
         let sid = claims(&token)["sid"]
             .as_str()
             .expect("admin token sid")
