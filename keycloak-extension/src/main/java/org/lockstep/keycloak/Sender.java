@@ -60,7 +60,10 @@ public final class Sender {
     private final ReentrantLock lock = new ReentrantLock();
     private final Condition changed = lock.newCondition();
     private final Map<URI, Lane> lanes = new LinkedHashMap<>();
+    /** Events waiting in a lane (what the capacity bounds). */
     private int size;
+    /** Events taken from a lane for an attempt that has not finished (0 or 1: one thread). */
+    private int inFlight;
     private boolean running;
     private Thread thread;
     private long lastOverflowLog;
@@ -121,7 +124,7 @@ public final class Sender {
             running = false;
             t = thread;
             thread = null;
-            left = size;
+            left = size + inFlight;
             lanes.clear();
             size = 0;
             changed.signalAll();
@@ -185,10 +188,21 @@ public final class Sender {
         }
     }
 
+    /** Events waiting in a lane, not counting one being sent right now. */
     public int queued() {
         lock.lock();
         try {
             return size;
+        } finally {
+            lock.unlock();
+        }
+    }
+
+    /** Events not yet delivered or dropped: the queued ones plus one being sent right now. */
+    public int pending() {
+        lock.lock();
+        try {
+            return size + inFlight;
         } finally {
             lock.unlock();
         }
@@ -238,6 +252,7 @@ public final class Sender {
                     }
                     next = lane.queue.pollFirst();
                     size--;
+                    inFlight++;
                     lane.sending = true;
                     break;
                 }
@@ -253,6 +268,7 @@ public final class Sender {
             lock.lock();
             try {
                 lane.sending = false;
+                inFlight--;
                 if (!running || outcome == Outcome.STOPPED) {
                     return;
                 }
