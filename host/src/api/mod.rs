@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+mod audit;
 mod backchannel;
 pub mod connectors;
 mod cursor;
@@ -45,6 +46,7 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
+        .merge(audit::router())
         .merge(deliveries::router())
         .merge(connectors::router())
         .merge(backchannel::router())

@@ -40,12 +40,14 @@ use super::AppState;
         super::events::receive,
         super::health::healthz,
         super::health::readyz,
+        super::audit::list,
     ),
     modifiers(&BearerAuth),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
          (name = "identity-provider", description = "OIDC Back-Channel Logout and Keycloak event intake from the realm's identity provider"),
+         (name = "audit", description = "The audit log of session operations and admin actions"),
          (name = "health", description = "Liveness, readiness and metrics"))
 )]
 struct ApiDoc;
