@@ -13,6 +13,7 @@ pub mod events;
 pub mod extract;
 mod health;
 pub mod openapi;
+mod receipts;
 mod sessions;
 
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
         .merge(audit::router())
+        .merge(receipts::router())
         .merge(deliveries::router())
         .merge(connectors::router())
         .merge(backchannel::router())

@@ -7,6 +7,7 @@ pub mod connectors;
 pub mod deliveries;
 mod ops;
 mod postgres;
+pub mod receipts;
 mod row;
 mod sqlite;
 
@@ -423,6 +424,38 @@ impl Store {
                     external_ids,
                 )
                 .await
+            }
+        }
+    }
+
+    /// One session and its logout events, deliveries and confirmations (termination
+    /// receipt), from one snapshot; `None` when the session does not exist in the realm.
+    pub async fn session_receipt(
+        &self,
+        realm: &str,
+        external_id: &str,
+    ) -> Result<Option<(Session, receipts::LogoutRecords)>> {
+        match self {
+            Store::Sqlite(s) => {
+                receipts::sqlite::session(&mut *s.reader().await?, realm, external_id).await
+            }
+            Store::Postgres(p) => {
+                receipts::postgres::session(&mut *p.pool.acquire().await?, realm, external_id).await
+            }
+        }
+    }
+
+    /// One page of a user's sessions (`q.user_id`) with their logout records, and totals
+    /// over all of that user's sessions in the realm, from one snapshot.
+    pub async fn user_receipts(
+        &self,
+        realm: &str,
+        q: &SessionQuery,
+    ) -> Result<(Page, receipts::LogoutRecords, receipts::UserTotals)> {
+        match self {
+            Store::Sqlite(s) => receipts::sqlite::user(&mut *s.reader().await?, realm, q).await,
+            Store::Postgres(p) => {
+                receipts::postgres::user(&mut *p.pool.acquire().await?, realm, q).await
             }
         }
     }
