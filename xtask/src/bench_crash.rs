@@ -456,7 +456,7 @@ struct Arrivals {
     /// Event ids that reached the connector named by their payload's `originSystem`.
     echoed: Vec<(usize, String)>,
     requests: usize,
-    /// Not a known connector's path, or no `webhook-id`.
+    /// Not a known connector's path, or no event id.
     unrecognised: usize,
 }
 
@@ -478,15 +478,22 @@ async fn receive(
         .path()
         .strip_prefix('/')
         .and_then(|h| HOOKS.iter().position(|k| *k == h));
-    let event_id = headers
-        .get("webhook-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let origin = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
-        v.get("originSystem")
+    // The payload's `eventId` (the `webhook-id` header too, when the connector signs).
+    let payload = serde_json::from_slice::<Value>(&body).ok();
+    let field = |k: &str| {
+        payload
+            .as_ref()
+            .and_then(|v| v.get(k))
             .and_then(Value::as_str)
             .map(str::to_owned)
+    };
+    let event_id = field("eventId").or_else(|| {
+        headers
+            .get("webhook-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     });
+    let origin = field("originSystem");
     let mut log = lock(&state.log);
     log.requests += 1;
     match (hook, event_id) {
@@ -610,6 +617,7 @@ type DeliveryRow = (i64, String, String);
 #[derive(Default)]
 struct Report {
     seed: u64,
+    server_bin: String,
     kills: usize,
     restarts: Vec<Duration>,
     load_took: Duration,
@@ -666,6 +674,7 @@ async fn crash(
     let mut rng = Rng(seed | 1);
     let mut report = Report {
         seed,
+        server_bin: bin.display().to_string(),
         ..Report::default()
     };
 
@@ -1118,7 +1127,7 @@ impl Report {
         println!();
         println!("== bench-crash ({})", target.name());
         println!("command:   {command_line}");
-        println!("revision:  {revision}");
+        println!("revision:  {revision} (server binary {})", self.server_bin);
         println!(
             "setup:     {} clients, kills every {}–{} ms (seed {}), durability {}, connectors {} (webhook.wasm)",
             args.concurrency,
