@@ -69,7 +69,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const UNREACHABLE_CAP: Duration = Duration::from_secs(60);
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// The drain after the load gives up after this long.
-const DRAIN_CAP: Duration = Duration::from_secs(300);
+const DRAIN_CAP: Duration = Duration::from_secs(900);
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 /// Options of `cargo xtask bench-crash`.
@@ -449,8 +449,11 @@ impl Load {
 /// What the receiver saw.
 #[derive(Default)]
 struct Arrivals {
-    /// Arrivals of each (connector index, event id).
-    count: HashMap<(usize, String), u32>,
+    /// Arrivals of each (connector index, event id), and the server generation of the first.
+    count: HashMap<(usize, String), (u32, usize)>,
+    /// Arrivals beyond the first that came from the same server generation as the first: no
+    /// kill explains them.
+    same_generation_duplicates: usize,
     /// Arrivals beyond the first, by the server generation (0 = first start) they came in.
     duplicates_by_generation: BTreeMap<usize, usize>,
     /// Event ids that reached the connector named by their payload's `originSystem`.
@@ -501,10 +504,14 @@ async fn receive(
             if origin.as_deref() == Some(HOOKS[hook]) {
                 log.echoed.push((hook, id.clone()));
             }
-            let n = log.count.entry((hook, id)).or_insert(0);
+            let (n, first) = log.count.entry((hook, id)).or_insert((0, generation));
             *n += 1;
             if *n > 1 {
+                let same = *first == generation;
                 *log.duplicates_by_generation.entry(generation).or_insert(0) += 1;
+                if same {
+                    log.same_generation_duplicates += 1;
+                }
             }
         }
         _ => log.unrecognised += 1,
@@ -645,6 +652,7 @@ struct Report {
     duplicated_pairs: usize,
     max_arrivals: u32,
     duplicates_by_generation: BTreeMap<usize, usize>,
+    same_generation_duplicates: usize,
     unrecognised: usize,
     dead: usize,
     dropped: usize,
@@ -1018,7 +1026,7 @@ async fn verify(
     let log = lock(arrivals);
     for (id, event_id, kind, external_id, origin) in &outbox {
         for (h, hook) in HOOKS.iter().enumerate() {
-            let seen = log.count.get(&(h, event_id.clone())).copied().unwrap_or(0);
+            let seen = log.count.get(&(h, event_id.clone())).map_or(0, |c| c.0);
             if origin.as_deref() == Some(*hook) {
                 if routed.contains_key(&(*id, *hook)) {
                     report.echoes.push(format!(
@@ -1065,7 +1073,7 @@ async fn verify(
 
     // 3. Duplicates.
     let known: HashSet<&str> = outbox.iter().map(|o| o.1.as_str()).collect();
-    for ((h, event_id), n) in &log.count {
+    for ((h, event_id), (n, _)) in &log.count {
         report.arrivals += *n as usize;
         if *n > 1 {
             report.duplicated_pairs += 1;
@@ -1083,6 +1091,7 @@ async fn verify(
         .duplicates_by_generation
         .clone_from(&log.duplicates_by_generation);
     report.unrecognised = log.unrecognised;
+    report.same_generation_duplicates = log.same_generation_duplicates;
     Ok(())
 }
 
@@ -1201,7 +1210,11 @@ impl Report {
                 .iter()
                 .map(|(g, n)| format!("after kill {g}: {n}"))
                 .collect();
-            println!("           duplicates {}", per.join(", "));
+            println!(
+                "           duplicates arrived {}; {} of them from the same server process as the first arrival (no kill between)",
+                per.join(", "),
+                self.same_generation_duplicates
+            );
         }
         for note in &self.notes {
             println!("note:      {note}");
