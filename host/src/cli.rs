@@ -24,6 +24,7 @@ use crate::store::{Durability, Store, StoreOptions};
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::sessions::{RealmPolicy, SessionService};
+use crate::telemetry::audit::{self, RetentionConfig};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{self, LogFormat};
 
@@ -109,6 +110,9 @@ pub struct ServeArgs {
     /// Directory for compiled connector components (reused across restarts).
     #[arg(long, env = "LOCKSTEP_COMPILE_CACHE")]
     pub compile_cache: Option<PathBuf>,
+    /// Days an audit record is kept (default 90, `[audit] retention_days`); 0 keeps them all.
+    #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
     /// Storage.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -306,6 +310,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stopping,
     ));
 
+    let retention = RetentionConfig {
+        retention_days: args
+            .audit_retention_days
+            .or(file.audit.retention_days)
+            .unwrap_or(audit::DEFAULT_RETENTION_DAYS),
+        ..RetentionConfig::default()
+    };
+    let audit_sweeper = tokio::spawn(audit::run(store.clone(), retention, stop.subscribe()));
+
     let state = AppState {
         sessions,
         auth,
@@ -319,6 +332,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = stop.send(true);
     if let Err(e) = sweeper.await {
         tracing::error!(error = %e, "expiry sweeper failed");
+    }
+    if let Err(e) = audit_sweeper.await {
+        tracing::error!(error = %e, "audit retention sweeper failed");
     }
     match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
         Ok(Ok(())) => {}

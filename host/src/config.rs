@@ -54,6 +54,17 @@ pub struct FileConfig {
     /// Static API keys.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[audit]`: the audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Days an audit record is kept (default 90); 0 keeps every record forever.
+    pub retention_days: Option<u32>,
 }
 
 /// `[realms.NAME]`.
@@ -215,6 +226,15 @@ permissions = ["users:manage"]
         .unwrap();
         assert_eq!(cfg.api_keys().unwrap().len(), 1);
         assert!(cfg.realm_policies().unwrap().contains_key("acme"));
+    }
+
+    #[test]
+    fn audit_retention_is_optional_and_strict() {
+        assert_eq!(FileConfig::default().audit.retention_days, None);
+        let cfg = FileConfig::parse("[audit]\nretention_days = 0\n").unwrap();
+        assert_eq!(cfg.audit.retention_days, Some(0));
+        assert!(FileConfig::parse("[audit]\nretention = 5\n").is_err());
+        assert!(FileConfig::parse("[audit]\nretention_days = -1\n").is_err());
     }
 
     #[test]

@@ -190,6 +190,43 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
         (StatusCode::OK, Some(1)),
         "{body}"
     );
+
+    // The audit log names the IdP as the actor, with what each logout did.
+    let (code, audit) = server
+        .admin_get("/admin/audit?realm=acme&action=backchannel-logout")
+        .await;
+    assert_eq!(code, StatusCode::OK, "{audit}");
+    let got: Vec<(String, String, String, Option<i64>)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap().to_owned(),
+                r["target"].as_str().unwrap().to_owned(),
+                r["result"].as_str().unwrap().to_owned(),
+                r["changed"].as_i64(),
+            )
+        })
+        .collect();
+    let row = |target: &str, result: &str, changed: Option<i64>| {
+        (
+            "idp:keycloak".to_owned(),
+            target.to_owned(),
+            result.to_owned(),
+            changed,
+        )
+    };
+    assert_eq!(
+        got,
+        vec![
+            row("kc-sid-1", "ok", Some(3)),
+            row("kc-sid-1", "DUPLICATE_EVENT", None),
+            row("kc-sid-1", "ok", Some(0)),
+            row("alice", "ok", Some(1)),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,7 +195,7 @@ async fn logins_refreshes_and_expiry_follow_keycloak() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_admin_actions_end_every_mapped_session() {
-    let Some((_, realm, server, receiver, _dir)) = setup(1800).await else {
+    let Some((base, realm, server, receiver, _dir)) = setup(1800).await else {
         return;
     };
     let api = server.api(&realm.name);
@@ -207,10 +207,37 @@ async fn keycloak_admin_actions_end_every_mapped_session() {
                 .await
         }
     };
-    // Each admin action against a fresh Keycloak session with a mapped legacy tree.
-    let s = login(EV_ALICE).await;
-    map_legacy(&api, "by-session-delete", &s.sid).await;
-    realm.delete_session(&s.sid).await;
+    // Each admin action against a fresh Keycloak session with a mapped legacy tree. The first
+    // is a browser-style authorization-code login: Keycloak emits LOGIN and then
+    // CODE_TO_TOKEN for it, which make one mirror and one `login` event, not two.
+    let code_login = keycloak::login(
+        &base,
+        &realm.name,
+        PORTAL_CLIENT.0,
+        PORTAL_CLIENT.1,
+        EV_ALICE.0,
+        EV_ALICE.1,
+    )
+    .await;
+    let mirror = format!("keycloak:{}", code_login.sid);
+    wait_received(&receiver, "login", &mirror, Duration::from_secs(2)).await;
+    map_legacy(&api, "by-session-delete", &code_login.sid).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        received(&receiver, "login", &mirror).len(),
+        1,
+        "one login per Keycloak session"
+    );
+    assert_eq!(
+        api.list_all(&format!(
+            "&keycloakSessionId={}&system=keycloak",
+            code_login.sid
+        ))
+        .await
+        .len(),
+        1
+    );
+    realm.delete_session(&code_login.sid).await;
     let s = login(EV_ALICE).await;
     wait_received(
         &receiver,

@@ -11,7 +11,7 @@
 //! Each backend gets a fresh store (a temp dir for SQLite, a new database for PostgreSQL), so
 //! runs never see each other's rows.
 
-mod db;
+pub(crate) mod db;
 pub(crate) mod load;
 mod report;
 pub(crate) mod server;

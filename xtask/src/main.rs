@@ -10,10 +10,13 @@
 //!   identity provider: time to the answer (sessions ended) and to every connector called.
 //! - `bench-events`: load the Keycloak event intake (`POST /realms/{realm}/events`) of a
 //!   release build: answer latency, throughput, time to the webhooks, replays refused.
+//! - `bench-crash`: SIGKILL a release build at random points under map/destroy load with two
+//!   webhook connectors, restart it, and check that nothing committed or routed was lost.
 //! - `keycloak start|stop|status|url`: the real Keycloak the tests log in against
 //!   (`127.0.0.1:18180`, realms from `tests/keycloak/`), started once per test run.
 
 mod bench_api;
+mod bench_crash;
 mod bench_events;
 mod bench_logout;
 mod bench_swap;
@@ -46,6 +49,9 @@ enum Command {
     /// Benchmark the Keycloak event intake: signed LOGIN, REFRESH_TOKEN, LOGOUT under load,
     /// time to the webhooks, replays refused.
     BenchEvents(bench_events::Args),
+    /// Crash safety: SIGKILL and restart the server under load, then check no committed
+    /// change or delivery was lost, count duplicates, and check no echo to the origin.
+    BenchCrash(bench_crash::Args),
     /// Run the test Keycloak: `start` (download, import tests/keycloak/*.json), `stop`,
     /// `status`, `url`.
     Keycloak(keycloak::Args),
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Command::BenchSwap(args) => bench_swap::main(args),
         Command::BenchLogout(args) => bench_logout::main(args),
         Command::BenchEvents(args) => bench_events::main(args),
+        Command::BenchCrash(args) => bench_crash::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
     match result {

@@ -21,6 +21,7 @@ use crate::lifecycle::{
 use crate::runtime::cache::CacheOutcome;
 use crate::runtime::manifest::{self, OnFailure, SyncMode};
 use crate::runtime::registry::Source;
+use crate::sync::model::{AuditAction, AuditOutcome};
 
 /// Largest upload body: both parts plus room for the multipart framing.
 pub const MAX_UPLOAD_BYTES: usize = MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES + 64 * 1024;
@@ -308,7 +309,25 @@ async fn put(
     caller.0.authorize_global(Permission::ConnectorsManage)?;
     check_name(&name)?;
     let (manifest, component) = read_upload(request, &state).await?;
-    let (outcome, entry) = state.connectors.put(&name, &manifest, component).await?;
+    let audit = super::audit::entry(&caller, AuditAction::ConnectorPut, None).target(name.clone());
+    let put = state
+        .connectors
+        .put(&name, &manifest, component, Some(audit.clone()))
+        .await
+        .map_err(ApiError::from);
+    let (outcome, entry) = super::audit::refused(&state, audit.clone(), put).await?;
+    if matches!(outcome, PutOutcome::Unchanged) {
+        // Nothing was written, so nothing carried the record: it is written on its own.
+        let audit = audit.detail(serde_json::json!({ "outcome": "unchanged" }));
+        if let Err(e) = state
+            .sessions
+            .store()
+            .record_audit(audit, AuditOutcome::Ok(0))
+            .await
+        {
+            tracing::warn!(error = %e, connector = %name, "audit record of an unchanged upload not written");
+        }
+    }
     let info = state
         .connectors
         .describe(&entry.connector.manifest.name)
@@ -435,7 +454,14 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     caller.0.authorize_global(Permission::ConnectorsManage)?;
     check_name(&name)?;
-    state.connectors.remove(&name).await?;
+    let audit =
+        super::audit::entry(&caller, AuditAction::ConnectorDelete, None).target(name.clone());
+    let removed = state
+        .connectors
+        .remove(&name, Some(audit.clone()))
+        .await
+        .map_err(ApiError::from);
+    super::audit::refused(&state, audit, removed).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -479,7 +505,18 @@ async fn set_enabled(
 ) -> Result<Json<ConnectorDto>, ApiError> {
     caller.0.authorize_global(Permission::ConnectorsManage)?;
     check_name(&name)?;
-    state.connectors.set_enabled(&name, enabled).await?;
+    let action = if enabled {
+        AuditAction::ConnectorEnable
+    } else {
+        AuditAction::ConnectorDisable
+    };
+    let audit = super::audit::entry(&caller, action, None).target(name.clone());
+    let set = state
+        .connectors
+        .set_enabled(&name, enabled, Some(audit.clone()))
+        .await
+        .map_err(ApiError::from);
+    super::audit::refused(&state, audit, set).await?;
     Ok(Json(state.connectors.describe(&name).await?.into()))
 }
 

@@ -16,6 +16,7 @@ use crate::auth::Permission;
 use crate::store::deliveries::{
     AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
 };
+use crate::sync::model::AuditAction;
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Routes of this resource.
@@ -256,6 +257,20 @@ async fn replay(
     ApiJson(req): ApiJson<ReplayRequest>,
 ) -> Result<Json<ReplayResponse>, ApiError> {
     caller.0.authorize_global(Permission::ConnectorsManage)?;
+    let audit = super::audit::entry(&caller, AuditAction::DeliveryReplay, None);
+    let audit = match (&req.connector, req.delivery_id) {
+        (Some(name), None) => audit.target(name.clone()),
+        (None, Some(id)) => audit.target(id.to_string()),
+        _ => audit,
+    };
+    let replayed = replay_target(&state, req).await;
+    let target = super::audit::refused(&state, audit.clone(), replayed).await?;
+    let replayed = state.sessions.store().replay(target, Some(audit)).await?;
+    Ok(Json(ReplayResponse { replayed }))
+}
+
+/// What a replay request names, refusing a delivery that is missing or not dead.
+async fn replay_target(state: &AppState, req: ReplayRequest) -> Result<ReplayTarget, ApiError> {
     let store = state.sessions.store();
     let target = match (req.connector, req.delivery_id) {
         (Some(name), None) => {
@@ -281,6 +296,5 @@ async fn replay(
             ));
         }
     };
-    let replayed = store.replay(target).await?;
-    Ok(Json(ReplayResponse { replayed }))
+    Ok(target)
 }

@@ -111,6 +111,32 @@ impl ApiError {
         }
     }
 
+    /// The code an audit record gives this error when it refuses an action the caller was
+    /// allowed to ask for: the domain's refusals (404, 409) and a refused connector (400, 422).
+    /// `None` for bad input, authentication, permission and server failures, which are
+    /// logged, not audited.
+    pub fn refusal_code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::NotFound(_)
+            | ApiError::AlreadyExists(_)
+            | ApiError::ParentNotFound(_)
+            | ApiError::ParentNotActive(_)
+            | ApiError::WrongKind(_)
+            | ApiError::Conflict(_)
+            | ApiError::DuplicateEvent(_)
+            | ApiError::InvalidManifest(_)
+            | ApiError::InvalidComponent(_) => Some(self.status_and_code().1),
+            ApiError::Validation(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::Forbidden(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Internal => None,
+        }
+    }
+
     /// The problem document for this error.
     pub fn problem(&self) -> Problem {
         let (status, code) = self.status_and_code();
@@ -185,5 +211,34 @@ impl From<StoreError> for ApiError {
                 ApiError::Internal
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_refusals_are_audited_with_the_code_the_client_sees() {
+        let refusals = [
+            StoreError::AlreadyExists("a".into()),
+            StoreError::NotFound("a".into()),
+            StoreError::ParentNotFound("a".into()),
+            StoreError::ParentNotActive {
+                id: "a".into(),
+                status: crate::sync::model::SessionStatus::Destroyed,
+            },
+            StoreError::WrongKind("a".into()),
+            StoreError::Replayed("a".into()),
+        ];
+        for e in refusals {
+            let store_code = e.refusal_code();
+            let api = ApiError::from(e);
+            assert_eq!(store_code, Some(api.status_and_code().1));
+            assert_eq!(api.refusal_code(), store_code);
+        }
+        assert_eq!(StoreError::Unavailable.refusal_code(), None);
+        assert_eq!(ApiError::Forbidden("x".into()).refusal_code(), None);
+        assert_eq!(ApiError::Validation("x".into()).refusal_code(), None);
     }
 }

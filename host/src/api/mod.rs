@@ -2,6 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
+mod audit;
 mod backchannel;
 pub mod connectors;
 mod cursor;
@@ -12,6 +13,7 @@ pub mod events;
 pub mod extract;
 mod health;
 pub mod openapi;
+mod receipts;
 mod sessions;
 
 use std::time::Duration;
@@ -45,6 +47,8 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(sessions::router())
+        .merge(audit::router())
+        .merge(receipts::router())
         .merge(deliveries::router())
         .merge(connectors::router())
         .merge(backchannel::router())

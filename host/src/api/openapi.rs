@@ -26,6 +26,8 @@ use super::AppState;
         super::sessions::session_tree,
         super::sessions::get_session,
         super::sessions::list_sessions,
+        super::receipts::session_receipt,
+        super::receipts::user_receipts,
         super::deliveries::list,
         super::deliveries::one,
         super::deliveries::replay,
@@ -40,12 +42,15 @@ use super::AppState;
         super::events::receive,
         super::health::healthz,
         super::health::readyz,
+        super::audit::list,
     ),
     modifiers(&BearerAuth),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
+         (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
          (name = "identity-provider", description = "OIDC Back-Channel Logout and Keycloak event intake from the realm's identity provider"),
+         (name = "audit", description = "The audit log of session operations and admin actions"),
          (name = "health", description = "Liveness, readiness and metrics"))
 )]
 struct ApiDoc;

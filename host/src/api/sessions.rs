@@ -12,7 +12,9 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
 use crate::store::SessionQuery;
-use crate::sync::model::{DestroyTarget, EndReason, MapCommand, NewSession, Session, SessionKind};
+use crate::sync::model::{
+    AuditAction, DestroyTarget, EndReason, MapCommand, NewSession, Session, SessionKind,
+};
 use crate::sync::sessions::SessionError;
 use crate::sync::validate;
 
@@ -90,12 +92,21 @@ async fn do_map(
     origin: Option<String>,
 ) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
     let origin_system = default_name(origin, caller);
+    let action = match session.kind {
+        SessionKind::Parent => AuditAction::MapParent,
+        SessionKind::Child => AuditAction::MapChild,
+        SessionKind::Fixed => AuditAction::MapFixed,
+    };
+    let audit = super::audit::entry(caller, action, Some(&session.realm))
+        .target(session.external_id.clone());
+    // The service records a refusal itself (it knows the store's refusals).
     let created = state
         .sessions
         .map(MapCommand {
             session,
             origin_system,
             inherit_from: None,
+            audit: Some(audit),
         })
         .await?;
     Ok((StatusCode::CREATED, Json(created.into())))
@@ -214,9 +225,23 @@ async fn do_destroy(
 ) -> Result<Json<DestroyResponse>, ApiError> {
     authorize(caller, realm)?;
     let origin = default_name(origin, caller);
+    let (action, id) = match &target {
+        DestroyTarget::Parent(id) => (AuditAction::DestroyParent, id),
+        DestroyTarget::Child(id) => (AuditAction::DestroyChild, id),
+        DestroyTarget::User(id) => (AuditAction::DestroyUser, id),
+        // No route of this API builds these.
+        DestroyTarget::IdpSession(_)
+        | DestroyTarget::AllIdpSessions
+        | DestroyTarget::Expired(_) => {
+            return Err(ApiError::Validation(
+                "not a destroy a caller can ask for".into(),
+            ));
+        }
+    };
+    let audit = super::audit::entry(caller, action, Some(realm)).target(id.clone());
     let changed: Vec<Session> = state
         .sessions
-        .destroy(realm, target, reason, origin)
+        .destroy(realm, target, reason, origin, Some(audit))
         .await?;
     Ok(Json(DestroyResponse {
         changed: changed.into_iter().map(Into::into).collect(),

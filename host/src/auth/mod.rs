@@ -113,6 +113,16 @@ impl Principal {
         }
     }
 
+    /// How the audit log names the caller: `admin`, `key:<id>` or `token:<sub>@<realm>`
+    /// (prefixed, so an API key cannot pass for a token subject of the same name).
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Admin => "admin".to_owned(),
+            Principal::Key { id, .. } => format!("key:{id}"),
+            Principal::Token { subject, realm, .. } => format!("token:{subject}@{realm}"),
+        }
+    }
+
     /// Succeeds when the caller holds `permission` in `realm`.
     pub fn authorize(&self, realm: &str, permission: Permission) -> Result<(), AuthError> {
         let allowed = match self {
@@ -305,5 +315,22 @@ mod tests {
                 .authorize("anything", Permission::AuditRead)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn actors_name_the_kind_of_credential() {
+        assert_eq!(Principal::Admin.actor(), "admin");
+        let key = Principal::Key {
+            id: "portal".into(),
+            realms: vec!["acme".into()],
+            permissions: vec![],
+        };
+        assert_eq!(key.actor(), "key:portal");
+        let token = Principal::Token {
+            subject: "u-1".into(),
+            realm: "acme".into(),
+            permissions: vec![],
+        };
+        assert_eq!(token.actor(), "token:u-1@acme");
     }
 }

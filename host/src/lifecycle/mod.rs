@@ -21,6 +21,7 @@ use crate::runtime::registry::{Entry, Registry, Source};
 use crate::runtime::{LoadedConnector, Runtime, RuntimeError, version_of};
 use crate::store::connectors::{QueueCounts, UploadRow};
 use crate::store::{Store, StoreError, now_millis};
+use crate::sync::model::AuditEntry;
 use crate::telemetry::metrics::{ConnectorGauge, ConnectorMetrics, Metrics};
 
 pub use cluster::spawn_cluster_sync;
@@ -198,6 +199,7 @@ impl Connectors {
         name: &str,
         manifest_text: &str,
         component: Option<Vec<u8>>,
+        audit: Option<AuditEntry>,
     ) -> Result<(PutOutcome, Arc<Entry>), ManageError> {
         let manifest = Manifest::parse_uploaded(manifest_text, &format!("manifest of {name}"))?;
         if manifest.name != name {
@@ -240,13 +242,16 @@ impl Connectors {
         let loaded = self.prepare(name, manifest, &bytes).await?;
         self.inner
             .store
-            .put_upload(UploadRow {
-                name: name.to_owned(),
-                manifest: manifest_text.to_owned(),
-                component: bytes,
-                version,
-                updated_at: now_millis(),
-            })
+            .put_upload(
+                UploadRow {
+                    name: name.to_owned(),
+                    manifest: manifest_text.to_owned(),
+                    component: bytes,
+                    version,
+                    updated_at: now_millis(),
+                },
+                audit,
+            )
             .await?;
         control.refused_uploads.remove(name);
         let enabled = match &existing {
@@ -265,7 +270,7 @@ impl Connectors {
 
     /// Unloads and forgets a connector uploaded through the admin API. Its pending
     /// deliveries stay in the outbox, held, until a connector of that name returns.
-    pub async fn remove(&self, name: &str) -> Result<(), ManageError> {
+    pub async fn remove(&self, name: &str, audit: Option<AuditEntry>) -> Result<(), ManageError> {
         let _control = self.inner.control.lock().await;
         match self.inner.registry.get(name) {
             Some(e) => {
@@ -275,26 +280,31 @@ impl Connectors {
                         path: path.display().to_string(),
                     });
                 }
-                self.inner.store.delete_upload(name).await?;
+                self.inner.store.delete_upload(name, audit).await?;
                 self.unload(name, "removed through the admin API");
                 Ok(())
             }
             // Stored but refused here (e.g. it failed to load): removing it is still allowed.
-            None if self.inner.store.delete_upload(name).await? => Ok(()),
+            None if self.inner.store.delete_upload(name, audit).await? => Ok(()),
             None => Err(ManageError::NotFound(name.to_owned())),
         }
     }
 
     /// Switches a connector on or off on every instance. While off, its events are fanned
     /// out and held as pending deliveries; switching it on delivers them.
-    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<Arc<Entry>, ManageError> {
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        audit: Option<AuditEntry>,
+    ) -> Result<Arc<Entry>, ManageError> {
         let _control = self.inner.control.lock().await;
         let entry = self
             .inner
             .registry
             .get(name)
             .ok_or_else(|| ManageError::NotFound(name.to_owned()))?;
-        self.inner.store.set_enabled(name, enabled).await?;
+        self.inner.store.set_enabled(name, enabled, audit).await?;
         Ok(self.apply_enabled(&entry, name, enabled))
     }
 

@@ -2,10 +2,12 @@
 //! and PostgreSQL (pooled transactions, for more than one instance). It owns the schema,
 //! migrations and every SQL statement; it knows nothing of HTTP.
 
+pub mod audit;
 pub mod connectors;
 pub mod deliveries;
 mod ops;
 mod postgres;
+pub mod receipts;
 mod row;
 mod sqlite;
 
@@ -15,8 +17,10 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::sync::model::{
-    DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session, SessionStatus, SyncEvent,
+    AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
+    SessionStatus, SyncEvent,
 };
+use audit::{AuditQuery, AuditRow};
 use deliveries::{
     AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, ReplayTarget,
 };
@@ -67,6 +71,26 @@ pub enum StoreError {
     /// Migrations failed.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// The problem code of a domain refusal (what the audit log records for it); `None` for
+    /// failures that are not the caller's doing.
+    pub fn refusal_code(&self) -> Option<&'static str> {
+        match self {
+            StoreError::AlreadyExists(_) => Some("ALREADY_EXISTS"),
+            StoreError::NotFound(_) => Some("NOT_FOUND"),
+            StoreError::ParentNotFound(_) => Some("PARENT_NOT_FOUND"),
+            StoreError::ParentNotActive { .. } => Some("PARENT_NOT_ACTIVE"),
+            StoreError::WrongKind(_) => Some("WRONG_KIND"),
+            StoreError::Replayed(_) => Some("DUPLICATE_EVENT"),
+            StoreError::UnsupportedUrl(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Unavailable
+            | StoreError::Database(_)
+            | StoreError::Migrate(_) => None,
+        }
+    }
 }
 
 /// Result alias for store calls.
@@ -295,16 +319,71 @@ impl Store {
         }
     }
 
-    /// Re-queues dead letters; returns how many.
-    pub async fn replay(&self, target: ReplayTarget) -> Result<u64> {
+    /// Re-queues dead letters, with their audit record; returns how many.
+    pub async fn replay(&self, target: ReplayTarget, audit: Option<AuditEntry>) -> Result<u64> {
         match self {
             Store::Sqlite(s) => {
                 s.write(move |c, now| {
-                    Box::pin(async move { sqlite::ops::replay(c, &target, now).await })
+                    Box::pin(async move {
+                        let n = sqlite::ops::replay(c, &target, now).await?;
+                        if let Some(entry) = &audit {
+                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(n as i64), now)
+                                .await?;
+                        }
+                        Ok(n)
+                    })
                 })
                 .await
             }
-            Store::Postgres(p) => p.replay(&target).await,
+            Store::Postgres(p) => p.replay(&target, audit.as_ref()).await,
+        }
+    }
+
+    /// Writes one audit record on its own: refusals (the refused operation's transaction was
+    /// rolled back, its record with it) and actions that changed nothing in the database.
+    pub async fn record_audit(&self, entry: AuditEntry, outcome: AuditOutcome) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(
+                        async move { sqlite::ops::insert_audit(c, &entry, outcome, now).await },
+                    )
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                postgres::ops::insert_audit(
+                    &mut *p.pool.acquire().await?,
+                    &entry,
+                    outcome,
+                    now_millis(),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Audit records, newest first.
+    pub async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::list_audit(&mut *s.reader().await?, q).await,
+            Store::Postgres(p) => postgres::ops::list_audit(&mut *p.pool.acquire().await?, q).await,
+        }
+    }
+
+    /// Deletes up to `limit` audit records older than `before_ms` (one short transaction);
+    /// how many.
+    pub async fn purge_audit(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, _| {
+                    Box::pin(async move { sqlite::ops::purge_audit(c, before_ms, limit).await })
+                })
+                .await
+            }
+            Store::Postgres(p) => {
+                postgres::ops::purge_audit(&mut *p.pool.acquire().await?, before_ms, limit).await
+            }
         }
     }
 
@@ -349,38 +428,106 @@ impl Store {
         }
     }
 
-    /// Stores (or replaces) an uploaded connector and announces the change.
-    pub async fn put_upload(&self, row: connectors::UploadRow) -> Result<()> {
+    /// One session and its logout events, deliveries and confirmations (termination
+    /// receipt), from one snapshot; `None` when the session does not exist in the realm.
+    pub async fn session_receipt(
+        &self,
+        realm: &str,
+        external_id: &str,
+    ) -> Result<Option<(Session, receipts::LogoutRecords)>> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, _| Box::pin(async move { sqlite::ops::put_upload(c, &row).await }))
-                    .await
+                receipts::sqlite::session(&mut *s.reader().await?, realm, external_id).await
+            }
+            Store::Postgres(p) => {
+                receipts::postgres::session(&mut *p.pool.acquire().await?, realm, external_id).await
+            }
+        }
+    }
+
+    /// One page of a user's sessions (`q.user_id`) with their logout records, and totals
+    /// over all of that user's sessions in the realm, from one snapshot.
+    pub async fn user_receipts(
+        &self,
+        realm: &str,
+        q: &SessionQuery,
+    ) -> Result<(Page, receipts::LogoutRecords, receipts::UserTotals)> {
+        match self {
+            Store::Sqlite(s) => receipts::sqlite::user(&mut *s.reader().await?, realm, q).await,
+            Store::Postgres(p) => {
+                receipts::postgres::user(&mut *p.pool.acquire().await?, realm, q).await
+            }
+        }
+    }
+
+    /// Stores (or replaces) an uploaded connector, with its audit record, and announces the
+    /// change.
+    pub async fn put_upload(
+        &self,
+        row: connectors::UploadRow,
+        audit: Option<AuditEntry>,
+    ) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => {
+                s.write(move |c, now| {
+                    Box::pin(async move {
+                        sqlite::ops::put_upload(c, &row).await?;
+                        if let Some(entry) = &audit {
+                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .await
             }
             Store::Postgres(p) => {
                 let name = row.name.clone();
                 p.connector_change(&name, |c| {
                     let row = row.clone();
-                    Box::pin(async move { postgres::ops::put_upload(c, &row).await })
+                    let audit = audit.clone();
+                    Box::pin(async move {
+                        postgres::ops::put_upload(c, &row).await?;
+                        if let Some(entry) = &audit {
+                            let outcome = AuditOutcome::Ok(1);
+                            postgres::ops::insert_audit(c, entry, outcome, now_millis()).await?;
+                        }
+                        Ok(())
+                    })
                 })
                 .await
             }
         }
     }
 
-    /// Removes an uploaded connector (and its enabled flag); whether it existed.
-    pub async fn delete_upload(&self, name: &str) -> Result<bool> {
+    /// Removes an uploaded connector (and its enabled flag); whether it existed. The audit
+    /// record is written only when it did (otherwise the caller records the refusal).
+    pub async fn delete_upload(&self, name: &str, audit: Option<AuditEntry>) -> Result<bool> {
         let name = name.to_owned();
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, _| {
-                    Box::pin(async move { sqlite::ops::delete_upload(c, &name).await })
+                s.write(move |c, now| {
+                    Box::pin(async move {
+                        let gone = sqlite::ops::delete_upload(c, &name).await?;
+                        if gone && let Some(entry) = &audit {
+                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
+                        }
+                        Ok(gone)
+                    })
                 })
                 .await
             }
             Store::Postgres(p) => {
                 p.connector_change(&name, |c| {
                     let name = name.clone();
-                    Box::pin(async move { postgres::ops::delete_upload(c, &name).await })
+                    let audit = audit.clone();
+                    Box::pin(async move {
+                        let gone = postgres::ops::delete_upload(c, &name).await?;
+                        if gone && let Some(entry) = &audit {
+                            let outcome = AuditOutcome::Ok(1);
+                            postgres::ops::insert_audit(c, entry, outcome, now_millis()).await?;
+                        }
+                        Ok(gone)
+                    })
                 })
                 .await
             }
@@ -407,21 +554,39 @@ impl Store {
         }
     }
 
-    /// Switches a connector on or off (for every instance) and announces the change.
-    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+    /// Switches a connector on or off (for every instance), with its audit record, and
+    /// announces the change.
+    pub async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        audit: Option<AuditEntry>,
+    ) -> Result<()> {
         let name = name.to_owned();
         match self {
             Store::Sqlite(s) => {
                 s.write(move |c, now| {
-                    Box::pin(async move { sqlite::ops::set_enabled(c, &name, enabled, now).await })
+                    Box::pin(async move {
+                        sqlite::ops::set_enabled(c, &name, enabled, now).await?;
+                        if let Some(entry) = &audit {
+                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
+                        }
+                        Ok(())
+                    })
                 })
                 .await
             }
             Store::Postgres(p) => {
                 p.connector_change(&name, |c| {
                     let name = name.clone();
+                    let audit = audit.clone();
                     Box::pin(async move {
-                        postgres::ops::set_enabled(c, &name, enabled, now_millis()).await
+                        let now = now_millis();
+                        postgres::ops::set_enabled(c, &name, enabled, now).await?;
+                        if let Some(entry) = &audit {
+                            postgres::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
+                        }
+                        Ok(())
                     })
                 })
                 .await

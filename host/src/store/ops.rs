@@ -32,8 +32,8 @@ macro_rules! session_ops {
         use crate::store::row::{into_sessions, millis_to_time, session_columns, SessionRow};
         use crate::store::{Page, Result, SessionQuery, StoreError};
         use crate::sync::model::{
-            DestroyCommand, DestroyTarget, EndReason, EventType, MapCommand, Session,
-            SessionKind, SessionStatus, SyncEvent,
+            AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, MapCommand,
+            Session, SessionKind, SessionStatus, SyncEvent,
         };
 
         /// Inserts a session (and its `login` event). The unique constraint decides conflicts.
@@ -92,7 +92,12 @@ macro_rules! session_ops {
                 }
             }
             match insert_session(conn, &new, cmd.origin_system.as_deref(), now).await? {
-                Some(session) => Ok(session),
+                Some(session) => {
+                    if let Some(entry) = &cmd.audit {
+                        insert_audit(conn, entry, AuditOutcome::Ok(1), now).await?;
+                    }
+                    Ok(session)
+                }
                 None => Err(StoreError::AlreadyExists(new.external_id.clone())),
             }
         }
@@ -172,14 +177,27 @@ macro_rules! session_ops {
             Ok(())
         }
 
-        /// Applies an identity-provider event and stores its id, in one transaction.
+        /// Applies an identity-provider event and stores its id (and its audit record), in one
+        /// transaction.
         pub(crate) async fn apply_idp(
             conn: &mut $conn,
             cmd: &crate::sync::model::IdpCommand,
             now: i64,
         ) -> Result<crate::sync::model::IdpOutcome> {
-            use crate::sync::model::{IdpChange, IdpOutcome};
             check_replay(conn, &cmd.realm, &cmd.guard, now).await?;
+            let out = apply_idp_change(conn, cmd, now).await?;
+            if let Some(entry) = &cmd.audit {
+                insert_audit(conn, entry, AuditOutcome::Ok(out.changed() as i64), now).await?;
+            }
+            Ok(out)
+        }
+
+        async fn apply_idp_change(
+            conn: &mut $conn,
+            cmd: &crate::sync::model::IdpCommand,
+            now: i64,
+        ) -> Result<crate::sync::model::IdpOutcome> {
+            use crate::sync::model::{IdpChange, IdpOutcome};
             let origin = Some(cmd.origin_system.as_str());
             let mut out = IdpOutcome::default();
             match &cmd.change {
@@ -192,6 +210,7 @@ macro_rules! session_ops {
                             origin_system: Some(cmd.origin_system.clone()),
                             orphan_children: cmd.orphan_children,
                             replay_guard: None,
+                            audit: None,
                         };
                         out.ended = destroy_unguarded(conn, &destroy, now).await?;
                     }
@@ -313,6 +332,7 @@ macro_rules! session_ops {
                         origin_system: Some(cmd.origin_system.clone()),
                         orphan_children: cmd.orphan_children,
                         replay_guard: None,
+                        audit: None,
                     };
                     out.ended = destroy_unguarded(conn, &destroy, now).await?;
                     if let DestroyTarget::IdpSession(sid) = target {
@@ -350,6 +370,7 @@ macro_rules! session_ops {
                     origin_system: Some(cmd.origin_system.clone()),
                     orphan_children: cmd.orphan_children,
                     replay_guard: None,
+                    audit: None,
                 };
                 ended += destroy_unguarded(conn, &destroy, now).await?.len();
             }
@@ -383,7 +404,11 @@ macro_rules! session_ops {
             if let Some(guard) = &cmd.replay_guard {
                 check_replay(conn, &cmd.realm, guard, now).await?;
             }
-            destroy_unguarded(conn, cmd, now).await
+            let changed = destroy_unguarded(conn, cmd, now).await?;
+            if let Some(entry) = &cmd.audit {
+                insert_audit(conn, entry, AuditOutcome::Ok(changed.len() as i64), now).await?;
+            }
+            Ok(changed)
         }
 
         async fn destroy_unguarded(

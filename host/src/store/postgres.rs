@@ -34,6 +34,7 @@ pub(super) mod ops {
         db = sqlx::Postgres,
         conn = sqlx::postgres::PgConnection,
     );
+    crate::store::audit::audit_ops!(db = sqlx::Postgres, conn = sqlx::postgres::PgConnection,);
 
     /// Announces a connector change to every instance (delivered when the transaction commits).
     pub(crate) async fn announce(
@@ -202,9 +203,20 @@ impl PgStore {
         in_tx!(self.pool, |conn| ops::record(conn, r))
     }
 
-    pub(super) async fn replay(&self, target: &super::deliveries::ReplayTarget) -> Result<u64> {
+    pub(super) async fn replay(
+        &self,
+        target: &super::deliveries::ReplayTarget,
+        audit: Option<&crate::sync::model::AuditEntry>,
+    ) -> Result<u64> {
         let now = now_millis();
-        let n = in_tx!(self.pool, |conn| ops::replay(conn, target, now))?;
+        let n = in_tx!(self.pool, |conn| async {
+            let n = ops::replay(&mut *conn, target, now).await?;
+            if let Some(entry) = audit {
+                let outcome = crate::sync::model::AuditOutcome::Ok(n as i64);
+                ops::insert_audit(conn, entry, outcome, now).await?;
+            }
+            Ok(n)
+        })?;
         self.committed.notify_one();
         Ok(n)
     }

@@ -44,6 +44,7 @@ pub(super) mod ops {
         db = sqlx::Sqlite,
         conn = sqlx::sqlite::SqliteConnection,
     );
+    crate::store::audit::audit_ops!(db = sqlx::Sqlite, conn = sqlx::sqlite::SqliteConnection,);
 }
 
 /// How hard a commit is pushed to disk.

@@ -111,8 +111,20 @@ impl Dispatcher {
             if *shutdown.borrow() {
                 break;
             }
-            if let Err(e) = self.fan_out().await {
-                tracing::error!(error = %e, "outbox fan-out failed; retrying");
+            // One fan-out batch per round, then claims: under a steady stream of new events a
+            // full batch is always waiting, and fanning out until the outbox is empty would
+            // starve delivery for as long as the load lasts.
+            let backlog = match self.fan_out().await {
+                Ok(full) => full,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox fan-out failed; retrying");
+                    false
+                }
+            };
+            while let Some(res) = in_flight.try_join_next() {
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "delivery task failed");
+                }
             }
             let free = self.config.concurrency.saturating_sub(in_flight.len());
             if free > 0 {
@@ -125,6 +137,11 @@ impl Dispatcher {
                     }
                     Err(e) => tracing::error!(error = %e, "claiming deliveries failed; retrying"),
                 }
+            }
+            if backlog {
+                // More events are already waiting to be routed: no need to sleep.
+                tokio::task::yield_now().await;
+                continue;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -145,36 +162,33 @@ impl Dispatcher {
         }
     }
 
-    /// Fans out every committed event not yet routed.
-    async fn fan_out(&self) -> crate::store::Result<()> {
-        loop {
-            let connectors = self.registry.snapshot();
-            let route: Route = Arc::new(move |event| {
-                // Disabled connectors are routed to as well: their deliveries are held. A
-                // connector only gets events its world has a hook for (refresh needs 0.2.0);
-                // loading already refuses a 0.1.0 component subscribed to refresh.
-                connectors
-                    .values()
-                    .map(|e| &e.connector)
-                    .filter(|c| {
-                        c.world.has_hook(event.event_type)
-                            && c.manifest.subscribes(
-                                &event.realm,
-                                event.event_type,
-                                event.origin_system.as_deref(),
-                            )
-                    })
-                    .map(|c| c.manifest.name.clone())
-                    .collect()
-            });
-            let (events, deliveries) = self.store.fan_out(route).await?;
-            if events > 0 {
-                tracing::debug!(events, deliveries, "fanned out outbox events");
-            }
-            if events < crate::store::deliveries::FAN_OUT_BATCH as usize {
-                return Ok(());
-            }
+    /// Fans out one batch of committed events not yet routed; true when the batch was full
+    /// (more are waiting).
+    async fn fan_out(&self) -> crate::store::Result<bool> {
+        let connectors = self.registry.snapshot();
+        let route: Route = Arc::new(move |event| {
+            // Disabled connectors are routed to as well: their deliveries are held. A
+            // connector only gets events its world has a hook for (refresh needs 0.2.0);
+            // loading already refuses a 0.1.0 component subscribed to refresh.
+            connectors
+                .values()
+                .map(|e| &e.connector)
+                .filter(|c| {
+                    c.world.has_hook(event.event_type)
+                        && c.manifest.subscribes(
+                            &event.realm,
+                            event.event_type,
+                            event.origin_system.as_deref(),
+                        )
+                })
+                .map(|c| c.manifest.name.clone())
+                .collect()
+        });
+        let (events, deliveries) = self.store.fan_out(route).await?;
+        if events > 0 {
+            tracing::debug!(events, deliveries, "fanned out outbox events");
         }
+        Ok(events >= crate::store::deliveries::FAN_OUT_BATCH as usize)
     }
 
     async fn claim(&self, limit: usize) -> crate::store::Result<Vec<ClaimedDelivery>> {

@@ -6,5 +6,6 @@ pub mod dispatcher;
 pub mod expiry;
 pub mod idp_events;
 pub mod model;
+pub mod receipts;
 pub mod sessions;
 pub mod validate;

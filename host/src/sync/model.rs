@@ -201,6 +201,8 @@ pub struct MapCommand {
     /// A PARENT takes `expires_at` (when it has none) and delegation from this session, the
     /// mirror of its IdP session, when that is live.
     pub inherit_from: Option<String>,
+    /// Written to the audit log in the same transaction when the session is registered.
+    pub audit: Option<AuditEntry>,
 }
 
 /// Which sessions a destroy starts from.
@@ -257,6 +259,9 @@ pub struct DestroyCommand {
     pub orphan_children: bool,
     /// Refuse the whole destroy if this token id was seen before (back-channel logout).
     pub replay_guard: Option<ReplayGuard>,
+    /// Written to the audit log in the same transaction (with the number of sessions
+    /// changed), also when nothing changed.
+    pub audit: Option<AuditEntry>,
 }
 
 /// What an identity-provider event (Keycloak event intake) does to the realm's sessions.
@@ -304,6 +309,8 @@ pub struct IdpCommand {
     pub origin_system: String,
     /// Realm policy for IdP-ended sessions.
     pub orphan_children: bool,
+    /// Written to the audit log in the same transaction.
+    pub audit: Option<AuditEntry>,
 }
 
 /// What applying an IdP event changed.
@@ -320,6 +327,123 @@ pub struct IdpOutcome {
     /// Sessions that ended in other realms, delegated by an administrator's session of this
     /// realm (counted, not listed: their ids belong to those realms).
     pub ended_elsewhere: usize,
+}
+
+impl IdpOutcome {
+    /// Sessions registered, changed or ended, plus revoke events (the audit record's count).
+    pub fn changed(&self) -> usize {
+        self.created.len()
+            + self.updated.len()
+            + self.ended.len()
+            + self.revoked
+            + self.ended_elsewhere
+    }
+}
+
+/// What an audit record says was done. Spelled in kebab case in the log; IdP events carry
+/// their Keycloak type (`idp-event:LOGOUT`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditAction {
+    /// `map-parent`.
+    MapParent,
+    /// `map-child`.
+    MapChild,
+    /// `map-fixed`.
+    MapFixed,
+    /// `destroy-parent`.
+    DestroyParent,
+    /// `destroy-child`.
+    DestroyChild,
+    /// `destroy-user`.
+    DestroyUser,
+    /// `backchannel-logout`: the IdP ended a session (OIDC Back-Channel Logout).
+    BackchannelLogout,
+    /// `idp-event:<TYPE>`: a Keycloak event from the event intake.
+    IdpEvent(String),
+    /// `expire`: the sweeper ended sessions whose lifetime ran out.
+    Expire,
+    /// `connector-put`: an upload through the admin API.
+    ConnectorPut,
+    /// `connector-delete`.
+    ConnectorDelete,
+    /// `connector-enable`.
+    ConnectorEnable,
+    /// `connector-disable`.
+    ConnectorDisable,
+    /// `delivery-replay`: dead letters queued again.
+    DeliveryReplay,
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuditAction::MapParent => "map-parent",
+            AuditAction::MapChild => "map-child",
+            AuditAction::MapFixed => "map-fixed",
+            AuditAction::DestroyParent => "destroy-parent",
+            AuditAction::DestroyChild => "destroy-child",
+            AuditAction::DestroyUser => "destroy-user",
+            AuditAction::BackchannelLogout => "backchannel-logout",
+            AuditAction::IdpEvent(kind) => return write!(f, "idp-event:{kind}"),
+            AuditAction::Expire => "expire",
+            AuditAction::ConnectorPut => "connector-put",
+            AuditAction::ConnectorDelete => "connector-delete",
+            AuditAction::ConnectorEnable => "connector-enable",
+            AuditAction::ConnectorDisable => "connector-disable",
+            AuditAction::DeliveryReplay => "delivery-replay",
+        })
+    }
+}
+
+/// Who did what, where and to what: an audit record before the store adds its result and
+/// time. Carried by the command it describes, so the store writes it in that command's
+/// transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    /// `admin`, `key:<id>`, `token:<sub>@<realm>`, `idp:<system>` or `lockstep:expiry`.
+    pub actor: String,
+    /// What was done.
+    pub action: AuditAction,
+    /// The realm acted in; `None` for actions that span realms (connectors, deliveries).
+    pub realm: Option<String>,
+    /// External id, user id, IdP session id, connector name or delivery id.
+    pub target: Option<String>,
+    /// A small JSON object with whatever else identifies the action (event id, reason).
+    pub detail: Option<serde_json::Value>,
+}
+
+impl AuditEntry {
+    /// An entry without target or detail.
+    pub fn new(actor: impl Into<String>, action: AuditAction, realm: Option<&str>) -> Self {
+        AuditEntry {
+            actor: actor.into(),
+            action,
+            realm: realm.map(str::to_owned),
+            target: None,
+            detail: None,
+        }
+    }
+
+    /// With this target.
+    pub fn target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// With this detail.
+    pub fn detail(mut self, detail: serde_json::Value) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+}
+
+/// How an audited action ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditOutcome {
+    /// Done; this many sessions (deliveries, connectors) changed.
+    Ok(i64),
+    /// Refused with this problem code (ALREADY_EXISTS, NOT_FOUND...).
+    Refused(&'static str),
 }
 
 /// A sync event as written to the outbox and later handed to connectors.
@@ -398,5 +522,15 @@ mod tests {
             assert_eq!(k.as_str().parse::<SessionKind>().ok(), Some(*k));
         }
         assert!("parent".parse::<SessionKind>().is_err());
+    }
+
+    #[test]
+    fn audit_actions_are_spelled_in_kebab_case() {
+        assert_eq!(AuditAction::MapParent.to_string(), "map-parent");
+        assert_eq!(AuditAction::DeliveryReplay.to_string(), "delivery-replay");
+        assert_eq!(
+            AuditAction::IdpEvent("LOGOUT".into()).to_string(),
+            "idp-event:LOGOUT"
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::idp_events::{self, KeycloakEvent};
 use super::model::{
-    DestroyCommand, DestroyTarget, EndReason, IdpCommand, IdpOutcome, MapCommand, ReplayGuard,
-    ReplayKind, Session, SessionKind,
+    AuditAction, AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, IdpCommand,
+    IdpOutcome, MapCommand, ReplayGuard, ReplayKind, Session, SessionKind,
 };
 use super::validate::{self, ValidationError};
 use crate::store::{Page, SessionQuery, Store, StoreError};
@@ -17,6 +17,8 @@ use crate::store::{Page, SessionQuery, Store, StoreError};
 pub const MAX_PAGE: u32 = 500;
 /// Page size when the caller gives none.
 pub const DEFAULT_PAGE: u32 = 50;
+/// The audit actor of the expiry sweeper.
+pub const EXPIRY_ACTOR: &str = "lockstep:expiry";
 
 /// Per-realm rules.
 #[derive(Clone, Debug, Default)]
@@ -115,6 +117,30 @@ impl SessionService {
         self.policies.get(realm).cloned().unwrap_or_default()
     }
 
+    /// Passes `result` on; a domain refusal is first recorded in the audit log. The refused
+    /// operation's transaction was rolled back (with the record it carried), so this is a
+    /// separate write: refusals are recorded best-effort (a failure is logged, the caller
+    /// still gets the refusal), successes transactionally.
+    async fn audited<T>(
+        &self,
+        entry: Option<AuditEntry>,
+        result: Result<T, StoreError>,
+    ) -> Result<T, SessionError> {
+        if let (Err(e), Some(entry)) = (&result, entry)
+            && let Some(code) = e.refusal_code()
+        {
+            let action = entry.action.to_string();
+            if let Err(w) = self
+                .store
+                .record_audit(entry, AuditOutcome::Refused(code))
+                .await
+            {
+                tracing::warn!(error = %w, %action, code, "audit record of a refusal not written");
+            }
+        }
+        Ok(result?)
+    }
+
     /// Validates and registers a session.
     pub async fn map(&self, cmd: MapCommand) -> Result<Session, SessionError> {
         let s = &cmd.session;
@@ -151,7 +177,9 @@ impl SessionService {
         {
             cmd.inherit_from = Some(idp_events::mirror_id(policy.idp_system(), sid));
         }
-        Ok(self.store.map(cmd).await?)
+        let audit = cmd.audit.clone();
+        let result = self.store.map(cmd).await;
+        self.audited(audit, result).await
     }
 
     /// Applies a Keycloak event (already authenticated) and remembers its id until
@@ -165,7 +193,14 @@ impl SessionService {
         validate::realm(realm)?;
         let policy = self.policy(realm);
         let change = idp_events::change_for(realm, policy.idp_system(), event)?;
-        Ok(self
+        let mut audit = AuditEntry::new(
+            format!("idp:{}", policy.idp_system()),
+            AuditAction::IdpEvent(event.event_type.clone()),
+            Some(realm),
+        )
+        .detail(serde_json::json!({ "eventId": event.id }));
+        audit.target = event.session_id.clone().or_else(|| event.user_id.clone());
+        let result = self
             .store
             .apply_idp(IdpCommand {
                 realm: realm.to_owned(),
@@ -177,8 +212,10 @@ impl SessionService {
                 },
                 origin_system: policy.idp_system().to_owned(),
                 orphan_children: policy.orphan_children,
+                audit: Some(audit.clone()),
             })
-            .await?)
+            .await;
+        self.audited(Some(audit), result).await
     }
 
     /// Ends up to `limit` sessions whose lifetime ran out (reason `expired`, descendants too,
@@ -195,6 +232,9 @@ impl SessionService {
         let mut changed = 0;
         for (realm, ids) in by_realm {
             let policy = self.policy(&realm);
+            // One record per realm and batch: the sessions themselves say `expired`.
+            let audit = AuditEntry::new(EXPIRY_ACTOR, AuditAction::Expire, Some(&realm))
+                .detail(serde_json::json!({ "due": ids.len() }));
             changed += self
                 .store
                 .destroy(DestroyCommand {
@@ -205,6 +245,7 @@ impl SessionService {
                     origin_system: None,
                     orphan_children: policy.orphan_children,
                     replay_guard: None,
+                    audit: Some(audit),
                 })
                 .await?
                 .len();
@@ -220,6 +261,7 @@ impl SessionService {
         target: DestroyTarget,
         reason: Option<EndReason>,
         origin_system: Option<String>,
+        audit: Option<AuditEntry>,
     ) -> Result<Vec<Session>, SessionError> {
         validate::realm(realm)?;
         match &target {
@@ -240,7 +282,8 @@ impl SessionService {
         }
         // DESIGN.md section 2: the orphan policy applies when the IdP ended the session.
         let orphan_children = reason == EndReason::IdpLogout && self.policy(realm).orphan_children;
-        Ok(self
+        let audit = audit.map(|a| a.detail(serde_json::json!({ "reason": reason.as_str() })));
+        let result = self
             .store
             .destroy(DestroyCommand {
                 realm: realm.to_owned(),
@@ -249,8 +292,10 @@ impl SessionService {
                 origin_system,
                 orphan_children,
                 replay_guard: None,
+                audit: audit.clone(),
             })
-            .await?)
+            .await;
+        self.audited(audit, result).await
     }
 
     /// Ends what the IdP ended (back-channel logout): every PARENT of the IdP session `sid`,
@@ -274,7 +319,21 @@ impl SessionService {
                 return Err(ValidationError("an IdP logout names a sid or a sub".into()).into());
             }
         }
-        Ok(self
+        let target_id = match &target {
+            DestroyTarget::IdpSession(id) | DestroyTarget::User(id) => Some(id.clone()),
+            _ => None,
+        };
+        let mut audit = AuditEntry::new(
+            format!("idp:{origin_system}"),
+            AuditAction::BackchannelLogout,
+            Some(realm),
+        )
+        .detail(serde_json::json!({
+            "jti": guard.jti,
+            "by": if matches!(target, DestroyTarget::User(_)) { "sub" } else { "sid" },
+        }));
+        audit.target = target_id;
+        let result = self
             .store
             .destroy(DestroyCommand {
                 realm: realm.to_owned(),
@@ -283,8 +342,10 @@ impl SessionService {
                 origin_system: Some(origin_system.to_owned()),
                 orphan_children: self.policy(realm).orphan_children,
                 replay_guard: Some(guard),
+                audit: Some(audit.clone()),
             })
-            .await?)
+            .await;
+        self.audited(Some(audit), result).await
     }
 
     /// One session.

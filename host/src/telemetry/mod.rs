@@ -1,7 +1,8 @@
 //! Logging set-up: `tracing` to stderr as text or JSON, filtered by `RUST_LOG` or
 //! `--log-level`. It configures output only; what gets logged is each module's business.
-//! [`metrics`] holds the counters behind `GET /metrics`.
+//! [`metrics`] holds the counters behind `GET /metrics`; [`audit`] the audit log's retention.
 
+pub mod audit;
 pub mod metrics;
 
 use tracing_subscriber::EnvFilter;

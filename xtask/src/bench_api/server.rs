@@ -97,6 +97,14 @@ impl Server {
         })
     }
 
+    /// Kills the server with SIGKILL (a crash: no shutdown code runs) and waits until the
+    /// process is gone, so a restart never overlaps it.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("killing the server")?;
+        self.drain.abort();
+        Ok(())
+    }
+
     /// Stops the server with SIGTERM (graceful shutdown), falling back to SIGKILL.
     /// Returns a note when the exit was not clean, for the report.
     pub async fn stop(mut self) -> Result<Option<String>> {
