@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,6 +97,43 @@ async fn all_deliveries(server: &Server, connector: &str) -> Vec<Value> {
         }
     }
     panic!("too many pages");
+}
+
+/// What the deliveries of both webhook connectors look like, for a failure message: rows by
+/// status per connector, and the events one connector has and the other lacks.
+async fn explain_missing(server: &Server) -> String {
+    let mut out = String::new();
+    let mut events: HashMap<&str, HashMap<String, Value>> = HashMap::new();
+    for name in ["hook-dir", "hook-api"] {
+        let all = all_deliveries(server, name).await;
+        let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+        for d in &all {
+            *by_status.entry(d["status"].to_string()).or_default() += 1;
+        }
+        out += &format!("{name}: {} deliveries {by_status:?}\n", all.len());
+        events.insert(
+            name,
+            all.into_iter()
+                .map(|d| (d["eventId"].as_str().unwrap_or("").to_owned(), d))
+                .collect(),
+        );
+    }
+    for (a, b) in [("hook-dir", "hook-api"), ("hook-api", "hook-dir")] {
+        let missing: Vec<&Value> = events[a]
+            .iter()
+            .filter(|(id, _)| !events[b].contains_key(*id))
+            .map(|(_, d)| d)
+            .collect();
+        out += &format!("{} events routed to {a} but not to {b}", missing.len());
+        if let Some(d) = missing.iter().min_by_key(|d| d["createdAt"].to_string()) {
+            out += &format!("; earliest: {d}");
+        }
+        if let Some(d) = missing.iter().max_by_key(|d| d["createdAt"].to_string()) {
+            out += &format!("; latest: {d}");
+        }
+        out += "\n";
+    }
+    out
 }
 
 fn metric(text: &str, sample: &str) -> f64 {
@@ -233,12 +270,24 @@ async fn swapping_under_load_loses_nothing_and_serves_each_event_with_a_current_
     assert!(sessions > 40, "the load ran: {sessions} sessions");
 
     // Everything is delivered: a login and a logout per session, per connector.
+    let deadline = Instant::now() + Duration::from_secs(120);
     for name in ["hook-dir", "hook-api"] {
-        wait_connector(&server, name, Duration::from_secs(120), |_, b| {
-            b["deliveries"]["pending"] == 0
+        loop {
+            let (_, b) = server.admin_get(&format!("/admin/connectors/{name}")).await;
+            if b["deliveries"]["pending"] == 0
                 && b["deliveries"]["deliveredSinceStart"].as_u64() >= Some(2 * sessions as u64)
-        })
-        .await;
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{name} did not deliver all {} events: {b:#}\n{}",
+                    2 * sessions,
+                    explain_missing(&server).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let received: Vec<_> = a.requests().into_iter().chain(b.requests()).collect();
     let a_ids: HashSet<(String, String)> = a

@@ -17,6 +17,7 @@ use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
 use crate::store::{Route, Store, now_millis};
+use crate::sync::model::SyncEvent;
 use crate::telemetry::metrics::Metrics;
 
 /// Dispatcher settings.
@@ -165,25 +166,28 @@ impl Dispatcher {
     /// Fans out one batch of committed events not yet routed; true when the batch was full
     /// (more are waiting).
     async fn fan_out(&self) -> crate::store::Result<bool> {
-        let connectors = self.registry.snapshot();
-        let route: Route = Arc::new(move |event| {
-            // Disabled connectors are routed to as well: their deliveries are held. A
-            // connector only gets events its world has a hook for (refresh needs 0.2.0);
-            // loading already refuses a 0.1.0 component subscribed to refresh.
-            connectors
-                .values()
-                .map(|e| &e.connector)
-                .filter(|c| {
-                    c.world.has_hook(event.event_type)
-                        && c.manifest.subscribes(
-                            &event.realm,
-                            event.event_type,
-                            event.origin_system.as_deref(),
-                        )
-                })
-                .map(|c| c.manifest.name.clone())
-                .collect()
-        });
+        let registry = self.registry.clone();
+        let route = route_on_first_use(
+            move || registry.snapshot(),
+            |connectors, event| {
+                // Disabled connectors are routed to as well: their deliveries are held. A
+                // connector only gets events its world has a hook for (refresh needs 0.2.0);
+                // loading already refuses a 0.1.0 component subscribed to refresh.
+                connectors
+                    .values()
+                    .map(|e| &e.connector)
+                    .filter(|c| {
+                        c.world.has_hook(event.event_type)
+                            && c.manifest.subscribes(
+                                &event.realm,
+                                event.event_type,
+                                event.origin_system.as_deref(),
+                            )
+                    })
+                    .map(|c| c.manifest.name.clone())
+                    .collect()
+            },
+        );
         let (events, deliveries) = self.store.fan_out(route).await?;
         if events > 0 {
             tracing::debug!(events, deliveries, "fanned out outbox events");
@@ -304,9 +308,47 @@ impl Dispatcher {
     }
 }
 
+/// A route that reads the connectors (`view`) when the first event is routed, once per batch.
+///
+/// The store calls the route after it has selected the batch, so the view is never older than
+/// the events: a connector loaded before an event was committed gets that event. Read before
+/// the SELECT, a slow database could hand the batch events committed after a connector was
+/// loaded, routed with a view that predates the connector (seen under CI load: the first
+/// events after an upload were routed without the uploaded connector).
+fn route_on_first_use<V, L, P>(view: L, pick: P) -> Route
+where
+    V: Send + Sync + 'static,
+    L: Fn() -> V + Send + Sync + 'static,
+    P: Fn(&V, &SyncEvent) -> Vec<String> + Send + Sync + 'static,
+{
+    let taken = std::sync::OnceLock::new();
+    Arc::new(move |event| pick(taken.get_or_init(&view), event))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_reads_the_connectors_when_it_first_routes_not_when_it_is_made() {
+        let live = Arc::new(std::sync::Mutex::new(vec!["old".to_owned()]));
+        let source = live.clone();
+        let route = route_on_first_use(
+            move || source.lock().unwrap().clone(),
+            |names: &Vec<String>, _| names.clone(),
+        );
+        // A connector loaded after the route was made, before the batch is routed.
+        live.lock().unwrap().push("uploaded".to_owned());
+        let event: SyncEvent = serde_json::from_value(serde_json::json!({
+            "eventId": "e1", "type": "login", "realm": "acme", "externalId": "s1",
+            "kind": "PARENT", "attributes": {}, "occurredAt": "2026-11-23T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(route(&event), ["old", "uploaded"]);
+        // One view per batch: a change in the middle of routing it does not split the batch.
+        live.lock().unwrap().clear();
+        assert_eq!(route(&event), ["old", "uploaded"]);
+    }
 
     fn policy(on_failure: OnFailure) -> Policy {
         Policy {

@@ -191,7 +191,11 @@ impl Server {
                     .clone()
                     .unwrap_or_else(|| components::workspace().join("target/test-compile-cache")),
             )
-            .env("RUST_LOG", opts.log)
+            // LOCKSTEP_TEST_LOG (e.g. `lockstep=debug`) overrides every server's level when chasing a failure.
+            .env(
+                "RUST_LOG",
+                std::env::var("LOCKSTEP_TEST_LOG").unwrap_or_else(|_| opts.log.to_owned()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
