@@ -913,13 +913,15 @@ async fn a_change_on_one_instance_reaches_every_instance() {
     }
     let receiver = Receiver::start().await;
     let first = Server::start(Backend::Postgres).await;
-    let second = Server::start_on(
-        Backend::Postgres,
-        first.database_url.clone(),
-        None,
-        ServerOptions::default(),
-    )
-    .await;
+    let others = |url: String| Server::start_on(Backend::Postgres, url, None, Default::default());
+    let second = others(first.database_url.clone()).await;
+    let third = others(first.database_url.clone()).await;
+    // Each change is made on one instance and awaited (bounded) on the other two.
+    async fn reaches(on: [&Server; 2], pred: impl Fn(StatusCode, &Value) -> bool) {
+        for server in on {
+            wait_connector(server, "hook", Duration::from_secs(4), &pred).await;
+        }
+    }
     let manifest =
         |path: &str| webhook_manifest("hook", &receiver.url(path), &[receiver.origin()], None);
     let (code, body) = first
@@ -928,29 +930,26 @@ async fn a_change_on_one_instance_reaches_every_instance() {
     assert_eq!(code, StatusCode::CREATED, "{body}");
     let version = body["connector"]["version"].as_str().unwrap().to_owned();
     let started = Instant::now();
-    wait_connector(&second, "hook", Duration::from_secs(4), |_, b| {
+    reaches([&second, &third], |_, b| {
         b["version"].as_str() == Some(version.as_str())
     })
     .await;
     eprintln!(
-        "upload reached the other instance in {:?}",
+        "upload reached the other instances in {:?}",
         started.elapsed()
     );
-    let (code, body) = first.put_connector("hook", &manifest("/two"), None).await;
+    let (code, body) = third.put_connector("hook", &manifest("/two"), None).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let version = body["connector"]["version"].as_str().unwrap().to_owned();
-    wait_connector(&second, "hook", Duration::from_secs(4), |_, b| {
+    reaches([&first, &second], |_, b| {
         b["version"].as_str() == Some(version.as_str())
     })
     .await;
     first
         .admin_post("/admin/connectors/hook/disable", json!({}))
         .await;
-    wait_connector(&second, "hook", Duration::from_secs(4), |_, b| {
-        b["state"] == "disabled"
-    })
-    .await;
-    // Held on both instances while disabled; delivered once after enable from the other one.
+    reaches([&second, &third], |_, b| b["state"] == "disabled").await;
+    // Held on every instance while disabled; delivered once after enable from another one.
     assert_eq!(
         second.api("acme").map_parent("p1", "sid").await.0,
         StatusCode::CREATED
@@ -960,13 +959,14 @@ async fn a_change_on_one_instance_reaches_every_instance() {
     second
         .admin_post("/admin/connectors/hook/enable", json!({}))
         .await;
+    reaches([&first, &third], |_, b| b["state"] == "active").await;
     let got = receiver.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got[0].path, "/two");
     assert_eq!(
         first.admin_delete("/admin/connectors/hook").await.0,
         StatusCode::NO_CONTENT
     );
-    wait_connector(&second, "hook", Duration::from_secs(4), |c, _| c == 404).await;
+    reaches([&second, &third], |c, _| c == 404).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.requests().len(), 1, "delivered exactly once");
 }
