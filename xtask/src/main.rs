@@ -12,6 +12,9 @@
 //!   release build: answer latency, throughput, time to the webhooks, replays refused.
 //! - `bench-crash`: SIGKILL a release build at random points under map/destroy load with two
 //!   webhook connectors, restart it, and check that nothing committed or routed was lost.
+//! - `bench`: mixed-load curves (map, query, destroy) of a release build at increasing offered
+//!   rates (open loop) on SQLite and PostgreSQL, the server's memory with `--rows` rows, and
+//!   a PNG plot of throughput and p99 latency (`docs/bench-curves.png`).
 //! - `keycloak start|stop|status|url`: the real Keycloak the tests log in against
 //!   (`127.0.0.1:18180`, realms from `tests/keycloak/`), started once per test run.
 
@@ -19,6 +22,7 @@ mod bench_api;
 mod bench_crash;
 mod bench_events;
 mod bench_logout;
+mod bench_mixed;
 mod bench_swap;
 mod build_connectors;
 mod keycloak;
@@ -52,6 +56,9 @@ enum Command {
     /// Crash safety: SIGKILL and restart the server under load, then check no committed
     /// change or delivery was lost, count duplicates, and check no echo to the origin.
     BenchCrash(bench_crash::Args),
+    /// Mixed-load curves: map/query/destroy at increasing offered rates (open loop) on SQLite
+    /// and PostgreSQL, server memory with `--rows` rows, and a PNG plot of the curves.
+    Bench(bench_mixed::Args),
     /// Run the test Keycloak: `start` (download, import tests/keycloak/*.json), `stop`,
     /// `status`, `url`.
     Keycloak(keycloak::Args),
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         Command::BenchLogout(args) => bench_logout::main(args),
         Command::BenchEvents(args) => bench_events::main(args),
         Command::BenchCrash(args) => bench_crash::main(args),
+        Command::Bench(args) => bench_mixed::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
     match result {

@@ -336,3 +336,64 @@ pub async fn fill_sessions(target: &Target, to: i64, realm: &str) -> Result<i64>
     );
     Ok(want)
 }
+
+/// The size of a backend's data on disk.
+pub struct DbSize {
+    /// SQLite: the database file with its `-wal` and `-shm` files; PostgreSQL:
+    /// `pg_database_size` of the database.
+    pub total: u64,
+    /// `sessions` with its indexes: SQLite from the `dbstat` table (when the library has it),
+    /// PostgreSQL `pg_total_relation_size` (table, indexes, TOAST).
+    pub sessions: Option<u64>,
+}
+
+const SESSIONS_SIZE_SQLITE: &str = "SELECT SUM(pgsize) FROM dbstat
+    WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = 'sessions')";
+
+/// Size of the target's data on disk. Safe while the server runs.
+pub async fn size(target: &Target) -> Result<DbSize> {
+    match target {
+        Target::Sqlite { path } => {
+            let mut total = 0;
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.as_os_str().to_owned();
+                file.push(suffix);
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    total += meta.len();
+                }
+            }
+            let opts = SqliteConnectOptions::new().filename(path).read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+                .await
+                .context("opening the SQLite database")?;
+            // `dbstat` exists only when SQLite was built with it; without it, no breakdown.
+            let sessions: Option<i64> = sqlx::query_scalar(SESSIONS_SIZE_SQLITE)
+                .fetch_one(&mut conn)
+                .await
+                .ok()
+                .flatten();
+            conn.close().await?;
+            Ok(DbSize {
+                total,
+                sessions: sessions.and_then(|n| u64::try_from(n).ok()),
+            })
+        }
+        Target::Postgres { url } => {
+            let mut conn = PgConnection::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let (total, sessions): (i64, i64) = sqlx::query_as(
+                "SELECT pg_database_size(current_database()),
+                        pg_total_relation_size('sessions')",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .context("reading the database size")?;
+            conn.close().await?;
+            Ok(DbSize {
+                total: u64::try_from(total).unwrap_or(0),
+                sessions: u64::try_from(sessions).ok(),
+            })
+        }
+    }
+}

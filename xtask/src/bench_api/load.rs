@@ -264,6 +264,31 @@ impl Api {
             .map_or_else(Outcome::Err, |(_, warn)| warn)
     }
 
+    /// Sends a GET of `{base}{path}`, or a POST of `body` as JSON when there is one, and
+    /// reads the whole answer: its status, or the transport error. For harnesses that judge
+    /// statuses themselves (where a 404 or 409 may be an expected answer, not a failure).
+    pub async fn status_of(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::result::Result<StatusCode, String> {
+        let url = format!("{}{path}", self.base);
+        let req = match body {
+            None => self.client.get(url),
+            Some(body) => self.client.post(url).json(body),
+        };
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        resp.bytes()
+            .await
+            .map_err(|e| format!("reading the body: {e}"))?;
+        Ok(status)
+    }
+
     async fn post(
         &self,
         op: &str,

@@ -44,6 +44,9 @@ impl Server {
             .args(["--durability", durability])
             .args(extra_args)
             .env("LOCKSTEP_ADMIN_TOKEN", token)
+            // The harnesses measure the server, not its per-caller rate limit (one token
+            // sends everything); an older server binary ignores the variable.
+            .env("LOCKSTEP_REQUESTS_PER_SECOND", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -95,6 +98,11 @@ impl Server {
             log: log.to_owned(),
             drain,
         })
+    }
+
+    /// The server's process id, while it runs (for reading `/proc/<pid>/`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Kills the server with SIGKILL (a crash: no shutdown code runs) and waits until the
