@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// Days an audit record is kept (default 90, `[audit] retention_days`); 0 keeps them all.
     #[arg(long, env = "LOCKSTEP_AUDIT_RETENTION_DAYS")]
     pub audit_retention_days: Option<u32>,
+    /// Requests per second per caller (default 1000, `[limits] requests_per_second`); 0 switches
+    /// the rate limit off.
+    #[arg(long, env = "LOCKSTEP_REQUESTS_PER_SECOND")]
+    pub requests_per_second: Option<u32>,
     /// Storage.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -254,6 +258,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("invalid listen address {listen:?}"))?;
     let opts = args.store.options(&file)?;
+    let limits = file.limits.resolve(args.requests_per_second)?;
     let store = open_store(&opts).await?;
     let listener = TcpListener::bind(addr)
         .await
@@ -291,7 +296,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone());
     }
     lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
-    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, "lockstep serving");
+    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, ?limits, "lockstep serving");
     // Machine-readable readiness line for scripts and black-box tests: printed only once the
     // store is migrated and every connector is loaded.
     println!("listening on {local}");
@@ -303,7 +308,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DispatcherConfig::default(),
     );
     let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
-    let sessions = SessionService::new(store.clone(), policies);
+    let sessions =
+        SessionService::new(store.clone(), policies).with_max_cascade(limits.max_cascade);
     let sweeper = tokio::spawn(expiry::run(
         sessions.clone(),
         ExpiryConfig::default(),
@@ -325,9 +331,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         connectors,
         oidc,
         events,
+        rate_limit: limits
+            .rate
+            .map(|(rate, burst)| Arc::new(api::limits::RateLimiter::new(rate, burst))),
     };
-    let server = axum::serve(listener, api::app(state)).with_graceful_shutdown(shutdown_signal());
-    let result = server.await;
+    let app = api::app(state);
+    let result = match limits.max_client_connections {
+        Some(max) => {
+            axum::serve(api::limits::LimitedListener::new(listener, max), app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+    };
     tracing::info!("shutting down: finishing hook calls in flight");
     let _ = stop.send(true);
     if let Err(e) = sweeper.await {

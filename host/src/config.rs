@@ -57,6 +57,71 @@ pub struct FileConfig {
     /// `[audit]`: the audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `[limits]`: request rate, cascade size and connections.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`; every value has a default, 0 switches that limit off.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sustained requests per second per caller (API key, token subject, admin token) on one
+    /// instance (default 1000).
+    pub requests_per_second: Option<u32>,
+    /// Requests a caller may send at once above the sustained rate (default 2 × the rate).
+    pub burst: Option<u32>,
+    /// Sessions one API destroy may end, descendants included (default 10000).
+    pub max_cascade: Option<usize>,
+    /// Client connections open at once; more wait in the listen backlog (default 1024).
+    pub max_client_connections: Option<usize>,
+}
+
+/// Default of `[limits] requests_per_second`.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 1_000;
+/// Default of `[limits] max_cascade`.
+pub const DEFAULT_MAX_CASCADE: usize = 10_000;
+/// Default of `[limits] max_client_connections`.
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 1_024;
+
+/// The limits the service runs with (`None`: that limit is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Per-caller rate and burst.
+    pub rate: Option<(u32, u32)>,
+    /// Sessions one API destroy may end.
+    pub max_cascade: Option<usize>,
+    /// Client connections open at once.
+    pub max_client_connections: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// Applies the defaults; `requests_per_second` from the command line wins over the file.
+    pub fn resolve(&self, requests_per_second: Option<u32>) -> Result<Limits, ConfigError> {
+        let rps = requests_per_second
+            .or(self.requests_per_second)
+            .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
+        let rate = match (rps, self.burst) {
+            (0, _) => None,
+            (_, Some(0)) => {
+                return Err(ConfigError::Invalid(
+                    "[limits] burst must be at least 1 (set requests_per_second = 0 to switch \
+                     the rate limit off)"
+                        .into(),
+                ));
+            }
+            (rps, burst) => Some((rps, burst.unwrap_or(rps.saturating_mul(2)))),
+        };
+        let off_if_zero = |v: usize| (v > 0).then_some(v);
+        Ok(Limits {
+            rate,
+            max_cascade: off_if_zero(self.max_cascade.unwrap_or(DEFAULT_MAX_CASCADE)),
+            max_client_connections: off_if_zero(
+                self.max_client_connections
+                    .unwrap_or(DEFAULT_MAX_CLIENT_CONNECTIONS),
+            ),
+        })
+    }
 }
 
 /// `[audit]`.
@@ -199,6 +264,35 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_have_defaults_zero_switches_them_off_and_the_command_line_wins() {
+        let none = FileConfig::parse("").unwrap().limits.resolve(None).unwrap();
+        assert_eq!(
+            none,
+            Limits {
+                rate: Some((1_000, 2_000)),
+                max_cascade: Some(10_000),
+                max_client_connections: Some(1_024),
+            }
+        );
+        let file = FileConfig::parse(
+            "[limits]\nrequests_per_second = 5\nburst = 7\nmax_cascade = 0\nmax_client_connections = 3\n",
+        )
+        .unwrap();
+        let l = file.limits.resolve(None).unwrap();
+        assert_eq!(l.rate, Some((5, 7)));
+        assert_eq!(l.max_cascade, None);
+        assert_eq!(l.max_client_connections, Some(3));
+        assert_eq!(file.limits.resolve(Some(0)).unwrap().rate, None);
+        assert_eq!(file.limits.resolve(Some(9)).unwrap().rate, Some((9, 7)));
+        let bad = FileConfig::parse("[limits]\nburst = 0\n").unwrap();
+        assert!(bad.limits.resolve(None).is_err());
+        assert!(
+            FileConfig::parse("[limits]\nrps = 1\n").is_err(),
+            "unknown keys are refused"
+        );
+    }
 
     #[test]
     fn documented_example_parses() {

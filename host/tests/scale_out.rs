@@ -535,3 +535,55 @@ async fn a_shared_outbox_is_delivered_once_per_event_by_several_instances() {
         "more than one instance delivered: {total:?}"
     );
 }
+
+/// Regression: each instance routes the events it fans out with the connectors it has
+/// loaded. A connector uploaded on one instance must still get every event committed after
+/// its upload answered, whichever instance wrote or fans out the event (the others load the
+/// upload moments later, after its NOTIFY). Five uploads, each followed at once by maps on
+/// all three instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_uploaded_on_one_instance_gets_every_later_event_from_every_instance() {
+    let receiver = Receiver::start().await;
+    let Some(servers) = three_instances(ServerOptions::default()).await else {
+        return;
+    };
+    let apis = apis(&servers, "acme");
+    let bytes = std::fs::read(common::components::component("webhook")).unwrap();
+    const PER_ROUND: usize = 30;
+    for round in 0..5 {
+        let name = format!("late-{round}");
+        let manifest = format!(
+            "name = \"{name}\"\nrealms = [\"acme\"]\nevents = [\"login\"]\n\
+             allowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n[config]\nurl = \"{}\"\n",
+            receiver.origin(),
+            receiver.url(&format!("/{name}"))
+        );
+        let (code, body) = servers[round % 3]
+            .put_connector(&name, &manifest, Some(bytes.clone()))
+            .await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+        let tasks = (0..PER_ROUND).map(|i| {
+            let api = apis[i % 3].clone();
+            let id = format!("{name}-s{i}");
+            async move {
+                let (code, body) = api.map_parent(&id, &format!("kc-{id}")).await;
+                assert_eq!(code, StatusCode::CREATED, "{body}");
+            }
+            .boxed()
+        });
+        all(tasks).await;
+        let got = wait_all_deliveries(&servers[0], &name, Duration::from_secs(30), |d| {
+            d.len() >= PER_ROUND
+        })
+        .await;
+        let sessions: HashSet<&str> = got
+            .iter()
+            .filter_map(|d| d["externalId"].as_str())
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            PER_ROUND,
+            "{name}: one login delivery per session"
+        );
+    }
+}

@@ -56,6 +56,17 @@ pub enum ApiError {
     /// An IdP event with this id was applied before.
     #[error("{0}")]
     DuplicateEvent(String),
+    /// A destroy would end more sessions than `[limits] max_cascade` (422); nothing changed.
+    #[error("{0}")]
+    CascadeTooLarge(String),
+    /// The caller used up its request budget (429, with `Retry-After` in whole seconds).
+    #[error("{detail}")]
+    RateLimited {
+        /// What happened and the limit.
+        detail: String,
+        /// Seconds until a request is accepted again.
+        retry_after_secs: u64,
+    },
     /// The route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -105,6 +116,8 @@ impl ApiError {
             ApiError::WrongKind(_) => (StatusCode::CONFLICT, "WRONG_KIND"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT"),
+            ApiError::CascadeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "CASCADE_TOO_LARGE"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
@@ -124,6 +137,7 @@ impl ApiError {
             | ApiError::WrongKind(_)
             | ApiError::Conflict(_)
             | ApiError::DuplicateEvent(_)
+            | ApiError::CascadeTooLarge(_)
             | ApiError::InvalidManifest(_)
             | ApiError::InvalidComponent(_) => Some(self.status_and_code().1),
             ApiError::Validation(_)
@@ -133,6 +147,7 @@ impl ApiError {
             | ApiError::Forbidden(_)
             | ApiError::MethodNotAllowed(_)
             | ApiError::Unavailable(_)
+            | ApiError::RateLimited { .. }
             | ApiError::Internal => None,
         }
     }
@@ -156,6 +171,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _) = self.status_and_code();
+        let retry_after = match &self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
@@ -167,6 +188,9 @@ impl IntoResponse for ApiError {
             // The rest of the body was not read, so this connection cannot carry another
             // request; tell the client instead of letting it reuse a dead connection.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -198,6 +222,7 @@ impl From<StoreError> for ApiError {
             StoreError::ParentNotFound(_) => ApiError::ParentNotFound(e.to_string()),
             StoreError::ParentNotActive { .. } => ApiError::ParentNotActive(e.to_string()),
             StoreError::WrongKind(m) => ApiError::WrongKind(m),
+            StoreError::CascadeTooLarge { .. } => ApiError::CascadeTooLarge(e.to_string()),
             StoreError::Replayed(id) => {
                 ApiError::DuplicateEvent(format!("event {id:?} was already applied"))
             }
@@ -230,6 +255,11 @@ mod tests {
             },
             StoreError::WrongKind("a".into()),
             StoreError::Replayed("a".into()),
+            StoreError::CascadeTooLarge {
+                target: "a".into(),
+                sessions: 3,
+                limit: 2,
+            },
         ];
         for e in refusals {
             let store_code = e.refusal_code();

@@ -135,6 +135,19 @@ impl FromRequestParts<AppState> for Caller {
                 ApiError::Unauthorized("Authorization header is not valid text".into())
             })?),
         };
-        Ok(Caller(state.auth.authenticate(header).await?))
+        let principal = state.auth.authenticate(header).await?;
+        if let Some(limiter) = &state.rate_limit
+            && let Err(wait) = limiter.check(&principal.actor(), std::time::Instant::now())
+        {
+            return Err(ApiError::RateLimited {
+                detail: format!(
+                    "too many requests from {}: the limit is {} per caller ([limits] requests_per_second)",
+                    principal.actor(),
+                    limiter.describe()
+                ),
+                retry_after_secs: super::limits::retry_after_secs(wait),
+            });
+        }
+        Ok(Caller(principal))
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+pub mod limits;
 pub mod openapi;
 mod receipts;
 mod sessions;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub oidc: std::sync::Arc<crate::oidc::Verifier>,
     /// Realms that accept Keycloak events, with their signing secrets.
     pub events: std::sync::Arc<crate::auth::webhook::EventKeys>,
+    /// Per-caller request budget of the authenticated endpoints (`None`: unlimited).
+    pub rate_limit: Option<std::sync::Arc<limits::RateLimiter>>,
 }
 
 /// The whole HTTP application.

@@ -44,7 +44,7 @@ use super::AppState;
         super::health::readyz,
         super::audit::list,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &RateLimited),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
@@ -71,6 +71,52 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Every route that takes a bearer token can also answer 429 (`[limits] requests_per_second`):
+/// added here to each operation that documents a 401, rather than repeated on every handler.
+struct RateLimited;
+
+impl Modify for RateLimited {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let Some(RefOr::T(unauthorized)) = op.responses.responses.get("401") else {
+                    continue;
+                };
+                let mut limited = unauthorized.clone();
+                limited.description = "RATE_LIMITED: the caller sent more than its \
+                    `[limits] requests_per_second`; retry after `Retry-After` seconds"
+                    .to_owned();
+                limited.headers.insert(
+                    "Retry-After".to_owned(),
+                    HeaderBuilder::new()
+                        .schema(
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .minimum(Some(1)),
+                        )
+                        .description(Some("Seconds until a request is accepted again"))
+                        .build(),
+                );
+                op.responses
+                    .responses
+                    .insert("429".to_owned(), RefOr::T(limited));
+            }
+        }
     }
 }
 

@@ -260,6 +260,7 @@ async fn do_destroy(
         BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn destroy_parent(
     State(state): State<AppState>,
@@ -289,6 +290,7 @@ async fn destroy_parent(
         BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn destroy_child(
     State(state): State<AppState>,
@@ -314,6 +316,7 @@ async fn destroy_child(
     request_body = DestroyUserRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
+        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
         AccessProblems,
         BodyProblems,
     ))]

@@ -254,6 +254,7 @@ impl Connectors {
             )
             .await?;
         control.refused_uploads.remove(name);
+        self.inner.registry.set_refused(name, None);
         let enabled = match &existing {
             Some(e) => e.enabled,
             None => !self.is_disabled_in_store(name).await?,
@@ -546,6 +547,7 @@ impl Connectors {
                 Ok(())
             }
             Err(e) => {
+                self.inner.registry.set_refused(name, Some(&row.version));
                 control.refused_uploads.insert(name.to_owned(), row.version);
                 Err(e)
             }

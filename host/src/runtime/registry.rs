@@ -50,6 +50,9 @@ pub type ConnectorSet = BTreeMap<String, Arc<Entry>>;
 #[derive(Default)]
 pub struct Registry {
     current: ArcSwap<ConnectorSet>,
+    /// Stored uploads (name → version) this instance tried and could not load: they are
+    /// accounted for (see [`Registry::covers`]) although they serve nothing here.
+    refused: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl Registry {
@@ -66,6 +69,38 @@ impl Registry {
     /// One connector.
     pub fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.current.load().get(name).cloned()
+    }
+
+    /// Records that the stored upload `name` at `version` does not load on this instance
+    /// (`None`: forget it, say once a version loads or the upload is removed).
+    pub fn set_refused(&self, name: &str, version: Option<&str>) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match version {
+            Some(v) => refused.insert(name.to_owned(), v.to_owned()),
+            None => refused.remove(name),
+        };
+    }
+
+    /// Whether this instance has caught up with the stored uploads (name, version): each is
+    /// loaded at that version, refused at that version, or shadowed by a directory connector
+    /// of the same name; and no uploaded connector is loaded that is no longer stored. The
+    /// dispatcher routes a batch only when this holds, so a connector uploaded on another
+    /// instance is never left out of the events committed after its upload.
+    pub fn covers(&self, uploads: &[(String, String)]) -> bool {
+        let current = self.current.load();
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let stored_here = uploads
+            .iter()
+            .all(|(name, version)| match current.get(name) {
+                Some(e) if e.source != Source::Api => true,
+                Some(e) if &e.connector.version == version => true,
+                _ => refused.get(name) == Some(version),
+            });
+        stored_here
+            && current
+                .iter()
+                .filter(|(_, e)| e.source == Source::Api)
+                .all(|(name, _)| uploads.iter().any(|(n, _)| n == name))
     }
 
     /// Applies `change` to a copy of the set and publishes it in one atomic store. Callers

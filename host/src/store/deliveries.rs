@@ -190,8 +190,9 @@ macro_rules! delivery_ops {
         pub(crate) async fn fan_out(
             conn: &mut $conn,
             route: &(dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync),
+            gate: &crate::store::GateFn,
             now: i64,
-        ) -> Result<(usize, usize)> {
+        ) -> Result<Option<(usize, usize)>> {
             let rows: Vec<(i64, String)> = sqlx::query_as(concat!(
                 "SELECT id, payload FROM outbox WHERE fanned_out = 0 ORDER BY id LIMIT $1",
                 $skip_locked
@@ -200,7 +201,11 @@ macro_rules! delivery_ops {
             .fetch_all(&mut *conn)
             .await?;
             if rows.is_empty() {
-                return Ok((0, 0));
+                return Ok(Some((0, 0)));
+            }
+            // Read after the batch: an upload committed before any of these events is seen.
+            if !gate(&upload_versions(&mut *conn).await?) {
+                return Ok(None);
             }
             let mut targets: Vec<(i64, SyncEvent, String)> = Vec::new();
             for (id, payload) in &rows {
@@ -243,7 +248,7 @@ macro_rules! delivery_ops {
             .bind(ids)
             .execute(&mut *conn)
             .await?;
-            Ok((rows.len(), targets.len()))
+            Ok(Some((rows.len(), targets.len())))
         }
 
         /// Leases up to `limit` due deliveries of the given connectors, oldest first, never

@@ -28,6 +28,13 @@ use deliveries::{
 /// Decides which connectors receive an event (the sync engine's routing rule).
 pub type Route = Arc<dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync>;
 
+/// Whether this instance's connectors account for every uploaded connector (name, version)
+/// the database holds; read in the fan-out's transaction after its batch.
+pub type Gate = Arc<GateFn>;
+
+/// The check behind a [`Gate`].
+pub type GateFn = dyn Fn(&[(String, String)]) -> bool + Send + Sync;
+
 pub use sqlite::Durability;
 
 /// Store failures. Domain refusals are distinct variants so the API can map them to 4xx.
@@ -56,6 +63,18 @@ pub enum StoreError {
     /// A destroy named a session of the wrong kind for that route.
     #[error("{0}")]
     WrongKind(String),
+    /// A destroy would end more sessions than `[limits] max_cascade` allows; nothing changed.
+    #[error(
+        "destroying {target:?} would end {sessions} sessions; the limit is {limit} ([limits] max_cascade)"
+    )]
+    CascadeTooLarge {
+        /// What the caller asked to destroy.
+        target: String,
+        /// Sessions the destroy would have ended.
+        sessions: usize,
+        /// The configured limit.
+        limit: usize,
+    },
     /// The database URL is not one this build understands.
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
@@ -83,6 +102,7 @@ impl StoreError {
             StoreError::ParentNotFound(_) => Some("PARENT_NOT_FOUND"),
             StoreError::ParentNotActive { .. } => Some("PARENT_NOT_ACTIVE"),
             StoreError::WrongKind(_) => Some("WRONG_KIND"),
+            StoreError::CascadeTooLarge { .. } => Some("CASCADE_TOO_LARGE"),
             StoreError::Replayed(_) => Some("DUPLICATE_EVENT"),
             StoreError::UnsupportedUrl(_)
             | StoreError::Corrupt(_)
@@ -263,16 +283,18 @@ impl Store {
     }
 
     /// Turns new outbox events into deliveries for the connectors `route` names.
-    /// Returns (events, deliveries) handled in this round.
-    pub async fn fan_out(&self, route: Route) -> Result<(usize, usize)> {
+    /// Returns (events, deliveries) handled in this round, or `None` (nothing changed) when
+    /// `gate` says this instance has not yet loaded a connector upload the database holds:
+    /// routing now would leave that connector out of events committed after its upload.
+    pub async fn fan_out(&self, route: Route, gate: Gate) -> Result<Option<(usize, usize)>> {
         match self {
             Store::Sqlite(s) => {
                 s.write(move |c, now| {
-                    Box::pin(async move { sqlite::ops::fan_out(c, &*route, now).await })
+                    Box::pin(async move { sqlite::ops::fan_out(c, &*route, &*gate, now).await })
                 })
                 .await
             }
-            Store::Postgres(p) => p.fan_out(&*route).await,
+            Store::Postgres(p) => p.fan_out(&*route, &*gate).await,
         }
     }
 

@@ -210,6 +210,7 @@ macro_rules! session_ops {
                             origin_system: Some(cmd.origin_system.clone()),
                             orphan_children: cmd.orphan_children,
                             replay_guard: None,
+                            max_sessions: None,
                             audit: None,
                         };
                         out.ended = destroy_unguarded(conn, &destroy, now).await?;
@@ -332,6 +333,7 @@ macro_rules! session_ops {
                         origin_system: Some(cmd.origin_system.clone()),
                         orphan_children: cmd.orphan_children,
                         replay_guard: None,
+                        max_sessions: None,
                         audit: None,
                     };
                     out.ended = destroy_unguarded(conn, &destroy, now).await?;
@@ -370,6 +372,7 @@ macro_rules! session_ops {
                     origin_system: Some(cmd.origin_system.clone()),
                     orphan_children: cmd.orphan_children,
                     replay_guard: None,
+                    max_sessions: None,
                     audit: None,
                 };
                 ended += destroy_unguarded(conn, &destroy, now).await?.len();
@@ -511,6 +514,16 @@ macro_rules! session_ops {
                     last = more.iter().map(|s| s.external_id.clone()).collect();
                     changed.extend(more);
                 }
+            }
+            if let Some(limit) = cmd.max_sessions
+                && changed.len() > limit
+            {
+                // The caller's savepoint/transaction rolls the cascade back.
+                return Err(StoreError::CascadeTooLarge {
+                    target: cmd.target.label(),
+                    sessions: changed.len(),
+                    limit,
+                });
             }
             changed.sort_by_key(|s| s.seq);
             let occurred_at = millis_to_time(now)?;

@@ -178,9 +178,10 @@ impl PgStore {
     pub(super) async fn fan_out(
         &self,
         route: &(dyn Fn(&crate::sync::model::SyncEvent) -> Vec<String> + Send + Sync),
-    ) -> Result<(usize, usize)> {
+        gate: &super::GateFn,
+    ) -> Result<Option<(usize, usize)>> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| ops::fan_out(conn, route, now))
+        in_tx!(self.pool, |conn| ops::fan_out(conn, route, gate, now))
     }
 
     pub(super) async fn claim(

@@ -16,7 +16,7 @@ use crate::runtime::manifest::{OnFailure, Policy};
 use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
-use crate::store::{Route, Store, now_millis};
+use crate::store::{Gate, Route, Store, now_millis};
 use crate::sync::model::SyncEvent;
 use crate::telemetry::metrics::Metrics;
 
@@ -50,7 +50,12 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     config: DispatcherConfig,
+    /// Since when fan-out has waited for connector uploads to load here (for the warning).
+    behind_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// Fan-out waiting this long for this instance to load the stored uploads is logged.
+const BEHIND_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// The delay before attempt `attempt + 1`: exponential ceiling, full jitter.
 pub fn backoff_ms(policy: &Policy, attempt: u32, rng: &mut impl Rng) -> u64 {
@@ -93,6 +98,7 @@ impl Dispatcher {
             metrics,
             wake,
             config,
+            behind_since: Arc::default(),
         }
     }
 
@@ -188,7 +194,27 @@ impl Dispatcher {
                     .collect()
             },
         );
-        let (events, deliveries) = self.store.fan_out(route).await?;
+        let registry = self.registry.clone();
+        let gate: Gate = Arc::new(move |uploads| registry.covers(uploads));
+        let Some((events, deliveries)) = self.store.fan_out(route, gate).await? else {
+            // A connector uploaded (or replaced, or removed) elsewhere has not reached this
+            // instance yet; the cluster sync loads it within moments. Until then this
+            // instance leaves the batch to one that has it (or to its next round).
+            let mut behind = self.behind_since.lock().unwrap_or_else(|p| p.into_inner());
+            let since = *behind.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > BEHIND_WARN_AFTER {
+                tracing::warn!(
+                    behind_s = since.elapsed().as_secs(),
+                    "outbox fan-out waits for connector uploads stored in the database to load \
+                     on this instance"
+                );
+                *behind = Some(std::time::Instant::now());
+            }
+            return Ok(false);
+        };
+        if let Ok(mut behind) = self.behind_since.lock() {
+            *behind = None;
+        }
         if events > 0 {
             tracing::debug!(events, deliveries, "fanned out outbox events");
         }

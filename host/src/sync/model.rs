@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 pub type Attributes = BTreeMap<String, String>;
 
 /// Declares a closed string enum with a canonical spelling, used in SQL, JSON and logs alike.
+///
+/// The spelling is taken as a `tt`, not a `literal`: a `literal` fragment reaches derive macros
+/// wrapped in an invisible group, which serde unwraps but utoipa's `ToSchema` does not — the
+/// OpenAPI document then listed the Rust names (`Active`) instead of the wire names (`ACTIVE`).
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:tt),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum $name {
@@ -110,6 +114,12 @@ impl EndReason {
             EndReason::Expired => EndReason::Expired,
             _ => EndReason::Cascade,
         }
+    }
+
+    /// Whether a caller may name this reason in a destroy: `cascade` and `delegation_ended`
+    /// are assigned by the cascade only.
+    pub fn caller_may_give(self) -> bool {
+        !matches!(self, EndReason::Cascade | EndReason::DelegationEnded)
     }
 }
 
@@ -222,6 +232,19 @@ pub enum DestroyTarget {
     Expired(Vec<String>),
 }
 
+impl DestroyTarget {
+    /// How an error message names the target.
+    pub fn label(&self) -> String {
+        match self {
+            DestroyTarget::Parent(id) | DestroyTarget::Child(id) => id.clone(),
+            DestroyTarget::User(id) => format!("user {id}"),
+            DestroyTarget::IdpSession(sid) => format!("IdP session {sid}"),
+            DestroyTarget::AllIdpSessions => "every IdP session".to_owned(),
+            DestroyTarget::Expired(ids) => format!("{} expired sessions", ids.len()),
+        }
+    }
+}
+
 /// What an id stored by a [`ReplayGuard`] identifies; each kind has its own table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplayKind {
@@ -259,6 +282,9 @@ pub struct DestroyCommand {
     pub orphan_children: bool,
     /// Refuse the whole destroy if this token id was seen before (back-channel logout).
     pub replay_guard: Option<ReplayGuard>,
+    /// Refuse the whole destroy (nothing changes) if it would end more sessions than this.
+    /// API destroys carry `[limits] max_cascade`; a logout the IdP ordered is never refused.
+    pub max_sessions: Option<usize>,
     /// Written to the audit log in the same transaction (with the number of sessions
     /// changed), also when nothing changed.
     pub audit: Option<AuditEntry>,

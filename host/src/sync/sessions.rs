@@ -97,6 +97,7 @@ pub fn tree_order(mut flat: Vec<Session>) -> Vec<TreeEntry> {
 pub struct SessionService {
     store: Store,
     policies: Arc<HashMap<String, RealmPolicy>>,
+    max_cascade: Option<usize>,
 }
 
 impl SessionService {
@@ -105,7 +106,15 @@ impl SessionService {
         SessionService {
             store,
             policies: Arc::new(policies),
+            max_cascade: None,
         }
+    }
+
+    /// Refuses API destroys that would end more than `limit` sessions (`None`: no limit).
+    /// Logouts the IdP orders and the expiry sweeper are never limited.
+    pub fn with_max_cascade(mut self, limit: Option<usize>) -> Self {
+        self.max_cascade = limit;
+        self
     }
 
     /// The underlying store.
@@ -245,6 +254,7 @@ impl SessionService {
                     origin_system: None,
                     orphan_children: policy.orphan_children,
                     replay_guard: None,
+                    max_sessions: None,
                     audit: Some(audit),
                 })
                 .await?
@@ -274,7 +284,7 @@ impl SessionService {
         }
         validate::optional_id("originSystem", origin_system.as_deref())?;
         let reason = reason.unwrap_or(EndReason::Logout);
-        if matches!(reason, EndReason::Cascade | EndReason::DelegationEnded) {
+        if !reason.caller_may_give() {
             return Err(ValidationError(format!(
                 "reason {reason} is assigned by the cascade; use logout, admin, idp_logout, expired or revoked"
             ))
@@ -292,6 +302,7 @@ impl SessionService {
                 origin_system,
                 orphan_children,
                 replay_guard: None,
+                max_sessions: self.max_cascade,
                 audit: audit.clone(),
             })
             .await;
@@ -342,6 +353,7 @@ impl SessionService {
                 origin_system: Some(origin_system.to_owned()),
                 orphan_children: self.policy(realm).orphan_children,
                 replay_guard: Some(guard),
+                max_sessions: None,
                 audit: Some(audit.clone()),
             })
             .await;

@@ -137,6 +137,9 @@ pub struct ServerOptions {
     /// Listen address (default `127.0.0.1:0`); a restart on the same address keeps what
     /// points at the server valid.
     pub listen: Option<String>,
+    /// `--requests-per-second` (default 0: off, so tests that send quickly never meet the
+    /// per-caller limit; `None` leaves the config file or the built-in default in charge).
+    pub requests_per_second: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -149,6 +152,7 @@ impl Default for ServerOptions {
             compile_cache: None,
             log: "error",
             listen: None,
+            requests_per_second: Some(0),
         }
     }
 }
@@ -199,6 +203,10 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        cmd.env_remove("LOCKSTEP_REQUESTS_PER_SECOND");
+        if let Some(rps) = opts.requests_per_second {
+            cmd.arg("--requests-per-second").arg(rps.to_string());
+        }
         if let Some(token) = opts.admin_token {
             cmd.env("LOCKSTEP_ADMIN_TOKEN", token);
         }
