@@ -65,6 +65,33 @@ fn register(font: &Path) -> Result<()> {
         .map_err(|_| anyhow!("{} is not a usable TrueType/OpenType font", font.display()))
 }
 
+/// The offered rates of the steps, ascending: the labelled ticks of the x axis.
+fn rate_ticks(curves: &[Curve]) -> Vec<f64> {
+    let mut rates: Vec<f64> = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    rates
+}
+
+/// 1, 2, 5, 10, 20, 50, ... (and tenths below 1) within `lo..=hi`: ticks of a log axis.
+fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 0.1;
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let t = decade * m;
+            if (lo..=hi).contains(&t) {
+                ticks.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
+}
+
 /// The offered-rate axis: logarithmic, a little wider than the steps.
 fn rate_range(curves: &[Curve]) -> (f64, f64) {
     let rates = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0));
@@ -97,13 +124,15 @@ fn throughput(
             .y_label_area_size(70);
     }
     let mut chart = builder
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..top)
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(rate_ticks(curves)),
+            0.0..top,
+        )
         .map_err(plot_error)?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("offered rate (requests/s, log scale)")
             .y_desc("achieved (requests/s)")
-            .x_labels(6)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .label_style(("sans-serif", 15));
@@ -113,18 +142,20 @@ fn throughput(
     mesh.draw().map_err(plot_error)?;
     // What a server that keeps up would do: achieved = offered (a curve on this log-x axis).
     let ideal = chart
-        .draw_series(LineSeries::new(
+        .draw_series(DashedLineSeries::new(
             (0..=IDEAL_POINTS).map(|i| {
                 let x = lo * (hi / lo).powf(f64::from(i) / f64::from(IDEAL_POINTS));
                 (x, x)
             }),
-            ShapeStyle::from(&BLACK.mix(0.3)).stroke_width(1),
+            6,
+            4,
+            ShapeStyle::from(&BLACK.mix(0.5)).stroke_width(1),
         ))
         .map_err(plot_error)?;
     if text {
         ideal
             .label("offered (keeping up)")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.3)));
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.5)));
     }
     for (i, curve) in curves.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
@@ -175,13 +206,17 @@ fn p99(area: &DrawingArea<BitMapBackend, Shift>, curves: &[Curve], text: bool) -
             .y_label_area_size(70);
     }
     let mut chart = builder
-        .build_cartesian_2d((lo..hi).log_scale(), (bottom..top).log_scale())
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(rate_ticks(curves)),
+            (bottom..top)
+                .log_scale()
+                .with_key_points(one_two_five(bottom, top)),
+        )
         .map_err(plot_error)?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("offered rate (requests/s, log scale)")
             .y_desc("p99 latency (ms, log scale)")
-            .x_labels(6)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y}"))
             .label_style(("sans-serif", 15));
@@ -252,6 +287,11 @@ mod tests {
         }];
         let (lo, hi) = rate_range(&curves);
         assert!(lo < 100.0 && hi > 1600.0);
+    }
+
+    #[test]
+    fn latency_ticks_go_one_two_five() {
+        assert_eq!(one_two_five(3.0, 120.0), [5.0, 10.0, 20.0, 50.0, 100.0]);
     }
 
     #[test]
