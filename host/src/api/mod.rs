@@ -48,6 +48,7 @@ pub struct AppState {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
+    let metrics = state.connectors.metrics().clone();
     Router::new()
         .merge(sessions::router())
         .merge(audit::router())
@@ -60,6 +61,7 @@ pub fn app(state: AppState) -> Router {
         .merge(openapi::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(metrics, record_request))
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             tracing::error!("request handler panicked");
@@ -81,6 +83,31 @@ pub fn app(state: AppState) -> Router {
                     }
                 }),
         )
+}
+
+/// Times every request into `lockstep_http_request_duration_seconds`, labelled with the route
+/// template the router matched (inside the router, where that is known).
+async fn record_request(
+    axum::extract::State(metrics): axum::extract::State<
+        std::sync::Arc<crate::telemetry::metrics::Metrics>,
+    >,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    metrics.http_request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 async fn not_found() -> ApiError {

@@ -386,7 +386,14 @@ impl Connectors {
                     .map(|q| q.get(name).copied().unwrap_or_default()),
             })
             .collect();
-        self.inner.metrics.render(&gauges)
+        let backlog = match self.inner.store.backlog().await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: cannot read the outbox backlog");
+                None
+            }
+        };
+        self.inner.metrics.render(&gauges, backlog)
     }
 
     fn info(&self, name: &str, entry: Arc<Entry>, queue: QueueCounts) -> ConnectorInfo {

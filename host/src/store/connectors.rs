@@ -31,10 +31,20 @@ pub struct QueueCounts {
     pub dropped: i64,
 }
 
+/// How far the sync engine is behind, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Outbox events not yet routed to connectors.
+    pub unrouted: i64,
+    /// `created_at` (epoch ms) of the oldest event still waiting: unrouted, or with a
+    /// pending delivery.
+    pub oldest_waiting_ms: Option<i64>,
+}
+
 /// Generates the connector statements for one backend.
 macro_rules! connector_ops {
     (db = $db:ty, conn = $conn:ty $(,)?) => {
-        use crate::store::connectors::{QueueCounts, UploadRow};
+        use crate::store::connectors::{Backlog, QueueCounts, UploadRow};
 
         /// Inserts or replaces an upload.
         pub(crate) async fn put_upload(conn: &mut $conn, row: &UploadRow) -> Result<()> {
@@ -137,6 +147,30 @@ macro_rules! connector_ops {
                 }
             }
             Ok(out)
+        }
+
+        /// Unrouted outbox events and the oldest event still waiting (both on partial or
+        /// status indexes).
+        pub(crate) async fn backlog(conn: &mut $conn) -> Result<Backlog> {
+            let (unrouted, oldest_unrouted): (i64, Option<i64>) =
+                sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE fanned_out = 0")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            // When the event was committed, not when it was routed.
+            let oldest_pending: Option<i64> = sqlx::query_scalar(
+                "SELECT created_at FROM outbox WHERE id = \
+                 (SELECT MIN(outbox_id) FROM deliveries WHERE status = 'pending')",
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            let oldest_waiting_ms = match (oldest_unrouted, oldest_pending) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            Ok(Backlog {
+                unrouted,
+                oldest_waiting_ms,
+            })
         }
 
         /// Gives a claimed delivery back without an attempt (its connector is switched off).

@@ -634,6 +634,14 @@ impl Store {
         }
     }
 
+    /// Unrouted outbox events and the age of the oldest waiting event (`/metrics`).
+    pub async fn backlog(&self) -> Result<connectors::Backlog> {
+        match self {
+            Store::Sqlite(s) => sqlite::ops::backlog(&mut *s.reader().await?).await,
+            Store::Postgres(p) => postgres::ops::backlog(&mut *p.pool.acquire().await?).await,
+        }
+    }
+
     /// Gives a claimed delivery back without an attempt.
     pub async fn unlease(&self, id: i64) -> Result<()> {
         match self {

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::store::connectors::Backlog;
+
 /// Upper bounds (seconds) of the hook latency buckets.
 pub const LATENCY_BUCKETS: [f64; 18] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -168,7 +170,12 @@ pub struct Metrics {
     connectors: RwLock<BTreeMap<String, Arc<ConnectorMetrics>>>,
     compile_hits: AtomicU64,
     compile_misses: AtomicU64,
+    /// Request latency by (method, route template, status).
+    http: RwLock<BTreeMap<(&'static str, String, u16), Arc<Histogram>>>,
 }
+
+/// The methods the API serves; anything else is counted as `other` (labels stay bounded).
+const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
 
 impl Metrics {
     /// An empty set.
@@ -194,6 +201,29 @@ impl Metrics {
         }
     }
 
+    /// One answered HTTP request: `route` is the matched route template (`unmatched` when no
+    /// route matched), so label values stay bounded whatever paths clients send.
+    pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let method = METHODS
+            .iter()
+            .find(|m| m.eq_ignore_ascii_case(method))
+            .copied()
+            .unwrap_or("other");
+        let key = (method, route.to_owned(), status);
+        let found = match self.http.read() {
+            Ok(map) => map.get(&key).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&key).cloned(),
+        };
+        let histogram = match found {
+            Some(h) => h,
+            None => {
+                let mut map = self.http.write().unwrap_or_else(|p| p.into_inner());
+                map.entry(key).or_default().clone()
+            }
+        };
+        histogram.observe(took);
+    }
+
     /// A component was compiled (`hit == false`) or taken from the compile cache.
     pub fn compiled(&self, hit: bool) {
         let c = if hit {
@@ -213,7 +243,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (version 0.0.4).
-    pub fn render(&self, gauges: &[ConnectorGauge]) -> String {
+    pub fn render(&self, gauges: &[ConnectorGauge], backlog: Option<Backlog>) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let snapshot: Vec<(String, Arc<ConnectorMetrics>)> = match self.connectors.read() {
             Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -346,6 +376,46 @@ impl Metrics {
             out,
             "lockstep_compile_cache_total{{outcome=\"miss\"}} {misses}"
         );
+        if let Some(b) = backlog {
+            family(
+                &mut out,
+                "lockstep_outbox_unrouted_events",
+                "gauge",
+                "Outbox events committed but not yet routed to connectors (all instances).",
+            );
+            let _ = writeln!(out, "lockstep_outbox_unrouted_events {}", b.unrouted);
+            family(
+                &mut out,
+                "lockstep_oldest_waiting_event_age_seconds",
+                "gauge",
+                "Age of the oldest event not yet routed or with a pending delivery; 0 when none.",
+            );
+            let age = b.oldest_waiting_ms.map_or(0.0, |at| {
+                (crate::store::now_millis() - at).max(0) as f64 / 1000.0
+            });
+            let _ = writeln!(out, "lockstep_oldest_waiting_event_age_seconds {age}");
+        }
+        family(
+            &mut out,
+            "lockstep_http_request_duration_seconds",
+            "histogram",
+            "API request latency by method, route template and status.",
+        );
+        let http: Vec<_> = match self.http.read() {
+            Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        for ((method, route, status), h) in http {
+            h.render(
+                &mut out,
+                "lockstep_http_request_duration_seconds",
+                &format!("method=\"{method}\",route=\"{route}\",status=\"{status}\""),
+            );
+        }
         out
     }
 }
@@ -380,17 +450,20 @@ mod tests {
         c.hook_call("retry", Duration::from_millis(3));
         c.dead_letter();
         m.compiled(true);
-        let text = m.render(&[ConnectorGauge {
-            name: "billing".into(),
-            version: "abc".into(),
-            source: "api",
-            enabled: false,
-            queue: Some(crate::store::connectors::QueueCounts {
-                pending: 4,
-                dead: 1,
-                dropped: 0,
-            }),
-        }]);
+        let text = m.render(
+            &[ConnectorGauge {
+                name: "billing".into(),
+                version: "abc".into(),
+                source: "api",
+                enabled: false,
+                queue: Some(crate::store::connectors::QueueCounts {
+                    pending: 4,
+                    dead: 1,
+                    dropped: 0,
+                }),
+            }],
+            None,
+        );
         for line in [
             "lockstep_hook_calls_total{connector=\"billing\",outcome=\"delivered\"} 1",
             "lockstep_hook_calls_total{connector=\"billing\",outcome=\"retry\"} 1",
