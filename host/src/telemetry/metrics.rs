@@ -171,8 +171,11 @@ pub struct Metrics {
     compile_hits: AtomicU64,
     compile_misses: AtomicU64,
     /// Request latency by (method, route template, status).
-    http: RwLock<BTreeMap<(&'static str, String, u16), Arc<Histogram>>>,
+    http: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
+
+/// (method, route template, status) of an answered request.
+type RequestKey = (&'static str, String, u16);
 
 /// The methods the API serves; anything else is counted as `other` (labels stay bounded).
 const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
