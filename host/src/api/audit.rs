@@ -61,17 +61,30 @@ pub(super) async fn refused<T>(
 pub struct AuditParams {
     /// Only this realm's records (needs `audit:read` there). Without it: every record,
     /// including those without a realm (needs `audit:read` in every realm).
+    #[param(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     pub realm: Option<String>,
     /// Only this actor: `admin`, `key:<id>`, `token:<sub>@<realm>`, `idp:<system>`,
     /// `lockstep:expiry`.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub actor: Option<String>,
     /// Only this action, e.g. `map-parent` or `idp-event:LOGOUT`.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub action: Option<String>,
     /// Only records at or after this time (RFC 3339).
     pub since: Option<DateTime<Utc>>,
     /// Cursor from the previous page (older records).
+    #[param(schema_with = super::constraints::cursor)]
     pub cursor: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(schema_with = super::constraints::page_limit)]
     pub limit: Option<u32>,
 }
 

@@ -142,8 +142,10 @@ pub struct ListParams {
     /// Realm.
     pub realm: Option<String>,
     /// Cursor from the previous page.
+    #[param(schema_with = super::constraints::cursor)]
     pub cursor: Option<String>,
     /// Page size, 1-500 (default 50).
+    #[param(schema_with = super::constraints::page_limit)]
     pub limit: Option<u32>,
 }
 
@@ -160,10 +162,18 @@ pub struct DeliveryPage {
 /// Body of replay: exactly one of the two fields.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(min_properties = 1, max_properties = 1)]
 pub struct ReplayRequest {
     /// Replay every dead or dropped delivery of this connector.
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub connector: Option<String>,
     /// Replay this one delivery.
+    #[schema(nullable = false)]
     pub delivery_id: Option<i64>,
 }
 
@@ -221,6 +231,7 @@ async fn list(
 #[utoipa::path(get, path = "/admin/deliveries/{id}", tag = "deliveries", security(("bearer" = [])),
     params(("id" = i64, Path, description = "Delivery id")),
     responses((status = 200, body = DeliveryDetail),
+              (status = 400, description = "VALIDATION: the id is not an integer (int64)", body = Problem, content_type = "application/problem+json"),
               (status = 401, body = Problem, content_type = "application/problem+json"),
               (status = 403, body = Problem, content_type = "application/problem+json"),
               (status = 404, body = Problem, content_type = "application/problem+json")))]
@@ -250,7 +261,9 @@ async fn one(
               (status = 401, body = Problem, content_type = "application/problem+json"),
               (status = 403, body = Problem, content_type = "application/problem+json"),
               (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json")))]
+              (status = 409, body = Problem, content_type = "application/problem+json"),
+              (status = 413, description = "PAYLOAD_TOO_LARGE: body over 64 KiB", body = Problem, content_type = "application/problem+json"),
+              (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json")))]
 async fn replay(
     State(state): State<AppState>,
     caller: Caller,

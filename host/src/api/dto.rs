@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::constraints;
 use crate::sync::model::{Attributes, EndReason, Session, SessionKind, SessionStatus};
 
 /// A session as returned by the API.
@@ -70,21 +71,52 @@ impl From<Session> for SessionDto {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MapParentRequest {
     /// Id of the session in the calling system (1–255 characters).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub external_id: String,
     /// The Keycloak user session (`sid`) it belongs to.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_session_id: String,
     /// Keycloak client session.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_client_session_id: Option<String>,
     /// Subject.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: Option<String>,
     /// Owning system (default: the caller's name).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub system: Option<String>,
     /// Up to 64 string entries, 8 KiB in all.
     #[serde(default)]
+    #[schema(schema_with = constraints::attributes)]
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
     /// Connectors with this name do not receive the event (default: the caller's name).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub origin_system: Option<String>,
 }
 
@@ -93,21 +125,52 @@ pub struct MapParentRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MapChildRequest {
     /// Id of the session in the calling system.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub external_id: String,
     /// The ACTIVE session (same realm) this one hangs under.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub parent_external_id: String,
     /// Keycloak client session.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_client_session_id: Option<String>,
     /// Subject (default: the parent's).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: Option<String>,
     /// Owning system (default: the caller's name).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub system: Option<String>,
     /// Up to 64 string entries, 8 KiB in all.
     #[serde(default)]
+    #[schema(schema_with = constraints::attributes)]
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
     /// Connectors with this name do not receive the event.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub origin_system: Option<String>,
 }
 
@@ -116,21 +179,52 @@ pub struct MapChildRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MapFixedRequest {
     /// Id of the session in the calling system.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub external_id: String,
     /// Optional Keycloak user session.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_session_id: Option<String>,
     /// Keycloak client session.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_client_session_id: Option<String>,
     /// Subject.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: Option<String>,
     /// Owning system (default: the caller's name).
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub system: Option<String>,
     /// Up to 64 string entries, 8 KiB in all.
     #[serde(default)]
+    #[schema(schema_with = constraints::attributes)]
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
     /// Connectors with this name do not receive the event.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub origin_system: Option<String>,
 }
 
@@ -139,10 +233,21 @@ pub struct MapFixedRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestroyRequest {
     /// The session to end.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub external_id: String,
     /// logout (default), admin, idp_logout, expired or revoked.
+    #[schema(schema_with = constraints::caller_reason)]
     pub reason: Option<EndReason>,
     /// Connectors with this name do not receive the events.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub origin_system: Option<String>,
 }
 
@@ -151,10 +256,21 @@ pub struct DestroyRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestroyUserRequest {
     /// Every live session of this subject in the realm ends.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: String,
     /// logout (default), admin, idp_logout, expired or revoked.
+    #[schema(schema_with = constraints::caller_reason)]
     pub reason: Option<EndReason>,
     /// Connectors with this name do not receive the events.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub origin_system: Option<String>,
 }
 
@@ -214,18 +330,40 @@ pub struct TreeResponse {
 #[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct ListParams {
     /// Sessions of this Keycloak user session.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_session_id: Option<String>,
     /// Sessions of this Keycloak client session.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub keycloak_client_session_id: Option<String>,
     /// Sessions of this subject.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: Option<String>,
     /// ACTIVE, DESTROYED or ORPHANED.
     pub status: Option<SessionStatus>,
     /// Owning system.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub system: Option<String>,
     /// Opaque cursor from a previous page's `nextCursor`.
+    #[param(schema_with = constraints::cursor)]
     pub cursor: Option<String>,
     /// Page size, 1–500 (default 50).
+    #[param(schema_with = constraints::page_limit)]
     pub limit: Option<u32>,
 }
 

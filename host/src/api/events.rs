@@ -57,12 +57,12 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
             description = "v1,<base64 HMAC-SHA256 of id.timestamp.body>; several space-separated")),
     request_body(content = KeycloakEvent, content_type = "application/json"),
     responses((status = 200, description = "Applied", body = EventOutcome),
-              (status = 400, description = "Malformed or unsupported event", body = crate::api::error::Problem),
-              (status = 401, description = "Bad or missing signature, or stale timestamp", body = crate::api::error::Problem),
-              (status = 404, description = "The realm does not accept events", body = crate::api::error::Problem),
-              (status = 409, description = "This event id was applied before", body = crate::api::error::Problem),
-              (status = 413, description = "Body over 64 KiB", body = crate::api::error::Problem),
-              (status = 415, description = "Not application/json", body = crate::api::error::Problem)))]
+              (status = 400, description = "Malformed or unsupported event", body = crate::api::error::Problem, content_type = "application/problem+json"),
+              (status = 401, description = "Bad or missing signature, or stale timestamp", body = crate::api::error::Problem, content_type = "application/problem+json"),
+              (status = 404, description = "The realm does not accept events", body = crate::api::error::Problem, content_type = "application/problem+json"),
+              (status = 409, description = "This event id was applied before", body = crate::api::error::Problem, content_type = "application/problem+json"),
+              (status = 413, description = "Body over 64 KiB", body = crate::api::error::Problem, content_type = "application/problem+json"),
+              (status = 415, description = "Not application/json", body = crate::api::error::Problem, content_type = "application/problem+json")))]
 pub(super) async fn receive(
     State(state): State<AppState>,
     ApiPath(realm): ApiPath<String>,

@@ -5,6 +5,7 @@
 mod audit;
 mod backchannel;
 pub mod connectors;
+pub mod constraints;
 mod cursor;
 mod deliveries;
 pub mod dto;

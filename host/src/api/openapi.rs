@@ -7,6 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
+use super::constraints::PathRules;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -44,7 +45,7 @@ use super::AppState;
         super::health::readyz,
         super::audit::list,
     ),
-    modifiers(&BearerAuth, &RateLimited),
+    modifiers(&BearerAuth, &RateLimited, &PathRules),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),

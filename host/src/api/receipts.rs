@@ -297,10 +297,17 @@ impl UserReceiptsResponse {
 #[into_params(parameter_in = Query)]
 pub struct UserReceiptParams {
     /// The user (subject) whose sessions to show.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     pub user_id: String,
     /// Cursor from the previous page.
+    #[param(schema_with = super::constraints::cursor)]
     pub cursor: Option<String>,
     /// Sessions per page, 1-500 (default 500).
+    #[param(schema_with = super::constraints::receipts_page_limit)]
     pub limit: Option<u32>,
 }
 
