@@ -2,10 +2,11 @@
 # The project's single test command (README: `bash scripts/test.sh`; CI runs exactly this).
 #
 # Checks formatting and lints, builds the connector components the tests load, then runs
-# every test. Tests run each scenario on SQLite and on
-# PostgreSQL: the PostgreSQL URL comes from LOCKSTEP_TEST_DATABASE_URL or DATABASE_URL when the
-# caller sets one; otherwise the throwaway cluster of scripts/pg.sh (PGPORT, default 55432) is
-# used: reused if already running, else started here and always stopped on exit.
+# every test, then fuzzes the HTTP API against its OpenAPI document (scripts/fuzz-api.sh,
+# about 2.5 minutes). Tests run each scenario on SQLite and on PostgreSQL: the PostgreSQL
+# URL comes from LOCKSTEP_TEST_DATABASE_URL or DATABASE_URL when the caller sets one;
+# otherwise the throwaway cluster of scripts/pg.sh (PGPORT, default 55432) is used: reused if
+# already running, else started here and always stopped on exit.
 # Likewise the test Keycloak of `cargo xtask keycloak` (127.0.0.1:18180, realm
 # tests/keycloak/acme-realm.json): reused if already running, else started here and stopped
 # on exit; its URL reaches the tests as LOCKSTEP_TEST_KEYCLOAK_URL (a caller's own value wins).
@@ -101,5 +102,8 @@ cargo xtask build-connectors
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "API fuzzing: bash scripts/fuzz-api.sh (schemathesis against a real lockstep serve)"
+bash scripts/fuzz-api.sh
 
 step "all checks passed"
