@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
@@ -130,6 +131,28 @@ impl std::fmt::Debug for LoadedConnector {
             .field("world", &self.world)
             .finish()
     }
+}
+
+/// The threads guest code runs on: a separate Tokio runtime with half the cores (at least
+/// one), created once per process and never dropped (a runtime cannot be dropped from async
+/// code). `None` if it cannot be built; calls then run on the caller's runtime.
+fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
+    static HOOKS: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    HOOKS
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(2, usize::from);
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads((cores / 2).max(1))
+                .thread_name("lockstep-hooks")
+                .enable_all()
+                .build()
+                .inspect_err(|e| {
+                    tracing::error!(error = %e, "cannot start the hook threads; hooks run on the API's threads")
+                })
+                .ok()
+        })
+        .as_ref()
+        .map(tokio::runtime::Runtime::handle)
 }
 
 /// The process-wide engine, linker and compile cache.
@@ -338,13 +361,24 @@ impl Runtime {
             CallState::new(manifest.clone(), call_id, self.kv.clone(), kv_scope.clone()),
         );
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(
-            manifest
-                .timeout_ms
-                .div_ceil(EPOCH_TICK.as_millis() as u64)
-                .max(1),
-        );
-        store.epoch_deadline_trap();
+        // Guest code yields to the executor at every epoch tick and is interrupted once it has
+        // run for its timeout: a busy loop then shares the async worker threads with the API
+        // instead of holding one until its deadline (with 2 workers, two looping connectors
+        // stalled every request for their whole timeout).
+        let budget = manifest
+            .timeout_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1);
+        let mut ticks = 0u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            ticks += 1;
+            Ok(if ticks >= budget {
+                wasmtime::UpdateDeadline::Interrupt
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
+        });
         store
     }
 
@@ -355,7 +389,30 @@ impl Runtime {
 
     /// Calls the hook for `event` in a fresh, sandboxed instance. Never panics and never
     /// hangs past the connector's deadline; every failure comes back as a [`HookFailure`].
+    ///
+    /// Guest code runs on the hook threads ([`hook_threads`]), not on the caller's runtime:
+    /// the operating system then shares the CPU between the API's threads and the hooks', so
+    /// connectors that burn their whole CPU budget cannot starve requests.
     pub async fn call(
+        &self,
+        connector: &Arc<LoadedConnector>,
+        event: &SyncEvent,
+    ) -> Result<(), HookFailure> {
+        let Some(threads) = hook_threads() else {
+            return self.call_here(connector, event).await;
+        };
+        let (me, connector, event) = (self.clone(), connector.clone(), event.clone());
+        let run = async move { me.call_here(&connector, &event).await }
+            .instrument(tracing::Span::current());
+        match threads.spawn(run).await {
+            Ok(result) => result,
+            Err(e) => Err(HookFailure::Trap(cap(format!(
+                "the hook task ended abnormally: {e}"
+            )))),
+        }
+    }
+
+    async fn call_here(
         &self,
         connector: &LoadedConnector,
         event: &SyncEvent,
