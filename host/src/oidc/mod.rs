@@ -139,7 +139,15 @@ struct LogoutClaims {
     sid: Option<String>,
     sub: Option<String>,
     events: Option<serde_json::Map<String, serde_json::Value>>,
-    nonce: Option<serde_json::Value>,
+    /// Whether the token has a `nonce` member at all: `"nonce": null` is a nonce too (an
+    /// `Option` would read it as absent).
+    #[serde(default, deserialize_with = "present")]
+    nonce: bool,
+}
+
+/// `true` for any value, `null` included; a missing member takes the field's default.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 #[derive(Deserialize, Default)]
@@ -255,7 +263,7 @@ impl Verifier {
             Some(Some(serde_json::Value::Object(_))) => {}
             _ => return invalid("events must hold the back-channel logout event"),
         }
-        if claims.nonce.is_some() {
+        if claims.nonce {
             return invalid("a logout token must not carry a nonce");
         }
         let Some(jti) = claims.jti.filter(|j| !j.is_empty()) else {
@@ -393,5 +401,18 @@ mod tests {
         assert_eq!(unverified_issuer(&format!("h.{payload}")), None);
         assert_eq!(unverified_issuer(&format!("h.{payload}.s.x")), None);
         assert_eq!(unverified_issuer("lst_plainkey"), None);
+    }
+
+    #[test]
+    fn a_nonce_member_is_seen_whatever_its_value() {
+        for (claims, nonce) in [
+            (r#"{"nonce": null}"#, true),
+            (r#"{"nonce": "n"}"#, true),
+            (r#"{"nonce": {}}"#, true),
+            (r#"{}"#, false),
+        ] {
+            let c: LogoutClaims = serde_json::from_str(claims).unwrap();
+            assert_eq!(c.nonce, nonce, "{claims}");
+        }
     }
 }

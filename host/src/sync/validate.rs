@@ -147,4 +147,94 @@ mod tests {
         let fits: Attributes = [("k".into(), "v".repeat(8 * 1024 - 1))].into();
         assert!(attributes(&fits).is_ok());
     }
+
+    mod properties {
+        //! Property tests: each rule against an independent statement of it (the oracle), on
+        //! arbitrary text — any Unicode, control characters, empty and oversized values.
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: 256,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// Text with a good share of the interesting characters: ASCII, control characters
+        /// (C0, DEL, C1), multi-byte letters and astral-plane characters.
+        fn text(max: usize) -> impl Strategy<Value = String> {
+            let c = prop_oneof![
+                4 => proptest::char::range('a', 'z'),
+                1 => proptest::char::range('\u{0}', '\u{1f}'),
+                1 => proptest::char::range('\u{7f}', '\u{a0}'),
+                1 => Just('é'),
+                1 => Just('𝄞'),
+                1 => any::<char>(),
+                1 => prop_oneof![Just('.'), Just('_'), Just('-'), Just(' '), Just('/')],
+            ];
+            proptest::collection::vec(c, 0..=max).prop_map(|v| v.into_iter().collect())
+        }
+
+        fn id_oracle(v: &str) -> bool {
+            let n = v.chars().count();
+            (1..=MAX_ID_LEN).contains(&n)
+                && !v.chars().any(|c| {
+                    ('\u{0}'..='\u{1f}').contains(&c) || ('\u{7f}'..='\u{9f}').contains(&c)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn ids_are_accepted_exactly_when_1_to_255_characters_without_controls(v in text(300)) {
+                let got = id("externalId", &v);
+                prop_assert_eq!(got.is_ok(), id_oracle(&v), "{:?} -> {:?}", v, got);
+                if let Err(ValidationError(message)) = got {
+                    prop_assert!(message.starts_with("externalId "), "{}", message);
+                }
+                prop_assert_eq!(optional_id("userId", Some(&v)).is_ok(), id_oracle(&v));
+            }
+
+            #[test]
+            fn ids_of_any_length_are_judged_by_characters_not_bytes(c in any::<char>(), n in 250usize..260) {
+                let v: String = std::iter::repeat_n(c, n).collect();
+                prop_assert_eq!(id("id", &v).is_ok(), n <= MAX_ID_LEN && !c.is_control());
+            }
+
+            #[test]
+            fn realms_are_accepted_exactly_when_1_to_64_of_the_alphabet(v in text(80)) {
+                let oracle = (1..=MAX_REALM_LEN).contains(&v.len())
+                    && v.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+                let got = realm(&v);
+                prop_assert_eq!(got.is_ok(), oracle, "{:?}", v);
+                if let Err(ValidationError(message)) = got {
+                    // The echo of the input is bounded, whatever its size.
+                    prop_assert!(message.chars().count() < 200, "{}", message);
+                }
+            }
+
+        }
+
+        proptest! {
+            // Maps of up to 70 entries are slow to generate: fewer cases, still on both sides
+            // of each limit (count, key length, total bytes).
+            #![proptest_config(ProptestConfig { cases: 48, ..config() })]
+
+            #[test]
+            fn attributes_are_accepted_exactly_within_the_limits(
+                entries in proptest::collection::vec((text(140), text(260)), 0..70),
+            ) {
+                let attrs: Attributes = entries.into_iter().collect();
+                let oracle = attrs.len() <= MAX_ATTRIBUTES
+                    && attrs.keys().all(|k| {
+                        !k.is_empty() && k.chars().count() <= MAX_ATTRIBUTE_KEY_LEN && !k.chars().any(char::is_control)
+                    })
+                    && attrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= MAX_ATTRIBUTES_BYTES;
+                prop_assert_eq!(attributes(&attrs).is_ok(), oracle);
+            }
+        }
+    }
 }
