@@ -302,7 +302,7 @@ async fn bench_backend_inner(
     tokio::time::sleep(IDLE_WAIT).await;
     run.rss_start = rss_kib(pid);
 
-    let workload = Arc::new(Workload::new(&server, args, 0)?);
+    let workload = Arc::new(Workload::new(&server, target, args, 0)?);
     workload.seed_parents(SEED_PARENTS).await?;
     let mut seq = 0;
     for &rate in &args.rates {
@@ -331,7 +331,7 @@ async fn bench_backend_inner(
             mib(rss_idle)
         );
         let filler = usize::try_from(added).unwrap_or(0);
-        let workload = Arc::new(Workload::new(&server, args, filler)?);
+        let workload = Arc::new(Workload::new(&server, target, args, filler)?);
         workload.seed_parents(SEED_PARENTS).await?;
         let load = run_step(
             &workload,
@@ -461,10 +461,12 @@ struct Workload {
     known: Mutex<Vec<String>>,
     /// Bulk-loaded rows `filler-0..filler`: half the GETs read one when there are any.
     filler: usize,
+    /// The backend is PostgreSQL (its processes' CPU is measured too).
+    postgres: bool,
 }
 
 impl Workload {
-    fn new(server: &Server, args: &Args, filler: usize) -> Result<Workload> {
+    fn new(server: &Server, target: &Target, args: &Args, filler: usize) -> Result<Workload> {
         let timeout = Duration::from_secs(args.timeout_seconds);
         Ok(Workload {
             api: Api::new(server.addr, REALM, TOKEN, args.concurrency, timeout)?,
@@ -477,6 +479,7 @@ impl Workload {
             fixed: Mutex::new(Vec::new()),
             known: Mutex::new(Vec::new()),
             filler,
+            postgres: matches!(target, Target::Postgres { .. }),
         })
     }
 
@@ -639,10 +642,8 @@ struct Step {
     by_op: BTreeMap<Op, Vec<Duration>>,
     /// Longest time the scheduler sent a request after it was due (client overload).
     send_lag: Duration,
-    /// CPU of the server process over the window, in cores.
-    server_cores: Option<f64>,
-    /// Share of the machine's CPU time busy over the window (every process).
-    machine_busy: Option<f64>,
+    /// Who used the CPU over the window.
+    cpu: CpuUse,
     rss_peak: Option<u64>,
     rss_end: Option<u64>,
 }
@@ -660,7 +661,8 @@ impl Step {
     fn summary(&self, label: &str) -> String {
         let mut line = format!(
             "{label}: {} requests, achieved {:.0}/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, \
-             refused {}, errors {} ({} timeouts), server {} cores, machine {} busy, RSS {}",
+             refused {}, errors {} ({} timeouts), CPU cores: server {}, client {}, \
+             postgres {}, machine {} busy; RSS {}",
             self.scheduled,
             self.achieved(),
             self.percentile_ms(50.0),
@@ -670,9 +672,10 @@ impl Step {
             self.refused,
             self.errors,
             self.timeouts,
-            opt(self.server_cores, 2),
-            self.machine_busy
-                .map_or("-".to_owned(), |b| format!("{:.0}%", b * 100.0)),
+            opt(self.cpu.server, 2),
+            opt(self.cpu.client, 2),
+            opt(self.cpu.postgres, 2),
+            percent(self.cpu.machine_busy),
             mib(self.rss_end),
         );
         let ops: Vec<String> = self
@@ -726,7 +729,7 @@ async fn run_step(
     let n = (rate * seconds as f64).round() as u64;
     let rss_peak = Arc::new(AtomicU64::new(0));
     let sampler = tokio::spawn(sample_rss(pid, Arc::clone(&rss_peak)));
-    let cpu0 = (process_ticks(pid), machine_ticks());
+    let cpu0 = CpuTicks::now(pid, wl.postgres);
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut tasks = JoinSet::new();
@@ -743,23 +746,14 @@ async fn run_step(
     }
     *seq += n;
     tokio::time::sleep_until(end.into()).await;
-    let cpu1 = (process_ticks(pid), machine_ticks());
+    let cpu1 = CpuTicks::now(pid, wl.postgres);
     let rss_end = rss_kib(pid);
     while let Some(done) = tasks.join_next().await {
         samples.push(done.context("a request task failed")?);
     }
     sampler.abort();
     let window = end - start;
-    let server_cores = match (cpu0.0, cpu1.0) {
-        (Some(a), Some(b)) => Some((b - a) as f64 / clock_ticks() / window.as_secs_f64()),
-        _ => None,
-    };
-    let machine_busy = match (cpu0.1, cpu1.1) {
-        (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
-            Some((busy1 - busy0) as f64 / (all1 - all0) as f64)
-        }
-        _ => None,
-    };
+    let cpu = cpu0.until(&cpu1, window);
     let peak = rss_peak.load(Ordering::Relaxed);
     let mut step = Step {
         rate,
@@ -775,8 +769,7 @@ async fn run_step(
         latencies: Vec::with_capacity(samples.len()),
         by_op: BTreeMap::new(),
         send_lag,
-        server_cores,
-        machine_busy,
+        cpu,
         rss_peak: (peak > 0).then_some(peak).max(rss_end),
         rss_end,
     };
@@ -843,6 +836,74 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU ticks of the processes a step involves, read at one moment.
+struct CpuTicks {
+    server: Option<u64>,
+    client: Option<u64>,
+    /// Every process named `postgres` (the PostgreSQL server and its backends), when the
+    /// backend is PostgreSQL.
+    postgres: Option<u64>,
+    /// The machine's (busy, total).
+    machine: Option<(u64, u64)>,
+}
+
+/// CPU used over a window: cores (1.0 = one core busy all the time) and the machine's busy share.
+
+struct CpuUse {
+    server: Option<f64>,
+    client: Option<f64>,
+    postgres: Option<f64>,
+    machine_busy: Option<f64>,
+}
+
+impl CpuTicks {
+    fn now(server: u32, postgres: bool) -> CpuTicks {
+        CpuTicks {
+            server: process_ticks(server),
+            client: process_ticks(std::process::id()),
+            postgres: postgres.then(postgres_ticks).flatten(),
+            machine: machine_ticks(),
+        }
+    }
+
+    fn until(&self, later: &CpuTicks, window: Duration) -> CpuUse {
+        let per_sec = clock_ticks() * window.as_secs_f64();
+        let cores = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) if per_sec > 0.0 => Some(b.saturating_sub(a) as f64 / per_sec),
+            _ => None,
+        };
+        CpuUse {
+            server: cores(self.server, later.server),
+            client: cores(self.client, later.client),
+            postgres: cores(self.postgres, later.postgres),
+            machine_busy: match (self.machine, later.machine) {
+                (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
+                    Some(busy1.saturating_sub(busy0) as f64 / (all1 - all0) as f64)
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+/// CPU ticks of every process named `postgres`: backends that exit within a window take
+/// their ticks with them, but the server's pooled connections live through the run.
+fn postgres_ticks() -> Option<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == "postgres");
+        if is_postgres {
+            total += process_ticks(pid).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
 /// User + system CPU time of a process, in clock ticks (`/proc/<pid>/stat` fields 14, 15).
 fn process_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -884,6 +945,10 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or("-".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }
 
+fn percent(share: Option<f64>) -> String {
+    share.map_or("-".to_owned(), |s| format!("{:.0}%", s * 100.0))
+}
+
 fn bytes_mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
@@ -920,12 +985,12 @@ fn print_report(runs: &[BackendRun], args: &Args, command_line: &str, revision: 
         println!("### {}", r.backend);
         println!();
         println!(
-            "| offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | 404/409 | errors (timeouts) | server CPU (cores) | machine busy | server RSS |"
+            "| offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | max ms | 404/409 | errors (timeouts) | CPU cores: server / client / postgres | machine busy | server RSS |"
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for s in &r.steps {
             println!(
-                "| {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} ({}) | {} | {} | {} |",
+                "| {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} ({}) | {} / {} / {} | {} | {} |",
                 s.rate,
                 s.achieved(),
                 s.percentile_ms(50.0),
@@ -935,9 +1000,10 @@ fn print_report(runs: &[BackendRun], args: &Args, command_line: &str, revision: 
                 s.refused,
                 s.errors,
                 s.timeouts,
-                opt(s.server_cores, 2),
-                s.machine_busy
-                    .map_or("-".to_owned(), |b| format!("{:.0}%", b * 100.0)),
+                opt(s.cpu.server, 2),
+                opt(s.cpu.client, 2),
+                opt(s.cpu.postgres, 2),
+                percent(s.cpu.machine_busy),
                 mib(s.rss_end),
             );
         }
