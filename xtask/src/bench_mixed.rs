@@ -302,7 +302,7 @@ async fn bench_backend_inner(
     tokio::time::sleep(IDLE_WAIT).await;
     run.rss_start = rss_kib(pid);
 
-    let workload = Arc::new(Workload::new(&server, target, args, 0)?);
+    let workload = Arc::new(Workload::new(&server, target, args, 0, 0)?);
     workload.seed_parents(SEED_PARENTS).await?;
     let mut seq = 0;
     for &rate in &args.rates {
@@ -312,6 +312,8 @@ async fn bench_backend_inner(
         run.steps.push(step);
         tokio::time::sleep(SETTLE).await;
     }
+    // The `--rows` part maps new sessions after these.
+    let next_id = workload.next_id.load(Ordering::Relaxed);
     if let Some(note) = server.stop().await? {
         run.notes.push(note);
     }
@@ -331,7 +333,7 @@ async fn bench_backend_inner(
             mib(rss_idle)
         );
         let filler = usize::try_from(added).unwrap_or(0);
-        let workload = Arc::new(Workload::new(&server, target, args, filler)?);
+        let workload = Arc::new(Workload::new(&server, target, args, next_id, filler)?);
         workload.seed_parents(SEED_PARENTS).await?;
         let load = run_step(
             &workload,
@@ -466,15 +468,22 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(server: &Server, target: &Target, args: &Args, filler: usize) -> Result<Workload> {
+    /// A workload whose new external ids are numbered from `first_id` (a later workload on
+    /// the same database starts where the previous one stopped).
+    fn new(
+        server: &Server,
+        target: &Target,
+        args: &Args,
+        first_id: usize,
+        filler: usize,
+    ) -> Result<Workload> {
         let timeout = Duration::from_secs(args.timeout_seconds);
         Ok(Workload {
             api: Api::new(server.addr, REALM, TOKEN, args.concurrency, timeout)?,
             seed: args.seed,
             timeout,
             slots: Semaphore::new(args.concurrency),
-            // Ids stay unique across the restart of the `--rows` part.
-            next_id: AtomicUsize::new(0),
+            next_id: AtomicUsize::new(first_id),
             parents: Mutex::new(Vec::new()),
             fixed: Mutex::new(Vec::new()),
             known: Mutex::new(Vec::new()),
@@ -847,8 +856,8 @@ struct CpuTicks {
     machine: Option<(u64, u64)>,
 }
 
-/// CPU used over a window: cores (1.0 = one core busy all the time) and the machine's busy share.
-
+/// CPU used over a window: cores (1.0 = one core busy all the time) and the machine's busy
+/// share.
 struct CpuUse {
     server: Option<f64>,
     client: Option<f64>,
