@@ -21,6 +21,7 @@
 mod bench_api;
 mod bench_crash;
 mod bench_events;
+mod bench_hostile;
 mod bench_logout;
 mod bench_mixed;
 mod bench_swap;
@@ -56,6 +57,10 @@ enum Command {
     /// Crash safety: SIGKILL and restart the server under load, then check no committed
     /// change or delivery was lost, count duplicates, and check no echo to the origin.
     BenchCrash(bench_crash::Args),
+    /// Hostile connectors (CPU loop, memory hog, trap, forbidden host, huge error, log flood,
+    /// slow legacy system) loaded at once under API load: p99 against a baseline, RSS, and
+    /// how every hostile delivery ended.
+    BenchHostile(bench_hostile::Args),
     /// Mixed-load curves: map/query/destroy at increasing offered rates (open loop) on SQLite
     /// and PostgreSQL, server memory with `--rows` rows, and a PNG plot of the curves.
     Bench(bench_mixed::Args),
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::BenchLogout(args) => bench_logout::main(args),
         Command::BenchEvents(args) => bench_events::main(args),
         Command::BenchCrash(args) => bench_crash::main(args),
+        Command::BenchHostile(args) => bench_hostile::main(args),
         Command::Bench(args) => bench_mixed::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
