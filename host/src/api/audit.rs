@@ -149,7 +149,7 @@ pub struct AuditPage {
 }
 
 /// The audit log: every session operation and admin action, newest first.
-#[utoipa::path(get, path = "/admin/audit", tag = "audit", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/audit", operation_id = "list_audit", tag = "audit", security(("bearer" = [])),
     params(AuditParams),
     responses((status = 200, description = "One page, newest first", body = AuditPage),
               (status = 400, description = "VALIDATION: bad realm, filter, time, cursor or limit", body = Problem, content_type = "application/problem+json"),

@@ -43,7 +43,7 @@ fn refuse(description: impl Into<String>) -> Response {
 }
 
 /// Receives a logout token from the realm's identity provider.
-#[utoipa::path(post, path = "/realms/{realm}/backchannel-logout", tag = "identity-provider",
+#[utoipa::path(post, path = "/realms/{realm}/backchannel-logout", operation_id = "backchannel_logout", tag = "identity-provider",
     params(("realm" = String, Path, description = "Realm (must have an issuer configured)")),
     request_body(content = String, content_type = "application/x-www-form-urlencoded",
                  description = "logout_token=<JWT>"),

@@ -252,7 +252,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 }
 
 /// Every loaded connector with its state, counts and hook latency.
-#[utoipa::path(get, path = "/admin/connectors", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/connectors", operation_id = "list_connectors", tag = "connectors", security(("bearer" = [])),
     responses((status = 200, body = ConnectorList),
               (status = 401, body = Problem, content_type = "application/problem+json"),
               (status = 403, body = Problem, content_type = "application/problem+json")))]
@@ -268,7 +268,7 @@ async fn list(
 }
 
 /// One connector.
-#[utoipa::path(get, path = "/admin/connectors/{name}", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/connectors/{name}", operation_id = "get_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     responses((status = 200, body = ConnectorDto),
               (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -288,7 +288,7 @@ async fn one(
 /// Adds or replaces an uploaded connector (multipart: `manifest`, `component`). The new
 /// version is validated, compiled and pre-instantiated before it is stored and swapped in;
 /// calls in flight finish on the old one. Identical bytes and manifest change nothing.
-#[utoipa::path(put, path = "/admin/connectors/{name}", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(put, path = "/admin/connectors/{name}", operation_id = "put_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, description = "Created", body = PutResponse),
@@ -439,7 +439,7 @@ async fn read_upload(
 }
 
 /// Unloads and forgets an uploaded connector; its pending deliveries are held.
-#[utoipa::path(delete, path = "/admin/connectors/{name}", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/connectors/{name}", operation_id = "remove_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     responses((status = 204, description = "Removed"),
               (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -466,7 +466,7 @@ async fn remove(
 }
 
 /// Stops calling a connector: its events are held as pending deliveries until it is enabled.
-#[utoipa::path(post, path = "/admin/connectors/{name}/disable", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/connectors/{name}/disable", operation_id = "disable_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     responses((status = 200, body = ConnectorDto),
               (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -482,7 +482,7 @@ async fn disable(
 }
 
 /// Calls a connector again; deliveries held while it was disabled go out.
-#[utoipa::path(post, path = "/admin/connectors/{name}/enable", tag = "connectors", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/connectors/{name}/enable", operation_id = "enable_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     responses((status = 200, body = ConnectorDto),
               (status = 400, body = Problem, content_type = "application/problem+json"),

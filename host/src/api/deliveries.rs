@@ -185,7 +185,7 @@ pub struct ReplayResponse {
 }
 
 /// Deliveries, filtered and paginated by id.
-#[utoipa::path(get, path = "/admin/deliveries", tag = "deliveries", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/deliveries", operation_id = "list_deliveries", tag = "deliveries", security(("bearer" = [])),
     params(ListParams),
     responses((status = 200, body = DeliveryPage),
               (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -228,7 +228,7 @@ async fn list(
 }
 
 /// One delivery with its attempts.
-#[utoipa::path(get, path = "/admin/deliveries/{id}", tag = "deliveries", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/deliveries/{id}", operation_id = "get_delivery", tag = "deliveries", security(("bearer" = [])),
     params(("id" = i64, Path, description = "Delivery id")),
     responses((status = 200, body = DeliveryDetail),
               (status = 400, description = "VALIDATION: the id is not an integer (int64)", body = Problem, content_type = "application/problem+json"),
@@ -254,7 +254,7 @@ async fn one(
 }
 
 /// Queue dead (or dropped) deliveries again: all of a connector's, or one.
-#[utoipa::path(post, path = "/admin/deliveries/replay", tag = "deliveries", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/deliveries/replay", operation_id = "replay_deliveries", tag = "deliveries", security(("bearer" = [])),
     request_body = ReplayRequest,
     responses((status = 200, body = ReplayResponse),
               (status = 400, body = Problem, content_type = "application/problem+json"),

@@ -49,7 +49,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// Receives one Keycloak event from the Lockstep event-listener extension.
-#[utoipa::path(post, path = "/realms/{realm}/events", tag = "identity-provider",
+#[utoipa::path(post, path = "/realms/{realm}/events", operation_id = "receive_keycloak_event", tag = "identity-provider",
     params(("realm" = String, Path, description = "Realm (must have events_secrets configured)"),
            ("webhook-id" = String, Header, description = "Event id (equals the body's id)"),
            ("webhook-timestamp" = i64, Header, description = "Unix seconds when sent"),

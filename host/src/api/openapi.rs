@@ -45,7 +45,7 @@ use super::constraints::PathRules;
         super::health::readyz,
         super::audit::list,
     ),
-    modifiers(&BearerAuth, &RateLimited, &PathRules),
+    modifiers(&BearerAuth, &RateLimited, &PathRules, &SessionLinks),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
@@ -121,6 +121,90 @@ impl Modify for RateLimited {
     }
 }
 
+/// OpenAPI links from the responses that create a session to the operations that take it:
+/// what a client does next with `externalId`, and what lets a stateful fuzzer (schemathesis,
+/// scripts/fuzz-api.sh) reach sessions that exist instead of guessing ids.
+///
+/// Written as JSON into the response's flattened extension map rather than `Response::links`:
+/// utoipa 5.5's `Link` serialises its fields in snake_case (`operation_id`, `request_body`),
+/// which no OpenAPI tool reads.
+struct SessionLinks;
+
+impl Modify for SessionLinks {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use serde_json::{Value, json};
+        use utoipa::openapi::RefOr;
+
+        const BASE: &str = "/admin/realms/{realm}/external-sessions";
+        let by_path = |op: &str, description: &str| {
+            json!({
+                "operationId": op,
+                "parameters": {
+                    "realm": "$request.path.realm",
+                    "externalId": "$response.body#/externalId",
+                },
+                "description": description,
+            })
+        };
+        let with_body = |op: &str, field: &str, description: &str| {
+            json!({
+                "operationId": op,
+                "parameters": { "realm": "$request.path.realm" },
+                "requestBody": { field: "$response.body#/externalId" },
+                "description": description,
+            })
+        };
+        let common = || {
+            serde_json::Map::from_iter([
+                (
+                    "GetSession".to_owned(),
+                    by_path("get_session", "The session"),
+                ),
+                (
+                    "SessionTree".to_owned(),
+                    by_path("session_tree", "The tree it is in"),
+                ),
+                (
+                    "Receipt".to_owned(),
+                    by_path("session_receipt", "Its termination receipt"),
+                ),
+                (
+                    "MapChild".to_owned(),
+                    with_body("map_child", "parentExternalId", "A child under it"),
+                ),
+            ])
+        };
+        let mut root = common();
+        root.insert(
+            "DestroyParent".to_owned(),
+            with_body("destroy_parent", "externalId", "End it and its tree"),
+        );
+        let mut child = common();
+        child.insert(
+            "DestroyChild".to_owned(),
+            with_body("destroy_child", "externalId", "End it and its descendants"),
+        );
+        for (route, links) in [
+            ("map-parent", &root),
+            ("map-fixed", &root),
+            ("map-child", &child),
+        ] {
+            let created = openapi
+                .paths
+                .paths
+                .get_mut(&format!("{BASE}/{route}"))
+                .and_then(|item| item.post.as_mut())
+                .and_then(|op| op.responses.responses.get_mut("201"));
+            if let Some(RefOr::T(created)) = created {
+                created
+                    .extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("links".to_owned(), Value::Object(links.clone()));
+            }
+        }
+    }
+}
+
 /// The document as pretty JSON (what `docs/openapi.json` holds, plus a trailing newline).
 pub fn document_json() -> String {
     let mut doc = ApiDoc::openapi();
@@ -154,6 +238,34 @@ mod tests {
             on_disk == document_json(),
             "docs/openapi.json is stale: run `cargo run -p lockstep -- openapi > docs/openapi.json`"
         );
+    }
+
+    #[test]
+    fn operation_ids_are_unique_and_every_link_names_one() {
+        let doc: serde_json::Value = serde_json::from_str(&document_json()).unwrap();
+        let mut ids = std::collections::BTreeSet::new();
+        let mut linked = Vec::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for (method, op) in item.as_object().unwrap() {
+                if !["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                    continue;
+                }
+                let id = op["operationId"].as_str().unwrap().to_owned();
+                assert!(ids.insert(id.clone()), "operationId {id} is used twice");
+                for response in op["responses"].as_object().unwrap().values() {
+                    for link in response["links"].as_object().into_iter().flatten() {
+                        linked.push(link.1["operationId"].as_str().unwrap().to_owned());
+                    }
+                }
+            }
+        }
+        assert!(linked.len() >= 10, "{linked:?}");
+        for id in linked {
+            assert!(
+                ids.contains(&id),
+                "a link names {id}, which no operation has"
+            );
+        }
     }
 
     #[test]
