@@ -144,6 +144,7 @@ fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads((cores / 2).max(1))
                 .thread_name("lockstep-hooks")
+                .on_thread_start(lower_priority)
                 .enable_all()
                 .build()
                 .inspect_err(|e| {
@@ -153,6 +154,23 @@ fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
         })
         .as_ref()
         .map(tokio::runtime::Runtime::handle)
+}
+
+/// Niceness of the hook threads: under contention the scheduler gives the API's threads
+/// about ten times their share, so hostile connectors get mostly idle CPU.
+#[cfg(target_os = "linux")]
+const HOOK_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's priority (Linux: `setpriority` on a thread id affects only
+/// that thread). Best effort: a refusal only costs the API some of its headroom.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), HOOK_NICENESS) {
+            tracing::warn!(error = %e, "cannot lower the priority of a hook thread");
+        }
+    }
 }
 
 /// The process-wide engine, linker and compile cache.
