@@ -27,6 +27,7 @@ on_both_backends!(
     authentication_and_authorisation_are_enforced,
     outbox_records_one_event_per_change_in_the_same_transaction,
     committed_changes_survive_sigkill,
+    a_session_named_like_an_action_is_readable,
 );
 
 async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: Backend) {
@@ -119,6 +120,34 @@ async fn mapping_an_existing_id_conflicts_whatever_its_status(backend: Backend) 
     // The original row is untouched by the refused attempts.
     let (_, p1) = api.get("p1").await;
     assert_eq!(p1["keycloakSessionId"], "sid-1");
+}
+
+/// Ids are free text, so a session may be called like a route: GET on `.../map-parent` is
+/// that session (it was the action's 405), and a name nobody mapped is 404 there too.
+async fn a_session_named_like_an_action_is_readable(backend: Backend) {
+    let server = Server::start(backend).await;
+    let api = server.api("acme");
+    let names = [
+        "map-parent",
+        "map-child",
+        "map-fixed",
+        "destroy-parent",
+        "destroy-child",
+        "destroy-user",
+        "session-tree",
+        "receipt",
+    ];
+    for name in names {
+        assert_eq!(api.map_parent(name, "sid-1").await.0, StatusCode::CREATED);
+        let (code, body) = api.get(name).await;
+        assert_eq!(code, StatusCode::OK, "GET {name}: {body}");
+        assert_eq!(body["externalId"], name);
+        assert_eq!(body["realm"], "acme");
+    }
+    let other = server.api("other");
+    for name in names {
+        assert_problem(&other.get(name).await, 404, "NOT_FOUND");
+    }
 }
 
 async fn concurrent_identical_maps(server: &Server) {

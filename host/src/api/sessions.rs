@@ -58,12 +58,32 @@ enum BodyProblems {
 pub fn router() -> axum::Router<AppState> {
     let base = "/admin/realms/{realm}/external-sessions";
     axum::Router::new()
-        .route(&format!("{base}/map-parent"), post(map_parent))
-        .route(&format!("{base}/map-child"), post(map_child))
-        .route(&format!("{base}/map-fixed"), post(map_fixed))
-        .route(&format!("{base}/destroy-parent"), post(destroy_parent))
-        .route(&format!("{base}/destroy-child"), post(destroy_child))
-        .route(&format!("{base}/destroy-user"), post(destroy_user))
+        // GET on an action's path is the session of that name (ids are free text); without
+        // it, `GET .../map-parent` was the action's 405 and such a session unreadable.
+        .route(
+            &format!("{base}/map-parent"),
+            post(map_parent).get(get_session_named_like_an_action),
+        )
+        .route(
+            &format!("{base}/map-child"),
+            post(map_child).get(get_session_named_like_an_action),
+        )
+        .route(
+            &format!("{base}/map-fixed"),
+            post(map_fixed).get(get_session_named_like_an_action),
+        )
+        .route(
+            &format!("{base}/destroy-parent"),
+            post(destroy_parent).get(get_session_named_like_an_action),
+        )
+        .route(
+            &format!("{base}/destroy-child"),
+            post(destroy_child).get(get_session_named_like_an_action),
+        )
+        .route(
+            &format!("{base}/destroy-user"),
+            post(destroy_user).get(get_session_named_like_an_action),
+        )
         .route(
             &format!("{base}/session-tree/{{externalId}}"),
             get(session_tree),
@@ -431,6 +451,18 @@ async fn get_session(
             ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
         })?;
     Ok(Json(session.into()))
+}
+
+/// `GET {base}/map-parent` and the other action paths: the session whose external id is the
+/// action's name (the last path segment, plain ASCII). Documented as `GET /{externalId}`.
+async fn get_session_named_like_an_action(
+    state: State<AppState>,
+    caller: Caller,
+    ApiPath(realm): ApiPath<String>,
+    uri: axum::http::Uri,
+) -> Result<Json<SessionDto>, ApiError> {
+    let action = uri.path().rsplit('/').next().unwrap_or_default().to_owned();
+    get_session(state, caller, ApiPath((realm, action))).await
 }
 
 /// Sessions of the realm, filtered, in creation order, cursor-paginated.
