@@ -232,10 +232,15 @@ async fn run(
             .prefix("lockstep-bench-mixed-pg-")
             .tempdir()
             .context("creating a temp dir")?;
-        let target = Target::Postgres {
-            url: db::create_pg_database(admin_url, pg_db).await?,
+        // A database that cannot be created fails this backend, not the SQLite figures.
+        let run = match db::create_pg_database(admin_url, pg_db).await {
+            Ok(url) => bench_backend(args, bin, &Target::Postgres { url }, dir.path()).await,
+            Err(e) => BackendRun {
+                failure: Some(format!("{e:#}")),
+                ..BackendRun::new("postgres")
+            },
         };
-        runs.push(bench_backend(args, bin, &target, dir.path()).await);
+        runs.push(run);
         if args.keep {
             eprintln!("kept {} and database {pg_db}", dir.keep().display());
         }
@@ -265,16 +270,22 @@ struct Memory {
     size: DbSize,
 }
 
+impl BackendRun {
+    fn new(backend: &'static str) -> BackendRun {
+        BackendRun {
+            backend,
+            steps: Vec::new(),
+            rss_start: None,
+            size_after_curves: None,
+            memory: None,
+            notes: Vec::new(),
+            failure: None,
+        }
+    }
+}
+
 async fn bench_backend(args: &Args, bin: &Path, target: &Target, dir: &Path) -> BackendRun {
-    let mut run = BackendRun {
-        backend: target.name(),
-        steps: Vec::new(),
-        rss_start: None,
-        size_after_curves: None,
-        memory: None,
-        notes: Vec::new(),
-        failure: None,
-    };
+    let mut run = BackendRun::new(target.name());
     eprintln!("\n=== {} ({})", target.name(), dir.display());
     if let Err(e) = bench_backend_inner(args, bin, target, dir, &mut run).await {
         eprintln!("  [{}] aborted: {e:#}", target.name());
