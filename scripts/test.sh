@@ -104,6 +104,8 @@ step "cargo test --workspace"
 cargo test --workspace
 
 step "API fuzzing: bash scripts/fuzz-api.sh (schemathesis against a real lockstep serve)"
-bash scripts/fuzz-api.sh
+# The binary cargo test just built: `cargo build -p lockstep` resolves features for one
+# package, not the workspace, and could rebuild it.
+LOCKSTEP_BIN=target/debug/lockstep bash scripts/fuzz-api.sh
 
 step "all checks passed"

@@ -45,7 +45,7 @@ use super::constraints::PathRules;
         super::health::readyz,
         super::audit::list,
     ),
-    modifiers(&BearerAuth, &RateLimited, &PathRules, &SessionLinks),
+    modifiers(&BearerAuth, &RateLimited, &PathRules, &SessionLinks, &SessionsNamedLikeActions),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
@@ -205,6 +205,51 @@ impl Modify for SessionLinks {
     }
 }
 
+/// The action paths of the external-sessions API; a GET on one reads the session of that name
+/// (`api::sessions::router`).
+const ACTIONS: [&str; 6] = [
+    "map-parent",
+    "map-child",
+    "map-fixed",
+    "destroy-parent",
+    "destroy-child",
+    "destroy-user",
+];
+
+/// Documents GET on each action path: a concrete path is matched before a templated one, so
+/// `GET .../map-parent` is not `GET .../{externalId}` for OpenAPI either; it reads the session
+/// called `map-parent`. A copy of the `get_session` operation without the id parameter.
+struct SessionsNamedLikeActions;
+
+impl Modify for SessionsNamedLikeActions {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        const BASE: &str = "/admin/realms/{realm}/external-sessions";
+        let Some(get) = openapi
+            .paths
+            .paths
+            .get(&format!("{BASE}/{{externalId}}"))
+            .and_then(|item| item.get.clone())
+        else {
+            return;
+        };
+        for action in ACTIONS {
+            let Some(item) = openapi.paths.paths.get_mut(&format!("{BASE}/{action}")) else {
+                continue;
+            };
+            let mut op = get.clone();
+            op.operation_id = Some(format!("get_session_named_{}", action.replace('-', "_")));
+            op.summary = Some(format!(
+                "The session whose external id is `{action}` (ids are free text)."
+            ));
+            op.description = None;
+            if let Some(params) = op.parameters.as_mut() {
+                params.retain(|p| p.name != "externalId");
+            }
+            item.get = Some(op);
+        }
+    }
+}
+
 /// The document as pretty JSON (what `docs/openapi.json` holds, plus a trailing newline).
 pub fn document_json() -> String {
     let mut doc = ApiDoc::openapi();
@@ -260,6 +305,13 @@ mod tests {
             }
         }
         assert!(linked.len() >= 10, "{linked:?}");
+        for action in ACTIONS {
+            let item = &doc["paths"][format!("/admin/realms/{{realm}}/external-sessions/{action}")];
+            assert!(
+                item["post"].is_object() && item["get"].is_object(),
+                "{action}"
+            );
+        }
         for id in linked {
             assert!(
                 ids.contains(&id),
