@@ -62,36 +62,63 @@ pub fn app(state: AppState) -> Router {
         .merge(openapi::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(metrics, record_request))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            record_request,
+        ))
         .with_state(state)
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("request handler panicked");
-            axum::response::IntoResponse::into_response(ApiError::Internal)
-        }))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("request handler panicked");
+                axum::response::IntoResponse::into_response(ApiError::Internal)
+            },
+        ))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request<_>| {
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
-                })
+                .make_span_with(request_span)
                 .on_request(())
-                .on_response(|res: &Response<_>, latency: Duration, _span: &tracing::Span| {
-                    let status = res.status().as_u16();
-                    let ms = latency.as_secs_f64() * 1000.0;
-                    if status >= 500 {
-                        tracing::error!(status, latency_ms = ms, "response");
-                    } else {
-                        tracing::debug!(status, latency_ms = ms, "response");
-                    }
-                }),
+                .on_response(
+                    |res: &Response<_>, latency: Duration, span: &tracing::Span| {
+                        let status = res.status().as_u16();
+                        span.record("status", status);
+                        if status >= 500 {
+                            span.record("otel.status_code", "ERROR");
+                        }
+                        let ms = latency.as_secs_f64() * 1000.0;
+                        if status >= 500 {
+                            tracing::error!(status, latency_ms = ms, "response");
+                        } else {
+                            tracing::debug!(status, latency_ms = ms, "response");
+                        }
+                    },
+                ),
         )
 }
 
+/// The `request` span of every call. `route` and `realm` are recorded once the router has
+/// matched ([`record_request`]), `external_id` by the handlers that know it, `status` (and an
+/// error status for 5xx, for trace backends) when the response is ready.
+fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        route = tracing::field::Empty,
+        realm = tracing::field::Empty,
+        external_id = tracing::field::Empty,
+        status = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
 /// Times every request into `lockstep_http_request_duration_seconds`, labelled with the route
-/// template the router matched (inside the router, where that is known).
+/// template the router matched (inside the router, where that is known), and names the route
+/// and a well-formed `{realm}` on the request span.
 async fn record_request(
     axum::extract::State(metrics): axum::extract::State<
         std::sync::Arc<crate::telemetry::metrics::Metrics>,
     >,
+    params: Result<axum::extract::RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -100,6 +127,18 @@ async fn record_request(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let span = tracing::Span::current();
+    span.record("route", route.as_str());
+    if let Some((_, realm)) = params
+        .iter()
+        .flat_map(|p| p.iter())
+        .find(|(name, _)| *name == "realm")
+    {
+        // A malformed realm is refused by the handler; it never becomes a span attribute.
+        if crate::sync::validate::realm(realm).is_ok() {
+            span.record("realm", realm);
+        }
+    }
     let started = std::time::Instant::now();
     let response = next.run(req).await;
     metrics.http_request(

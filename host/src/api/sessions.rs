@@ -101,6 +101,14 @@ fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Names the session a request is about on the request span (`api::app`), once the caller
+/// is authorised and only if the id is well-formed (a refused id is never an attribute).
+fn trace_session(external_id: &str) {
+    if validate::id("externalId", external_id).is_ok() {
+        tracing::Span::current().record("external_id", external_id);
+    }
+}
+
 fn default_name(value: Option<String>, caller: &Caller) -> Option<String> {
     value.or_else(|| Some(caller.0.name().to_owned()))
 }
@@ -150,6 +158,7 @@ async fn map_parent(
     ApiJson(req): ApiJson<MapParentRequest>,
 ) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
     authorize(&caller, &realm)?;
+    trace_session(&req.external_id);
     let session = NewSession {
         realm,
         external_id: req.external_id,
@@ -185,6 +194,7 @@ async fn map_child(
     ApiJson(req): ApiJson<MapChildRequest>,
 ) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
     authorize(&caller, &realm)?;
+    trace_session(&req.external_id);
     let session = NewSession {
         realm,
         external_id: req.external_id,
@@ -219,6 +229,7 @@ async fn map_fixed(
     ApiJson(req): ApiJson<MapFixedRequest>,
 ) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
     authorize(&caller, &realm)?;
+    trace_session(&req.external_id);
     let session = NewSession {
         realm,
         external_id: req.external_id,
@@ -246,8 +257,14 @@ async fn do_destroy(
     authorize(caller, realm)?;
     let origin = default_name(origin, caller);
     let (action, id) = match &target {
-        DestroyTarget::Parent(id) => (AuditAction::DestroyParent, id),
-        DestroyTarget::Child(id) => (AuditAction::DestroyChild, id),
+        DestroyTarget::Parent(id) => {
+            trace_session(id);
+            (AuditAction::DestroyParent, id)
+        }
+        DestroyTarget::Child(id) => {
+            trace_session(id);
+            (AuditAction::DestroyChild, id)
+        }
         DestroyTarget::User(id) => (AuditAction::DestroyUser, id),
         // No route of this API builds these.
         DestroyTarget::IdpSession(_)
@@ -373,6 +390,7 @@ async fn session_tree(
     ApiPath((realm, external_id)): ApiPath<(String, String)>,
 ) -> Result<Json<TreeResponse>, ApiError> {
     authorize(&caller, &realm)?;
+    trace_session(&external_id);
     let entries = state
         .sessions
         .tree(&realm, &external_id)
@@ -443,6 +461,7 @@ async fn get_session(
     ApiPath((realm, external_id)): ApiPath<(String, String)>,
 ) -> Result<Json<SessionDto>, ApiError> {
     authorize(&caller, &realm)?;
+    trace_session(&external_id);
     let session = state
         .sessions
         .get(&realm, &external_id)

@@ -411,23 +411,47 @@ impl Runtime {
     /// Guest code runs on the hook threads ([`hook_threads`]), not on the caller's runtime:
     /// the operating system then shares the CPU between the API's threads and the hooks', so
     /// connectors that burn their whole CPU budget cannot starve requests.
+    ///
+    /// The call is a `hook` span (connector, version, hook, outcome), a child of the caller's
+    /// span (the dispatcher's `delivery`); it covers the wait for a free slot too.
     pub async fn call(
         &self,
         connector: &Arc<LoadedConnector>,
         event: &SyncEvent,
     ) -> Result<(), HookFailure> {
-        let Some(threads) = hook_threads() else {
-            return self.call_here(connector, event).await;
+        let span = tracing::info_span!(
+            "hook",
+            connector = %connector.manifest.name,
+            version = %connector.version,
+            hook = World::hook_name(event.event_type),
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let result = match hook_threads() {
+            None => {
+                self.call_here(connector, event)
+                    .instrument(span.clone())
+                    .await
+            }
+            Some(threads) => {
+                let (me, connector, event) = (self.clone(), connector.clone(), event.clone());
+                let run =
+                    async move { me.call_here(&connector, &event).await }.instrument(span.clone());
+                match threads.spawn(run).await {
+                    Ok(result) => result,
+                    Err(e) => Err(HookFailure::Trap(cap(format!(
+                        "the hook task ended abnormally: {e}"
+                    )))),
+                }
+            }
         };
-        let (me, connector, event) = (self.clone(), connector.clone(), event.clone());
-        let run = async move { me.call_here(&connector, &event).await }
-            .instrument(tracing::Span::current());
-        match threads.spawn(run).await {
-            Ok(result) => result,
-            Err(e) => Err(HookFailure::Trap(cap(format!(
-                "the hook task ended abnormally: {e}"
-            )))),
-        }
+        match &result {
+            Ok(()) => span.record("outcome", "ok"),
+            Err(failure) => span
+                .record("outcome", failure.kind())
+                .record("otel.status_code", "ERROR"),
+        };
+        result
     }
 
     async fn call_here(

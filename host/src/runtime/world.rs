@@ -49,6 +49,17 @@ impl World {
         }
     }
 
+    /// The WIT name of the hook that handles `event_type` (the same in every version), for
+    /// spans and logs.
+    pub fn hook_name(event_type: EventType) -> &'static str {
+        match event_type {
+            EventType::Login => "on-login",
+            EventType::Logout => "on-logout",
+            EventType::Revoke => "revoke",
+            EventType::Refresh => "on-refresh",
+        }
+    }
+
     /// The newest version whose hooks `component` exports, if any.
     pub fn of(component: &Component) -> Option<World> {
         World::SUPPORTED

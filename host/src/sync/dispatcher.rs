@@ -273,6 +273,8 @@ impl Dispatcher {
             realm = %delivery.event.realm,
             external_id = %delivery.event.external_id,
             attempt,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         let clock = std::time::Instant::now();
         let outcome = self
@@ -306,6 +308,10 @@ impl Dispatcher {
                 (result, failure.kind().to_owned(), Some(failure.reason()))
             }
         };
+        span.record("outcome", outcome_label.as_str());
+        if outcome.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         metrics.hook_call(&outcome_label, took);
         match result {
             AttemptResult::Dead => metrics.dead_letter(),
