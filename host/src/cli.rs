@@ -179,9 +179,17 @@ fn redact(url: &str) -> String {
 
 /// Parses the command line and runs it.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init(cli.log_format, &cli.log_level);
+    // Only the service exports traces; the one-shot commands just log.
+    let serving = matches!(cli.command, Command::Serve(_));
+    let traces = telemetry::init(cli.log_format, &cli.log_level, serving)
+        .context("cannot set up trace export (OTEL_* environment)")?;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => {
+            let result = serve(args).await;
+            // After the drain: the spans of the last requests and hook calls are queued now.
+            traces.shutdown().await;
+            result
+        }
         Command::Migrate(args) => {
             let file = args.file()?;
             let store = open_store(&args.options(&file)?).await?;
