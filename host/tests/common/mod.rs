@@ -140,6 +140,9 @@ pub struct ServerOptions {
     /// `--requests-per-second` (default 0: off, so tests that send quickly never meet the
     /// per-caller limit; `None` leaves the config file or the built-in default in charge).
     pub requests_per_second: Option<u32>,
+    /// Extra environment of the server process (e.g. `OTEL_*`). The harness removes the
+    /// OTLP endpoint variables first, so no server exports spans unless its test asks.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ServerOptions {
@@ -153,6 +156,7 @@ impl Default for ServerOptions {
             log: "error",
             listen: None,
             requests_per_second: Some(0),
+            env: Vec::new(),
         }
     }
 }
@@ -215,6 +219,11 @@ impl Server {
         }
         if let Some(d) = &opts.connectors_dir {
             cmd.arg("--connectors-dir").arg(d);
+        }
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start lockstep");
         let stdout = child.stdout.take().unwrap();
@@ -366,6 +375,21 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Sends SIGTERM (the graceful shutdown an orchestrator asks for) and waits, bounded,
+    /// for the process to exit; returns its exit status.
+    pub async fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.pid().expect("server already exited");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("lockstep did not exit within {timeout:?} of SIGTERM"))
+            .unwrap()
     }
 
     /// Stops the process (SIGKILL) and returns the database so it can be reopened.
