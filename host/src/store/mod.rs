@@ -289,7 +289,7 @@ impl Store {
     pub async fn fan_out(&self, route: Route, gate: Gate) -> Result<Option<(usize, usize)>> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, now| {
+                s.write_quiet(move |c, now| {
                     Box::pin(async move { sqlite::ops::fan_out(c, &*route, &*gate, now).await })
                 })
                 .await
@@ -307,7 +307,7 @@ impl Store {
     ) -> Result<Vec<ClaimedDelivery>> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, now| {
+                s.write_quiet(move |c, now| {
                     Box::pin(async move {
                         sqlite::ops::claim(c, &connectors, limit, lease_until, now).await
                     })
@@ -322,7 +322,7 @@ impl Store {
     pub async fn record(&self, record: AttemptRecord) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, _| Box::pin(async move { sqlite::ops::record(c, &record).await }))
+                s.write_quiet(move |c, _| Box::pin(async move { sqlite::ops::record(c, &record).await }))
                     .await
             }
             Store::Postgres(p) => p.record(&record).await,
@@ -333,7 +333,7 @@ impl Store {
     pub async fn release_leases(&self) -> Result<u64> {
         match self {
             Store::Sqlite(s) => {
-                s.write(|c, _| Box::pin(async move { sqlite::ops::release_leases(c).await }))
+                s.write_quiet(|c, _| Box::pin(async move { sqlite::ops::release_leases(c).await }))
                     .await
             }
             // Other instances may hold live leases; expired ones are reclaimed by `claim`.
@@ -366,7 +366,7 @@ impl Store {
     pub async fn record_audit(&self, entry: AuditEntry, outcome: AuditOutcome) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, now| {
+                s.write_quiet(move |c, now| {
                     Box::pin(
                         async move { sqlite::ops::insert_audit(c, &entry, outcome, now).await },
                     )
@@ -398,7 +398,7 @@ impl Store {
     pub async fn purge_audit(&self, before_ms: i64, limit: i64) -> Result<u64> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, _| {
+                s.write_quiet(move |c, _| {
                     Box::pin(async move { sqlite::ops::purge_audit(c, before_ms, limit).await })
                 })
                 .await
@@ -646,7 +646,7 @@ impl Store {
     pub async fn unlease(&self, id: i64) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write(move |c, _| Box::pin(async move { sqlite::ops::unlease(c, id).await }))
+                s.write_quiet(move |c, _| Box::pin(async move { sqlite::ops::unlease(c, id).await }))
                     .await
             }
             Store::Postgres(p) => postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await,

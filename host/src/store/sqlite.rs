@@ -66,6 +66,8 @@ const QUEUE_DEPTH: usize = 4096;
 /// how to answer its caller once the commit's outcome is known.
 struct Pending {
     ok: bool,
+    /// Whether committing it is news for the dispatcher (see [`SqliteStore::write_quiet`]).
+    wakes: bool,
     answer: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
@@ -143,12 +145,42 @@ impl SqliteStore {
             + Send
             + 'static,
     {
+        self.submit(f, true).await
+    }
+
+    /// A write whose commit does not wake the dispatcher: its own fan-out, claims, records and
+    /// lease changes, and audit writes. (Waking it for those made an idle dispatcher loop
+    /// forever: every empty fan-out commit woke it for the next one, a core busy at idle.)
+    pub(super) async fn write_quiet<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut SqliteConnection,
+                i64,
+            ) -> futures::future::BoxFuture<'c, Result<T>>
+            + Send
+            + 'static,
+    {
+        self.submit(f, false).await
+    }
+
+    async fn submit<T, F>(&self, f: F, wakes: bool) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut SqliteConnection,
+                i64,
+            ) -> futures::future::BoxFuture<'c, Result<T>>
+            + Send
+            + 'static,
+    {
         let (reply, rx) = oneshot::channel::<Result<T>>();
         let job: JobFn = Box::new(move |conn, now| {
             Box::pin(async move {
                 let result = f(conn, now).await;
                 Pending {
                     ok: result.is_ok(),
+                    wakes,
                     answer: Box::new(move |commit: Result<()>| {
                         // The caller may have gone away (client disconnected); the change stands.
                         let _ = reply.send(commit.and(result));
@@ -267,6 +299,7 @@ async fn writer_loop(
             },
         };
         let ok = commit.is_ok();
+        let news = pending.iter().any(|p| p.ok && p.wakes);
         for p in pending {
             (p.answer)(if ok {
                 Ok(())
@@ -274,7 +307,7 @@ async fn writer_loop(
                 Err(StoreError::Unavailable)
             });
         }
-        if ok {
+        if ok && news {
             committed.notify_one();
         }
         if since_optimize >= OPTIMIZE_EVERY {
@@ -302,6 +335,7 @@ async fn run_one(conn: &mut SqliteConnection, job: JobFn, now: i64) -> Pending {
     if let Err(e) = exec(conn, "SAVEPOINT op").await {
         return Pending {
             ok: false,
+            wakes: false,
             answer: Box::new(move |_| drop(e)),
         };
     }
