@@ -322,8 +322,10 @@ impl Store {
     pub async fn record(&self, record: AttemptRecord) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write_quiet(move |c, _| Box::pin(async move { sqlite::ops::record(c, &record).await }))
-                    .await
+                s.write_quiet(move |c, _| {
+                    Box::pin(async move { sqlite::ops::record(c, &record).await })
+                })
+                .await
             }
             Store::Postgres(p) => p.record(&record).await,
         }
@@ -646,8 +648,10 @@ impl Store {
     pub async fn unlease(&self, id: i64) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write_quiet(move |c, _| Box::pin(async move { sqlite::ops::unlease(c, id).await }))
-                    .await
+                s.write_quiet(move |c, _| {
+                    Box::pin(async move { sqlite::ops::unlease(c, id).await })
+                })
+                .await
             }
             Store::Postgres(p) => postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await,
         }
