@@ -55,8 +55,10 @@ async fn metrics_show_request_latency_by_route_and_the_delivery_backlog(backend:
     for _ in 0..100 {
         text = server.metrics().await;
         if sample(&text, "lockstep_outbox_unrouted_events ") == Some(0.0)
-            && sample(&text, "lockstep_deliveries_queued{connector=\"hook\",status=\"pending\"}")
-                == Some(3.0)
+            && sample(
+                &text,
+                "lockstep_deliveries_queued{connector=\"hook\",status=\"pending\"}",
+            ) == Some(3.0)
         {
             break;
         }
@@ -70,7 +72,10 @@ async fn metrics_show_request_latency_by_route_and_the_delivery_backlog(backend:
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let text = server.metrics().await;
     let age = sample(&text, "lockstep_oldest_waiting_event_age_seconds ").unwrap();
-    assert!((1.0..120.0).contains(&age), "the oldest pending login waits: {age}");
+    assert!(
+        (1.0..120.0).contains(&age),
+        "the oldest pending login waits: {age}"
+    );
 
     let route = "route=\"/admin/realms/{realm}/external-sessions/map-parent\"";
     assert_eq!(
