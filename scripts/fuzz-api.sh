@@ -135,6 +135,8 @@ fi
 say "lockstep listens on $ADDR"
 
 # --- the runs ---------------------------------------------------------------------------------
+# This run's reports only (the NDJSON event log is tens of MB).
+rm -rf "$REPORT_DIR"
 mkdir -p "$REPORT_DIR"
 seed=()
 [[ -n "${LOCKSTEP_FUZZ_SEED:-}" ]] && seed=(--seed "$LOCKSTEP_FUZZ_SEED")
