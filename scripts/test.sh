@@ -106,6 +106,9 @@ cargo test --workspace
 step "API fuzzing: bash scripts/fuzz-api.sh (schemathesis against a real lockstep serve)"
 # The binary cargo test just built: `cargo build -p lockstep` resolves features for one
 # package, not the workspace, and could rebuild it.
-LOCKSTEP_BIN=target/debug/lockstep bash scripts/fuzz-api.sh
+# A fixed seed by default, so the test command is reproducible (a time budget still decides how
+# far it gets); set LOCKSTEP_FUZZ_SEED to explore other inputs.
+LOCKSTEP_FUZZ_SEED="${LOCKSTEP_FUZZ_SEED:-20261123}" LOCKSTEP_BIN=target/debug/lockstep \
+    bash scripts/fuzz-api.sh
 
 step "all checks passed"
