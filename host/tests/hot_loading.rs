@@ -79,33 +79,13 @@ async fn wait_connector(
     }
 }
 
-/// Every delivery of a connector, following the cursor.
-async fn all_deliveries(server: &Server, connector: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..1_000 {
-        let (code, body) = server
-            .admin_get(&format!(
-                "/admin/deliveries?connector={connector}&limit=500{cursor}"
-            ))
-            .await;
-        assert_eq!(code, StatusCode::OK, "{body}");
-        out.extend(body["items"].as_array().unwrap().iter().cloned());
-        match body["nextCursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => return out,
-        }
-    }
-    panic!("too many pages");
-}
-
 /// What the deliveries of both webhook connectors look like, for a failure message: rows by
 /// status per connector, and the events one connector has and the other lacks.
 async fn explain_missing(server: &Server) -> String {
     let mut out = String::new();
     let mut events: HashMap<&str, HashMap<String, Value>> = HashMap::new();
     for name in ["hook-dir", "hook-api"] {
-        let all = all_deliveries(server, name).await;
+        let all = server.all_deliveries(name).await;
         let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
         for d in &all {
             *by_status.entry(d["status"].to_string()).or_default() += 1;
@@ -317,7 +297,7 @@ async fn swapping_under_load_loses_nothing_and_serves_each_event_with_a_current_
     );
     for (name, path) in [("hook-dir", "/dir"), ("hook-api", "/api")] {
         let list = &versions[name];
-        let deliveries = all_deliveries(&server, name).await;
+        let deliveries = server.all_deliveries(name).await;
         assert_eq!(
             deliveries.len(),
             2 * sessions,

@@ -305,26 +305,6 @@ async fn map_child_racing_destroy_parent_on_other_instances_never_leaves_an_acti
     assert!(active.is_empty(), "{active:#?}");
 }
 
-/// Every delivery of `connector`, following cursors.
-async fn all_deliveries(server: &Server, connector: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..100 {
-        let (code, body) = server
-            .admin_get(&format!(
-                "/admin/deliveries?connector={connector}&limit=500{cursor}"
-            ))
-            .await;
-        assert_eq!(code, StatusCode::OK, "{body}");
-        out.extend(body["items"].as_array().unwrap().iter().cloned());
-        match body["nextCursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => return out,
-        }
-    }
-    panic!("pagination did not end");
-}
-
 /// Polls (bounded) until `pred` holds for every delivery of `connector`; returns them.
 async fn wait_all_deliveries(
     server: &Server,
@@ -334,7 +314,7 @@ async fn wait_all_deliveries(
 ) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let all = all_deliveries(server, connector).await;
+        let all = server.all_deliveries(connector).await;
         if pred(&all) {
             return all;
         }

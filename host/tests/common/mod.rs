@@ -352,6 +352,27 @@ impl Server {
         .await
     }
 
+    /// Every delivery of `connector` (`GET /admin/deliveries`), following the cursor
+    /// (bounded).
+    pub async fn all_deliveries(&self, connector: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..100 {
+            let (code, body) = self
+                .admin_get(&format!(
+                    "/admin/deliveries?connector={connector}&limit=500{cursor}"
+                ))
+                .await;
+            assert_eq!(code, StatusCode::OK, "{body}");
+            out.extend(body["items"].as_array().unwrap().iter().cloned());
+            match body["nextCursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return out,
+            }
+        }
+        panic!("too many pages of deliveries for {connector}");
+    }
+
     /// Polls `/admin/deliveries` until `pred` holds for the filtered list (bounded).
     pub async fn wait_deliveries(
         &self,
