@@ -147,33 +147,22 @@ pub struct PathRules;
 
 impl Modify for PathRules {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for item in openapi.paths.paths.values_mut() {
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                for p in op.parameters.iter_mut().flatten() {
-                    if p.parameter_in != ParameterIn::Path {
-                        continue;
-                    }
-                    let schema = match p.name.as_str() {
-                        "realm" => realm(),
-                        "externalId" => id(),
-                        "name" => connector_name(),
-                        "id" => ObjectBuilder::new()
-                            .schema_type(Type::Integer)
-                            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-                            .build(),
-                        _ => continue,
-                    };
-                    p.schema = Some(RefOr::T(schema.into()));
+        for op in super::openapi::operations_mut(openapi) {
+            for p in op.parameters.iter_mut().flatten() {
+                if p.parameter_in != ParameterIn::Path {
+                    continue;
                 }
+                let schema = match p.name.as_str() {
+                    "realm" => realm(),
+                    "externalId" => id(),
+                    "name" => connector_name(),
+                    "id" => ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                        .build(),
+                    _ => continue,
+                };
+                p.schema = Some(RefOr::T(schema.into()));
             }
         }
     }

@@ -75,6 +75,24 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every operation of the document (get, put, post, delete, patch), for modifiers that apply
+/// one rule to all of them.
+pub(super) fn operations_mut(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+    })
+}
+
 /// Every route that takes a bearer token can also answer 429 (`[limits] requests_per_second`):
 /// added here to each operation that documents a 401, rather than repeated on every handler.
 struct RateLimited;
@@ -84,39 +102,28 @@ impl Modify for RateLimited {
         use utoipa::openapi::RefOr;
         use utoipa::openapi::header::HeaderBuilder;
         use utoipa::openapi::schema::{ObjectBuilder, Type};
-        for item in openapi.paths.paths.values_mut() {
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                let Some(RefOr::T(unauthorized)) = op.responses.responses.get("401") else {
-                    continue;
-                };
-                let mut limited = unauthorized.clone();
-                limited.description = "RATE_LIMITED: the caller sent more than its \
+        for op in operations_mut(openapi) {
+            let Some(RefOr::T(unauthorized)) = op.responses.responses.get("401") else {
+                continue;
+            };
+            let mut limited = unauthorized.clone();
+            limited.description = "RATE_LIMITED: the caller sent more than its \
                     `[limits] requests_per_second`; retry after `Retry-After` seconds"
-                    .to_owned();
-                limited.headers.insert(
-                    "Retry-After".to_owned(),
-                    HeaderBuilder::new()
-                        .schema(
-                            ObjectBuilder::new()
-                                .schema_type(Type::Integer)
-                                .minimum(Some(1)),
-                        )
-                        .description(Some("Seconds until a request is accepted again"))
-                        .build(),
-                );
-                op.responses
-                    .responses
-                    .insert("429".to_owned(), RefOr::T(limited));
-            }
+                .to_owned();
+            limited.headers.insert(
+                "Retry-After".to_owned(),
+                HeaderBuilder::new()
+                    .schema(
+                        ObjectBuilder::new()
+                            .schema_type(Type::Integer)
+                            .minimum(Some(1)),
+                    )
+                    .description(Some("Seconds until a request is accepted again"))
+                    .build(),
+            );
+            op.responses
+                .responses
+                .insert("429".to_owned(), RefOr::T(limited));
         }
     }
 }
