@@ -66,6 +66,8 @@ pub enum Command {
     Openapi,
     /// Manage the connectors of a running instance through its admin API.
     Connectors(crate::admin_client::ClientArgs),
+    /// Write a connector: scaffold (`new`), `build` and `test` it locally.
+    Connector(crate::devkit::ConnectorArgs),
     /// Print the SHA-256 of an API key, for `[[api_keys]] sha256` in the config file.
     HashKey {
         /// The key (prefer reading it from stdin with `-` to keep it out of shell history).
@@ -198,6 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Connectors(args) => crate::admin_client::run(args).await,
+        Command::Connector(args) => crate::devkit::execute(args).await,
         Command::Openapi => {
             print!("{}", api::openapi::document_json());
             Ok(())

@@ -15,6 +15,8 @@ pub const MAX_MEMORY_MB: u32 = 512;
 pub const MAX_TIMEOUT_MS: u64 = 60_000;
 /// Highest `max_attempts`.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Highest `max_calls_per_instance`.
+pub const MAX_CALLS_PER_INSTANCE: u32 = 1_000_000;
 
 /// Errors in a manifest; each names the field.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,10 @@ struct RawManifest {
     #[serde(default = "default_memory_mb")]
     memory_mb: u32,
     #[serde(default)]
+    reuse_instance: bool,
+    #[serde(default = "default_max_calls_per_instance")]
+    max_calls_per_instance: u32,
+    #[serde(default)]
     policy: Policy,
     #[serde(default)]
     config: BTreeMap<String, String>,
@@ -141,6 +147,9 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_memory_mb() -> u32 {
     32
+}
+fn default_max_calls_per_instance() -> u32 {
+    1_000
 }
 
 /// An allowed outgoing destination: scheme, host and port.
@@ -233,6 +242,13 @@ pub struct Manifest {
     pub timeout_ms: u64,
     /// Linear memory cap.
     pub memory_mb: u32,
+    /// Serve calls from a warm instance instead of a fresh one per call (for stateless
+    /// connectors whose instantiation dominates a call: JavaScript, Python). An instance is
+    /// recycled after `max_calls_per_instance` calls, after any trap, timeout or memory cap,
+    /// and when the connector is replaced.
+    pub reuse_instance: bool,
+    /// Calls one warm instance serves before it is recycled (`reuse_instance` only).
+    pub max_calls_per_instance: u32,
     /// Failure policy.
     pub policy: Policy,
     /// Free configuration read by the component.
@@ -295,6 +311,11 @@ impl Manifest {
         if raw.memory_mb == 0 || raw.memory_mb > MAX_MEMORY_MB {
             return Err(invalid(format!("memory_mb must be 1-{MAX_MEMORY_MB}")));
         }
+        if raw.max_calls_per_instance == 0 || raw.max_calls_per_instance > MAX_CALLS_PER_INSTANCE {
+            return Err(invalid(format!(
+                "max_calls_per_instance must be 1-{MAX_CALLS_PER_INSTANCE}"
+            )));
+        }
         let p = &raw.policy;
         if p.max_attempts == 0 || p.max_attempts > MAX_ATTEMPTS {
             return Err(invalid(format!(
@@ -326,6 +347,8 @@ impl Manifest {
             allowed_hosts,
             timeout_ms: raw.timeout_ms,
             memory_mb: raw.memory_mb,
+            reuse_instance: raw.reuse_instance,
+            max_calls_per_instance: raw.max_calls_per_instance,
             policy: raw.policy,
             config: raw.config,
             source: text.to_owned(),

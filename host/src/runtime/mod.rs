@@ -24,8 +24,10 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use bindings::{v0_1_0, v0_2_0};
 use cache::{CacheOutcome, CompileCache};
 use manifest::Manifest;
-use sandbox::CallState;
-use world::{Hooks, World};
+use sandbox::{CallState, Recorder};
+use world::{Hooks, Instance, World};
+
+pub use sandbox::{HttpExchange, Transcript};
 
 use crate::sync::model::SyncEvent;
 
@@ -35,6 +37,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub const MAX_ERROR_BYTES: usize = 2 * 1024;
 /// Component instances alive at once (bounds memory: each may use up to its `memory_mb`).
 pub const MAX_CONCURRENT_CALLS: usize = 64;
+/// Idle warm instances kept for `reuse_instance` connectors, per connector and in all. They
+/// hold pool slots and memory while idle, so both are small and the pool is sized for them.
+pub const MAX_IDLE_WARM_PER_CONNECTOR: usize = 4;
+/// See [`MAX_IDLE_WARM_PER_CONNECTOR`].
+pub const MAX_IDLE_WARM: usize = 16;
 
 /// Runtime failures outside a hook call (loading, compiling).
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +128,65 @@ pub struct LoadedConnector {
     /// Its scope in the connector cache (`name@version`), computed once.
     kv_scope: Arc<str>,
     hooks: Hooks,
+    /// Idle instances of a `reuse_instance` connector; dropped with this version, so a
+    /// replacement never serves from its predecessor's instances.
+    warm: WarmPool,
+}
+
+/// An instance kept warm between calls, with the store it lives in.
+struct Warm {
+    store: Store<CallState>,
+    instance: Instance,
+    calls: u32,
+}
+
+/// The idle warm instances of one connector version, counted against the runtime's total.
+struct WarmPool {
+    idle: std::sync::Mutex<Vec<Warm>>,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl WarmPool {
+    fn take(&self) -> Option<Warm> {
+        let warm = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        if warm.is_some() {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+        warm
+    }
+
+    /// Keeps `warm` for the next call unless either cap is reached (then it is dropped).
+    fn put(&self, warm: Warm) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() >= MAX_IDLE_WARM_PER_CONNECTOR {
+            return;
+        }
+        let reserved = self
+            .total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_IDLE_WARM).then_some(n + 1)
+            });
+        if reserved.is_ok() {
+            idle.push(warm);
+        }
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        let idle = self
+            .idle
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.total.fetch_sub(idle.len(), Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for LoadedConnector {
@@ -181,6 +247,7 @@ pub struct Runtime {
     cache: CompileCache,
     kv: kv::Kv,
     slots: Arc<tokio::sync::Semaphore>,
+    warm_total: Arc<std::sync::atomic::AtomicUsize>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -197,11 +264,13 @@ impl Drop for EpochTicker {
 
 fn engine_config() -> Result<Config, RuntimeError> {
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(MAX_CONCURRENT_CALLS as u32 * 4)
-        .total_core_instances(MAX_CONCURRENT_CALLS as u32 * 16)
-        .total_memories(MAX_CONCURRENT_CALLS as u32 * 4)
-        .total_tables(MAX_CONCURRENT_CALLS as u32 * 16)
-        .total_stacks(MAX_CONCURRENT_CALLS as u32 * 4)
+    // Instances in calls, the load checks beside them, and the idle warm ones.
+    let instances = (MAX_CONCURRENT_CALLS + MAX_IDLE_WARM) as u32;
+    pool.total_component_instances(instances * 4)
+        .total_core_instances(instances * 16)
+        .total_memories(instances * 4)
+        .total_tables(instances * 16)
+        .total_stacks(instances * 4)
         // componentize-py components hold more than 16 core instances.
         .max_core_instances_per_component(64)
         .max_memories_per_component(8)
@@ -259,6 +328,7 @@ impl Runtime {
             cache: CompileCache::new(cache_dir).map_err(RuntimeError::Cache)?,
             kv: kv::Kv::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS)),
+            warm_total: Arc::default(),
             _ticker: Arc::new(EpochTicker { stop }),
         })
     }
@@ -333,7 +403,7 @@ impl Runtime {
             let mut store = self.sandboxed_store(&manifest, &kv_scope, "load-check".into());
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
             match tokio::time::timeout(outer, hooks.instantiate(&mut store)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) if store.data().limiter.hit => {
                     return Err(invalid(format!(
                         "needs more than memory_mb = {} at start: {e:#}",
@@ -364,6 +434,10 @@ impl Runtime {
             cache: outcome,
             kv_scope,
             hooks,
+            warm: WarmPool {
+                idle: std::sync::Mutex::default(),
+                total: self.warm_total.clone(),
+            },
         }))
     }
 
@@ -387,11 +461,11 @@ impl Runtime {
             .timeout_ms
             .div_ceil(EPOCH_TICK.as_millis() as u64)
             .max(1);
-        let mut ticks = 0u64;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            ticks += 1;
-            Ok(if ticks >= budget {
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks += 1;
+            Ok(if state.ticks >= budget {
                 wasmtime::UpdateDeadline::Interrupt
             } else {
                 wasmtime::UpdateDeadline::Yield(1)
@@ -429,14 +503,14 @@ impl Runtime {
         );
         let result = match hook_threads() {
             None => {
-                self.call_here(connector, event)
+                self.call_here(connector, event, None)
                     .instrument(span.clone())
                     .await
             }
             Some(threads) => {
                 let (me, connector, event) = (self.clone(), connector.clone(), event.clone());
-                let run =
-                    async move { me.call_here(&connector, &event).await }.instrument(span.clone());
+                let run = async move { me.call_here(&connector, &event, None).await }
+                    .instrument(span.clone());
                 match threads.spawn(run).await {
                     Ok(result) => result,
                     Err(e) => Err(HookFailure::Trap(cap(format!(
@@ -454,10 +528,29 @@ impl Runtime {
         result
     }
 
+    /// Like [`Runtime::call`], on the caller's threads, also returning what the call did
+    /// (its log lines and outgoing requests): `lockstep connector test`.
+    pub async fn call_recorded(
+        &self,
+        connector: &Arc<LoadedConnector>,
+        event: &SyncEvent,
+    ) -> (Result<(), HookFailure>, Transcript) {
+        let recorder = Recorder::default();
+        let result = self
+            .call_here(connector, event, Some(recorder.clone()))
+            .await;
+        let transcript = recorder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        (result, transcript)
+    }
+
     async fn call_here(
         &self,
         connector: &LoadedConnector,
         event: &SyncEvent,
+        recorder: Option<Recorder>,
     ) -> Result<(), HookFailure> {
         let _slot = self
             .slots
@@ -466,14 +559,51 @@ impl Runtime {
             .map_err(|_| HookFailure::Retry("runtime shutting down".into()))?;
         let manifest = &connector.manifest;
         let timeout_ms = manifest.timeout_ms;
-        let mut store = self.sandboxed_store(manifest, &connector.kv_scope, event.event_id.clone());
-        let run = connector.hooks.call(&mut store, event);
+        let reuse = manifest.reuse_instance;
+        let warm = if reuse { connector.warm.take() } else { None };
+        let run = async {
+            let (mut store, instance, calls) = match warm {
+                Some(Warm {
+                    mut store,
+                    instance,
+                    calls,
+                }) => {
+                    store.set_epoch_deadline(1);
+                    store.data_mut().begin_call(&event.event_id, recorder);
+                    (store, Ok(instance), calls)
+                }
+                None => {
+                    let mut store =
+                        self.sandboxed_store(manifest, &connector.kv_scope, event.event_id.clone());
+                    store.data_mut().begin_call(&event.event_id, recorder);
+                    let instance = connector.hooks.instantiate(&mut store).await;
+                    (store, instance, 0)
+                }
+            };
+            let (instance, answer) = match instance {
+                Ok(instance) => {
+                    let answer = instance.call(&mut store, event).await;
+                    (Some(instance), answer)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            (store, instance, calls + 1, answer)
+        };
         // The epoch deadline stops runaway guest code; this outer bound also stops a guest
-        // blocked in host I/O (which the epoch cannot interrupt).
+        // blocked in host I/O (which the epoch cannot interrupt). A timed-out instance is
+        // dropped with its store, never reused.
         let outer = Duration::from_millis(timeout_ms) + Duration::from_millis(250);
-        let result = tokio::time::timeout(outer, run).await;
+        let Ok((store, instance, calls, answer)) = tokio::time::timeout(outer, run).await else {
+            return Err(HookFailure::Timeout(timeout_ms));
+        };
         let oom = store.data().limiter.hit;
         let dropped_logs = store.data().logs.dropped;
+        if let Some(recorder) = &store.data().recorder {
+            recorder
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .dropped_logs = dropped_logs;
+        }
         if dropped_logs > 0 {
             tracing::warn!(
                 connector = %manifest.name,
@@ -482,13 +612,24 @@ impl Runtime {
                 "connector exceeded its log budget; lines dropped"
             );
         }
-        match result {
-            Err(_) => Err(HookFailure::Timeout(timeout_ms)),
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(HookFailure::Retry(m)))) => Err(HookFailure::Retry(cap(m))),
-            Ok(Ok(Err(HookFailure::Fail(m)))) => Err(HookFailure::Fail(cap(m))),
-            Ok(Ok(Err(other))) => Err(other),
-            Ok(Err(e)) => Err(if oom {
+        // Only an instance that answered (ok, retry or fail) is kept: after a trap its state
+        // is unknown.
+        if reuse
+            && let (Some(instance), Ok(_)) = (instance, &answer)
+            && calls < manifest.max_calls_per_instance
+        {
+            connector.warm.put(Warm {
+                store,
+                instance,
+                calls,
+            });
+        }
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(HookFailure::Retry(m))) => Err(HookFailure::Retry(cap(m))),
+            Ok(Err(HookFailure::Fail(m))) => Err(HookFailure::Fail(cap(m))),
+            Ok(Err(other)) => Err(other),
+            Err(e) => Err(if oom {
                 HookFailure::OutOfMemory(manifest.memory_mb)
             } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                 HookFailure::Timeout(timeout_ms)

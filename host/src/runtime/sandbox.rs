@@ -2,8 +2,8 @@
 //! arguments or sockets), wasi:http gated by the manifest's allowlist, a memory limiter, and
 //! the `host` interface (capped logging, config lookups).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -34,6 +34,43 @@ pub struct CallState {
     event_id: String,
     kv: Kv,
     kv_scope: Arc<str>,
+    /// Epoch ticks the current call has run (its deadline is a number of ticks).
+    pub(super) ticks: u64,
+    pub(super) recorder: Option<Recorder>,
+}
+
+/// What one hook call did, for `lockstep connector test`: its log lines (before the host's
+/// caps drop any) and every outgoing HTTP request with how it ended.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Transcript {
+    /// `(level, message)` in order.
+    pub logs: Vec<(String, String)>,
+    /// Outgoing requests in order.
+    pub requests: Vec<HttpExchange>,
+    /// Log lines dropped past the per-call cap.
+    pub dropped_logs: u64,
+}
+
+/// One outgoing request.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HttpExchange {
+    /// `GET`, `POST`...
+    pub method: String,
+    /// The full URL.
+    pub url: String,
+    /// The response status, `denied` (outside `allowed_hosts`) or `error: ...`.
+    pub outcome: String,
+    /// Until the response head (or the refusal).
+    pub millis: f64,
+}
+
+/// Where a call's transcript is written, when one is asked for.
+pub(super) type Recorder = Arc<Mutex<Transcript>>;
+
+fn record(recorder: &Option<Recorder>, f: impl FnOnce(&mut Transcript)) {
+    if let Some(r) = recorder {
+        f(&mut r.lock().unwrap_or_else(PoisonError::into_inner));
+    }
 }
 
 impl CallState {
@@ -59,6 +96,7 @@ impl CallState {
             gate: HttpGate {
                 manifest: manifest.clone(),
                 event_id: event_id.clone(),
+                recorder: None,
             },
             limiter: MemoryLimiter {
                 max_bytes: manifest.memory_mb as usize * 1024 * 1024,
@@ -69,7 +107,21 @@ impl CallState {
             event_id,
             kv,
             kv_scope,
+            ticks: 0,
+            recorder: None,
         }
+    }
+
+    /// Readies the state for the next call (of a fresh instance, or of a reused one): the
+    /// per-call budgets start again and the call is tagged with its event.
+    pub(super) fn begin_call(&mut self, event_id: &str, recorder: Option<Recorder>) {
+        event_id.clone_into(&mut self.event_id);
+        event_id.clone_into(&mut self.gate.event_id);
+        self.logs = LogBudget::default();
+        self.limiter.hit = false;
+        self.ticks = 0;
+        self.gate.recorder = recorder.clone();
+        self.recorder = recorder;
     }
 }
 
@@ -96,6 +148,7 @@ impl WasiHttpView for CallState {
 struct HttpGate {
     manifest: Arc<Manifest>,
     event_id: String,
+    recorder: Option<Recorder>,
 }
 
 type SendFuture = Box<
@@ -118,6 +171,8 @@ impl WasiHttpHooks for HttpGate {
         fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> SendFuture {
         let uri = request.uri();
+        let started = Instant::now();
+        let (method, url) = (request.method().to_string(), uri.to_string());
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
         let default_port = if scheme == "http" { 80 } else { 443 };
@@ -134,6 +189,14 @@ impl WasiHttpHooks for HttpGate {
                 destination = %format!("{scheme}://{authority}"),
                 "connector tried to reach a host outside its allowed_hosts; request denied"
             );
+            record(&self.recorder, |t| {
+                t.requests.push(HttpExchange {
+                    method,
+                    url,
+                    outcome: "denied".into(),
+                    millis: started.elapsed().as_secs_f64() * 1e3,
+                })
+            });
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         // A request may not outlive the hook's own deadline.
@@ -147,10 +210,22 @@ impl WasiHttpHooks for HttpGate {
             *t = Some(t.map_or(cap, |v| v.min(cap)));
         }
         drop(fut);
+        let recorder = self.recorder.clone();
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) =
-                wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
+            record(&recorder, |t| {
+                t.requests.push(HttpExchange {
+                    method,
+                    url,
+                    outcome: match &sent {
+                        Ok((response, _)) => response.status().as_u16().to_string(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    millis: started.elapsed().as_secs_f64() * 1e3,
+                })
+            });
+            let (response, io) = sent?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
@@ -221,6 +296,17 @@ impl v0_2_0::Host for CallState {
             message.truncate(cut);
             message.push_str("…[truncated]");
         }
+        // What the host keeps (after its caps), so a test run shows what production logs.
+        record(&self.recorder, |t| {
+            let name = match level {
+                Level::Trace => "trace",
+                Level::Debug => "debug",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            };
+            t.logs.push((name.to_owned(), message.clone()))
+        });
         let connector = self.manifest.name.as_str();
         let event_id = self.event_id.as_str();
         match level {

@@ -95,26 +95,34 @@ impl Hooks {
         })
     }
 
-    /// Instantiates the component once (the load-time check), calling no hook.
-    pub(super) async fn instantiate(&self, store: &mut Store<CallState>) -> WasmResult<()> {
-        match self {
-            Hooks::V0_1_0(pre) => pre.instantiate_async(store).await.map(drop),
-            Hooks::V0_2_0(pre) => pre.instantiate_async(store).await.map(drop),
-        }
+    /// Instantiates the component in `store`, calling no hook (the load-time check, and the
+    /// instance a call, or a run of calls of a `reuse_instance` connector, is served from).
+    pub(super) async fn instantiate(&self, store: &mut Store<CallState>) -> WasmResult<Instance> {
+        Ok(match self {
+            Hooks::V0_1_0(pre) => Instance::V0_1_0(pre.instantiate_async(store).await?),
+            Hooks::V0_2_0(pre) => Instance::V0_2_0(pre.instantiate_async(store).await?),
+        })
     }
+}
 
-    /// Instantiates the component and calls the hook of `event`. The outer error is a trap;
-    /// the inner one is the connector's own answer.
+/// An instance of a connector, of the version it targets.
+pub(super) enum Instance {
+    V0_1_0(v0_1_0::ConnectorCore),
+    V0_2_0(v0_2_0::ConnectorCore),
+}
+
+impl Instance {
+    /// Calls the hook of `event`. The outer error is a trap; the inner one is the connector's
+    /// own answer.
     pub(super) async fn call(
         &self,
         store: &mut Store<CallState>,
         event: &SyncEvent,
     ) -> WasmResult<Result<(), HookFailure>> {
         match self {
-            Hooks::V0_1_0(pre) => {
+            Instance::V0_1_0(instance) => {
                 use v0_1_0::HookError;
                 let wit_event = to_wit_v0_1_0(event);
-                let instance = pre.instantiate_async(&mut *store).await?;
                 let hooks = instance.lockstep_connector0_1_0_hooks();
                 let answer = match event.event_type {
                     EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
@@ -134,10 +142,9 @@ impl Hooks {
                     HookError::Fail(m) => HookFailure::Fail(m),
                 }))
             }
-            Hooks::V0_2_0(pre) => {
+            Instance::V0_2_0(instance) => {
                 use v0_2_0::HookError;
                 let wit_event = to_wit_v0_2_0(event);
-                let instance = pre.instantiate_async(&mut *store).await?;
                 let hooks = instance.lockstep_connector0_2_0_hooks();
                 let answer = match event.event_type {
                     EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
