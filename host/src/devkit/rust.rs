@@ -47,6 +47,10 @@ pub fn build(project: &Project, _tools: &Tools) -> Result<(), DevkitError> {
             TARGET,
             "--message-format=json-render-diagnostics",
         ])
+        // Small components load fast: no debug info or symbols, even where a workspace's
+        // release profile keeps them for its native binaries.
+        .args(["--config", "profile.release.debug=false"])
+        .args(["--config", "profile.release.strip=true"])
         .arg("--manifest-path")
         .arg(&manifest_path)
         .stderr(Stdio::inherit())
