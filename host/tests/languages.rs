@@ -1,0 +1,347 @@
+//! Connectors in every language the SDK serves (Rust, JavaScript/TypeScript, Python), each
+//! built from source by `lockstep connector build` with its real toolchain (cargo,
+//! componentize-js from npm, componentize-py from PyPI; installed on first use under
+//! `target/lockstep-tools`), then:
+//! - the example connector (`connectors/legacy-<lang>`) loaded by a real `lockstep serve`
+//!   mirrors sessions into the legacy-IAM simulator (`tests/legacy-sim`, a real HTTP server on
+//!   127.0.0.1 with Basic auth): map-parent/map-child create legacy sessions, destroy-parent
+//!   deletes them, a legacy outage (503) is retried, revoke-user deletes the user's sessions;
+//! - a new project goes `lockstep connector new` → `build` → `test` as a user types it.
+//!
+//! One test per language, so the three toolchains install and build side by side.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::components::workspace;
+use common::{Backend, Server, ServerOptions};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// JavaScript and Python components take seconds to compile in a debug build.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(240);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// The realm's Keycloak event secret (the revoke step posts a signed REVOKE_GRANT).
+const EVENTS_SECRET: &str = "whsec_c2VjcmV0LWZvci1sb2Nrc3RlcC1ldmVudC10ZXN0cw==";
+
+fn tools_dir() -> PathBuf {
+    workspace().join("target/lockstep-tools")
+}
+
+/// Runs the real `lockstep` binary in `cwd`; returns its output (both streams captured).
+async fn lockstep(cwd: &Path, args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(args)
+        .current_dir(cwd)
+        .env("LOCKSTEP_TOOLS_DIR", tools_dir())
+        .env("LOCKSTEP_LOG_LEVEL", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .output();
+    // Bounded: a first build downloads and installs a toolchain.
+    tokio::time::timeout(Duration::from_secs(900), out)
+        .await
+        .unwrap_or_else(|_| panic!("lockstep {args:?} did not finish in 15 minutes"))
+        .unwrap()
+}
+
+fn must_succeed(what: &str, out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Builds `connectors/legacy-<lang>` with `lockstep connector build`; returns the component.
+async fn build_example(lang: &str) -> PathBuf {
+    let dir = workspace().join(format!("connectors/legacy-{lang}"));
+    let out = lockstep(&workspace(), &["connector", "build", dir.to_str().unwrap()]).await;
+    let stdout = must_succeed(&format!("lockstep connector build {}", dir.display()), &out);
+    eprintln!("{stdout}");
+    let wasm = dir.join(format!("legacy-{lang}.wasm"));
+    assert!(wasm.is_file(), "{} missing after the build", wasm.display());
+    wasm
+}
+
+/// The example's own manifest, pointed at `sim` and `component`.
+fn example_manifest(lang: &str, sim: &legacy_sim::Running, component: &Path) -> String {
+    let dir = workspace().join(format!("connectors/legacy-{lang}"));
+    let text = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
+    assert!(
+        text.contains("http://127.0.0.1:9100"),
+        "the example manifest should target the simulator's documented port"
+    );
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("component") {
+            out.push_str(&format!(
+                "component = {:?}\n",
+                component.display().to_string()
+            ));
+        } else {
+            out.push_str(&line.replace("http://127.0.0.1:9100", &sim.base_url()));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn example_mirrors_sessions(lang: &str) {
+    let component = build_example(lang).await;
+    let sim = legacy_sim::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("legacy-{lang}");
+    std::fs::write(
+        dir.path().join(format!("{name}.toml")),
+        example_manifest(lang, &sim, &component),
+    )
+    .unwrap();
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            connectors_dir: Some(dir.path().to_owned()),
+            config: Some(format!(
+                "[realms.acme]\nevents_secrets = [\"{EVENTS_SECRET}\"]\n"
+            )),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+
+    // Loaded (a JavaScript or Python component compiles for seconds first).
+    let deadline = tokio::time::Instant::now() + LOAD_TIMEOUT;
+    loop {
+        let (code, body) = server.admin_get(&format!("/admin/connectors/{name}")).await;
+        if code == StatusCode::OK && body["state"] == "active" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never loaded: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let api = server.api("acme");
+    let parent = format!("portal-{lang}-1");
+    let child = format!("service-{lang}-1");
+    let (code, body) = api
+        .post(
+            "map-parent",
+            json!({"externalId": parent, "keycloakSessionId": format!("kc-{lang}"), "userId": "alice"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let (code, body) = api.map_child(&child, &parent).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    wait_until("legacy sessions created", SYNC_TIMEOUT, || {
+        sim.sim.has(&parent) && sim.sim.has(&child)
+    })
+    .await;
+    let legacy = sim.sim.sessions();
+    let p = legacy.iter().find(|s| s.session_id == parent).unwrap();
+    assert_eq!(p.user_id.as_deref(), Some("alice"));
+    assert_eq!(p.realm.as_deref(), Some("acme"));
+    assert_eq!(
+        p.idp_session_id.as_deref(),
+        Some(format!("kc-{lang}").as_str())
+    );
+
+    // Destroying the parent ends the child too, and both legacy sessions go.
+    let (code, body) = api
+        .post(
+            "destroy-parent",
+            json!({"externalId": parent, "reason": "logout"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    wait_until("legacy sessions deleted", SYNC_TIMEOUT, || {
+        !sim.sim.has(&parent) && !sim.sim.has(&child)
+    })
+    .await;
+
+    // The legacy system in maintenance (503): the connector asks for a retry, the host
+    // retries, and the session arrives once it is back.
+    sim.sim.fail_next(1);
+    let later = format!("portal-{lang}-2");
+    let (code, body) = api
+        .post(
+            "map-parent",
+            json!({"externalId": later, "keycloakSessionId": format!("kc-{lang}-2"), "userId": "bob"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    wait_until("retried login delivered", SYNC_TIMEOUT, || {
+        sim.sim.has(&later)
+    })
+    .await;
+    let deliveries = server
+        .wait_deliveries(&format!("connector={name}"), SYNC_TIMEOUT, |items| {
+            items
+                .iter()
+                .any(|d| d["externalId"] == later.as_str() && d["status"] == "delivered")
+        })
+        .await;
+    let retried = deliveries
+        .iter()
+        .find(|d| d["externalId"] == later.as_str())
+        .unwrap();
+    assert!(
+        retried["attempts"].as_u64().unwrap() >= 2,
+        "the 503 should have cost an attempt: {retried}"
+    );
+
+    // Keycloak revokes the user's grants (REVOKE_GRANT through the event intake): the
+    // connector's revoke hook deletes all of the user's legacy sessions.
+    let revoke = json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "REVOKE_GRANT",
+        "realm": "acme",
+        "time": chrono::Utc::now().timestamp_millis(),
+        "userId": "bob",
+        "clientId": "portal",
+    });
+    let (code, body) = server.post_event("acme", EVENTS_SECRET, &revoke).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"], 1, "{body}");
+    wait_until("revoke reached the legacy system", SYNC_TIMEOUT, || {
+        !sim.sim.has(&later)
+    })
+    .await;
+    assert!(
+        sim.sim
+            .calls()
+            .iter()
+            .any(|c| c == "DELETE /api/v1/users/bob/sessions"),
+        "{:?}",
+        sim.sim.calls()
+    );
+    server.terminate(Duration::from_secs(20)).await;
+}
+
+/// `new` → `build` → `test`, typed as a user would in a fresh directory.
+async fn new_build_test(lang: &str) {
+    let sim = legacy_sim::start().await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let name = format!("my-{lang}-connector");
+    let out = lockstep(work.path(), &["connector", "new", "--lang", lang, &name]).await;
+    let stdout = must_succeed("lockstep connector new", &out);
+    assert!(stdout.contains("lockstep connector build"), "{stdout}");
+    let project = work.path().join(&name);
+    for file in [
+        "manifest.toml",
+        "events.json",
+        "README.md",
+        "wit/connector.wit",
+    ] {
+        assert!(
+            project.join(file).is_file(),
+            "{file} missing from the scaffold"
+        );
+    }
+    // A second `new` over it is refused, not merged.
+    let again = lockstep(work.path(), &["connector", "new", "--lang", lang, &name]).await;
+    assert!(!again.status.success());
+
+    let out = lockstep(&project, &["connector", "build"]).await;
+    let stdout = must_succeed("lockstep connector build", &out);
+    assert!(stdout.contains(&format!("{name}.wasm")), "{stdout}");
+
+    // The template talks to the simulator at its documented address; point it at this one.
+    let base = format!("base_url={}/api/v1", sim.base_url());
+    let allow = sim.base_url();
+    let wasm = format!("{name}.wasm");
+    let out = lockstep(
+        &project,
+        &[
+            "connector",
+            "test",
+            &wasm,
+            "--events",
+            "events.json",
+            "--config",
+            &base,
+            "--allow-host",
+            &allow,
+            "--json",
+        ],
+    )
+    .await;
+    let stdout = must_succeed("lockstep connector test", &out);
+    let calls: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(calls.len() >= 2, "{stdout}");
+    for call in &calls {
+        assert_eq!(call["outcome"], "ok", "{call}");
+    }
+    // The sample login reached the legacy system over HTTP and was reported.
+    let requests: Vec<&Value> = calls
+        .iter()
+        .flat_map(|c| c["requests"].as_array().unwrap())
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["method"] == "POST" && r["outcome"] == "201"),
+        "{stdout}"
+    );
+    assert!(!sim.sim.calls().is_empty());
+
+    // A host outside the allowlist is denied in the sandbox and reported as such.
+    let out = lockstep(
+        &project,
+        &[
+            "connector",
+            "test",
+            &wasm,
+            "--events",
+            "events.json",
+            "--config",
+            "base_url=http://127.0.0.1:9/api/v1",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "a denied request must fail the run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\"denied\""), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_example_and_scaffold() {
+    example_mirrors_sessions("rust").await;
+    new_build_test("rust").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_example_and_scaffold() {
+    example_mirrors_sessions("js").await;
+    new_build_test("js").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_example_and_scaffold() {
+    example_mirrors_sessions("python").await;
+    new_build_test("python").await;
+}
