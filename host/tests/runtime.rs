@@ -391,3 +391,114 @@ async fn a_0_1_0_component_subscribed_to_refresh_is_refused() {
         Ok(())
     );
 }
+
+/// What `count` mode logged: the instance's call number.
+fn call_number(transcript: &lockstep::runtime::Transcript) -> u32 {
+    let (_, line) = transcript
+        .logs
+        .iter()
+        .find(|(_, m)| m.starts_with("call "))
+        .unwrap_or_else(|| panic!("no count line in {transcript:?}"));
+    line["call ".len()..].parse().unwrap()
+}
+
+async fn numbers(
+    runtime: &Runtime,
+    connector: &std::sync::Arc<lockstep::runtime::LoadedConnector>,
+    ids: &[&str],
+) -> Vec<u32> {
+    let mut out = Vec::new();
+    for id in ids {
+        let mut e = event(EventType::Login);
+        e.external_id = (*id).to_owned();
+        let (_, transcript) = runtime.call_recorded(connector, &e).await;
+        out.push(call_number(&transcript));
+    }
+    out
+}
+
+#[tokio::test]
+async fn each_call_gets_a_fresh_instance_by_default() {
+    let runtime = Runtime::new(None).unwrap();
+    let c = runtime.load(hostile("count", "")).await.unwrap();
+    assert_eq!(numbers(&runtime, &c, &["a", "b", "c"]).await, vec![1, 1, 1]);
+}
+
+#[tokio::test]
+async fn reuse_instance_serves_calls_from_a_warm_instance_and_recycles_it() {
+    let runtime = Runtime::new(None).unwrap();
+    let c = runtime
+        .load(hostile(
+            "count",
+            "reuse_instance = true\nmax_calls_per_instance = 3",
+        ))
+        .await
+        .unwrap();
+    // Recycled after 3 calls.
+    assert_eq!(
+        numbers(&runtime, &c, &["a", "b", "c", "d", "e"]).await,
+        vec![1, 2, 3, 1, 2]
+    );
+    // A connector's own error (retry/fail) keeps the instance; a trap discards it.
+    let long = runtime
+        .load(hostile("count", "reuse_instance = true"))
+        .await
+        .unwrap();
+    assert_eq!(
+        numbers(&runtime, &long, &["a", "retry", "b", "trap", "c"]).await,
+        vec![1, 2, 3, 4, 1]
+    );
+    let mut e = event(EventType::Login);
+    e.external_id = "trap".into();
+    assert!(matches!(
+        runtime.call(&long, &e).await,
+        Err(HookFailure::Trap(_))
+    ));
+    assert_eq!(numbers(&runtime, &long, &["a"]).await, vec![1]);
+
+    // A replacement (even of the same bytes) never serves from its predecessor's instances.
+    let replaced = runtime
+        .load(hostile(
+            "count",
+            "reuse_instance = true\nmax_calls_per_instance = 3\n# v2",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(numbers(&runtime, &replaced, &["a"]).await, vec![1]);
+    // The predecessor's warm instance is still its own (2 calls served; this is the 3rd).
+    assert_eq!(numbers(&runtime, &c, &["a"]).await, vec![3]);
+}
+
+#[tokio::test]
+async fn reuse_instance_discards_an_instance_that_timed_out() {
+    let runtime = Runtime::new(None).unwrap();
+    let counting = runtime
+        .load(hostile("count", "reuse_instance = true"))
+        .await
+        .unwrap();
+    assert_eq!(numbers(&runtime, &counting, &["a", "b"]).await, vec![1, 2]);
+    // A looping connector with reuse: every call times out, and none poisons the next.
+    let looping = runtime
+        .load(hostile("loop", "reuse_instance = true"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            runtime.call(&looping, &event(EventType::Login)).await,
+            Err(HookFailure::Timeout(300))
+        );
+    }
+    assert_eq!(numbers(&runtime, &counting, &["c"]).await, vec![3]);
+}
+
+#[test]
+fn max_calls_per_instance_is_bounded() {
+    for bad in [
+        "max_calls_per_instance = 0",
+        "max_calls_per_instance = 1000001",
+    ] {
+        let text = format!("name = \"x\"\ncomponent = \"x.wasm\"\n{bad}\n");
+        let err = Manifest::parse(&text, Path::new("."), "x").unwrap_err();
+        assert!(err.to_string().contains("max_calls_per_instance"), "{err}");
+    }
+}
