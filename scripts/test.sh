@@ -48,6 +48,25 @@ cargo --version
 cargo fmt --version
 cargo clippy --version
 
+step "JavaScript and Python toolchain hosts: node, npm, python3 (venv)"
+# `lockstep connector build` installs the pinned componentize-js (npm) and componentize-py
+# (PyPI) itself, under target/lockstep-tools in the tests; it needs Node.js with npm and a
+# Python 3 that can make a venv.
+missing=()
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]} with apt-get"
+    sudo=(); [[ "$(id -u)" == 0 ]] || sudo=(sudo)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi
+node --version
+npm --version
+python3 --version
+
 step "PostgreSQL"
 if [[ -n "${LOCKSTEP_TEST_DATABASE_URL:-}" ]]; then
     echo "using LOCKSTEP_TEST_DATABASE_URL from the caller"
