@@ -165,7 +165,7 @@ fn manifest_for(args: &TestArgs) -> Result<Manifest, DevkitError> {
                 "name = {name:?}\nevents = [\"login\", \"logout\", \"revoke\", \"refresh\"]\n\
                  timeout_ms = 5000\nmemory_mb = 128\n"
             );
-            Manifest::parse(&text, Path::new("."), "(default manifest)")
+            Manifest::parse_uploaded(&text, "(default manifest)")
                 .map_err(|e| DevkitError::Usage(e.to_string()))?
         }
     };
