@@ -392,3 +392,27 @@ pub fn scaffold(
     }
     Ok(())
 }
+
+/// The WIT folder a build uses: the project's `wit/`, or, for a project without one (the
+/// examples in this repository), the contract this binary carries, written to `build/wit/`.
+pub fn wit_dir(project: &Project) -> Result<PathBuf, DevkitError> {
+    let own = project.dir.join("wit");
+    if own.join("connector.wit").is_file() {
+        return Ok(own);
+    }
+    let build = project.dir.join("build");
+    for (path, text) in WIT {
+        let to = build.join(path);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| DevkitError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        std::fs::write(&to, text).map_err(|source| DevkitError::Io {
+            path: to.clone(),
+            source,
+        })?;
+    }
+    Ok(build.join("wit"))
+}
