@@ -45,13 +45,19 @@ fn event(event_type: EventType, n: usize) -> SyncEvent {
     }
 }
 
-/// The example's manifest, pointed at `base_url`, with `extra` lines added on top.
+/// The example's manifest, pointed at `base_url`, with its own `reuse_instance` line dropped
+/// and `extra` lines added on top (each row chooses fresh or warm instances itself).
 fn manifest(lang: &str, base_url: &str, extra: &str) -> Manifest {
     let dir = example_dir(lang);
     let text = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
+    let own: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("reuse_instance"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let text = format!(
         "{extra}\n{}",
-        text.replace("http://127.0.0.1:9100", base_url)
+        own.replace("http://127.0.0.1:9100", base_url)
     );
     Manifest::parse(&text, &dir, lang).unwrap()
 }

@@ -502,3 +502,19 @@ fn max_calls_per_instance_is_bounded() {
         assert!(err.to_string().contains("max_calls_per_instance"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn reuse_instance_recycles_an_instance_that_holds_many_handles_or_most_of_its_memory() {
+    let runtime = Runtime::new(None).unwrap();
+    let c = runtime
+        .load(hostile("count", "reuse_instance = true"))
+        .await
+        .unwrap();
+    // 300 handles kept open (a quarter of the table is 250), then 80 % of memory_mb kept:
+    // each instance serves the call that filled it, and the next call gets a fresh one
+    // instead of failing later at the cap.
+    assert_eq!(
+        numbers(&runtime, &c, &["a", "leak-handles", "b", "grow", "c", "d"]).await,
+        vec![1, 2, 1, 2, 1, 2]
+    );
+}

@@ -593,7 +593,8 @@ impl Runtime {
         // blocked in host I/O (which the epoch cannot interrupt). A timed-out instance is
         // dropped with its store, never reused.
         let outer = Duration::from_millis(timeout_ms) + Duration::from_millis(250);
-        let Ok((store, instance, calls, answer)) = tokio::time::timeout(outer, run).await else {
+        let Ok((mut store, instance, calls, answer)) = tokio::time::timeout(outer, run).await
+        else {
             return Err(HookFailure::Timeout(timeout_ms));
         };
         let oom = store.data().limiter.hit;
@@ -617,6 +618,7 @@ impl Runtime {
         if reuse
             && let (Some(instance), Ok(_)) = (instance, &answer)
             && calls < manifest.max_calls_per_instance
+            && store.data_mut().fit_for_reuse()
         {
             connector.warm.put(Warm {
                 store,

@@ -101,6 +101,7 @@ impl CallState {
             limiter: MemoryLimiter {
                 max_bytes: manifest.memory_mb as usize * 1024 * 1024,
                 hit: false,
+                peak: 0,
             },
             logs: LogBudget::default(),
             manifest,
@@ -110,6 +111,14 @@ impl CallState {
             ticks: 0,
             recorder: None,
         }
+    }
+
+    /// Whether a warm instance may serve another call: a guest that keeps handles between
+    /// calls (JavaScript's fetch leaves some to its garbage collector) or grows its memory
+    /// would otherwise fail a later call at a cap, so it is recycled when a quarter of the
+    /// resource table or three quarters of its memory cap is used.
+    pub(super) fn fit_for_reuse(&mut self) -> bool {
+        !self.limiter.mostly_used() && self.table.iter_mut().count() <= MAX_TABLE_ENTRIES / 4
     }
 
     /// Readies the state for the next call (of a fresh instance, or of a reused one): the
@@ -239,6 +248,16 @@ impl WasiHttpHooks for HttpGate {
 pub(super) struct MemoryLimiter {
     max_bytes: usize,
     pub(super) hit: bool,
+    /// The largest size any memory of the instance has asked for.
+    peak: usize,
+}
+
+impl MemoryLimiter {
+    /// Whether the instance has used more than three quarters of its cap: a warm instance
+    /// that far up is recycled rather than left to fail a later call at the cap.
+    pub(super) fn mostly_used(&self) -> bool {
+        self.peak > self.max_bytes / 4 * 3
+    }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
@@ -248,6 +267,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        self.peak = self.peak.max(desired);
         if desired > self.max_bytes {
             self.hit = true;
             return Err(wasmtime::Error::msg(format!(
