@@ -236,6 +236,47 @@ async fn example_mirrors_sessions(lang: &str) {
         sim.sim.calls()
     );
     server.terminate(Duration::from_secs(20)).await;
+
+    sustained_warm_calls(lang, &sim, &component).await;
+}
+
+/// 400 logins through one connector whose manifest says `reuse_instance = true` (the JS and
+/// Python examples): every call succeeds, however much a warm instance keeps between calls
+/// (the JavaScript engine leaves fetch handles to its garbage collector; without recycling
+/// they filled the resource table after about a hundred calls).
+async fn sustained_warm_calls(lang: &str, sim: &legacy_sim::Running, component: &Path) {
+    let events: Vec<Value> = (0..400)
+        .map(|i| json!({"type": "login", "externalId": format!("warm-{lang}-{i}"), "userId": "carol"}))
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&events).unwrap()).unwrap();
+    let base = format!("base_url={}", sim.base_url());
+    let out = lockstep(
+        &workspace(),
+        &[
+            "connector",
+            "test",
+            component.to_str().unwrap(),
+            "--events",
+            file.path().to_str().unwrap(),
+            "--config",
+            &base,
+            "--allow-host",
+            &sim.base_url(),
+            "--json",
+        ],
+    )
+    .await;
+    let stdout = must_succeed("400 warm calls", &out);
+    assert_eq!(stdout.lines().count(), 400);
+    assert_eq!(
+        sim.sim
+            .sessions()
+            .iter()
+            .filter(|s| s.session_id.starts_with(&format!("warm-{lang}-")))
+            .count(),
+        400
+    );
 }
 
 /// `new` → `build` → `test`, typed as a user would in a fresh directory.
