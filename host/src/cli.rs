@@ -461,5 +461,71 @@ mod tests {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
         }
         assert!(Cli::try_parse_from(["lockstep", "connectors", "frobnicate"]).is_err());
+        for args in [
+            &[
+                "lockstep",
+                "connector",
+                "new",
+                "--lang",
+                "js",
+                "my-connector",
+            ][..],
+            &[
+                "lockstep",
+                "connector",
+                "new",
+                "--lang",
+                "python",
+                "x",
+                "--dir",
+                "d",
+            ],
+            &["lockstep", "connector", "build"],
+            &["lockstep", "connector", "build", "connectors/legacy-rust"],
+            &[
+                "lockstep",
+                "connector",
+                "test",
+                "x.wasm",
+                "--events",
+                "e.json",
+                "--config",
+                "a=b",
+                "--config",
+                "c=",
+                "--allow-host",
+                "http://127.0.0.1:9100",
+                "--json",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        for args in [
+            &["lockstep", "connector", "new", "--lang", "cobol", "x"][..],
+            &["lockstep", "connector", "new", "x"],
+            &["lockstep", "connector", "test", "x.wasm"],
+            &[
+                "lockstep",
+                "connector",
+                "test",
+                "x.wasm",
+                "--events",
+                "e",
+                "--config",
+                "=v",
+            ],
+            &[
+                "lockstep",
+                "connector",
+                "test",
+                "x.wasm",
+                "--events",
+                "e",
+                "--config",
+                "novalue",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
     }
 }
