@@ -132,6 +132,9 @@ async fn example_mirrors_sessions(lang: &str) {
     loop {
         let (code, body) = server.admin_get(&format!("/admin/connectors/{name}")).await;
         if code == StatusCode::OK && body["state"] == "active" {
+            // The JS and Python examples serve from warm instances; the Rust one need not.
+            assert_eq!(body["reuseInstance"], lang != "rust", "{body}");
+            assert_eq!(body["maxCallsPerInstance"], 1000, "{body}");
             break;
         }
         assert!(

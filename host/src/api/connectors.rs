@@ -121,6 +121,10 @@ pub struct ConnectorDto {
     pub timeout_ms: u64,
     /// Linear memory cap.
     pub memory_mb: u32,
+    /// Whether calls are served from warm instances (`reuse_instance`).
+    pub reuse_instance: bool,
+    /// Calls one warm instance serves before it is recycled.
+    pub max_calls_per_instance: u32,
     /// Failure policy.
     pub policy: PolicyDto,
     /// When this version was swapped in.
@@ -165,6 +169,8 @@ impl From<ConnectorInfo> for ConnectorDto {
                 .collect(),
             timeout_ms: m.timeout_ms,
             memory_mb: m.memory_mb,
+            reuse_instance: m.reuse_instance,
+            max_calls_per_instance: m.max_calls_per_instance,
             policy: PolicyDto {
                 on_failure: match m.policy.on_failure {
                     OnFailure::Retry => "retry",
