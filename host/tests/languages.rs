@@ -241,6 +241,53 @@ async fn example_mirrors_sessions(lang: &str) {
     server.terminate(Duration::from_secs(20)).await;
 
     sustained_warm_calls(lang, &sim, &component).await;
+    concurrent_fresh_calls(lang, &component).await;
+}
+
+/// As many concurrent calls as the runtime allows, each in a fresh instance: the pooling
+/// allocator must hold that many instances of the language's component (a Python component
+/// holds more than 16 core instances and tables).
+async fn concurrent_fresh_calls(lang: &str, component: &Path) {
+    use lockstep::runtime::Runtime;
+    use lockstep::runtime::manifest::Manifest;
+    use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
+
+    let runtime = Runtime::new(None).unwrap();
+    let text = format!(
+        "name = \"{lang}-concurrent\"\ncomponent = {:?}\nmemory_mb = 64\ntimeout_ms = 60000\n",
+        component.display().to_string()
+    );
+    let manifest = Manifest::parse(&text, Path::new("."), "concurrent").unwrap();
+    let connector = runtime.load(manifest).await.unwrap();
+    let calls = (0..lockstep::runtime::MAX_CONCURRENT_CALLS).map(|i| {
+        let (runtime, connector) = (runtime.clone(), connector.clone());
+        tokio::spawn(async move {
+            let event = SyncEvent {
+                event_id: format!("concurrent-{i}"),
+                event_type: EventType::Refresh,
+                realm: "acme".into(),
+                external_id: format!("s-{i}"),
+                kind: SessionKind::Parent,
+                idp_session_id: None,
+                idp_client_session_id: None,
+                user_id: None,
+                system: None,
+                origin_system: None,
+                end_reason: None,
+                attributes: Default::default(),
+                expires_at: None,
+                occurred_at: chrono::Utc::now(),
+            };
+            runtime.call(&connector, &event).await
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        assert_eq!(
+            call.unwrap(),
+            Ok(()),
+            "{lang}: a concurrent fresh call failed"
+        );
+    }
 }
 
 /// 400 logins through one connector whose manifest says `reuse_instance = true` (the JS and
