@@ -170,6 +170,11 @@ class _Http:
         if json is not None:
             body = _json.dumps(json).encode()
             headers.setdefault("content-type", "application/json")
+        # A declared length, even 0: a body of unknown length goes out chunked, and a server
+        # that answers without reading it may close the connection while the final chunk is
+        # in flight, which resets it and loses the answer.
+        if not any(k.lower() == "content-length" for k in headers):
+            headers["content-length"] = str(len(body or b""))
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise Fail(f"not an http(s) URL: {url}")

@@ -155,11 +155,20 @@ impl Request {
     /// for: the host runs many hook calls concurrently).
     pub fn send(self) -> Result<Response, HttpError> {
         let (scheme, authority, path) = split_url(&self.url)?;
-        let fields: Vec<(String, Vec<u8>)> = self
+        let mut fields: Vec<(String, Vec<u8>)> = self
             .headers
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec()))
             .collect();
+        // A declared length, even 0: a body of unknown length goes out chunked, and a server
+        // that answers without reading it (a DELETE handler) may close the connection while
+        // the final chunk is in flight, which resets it and loses the answer.
+        if !fields.iter().any(|(k, _)| k == "content-length") {
+            fields.push((
+                "content-length".into(),
+                self.body.len().to_string().into_bytes(),
+            ));
+        }
         let headers = Fields::from_list(&fields)
             .map_err(|e| HttpError::Invalid(format!("header rejected: {e:?}")))?;
         let request = OutgoingRequest::new(headers);
