@@ -16,7 +16,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 STARTED=$SECONDS
-step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - STARTED))" "$*"; }
+# Each step also says how much disk is left: a fresh build of every test binary is large.
+step() {
+    local free
+    free="$(df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' ')" || free="?"
+    printf '\n==> [%3ds] [%s free] %s\n' "$((SECONDS - STARTED))" "${free:-?}" "$*"
+}
 
 # What the EXIT trap undoes, last started first (Keycloak, then PostgreSQL).
 CLEANUP=()
