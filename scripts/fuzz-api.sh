@@ -145,10 +145,12 @@ run_schemathesis() {
     local phases=$1 budget=$2
     shift 2
     say "schemathesis: $phases (at most ${budget}s) $*"
+    # No `--checks`: every check is on by default (4.32.5), and a CLI `--checks all` would
+    # override the per-operation exceptions of fuzz-api.toml (it did: an ST302 that the file
+    # switches off for map_child failed a CI run).
     "$VENV/bin/schemathesis" --config-file scripts/fuzz-api.toml run \
         "http://$ADDR/openapi.json" \
         --header "Authorization: Bearer $KEY" \
-        --checks all \
         --phases "$phases" \
         --max-examples "$MAX_EXAMPLES" \
         --max-time "$budget" \
