@@ -193,6 +193,38 @@ async fn logins_refreshes_and_expiry_follow_keycloak() {
     realm.delete().await;
 }
 
+/// A client revoking its refresh token at Keycloak's revocation endpoint (RFC 7009) is a
+/// REVOKE_GRANT event: every live legacy session of the user hears `revoke`, sent by the real
+/// Keycloak through the real extension (the signed-event path is covered in idp_events.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_reaches_every_legacy_session_of_the_user() {
+    let Some((_, realm, server, receiver, _dir)) = setup(1800).await else {
+        return;
+    };
+    let api = server.api(&realm.name);
+    let alice_id = realm.user_id(EV_ALICE.0).await;
+    let login = realm
+        .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, EV_ALICE.0, EV_ALICE.1)
+        .await;
+    let mirror = format!("keycloak:{}", login.sid);
+    // The mirror carries alice's id; legacy sessions mapped to it inherit it.
+    wait_received(&receiver, "login", &mirror, Duration::from_secs(5)).await;
+    map_legacy(&api, "erp-1", &login.sid).await;
+    assert!(received(&receiver, "revoke", "erp-1").is_empty());
+
+    realm
+        .revoke(PORTAL_CLIENT.0, PORTAL_CLIENT.1, &login.refresh_token)
+        .await;
+    for id in [mirror.as_str(), "erp-1", "erp-1-c"] {
+        let event = wait_received(&receiver, "revoke", id, Duration::from_secs(5)).await;
+        assert_eq!(event["realm"], realm.name, "{id}");
+        if id != "erp-1-c" {
+            assert_eq!(event["userId"], alice_id, "{id}");
+        }
+    }
+    realm.delete().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_admin_actions_end_every_mapped_session() {
     let Some((base, realm, server, receiver, _dir)) = setup(1800).await else {

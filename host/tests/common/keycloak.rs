@@ -731,6 +731,25 @@ impl EventsRealm {
         .await
     }
 
+    /// Revokes `refresh_token` at the realm's RFC 7009 revocation endpoint (REVOKE_GRANT event).
+    pub async fn revoke(&self, client_id: &str, secret: &str, refresh_token: &str) {
+        let resp = http()
+            .post(format!(
+                "{}/realms/{}/protocol/openid-connect/revoke",
+                self.base, self.name
+            ))
+            .form(&[
+                ("token", refresh_token),
+                ("token_type_hint", "refresh_token"),
+                ("client_id", client_id),
+                ("client_secret", secret),
+            ])
+            .send()
+            .await
+            .expect("token revocation");
+        expect_status(resp, StatusCode::OK, &format!("revoking via {client_id}")).await;
+    }
+
     /// [`EV_ANN`] (password grant on this realm's `admin-cli`) impersonates `username`
     /// (`POST /admin/realms/{realm}/users/{id}/impersonation`; IMPERSONATE event). The new
     /// session's id is the `sid` of the `KEYCLOAK_IDENTITY` cookie Keycloak sets.
