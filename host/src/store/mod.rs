@@ -1,4 +1,4 @@
-//! The session-mapping store: SQLite (embedded default, one writer task with group commit)
+//! The session-mapping store: SQLite (embedded default, one writer thread with group commit)
 //! and PostgreSQL (pooled transactions, for more than one instance). It owns the schema,
 //! migrations and every SQL statement; it knows nothing of HTTP.
 
@@ -81,12 +81,15 @@ pub enum StoreError {
     /// A row holds a value the code cannot interpret.
     #[error("corrupt row: {0}")]
     Corrupt(String),
-    /// The SQLite writer task is gone (shutting down or crashed).
+    /// The SQLite writer is gone (shutting down or crashed).
     #[error("the store is shutting down")]
     Unavailable,
     /// Any database failure.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// A failure on the SQLite writer thread's connection.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
     /// Migrations failed.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -108,6 +111,7 @@ impl StoreError {
             | StoreError::Corrupt(_)
             | StoreError::Unavailable
             | StoreError::Database(_)
+            | StoreError::Sqlite(_)
             | StoreError::Migrate(_) => None,
         }
     }
@@ -288,12 +292,7 @@ impl Store {
     /// routing now would leave that connector out of events committed after its upload.
     pub async fn fan_out(&self, route: Route, gate: Gate) -> Result<Option<(usize, usize)>> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, now| {
-                    Box::pin(async move { sqlite::ops::fan_out(c, &*route, &*gate, now).await })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.fan_out(route, gate).await,
             Store::Postgres(p) => p.fan_out(&*route, &*gate).await,
         }
     }
@@ -306,14 +305,7 @@ impl Store {
         lease_until: i64,
     ) -> Result<Vec<ClaimedDelivery>> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, now| {
-                    Box::pin(async move {
-                        sqlite::ops::claim(c, &connectors, limit, lease_until, now).await
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.claim(connectors, limit, lease_until).await,
             Store::Postgres(p) => p.claim(&connectors, limit, lease_until).await,
         }
     }
@@ -321,12 +313,7 @@ impl Store {
     /// Records a finished attempt.
     pub async fn record(&self, record: AttemptRecord) -> Result<()> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, _| {
-                    Box::pin(async move { sqlite::ops::record(c, &record).await })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.record(record).await,
             Store::Postgres(p) => p.record(&record).await,
         }
     }
@@ -334,10 +321,7 @@ impl Store {
     /// After a restart of the only instance (SQLite), its old leases are void.
     pub async fn release_leases(&self) -> Result<u64> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(|c, _| Box::pin(async move { sqlite::ops::release_leases(c).await }))
-                    .await
-            }
+            Store::Sqlite(s) => s.release_leases().await,
             // Other instances may hold live leases; expired ones are reclaimed by `claim`.
             Store::Postgres(_) => Ok(0),
         }
@@ -346,19 +330,7 @@ impl Store {
     /// Re-queues dead letters, with their audit record; returns how many.
     pub async fn replay(&self, target: ReplayTarget, audit: Option<AuditEntry>) -> Result<u64> {
         match self {
-            Store::Sqlite(s) => {
-                s.write(move |c, now| {
-                    Box::pin(async move {
-                        let n = sqlite::ops::replay(c, &target, now).await?;
-                        if let Some(entry) = &audit {
-                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(n as i64), now)
-                                .await?;
-                        }
-                        Ok(n)
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.replay(target, audit).await,
             Store::Postgres(p) => p.replay(&target, audit.as_ref()).await,
         }
     }
@@ -367,14 +339,7 @@ impl Store {
     /// rolled back, its record with it) and actions that changed nothing in the database.
     pub async fn record_audit(&self, entry: AuditEntry, outcome: AuditOutcome) -> Result<()> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, now| {
-                    Box::pin(
-                        async move { sqlite::ops::insert_audit(c, &entry, outcome, now).await },
-                    )
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.record_audit(entry, outcome).await,
             Store::Postgres(p) => {
                 postgres::ops::insert_audit(
                     &mut *p.pool.acquire().await?,
@@ -399,12 +364,7 @@ impl Store {
     /// how many.
     pub async fn purge_audit(&self, before_ms: i64, limit: i64) -> Result<u64> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, _| {
-                    Box::pin(async move { sqlite::ops::purge_audit(c, before_ms, limit).await })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.purge_audit(before_ms, limit).await,
             Store::Postgres(p) => {
                 postgres::ops::purge_audit(&mut *p.pool.acquire().await?, before_ms, limit).await
             }
@@ -492,18 +452,7 @@ impl Store {
         audit: Option<AuditEntry>,
     ) -> Result<()> {
         match self {
-            Store::Sqlite(s) => {
-                s.write(move |c, now| {
-                    Box::pin(async move {
-                        sqlite::ops::put_upload(c, &row).await?;
-                        if let Some(entry) = &audit {
-                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
-                        }
-                        Ok(())
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.put_upload(row, audit).await,
             Store::Postgres(p) => {
                 let name = row.name.clone();
                 p.connector_change(&name, |c| {
@@ -528,18 +477,7 @@ impl Store {
     pub async fn delete_upload(&self, name: &str, audit: Option<AuditEntry>) -> Result<bool> {
         let name = name.to_owned();
         match self {
-            Store::Sqlite(s) => {
-                s.write(move |c, now| {
-                    Box::pin(async move {
-                        let gone = sqlite::ops::delete_upload(c, &name).await?;
-                        if gone && let Some(entry) = &audit {
-                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
-                        }
-                        Ok(gone)
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.delete_upload(name, audit).await,
             Store::Postgres(p) => {
                 p.connector_change(&name, |c| {
                     let name = name.clone();
@@ -588,18 +526,7 @@ impl Store {
     ) -> Result<()> {
         let name = name.to_owned();
         match self {
-            Store::Sqlite(s) => {
-                s.write(move |c, now| {
-                    Box::pin(async move {
-                        sqlite::ops::set_enabled(c, &name, enabled, now).await?;
-                        if let Some(entry) = &audit {
-                            sqlite::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
-                        }
-                        Ok(())
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.set_enabled(name, enabled, audit).await,
             Store::Postgres(p) => {
                 p.connector_change(&name, |c| {
                     let name = name.clone();
@@ -647,12 +574,7 @@ impl Store {
     /// Gives a claimed delivery back without an attempt.
     pub async fn unlease(&self, id: i64) -> Result<()> {
         match self {
-            Store::Sqlite(s) => {
-                s.write_quiet(move |c, _| {
-                    Box::pin(async move { sqlite::ops::unlease(c, id).await })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.unlease(id).await,
             Store::Postgres(p) => postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await,
         }
     }

@@ -10,7 +10,8 @@ pub(crate) const EVENT_CHUNK: usize = 200;
 /// Bound on straggler passes after a cascade (each pass is one level of concurrent inserts).
 pub(crate) const MAX_CASCADE_PASSES: usize = 32;
 
-/// Generates `map`, `destroy`, `get`, `tree` and `query` for one backend.
+/// Generates the transactional writes (`map`, `destroy`, `apply_idp`) for a sqlx backend.
+/// PostgreSQL runs them; SQLite's writer thread has its own (`store/sqlite/write.rs`).
 ///
 /// - `for_share` / `for_update`: row-lock suffixes (empty where the backend serialises writers).
 /// - `ids`: a subquery that expands the JSON array bound at `$2` into rows of text.
@@ -30,7 +31,7 @@ macro_rules! session_ops {
     ) => {
         use crate::store::ops::{EVENT_CHUNK, MAX_CASCADE_PASSES};
         use crate::store::row::{into_sessions, millis_to_time, session_columns, SessionRow};
-        use crate::store::{Page, Result, SessionQuery, StoreError};
+        use crate::store::{Result, StoreError};
         use crate::sync::model::{
             AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, MapCommand,
             Session, SessionKind, SessionStatus, SyncEvent,
@@ -380,23 +381,6 @@ macro_rules! session_ops {
             Ok(ended)
         }
 
-        /// Sessions past their `expires_at` (any realm), soonest first: `(realm, external_id)`.
-        pub(crate) async fn expired(
-            conn: &mut $conn,
-            now: i64,
-            limit: i64,
-        ) -> Result<Vec<(String, String)>> {
-            Ok(sqlx::query_as(
-                "SELECT realm, external_id FROM sessions \
-                 WHERE status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $1 \
-                 ORDER BY expires_at LIMIT $2",
-            )
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?)
-        }
-
         /// Ends the targeted sessions and everything below them; writes a `logout` event per
         /// ended session. Returns the changed sessions in creation order.
         pub(crate) async fn destroy(
@@ -670,6 +654,37 @@ macro_rules! session_ops {
             Ok(())
         }
 
+    };
+}
+
+pub(crate) use session_ops;
+
+/// Generates the session reads (`expired`, `get`, `tree`, `query`) for one backend; both run
+/// them through sqlx (SQLite on its read-only pool).
+macro_rules! session_reads {
+    (db = $db:ty, conn = $conn:ty $(,)?) => {
+        use crate::store::row::{into_sessions, session_columns, SessionRow};
+        use crate::store::{Page, Result, SessionQuery};
+        use crate::sync::model::Session;
+
+        /// Sessions past their `expires_at` (any realm), soonest first: `(realm, external_id)`.
+        pub(crate) async fn expired(
+            conn: &mut $conn,
+            now: i64,
+            limit: i64,
+        ) -> Result<Vec<(String, String)>> {
+            Ok(sqlx::query_as(
+                "SELECT realm, external_id FROM sessions \
+                 WHERE status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $1 \
+                 ORDER BY expires_at LIMIT $2",
+            )
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?)
+        }
+
+
         pub(crate) async fn get(
             conn: &mut $conn,
             realm: &str,
@@ -769,4 +784,4 @@ macro_rules! session_ops {
     };
 }
 
-pub(crate) use session_ops;
+pub(crate) use session_reads;

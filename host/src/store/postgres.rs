@@ -23,6 +23,10 @@ pub(super) mod ops {
                     WHERE c.realm = $1 AND c.delegated_by = t.external_id) x",
         recheck = true,
     );
+    mod reads {
+        crate::store::ops::session_reads!(db = sqlx::Postgres, conn = sqlx::postgres::PgConnection);
+    }
+    pub(crate) use reads::*;
     crate::store::deliveries::delivery_ops!(
         db = sqlx::Postgres,
         conn = sqlx::postgres::PgConnection,

@@ -37,6 +37,30 @@ pub(crate) struct SessionRow {
     updated_at: i64,
 }
 
+impl SessionRow {
+    /// Reads a row selected with [`session_columns!`] (the SQLite writer thread).
+    pub(crate) fn from_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(SessionRow {
+            id: r.get(0)?,
+            realm: r.get(1)?,
+            external_id: r.get(2)?,
+            kind: r.get(3)?,
+            parent_id: r.get(4)?,
+            idp_session_id: r.get(5)?,
+            idp_client_session_id: r.get(6)?,
+            user_id: r.get(7)?,
+            system: r.get(8)?,
+            delegated_by: r.get(9)?,
+            status: r.get(10)?,
+            end_reason: r.get(11)?,
+            attributes: r.get(12)?,
+            expires_at: r.get(13)?,
+            created_at: r.get(14)?,
+            updated_at: r.get(15)?,
+        })
+    }
+}
+
 pub(crate) fn millis_to_time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     Utc.timestamp_millis_opt(ms)
         .single()
