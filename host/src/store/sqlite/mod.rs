@@ -17,12 +17,11 @@ use sqlx::sqlite::{
 };
 use tokio::sync::{Mutex, Notify};
 
-use super::{GateFn, Page, Result, SessionQuery, StoreError, StoreOptions};
+use super::{Page, Result, SessionQuery, StoreError, StoreOptions};
 use crate::store::connectors::UploadRow;
 use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, ReplayTarget};
 use crate::sync::model::{
     AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
-    SyncEvent,
 };
 use writer::Writer;
 
@@ -158,8 +157,8 @@ impl SqliteStore {
 
     pub(super) async fn fan_out(
         &self,
-        route: std::sync::Arc<dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync>,
-        gate: std::sync::Arc<GateFn>,
+        route: super::Route,
+        gate: super::Gate,
     ) -> Result<Option<(usize, usize)>> {
         self.write_quiet(move |conn, now| write::fan_out(conn, &*route, &*gate, now))
             .await
@@ -181,14 +180,20 @@ impl SqliteStore {
     }
 
     pub(super) async fn release_leases(&self) -> Result<u64> {
-        self.write_quiet(|conn, _| write::release_leases(conn)).await
+        self.write_quiet(|conn, _| write::release_leases(conn))
+            .await
     }
 
     pub(super) async fn unlease(&self, id: i64) -> Result<()> {
-        self.write_quiet(move |conn, _| write::unlease(conn, id)).await
+        self.write_quiet(move |conn, _| write::unlease(conn, id))
+            .await
     }
 
-    pub(super) async fn replay(&self, target: ReplayTarget, audit: Option<AuditEntry>) -> Result<u64> {
+    pub(super) async fn replay(
+        &self,
+        target: ReplayTarget,
+        audit: Option<AuditEntry>,
+    ) -> Result<u64> {
         self.write(move |conn, now| {
             let n = write::replay(conn, &target, now)?;
             if let Some(entry) = &audit {
@@ -199,7 +204,11 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn record_audit(&self, entry: AuditEntry, outcome: AuditOutcome) -> Result<()> {
+    pub(super) async fn record_audit(
+        &self,
+        entry: AuditEntry,
+        outcome: AuditOutcome,
+    ) -> Result<()> {
         self.write_quiet(move |conn, now| write::insert_audit(conn, &entry, outcome, now))
             .await
     }
@@ -220,7 +229,11 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn delete_upload(&self, name: String, audit: Option<AuditEntry>) -> Result<bool> {
+    pub(super) async fn delete_upload(
+        &self,
+        name: String,
+        audit: Option<AuditEntry>,
+    ) -> Result<bool> {
         self.write(move |conn, now| {
             let gone = write::delete_upload(conn, &name)?;
             if gone && let Some(entry) = &audit {

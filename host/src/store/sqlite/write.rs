@@ -18,8 +18,8 @@ use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_colum
 use crate::store::{GateFn, Result, StoreError, connectors::UploadRow};
 use crate::sync::model::{
     AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, IdpChange,
-    IdpCommand, IdpOutcome, MapCommand, NewSession, ReplayGuard, ReplayKind, Session,
-    SessionKind, SessionStatus, SyncEvent,
+    IdpCommand, IdpOutcome, MapCommand, NewSession, ReplayGuard, ReplayKind, Session, SessionKind,
+    SessionStatus, SyncEvent,
 };
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -167,8 +167,12 @@ fn insert_session(
         return Ok(None);
     };
     let session = Session::try_from(row)?;
-    let event =
-        SyncEvent::for_session(EventType::Login, &session, origin_system, millis_to_time(now)?);
+    let event = SyncEvent::for_session(
+        EventType::Login,
+        &session,
+        origin_system,
+        millis_to_time(now)?,
+    );
     insert_events(conn, std::slice::from_ref(&event), now)?;
     Ok(Some(session))
 }
@@ -208,7 +212,12 @@ pub(super) fn apply_idp(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result
 }
 
 /// A destroy the IdP ordered (never refused for its size, no replay guard of its own).
-fn idp_destroy(cmd: &IdpCommand, realm: &str, target: DestroyTarget, reason: EndReason) -> DestroyCommand {
+fn idp_destroy(
+    cmd: &IdpCommand,
+    realm: &str,
+    target: DestroyTarget,
+    reason: EndReason,
+) -> DestroyCommand {
     DestroyCommand {
         realm: realm.to_owned(),
         target,
@@ -358,7 +367,12 @@ fn end_delegations(
     )?;
     let mut ended = 0;
     for realm in realms {
-        let destroy = idp_destroy(cmd, &realm, DestroyTarget::IdpSession(sid.to_owned()), reason);
+        let destroy = idp_destroy(
+            cmd,
+            &realm,
+            DestroyTarget::IdpSession(sid.to_owned()),
+            reason,
+        );
         ended += destroy_unguarded(conn, &destroy, now)?.len();
     }
     Ok(ended)

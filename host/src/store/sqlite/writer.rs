@@ -137,6 +137,8 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, committed: Arc<Notify>) {
     // sessions; a user, parent or IdP session few); refresh them at start and now and then.
     optimize(&conn);
     let mut since_optimize = 0usize;
+    // Group sizes, logged at debug level now and then: how much each commit amortises.
+    let (mut commits, mut jobs) = (0u64, 0u64);
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut stopping = false;
     while !stopping {
@@ -155,6 +157,17 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, committed: Arc<Notify>) {
             }
         }
         since_optimize += batch.len();
+        commits += 1;
+        jobs += batch.len() as u64;
+        if jobs >= 10_000 {
+            tracing::debug!(
+                commits,
+                jobs,
+                "sqlite writer: requests per group commit {:.1}",
+                jobs as f64 / commits as f64
+            );
+            (commits, jobs) = (0, 0);
+        }
         group_commit(&conn, &mut batch, &committed);
         if since_optimize >= OPTIMIZE_EVERY {
             since_optimize = 0;
@@ -231,5 +244,154 @@ fn optimize(conn: &Connection) {
     // keeps it to milliseconds on big tables.
     if let Err(e) = conn.execute_batch("PRAGMA analysis_limit = 400; PRAGMA optimize = 0x10002;") {
         tracing::warn!(error = %e, "sqlite PRAGMA optimize failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A writer on a fresh file with one table `t(v UNIQUE)` and a deferred foreign key
+    /// (`d.v` must name a `t.v`), which lets a job make its group's COMMIT fail.
+    fn writer(dir: &tempfile::TempDir) -> (Writer, std::path::PathBuf) {
+        let path = dir.path().join("w.db");
+        let setup = Connection::open(&path).unwrap();
+        setup
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER NOT NULL UNIQUE); \
+                 CREATE TABLE d (v INTEGER NOT NULL REFERENCES t (v) DEFERRABLE INITIALLY DEFERRED);",
+            )
+            .unwrap();
+        drop(setup);
+        let w = Writer::start(&path, Durability::Normal, Arc::new(Notify::new())).unwrap();
+        (w, path)
+    }
+
+    fn rows(path: &Path, table: &str) -> Vec<i64> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("SELECT v FROM {table} ORDER BY v"))
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn insert(v: i64) -> impl FnOnce(&Connection, i64) -> Result<()> + Send + 'static {
+        move |conn, _| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_request_is_undone_without_undoing_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, path) = writer(&dir);
+        // Many concurrent requests share groups; every odd one writes, then refuses.
+        let mut tasks = Vec::new();
+        for v in 0..200i64 {
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = w
+                    .submit(
+                        move |conn, now| {
+                            insert(v)(conn, now)?;
+                            if v % 2 == 1 {
+                                return Err(StoreError::NotFound(v.to_string()));
+                            }
+                            Ok(())
+                        },
+                        true,
+                    )
+                    .await;
+                (v, r.is_ok())
+            }));
+        }
+        for t in tasks {
+            let (v, ok) = t.await.unwrap();
+            assert_eq!(ok, v % 2 == 0, "request {v}");
+        }
+        w.stop().await;
+        let expected: Vec<i64> = (0..200).filter(|v| v % 2 == 0).collect();
+        assert_eq!(rows(&path, "t"), expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_request_is_acknowledged_unless_its_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, path) = writer(&dir);
+        let (mut acknowledged, mut refused) = (Vec::new(), 0);
+        // Waves of concurrent requests, so that some groups hold a broken one and some not.
+        for wave in 0..10i64 {
+            let mut tasks = Vec::new();
+            for v in wave * 30..(wave + 1) * 30 {
+                let w = w.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = w
+                        .submit(
+                            move |conn, _| {
+                                conn.execute("INSERT INTO d (v) VALUES (?1)", [v])?;
+                                // Every 50th request breaks the deferred key: its statement
+                                // succeeds, so only the group's COMMIT can fail.
+                                if v % 50 != 0 {
+                                    conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+                                }
+                                Ok(())
+                            },
+                            true,
+                        )
+                        .await;
+                    (v, r)
+                }));
+            }
+            for t in tasks {
+                let (v, r) = t.await.unwrap();
+                match r {
+                    Ok(()) => {
+                        assert_ne!(
+                            v % 50,
+                            0,
+                            "request {v} broke its commit but was acknowledged"
+                        );
+                        acknowledged.push(v);
+                    }
+                    // A failed COMMIT fails every request of its group, innocent ones too.
+                    Err(e) => {
+                        assert!(matches!(e, StoreError::Unavailable), "{v}: {e}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused >= 6, "every broken request is refused");
+        assert!(!acknowledged.is_empty(), "some groups must have committed");
+        w.stop().await;
+        acknowledged.sort_unstable();
+        // Exactly the acknowledged requests are stored: nothing acknowledged was lost and
+        // nothing refused was kept.
+        assert_eq!(rows(&path, "d"), acknowledged);
+        assert_eq!(rows(&path, "t"), acknowledged);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_stop_requests_are_refused_and_queued_ones_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, path) = writer(&dir);
+        let queued = {
+            let w = w.clone();
+            tokio::spawn(async move { w.submit(insert(1), true).await })
+        };
+        queued.await.unwrap().unwrap();
+        w.stop().await;
+        assert!(w.is_closed());
+        assert!(matches!(
+            w.submit(insert(2), true).await,
+            Err(StoreError::Unavailable)
+        ));
+        assert_eq!(rows(&path, "t"), vec![1]);
     }
 }
