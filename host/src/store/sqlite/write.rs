@@ -6,6 +6,11 @@
 //! no re-check for children added during a cascade.
 //!
 //! Placeholders are `?N`: SQLite numbers `$N` by first appearance, `?N` by N.
+//!
+//! Writes say `OR FAIL`: a statement that may abort half-way makes SQLite copy every page it
+//! touches into a statement journal first, which cost more than the insert itself for the
+//! outbox rows of a cascade. Nothing needs that journal here: any error fails the request,
+//! and its savepoint undoes all of the request's statements.
 
 use std::borrow::Cow;
 
@@ -138,7 +143,7 @@ fn insert_session(
     let attributes = json("attributes", &new.attributes)?;
     let row = conn
         .prepare_cached(concat!(
-            "INSERT INTO sessions (realm, external_id, kind, parent_id, idp_session_id, \
+            "INSERT OR FAIL INTO sessions (realm, external_id, kind, parent_id, idp_session_id, \
              idp_client_session_id, user_id, system, delegated_by, status, end_reason, \
              attributes, expires_at, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'ACTIVE', NULL, ?10, ?11, ?12, ?12) \
@@ -182,12 +187,12 @@ fn check_replay(conn: &Connection, realm: &str, guard: &ReplayGuard, now: i64) -
     let (purge, insert) = match guard.kind {
         ReplayKind::LogoutToken => (
             "DELETE FROM logout_tokens WHERE until_ms < ?1",
-            "INSERT INTO logout_tokens (realm, jti, until_ms) VALUES (?1, ?2, ?3) \
+            "INSERT OR FAIL INTO logout_tokens (realm, jti, until_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (realm, jti) DO NOTHING",
         ),
         ReplayKind::IdpEvent => (
             "DELETE FROM idp_events WHERE until_ms < ?1",
-            "INSERT INTO idp_events (realm, event_id, until_ms) VALUES (?1, ?2, ?3) \
+            "INSERT OR FAIL INTO idp_events (realm, event_id, until_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (realm, event_id) DO NOTHING",
         ),
     };
@@ -253,7 +258,7 @@ fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<Idp
                     .extend(insert_session(conn, actor, origin, now)?);
                 if let Some(actor_sid) = actor.idp_session_id.as_deref() {
                     conn.prepare_cached(
-                        "INSERT INTO idp_delegations (actor_realm, actor_sid, realm) \
+                        "INSERT OR FAIL INTO idp_delegations (actor_realm, actor_sid, realm) \
                          VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                     )?
                     .execute(params![actor_realm, actor_sid, cmd.realm])?;
@@ -263,7 +268,7 @@ fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<Idp
             if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
                 // The mirror was registered by an earlier event: it becomes delegated.
                 let stmt = conn.prepare_cached(concat!(
-                    "UPDATE sessions SET delegated_by = ?3, updated_at = ?4 \
+                    "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
                      WHERE realm = ?1 AND external_id = ?2 AND status = 'ACTIVE' \
                      AND delegated_by IS NULL RETURNING ",
                     session_columns!()
@@ -280,7 +285,7 @@ fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<Idp
             if let Some(user_id) = &mirror.user_id {
                 // Sessions mapped before the event arrived, without a user.
                 conn.prepare_cached(
-                    "UPDATE sessions SET user_id = ?3, updated_at = ?4 \
+                    "UPDATE OR FAIL sessions SET user_id = ?3, updated_at = ?4 \
                      WHERE realm = ?1 AND idp_session_id = ?2 AND user_id IS NULL \
                      AND status = 'ACTIVE'",
                 )?
@@ -288,7 +293,7 @@ fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<Idp
             }
             if let Some(expires_at) = mirror.expires_at {
                 let stmt = conn.prepare_cached(concat!(
-                    "UPDATE sessions SET expires_at = ?3, updated_at = ?4 \
+                    "UPDATE OR FAIL sessions SET expires_at = ?3, updated_at = ?4 \
                      WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
                      AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> ?3) \
                      RETURNING ",
@@ -310,7 +315,7 @@ fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<Idp
             if mirror.delegated_by.is_some() {
                 // PARENTs mapped before the impersonation event arrived.
                 let stmt = conn.prepare_cached(concat!(
-                    "UPDATE sessions SET delegated_by = ?3, updated_at = ?4 \
+                    "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
                      WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
                      AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> ?3 \
                      RETURNING ",
@@ -501,7 +506,7 @@ fn cascade(
              SELECT s.id AS t_id, m.via AS via FROM marked m CROSS JOIN sessions s \
              WHERE s.realm = ?1 AND s.external_id = m.m_id \
          ) \
-         UPDATE sessions SET \
+         UPDATE OR FAIL sessions SET \
              status = CASE WHEN targets.via = 1 AND ?3 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
              end_reason = CASE WHEN targets.via = 0 THEN ?4 \
                                WHEN targets.via = 1 AND ?3 THEN NULL \
@@ -548,28 +553,56 @@ fn check_kind(target: &DestroyTarget, id: &str, kind: SessionKind) -> Result<()>
     }
 }
 
-/// One prepared single-row insert per event: in-thread, a statement costs microseconds, so
-/// multi-row statements would only add SQL building.
+/// Rows per multi-row outbox insert, largest first: a cascade's events go in a few
+/// statements, each prepared once (the sizes are few, so the statement cache keeps them).
+const EVENT_ROWS: [usize; 5] = [128, 32, 8, 2, 1];
+
 fn insert_events(conn: &Connection, events: &[SyncEvent], now: i64) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
+    let mut rest = events;
+    for rows in EVENT_ROWS {
+        while rest.len() >= rows {
+            let (chunk, tail) = rest.split_at(rows);
+            insert_event_rows(conn, chunk, now)?;
+            rest = tail;
+        }
     }
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO outbox (event_id, realm, event_type, external_id, origin_system, payload, \
-         created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    for e in events {
-        let payload = json("event", e)?;
-        stmt.execute(params![
-            e.event_id,
-            e.realm,
-            e.event_type.as_str(),
-            e.external_id,
-            e.origin_system,
-            payload,
-            now,
-        ])?;
+    Ok(())
+}
+
+fn insert_event_rows(conn: &Connection, chunk: &[SyncEvent], now: i64) -> Result<()> {
+    const COLUMNS: usize = 7;
+    let values: Vec<String> = (0..chunk.len())
+        .map(|i| {
+            let n = i * COLUMNS;
+            format!(
+                "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4,
+                n + 5,
+                n + 6,
+                n + 7
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT OR FAIL INTO outbox (event_id, realm, event_type, external_id, origin_system, \
+         payload, created_at) VALUES {}",
+        values.join(", ")
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    for (i, e) in chunk.iter().enumerate() {
+        let n = i * COLUMNS;
+        stmt.raw_bind_parameter(n + 1, &e.event_id)?;
+        stmt.raw_bind_parameter(n + 2, &e.realm)?;
+        stmt.raw_bind_parameter(n + 3, e.event_type.as_str())?;
+        stmt.raw_bind_parameter(n + 4, &e.external_id)?;
+        stmt.raw_bind_parameter(n + 5, &e.origin_system)?;
+        stmt.raw_bind_parameter(n + 6, json("event", e)?)?;
+        stmt.raw_bind_parameter(n + 7, now)?;
     }
+    stmt.raw_execute()?;
     Ok(())
 }
 
@@ -588,7 +621,7 @@ pub(super) fn insert_audit(
     };
     let detail = entry.detail.as_ref().map(|d| d.to_string());
     conn.prepare_cached(
-        "INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
+        "INSERT OR FAIL INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
@@ -637,12 +670,11 @@ pub(super) fn fan_out(
         return Ok(None);
     }
     let mut insert = conn.prepare_cached(
-        "INSERT INTO deliveries (outbox_id, event_id, event_type, connector, realm, \
+        "INSERT OR FAIL INTO deliveries (outbox_id, event_id, event_type, connector, realm, \
          external_id, status, attempts, next_attempt_at, created_at, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?7, ?7) \
          ON CONFLICT (outbox_id, connector) DO NOTHING",
     )?;
-    let mut mark = conn.prepare_cached("UPDATE outbox SET fanned_out = 1 WHERE id = ?1")?;
     let mut deliveries = 0;
     for (id, payload) in &rows {
         let event: SyncEvent =
@@ -659,8 +691,13 @@ pub(super) fn fan_out(
             ])?;
             deliveries += 1;
         }
-        mark.execute([id])?;
     }
+    // Exactly the rows read above: the oldest unrouted ones, and only this thread writes.
+    let last = rows.last().map_or(0, |(id, _)| *id);
+    conn.prepare_cached(
+        "UPDATE OR FAIL outbox SET fanned_out = 1 WHERE fanned_out = 0 AND id <= ?1",
+    )?
+    .execute([last])?;
     Ok(Some((rows.len(), deliveries)))
 }
 
@@ -686,7 +723,7 @@ pub(super) fn claim(
     }
     let claimed: Vec<(i64, i64, String, i32)> = conn
         .prepare_cached(
-            "UPDATE deliveries SET lease_until = ?3, updated_at = ?4 WHERE id IN ( \
+            "UPDATE OR FAIL deliveries SET lease_until = ?3, updated_at = ?4 WHERE id IN ( \
                SELECT d.id FROM deliveries d \
                WHERE d.status = 'pending' AND d.next_attempt_at <= ?4 \
                  AND (d.lease_until IS NULL OR d.lease_until <= ?4) \
@@ -732,7 +769,7 @@ pub(super) fn record(conn: &Connection, r: &AttemptRecord) -> Result<()> {
         AttemptResult::Dropped => ("dropped", r.finished_at, None),
     };
     conn.prepare_cached(
-        "UPDATE deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, \
+        "UPDATE OR FAIL deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, \
          lease_until = NULL, last_error = ?5, connector_version = ?6, updated_at = ?7, \
          delivered_at = COALESCE(?8, delivered_at) WHERE id = ?1",
     )?
@@ -747,7 +784,7 @@ pub(super) fn record(conn: &Connection, r: &AttemptRecord) -> Result<()> {
         delivered_at,
     ])?;
     conn.prepare_cached(
-        "INSERT INTO delivery_attempts (delivery_id, attempt, outcome, error, \
+        "INSERT OR FAIL INTO delivery_attempts (delivery_id, attempt, outcome, error, \
          connector_version, started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
@@ -766,7 +803,7 @@ pub(super) fn record(conn: &Connection, r: &AttemptRecord) -> Result<()> {
 pub(super) fn release_leases(conn: &Connection) -> Result<u64> {
     let n = conn
         .prepare_cached(
-            "UPDATE deliveries SET lease_until = NULL \
+            "UPDATE OR FAIL deliveries SET lease_until = NULL \
              WHERE status = 'pending' AND lease_until IS NOT NULL",
         )?
         .execute([])?;
@@ -776,7 +813,7 @@ pub(super) fn release_leases(conn: &Connection) -> Result<u64> {
 /// Gives a claimed delivery back without an attempt (its connector is switched off).
 pub(super) fn unlease(conn: &Connection, id: i64) -> Result<()> {
     conn.prepare_cached(
-        "UPDATE deliveries SET lease_until = NULL WHERE id = ?1 AND status = 'pending'",
+        "UPDATE OR FAIL deliveries SET lease_until = NULL WHERE id = ?1 AND status = 'pending'",
     )?
     .execute([id])?;
     Ok(())
@@ -787,14 +824,14 @@ pub(super) fn replay(conn: &Connection, target: &ReplayTarget, now: i64) -> Resu
     let n = match target {
         ReplayTarget::Connector(name) => conn
             .prepare_cached(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
+                "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
                  lease_until = NULL, updated_at = ?2 \
                  WHERE connector = ?1 AND status IN ('dead', 'dropped')",
             )?
             .execute(params![name, now])?,
         ReplayTarget::Delivery(id) => conn
             .prepare_cached(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
+                "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
                  lease_until = NULL, updated_at = ?2 \
                  WHERE id = ?1 AND status IN ('dead', 'dropped')",
             )?
@@ -808,7 +845,7 @@ pub(super) fn replay(conn: &Connection, target: &ReplayTarget, now: i64) -> Resu
 /// Inserts or replaces an upload.
 pub(super) fn put_upload(conn: &Connection, row: &UploadRow) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO connector_uploads (name, manifest, component, version, updated_at) \
+        "INSERT OR FAIL INTO connector_uploads (name, manifest, component, version, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET \
          manifest = excluded.manifest, component = excluded.component, \
          version = excluded.version, updated_at = excluded.updated_at",
@@ -836,7 +873,7 @@ pub(super) fn delete_upload(conn: &Connection, name: &str) -> Result<bool> {
 /// Sets a connector's enabled flag.
 pub(super) fn set_enabled(conn: &Connection, name: &str, enabled: bool, now: i64) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO connector_states (name, enabled, updated_at) VALUES (?1, ?2, ?3) \
+        "INSERT OR FAIL INTO connector_states (name, enabled, updated_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, \
          updated_at = excluded.updated_at",
     )?
