@@ -85,8 +85,17 @@ fn connect_options(opts: &StoreOptions) -> Result<SqliteConnectOptions> {
         .pragma("cache_size", "-16000"))
 }
 
+fn is_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 impl SqliteStore {
     pub(super) async fn open(opts: &StoreOptions) -> Result<Self> {
+        // The writer opens the file by name with a connection of its own; an in-memory
+        // database would be a different, empty one on that connection.
+        if is_in_memory(&opts.url) {
+            return Err(StoreError::UnsupportedUrl(opts.url.clone()));
+        }
         let base = connect_options(opts)?;
         // Creates the file (and switches it to WAL) before the writer opens it.
         let migrate_conn = SqliteConnection::connect_with(&base).await?;
@@ -301,5 +310,26 @@ impl SqliteStore {
             let _ = conn.close().await;
         }
         self.read.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_refused_with_a_clear_error() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://file:x?mode=memory&cache=shared",
+        ] {
+            let err = SqliteStore::open(&StoreOptions::new(url))
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(err, StoreError::UnsupportedUrl(_)), "{url}: {err}");
+        }
     }
 }
