@@ -171,7 +171,97 @@ pub enum ReplayTarget {
 /// Most deliveries created per fan-out round.
 pub(crate) const FAN_OUT_BATCH: i64 = 500;
 
-/// Generates the delivery statements for one backend (see `ops.rs` for the parameters).
+/// Generates the delivery reads for one backend (`ids`: a subquery that expands the JSON
+/// array of text bound at `$2`).
+macro_rules! delivery_reads {
+    (db = $db:ty, conn = $conn:ty, ids = $ids:literal $(,)?) => {
+        use crate::store::deliveries::{AttemptRow, DeliveryQuery, DeliveryRow};
+
+        pub(crate) async fn list_deliveries(
+            conn: &mut $conn,
+            q: &DeliveryQuery,
+        ) -> Result<Vec<DeliveryRow>> {
+            let mut qb = sqlx::QueryBuilder::<$db>::new(
+                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
+                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
+                 delivered_at FROM deliveries WHERE 1 = 1",
+            );
+            if let Some(s) = q.status {
+                qb.push(" AND status = ").push_bind(s.as_str());
+            }
+            if let Some(c) = &q.connector {
+                qb.push(" AND connector = ").push_bind(c.clone());
+            }
+            if let Some(r) = &q.realm {
+                qb.push(" AND realm = ").push_bind(r.clone());
+            }
+            if let Some(s) = &q.session {
+                qb.push(" AND external_id = ").push_bind(s.clone());
+            }
+            if let Some(a) = q.after {
+                qb.push(" AND id > ").push_bind(a);
+            }
+            qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
+            Ok(qb.build_query_as().fetch_all(&mut *conn).await?)
+        }
+
+        pub(crate) async fn get_delivery(
+            conn: &mut $conn,
+            id: i64,
+        ) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+            let row: Option<DeliveryRow> = sqlx::query_as(
+                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
+                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
+                 delivered_at FROM deliveries WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let attempts: Vec<AttemptRow> = sqlx::query_as(
+                "SELECT attempt, outcome, error, connector_version, started_at, finished_at \
+                 FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok(Some((row, attempts)))
+        }
+
+        /// Deliveries of some sessions of a realm (for the session tree).
+        pub(crate) async fn session_deliveries(
+            conn: &mut $conn,
+            realm: &str,
+            external_ids: &[String],
+        ) -> Result<Vec<DeliveryRow>> {
+            if external_ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let ids = serde_json::to_string(external_ids)
+                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+            Ok(sqlx::query_as(concat!(
+                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
+                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
+                 delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
+                $ids,
+                ") ORDER BY id"
+            ))
+            .bind(realm)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?)
+        }
+    };
+}
+
+pub(crate) use delivery_reads;
+
+/// The delivery reads plus backend-neutral sqlx versions of the writes, as SQLite's read
+/// module instantiates them (its writes run on its writer thread, these stay unused there).
+/// PostgreSQL has its own writes (`postgres/deliveries.rs`) and uses [`delivery_reads!`].
+/// `skip_locked`: the claim's row-lock suffix; `int_ids`: `ids` for integers.
 macro_rules! delivery_ops {
     (
         db = $db:ty,
@@ -180,9 +270,9 @@ macro_rules! delivery_ops {
         ids = $ids:literal,
         int_ids = $int_ids:literal $(,)?
     ) => {
+        crate::store::deliveries::delivery_reads!(db = $db, conn = $conn, ids = $ids);
         use crate::store::deliveries::{
-            AttemptRecord, AttemptResult, AttemptRow, ClaimedDelivery, DeliveryQuery,
-            DeliveryRow, ReplayTarget, FAN_OUT_BATCH,
+            AttemptRecord, AttemptResult, ClaimedDelivery, ReplayTarget, FAN_OUT_BATCH,
         };
 
         /// Routes not-yet-fanned-out outbox events to connectors (`route` names them) and
@@ -396,82 +486,6 @@ macro_rules! delivery_ops {
             Ok(done.rows_affected())
         }
 
-        pub(crate) async fn list_deliveries(
-            conn: &mut $conn,
-            q: &DeliveryQuery,
-        ) -> Result<Vec<DeliveryRow>> {
-            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE 1 = 1",
-            );
-            if let Some(s) = q.status {
-                qb.push(" AND status = ").push_bind(s.as_str());
-            }
-            if let Some(c) = &q.connector {
-                qb.push(" AND connector = ").push_bind(c.clone());
-            }
-            if let Some(r) = &q.realm {
-                qb.push(" AND realm = ").push_bind(r.clone());
-            }
-            if let Some(s) = &q.session {
-                qb.push(" AND external_id = ").push_bind(s.clone());
-            }
-            if let Some(a) = q.after {
-                qb.push(" AND id > ").push_bind(a);
-            }
-            qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-            Ok(qb.build_query_as().fetch_all(&mut *conn).await?)
-        }
-
-        pub(crate) async fn get_delivery(
-            conn: &mut $conn,
-            id: i64,
-        ) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
-            let row: Option<DeliveryRow> = sqlx::query_as(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let attempts: Vec<AttemptRow> = sqlx::query_as(
-                "SELECT attempt, outcome, error, connector_version, started_at, finished_at \
-                 FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id",
-            )
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
-            Ok(Some((row, attempts)))
-        }
-
-        /// Deliveries of some sessions of a realm (for the session tree).
-        pub(crate) async fn session_deliveries(
-            conn: &mut $conn,
-            realm: &str,
-            external_ids: &[String],
-        ) -> Result<Vec<DeliveryRow>> {
-            if external_ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let ids = serde_json::to_string(external_ids)
-                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-            Ok(sqlx::query_as(concat!(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
-                $ids,
-                ") ORDER BY id"
-            ))
-            .bind(realm)
-            .bind(ids)
-            .fetch_all(&mut *conn)
-            .await?)
-        }
     };
 }
 

@@ -1,38 +1,31 @@
-//! PostgreSQL backend: every operation is one pooled transaction. Concurrent instances are
-//! safe because map-child holds its parent row FOR SHARE while a destroy locks its target
+//! PostgreSQL backend: every operation is one pooled transaction, a single statement in
+//! autocommit where the operation is one (a map, a claim, an attempt). Concurrent instances
+//! are safe because map-child holds its parent row FOR SHARE while a destroy locks its target
 //! FOR UPDATE and re-checks for children committed while it ran.
 
+mod deliveries;
+mod sessions;
+
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::future::Future;
 use std::str::FromStr;
+use std::time::Duration;
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
 use crate::sync::model::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
 
 pub(super) mod ops {
-    crate::store::ops::session_ops!(
-        db = sqlx::Postgres,
-        conn = sqlx::postgres::PgConnection,
-        for_share = " FOR SHARE",
-        for_update = " FOR UPDATE",
-        ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
-        // PostgreSQL allows one recursive reference; a lateral union keeps both index lookups.
-        children = "SELECT x.external_id, x.via FROM tree t CROSS JOIN LATERAL ( \
-                    SELECT c.external_id, 1 AS via FROM sessions c \
-                    WHERE c.realm = $1 AND c.parent_id = t.external_id \
-                    UNION ALL SELECT c.external_id, 2 AS via FROM sessions c \
-                    WHERE c.realm = $1 AND c.delegated_by = t.external_id) x",
-        recheck = true,
-    );
+    use crate::store::{Result, StoreError};
+
     mod reads {
         crate::store::ops::session_reads!(db = sqlx::Postgres, conn = sqlx::postgres::PgConnection);
     }
     pub(crate) use reads::*;
-    crate::store::deliveries::delivery_ops!(
+    crate::store::deliveries::delivery_reads!(
         db = sqlx::Postgres,
         conn = sqlx::postgres::PgConnection,
-        skip_locked = " FOR UPDATE SKIP LOCKED",
         ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
-        int_ids = "SELECT CAST(jsonb_array_elements_text(CAST($2 AS jsonb)) AS BIGINT)",
     );
     crate::store::connectors::connector_ops!(
         db = sqlx::Postgres,
@@ -71,6 +64,29 @@ fn is_retryable(e: &StoreError) -> bool {
             matches!(db.code().as_deref(), Some("40001") | Some("40P01"))
         }
         _ => false,
+    }
+}
+
+/// A pooled connection idle for longer than this is pinged before use: one that sat out a
+/// database restart fails the ping, not the request. Busier connections skip the round trip.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Runs a statement that commits on its own (autocommit), retrying on deadlock or
+/// serialisation failure as [`in_tx!`] does.
+async fn retrying<T, F, Fut>(mut run: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match run().await {
+            Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
+                tracing::debug!(attempt, error = %e, "retrying statement");
+            }
+            done => break done,
+        }
     }
 }
 
@@ -113,6 +129,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
+            // sqlx pings every connection it hands out by default: a round trip as long as a
+            // map's whole statement.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    // A connection that fails the ping is dropped and another one tried.
+                    Ok(meta.idle_for < PING_IDLE_AFTER || conn.ping().await.is_ok())
+                })
+            })
             .connect_with(connect)
             .await?;
         Ok(PgStore {
@@ -151,14 +176,14 @@ impl PgStore {
 
     pub(super) async fn map(&self, cmd: MapCommand) -> Result<Session> {
         let now = now_millis();
-        let session = in_tx!(self.pool, |conn| ops::map(conn, &cmd, now))?;
+        let session = retrying(|| sessions::map(&self.pool, &cmd, now)).await?;
         self.committed.notify_one();
         Ok(session)
     }
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
         let now = now_millis();
-        let changed = in_tx!(self.pool, |conn| ops::destroy(conn, &cmd, now))?;
+        let changed = in_tx!(self.pool, |conn| sessions::destroy(conn, &cmd, now))?;
         if !changed.is_empty() {
             self.committed.notify_one();
         }
@@ -167,7 +192,7 @@ impl PgStore {
 
     pub(super) async fn apply_idp(&self, cmd: IdpCommand) -> Result<IdpOutcome> {
         let now = now_millis();
-        let out = in_tx!(self.pool, |conn| ops::apply_idp(conn, &cmd, now))?;
+        let out = in_tx!(self.pool, |conn| sessions::apply_idp(conn, &cmd, now))?;
         self.committed.notify_one();
         Ok(out)
     }
@@ -188,7 +213,9 @@ impl PgStore {
         gate: &super::GateFn,
     ) -> Result<Option<(usize, usize)>> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| ops::fan_out(conn, route, gate, now))
+        in_tx!(self.pool, |conn| deliveries::fan_out(
+            conn, route, gate, now
+        ))
     }
 
     pub(super) async fn claim(
@@ -198,17 +225,11 @@ impl PgStore {
         lease_until: i64,
     ) -> Result<Vec<super::deliveries::ClaimedDelivery>> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| ops::claim(
-            conn,
-            connectors,
-            limit,
-            lease_until,
-            now
-        ))
+        retrying(|| deliveries::claim(&self.pool, connectors, limit, lease_until, now)).await
     }
 
     pub(super) async fn record(&self, r: &super::deliveries::AttemptRecord) -> Result<()> {
-        in_tx!(self.pool, |conn| ops::record(conn, r))
+        retrying(|| deliveries::record(&self.pool, r)).await
     }
 
     pub(super) async fn replay(
@@ -218,7 +239,7 @@ impl PgStore {
     ) -> Result<u64> {
         let now = now_millis();
         let n = in_tx!(self.pool, |conn| async {
-            let n = ops::replay(&mut *conn, target, now).await?;
+            let n = deliveries::replay(&mut *conn, target, now).await?;
             if let Some(entry) = audit {
                 let outcome = crate::sync::model::AuditOutcome::Ok(n as i64);
                 ops::insert_audit(conn, entry, outcome, now).await?;

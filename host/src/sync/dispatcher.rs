@@ -29,6 +29,11 @@ pub struct DispatcherConfig {
     pub concurrency: usize,
     /// Lease added to the longest connector timeout.
     pub lease_margin: Duration,
+    /// Shortest time between the starts of two rounds woken by commits. Every commit wakes
+    /// the dispatcher; under load a round right after the last would route a handful of
+    /// events for a whole transaction of its own, so the wake-ups that come sooner wait for
+    /// this to pass and share one round. A wake-up after a quiet spell starts a round at once.
+    pub coalesce: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -37,6 +42,7 @@ impl Default for DispatcherConfig {
             poll: Duration::from_millis(200),
             concurrency: crate::runtime::MAX_CONCURRENT_CALLS,
             lease_margin: Duration::from_secs(5),
+            coalesce: Duration::from_millis(5),
         }
     }
 }
@@ -118,6 +124,7 @@ impl Dispatcher {
             if *shutdown.borrow() {
                 break;
             }
+            let round_began = tokio::time::Instant::now();
             // One fan-out batch per round, then claims: under a steady stream of new events a
             // full batch is always waiting, and fanning out until the outbox is empty would
             // starve delivery for as long as the load lasts.
@@ -151,7 +158,9 @@ impl Dispatcher {
                 continue;
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep_until(round_began + self.config.coalesce).await;
+                }
                 Some(res) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Err(e) = res {
                         tracing::error!(error = %e, "delivery task failed");
