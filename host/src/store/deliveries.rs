@@ -1,5 +1,6 @@
 //! Records of the sync engine: per-connector deliveries of outbox events, their attempts,
-//! and the statements over them (generated per backend by [`delivery_ops!`]).
+//! and the reads over them (generated per backend by [`delivery_reads!`]). The writes are
+//! per backend: `postgres/deliveries.rs`, and SQLite's writer thread.
 
 use serde::Serialize;
 

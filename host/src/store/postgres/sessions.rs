@@ -99,7 +99,9 @@ const INSERT_CHILD: &str = concat!(
 /// seeds the statement starts with: children via `parent_id` (`via` 1) get `$7` (or
 /// ORPHANED when `$4`, the orphan policy), sessions delegated by one of the tree
 /// (`via` 2) `delegation_ended`, the seeds (`via` 0) `$5`. `ended` holds the changed rows.
-/// PostgreSQL allows one recursive reference; a lateral union keeps both index lookups.
+/// PostgreSQL allows one recursive reference; a lateral union keeps both index lookups. The
+/// update finds its rows by primary key (`= ANY` of the ids): joined to `marked` alone, whose
+/// size the planner guesses at 200, it scans the whole table whenever that looks cheaper.
 macro_rules! cascade_tail {
     () => {
         concat!(
@@ -120,7 +122,8 @@ macro_rules! cascade_tail {
                                    ELSE 'delegation_ended' END, \
                  updated_at = $6 \
                FROM marked \
-               WHERE sessions.id = marked.m_id \
+               WHERE sessions.id = ANY(ARRAY(SELECT m_id FROM marked)) \
+                 AND sessions.id = marked.m_id \
                  AND (sessions.status = 'ACTIVE' \
                       OR (sessions.status = 'ORPHANED' AND NOT (marked.via = 1 AND $4))) \
                RETURNING ",
