@@ -1,8 +1,11 @@
 //! `cargo xtask bench-api`: load-tests the external-sessions API of a release build of
 //! `lockstep serve`, once per backend, and sets the figures beside what the database itself
-//! can do (a raw-insert ceiling). Phases per backend:
+//! can do with the same writes (`ceiling.rs`) and the CPU each process spends per request
+//! (`cpu.rs`). Phases per backend:
 //!
-//! 1. ceiling: raw sqlx inserts, one row per transaction and 100 rows per transaction;
+//! 1. ceilings: a map-parent's rows (session, outbox event, audit record) written without
+//!    the server, one request per transaction and (SQLite) a group per transaction, on a
+//!    database set up by `lockstep migrate`; then the same with each `sessions` index dropped;
 //! 2. API load: map-parent, map-child, get, destroy-parent (each parent with its children);
 //! 3. cascade: destroy-parent of the root of 1,000-session trees, median of several;
 //! 4. the same cascade after growing `sessions` to 1,000,000 rows, then a short rerun of the
@@ -11,6 +14,8 @@
 //! Each backend gets a fresh store (a temp dir for SQLite, a new database for PostgreSQL), so
 //! runs never see each other's rows.
 
+mod ceiling;
+mod cpu;
 pub(crate) mod db;
 pub(crate) mod load;
 mod report;
@@ -23,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use ceiling::{CeilingDb, Ceilings};
+use cpu::Meter;
 use db::Target;
 use load::{Api, Outcome, PhaseStats, run_phase};
 use server::Server;
@@ -39,16 +46,34 @@ pub struct Args {
     /// and dropped afterwards. Without it only SQLite is measured.
     #[arg(long, env = "LOCKSTEP_TEST_DATABASE_URL")]
     postgres_url: Option<String>,
-    /// Commit durability given to the server (`--durability`) and used by the SQLite ceiling.
+    /// Commit durability given to the server (`--durability`) and used by the SQLite
+    /// ceilings: `fsync` (synchronous=FULL) or `normal` (synchronous=NORMAL). One value per
+    /// run; run twice to compare.
     #[arg(long, value_enum, default_value_t = Durability::Fsync)]
     durability: Durability,
-    /// Concurrent client tasks (each with its own keep-alive connection).
-    #[arg(long, default_value_t = 64)]
+    /// Concurrent client tasks (each with its own keep-alive connection). 32 is what the
+    /// issue measured with wrk (32 keep-alive connections).
+    #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Operations in the map-parent and map-child phases (destroy-parent does half as many);
-    /// also the row count of each ceiling run.
+    /// also the requests of each ceiling run.
     #[arg(long, default_value_t = 20_000)]
     ops: usize,
+    /// Clients of the PostgreSQL ceiling (default: --concurrency).
+    #[arg(long)]
+    ceiling_clients: Option<usize>,
+    /// Requests per transaction of the SQLite group-commit ceiling.
+    #[arg(long, default_value_t = 64)]
+    group: usize,
+    /// Measure what each index of `sessions` costs a map-parent (`--index-costs=false`
+    /// skips it; it takes about 30 s per backend).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    index_costs: bool,
+    /// pgbench, which runs the PostgreSQL ceiling; when it cannot be started an sqlx loop
+    /// does the same transactions.
+    #[arg(long, default_value = "pgbench")]
+    pgbench: PathBuf,
     /// Upper bound on any single phase, in seconds; a phase cut short says so.
     #[arg(long, default_value_t = 120)]
     seconds_cap: u64,
@@ -95,7 +120,9 @@ impl Durability {
 /// Everything measured on one backend.
 pub struct BackendReport {
     pub backend: &'static str,
-    pub ceiling: Option<(PhaseStats, PhaseStats)>,
+    pub ceiling: Option<Ceilings>,
+    /// Why the ceilings are missing, when they failed (the API phases still run).
+    pub ceiling_error: Option<String>,
     pub phases: Vec<PhaseStats>,
     pub cascades: Vec<CascadeResult>,
     /// Unclean server exits and other oddities worth reporting.
@@ -109,6 +136,7 @@ impl BackendReport {
         BackendReport {
             backend,
             ceiling: None,
+            ceiling_error: None,
             phases: Vec::new(),
             cascades: Vec::new(),
             notes: Vec::new(),
@@ -116,9 +144,17 @@ impl BackendReport {
         }
     }
 
-    /// Errors in API phases, cascade builds and destroys.
+    /// Errors in ceilings, API phases, cascade builds and destroys.
     pub fn errors(&self) -> usize {
-        self.phases.iter().map(|p| p.errors).sum::<usize>()
+        let ceilings = self
+            .ceiling
+            .iter()
+            .flat_map(|c| std::iter::once(&c.single).chain(&c.group));
+        self.phases
+            .iter()
+            .chain(ceilings)
+            .map(|p| p.errors)
+            .sum::<usize>()
             + self
                 .cascades
                 .iter()
@@ -198,19 +234,29 @@ pub fn main(args: Args) -> Result<ExitCode> {
             chrono::Utc::now().format("%Y%m%d_%H%M%S")
         );
         let outcome = until_interrupted(run(&args, &pg_db)).await;
-        // Dropping `run` killed the servers; the scratch database needs an explicit drop.
-        if let (Some(url), false) = (&args.postgres_url, args.keep)
-            && let Err(e) = db::drop_pg_database(url, &pg_db).await
-        {
-            eprintln!("warning: could not drop database {pg_db}: {e:#}");
+        // Dropping `run` killed the servers; the scratch databases need an explicit drop.
+        if let (Some(url), false) = (&args.postgres_url, args.keep) {
+            for name in [pg_db.clone(), ceiling_db_name(&pg_db)] {
+                if let Err(e) = db::drop_pg_database(url, &name).await {
+                    eprintln!("warning: could not drop database {name}: {e:#}");
+                }
+            }
         }
         outcome
     })
 }
 
+/// The PostgreSQL ceilings' own database, beside the API's.
+fn ceiling_db_name(pg_db: &str) -> String {
+    format!("{pg_db}_ceiling")
+}
+
 async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
-    if args.concurrency == 0 || args.ops == 0 {
-        bail!("--concurrency and --ops must be positive");
+    if args.concurrency == 0 || args.ops == 0 || args.group == 0 {
+        bail!("--concurrency, --ops and --group must be positive");
+    }
+    if args.ceiling_clients == Some(0) {
+        bail!("--ceiling-clients must be positive");
     }
     let command_line = command_line();
     let bin = server_bin(args.server_bin.as_deref())?;
@@ -223,7 +269,10 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
         let target = Target::Sqlite {
             path: dir.path().join("bench.db"),
         };
-        reports.push(bench_backend(args, &bin, &target, dir.path()).await);
+        let ceiling = CeilingDb::Sqlite {
+            template: dir.path().join("ceiling-template.db"),
+        };
+        reports.push(bench_backend(args, &bin, &target, &ceiling, dir.path()).await);
         if args.keep {
             eprintln!("kept {}", dir.keep().display());
         }
@@ -233,8 +282,16 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
             .prefix("lockstep-bench-pg-")
             .tempdir()
             .context("creating a temp dir")?;
-        let report = match db::create_pg_database(admin_url, pg_db).await {
-            Ok(url) => bench_backend(args, &bin, &Target::Postgres { url }, dir.path()).await,
+        let created = async {
+            let url = db::create_pg_database(admin_url, pg_db).await?;
+            let ceiling = db::create_pg_database(admin_url, &ceiling_db_name(pg_db)).await?;
+            anyhow::Ok((url, ceiling))
+        };
+        let report = match created.await {
+            Ok((url, ceiling)) => {
+                let ceiling = CeilingDb::Postgres { url: ceiling };
+                bench_backend(args, &bin, &Target::Postgres { url }, &ceiling, dir.path()).await
+            }
             Err(e) => {
                 let mut r = BackendReport::new("postgres");
                 r.failure = Some(format!("{e:#}"));
@@ -252,7 +309,7 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
     report::print(&reports, args, &command_line, &revision());
     let failed = reports
         .iter()
-        .any(|r| r.failure.is_some() || r.errors() > 0);
+        .any(|r| r.failure.is_some() || r.ceiling_error.is_some() || r.errors() > 0);
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -261,10 +318,16 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
 }
 
 /// Runs every phase on one backend; a failure ends this backend's run but keeps its figures.
-async fn bench_backend(args: &Args, bin: &Path, target: &Target, dir: &Path) -> BackendReport {
+async fn bench_backend(
+    args: &Args,
+    bin: &Path,
+    target: &Target,
+    ceiling: &CeilingDb,
+    dir: &Path,
+) -> BackendReport {
     let mut report = BackendReport::new(target.name());
     eprintln!("\n=== {} ({})", target.name(), dir.display());
-    if let Err(e) = bench_backend_inner(args, bin, target, dir, &mut report).await {
+    if let Err(e) = bench_backend_inner(args, bin, target, ceiling, dir, &mut report).await {
         eprintln!("  [{}] aborted: {e:#}", target.name());
         report.failure = Some(format!("{e:#}"));
     }
@@ -275,6 +338,7 @@ async fn bench_backend_inner(
     args: &Args,
     bin: &Path,
     target: &Target,
+    ceiling: &CeilingDb,
     dir: &Path,
     report: &mut BackendReport,
 ) -> Result<()> {
@@ -282,14 +346,22 @@ async fn bench_backend_inner(
     let cap = Duration::from_secs(args.seconds_cap);
     let log = dir.join("server.log");
 
-    // The ceiling runs first, with no server competing for the two cores.
-    let (single, batched) =
-        db::ceiling(target, args.durability, args.concurrency, args.ops, cap).await?;
-    eprintln!("  [{name}] {}", single.summary());
-    eprintln!("  [{name}] {}", batched.summary());
-    report.ceiling = Some((single, batched));
+    // The ceilings run first, with no server competing for the two cores. Their failure
+    // leaves the API figures worth having.
+    match ceilings(args, bin, ceiling, dir, name).await {
+        Ok(c) => report.ceiling = Some(c),
+        Err(e) => {
+            eprintln!("  [{name}] ceilings failed: {e:#}");
+            report.ceiling_error = Some(format!("{e:#}"));
+        }
+    }
 
+    let postmaster = match target {
+        Target::Postgres { url } => db::postmaster_pid(url).await,
+        Target::Sqlite { .. } => None,
+    };
     let server = start_server(bin, target, args.durability, &log).await?;
+    let meter = Meter::new(server.pid(), postmaster);
     let api = Arc::new(Api::new(server.addr, REALM, TOKEN, args.concurrency, cap)?);
     eprintln!(
         "  [{name}] server on {} (log {})",
@@ -297,7 +369,7 @@ async fn bench_backend_inner(
         log.display()
     );
 
-    load_phases(report, &api, args, name, "load", args.ops, "").await?;
+    load_phases(report, &api, &meter, args, "load", args.ops, "").await?;
 
     let rows = db::count_sessions(target).await?;
     let base = cascade(&api, args, "base", rows).await?;
@@ -311,6 +383,7 @@ async fn bench_backend_inner(
         db::fill_sessions(target, args.grow_to, &args.filler_realm).await?;
         let rows = db::count_sessions(target).await?;
         let server = start_server(bin, target, args.durability, &log).await?;
+        let meter = Meter::new(server.pid(), postmaster);
         let api = Arc::new(Api::new(
             server.addr,
             REALM,
@@ -323,7 +396,7 @@ async fn bench_backend_inner(
         report.cascades.push(grown);
         // A short rerun of the load phases shows what the table size does to single calls.
         let n = (args.ops / 20).max(1);
-        load_phases(report, &api, args, name, "grown", n, " (grown)").await?;
+        load_phases(report, &api, &meter, args, "grown", n, " (grown)").await?;
         if let Some(note) = server.stop().await? {
             report.notes.push(note);
         }
@@ -331,13 +404,60 @@ async fn bench_backend_inner(
     Ok(())
 }
 
+/// Has the server binary migrate the ceiling database (`lockstep migrate`, so its schema and
+/// indexes are the server's own, whatever the revision), then runs the ceilings on it.
+async fn ceilings(
+    args: &Args,
+    bin: &Path,
+    db: &CeilingDb,
+    dir: &Path,
+    name: &str,
+) -> Result<Ceilings> {
+    const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
+    let log = dir.join("ceiling-migrate.log");
+    let out = server::open_log(&log)?;
+    let err = out.try_clone().context("duplicating the log handle")?;
+    let status = tokio::time::timeout(
+        MIGRATE_TIMEOUT,
+        tokio::process::Command::new(bin)
+            .args(["migrate", "--database-url"])
+            .arg(db.server_url())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .status(),
+    )
+    .await
+    .map_err(|_| anyhow!("`lockstep migrate` ran longer than {MIGRATE_TIMEOUT:?}"))?
+    .context("running lockstep migrate")?;
+    if !status.success() {
+        bail!(
+            "lockstep migrate failed ({status}); log {}:\n{}",
+            log.display(),
+            server::tail(&log)
+        );
+    }
+    let settings = ceiling::Settings {
+        durability: args.durability,
+        clients: args.ceiling_clients.unwrap_or(args.concurrency),
+        ops: args.ops,
+        group: args.group,
+        cap: Duration::from_secs(args.seconds_cap),
+        index_costs: args.index_costs,
+        pgbench: &args.pgbench,
+        dir,
+    };
+    ceiling::run(db, &settings, name).await
+}
+
 /// map-parent, map-child (one child under each parent), get, and destroy-parent of half the
 /// parents, `n` operations each; ids start with `prefix`, phase names end with `suffix`.
 async fn load_phases(
     report: &mut BackendReport,
     api: &Arc<Api>,
+    meter: &Meter,
     args: &Args,
-    backend: &str,
     prefix: &'static str,
     n: usize,
     suffix: &str,
@@ -345,7 +465,7 @@ async fn load_phases(
     let a = Arc::clone(api);
     let parents = phase(
         report,
-        backend,
+        meter,
         &format!("map-parent{suffix}"),
         n,
         args,
@@ -363,7 +483,7 @@ async fn load_phases(
     let a = Arc::clone(api);
     let children = phase(
         report,
-        backend,
+        meter,
         &format!("map-child{suffix}"),
         n,
         args,
@@ -378,24 +498,17 @@ async fn load_phases(
     .await?;
 
     let a = Arc::clone(api);
-    phase(
-        report,
-        backend,
-        &format!("get{suffix}"),
-        n,
-        args,
-        move |i| {
-            let a = Arc::clone(&a);
-            async move { a.get(&parent_id(prefix, i % parents)).await }
-        },
-    )
+    phase(report, meter, &format!("get{suffix}"), n, args, move |i| {
+        let a = Arc::clone(&a);
+        async move { a.get(&parent_id(prefix, i % parents)).await }
+    })
     .await?;
 
     let a = Arc::clone(api);
     let destroys = (n / 2).min(parents);
     phase(
         report,
-        backend,
+        meter,
         &format!("destroy-parent{suffix}"),
         destroys,
         args,
@@ -427,10 +540,11 @@ async fn start_server(
     .await
 }
 
-/// Runs one API phase, records it, and returns how many operations it got through.
+/// Runs one API phase with the CPU it costs, records it, and returns how many operations it
+/// got through.
 async fn phase<F, Fut>(
     report: &mut BackendReport,
-    backend: &str,
+    meter: &Meter,
     name: &str,
     total: usize,
     args: &Args,
@@ -441,8 +555,10 @@ where
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
     let cap = Duration::from_secs(args.seconds_cap);
-    let stats = run_phase(name, total, args.concurrency, cap, op).await?;
-    eprintln!("  [{backend}] {}", stats.summary());
+    let before = meter.sample();
+    let mut stats = run_phase(name, total, args.concurrency, cap, op).await?;
+    stats.cpu = Some(meter.since(&before));
+    eprintln!("  [{}] {}", report.backend, stats.summary());
     let done = stats.ops;
     report.phases.push(stats);
     Ok(done)

@@ -1,23 +1,17 @@
-//! Direct database work for the benchmark: the scratch PostgreSQL database, the raw-insert
-//! ceiling, and growing the `sessions` table with filler rows while the server is stopped.
+//! Direct database work for the benchmark: the scratch PostgreSQL databases, and growing the
+//! `sessions` table with filler rows while the server is stopped. (The write ceilings are in
+//! `ceiling.rs`.)
 
 use std::path::PathBuf;
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::postgres::PgConnection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, Executor};
 
 use super::Durability;
-use super::load::{Outcome, PhaseStats, run_phase};
 
-/// Rows per transaction in the batched ceiling.
-pub const BATCH: usize = 100;
 /// Filler rows per transaction when growing the table.
 const FILL_CHUNK: i64 = 50_000;
 
@@ -60,6 +54,20 @@ pub async fn create_pg_database(admin_url: &str, name: &str) -> Result<String> {
     Ok(url.to_string())
 }
 
+/// The PostgreSQL server's postmaster process, when it runs on this machine (for reading
+/// the cluster's CPU time); `None` when it cannot be found.
+pub async fn postmaster_pid(url: &str) -> Option<u32> {
+    let mut conn = PgConnection::connect(url).await.ok()?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
+    // Read while the backend is still alive.
+    let pid = super::cpu::postmaster_of(u32::try_from(backend).ok()?);
+    let _ = conn.close().await;
+    pid
+}
+
 pub async fn drop_pg_database(admin_url: &str, name: &str) -> Result<()> {
     let mut conn = PgConnection::connect(admin_url)
         .await
@@ -81,151 +89,6 @@ fn sqlite_options(path: &PathBuf, durability: Durability) -> SqliteConnectOption
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
-}
-
-const CEILING_SQLITE: &str = "CREATE TABLE ceiling (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, realm TEXT NOT NULL, external_id TEXT NOT NULL,
-    kind TEXT NOT NULL, idp_session_id TEXT, user_id TEXT, status TEXT NOT NULL,
-    attributes TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
-    UNIQUE (realm, external_id))";
-const CEILING_PG: &str = "CREATE TABLE ceiling (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, realm TEXT NOT NULL,
-    external_id TEXT NOT NULL, kind TEXT NOT NULL, idp_session_id TEXT, user_id TEXT,
-    status TEXT NOT NULL, attributes TEXT NOT NULL, created_at BIGINT NOT NULL,
-    updated_at BIGINT NOT NULL, UNIQUE (realm, external_id))";
-const INSERT_SQLITE: &str = "INSERT INTO ceiling
-    (realm, external_id, kind, idp_session_id, user_id, status, attributes, created_at, updated_at)
-    VALUES ('bench', ?1, 'PARENT', ?2, ?3, 'ACTIVE', '{}', ?4, ?4)";
-const INSERT_PG: &str = "INSERT INTO ceiling
-    (realm, external_id, kind, idp_session_id, user_id, status, attributes, created_at, updated_at)
-    VALUES ('bench', $1, 'PARENT', $2, $3, 'ACTIVE', '{}', $4, $4)";
-
-/// A row of the same shape as the API's parents.
-fn ceiling_row(i: usize) -> (String, String, String, i64) {
-    (
-        super::parent_id("ceil", i),
-        super::idp_session_id(i),
-        super::user_id(i),
-        chrono::Utc::now().timestamp_millis(),
-    )
-}
-
-enum Pool {
-    Sqlite(SqlitePool),
-    Pg(PgPool),
-}
-
-/// One autocommit insert when `n == 1`, else `n` inserts in one transaction; the same code
-/// for both backends (their pools have different types).
-macro_rules! insert_rows {
-    ($pool:expr, $sql:expr, $first:expr, $n:expr) => {{
-        let bind = |i: usize| {
-            let (ext, idp, user, now) = ceiling_row(i);
-            sqlx::query($sql).bind(ext).bind(idp).bind(user).bind(now)
-        };
-        if $n == 1 {
-            bind($first).execute($pool).await?;
-        } else {
-            let mut tx = $pool.begin().await?;
-            for i in $first..$first + $n {
-                bind(i).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-        }
-    }};
-}
-
-impl Pool {
-    /// Inserts rows `first..first + n` in one transaction (`n == 1`: autocommit).
-    async fn insert(&self, first: usize, n: usize) -> std::result::Result<(), sqlx::Error> {
-        match self {
-            Pool::Sqlite(pool) => insert_rows!(pool, INSERT_SQLITE, first, n),
-            Pool::Pg(pool) => insert_rows!(pool, INSERT_PG, first, n),
-        }
-        Ok(())
-    }
-}
-
-/// The raw-insert ceiling: `rows` rows one per autocommit transaction from `concurrency`
-/// tasks, then `rows` rows in transactions of [`BATCH`]. SQLite gets a single connection
-/// (it has one writer) in a separate file; PostgreSQL a pool of `concurrency` connections in
-/// the scratch database, with the server's settings (synchronous_commit on).
-pub async fn ceiling(
-    target: &Target,
-    durability: Durability,
-    concurrency: usize,
-    rows: usize,
-    cap: Duration,
-) -> Result<(PhaseStats, PhaseStats)> {
-    let pool = match target {
-        Target::Sqlite { path } => {
-            let file = path.with_file_name("ceiling.db");
-            let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(120))
-                .connect_with(sqlite_options(&file, durability))
-                .await
-                .with_context(|| format!("opening {}", file.display()))?;
-            pool.execute(CEILING_SQLITE)
-                .await
-                .context("creating the ceiling table")?;
-            Pool::Sqlite(pool)
-        }
-        Target::Postgres { url } => {
-            let pool = PgPoolOptions::new()
-                .max_connections(u32::try_from(concurrency).unwrap_or(u32::MAX))
-                .acquire_timeout(Duration::from_secs(120))
-                .connect_with(PgConnectOptions::from_str(url).context("parsing the URL")?)
-                .await
-                .context("connecting to PostgreSQL")?;
-            pool.execute(CEILING_PG)
-                .await
-                .context("creating the ceiling table")?;
-            Pool::Pg(pool)
-        }
-    };
-    let pool = Arc::new(pool);
-
-    let p = Arc::clone(&pool);
-    let single = run_phase("ceiling 1 row/tx", rows, concurrency, cap, move |i| {
-        let p = Arc::clone(&p);
-        async move { to_outcome(p.insert(i, 1).await) }
-    })
-    .await?;
-
-    let p = Arc::clone(&pool);
-    let batches = rows.div_ceil(BATCH);
-    let offset = rows;
-    let mut batched = run_phase(
-        &format!("ceiling {BATCH} rows/tx"),
-        batches,
-        concurrency,
-        cap,
-        move |b| {
-            let p = Arc::clone(&p);
-            async move { to_outcome(p.insert(offset + b * BATCH, BATCH).await) }
-        },
-    )
-    .await?;
-    batched.rows_per_op = BATCH;
-
-    match &*pool {
-        Pool::Sqlite(p) => p.close().await,
-        Pool::Pg(p) => {
-            p.execute("DROP TABLE ceiling")
-                .await
-                .context("dropping the ceiling table")?;
-            p.close().await;
-        }
-    }
-    Ok((single, batched))
-}
-
-fn to_outcome(r: std::result::Result<(), sqlx::Error>) -> Outcome {
-    match r {
-        Ok(()) => Outcome::Ok,
-        Err(e) => Outcome::Err(e.to_string()),
-    }
 }
 
 /// Rows in `sessions` (all realms). Safe while the server runs.

@@ -13,6 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
+use super::cpu::{CpuUse, us_per_op};
+
 /// What one operation came to.
 pub enum Outcome {
     /// Did what was asked, as documented.
@@ -31,13 +33,16 @@ pub struct PhaseStats {
     pub planned: usize,
     /// Operations done (including failed ones) before the counter or the time cap ran out.
     pub ops: usize,
-    /// Rows each operation writes, to turn ops/s into rows/s.
-    pub rows_per_op: usize,
+    /// Requests each operation stands for (a ceiling's group transaction does many), to
+    /// turn ops/s into requests/s.
+    pub requests_per_op: usize,
     pub errors: usize,
     pub first_error: Option<String>,
     pub warnings: usize,
     pub first_warning: Option<String>,
     pub elapsed: Duration,
+    /// CPU used while the phase ran, when it was measured.
+    pub cpu: Option<CpuUse>,
     /// Per-operation latencies in microseconds, sorted.
     latencies_us: Vec<u64>,
 }
@@ -46,8 +51,27 @@ impl PhaseStats {
     pub fn named(name: &str) -> Self {
         PhaseStats {
             name: name.to_owned(),
-            rows_per_op: 1,
+            requests_per_op: 1,
             ..PhaseStats::default()
+        }
+    }
+
+    /// A phase measured elsewhere (pgbench): `ops` operations over `elapsed`, with the
+    /// latencies that were logged.
+    pub fn measured(
+        name: &str,
+        planned: usize,
+        ops: usize,
+        elapsed: Duration,
+        mut latencies_us: Vec<u64>,
+    ) -> Self {
+        latencies_us.sort_unstable();
+        PhaseStats {
+            planned,
+            ops,
+            elapsed,
+            latencies_us,
+            ..PhaseStats::named(name)
         }
     }
 
@@ -61,9 +85,17 @@ impl PhaseStats {
         }
     }
 
-    /// Rows written per second.
-    pub fn rows_per_sec(&self) -> f64 {
-        self.ops_per_sec() * self.rows_per_op as f64
+    /// Requests per second (operations per second where an operation is one request).
+    pub fn requests_per_sec(&self) -> f64 {
+        self.ops_per_sec() * self.requests_per_op as f64
+    }
+
+    /// CPU per request of one process group, in microseconds.
+    pub fn cpu_us_per_request(&self, which: impl Fn(&CpuUse) -> Option<Duration>) -> Option<f64> {
+        us_per_op(
+            self.cpu.as_ref().and_then(which),
+            self.ops * self.requests_per_op,
+        )
     }
 
     /// Nearest-rank percentile of the latencies, in milliseconds.
@@ -96,6 +128,11 @@ impl PhaseStats {
             self.first_warning.clone_from(&other.first_warning);
         }
         self.latencies_us.extend_from_slice(&other.latencies_us);
+        self.latencies_us.sort_unstable();
+    }
+
+    /// Sorts the latencies [`PhaseStats::record`] collected (percentiles need them sorted).
+    pub(crate) fn finish(&mut self) {
         self.latencies_us.sort_unstable();
     }
 

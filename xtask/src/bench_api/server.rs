@@ -158,7 +158,7 @@ async fn drain(mut lines: tokio::io::Lines<BufReader<ChildStdout>>, mut out: Fil
     }
 }
 
-fn open_log(path: &Path) -> Result<File> {
+pub(crate) fn open_log(path: &Path) -> Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
