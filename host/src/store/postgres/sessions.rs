@@ -102,6 +102,11 @@ const INSERT_CHILD: &str = concat!(
 /// PostgreSQL allows one recursive reference; a lateral union keeps both index lookups. The
 /// update finds its rows by primary key (`= ANY` of the ids): joined to `marked` alone, whose
 /// size the planner guesses at 200, it scans the whole table whenever that looks cheaper.
+/// `realm = sessions.realm` changes nothing but marks the realm-led indexes as touched: for
+/// an index whose columns the update leaves alone, PostgreSQL first tries to make room on a
+/// full leaf page by deleting old row versions there ("bottom-up" deletion), which cannot
+/// succeed while this transaction still holds them, and that failed pass over the heap was
+/// a sixth of a 1,000-session cascade. The pages split at once instead; vacuum tidies them.
 macro_rules! cascade_tail {
     () => {
         concat!(
@@ -120,7 +125,7 @@ macro_rules! cascade_tail {
                                    WHEN marked.via = 1 AND $4 THEN NULL \
                                    WHEN marked.via = 1 THEN $7 \
                                    ELSE 'delegation_ended' END, \
-                 updated_at = $6 \
+                 updated_at = $6, realm = sessions.realm \
                FROM marked \
                WHERE sessions.id = ANY(ARRAY(SELECT m_id FROM marked)) \
                  AND sessions.id = marked.m_id \
