@@ -51,8 +51,8 @@ pub struct Args {
     /// run; run twice to compare.
     #[arg(long, value_enum, default_value_t = Durability::Fsync)]
     durability: Durability,
-    /// Concurrent client tasks (each with its own keep-alive connection). 32 is what the
-    /// issue measured with wrk (32 keep-alive connections).
+    /// Concurrent client tasks (each with its own keep-alive connection), as many as a
+    /// `wrk -c32` run keeps open.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Operations in the map-parent and map-child phases (destroy-parent does half as many);
