@@ -17,8 +17,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::sync::model::{
-    AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
-    SessionStatus, SyncEvent,
+    AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, IdpCommand, IdpOutcome, MapCommand,
+    Session, SessionKind, SessionStatus, SyncEvent,
 };
 use audit::{AuditQuery, AuditRow};
 use deliveries::{
@@ -605,6 +605,28 @@ impl FromStr for Durability {
             "fsync" => Ok(Durability::Fsync),
             other => Err(format!("durability must be normal or fsync, got {other:?}")),
         }
+    }
+}
+
+/// A destroy route names the kind it ends: destroy-parent a PARENT or FIXED root,
+/// destroy-child a CHILD (both backends refuse the other with WRONG_KIND).
+pub(crate) fn check_kind(target: &DestroyTarget, id: &str, kind: SessionKind) -> Result<()> {
+    match (target, kind) {
+        (DestroyTarget::Parent(_), SessionKind::Parent | SessionKind::Fixed)
+        | (DestroyTarget::Child(_), SessionKind::Child) => Ok(()),
+        (DestroyTarget::Parent(_), SessionKind::Child) => Err(StoreError::WrongKind(format!(
+            "session {id:?} is a CHILD; use destroy-child"
+        ))),
+        (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
+            "session {id:?} is a {other}; use destroy-parent"
+        ))),
+        (
+            DestroyTarget::User(_)
+            | DestroyTarget::IdpSession(_)
+            | DestroyTarget::AllIdpSessions
+            | DestroyTarget::Expired(_),
+            _,
+        ) => Ok(()),
     }
 }
 

@@ -709,7 +709,7 @@ async fn destroy_unguarded(
                 .try_get::<String, _>("target_kind")?
                 .parse()
                 .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-            check_kind(&cmd.target, id, kind)?;
+            crate::store::check_kind(&cmd.target, id, kind)?;
             let mut changed = Vec::with_capacity(rows.len());
             for row in &rows {
                 if row.try_get::<Option<i64>, _>("id")?.is_some() {
@@ -899,24 +899,4 @@ async fn insert_events(
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-fn check_kind(target: &DestroyTarget, id: &str, kind: SessionKind) -> Result<()> {
-    match (target, kind) {
-        (DestroyTarget::Parent(_), SessionKind::Parent | SessionKind::Fixed)
-        | (DestroyTarget::Child(_), SessionKind::Child) => Ok(()),
-        (DestroyTarget::Parent(_), SessionKind::Child) => Err(StoreError::WrongKind(format!(
-            "session {id:?} is a CHILD; use destroy-child"
-        ))),
-        (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
-            "session {id:?} is a {other}; use destroy-parent"
-        ))),
-        (
-            DestroyTarget::User(_)
-            | DestroyTarget::IdpSession(_)
-            | DestroyTarget::AllIdpSessions
-            | DestroyTarget::Expired(_),
-            _,
-        ) => Ok(()),
-    }
 }

@@ -411,7 +411,7 @@ fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resul
                 return Err(StoreError::NotFound(id.clone()));
             };
             let kind: SessionKind = kind.parse().map_err(|e| corrupt("kind", e))?;
-            check_kind(&cmd.target, id, kind)?;
+            crate::store::check_kind(&cmd.target, id, kind)?;
             if status == SessionStatus::Destroyed.as_str() {
                 return Ok(Vec::new());
             }
@@ -531,26 +531,6 @@ fn cascade(
             cmd.reason.for_descendants().as_str(),
         ],
     )
-}
-
-fn check_kind(target: &DestroyTarget, id: &str, kind: SessionKind) -> Result<()> {
-    match (target, kind) {
-        (DestroyTarget::Parent(_), SessionKind::Parent | SessionKind::Fixed)
-        | (DestroyTarget::Child(_), SessionKind::Child) => Ok(()),
-        (DestroyTarget::Parent(_), SessionKind::Child) => Err(StoreError::WrongKind(format!(
-            "session {id:?} is a CHILD; use destroy-child"
-        ))),
-        (DestroyTarget::Child(_), other) => Err(StoreError::WrongKind(format!(
-            "session {id:?} is a {other}; use destroy-parent"
-        ))),
-        (
-            DestroyTarget::User(_)
-            | DestroyTarget::IdpSession(_)
-            | DestroyTarget::AllIdpSessions
-            | DestroyTarget::Expired(_),
-            _,
-        ) => Ok(()),
-    }
 }
 
 /// Rows per multi-row outbox insert, largest first: a cascade's events go in a few
