@@ -2,10 +2,6 @@
 //! placeholders). The writes are per backend: PostgreSQL's in `postgres/sessions.rs`,
 //! SQLite's on its writer thread (`sqlite/write.rs`).
 
-/// Most outbox rows per INSERT statement of the backend-neutral delivery writes (keeps bind
-/// counts far below both backends' limits).
-pub(crate) const EVENT_CHUNK: usize = 200;
-
 /// Generates the session reads (`expired`, `get`, `tree`, `query`) for one backend; both run
 /// them through sqlx (SQLite on its read-only pool).
 macro_rules! session_reads {

@@ -25,25 +25,21 @@ use crate::sync::model::{
 };
 use writer::Writer;
 
-/// The read side: sqlx statements on the read-only pool. The delivery, connector and audit
-/// macros generate their writes too; on SQLite only the writer thread writes, so those stay
-/// unused here.
+/// The read side: sqlx statements on the read-only pool. The connector and audit macros
+/// generate their writes too (PostgreSQL runs those); on SQLite only the writer thread
+/// writes, so they stay unused here.
 #[allow(dead_code)]
 pub(super) mod ops {
-    use crate::store::ops::EVENT_CHUNK;
     use crate::store::{Result, StoreError};
-    use crate::sync::model::SyncEvent;
 
     mod reads {
         crate::store::ops::session_reads!(db = sqlx::Sqlite, conn = sqlx::sqlite::SqliteConnection);
     }
     pub(crate) use reads::*;
-    crate::store::deliveries::delivery_ops!(
+    crate::store::deliveries::delivery_reads!(
         db = sqlx::Sqlite,
         conn = sqlx::sqlite::SqliteConnection,
-        skip_locked = "",
         ids = "SELECT value FROM json_each($2)",
-        int_ids = "SELECT value FROM json_each($2)",
     );
     crate::store::connectors::connector_ops!(
         db = sqlx::Sqlite,
