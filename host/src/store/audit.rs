@@ -63,11 +63,7 @@ macro_rules! audit_ops {
             outcome: crate::sync::model::AuditOutcome,
             now: i64,
         ) -> Result<()> {
-            use crate::sync::model::AuditOutcome;
-            let (result, changed) = match outcome {
-                AuditOutcome::Ok(n) => ("ok", Some(n)),
-                AuditOutcome::Refused(code) => (code, None),
-            };
+            let (result, changed) = outcome.columns();
             let detail = entry.detail.as_ref().map(|d| d.to_string());
             sqlx::query(
                 "INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \

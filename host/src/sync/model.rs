@@ -472,6 +472,17 @@ pub enum AuditOutcome {
     Refused(&'static str),
 }
 
+impl AuditOutcome {
+    /// The stored `result` and `changed` columns: `ok` with the count, or the refusal's code
+    /// without one.
+    pub fn columns(self) -> (&'static str, Option<i64>) {
+        match self {
+            AuditOutcome::Ok(n) => ("ok", Some(n)),
+            AuditOutcome::Refused(code) => (code, None),
+        }
+    }
+}
+
 /// A sync event as written to the outbox and later handed to connectors.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -595,10 +595,7 @@ pub(super) fn insert_audit(
     outcome: AuditOutcome,
     now: i64,
 ) -> Result<()> {
-    let (result, changed) = match outcome {
-        AuditOutcome::Ok(n) => ("ok", Some(n)),
-        AuditOutcome::Refused(code) => (code, None),
-    };
+    let (result, changed) = outcome.columns();
     let detail = entry.detail.as_ref().map(|d| d.to_string());
     conn.prepare_cached(
         "INSERT OR FAIL INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
