@@ -17,6 +17,12 @@ pub const MAX_TIMEOUT_MS: u64 = 60_000;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Highest `max_calls_per_instance`.
 pub const MAX_CALLS_PER_INSTANCE: u32 = 1_000_000;
+/// Highest `concurrency`: the runtime runs at most this many hook calls at once in all.
+pub const MAX_CONCURRENCY: u32 = 64;
+/// Highest `[http] max_idle_per_host`.
+pub const MAX_IDLE_PER_HOST: u32 = 64;
+/// Highest `[http] idle_timeout_ms`.
+pub const MAX_IDLE_TIMEOUT_MS: u64 = 300_000;
 
 /// Errors in a manifest; each names the field.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +87,34 @@ pub struct Policy {
     pub max_backoff_ms: u64,
 }
 
+/// `[http]`: the connector's pool of outgoing keep-alive connections.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPool {
+    /// Idle connections kept per destination (0: a new connection per request).
+    #[serde(default = "default_max_idle_per_host")]
+    pub max_idle_per_host: u32,
+    /// An idle connection is closed after this long.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_max_idle_per_host() -> u32 {
+    16
+}
+fn default_idle_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for HttpPool {
+    fn default() -> Self {
+        HttpPool {
+            max_idle_per_host: default_max_idle_per_host(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
 fn default_on_failure() -> OnFailure {
     OnFailure::Retry
 }
@@ -127,6 +161,10 @@ struct RawManifest {
     reuse_instance: bool,
     #[serde(default = "default_max_calls_per_instance")]
     max_calls_per_instance: u32,
+    #[serde(default = "default_concurrency")]
+    concurrency: u32,
+    #[serde(default)]
+    http: HttpPool,
     #[serde(default)]
     policy: Policy,
     #[serde(default)]
@@ -150,6 +188,9 @@ fn default_memory_mb() -> u32 {
 }
 fn default_max_calls_per_instance() -> u32 {
     1_000
+}
+fn default_concurrency() -> u32 {
+    16
 }
 
 /// An allowed outgoing destination: scheme, host and port.
@@ -249,6 +290,10 @@ pub struct Manifest {
     pub reuse_instance: bool,
     /// Calls one warm instance serves before it is recycled (`reuse_instance` only).
     pub max_calls_per_instance: u32,
+    /// Hook calls of this connector in flight at once (its delivery lane's width).
+    pub concurrency: u32,
+    /// Outgoing keep-alive connection pool.
+    pub http: HttpPool,
     /// Failure policy.
     pub policy: Policy,
     /// Free configuration read by the component.
@@ -316,6 +361,19 @@ impl Manifest {
                 "max_calls_per_instance must be 1-{MAX_CALLS_PER_INSTANCE}"
             )));
         }
+        if raw.concurrency == 0 || raw.concurrency > MAX_CONCURRENCY {
+            return Err(invalid(format!("concurrency must be 1-{MAX_CONCURRENCY}")));
+        }
+        if raw.http.max_idle_per_host > MAX_IDLE_PER_HOST {
+            return Err(invalid(format!(
+                "http.max_idle_per_host must be 0-{MAX_IDLE_PER_HOST}"
+            )));
+        }
+        if raw.http.idle_timeout_ms == 0 || raw.http.idle_timeout_ms > MAX_IDLE_TIMEOUT_MS {
+            return Err(invalid(format!(
+                "http.idle_timeout_ms must be 1-{MAX_IDLE_TIMEOUT_MS}"
+            )));
+        }
         let p = &raw.policy;
         if p.max_attempts == 0 || p.max_attempts > MAX_ATTEMPTS {
             return Err(invalid(format!(
@@ -349,6 +407,8 @@ impl Manifest {
             memory_mb: raw.memory_mb,
             reuse_instance: raw.reuse_instance,
             max_calls_per_instance: raw.max_calls_per_instance,
+            concurrency: raw.concurrency,
+            http: raw.http,
             policy: raw.policy,
             config: raw.config,
             source: text.to_owned(),
@@ -437,6 +497,19 @@ url = "http://127.0.0.1:9000/sessions"
             ("timeout_ms = 2000", "timeout_ms = 0", "timeout_ms"),
             ("memory_mb = 32", "memory_mb = 4096", "memory_mb"),
             ("max_attempts = 5", "max_attempts = 0", "max_attempts"),
+            ("memory_mb = 32", "memory_mb = 32\nconcurrency = 0", "concurrency"),
+            ("memory_mb = 32", "memory_mb = 32\nconcurrency = 65", "concurrency"),
+            (
+                "[policy]",
+                "[http]\nmax_idle_per_host = 65\n[policy]",
+                "http.max_idle_per_host",
+            ),
+            (
+                "[policy]",
+                "[http]\nidle_timeout_ms = 0\n[policy]",
+                "http.idle_timeout_ms",
+            ),
+            ("[policy]", "[http]\nsize = 1\n[policy]", "size"),
             (
                 "\"http://127.0.0.1:9000\"]",
                 "\"ftp://x\"]",
