@@ -17,6 +17,7 @@ use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
+use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
@@ -119,6 +120,10 @@ pub struct ServeArgs {
     /// the rate limit off.
     #[arg(long, env = "LOCKSTEP_REQUESTS_PER_SECOND")]
     pub requests_per_second: Option<u32>,
+    /// PEM file of extra certificate authorities for HTTPS to identity providers (`[tls]
+    /// ca_file`); the bundled Mozilla roots are always trusted.
+    #[arg(long, env = "LOCKSTEP_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
     /// Storage.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -243,7 +248,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .collect::<Vec<_>>();
-    let oidc = Arc::new(Verifier::new(idps).context("cannot set up token verification")?);
+    let ca_file = args
+        .tls_ca_file
+        .clone()
+        .or_else(|| file.tls.ca_file.clone());
+    let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
+    let oidc = Arc::new(Verifier::new(idps, &roots).context("cannot set up token verification")?);
     let events = Arc::new(file.event_keys()?);
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());

@@ -60,6 +60,18 @@ pub struct FileConfig {
     /// `[limits]`: request rate, cascade size and connections.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `[tls]`: trust for outgoing HTTPS (identity providers).
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of certificate authorities trusted for HTTPS to identity providers, in
+    /// addition to the bundled Mozilla roots (an internal CA).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// `[limits]`; every value has a default, 0 switches that limit off.
@@ -320,6 +332,17 @@ permissions = ["users:manage"]
         .unwrap();
         assert_eq!(cfg.api_keys().unwrap().len(), 1);
         assert!(cfg.realm_policies().unwrap().contains_key("acme"));
+    }
+
+    #[test]
+    fn the_tls_section_is_optional_and_strict() {
+        assert_eq!(FileConfig::default().tls.ca_file, None);
+        let cfg = FileConfig::parse("[tls]\nca_file = \"/etc/lockstep/ca.pem\"\n").unwrap();
+        assert_eq!(
+            cfg.tls.ca_file.as_deref(),
+            Some(Path::new("/etc/lockstep/ca.pem"))
+        );
+        assert!(FileConfig::parse("[tls]\nroots = \"x\"\n").is_err());
     }
 
     #[test]

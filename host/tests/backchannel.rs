@@ -7,6 +7,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Json;
 use axum::routing::get;
@@ -17,6 +18,51 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 on_both_backends!(a_verified_logout_token_ends_the_mapped_tree_once);
+
+/// The keys of an `https://` issuer are fetched over TLS, trusting the bundled roots plus
+/// `[tls] ca_file`; an IdP whose certificate chains to neither is not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_tokens_verify_against_an_https_idp_trusted_through_the_ca_file() {
+    let ca = TestCa::new();
+    let idp = Idp::start_tls(&ca).await;
+    let with_ca = format!(
+        "{}[tls]\nca_file = {:?}\n",
+        idp.config(),
+        ca.pem_path().display().to_string()
+    );
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(with_ca),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    assert_eq!(
+        api.map_parent("portal-1", "kc-sid-1").await.0,
+        StatusCode::CREATED
+    );
+    let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
+    let (code, body, _) = server.backchannel_logout("acme", &token).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+
+    // Without the CA the same IdP is a stranger: the token cannot be checked, nothing ends.
+    let untrusting = server_with(Backend::Sqlite, &idp).await;
+    let api = untrusting.api("acme");
+    assert_eq!(
+        api.map_parent("portal-1", "kc-sid-1").await.0,
+        StatusCode::CREATED
+    );
+    let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
+    let (code, body, _) = untrusting.backchannel_logout("acme", &token).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(api.status_of("portal-1").await, "ACTIVE");
+}
 
 /// A local IdP: discovery + JWKS, with keys that can be rotated.
 struct Idp {
@@ -38,26 +84,24 @@ impl Idp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let issuer = format!("http://{}/realms/acme", listener.local_addr().unwrap());
         let keys = Arc::new(Mutex::new(vec![jwk("a")]));
-        let (discovery, jwks) = (issuer.clone(), keys.clone());
-        let app =
-            axum::Router::new()
-                .route(
-                    "/realms/acme/.well-known/openid-configuration",
-                    get(move || {
-                        let issuer = discovery.clone();
-                        async move {
-                            Json(json!({"issuer": issuer, "jwks_uri": format!("{issuer}/certs")}))
-                        }
-                    }),
-                )
-                .route(
-                    "/realms/acme/certs",
-                    get(move || {
-                        let keys = jwks.lock().unwrap().clone();
-                        async move { Json(json!({ "keys": keys })) }
-                    }),
-                );
-        let server = common::serve(listener, app);
+        let server = common::serve(listener, idp_app(&issuer, &keys));
+        Idp {
+            issuer,
+            keys,
+            _server: server,
+        }
+    }
+
+    /// The same IdP over HTTPS, with a certificate for 127.0.0.1 issued by `ca`.
+    async fn start_tls(ca: &TestCa) -> Idp {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("https://{}/realms/acme", tcp.local_addr().unwrap());
+        let keys = Arc::new(Mutex::new(vec![jwk("a")]));
+        let listener = TlsListener {
+            tcp,
+            acceptor: ca.acceptor_for_loopback(),
+        };
+        let server = common::serve(listener, idp_app(&issuer, &keys));
         Idp {
             issuer,
             keys,
@@ -70,6 +114,94 @@ impl Idp {
             "[realms.acme]\nissuer = \"{}\"\naudiences = [\"lockstep\"]\nallowed_algs = [\"RS256\"]\nclock_skew_s = 30\n",
             self.issuer
         )
+    }
+}
+
+fn idp_app(issuer: &str, keys: &Arc<Mutex<Vec<Value>>>) -> axum::Router {
+    let (discovery, jwks) = (issuer.to_owned(), keys.clone());
+    axum::Router::new()
+        .route(
+            "/realms/acme/.well-known/openid-configuration",
+            get(move || {
+                let issuer = discovery.clone();
+                async move { Json(json!({"issuer": issuer, "jwks_uri": format!("{issuer}/certs")})) }
+            }),
+        )
+        .route(
+            "/realms/acme/certs",
+            get(move || {
+                let keys = jwks.lock().unwrap().clone();
+                async move { Json(json!({ "keys": keys })) }
+            }),
+        )
+}
+
+/// A certificate authority made for one test, written as PEM for `[tls] ca_file`.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "lockstep test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
+        TestCa { issuer, dir }
+    }
+
+    fn pem_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn acceptor_for_loopback(&self) -> tokio_rustls::TlsAcceptor {
+        use tokio_rustls::rustls;
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            )
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// Loopback TCP with a TLS handshake per connection, for axum.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
+            // A client that distrusts the certificate aborts the handshake: wait for the next.
+            let handshake = self.acceptor.accept(tcp);
+            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 

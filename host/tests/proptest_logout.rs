@@ -66,15 +66,18 @@ fn fixture() -> &'static Fixture {
                 }),
             );
         rt.spawn(async move { axum::serve(listener, app).await.ok() });
-        let verifier = Verifier::new(vec![RealmIdp {
-            realm: REALM.into(),
-            issuer: issuer.clone(),
-            audiences: vec![AUDIENCE.into()],
-            algs: vec![Algorithm::RS256],
-            skew_s: SKEW_S,
-            permission_role: "users:manage".into(),
-            idp_system: "keycloak".into(),
-        }])
+        let verifier = Verifier::new(
+            vec![RealmIdp {
+                realm: REALM.into(),
+                issuer: issuer.clone(),
+                audiences: vec![AUDIENCE.into()],
+                algs: vec![Algorithm::RS256],
+                skew_s: SKEW_S,
+                permission_role: "users:manage".into(),
+                idp_system: "keycloak".into(),
+            }],
+            &Default::default(),
+        )
         .unwrap();
         let key = |name: &str| EncodingKey::from_rsa_pem(oidc_fixture(name).as_bytes()).unwrap();
         Fixture {

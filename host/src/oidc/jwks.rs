@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 
 use super::OidcError;
+use super::tls::TrustRoots;
 
 /// How long a fetched key set is used without asking again.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
@@ -33,9 +34,10 @@ pub struct Jwks {
 }
 
 impl Jwks {
-    /// An empty cache.
-    pub fn new() -> Result<Self, OidcError> {
-        let client = reqwest::Client::builder()
+    /// An empty cache whose HTTPS connections trust the bundled roots and `roots`.
+    pub fn new(roots: &TrustRoots) -> Result<Self, OidcError> {
+        let client = roots
+            .apply(reqwest::Client::builder())
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -116,11 +118,15 @@ impl Jwks {
         }
         let jwks_uri = discovery["jwks_uri"]
             .as_str()
-            .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
             .ok_or_else(|| {
                 OidcError::Unavailable(format!("discovery document of {issuer} has no jwks_uri"))
             })?
             .to_owned();
+        // The keys are what every token is checked against: an HTTPS issuer whose discovery
+        // names a plain-HTTP key set would hand them to anyone on the path.
+        super::tls::check_url(&jwks_uri).map_err(|e| {
+            OidcError::Unavailable(format!("discovery document of {issuer}: jwks_uri {e}"))
+        })?;
         let set: JwkSet = serde_json::from_value(self.get_json(&jwks_uri).await?)
             .map_err(|e| OidcError::Unavailable(format!("invalid JWKS at {jwks_uri}: {e}")))?;
         tracing::info!(%issuer, keys = set.keys.len(), "fetched the IdP's signing keys");

@@ -6,6 +6,7 @@
 //! trusts it.
 
 pub mod jwks;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,9 +72,7 @@ impl RealmIdp {
         let Some(issuer) = c.issuer.clone() else {
             return Ok(None);
         };
-        if !(issuer.starts_with("https://") || issuer.starts_with("http://")) {
-            return Err(format!("[realms.{realm}] issuer must be an http(s) URL"));
-        }
+        tls::check_url(&issuer).map_err(|e| format!("[realms.{realm}] issuer {e}"))?;
         if c.audiences.is_empty() {
             return Err(format!(
                 "[realms.{realm}] audiences must name at least one audience (e.g. [\"lockstep\"])"
@@ -172,11 +171,11 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// A verifier for these realms.
-    pub fn new(realms: Vec<RealmIdp>) -> Result<Self, OidcError> {
+    /// A verifier for these realms, fetching keys over HTTPS that trusts `roots`.
+    pub fn new(realms: Vec<RealmIdp>, roots: &tls::TrustRoots) -> Result<Self, OidcError> {
         Ok(Verifier {
             realms: realms.into_iter().map(|r| (r.realm.clone(), r)).collect(),
-            jwks: jwks::Jwks::new()?,
+            jwks: jwks::Jwks::new(roots)?,
         })
     }
 
@@ -383,6 +382,11 @@ mod tests {
         assert_eq!(idp.idp_system, "keycloak");
         c.issuer = Some("ftp://x".into());
         assert!(RealmIdp::from_config("acme", &c).is_err());
+        c.issuer = Some("http://idp.example.com/realms/acme".into());
+        let err = RealmIdp::from_config("acme", &c).unwrap_err();
+        assert!(err.contains("https://"), "{err}");
+        c.issuer = Some("https://idp.example.com/realms/acme".into());
+        assert!(RealmIdp::from_config("acme", &c).unwrap().is_some());
         assert!(
             RealmIdp::from_config("acme", &RealmConfig::default())
                 .unwrap()

@@ -58,8 +58,13 @@ pub struct Loopback {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Serves `app` on `listener` (bound by the caller, who may need its address first).
-pub fn serve(listener: tokio::net::TcpListener, app: axum::Router) -> Loopback {
+/// Serves `app` on `listener` (bound by the caller, who may need its address first; a TLS
+/// listener for an HTTPS peer).
+pub fn serve<L>(listener: L, app: axum::Router) -> Loopback
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         axum::serve(listener, app)
