@@ -2,6 +2,11 @@
 //! Keycloak extension's event posts: `webhook-signature: v1,<base64 HMAC-SHA256(key,
 //! "{webhook-id}.{webhook-timestamp}.{body}")>`, timestamps within five minutes. The id is
 //! the replay key (the store remembers it), so a captured post cannot be applied twice.
+//!
+//! Checking costs one HMAC per configured secret, whatever the post carries: the signatures
+//! header is bounded in length and in entries before anything is hashed, and each secret's MAC
+//! is computed once and compared with every candidate, so an unauthenticated sender cannot
+//! make the server hash its body thousands of times.
 
 use std::collections::HashMap;
 
@@ -9,11 +14,18 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 /// How far `webhook-timestamp` may be from the local clock, either way.
 pub const TOLERANCE_S: i64 = 300;
 /// Shortest accepted secret (Standard Webhooks recommends 24–64 bytes).
 pub const MIN_SECRET_BYTES: usize = 16;
+/// Most `v1,` signatures looked at in one post: one per secret during a rotation, with room.
+pub const MAX_SIGNATURES: usize = 4;
+/// Longest `webhook-signature` header accepted (a v1 entry is 47 bytes).
+pub const MAX_SIGNATURE_HEADER_BYTES: usize = 512;
+/// Longest `webhook-id` accepted (it is hashed with the body, and stored as an event id).
+pub const MAX_ID_BYTES: usize = 255;
 
 /// Why a post is not authentic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +39,9 @@ pub enum SignatureError {
     /// The timestamp is outside the tolerance (a stale or replayed post, or a skewed clock).
     #[error("webhook-timestamp is {0} s away from this server's clock (limit {TOLERANCE_S} s)")]
     OutsideWindow(i64),
+    /// A header is longer than its bound (checked before any hashing).
+    #[error("the {0} header is longer than {1} bytes")]
+    TooLong(&'static str, usize),
     /// No `v1` signature matches any configured secret.
     #[error("no valid v1 signature")]
     Mismatch,
@@ -78,6 +93,15 @@ impl WebhookKeys {
         let id = id.ok_or(SignatureError::Missing("webhook-id"))?;
         let timestamp = timestamp.ok_or(SignatureError::Missing("webhook-timestamp"))?;
         let signatures = signatures.ok_or(SignatureError::Missing("webhook-signature"))?;
+        if signatures.len() > MAX_SIGNATURE_HEADER_BYTES {
+            return Err(SignatureError::TooLong(
+                "webhook-signature",
+                MAX_SIGNATURE_HEADER_BYTES,
+            ));
+        }
+        if id.len() > MAX_ID_BYTES {
+            return Err(SignatureError::TooLong("webhook-id", MAX_ID_BYTES));
+        }
         let ts: i64 = timestamp
             .trim()
             .parse()
@@ -87,28 +111,38 @@ impl WebhookKeys {
             return Err(SignatureError::OutsideWindow(skew));
         }
         // Several signatures may be sent (one per secret during a rotation); any may match.
-        let candidates: Vec<Vec<u8>> = signatures
+        // Only the first few are considered, and only well-formed ones count.
+        let candidates: Vec<[u8; 32]> = signatures
             .split(' ')
             .filter_map(|s| s.strip_prefix("v1,"))
+            .take(MAX_SIGNATURES)
             .filter_map(|b64| STANDARD.decode(b64).ok())
+            .filter_map(|raw| <[u8; 32]>::try_from(raw).ok())
             .collect();
+        if candidates.is_empty() {
+            return Err(SignatureError::Mismatch);
+        }
+        let mut matched = subtle::Choice::from(0);
         for key in &self.0 {
+            let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+                continue;
+            };
+            mac.update(id.as_bytes());
+            mac.update(b".");
+            mac.update(timestamp.as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            let expected = mac.finalize().into_bytes();
             for candidate in &candidates {
-                let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-                    continue;
-                };
-                mac.update(id.as_bytes());
-                mac.update(b".");
-                mac.update(timestamp.as_bytes());
-                mac.update(b".");
-                mac.update(body);
                 // Constant-time comparison.
-                if mac.verify_slice(candidate).is_ok() {
-                    return Ok(());
-                }
+                matched |= expected.as_slice().ct_eq(candidate.as_slice());
             }
         }
-        Err(SignatureError::Mismatch)
+        if bool::from(matched) {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch)
+        }
     }
 }
 
@@ -214,6 +248,53 @@ mod tests {
         assert_eq!(
             keys.verify(Some("e1"), Some("1000"), Some(&both), body, 1000),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn a_hostile_signature_header_costs_one_mac_per_secret() {
+        let raw = "a-shared-secret-of-enough-length";
+        let keys = WebhookKeys::parse(&[raw.into()]).expect("keys");
+        let body = vec![b'x'; 64 * 1024];
+        let junk = format!("v1,{}", STANDARD.encode([7u8; 32]));
+        // Over the length bound: refused before any hashing.
+        let flood = vec![junk.as_str(); 10_000].join(" ");
+        assert_eq!(
+            keys.verify(Some("e1"), Some("1000"), Some(&flood), &body, 1000),
+            Err(SignatureError::TooLong(
+                "webhook-signature",
+                MAX_SIGNATURE_HEADER_BYTES
+            ))
+        );
+        // Within the bound: the valid signature after MAX_SIGNATURES others is not looked at.
+        let good = sign(raw.as_bytes(), "e1", "1000", &body);
+        let mut entries = vec![junk.as_str(); MAX_SIGNATURES];
+        entries.push(&good);
+        let late = entries.join(" ");
+        assert!(late.len() <= MAX_SIGNATURE_HEADER_BYTES);
+        assert_eq!(
+            keys.verify(Some("e1"), Some("1000"), Some(&late), &body, 1000),
+            Err(SignatureError::Mismatch)
+        );
+        let long_id = "i".repeat(MAX_ID_BYTES + 1);
+        assert_eq!(
+            keys.verify(Some(&long_id), Some("1000"), Some(&good), &body, 1000),
+            Err(SignatureError::TooLong("webhook-id", MAX_ID_BYTES))
+        );
+        // The most a sender can make one check cost: MAX_SIGNATURES candidates, a full body,
+        // one MAC. A thousand such checks stay far below a second (the unbounded loop hashed
+        // the body once per entry: seconds per post).
+        let started = std::time::Instant::now();
+        for _ in 0..1_000 {
+            assert_eq!(
+                keys.verify(Some("e1"), Some("1000"), Some(&late), &body, 1000),
+                Err(SignatureError::Mismatch)
+            );
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
         );
     }
 
