@@ -23,6 +23,7 @@ on_both_backends!(
     sigkill_with_pending_events_loses_nothing,
     deliveries_api_is_for_operators_only_and_validates_input,
     refresh_events_reach_only_connectors_that_subscribe_to_them,
+    a_slow_connector_holds_only_its_own_lane,
 );
 
 const FAST_RETRY: &str =
@@ -288,6 +289,57 @@ async fn events_are_not_echoed_to_their_origin_system(backend: Backend) {
     );
     let (_, page) = server.admin_get("/admin/deliveries?connector=portal").await;
     assert!(page["items"].as_array().unwrap().is_empty());
+}
+
+/// Each connector has its own lane: a legacy system that answers after a second, with a
+/// lane of 2, delivers about 2 events a second, while a fast one beside it gets all of its
+/// events at once. (With one shared queue the slow connector's calls filled every call slot
+/// and the fast connector waited behind them.)
+async fn a_slow_connector_holds_only_its_own_lane(backend: Backend) {
+    const EVENTS: usize = 100;
+    let fast = Receiver::start().await;
+    let slow = Receiver::start().await;
+    slow.set_delay(Duration::from_millis(1_000));
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "fast", &fast, "", FAST_RETRY);
+    write_manifest(
+        dir.path(),
+        "slow",
+        "webhook",
+        &format!(
+            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 5000\nconcurrency = 2\n{FAST_RETRY}\n[config]\nurl = \"{}\"\n",
+            slow.origin(),
+            slow.url("/slow")
+        ),
+    );
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+    let began = std::time::Instant::now();
+    for i in 0..EVENTS {
+        let (status, _) = api
+            .post("map-fixed", json!({"externalId": format!("lane-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    fast.wait_for(EVENTS, Duration::from_secs(30)).await;
+    let elapsed = began.elapsed();
+    let slow_done = slow.requests().len();
+    // Two at a time, a second each (+2 for calls that were just answering).
+    let bound = 2 * elapsed.as_secs() as usize + 4;
+    assert!(
+        slow_done <= bound && slow_done < EVENTS / 2,
+        "the slow lane ran {slow_done} calls in {elapsed:?} (its width is 2)"
+    );
+    let fast_ids: BTreeSet<String> = fast
+        .requests()
+        .iter()
+        .map(|r| r.json()["externalId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        fast_ids.len(),
+        EVENTS,
+        "each event once to the fast connector"
+    );
 }
 
 async fn hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working(

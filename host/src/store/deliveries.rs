@@ -56,6 +56,17 @@ pub struct ClaimedDelivery {
     pub event: SyncEvent,
 }
 
+/// One lane's claim: up to `limit` due deliveries of `connector`, leased until `lease_until`.
+#[derive(Clone, Debug)]
+pub struct LaneClaim {
+    /// The lane's connector.
+    pub connector: String,
+    /// Most deliveries to lease.
+    pub limit: i64,
+    /// Lease end (epoch ms).
+    pub lease_until: i64,
+}
+
 /// What an attempt decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttemptResult {
@@ -171,6 +182,37 @@ pub enum ReplayTarget {
 
 /// Most deliveries created per fan-out round.
 pub(crate) const FAN_OUT_BATCH: i64 = 500;
+
+/// What a fan-out round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FanOut {
+    /// Outbox events routed.
+    pub events: usize,
+    /// Deliveries created.
+    pub deliveries: usize,
+    /// The connectors that got at least one (their lanes have work).
+    pub connectors: std::collections::BTreeSet<String>,
+}
+
+impl FanOut {
+    /// Counts one delivery to `connector`.
+    pub(crate) fn routed(&mut self, connector: &str) {
+        self.deliveries += 1;
+        if !self.connectors.contains(connector) {
+            self.connectors.insert(connector.to_owned());
+        }
+    }
+}
+
+/// Status, next attempt and delivery time an attempt's decision writes.
+pub(crate) fn decision_columns(r: &AttemptRecord) -> (&'static str, i64, Option<i64>) {
+    match r.result {
+        AttemptResult::Delivered => ("delivered", r.finished_at, Some(r.finished_at)),
+        AttemptResult::Retry { next_attempt_at } => ("pending", next_attempt_at, None),
+        AttemptResult::Dead => ("dead", r.finished_at, None),
+        AttemptResult::Dropped => ("dropped", r.finished_at, None),
+    }
+}
 
 /// Generates the delivery reads for one backend (`ids`: a subquery that expands the JSON
 /// array of text bound at `$2`).

@@ -22,7 +22,8 @@ use crate::sync::model::{
 };
 use audit::{AuditQuery, AuditRow};
 use deliveries::{
-    AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, ReplayTarget,
+    AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, FanOut, LaneClaim,
+    ReplayTarget,
 };
 
 /// Decides which connectors receive an event (the sync engine's routing rule).
@@ -287,34 +288,76 @@ impl Store {
     }
 
     /// Turns new outbox events into deliveries for the connectors `route` names.
-    /// Returns (events, deliveries) handled in this round, or `None` (nothing changed) when
+    /// Returns what this round routed, or `None` (nothing changed) when
     /// `gate` says this instance has not yet loaded a connector upload the database holds:
     /// routing now would leave that connector out of events committed after its upload.
-    pub async fn fan_out(&self, route: Route, gate: Gate) -> Result<Option<(usize, usize)>> {
+    pub async fn fan_out(&self, route: Route, gate: Gate) -> Result<Option<FanOut>> {
         match self {
             Store::Sqlite(s) => s.fan_out(route, gate).await,
             Store::Postgres(p) => p.fan_out(&*route, &*gate).await,
         }
     }
 
-    /// Leases due deliveries of these connectors until `lease_until` (epoch ms).
-    pub async fn claim(
-        &self,
-        connectors: Vec<String>,
-        limit: i64,
-        lease_until: i64,
-    ) -> Result<Vec<ClaimedDelivery>> {
+    /// Leases due deliveries, per lane (connector, limit, lease end), in one transaction.
+    pub async fn claim(&self, lanes: Vec<LaneClaim>) -> Result<Vec<ClaimedDelivery>> {
         match self {
-            Store::Sqlite(s) => s.claim(connectors, limit, lease_until).await,
-            Store::Postgres(p) => p.claim(&connectors, limit, lease_until).await,
+            Store::Sqlite(s) => s.claim(lanes).await,
+            Store::Postgres(p) => p.claim(&lanes).await,
         }
     }
 
-    /// Records a finished attempt.
-    pub async fn record(&self, record: AttemptRecord) -> Result<()> {
+    /// Records finished attempts, in one transaction.
+    pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<()> {
         match self {
-            Store::Sqlite(s) => s.record(record).await,
-            Store::Postgres(p) => p.record(&record).await,
+            Store::Sqlite(s) => s.record(records).await,
+            Store::Postgres(p) => p.record(&records).await,
+        }
+    }
+
+    /// Waits for deliveries created by other instances (PostgreSQL `LISTEN`) and signals
+    /// `wake` for each announcement, until `shutdown`. A lost connection is re-established
+    /// with back-off; meanwhile the dispatcher's poll still finds the work. SQLite has one
+    /// instance: returns when `shutdown` turns true.
+    pub async fn watch_deliveries(
+        &self,
+        wake: Arc<tokio::sync::Notify>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Store::Postgres(p) = self else {
+            let _ = shutdown.wait_for(|s| *s).await;
+            return;
+        };
+        let mut backoff = std::time::Duration::from_millis(100);
+        while !*shutdown.borrow() {
+            let mut listener = match p.listen_deliveries().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for delivery announcements; polling");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = std::time::Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    got = listener.try_recv() => match got {
+                        Ok(Some(_)) => wake.notify_one(),
+                        // The connection dropped; announcements in between are lost, so
+                        // look for work once now.
+                        Ok(None) => wake.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "delivery announcements interrupted");
+                            wake.notify_one();
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
         }
     }
 

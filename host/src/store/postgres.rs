@@ -211,7 +211,7 @@ impl PgStore {
         &self,
         route: &(dyn Fn(&crate::sync::model::SyncEvent) -> Vec<String> + Send + Sync),
         gate: &super::GateFn,
-    ) -> Result<Option<(usize, usize)>> {
+    ) -> Result<Option<super::deliveries::FanOut>> {
         let now = now_millis();
         in_tx!(self.pool, |conn| deliveries::fan_out(
             conn, route, gate, now
@@ -220,16 +220,21 @@ impl PgStore {
 
     pub(super) async fn claim(
         &self,
-        connectors: &[String],
-        limit: i64,
-        lease_until: i64,
+        lanes: &[super::deliveries::LaneClaim],
     ) -> Result<Vec<super::deliveries::ClaimedDelivery>> {
         let now = now_millis();
-        retrying(|| deliveries::claim(&self.pool, connectors, limit, lease_until, now)).await
+        retrying(|| deliveries::claim(&self.pool, lanes, now)).await
     }
 
-    pub(super) async fn record(&self, r: &super::deliveries::AttemptRecord) -> Result<()> {
-        retrying(|| deliveries::record(&self.pool, r)).await
+    pub(super) async fn record(&self, records: &[super::deliveries::AttemptRecord]) -> Result<()> {
+        retrying(|| deliveries::record(&self.pool, records)).await
+    }
+
+    /// A listener on the channel fan-outs announce new deliveries on.
+    pub(super) async fn listen_deliveries(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(deliveries::DELIVERIES_CHANNEL).await?;
+        Ok(listener)
     }
 
     pub(super) async fn replay(

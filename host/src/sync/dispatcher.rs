@@ -1,21 +1,27 @@
 //! The outbox dispatcher: turns committed outbox events into per-connector deliveries,
-//! claims due deliveries (leases, so several instances can share a PostgreSQL outbox),
-//! calls the connector's hook in the sandbox, and records the outcome under the connector's
-//! failure policy. Everything it knows lives in the database, so a crash loses nothing:
-//! unfinished deliveries are claimed again after a restart (at least once).
+//! delivers each connector's through its own lane (claims under leases, so several instances
+//! can share a PostgreSQL outbox; at most the manifest's `concurrency` calls at once), calls
+//! the connector's hook in the sandbox, and records outcomes in batches under the
+//! connector's failure policy. Everything it knows lives in the database, so a crash loses
+//! nothing: unfinished deliveries are claimed again after a restart (at least once).
+//!
+//! Tasks: the fan-out loop ([`Dispatcher::run`]), one lane per enabled connector
+//! ([`Lane`]), and one recorder ([`record_batches`]) that writes the attempts of every lane,
+//! as many per transaction as have finished while the previous batch was written.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::runtime::manifest::{OnFailure, Policy};
 use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
-use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery};
+use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery, LaneClaim};
 use crate::store::{Gate, Route, Store, now_millis};
 use crate::sync::model::SyncEvent;
 use crate::telemetry::metrics::Metrics;
@@ -25,9 +31,10 @@ use crate::telemetry::metrics::Metrics;
 pub struct DispatcherConfig {
     /// How often to look for work without a wake-up (other instances' events, backoffs).
     pub poll: Duration,
-    /// Hook calls in flight at once.
+    /// Hook calls in flight at once over all lanes (each lane is also held to its
+    /// connector's `concurrency`).
     pub concurrency: usize,
-    /// Lease added to the longest connector timeout.
+    /// Lease added to the connector's timeout.
     pub lease_margin: Duration,
     /// Shortest time between the starts of two rounds woken by commits. Every commit wakes
     /// the dispatcher; under load a round right after the last would route a handful of
@@ -56,12 +63,25 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     config: DispatcherConfig,
+    /// Calls in flight over all lanes ([`DispatcherConfig::concurrency`]).
+    calls: Arc<Semaphore>,
     /// Since when fan-out has waited for connector uploads to load here (for the warning).
     behind_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// Fan-out waiting this long for this instance to load the stored uploads is logged.
 const BEHIND_WARN_AFTER: Duration = Duration::from_secs(10);
+
+/// Most attempts written in one transaction.
+const RECORD_BATCH: usize = 512;
+
+/// Finished attempts waiting for the recorder; a full queue holds the lanes (back-pressure
+/// while the database is slow) instead of growing without bound.
+const RECORD_QUEUE: usize = 4_096;
+
+/// A finished attempt and the lane to wake once it is stored (the session's next delivery to
+/// that connector becomes claimable then).
+type Finished = (AttemptRecord, Arc<Notify>);
 
 /// The delay before attempt `attempt + 1`: exponential ceiling, full jitter.
 pub fn backoff_ms(policy: &Policy, attempt: u32, rng: &mut impl Rng) -> u64 {
@@ -87,6 +107,12 @@ pub fn decide(policy: &Policy, failure: &HookFailure, attempt: u32, now: i64) ->
     }
 }
 
+/// A running lane: its wake-up and its task.
+struct LaneHandle {
+    wake: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
 impl Dispatcher {
     /// A dispatcher over this store, runtime and connector registry.
     pub fn new(
@@ -97,6 +123,7 @@ impl Dispatcher {
         config: DispatcherConfig,
     ) -> Self {
         let wake = store.committed();
+        let calls = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Dispatcher {
             store,
             runtime,
@@ -104,12 +131,13 @@ impl Dispatcher {
             metrics,
             wake,
             config,
+            calls,
             behind_since: Arc::default(),
         }
     }
 
     /// Runs until `shutdown` turns true, then waits for calls in flight (each bounded by its
-    /// connector's deadline) and returns.
+    /// connector's deadline) and their records, and returns.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         match self.store.release_leases().await {
             Ok(0) => {}
@@ -119,39 +147,40 @@ impl Dispatcher {
             ),
             Err(e) => tracing::error!(error = %e, "cannot release stale delivery leases"),
         }
-        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let (finished, to_record) = mpsc::channel::<Finished>(RECORD_QUEUE);
+        let recorder = tokio::spawn(record_batches(self.store.clone(), to_record));
+        // Deliveries fanned out by other instances (PostgreSQL) wake every lane.
+        let announced = Arc::new(Notify::new());
+        let watcher = {
+            let (store, announced, shutdown) =
+                (self.store.clone(), announced.clone(), shutdown.clone());
+            tokio::spawn(async move { store.watch_deliveries(announced, shutdown).await })
+        };
+        let mut lanes: HashMap<String, LaneHandle> = HashMap::new();
         loop {
             if *shutdown.borrow() {
                 break;
             }
             let round_began = tokio::time::Instant::now();
-            // One fan-out batch per round, then claims: under a steady stream of new events a
-            // full batch is always waiting, and fanning out until the outbox is empty would
-            // starve delivery for as long as the load lasts.
+            self.open_lanes(&mut lanes, &finished, &shutdown);
+            // One fan-out batch per round, then the lanes claim: under a steady stream of new
+            // events a full batch is always waiting, and fanning out until the outbox is
+            // empty would starve delivery for as long as the load lasts.
             let backlog = match self.fan_out().await {
-                Ok(full) => full,
+                Ok(Some(done)) => {
+                    for name in &done.connectors {
+                        if let Some(lane) = lanes.get(name) {
+                            lane.wake.notify_one();
+                        }
+                    }
+                    done.events >= crate::store::deliveries::FAN_OUT_BATCH as usize
+                }
+                Ok(None) => false,
                 Err(e) => {
                     tracing::error!(error = %e, "outbox fan-out failed; retrying");
                     false
                 }
             };
-            while let Some(res) = in_flight.try_join_next() {
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "delivery task failed");
-                }
-            }
-            let free = self.config.concurrency.saturating_sub(in_flight.len());
-            if free > 0 {
-                match self.claim(free).await {
-                    Ok(claimed) => {
-                        for delivery in claimed {
-                            let me = self.clone();
-                            in_flight.spawn(async move { me.attempt(delivery).await });
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "claiming deliveries failed; retrying"),
-                }
-            }
             if backlog {
                 // More events are already waiting to be routed: no need to sleep.
                 tokio::task::yield_now().await;
@@ -161,26 +190,55 @@ impl Dispatcher {
                 _ = self.wake.notified() => {
                     tokio::time::sleep_until(round_began + self.config.coalesce).await;
                 }
-                Some(res) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Err(e) = res {
-                        tracing::error!(error = %e, "delivery task failed");
+                _ = announced.notified() => {
+                    for lane in lanes.values() {
+                        lane.wake.notify_one();
                     }
                 }
                 _ = tokio::time::sleep(self.config.poll) => {}
                 _ = shutdown.changed() => {}
             }
         }
-        tracing::info!(in_flight = in_flight.len(), "dispatcher draining");
-        while let Some(res) = in_flight.join_next().await {
-            if let Err(e) = res {
-                tracing::error!(error = %e, "delivery task failed");
+        tracing::info!(lanes = lanes.len(), "dispatcher draining");
+        for (name, lane) in lanes {
+            if let Err(e) = lane.task.await {
+                tracing::error!(connector = %name, error = %e, "delivery lane failed");
             }
+        }
+        drop(finished);
+        if let Err(e) = recorder.await {
+            tracing::error!(error = %e, "delivery recorder failed");
+        }
+        watcher.abort();
+    }
+
+    /// Starts a lane for every enabled connector that has none running (new, enabled again,
+    /// or whose lane ended).
+    fn open_lanes(
+        &self,
+        lanes: &mut HashMap<String, LaneHandle>,
+        finished: &mpsc::Sender<Finished>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        lanes.retain(|_, lane| !lane.task.is_finished());
+        for (name, entry) in self.registry.snapshot().iter() {
+            if !entry.enabled || lanes.contains_key(name) {
+                continue;
+            }
+            let wake = Arc::new(Notify::new());
+            let lane = Lane {
+                dispatcher: self.clone(),
+                connector: name.clone(),
+                wake: wake.clone(),
+                finished: finished.clone(),
+            };
+            let task = tokio::spawn(lane.run(shutdown.clone()));
+            lanes.insert(name.clone(), LaneHandle { wake, task });
         }
     }
 
-    /// Fans out one batch of committed events not yet routed; true when the batch was full
-    /// (more are waiting).
-    async fn fan_out(&self) -> crate::store::Result<bool> {
+    /// Fans out one batch of committed events not yet routed.
+    async fn fan_out(&self) -> crate::store::Result<Option<crate::store::deliveries::FanOut>> {
         let registry = self.registry.clone();
         let route = route_on_first_use(
             move || registry.snapshot(),
@@ -205,7 +263,7 @@ impl Dispatcher {
         );
         let registry = self.registry.clone();
         let gate: Gate = Arc::new(move |uploads| registry.covers(uploads));
-        let Some((events, deliveries)) = self.store.fan_out(route, gate).await? else {
+        let Some(done) = self.store.fan_out(route, gate).await? else {
             // A connector uploaded (or replaced, or removed) elsewhere has not reached this
             // instance yet; the cluster sync loads it within moments. Until then this
             // instance leaves the batch to one that has it (or to its next round).
@@ -219,39 +277,23 @@ impl Dispatcher {
                 );
                 *behind = Some(std::time::Instant::now());
             }
-            return Ok(false);
+            return Ok(None);
         };
         if let Ok(mut behind) = self.behind_since.lock() {
             *behind = None;
         }
-        if events > 0 {
-            tracing::debug!(events, deliveries, "fanned out outbox events");
+        if done.events > 0 {
+            tracing::debug!(
+                events = done.events,
+                deliveries = done.deliveries,
+                "fanned out outbox events"
+            );
         }
-        Ok(events >= crate::store::deliveries::FAN_OUT_BATCH as usize)
+        Ok(Some(done))
     }
 
-    async fn claim(&self, limit: usize) -> crate::store::Result<Vec<ClaimedDelivery>> {
-        let snapshot = self.registry.snapshot();
-        let enabled: Vec<_> = snapshot.iter().filter(|(_, e)| e.enabled).collect();
-        if enabled.is_empty() {
-            return Ok(Vec::new());
-        }
-        let longest = enabled
-            .iter()
-            .map(|(_, e)| e.connector.manifest.timeout_ms)
-            .max()
-            .unwrap_or(0);
-        let lease_until = now_millis()
-            + i64::try_from(longest).unwrap_or(i64::MAX / 2)
-            + i64::try_from(self.config.lease_margin.as_millis()).unwrap_or(5_000);
-        let names: Vec<String> = enabled.iter().map(|(n, _)| (*n).clone()).collect();
-        self.store
-            .claim(names, i64::try_from(limit).unwrap_or(64), lease_until)
-            .await
-    }
-
-    /// One attempt of one delivery, recorded whatever happens.
-    async fn attempt(&self, delivery: ClaimedDelivery) {
+    /// One attempt of one delivery; `None` when the delivery was given back untouched.
+    async fn attempt(&self, delivery: ClaimedDelivery) -> Option<AttemptRecord> {
         let attempt = u32::try_from(delivery.attempts)
             .unwrap_or(0)
             .saturating_add(1);
@@ -271,7 +313,7 @@ impl Dispatcher {
                 if let Err(e) = self.store.unlease(delivery.id).await {
                     tracing::warn!(error = %e, "cannot release the lease; it expires instead");
                 }
-                return;
+                return None;
             }
         };
         let span = tracing::info_span!(
@@ -327,7 +369,7 @@ impl Dispatcher {
             AttemptResult::Dropped => metrics.dropped(),
             _ => {}
         }
-        let record = AttemptRecord {
+        Some(AttemptRecord {
             delivery_id: delivery.id,
             attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
             result,
@@ -336,16 +378,150 @@ impl Dispatcher {
             version: connector.version.clone(),
             started_at,
             finished_at,
-        };
-        drop(_enter);
-        // If recording fails the lease expires and the attempt is made again (at least once).
-        for wait in [0u64, 100, 500, 2_000] {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            match self.store.record(record.clone()).await {
-                Ok(()) => return,
-                Err(e) => tracing::error!(error = %e, "cannot record delivery attempt"),
+        })
+    }
+}
+
+/// One connector's delivery lane: claims its due deliveries (never more than its
+/// `concurrency` in flight) and runs them, independently of every other lane, so a slow or
+/// failing connector holds only its own deliveries. It ends when its connector is unloaded
+/// or disabled, after the calls in flight.
+struct Lane {
+    dispatcher: Dispatcher,
+    connector: String,
+    wake: Arc<Notify>,
+    finished: mpsc::Sender<Finished>,
+}
+
+impl Lane {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let d = &self.dispatcher;
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut poll = tokio::time::interval(d.config.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether the queue may hold due deliveries: set by wake-ups and the poll, cleared
+        // when a claim finds fewer than it asked for.
+        let mut due = true;
+        loop {
+            while let Some(res) = in_flight.try_join_next() {
+                if let Err(e) = res {
+                    tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
+                }
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let Some(entry) = d.registry.get(&self.connector).filter(|e| e.enabled) else {
+                break;
+            };
+            let manifest = &entry.connector.manifest;
+            let width = usize::try_from(manifest.concurrency).unwrap_or(1).max(1);
+            let free = width
+                .saturating_sub(in_flight.len())
+                .min(d.calls.available_permits());
+            // Claim in batches (half the lane or more), not one per finished call: each
+            // claim is a database transaction.
+            if due && free > 0 && (free * 2 >= width || in_flight.is_empty()) {
+                let lease_until = now_millis()
+                    + i64::try_from(manifest.timeout_ms).unwrap_or(i64::MAX / 4)
+                    + i64::try_from(d.config.lease_margin.as_millis()).unwrap_or(5_000);
+                let asked = i64::try_from(free).unwrap_or(i64::MAX);
+                let lane = LaneClaim {
+                    connector: self.connector.clone(),
+                    limit: asked,
+                    lease_until,
+                };
+                match d.store.claim(vec![lane]).await {
+                    Ok(claimed) => {
+                        due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
+                        for delivery in claimed {
+                            self.spawn(&mut in_flight, delivery);
+                        }
+                    }
+                    Err(e) => {
+                        // Try again at the next poll, not in a tight loop.
+                        due = false;
+                        tracing::error!(connector = %self.connector, error = %e, "claiming deliveries failed; retrying");
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => due = true,
+                Some(res) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Err(e) = res {
+                        tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
+                    }
+                }
+                _ = poll.tick() => due = true,
+                _ = shutdown.changed() => {}
             }
         }
+        while let Some(res) = in_flight.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
+            }
+        }
+    }
+
+    /// Runs one claimed delivery under a call slot and hands its record to the recorder.
+    fn spawn(&self, in_flight: &mut JoinSet<()>, delivery: ClaimedDelivery) {
+        let (d, finished, wake) = (
+            self.dispatcher.clone(),
+            self.finished.clone(),
+            self.wake.clone(),
+        );
+        in_flight.spawn(async move {
+            // Free slots were counted before the claim; another lane may have taken one
+            // since, and then this call waits for the next (each ends by its deadline).
+            let Ok(_slot) = d.calls.clone().acquire_owned().await else {
+                return;
+            };
+            if let Some(record) = d.attempt(delivery).await
+                && finished.send((record, wake)).await.is_err()
+            {
+                // Only at shutdown after the recorder stopped: the lease expires and the
+                // delivery is made again (at least once).
+                tracing::warn!("delivery attempt not recorded: the recorder has stopped");
+            }
+        });
+    }
+}
+
+/// Writes finished attempts, as many per transaction as have queued up while the previous
+/// batch was written, and wakes their lanes afterwards. Ends when every lane has stopped.
+async fn record_batches(store: Store, mut queue: mpsc::Receiver<Finished>) {
+    let mut batch: Vec<Finished> = Vec::with_capacity(RECORD_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < RECORD_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<AttemptRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+        // If recording fails the leases expire and the attempts are made again (at least
+        // once).
+        for wait in [0u64, 100, 500, 2_000] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            match store.record(records.clone()).await {
+                Ok(()) => break,
+                Err(e) => tracing::error!(
+                    error = %e,
+                    attempts = records.len(),
+                    "cannot record delivery attempts"
+                ),
+            }
+        }
+        let mut woken: Vec<&Arc<Notify>> = Vec::new();
+        for (_, lane) in &batch {
+            if !woken.iter().any(|w| Arc::ptr_eq(w, lane)) {
+                lane.notify_one();
+                woken.push(lane);
+            }
+        }
+        batch.clear();
     }
 }
 

@@ -7,20 +7,25 @@ use sqlx::PgExecutor;
 use sqlx::postgres::PgConnection;
 
 use crate::store::deliveries::{
-    AttemptRecord, AttemptResult, ClaimedDelivery, FAN_OUT_BATCH, ReplayTarget,
+    AttemptRecord, ClaimedDelivery, FAN_OUT_BATCH, FanOut, LaneClaim, ReplayTarget,
+    decision_columns,
 };
 use crate::store::{GateFn, Result, StoreError};
 use crate::sync::model::SyncEvent;
 
+/// Channel on which a fan-out that created deliveries announces them (in its transaction),
+/// so every instance's lanes claim at once instead of at their next poll.
+pub(crate) const DELIVERIES_CHANNEL: &str = "lockstep_deliveries";
+
 /// Routes not-yet-fanned-out outbox events to connectors (`route` names them) and marks
-/// them fanned out, in the caller's transaction. Returns (events, deliveries) handled, or
-/// `None` when `gate` refuses the uploads this instance has loaded.
+/// them fanned out, in the caller's transaction. Returns what was routed, or `None` when
+/// `gate` refuses the uploads this instance has loaded.
 pub(crate) async fn fan_out(
     conn: &mut PgConnection,
     route: &(dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync),
     gate: &GateFn,
     now: i64,
-) -> Result<Option<(usize, usize)>> {
+) -> Result<Option<FanOut>> {
     // The uploads are read in the batch's snapshot: an upload committed before any event
     // of the batch is visible to it, which is all the gate needs.
     let (ids, payloads, names, versions): (Vec<i64>, Vec<String>, Vec<String>, Vec<String>) =
@@ -37,17 +42,22 @@ pub(crate) async fn fan_out(
         .fetch_one(&mut *conn)
         .await?;
     if ids.is_empty() {
-        return Ok(Some((0, 0)));
+        return Ok(Some(FanOut::default()));
     }
     let uploads: Vec<(String, String)> = names.into_iter().zip(versions).collect();
     if !gate(&uploads) {
         return Ok(None);
     }
     let mut targets = Targets::default();
+    let mut done = FanOut {
+        events: ids.len(),
+        ..FanOut::default()
+    };
     for (id, payload) in ids.iter().zip(&payloads) {
         let event: SyncEvent = serde_json::from_str(payload)
             .map_err(|e| StoreError::Corrupt(format!("outbox row {id}: {e}")))?;
         for connector in route(&event) {
+            done.routed(&connector);
             targets.outbox_ids.push(*id);
             targets.event_ids.push(event.event_id.clone());
             targets.types.push(event.event_type.as_str());
@@ -56,7 +66,6 @@ pub(crate) async fn fan_out(
             targets.sessions.push(event.external_id.clone());
         }
     }
-    let deliveries = targets.outbox_ids.len();
     sqlx::query(
         "WITH routed AS ( \
            INSERT INTO deliveries (outbox_id, event_id, event_type, connector, realm, \
@@ -81,7 +90,14 @@ pub(crate) async fn fan_out(
     .bind(targets.sessions)
     .execute(&mut *conn)
     .await?;
-    Ok(Some((ids.len(), deliveries)))
+    if done.deliveries > 0 {
+        // Delivered with the commit; a listener that misses it (reconnecting) still polls.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(DELIVERIES_CHANNEL)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Some(done))
 }
 
 /// Deliveries to create, as parallel arrays.
@@ -95,38 +111,49 @@ struct Targets {
     sessions: Vec<String>,
 }
 
-/// Leases up to `limit` due deliveries of the given connectors, oldest first, never one
-/// whose session has an earlier pending delivery to the same connector. One statement (the
-/// lease and the events' payloads), so it commits on its own.
+/// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
+/// first, never one whose session has an earlier pending delivery to the same connector.
+/// One statement for every lane (the leases and the events' payloads), so it commits on its
+/// own; rows another instance is claiming are skipped, not waited for.
 pub(crate) async fn claim<'c>(
     conn: impl PgExecutor<'c>,
-    connectors: &[String],
-    limit: i64,
-    lease_until: i64,
+    lanes: &[LaneClaim],
     now: i64,
 ) -> Result<Vec<ClaimedDelivery>> {
-    if connectors.is_empty() || limit <= 0 {
+    let lanes: Vec<&LaneClaim> = lanes.iter().filter(|l| l.limit > 0).collect();
+    if lanes.is_empty() {
         return Ok(Vec::new());
     }
+    let connectors: Vec<&str> = lanes.iter().map(|l| l.connector.as_str()).collect();
+    let limits: Vec<i64> = lanes.iter().map(|l| l.limit).collect();
+    let leases: Vec<i64> = lanes.iter().map(|l| l.lease_until).collect();
     let claimed: Vec<(i64, i64, String, i32, Option<String>)> = sqlx::query_as(
-        "WITH claimed AS ( \
-           UPDATE deliveries SET lease_until = $3, updated_at = $4 WHERE id IN ( \
+        "WITH picked AS ( \
+           SELECT p.id, l.lease_until \
+           FROM unnest(CAST($1 AS text[]), CAST($2 AS bigint[]), CAST($3 AS bigint[])) \
+             AS l(connector, n, lease_until) \
+           CROSS JOIN LATERAL ( \
              SELECT d.id FROM deliveries d \
-             WHERE d.status = 'pending' AND d.next_attempt_at <= $4 \
-               AND (d.lease_until IS NULL OR d.lease_until <= $4) \
-               AND d.connector = ANY($2) AND NOT EXISTS ( \
+             WHERE d.status = 'pending' AND d.connector = l.connector \
+               AND d.next_attempt_at <= $4 \
+               AND (d.lease_until IS NULL OR d.lease_until <= $4) AND NOT EXISTS ( \
                  SELECT 1 FROM deliveries e \
                  WHERE e.connector = d.connector AND e.realm = d.realm \
                    AND e.external_id = d.external_id AND e.status = 'pending' \
                    AND e.id < d.id) \
-             ORDER BY d.id LIMIT $1 FOR UPDATE SKIP LOCKED \
-           ) RETURNING id, outbox_id, connector, attempts \
+             ORDER BY d.next_attempt_at, d.id LIMIT l.n FOR UPDATE SKIP LOCKED \
+           ) p \
+         ), claimed AS ( \
+           UPDATE deliveries SET lease_until = picked.lease_until, updated_at = $4 \
+           FROM picked WHERE deliveries.id = picked.id \
+           RETURNING deliveries.id, deliveries.outbox_id, deliveries.connector, \
+             deliveries.attempts \
          ) SELECT c.id, c.outbox_id, c.connector, c.attempts, o.payload \
            FROM claimed c LEFT JOIN outbox o ON o.id = c.outbox_id ORDER BY c.id",
     )
-    .bind(limit)
     .bind(connectors)
-    .bind(lease_until)
+    .bind(limits)
+    .bind(leases)
     .bind(now)
     .fetch_all(conn)
     .await?;
@@ -148,36 +175,71 @@ pub(crate) async fn claim<'c>(
         .collect()
 }
 
-/// Records one finished attempt and its decision, in one statement.
-pub(crate) async fn record<'c>(conn: impl PgExecutor<'c>, r: &AttemptRecord) -> Result<()> {
-    let (status, next, delivered_at) = match r.result {
-        AttemptResult::Delivered => ("delivered", r.finished_at, Some(r.finished_at)),
-        AttemptResult::Retry { next_attempt_at } => ("pending", next_attempt_at, None),
-        AttemptResult::Dead => ("dead", r.finished_at, None),
-        AttemptResult::Dropped => ("dropped", r.finished_at, None),
-    };
+/// Records finished attempts and their decisions, in one statement (rows as arrays).
+pub(crate) async fn record<'c>(conn: impl PgExecutor<'c>, records: &[AttemptRecord]) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut cols = RecordColumns::default();
+    for r in records {
+        let (status, next, delivered_at) = decision_columns(r);
+        cols.ids.push(r.delivery_id);
+        cols.statuses.push(status);
+        cols.attempts.push(r.attempt);
+        cols.next.push(next);
+        cols.errors.push(r.error.as_deref());
+        cols.versions.push(r.version.as_str());
+        cols.finished.push(r.finished_at);
+        cols.delivered.push(delivered_at);
+        cols.outcomes.push(r.outcome.as_str());
+        cols.started.push(r.started_at);
+    }
     sqlx::query(
-        "WITH done AS ( \
-           UPDATE deliveries SET status = $2, attempts = $3, next_attempt_at = $4, \
-             lease_until = NULL, last_error = $5, connector_version = $6, updated_at = $7, \
-             delivered_at = COALESCE($8, delivered_at) WHERE id = $1 \
+        "WITH r AS ( \
+           SELECT * FROM unnest(CAST($1 AS bigint[]), CAST($2 AS text[]), CAST($3 AS int[]), \
+             CAST($4 AS bigint[]), CAST($5 AS text[]), CAST($6 AS text[]), \
+             CAST($7 AS bigint[]), CAST($8 AS bigint[]), CAST($9 AS text[]), \
+             CAST($10 AS bigint[])) \
+             AS r(id, status, attempt, next, error, version, finished, delivered, outcome, \
+                  started) \
+         ), done AS ( \
+           UPDATE deliveries d SET status = r.status, attempts = r.attempt, \
+             next_attempt_at = r.next, lease_until = NULL, last_error = r.error, \
+             connector_version = r.version, updated_at = r.finished, \
+             delivered_at = COALESCE(r.delivered, d.delivered_at) \
+           FROM r WHERE d.id = r.id \
          ) INSERT INTO delivery_attempts (delivery_id, attempt, outcome, error, \
              connector_version, started_at, finished_at) \
-           VALUES ($1, $3, $9, $5, $6, $10, $7)",
+           SELECT id, attempt, outcome, error, version, started, finished FROM r",
     )
-    .bind(r.delivery_id)
-    .bind(status)
-    .bind(r.attempt)
-    .bind(next)
-    .bind(&r.error)
-    .bind(&r.version)
-    .bind(r.finished_at)
-    .bind(delivered_at)
-    .bind(&r.outcome)
-    .bind(r.started_at)
+    .bind(cols.ids)
+    .bind(cols.statuses)
+    .bind(cols.attempts)
+    .bind(cols.next)
+    .bind(cols.errors)
+    .bind(cols.versions)
+    .bind(cols.finished)
+    .bind(cols.delivered)
+    .bind(cols.outcomes)
+    .bind(cols.started)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Attempt records as parallel arrays.
+#[derive(Default)]
+struct RecordColumns<'a> {
+    ids: Vec<i64>,
+    statuses: Vec<&'static str>,
+    attempts: Vec<i32>,
+    next: Vec<i64>,
+    errors: Vec<Option<&'a str>>,
+    versions: Vec<&'a str>,
+    finished: Vec<i64>,
+    delivered: Vec<Option<i64>>,
+    outcomes: Vec<&'a str>,
+    started: Vec<i64>,
 }
 
 /// Puts dead (and dropped) deliveries back in the queue with fresh attempts.

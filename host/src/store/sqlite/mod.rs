@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, Notify};
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions};
 use crate::store::connectors::UploadRow;
-use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, ReplayTarget};
+use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, FanOut, LaneClaim, ReplayTarget};
 use crate::sync::model::{
     AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
 };
@@ -164,23 +164,18 @@ impl SqliteStore {
         &self,
         route: super::Route,
         gate: super::Gate,
-    ) -> Result<Option<(usize, usize)>> {
+    ) -> Result<Option<FanOut>> {
         self.write_quiet(move |conn, now| write::fan_out(conn, &*route, &*gate, now))
             .await
     }
 
-    pub(super) async fn claim(
-        &self,
-        connectors: Vec<String>,
-        limit: i64,
-        lease_until: i64,
-    ) -> Result<Vec<ClaimedDelivery>> {
-        self.write_quiet(move |conn, now| write::claim(conn, &connectors, limit, lease_until, now))
+    pub(super) async fn claim(&self, lanes: Vec<LaneClaim>) -> Result<Vec<ClaimedDelivery>> {
+        self.write_quiet(move |conn, now| write::claim(conn, &lanes, now))
             .await
     }
 
-    pub(super) async fn record(&self, record: AttemptRecord) -> Result<()> {
-        self.write_quiet(move |conn, _| write::record(conn, &record))
+    pub(super) async fn record(&self, records: Vec<AttemptRecord>) -> Result<()> {
+        self.write_quiet(move |conn, _| write::record(conn, &records))
             .await
     }
 

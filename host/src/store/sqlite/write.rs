@@ -17,7 +17,8 @@ use std::borrow::Cow;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, params};
 
 use crate::store::deliveries::{
-    AttemptRecord, AttemptResult, ClaimedDelivery, FAN_OUT_BATCH, ReplayTarget,
+    AttemptRecord, ClaimedDelivery, FAN_OUT_BATCH, FanOut, LaneClaim, ReplayTarget,
+    decision_columns,
 };
 use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_columns};
 use crate::store::{GateFn, Result, StoreError, connectors::UploadRow};
@@ -628,19 +629,19 @@ pub(super) fn purge_audit(conn: &Connection, before_ms: i64, limit: i64) -> Resu
 // ---- deliveries -----------------------------------------------------------------------
 
 /// Routes not-yet-fanned-out outbox events to connectors (`route` names them) and marks
-/// them fanned out. Returns (events, deliveries) handled, or `None` when `gate` refuses.
+/// them fanned out. Returns what was routed, or `None` when `gate` refuses.
 pub(super) fn fan_out(
     conn: &Connection,
     route: &(dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync),
     gate: &GateFn,
     now: i64,
-) -> Result<Option<(usize, usize)>> {
+) -> Result<Option<FanOut>> {
     let rows: Vec<(i64, String)> = conn
         .prepare_cached("SELECT id, payload FROM outbox WHERE fanned_out = 0 ORDER BY id LIMIT ?1")?
         .query_map([FAN_OUT_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     if rows.is_empty() {
-        return Ok(Some((0, 0)));
+        return Ok(Some(FanOut::default()));
     }
     // Read after the batch: an upload committed before any of these events is seen.
     if !gate(&upload_versions(conn)?) {
@@ -652,7 +653,10 @@ pub(super) fn fan_out(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?7, ?7) \
          ON CONFLICT (outbox_id, connector) DO NOTHING",
     )?;
-    let mut deliveries = 0;
+    let mut done = FanOut {
+        events: rows.len(),
+        ..FanOut::default()
+    };
     for (id, payload) in &rows {
         let event: SyncEvent =
             serde_json::from_str(payload).map_err(|e| corrupt(&format!("outbox row {id}"), e))?;
@@ -666,7 +670,7 @@ pub(super) fn fan_out(
                 event.external_id,
                 now,
             ])?;
-            deliveries += 1;
+            done.routed(&connector);
         }
     }
     // Exactly the rows read above: the oldest unrouted ones, and only this thread writes.
@@ -675,7 +679,7 @@ pub(super) fn fan_out(
         "UPDATE OR FAIL outbox SET fanned_out = 1 WHERE fanned_out = 0 AND id <= ?1",
     )?
     .execute([last])?;
-    Ok(Some((rows.len(), deliveries)))
+    Ok(Some(done))
 }
 
 /// Name and version of every upload (no bytes).
@@ -686,93 +690,86 @@ fn upload_versions(conn: &Connection) -> Result<Vec<(String, String)>> {
         .collect::<rusqlite::Result<_>>()?)
 }
 
-/// Leases up to `limit` due deliveries of the given connectors, oldest first, never one
-/// whose session has an earlier pending delivery to the same connector.
+/// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
+/// first, never one whose session has an earlier pending delivery to the same connector.
 pub(super) fn claim(
     conn: &Connection,
-    connectors: &[String],
-    limit: i64,
-    lease_until: i64,
+    lanes: &[LaneClaim],
     now: i64,
 ) -> Result<Vec<ClaimedDelivery>> {
-    if connectors.is_empty() || limit <= 0 {
-        return Ok(Vec::new());
-    }
-    let claimed: Vec<(i64, i64, String, i32)> = conn
-        .prepare_cached(
-            "UPDATE OR FAIL deliveries SET lease_until = ?3, updated_at = ?4 WHERE id IN ( \
-               SELECT d.id FROM deliveries d \
-               WHERE d.status = 'pending' AND d.next_attempt_at <= ?4 \
-                 AND (d.lease_until IS NULL OR d.lease_until <= ?4) \
-                 AND d.connector IN (SELECT value FROM json_each(?2)) AND NOT EXISTS ( \
-                   SELECT 1 FROM deliveries e \
-                   WHERE e.connector = d.connector AND e.realm = d.realm \
-                     AND e.external_id = d.external_id AND e.status = 'pending' \
-                     AND e.id < d.id) \
-               ORDER BY d.id LIMIT ?1) \
-             RETURNING id, outbox_id, connector, attempts",
-        )?
-        .query_map(
-            params![limit, json("names", connectors)?, lease_until, now],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut lease = conn.prepare_cached(
+        "UPDATE OR FAIL deliveries SET lease_until = ?3, updated_at = ?4 WHERE id IN ( \
+           SELECT d.id FROM deliveries d INDEXED BY deliveries_lane_idx \
+           WHERE d.status = 'pending' AND d.connector = ?2 AND d.next_attempt_at <= ?4 \
+             AND (d.lease_until IS NULL OR d.lease_until <= ?4) AND NOT EXISTS ( \
+               SELECT 1 FROM deliveries e \
+               WHERE e.connector = d.connector AND e.realm = d.realm \
+                 AND e.external_id = d.external_id AND e.status = 'pending' \
+                 AND e.id < d.id) \
+           ORDER BY d.next_attempt_at, d.id LIMIT ?1) \
+         RETURNING id, outbox_id, attempts",
+    )?;
     let mut payload = conn.prepare_cached("SELECT payload FROM outbox WHERE id = ?1")?;
-    let mut out = Vec::with_capacity(claimed.len());
-    for (id, outbox_id, connector, attempts) in claimed {
-        let text: Option<String> = payload.query_row([outbox_id], |r| r.get(0)).optional()?;
-        let text = text.ok_or_else(|| {
-            StoreError::Corrupt(format!("delivery {id}: outbox row {outbox_id} missing"))
-        })?;
-        let event: SyncEvent = serde_json::from_str(&text)
-            .map_err(|e| corrupt(&format!("outbox row {outbox_id}"), e))?;
-        out.push(ClaimedDelivery {
-            id,
-            connector,
-            attempts,
-            event,
-        });
+    let mut out = Vec::new();
+    for lane in lanes.iter().filter(|l| l.limit > 0) {
+        let claimed: Vec<(i64, i64, i32)> = lease
+            .query_map(
+                params![lane.limit, lane.connector, lane.lease_until, now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, outbox_id, attempts) in claimed {
+            let text: Option<String> = payload.query_row([outbox_id], |r| r.get(0)).optional()?;
+            let text = text.ok_or_else(|| {
+                StoreError::Corrupt(format!("delivery {id}: outbox row {outbox_id} missing"))
+            })?;
+            let event: SyncEvent = serde_json::from_str(&text)
+                .map_err(|e| corrupt(&format!("outbox row {outbox_id}"), e))?;
+            out.push(ClaimedDelivery {
+                id,
+                connector: lane.connector.clone(),
+                attempts,
+                event,
+            });
+        }
     }
     out.sort_by_key(|c| c.id);
     Ok(out)
 }
 
-/// Records one finished attempt and its decision.
-pub(super) fn record(conn: &Connection, r: &AttemptRecord) -> Result<()> {
-    let (status, next, delivered_at) = match r.result {
-        AttemptResult::Delivered => ("delivered", r.finished_at, Some(r.finished_at)),
-        AttemptResult::Retry { next_attempt_at } => ("pending", next_attempt_at, None),
-        AttemptResult::Dead => ("dead", r.finished_at, None),
-        AttemptResult::Dropped => ("dropped", r.finished_at, None),
-    };
-    conn.prepare_cached(
+/// Records finished attempts and their decisions.
+pub(super) fn record(conn: &Connection, records: &[AttemptRecord]) -> Result<()> {
+    let mut update = conn.prepare_cached(
         "UPDATE OR FAIL deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, \
          lease_until = NULL, last_error = ?5, connector_version = ?6, updated_at = ?7, \
          delivered_at = COALESCE(?8, delivered_at) WHERE id = ?1",
-    )?
-    .execute(params![
-        r.delivery_id,
-        status,
-        r.attempt,
-        next,
-        r.error,
-        r.version,
-        r.finished_at,
-        delivered_at,
-    ])?;
-    conn.prepare_cached(
+    )?;
+    let mut insert = conn.prepare_cached(
         "INSERT OR FAIL INTO delivery_attempts (delivery_id, attempt, outcome, error, \
          connector_version, started_at, finished_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        r.delivery_id,
-        r.attempt,
-        r.outcome,
-        r.error,
-        r.version,
-        r.started_at,
-        r.finished_at,
-    ])?;
+    )?;
+    for r in records {
+        let (status, next, delivered_at) = decision_columns(r);
+        update.execute(params![
+            r.delivery_id,
+            status,
+            r.attempt,
+            next,
+            r.error,
+            r.version,
+            r.finished_at,
+            delivered_at,
+        ])?;
+        insert.execute(params![
+            r.delivery_id,
+            r.attempt,
+            r.outcome,
+            r.error,
+            r.version,
+            r.started_at,
+            r.finished_at,
+        ])?;
+    }
     Ok(())
 }
 
