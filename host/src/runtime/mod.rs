@@ -7,6 +7,7 @@ pub mod bindings;
 pub mod cache;
 pub mod kv;
 pub mod manifest;
+pub mod outgoing;
 pub mod registry;
 mod sandbox;
 pub mod world;
@@ -131,6 +132,16 @@ pub struct LoadedConnector {
     /// Idle instances of a `reuse_instance` connector; dropped with this version, so a
     /// replacement never serves from its predecessor's instances.
     warm: WarmPool,
+    /// Keep-alive connections of every call of this version; dropped with it, so a
+    /// replacement (whose allowlist may differ) never sends over its predecessor's.
+    pool: outgoing::ConnectionPool,
+}
+
+impl LoadedConnector {
+    /// This version's pool of outgoing keep-alive connections.
+    pub fn connections(&self) -> &outgoing::ConnectionPool {
+        &self.pool
+    }
 }
 
 /// An instance kept warm between calls, with the store it lives in.
@@ -392,6 +403,7 @@ impl Runtime {
             .map_err(|e| invalid(format!("does not fit the {world} world: {e:#}")))?;
         let hooks = Hooks::new(world, instance_pre)
             .map_err(|e| invalid(format!("does not export {world}'s hooks: {e:#}")))?;
+        let pool = outgoing::ConnectionPool::new(&manifest.http);
         // Instantiate once now, under the manifest's limits: a component that traps in its
         // start function or outgrows its memory cap at start is refused before it can serve.
         {
@@ -400,7 +412,7 @@ impl Runtime {
                 .acquire()
                 .await
                 .map_err(|_| invalid("runtime shutting down".into()))?;
-            let mut store = self.sandboxed_store(&manifest, &kv_scope, "load-check".into());
+            let mut store = self.sandboxed_store(&manifest, &kv_scope, &pool, "load-check".into());
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
             match tokio::time::timeout(outer, hooks.instantiate(&mut store)).await {
                 Ok(Ok(_)) => {}
@@ -438,6 +450,7 @@ impl Runtime {
                 idle: std::sync::Mutex::default(),
                 total: self.warm_total.clone(),
             },
+            pool,
         }))
     }
 
@@ -446,11 +459,18 @@ impl Runtime {
         &self,
         manifest: &Arc<Manifest>,
         kv_scope: &Arc<str>,
+        pool: &outgoing::ConnectionPool,
         call_id: String,
     ) -> Store<CallState> {
         let mut store = Store::new(
             &self.engine,
-            CallState::new(manifest.clone(), call_id, self.kv.clone(), kv_scope.clone()),
+            CallState::new(
+                manifest.clone(),
+                call_id,
+                self.kv.clone(),
+                kv_scope.clone(),
+                pool.clone(),
+            ),
         );
         store.limiter(|s| &mut s.limiter);
         // Guest code yields to the executor at every epoch tick and is interrupted once it has
@@ -573,8 +593,12 @@ impl Runtime {
                     (store, Ok(instance), calls)
                 }
                 None => {
-                    let mut store =
-                        self.sandboxed_store(manifest, &connector.kv_scope, event.event_id.clone());
+                    let mut store = self.sandboxed_store(
+                        manifest,
+                        &connector.kv_scope,
+                        &connector.pool,
+                        event.event_id.clone(),
+                    );
                     store.data_mut().begin_call(&event.event_id, recorder);
                     let instance = connector.hooks.instantiate(&mut store).await;
                     (store, instance, 0)

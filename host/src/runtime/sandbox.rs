@@ -14,6 +14,7 @@ use wasmtime_wasi_http::{
 use super::bindings::{v0_1_0, v0_2_0};
 use super::kv::Kv;
 use super::manifest::{Manifest, split_host_port};
+use super::outgoing::{ConnectionPool, Timeouts};
 
 /// Most log lines one hook call may write; the rest are counted and summarised.
 pub const MAX_LOG_LINES: u32 = 100;
@@ -79,6 +80,7 @@ impl CallState {
         event_id: String,
         kv: Kv,
         kv_scope: Arc<str>,
+        pool: ConnectionPool,
     ) -> Self {
         // Nothing is inherited or granted: no args, env, preopens, stdin; sockets denied.
         let wasi = WasiCtxBuilder::new()
@@ -95,6 +97,7 @@ impl CallState {
             table,
             gate: HttpGate {
                 manifest: manifest.clone(),
+                pool,
                 event_id: event_id.clone(),
                 recorder: None,
             },
@@ -156,6 +159,8 @@ impl WasiHttpView for CallState {
 /// Checks every outgoing request against the manifest before it leaves the host.
 struct HttpGate {
     manifest: Arc<Manifest>,
+    /// The connector version's keep-alive connections.
+    pool: ConnectionPool,
     event_id: String,
     recorder: Option<Recorder>,
 }
@@ -220,24 +225,25 @@ impl WasiHttpHooks for HttpGate {
         }
         drop(fut);
         let recorder = self.recorder.clone();
+        let pool = self.pool.clone();
         Box::new(async move {
-            use http_body_util::BodyExt;
-            let sent = wasmtime_wasi_http::default_send_request(request, Some(options)).await;
+            let sent = pool.send(request, Timeouts::from(&options)).await;
             record(&recorder, |t| {
                 t.requests.push(HttpExchange {
                     method,
                     url,
                     outcome: match &sent {
-                        Ok((response, _)) => response.status().as_u16().to_string(),
+                        Ok(response) => response.status().as_u16().to_string(),
                         Err(e) => format!("error: {e}"),
                     },
                     millis: started.elapsed().as_secs_f64() * 1e3,
                 })
             });
-            let (response, io) = sent?;
+            // The connection lives in a task of its own (it outlasts the response when it is
+            // kept), so there is no I/O left for wasi-http to drive.
             Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+                sent?,
+                Box::new(async { Ok(()) }) as Box<dyn Future<Output = _> + Send>,
             ))
         })
     }
