@@ -15,7 +15,7 @@
 //! runs never see each other's rows.
 
 mod ceiling;
-mod cpu;
+pub(crate) mod cpu;
 pub(crate) mod db;
 pub(crate) mod load;
 mod report;

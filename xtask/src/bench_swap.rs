@@ -605,7 +605,7 @@ impl Admin {
     }
 
     /// `GET /admin/connectors/{name}`; `None` when it is not loaded.
-    async fn connector(&self, name: &str) -> Result<Option<Value>> {
+    pub(crate) async fn connector(&self, name: &str) -> Result<Option<Value>> {
         let resp = self
             .client
             .get(format!("{}/connectors/{name}", self.base))
@@ -634,7 +634,7 @@ impl Admin {
     }
 
     /// Waits (bounded) until the directory connector has been loaded.
-    async fn wait_loaded(&self, name: &str) -> Result<()> {
+    pub(crate) async fn wait_loaded(&self, name: &str) -> Result<()> {
         let start = Instant::now();
         while self.version(name).await?.is_none() {
             if start.elapsed() >= ADMIN_TIMEOUT {
@@ -686,6 +686,20 @@ impl Admin {
             .await
             .with_context(|| format!("PUT connector {name}"))?;
         json_body(resp, &format!("PUT connector {name}")).await
+    }
+
+    /// `POST /admin/connectors/{name}/enable` or `.../disable`; non-2xx is an error.
+    pub(crate) async fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let verb = if enabled { "enable" } else { "disable" };
+        let what = format!("POST {verb} {name}");
+        let resp = self
+            .client
+            .post(format!("{}/connectors/{name}/{verb}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| what.clone())?;
+        json_body(resp, &what).await.map(|_| ())
     }
 
     /// Whether `GET /admin/deliveries?status={status}&limit=1` lists anything.

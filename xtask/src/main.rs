@@ -10,6 +10,10 @@
 //!   identity provider: time to the answer (sessions ended) and to every connector called.
 //! - `bench-events`: load the Keycloak event intake (`POST /realms/{realm}/events`) of a
 //!   release build: answer latency, throughput, time to the webhooks, replays refused.
+//! - `bench-delivery`: how far webhook deliveries of a release build trail the API at its top
+//!   rate (lag from `occurredAt` to arrival, share in time, drain, duplicates, missing), with
+//!   and without a slow connector beside the fast ones, the dispatcher's rate with no-op
+//!   connectors, and the hook-call micro-benchmark, each beside its ceiling.
 //! - `bench-crash`: SIGKILL a release build at random points under map/destroy load with two
 //!   webhook connectors, restart it, and check that nothing committed or routed was lost.
 //! - `bench`: mixed-load curves (map, query, destroy) of a release build at increasing offered
@@ -20,6 +24,7 @@
 
 mod bench_api;
 mod bench_crash;
+mod bench_delivery;
 mod bench_events;
 mod bench_hostile;
 mod bench_logout;
@@ -54,6 +59,9 @@ enum Command {
     /// Benchmark the Keycloak event intake: signed LOGIN, REFRESH_TOKEN, LOGOUT under load,
     /// time to the webhooks, replays refused.
     BenchEvents(bench_events::Args),
+    /// Delivery lag at the API's top rate: webhooks to a loopback receiver (alone and beside
+    /// a slow one), no-op connectors, the hook-call micro-benchmark, ceilings and targets.
+    BenchDelivery(bench_delivery::Args),
     /// Crash safety: SIGKILL and restart the server under load, then check no committed
     /// change or delivery was lost, count duplicates, and check no echo to the origin.
     BenchCrash(bench_crash::Args),
@@ -77,6 +85,7 @@ fn main() -> ExitCode {
         Command::BenchSwap(args) => bench_swap::main(args),
         Command::BenchLogout(args) => bench_logout::main(args),
         Command::BenchEvents(args) => bench_events::main(args),
+        Command::BenchDelivery(args) => bench_delivery::main(args),
         Command::BenchCrash(args) => bench_crash::main(args),
         Command::BenchHostile(args) => bench_hostile::main(args),
         Command::Bench(args) => bench_mixed::main(args),
