@@ -357,18 +357,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|(rate, burst)| Arc::new(api::limits::RateLimiter::new(rate, burst))),
     };
     let app = api::app(state);
-    let result = match limits.max_client_connections {
+    match limits.max_client_connections {
         Some(max) => {
-            axum::serve(api::limits::LimitedListener::new(listener, max), app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
+            let listener = api::limits::LimitedListener::new(listener, max);
+            api::serve::serve(listener, app, limits.timeouts, shutdown_signal()).await
         }
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-        }
-    };
+        None => api::serve::serve(listener, app, limits.timeouts, shutdown_signal()).await,
+    }
     tracing::info!("shutting down: finishing hook calls in flight");
     let _ = stop.send(true);
     if let Err(e) = sweeper.await {
@@ -386,7 +381,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(10), store.close())
         .await
         .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
-    result.context("server error")
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -87,6 +87,15 @@ pub struct LimitsConfig {
     pub max_cascade: Option<usize>,
     /// Client connections open at once; more wait in the listen backlog (default 1024).
     pub max_client_connections: Option<usize>,
+    /// Milliseconds a request head may take, from the connection's opening or the request's
+    /// first byte (default 10000).
+    pub header_read_timeout_ms: Option<u64>,
+    /// Milliseconds a request body may take after its head (default 30000).
+    pub body_read_timeout_ms: Option<u64>,
+    /// Milliseconds a kept-alive connection waits for its next request (default 75000).
+    pub idle_timeout_ms: Option<u64>,
+    /// Milliseconds a response may wait for a client that does not read it (default 30000).
+    pub send_timeout_ms: Option<u64>,
 }
 
 /// Default of `[limits] requests_per_second`.
@@ -95,6 +104,15 @@ pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 1_000;
 pub const DEFAULT_MAX_CASCADE: usize = 10_000;
 /// Default of `[limits] max_client_connections`.
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 1_024;
+/// Default of `[limits] header_read_timeout_ms`.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default of `[limits] body_read_timeout_ms`.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default of `[limits] idle_timeout_ms`: above the 60 s idle timeout of common load
+/// balancers, so they close a kept-alive connection before Lockstep does.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
+/// Default of `[limits] send_timeout_ms`.
+pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 30_000;
 
 /// The limits the service runs with (`None`: that limit is off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +123,8 @@ pub struct Limits {
     pub max_cascade: Option<usize>,
     /// Client connections open at once.
     pub max_client_connections: Option<usize>,
+    /// Connection deadlines.
+    pub timeouts: crate::api::serve::Timeouts,
 }
 
 impl LimitsConfig {
@@ -125,7 +145,19 @@ impl LimitsConfig {
             (rps, burst) => Some((rps, burst.unwrap_or(rps.saturating_mul(2)))),
         };
         let off_if_zero = |v: usize| (v > 0).then_some(v);
+        let ms = |v: Option<u64>, default: u64| {
+            Some(v.unwrap_or(default))
+                .filter(|ms| *ms > 0)
+                .map(std::time::Duration::from_millis)
+        };
+        let timeouts = crate::api::serve::Timeouts {
+            header_read: ms(self.header_read_timeout_ms, DEFAULT_HEADER_READ_TIMEOUT_MS),
+            body_read: ms(self.body_read_timeout_ms, DEFAULT_BODY_READ_TIMEOUT_MS),
+            idle: ms(self.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS),
+            send: ms(self.send_timeout_ms, DEFAULT_SEND_TIMEOUT_MS),
+        };
         Ok(Limits {
+            timeouts,
             rate,
             max_cascade: off_if_zero(self.max_cascade.unwrap_or(DEFAULT_MAX_CASCADE)),
             max_client_connections: off_if_zero(
@@ -280,14 +312,29 @@ mod tests {
     #[test]
     fn limits_have_defaults_zero_switches_them_off_and_the_command_line_wins() {
         let none = FileConfig::parse("").unwrap().limits.resolve(None).unwrap();
+        let s = |secs| Some(std::time::Duration::from_secs(secs));
         assert_eq!(
             none,
             Limits {
                 rate: Some((1_000, 2_000)),
                 max_cascade: Some(10_000),
                 max_client_connections: Some(1_024),
+                timeouts: crate::api::serve::Timeouts {
+                    header_read: s(10),
+                    body_read: s(30),
+                    idle: s(75),
+                    send: s(30),
+                },
             }
         );
+        let t = FileConfig::parse("[limits]\nheader_read_timeout_ms = 500\nsend_timeout_ms = 0\n")
+            .unwrap()
+            .limits
+            .resolve(None)
+            .unwrap()
+            .timeouts;
+        assert_eq!(t.header_read, Some(std::time::Duration::from_millis(500)));
+        assert_eq!(t.send, None, "0 switches a deadline off");
         let file = FileConfig::parse(
             "[limits]\nrequests_per_second = 5\nburst = 7\nmax_cascade = 0\nmax_client_connections = 3\n",
         )

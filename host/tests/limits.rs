@@ -258,3 +258,110 @@ async fn health_on_after_write(stream: &mut TcpStream) -> Option<String> {
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     text.lines().next().map(str::to_owned)
 }
+
+/// Reads until the server closes `stream` (EOF or reset); `None` if it is still open after
+/// `wait`. Returns what was read.
+async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&seen).into_owned()),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_never_hold_the_connection_slots() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(
+                "[limits]\nmax_client_connections = 4\nheader_read_timeout_ms = 600\n\
+                 body_read_timeout_ms = 600\nidle_timeout_ms = 2500\n"
+                    .into(),
+            ),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let ok = Some("HTTP/1.1 200 OK".to_owned());
+
+    // A kept-alive connection: answered, then allowed to sit longer than a head may take.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(health_on(&mut idle, Duration::from_secs(5)).await, ok);
+
+    // A head that never ends, and one that trickles a byte every 100 ms (progress does not
+    // extend the deadline).
+    let mut stuck_head = TcpStream::connect(&addr).await.unwrap();
+    stuck_head
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut trickle = TcpStream::connect(&addr).await.unwrap();
+    trickle
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let (mut trickle_read, mut trickle_write) = trickle.into_split();
+    let trickler = tokio::spawn(async move {
+        for _ in 0..50 {
+            if trickle_write.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // A body that stops after its first byte.
+    let mut stuck_body = TcpStream::connect(&addr).await.unwrap();
+    stuck_body
+        .write_all(
+            format!(
+                "POST /admin/realms/acme/external-sessions/map-fixed HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+                 Content-Length: 100\r\n\r\n{{",
+                common::TOKEN
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+
+    // Every slot is taken now; the slow ones are cut off and a new client gets in.
+    let started = Instant::now();
+    let mut fresh = TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(health_on(&mut fresh, Duration::from_secs(5)).await, ok);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        closed_within(&mut stuck_head, Duration::from_secs(3))
+            .await
+            .is_some()
+    );
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), trickle_read.read_to_end(&mut buf));
+    assert!(read.await.is_ok(), "the trickled head is cut off");
+    trickler.abort();
+    let answer = closed_within(&mut stuck_body, Duration::from_secs(3))
+        .await
+        .expect("the stalled body is cut off");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+
+    // The kept-alive connection outlived the head deadline, then closes once idle too long.
+    assert_eq!(health_on(&mut idle, Duration::from_secs(5)).await, ok);
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(6))
+            .await
+            .is_some(),
+        "an idle connection is closed after idle_timeout_ms"
+    );
+    drop(fresh);
+    let (code, _) = server.admin_get("/admin/connectors").await;
+    assert_eq!(code, StatusCode::OK);
+}

@@ -70,6 +70,9 @@ pub enum ApiError {
     /// The route exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The request body did not arrive in time (`[limits] body_read_timeout_ms`).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The store cannot take requests right now.
     #[error("{0}")]
     Unavailable(String),
@@ -92,7 +95,7 @@ pub struct Problem {
     pub detail: String,
     /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
     /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
-    /// CONFLICT, METHOD_NOT_ALLOWED, UNAVAILABLE, INTERNAL.
+    /// CONFLICT, METHOD_NOT_ALLOWED, REQUEST_TIMEOUT, UNAVAILABLE, INTERNAL.
     pub code: String,
 }
 
@@ -119,6 +122,7 @@ impl ApiError {
             ApiError::CascadeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "CASCADE_TOO_LARGE"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
@@ -147,6 +151,7 @@ impl ApiError {
             | ApiError::Forbidden(_)
             | ApiError::MethodNotAllowed(_)
             | ApiError::Unavailable(_)
+            | ApiError::RequestTimeout(_)
             | ApiError::RateLimited { .. }
             | ApiError::Internal => None,
         }
@@ -184,7 +189,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body was not read, so this connection cannot carry another
             // request; tell the client instead of letting it reuse a dead connection.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

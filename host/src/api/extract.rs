@@ -73,6 +73,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
             .map_err(|e| {
                 if is_length_limit(&e) {
                     too_large()
+                } else if super::serve::is_body_timeout(&e) {
+                    ApiError::RequestTimeout(format!("could not read request body: {e}"))
                 } else {
                     ApiError::Validation(format!("could not read request body: {e}"))
                 }

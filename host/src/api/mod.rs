@@ -16,6 +16,7 @@ mod health;
 pub mod limits;
 pub mod openapi;
 mod receipts;
+pub mod serve;
 mod sessions;
 
 use std::time::Duration;
