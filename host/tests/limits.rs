@@ -166,6 +166,17 @@ async fn a_destroy_larger_than_max_cascade_is_refused_and_changes_nothing(backen
         .collect();
     assert!(results.contains(&"CASCADE_TOO_LARGE"), "{audit:#}");
 
+    // A much larger tree is refused after counting one past the limit, not after ending
+    // all of it.
+    tree(&server, "huge", "sid-huge", 40).await;
+    let refused = api
+        .post("destroy-parent", json!({"externalId": "huge"}))
+        .await;
+    assert_problem(&refused, 422, "CASCADE_TOO_LARGE");
+    let detail = refused.1["detail"].as_str().unwrap();
+    assert!(detail.contains("at least 5 sessions"), "{detail}");
+    assert_eq!(status_of(&server, "huge-c39").await, "ACTIVE");
+
     // One child less and the tree fits.
     let (code, body) = api
         .post("destroy-child", json!({"externalId": "p-c3"}))

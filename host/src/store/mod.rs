@@ -66,12 +66,12 @@ pub enum StoreError {
     WrongKind(String),
     /// A destroy would end more sessions than `[limits] max_cascade` allows; nothing changed.
     #[error(
-        "destroying {target:?} would end {sessions} sessions; the limit is {limit} ([limits] max_cascade)"
+        "destroying {target:?} would end at least {sessions} sessions; the limit is {limit} ([limits] max_cascade)"
     )]
     CascadeTooLarge {
         /// What the caller asked to destroy.
         target: String,
-        /// Sessions the destroy would have ended.
+        /// Sessions the destroy would have ended, counted up to one past the limit.
         sessions: usize,
         /// The configured limit.
         limit: usize,

@@ -138,6 +138,21 @@ macro_rules! cascade_tail {
     };
 }
 
+/// Live (ACTIVE or ORPHANED) sessions of the trees below the seeds `$2` of the kinds `$4`,
+/// reached through live sessions, counted up to `$3`: the walk is lazy, so the LIMIT stops
+/// the recursion there.
+const COUNT_LIVE_TREE: &str = "WITH RECURSIVE tree(external_id) AS ( \
+       SELECT external_id FROM sessions WHERE realm = $1 AND external_id = ANY($2) \
+         AND kind = ANY($4) AND status IN ('ACTIVE', 'ORPHANED') \
+     UNION \
+       SELECT x.external_id FROM tree t CROSS JOIN LATERAL ( \
+         SELECT c.external_id, c.status FROM sessions c \
+         WHERE c.realm = $1 AND c.parent_id = t.external_id \
+         UNION ALL SELECT c.external_id, c.status FROM sessions c \
+         WHERE c.realm = $1 AND c.delegated_by = t.external_id) x \
+       WHERE x.status IN ('ACTIVE', 'ORPHANED') \
+     ) SELECT count(*) FROM (SELECT 1 FROM tree LIMIT $3) bounded";
+
 /// Destroy of one named session (`$2`): locks it FOR UPDATE, and cascades from it when it
 /// has one of the kinds `$3` and has not ended. One row per changed session, or one with
 /// NULL session columns when nothing changed; none when it does not exist. Every row
@@ -692,6 +707,7 @@ async fn destroy_unguarded(
                 DestroyTarget::Child(_) => &["CHILD"],
                 _ => &["PARENT", "FIXED"],
             };
+            refuse_oversized(conn, cmd, std::slice::from_ref(id), kinds).await?;
             let rows: Vec<PgRow> = sqlx::query(CASCADE_FROM_TARGET)
                 .bind(&cmd.realm)
                 .bind(id)
@@ -765,9 +781,42 @@ async fn destroy_unguarded(
     let changed = if seeds.is_empty() {
         Vec::new()
     } else {
+        refuse_oversized(conn, cmd, &seeds, &["PARENT", "CHILD", "FIXED"]).await?;
         cascade(conn, cmd, &seeds, 0, now).await?
     };
     finish_destroy(conn, cmd, audit, changed, now).await
+}
+
+/// Refuses a limited destroy whose trees hold more live sessions than its limit, counted
+/// before any row is locked or changed, so an oversized destroy costs a bounded walk rather
+/// than its whole cascade and a rollback. Live sessions below an ended one are not counted
+/// here; [`finish_destroy`] still checks what the cascade changed.
+async fn refuse_oversized(
+    conn: &mut PgConnection,
+    cmd: &DestroyCommand,
+    seeds: &[String],
+    kinds: &[&str],
+) -> Result<()> {
+    let Some(limit) = cmd.max_sessions else {
+        return Ok(());
+    };
+    let cap = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+    let live: i64 = sqlx::query_scalar(COUNT_LIVE_TREE)
+        .bind(&cmd.realm)
+        .bind(seeds)
+        .bind(cap)
+        .bind(kinds)
+        .fetch_one(&mut *conn)
+        .await?;
+    let live = usize::try_from(live).unwrap_or(usize::MAX);
+    if live > limit {
+        return Err(StoreError::CascadeTooLarge {
+            target: cmd.target.label(),
+            sessions: live,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// After the first cascade pass: refuses a destroy over its limit, writes the events, ends

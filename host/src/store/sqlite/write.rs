@@ -454,11 +454,24 @@ fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resul
     if seeds.is_empty() {
         return Ok(Vec::new());
     }
+    if let Some(limit) = cmd.max_sessions {
+        // Counted before the work, the walk stopping one past the limit: an oversized
+        // destroy must not hold the writer for its whole tree only to be rolled back.
+        let live = count_live_tree(conn, &cmd.realm, &seeds, limit.saturating_add(1))?;
+        if live > limit {
+            return Err(StoreError::CascadeTooLarge {
+                target: cmd.target.label(),
+                sessions: live,
+                limit,
+            });
+        }
+    }
     let mut changed = cascade(conn, cmd, &seeds, now)?;
     if let Some(limit) = cmd.max_sessions
         && changed.len() > limit
     {
-        // The request's savepoint rolls the cascade back.
+        // Live sessions below an ended one are not in the count above; the request's
+        // savepoint rolls the cascade back.
         return Err(StoreError::CascadeTooLarge {
             target: cmd.target.label(),
             sessions: changed.len(),
@@ -481,6 +494,29 @@ fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resul
         .collect();
     insert_events(conn, &events, now)?;
     Ok(changed)
+}
+
+/// Live (ACTIVE or ORPHANED) sessions of the trees below `seeds`, reached through live
+/// sessions, counted up to `cap`: the recursion stops there.
+fn count_live_tree(conn: &Connection, realm: &str, seeds: &[String], cap: usize) -> Result<usize> {
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+    let n: i64 = conn
+        .prepare_cached(
+            "WITH RECURSIVE tree(external_id) AS ( \
+                 SELECT s.external_id FROM sessions s \
+                 WHERE s.realm = ?1 AND s.external_id IN (SELECT value FROM json_each(?2)) \
+                   AND s.status IN ('ACTIVE', 'ORPHANED') \
+               UNION SELECT c.external_id FROM tree t CROSS JOIN sessions c \
+                 WHERE c.realm = ?1 AND c.parent_id = t.external_id \
+                   AND c.status IN ('ACTIVE', 'ORPHANED') \
+               UNION SELECT c.external_id FROM tree t CROSS JOIN sessions c \
+                 WHERE c.realm = ?1 AND c.delegated_by = t.external_id \
+                   AND c.status IN ('ACTIVE', 'ORPHANED') \
+               LIMIT ?3 \
+             ) SELECT count(*) FROM tree",
+        )?
+        .query_row(params![realm, json("seeds", seeds)?, cap], |r| r.get(0))?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// One statement over the whole tree below `seeds`: children via `parent_id` get `cascade`
