@@ -61,6 +61,12 @@ async fn logout_tokens_verify_against_an_https_idp_trusted_through_the_ca_file()
     let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
     let (code, body, _) = untrusting.backchannel_logout("acme", &token).await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    // The refusal does not tell an unauthenticated caller the IdP's address.
+    let description = body["error_description"].as_str().unwrap();
+    assert!(
+        description.contains("keys are unavailable") && !description.contains("127.0.0.1"),
+        "{description}"
+    );
     assert_eq!(api.status_of("portal-1").await, "ACTIVE");
 }
 

@@ -84,6 +84,14 @@ async fn logout(
     };
     let verified = match state.oidc.verify_logout(&realm, token).await {
         Ok(v) => v,
+        Err(OidcError::Unavailable(detail)) => {
+            // The detail names the IdP's internal URLs and TLS errors: the log gets it, the
+            // unauthenticated caller does not.
+            tracing::warn!(%realm, %detail, "back-channel logout: the IdP's keys are unavailable");
+            return refuse(
+                "the token cannot be verified: the identity provider's keys are unavailable",
+            );
+        }
         Err(e) => return refuse(e.to_string()),
     };
     let target = match (&verified.sid, &verified.sub) {
