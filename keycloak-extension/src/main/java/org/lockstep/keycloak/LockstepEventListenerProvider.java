@@ -3,12 +3,11 @@ package org.lockstep.keycloak;
 import java.net.URI;
 import java.net.URLEncoder;
 import java.nio.charset.StandardCharsets;
-import java.util.ArrayList;
-import java.util.List;
 import java.util.Map;
 
 import org.jboss.logging.Logger;
 import org.keycloak.Token;
+import org.keycloak.connections.jpa.JpaConnectionProvider;
 import org.keycloak.events.Event;
 import org.keycloak.events.EventListenerProvider;
 import org.keycloak.events.admin.AdminEvent;
@@ -18,6 +17,7 @@ import org.keycloak.models.KeycloakTransactionManager;
 import org.keycloak.models.RealmModel;
 import org.keycloak.models.UserModel;
 import org.keycloak.models.UserSessionModel;
+import org.keycloak.models.utils.KeycloakModelUtils;
 import org.keycloak.models.utils.SessionExpirationUtils;
 import org.keycloak.representations.AccessToken;
 
@@ -25,18 +25,23 @@ import org.keycloak.representations.AccessToken;
  * Turns the Keycloak events of one Keycloak session into Lockstep events.
  * <p>
  * Everything an event needs from Keycloak (session expiry, the user's enabled flag, the
- * impersonating admin's session, the realm's Lockstep URL and secret) is read here, on the
- * request thread, while the session is open. The events are handed to the {@link Sender}
- * only when Keycloak's transaction commits (an after-completion transaction), so a rolled
- * back request sends nothing; the network is never touched on this thread.
+ * impersonating admin's session, the realm's Lockstep URL) is read here, on the request
+ * thread, while the session is open, and the event is written to the outbox table
+ * ({@link OutboxEntity}) in the request's own transaction: a rolled back request leaves no
+ * row, a committed one survives any crash. The {@link Drainer} sends it; the network is
+ * never touched on this thread.
  */
 public class LockstepEventListenerProvider implements EventListenerProvider {
 
     private static final Logger LOG = Logger.getLogger(LockstepEventListenerProvider.class);
 
-    /** Realm attributes that override the provider's {@code url} and {@code secret} options. */
+    /** Realm attribute that overrides the provider's {@code url} option. */
     public static final String URL_ATTRIBUTE = "lockstep.url";
+    /** No longer read (secrets do not belong in attributes); its presence is reported once. */
     public static final String SECRET_ATTRIBUTE = "lockstep.secret";
+    /** Column sizes of LOCKSTEP_EVENT (BODY, ENDPOINT). */
+    static final int MAX_BODY_CHARS = 4000;
+    static final int MAX_ENDPOINT_CHARS = 2048;
 
     /** {@code Details.IMPERSONATOR_REALM}, {@code Details.IMPERSONATOR} and {@code Details.REASON}. */
     private static final String IMPERSONATOR_REALM = "impersonator_realm";
@@ -45,8 +50,7 @@ public class LockstepEventListenerProvider implements EventListenerProvider {
 
     private final KeycloakSession session;
     private final LockstepEventListenerProviderFactory factory;
-    /** Events of this Keycloak session waiting for its transaction to commit. */
-    private final List<Delivery> pending = new ArrayList<>();
+    /** Whether this session's transaction already wakes the drainer when it commits. */
     private boolean enlisted;
 
     LockstepEventListenerProvider(KeycloakSession session, LockstepEventListenerProviderFactory factory) {
@@ -203,29 +207,35 @@ public class LockstepEventListenerProvider implements EventListenerProvider {
         return URLDecoderSafe.decode(issuer.substring(slash + 1));
     }
 
-    /** Resolves the realm's endpoint and key now, and queues the event after the commit. */
+    /**
+     * Checks that the realm can send (URL and secret) and writes the event into the outbox
+     * table in this request's transaction: it exists exactly when the event does.
+     */
     private void submit(RealmModel realm, LockstepEvent event) {
         String url = LockstepEventListenerProviderFactory.blankToNull(realm.getAttribute(URL_ATTRIBUTE));
-        String secret = LockstepEventListenerProviderFactory.blankToNull(realm.getAttribute(SECRET_ATTRIBUTE));
         if (url == null) {
             url = factory.defaultUrl();
         }
-        if (secret == null) {
-            secret = factory.defaultSecret();
+        if (realm.getAttribute(SECRET_ATTRIBUTE) != null && factory.firstAttributeWarning(realm.getId())) {
+            LOG.warnf("Lockstep event listener: realm %s has the attribute %s, which is ignored: realm exports "
+                    + "and representations show attributes to their readers, and the secret forges events. Put "
+                    + "the secret in Keycloak's vault (key %s) or the provider option secret, and remove the "
+                    + "attribute", realm.getName(), SECRET_ATTRIBUTE, Drainer.VAULT_KEY);
         }
+        String secret = factory.secrets().secretFor(session, realm);
         if (url == null || secret == null) {
             if (factory.firstWarning(realm.getId())) {
                 LOG.warnf("Lockstep event listener: realm %s has no %s; its events are not sent (set the realm "
-                        + "attributes %s and %s, or the provider options url and secret)", realm.getName(),
+                        + "attribute %s or the provider option url; the secret in the vault key %s or the "
+                        + "provider option secret)", realm.getName(),
                         url == null && secret == null ? "URL and no secret" : url == null ? "URL" : "secret",
-                        URL_ATTRIBUTE, SECRET_ATTRIBUTE);
+                        URL_ATTRIBUTE, Drainer.VAULT_KEY);
             }
             return;
         }
-        Signer signer;
         URI endpoint;
         try {
-            signer = Signer.of(secret);
+            Signer.of(secret);
             endpoint = endpoint(url, realm.getName());
         } catch (IllegalArgumentException e) {
             if (factory.firstWarning(realm.getId())) {
@@ -235,8 +245,41 @@ public class LockstepEventListenerProvider implements EventListenerProvider {
             return;
         }
         factory.clearWarning(realm.getId());
-        pending.add(Delivery.of(event, endpoint, signer));
-        enlist();
+        String body = new String(event.toJson(), StandardCharsets.UTF_8);
+        if (body.length() > MAX_BODY_CHARS || endpoint.toString().length() > MAX_ENDPOINT_CHARS) {
+            LOG.warnf("Lockstep event %s (%s) of realm %s is too large to store (%d characters); not sent",
+                    event.id(), event.type(), realm.getName(), body.length());
+            return;
+        }
+        store(OutboxEntity.of(realm.getId(), event, endpoint.toString(), body));
+    }
+
+    private void store(OutboxEntity row) {
+        KeycloakTransactionManager tm = session.getTransactionManager();
+        if (tm == null || !tm.isActive()) {
+            // No request transaction to join (already completed): a transaction of its own.
+            KeycloakModelUtils.runJobInTransaction(session.getKeycloakSessionFactory(),
+                    s -> s.getProvider(JpaConnectionProvider.class).getEntityManager().persist(row));
+            factory.drainer().wake();
+            return;
+        }
+        session.getProvider(JpaConnectionProvider.class).getEntityManager().persist(row);
+        if (enlisted) {
+            return;
+        }
+        enlisted = true;
+        tm.enlistAfterCompletion(new AbstractKeycloakTransaction() {
+            @Override
+            protected void commitImpl() {
+                // Sent within milliseconds instead of at the next poll.
+                factory.drainer().wake();
+            }
+
+            @Override
+            protected void rollbackImpl() {
+                LOG.debugf("transaction rolled back: its Lockstep events were not stored");
+            }
+        });
     }
 
     /** {@code {url}/realms/{realm}/events}, the realm name as one path segment. */
@@ -252,42 +295,6 @@ public class LockstepEventListenerProvider implements EventListenerProvider {
             throw new IllegalArgumentException("the Lockstep URL must be an absolute http(s) URL");
         }
         return uri;
-    }
-
-    private void enlist() {
-        if (enlisted) {
-            return;
-        }
-        KeycloakTransactionManager tm = session.getTransactionManager();
-        if (tm == null || !tm.isActive()) {
-            // No transaction to wait for (already completed): what was read is final.
-            flush();
-            return;
-        }
-        enlisted = true;
-        tm.enlistAfterCompletion(new AbstractKeycloakTransaction() {
-            @Override
-            protected void commitImpl() {
-                flush();
-            }
-
-            @Override
-            protected void rollbackImpl() {
-                if (!pending.isEmpty()) {
-                    LOG.debugf("transaction rolled back: %d Lockstep events not sent", pending.size());
-                }
-                pending.clear();
-                enlisted = false;
-            }
-        });
-    }
-
-    private void flush() {
-        if (!pending.isEmpty()) {
-            factory.sender().enqueue(new ArrayList<>(pending));
-            pending.clear();
-        }
-        enlisted = false;
     }
 
     @Override
