@@ -8,8 +8,10 @@
 # otherwise the throwaway cluster of scripts/pg.sh (PGPORT, default 55432) is used: reused if
 # already running, else started here and always stopped on exit.
 # Likewise the test Keycloak of `cargo xtask keycloak` (127.0.0.1:18180, realm
-# tests/keycloak/acme-realm.json): reused if already running, else started here and stopped
-# on exit; its URL reaches the tests as LOCKSTEP_TEST_KEYCLOAK_URL (a caller's own value wins).
+# tests/keycloak/acme-realm.json, its data in the database lockstep_keycloak of that same
+# PostgreSQL, so it starts after it and stops before it): reused if already running, else
+# started here and stopped on exit; its URL reaches the tests as LOCKSTEP_TEST_KEYCLOAK_URL
+# (a caller's own value wins).
 # LOCKSTEP_SKIP_KEYCLOAK=1 skips it (the Keycloak tests then say they are skipped).
 set -euo pipefail
 

@@ -1,11 +1,17 @@
-//! `cargo xtask keycloak start|stop|status|url`: one real Keycloak for a test run, the
-//! Quarkus distribution from Maven Central in dev mode (H2 under the distribution's `data/`),
-//! on `127.0.0.1:18180`, with the realms of `tests/keycloak/*.json` imported at start-up.
+//! `cargo xtask keycloak start|stop|kill|status|url`: one real Keycloak for a test run, the
+//! Quarkus distribution from Maven Central in dev mode, on `127.0.0.1:18180`, with the realms
+//! of `tests/keycloak/*.json` imported at start-up. Its database is `lockstep_keycloak` in the
+//! test PostgreSQL cluster (`LOCKSTEP_TEST_DATABASE_URL`, else the `scripts/pg.sh` default
+//! on 127.0.0.1:55432), created here; so what Keycloak commits survives a SIGKILL, as it
+//! would in production. Metrics (`--metrics-enabled`) are served on `127.0.0.1:18190`, a
+//! file vault lives in `target/keycloak/vault/`, and the event extension signs with
+//! [`EVENTS_SECRET`] unless the vault holds a realm's own.
 //!
 //! The server runs detached in its own process group so this command can exit; its pid is
 //! kept in `target/keycloak/keycloak.pid` and its output in `target/keycloak/keycloak.log`.
 //! `start` reuses a server that is already running and answering; `stop` ends the whole
-//! process group (`kc.sh` and its JVM).
+//! process group (`kc.sh` and its JVM); `kill` ends it with SIGKILL at once, as a crash
+//! would (tests of what survives one use it, then `start --no-build`).
 //!
 //! Before a start it builds the Lockstep event listener (`keycloak-extension/`, Maven) and
 //! copies the jar into the distribution's `providers/`; `start-dev` re-augments the server
@@ -25,6 +31,15 @@ use crate::{target_dir, workspace_root};
 const VERSION: &str = "26.5.6";
 const HOST: &str = "127.0.0.1";
 const PORT: u16 = 18180;
+/// Management interface (`/metrics`) of the test Keycloak.
+const MANAGEMENT_PORT: u16 = 18190;
+/// Database of the test Keycloak in the test PostgreSQL cluster.
+const DB_NAME: &str = "lockstep_keycloak";
+/// Keycloak's pool in a cluster shared with every PostgreSQL test (`max_connections = 200`).
+const DB_POOL_MAX: u32 = 10;
+/// Signing secret of the event extension for realms without one in the vault (the
+/// provider option `secret`); `host/tests/common/keycloak.rs` has the same value.
+const EVENTS_SECRET: &str = "whsec_a2V5Y2xvYWstZXZlbnRzLXRlc3Qtc2VjcmV0LTMyYnl0ZXM=";
 /// Realm whose discovery document says the server is up and the test realm imported.
 const READY_REALM: &str = "acme";
 /// Bound on a (first) start: unpacking Quarkus, H2 schema creation, realm import.
@@ -44,6 +59,7 @@ const REALM_DIR: &str = "tests/keycloak";
 /// The Lockstep event listener's Maven project, and the jar it builds.
 const EXTENSION_POM: &str = "keycloak-extension/pom.xml";
 const EXTENSION_JAR: &str = "keycloak-extension/target/lockstep-keycloak-extension.jar";
+const EXTENSION_JAR_NAME: &str = "lockstep-keycloak-extension.jar";
 
 /// Options of `cargo xtask keycloak`.
 #[derive(clap::Args, Debug)]
@@ -54,11 +70,18 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum Action {
-    /// Download (Maven) and unpack Keycloak if needed, import tests/keycloak/*.json and start
-    /// it in the background; waits until the `acme` realm answers. Reuses a running one.
-    Start,
+    /// Download (Maven) and unpack Keycloak if needed, create its PostgreSQL database, import
+    /// tests/keycloak/*.json and start it in the background; waits until the `acme` realm
+    /// answers. Reuses a running one.
+    Start {
+        /// Keep the event extension already in providers/ instead of building it (a restart).
+        #[arg(long)]
+        no_build: bool,
+    },
     /// Stop the Keycloak started by `start` (SIGTERM to its process group, SIGKILL after 20 s).
     Stop,
+    /// SIGKILL the Keycloak started by `start` at once, as a crash would end it.
+    Kill,
     /// Exit 0 when the Keycloak started by `start` is running and answering.
     Status,
     /// Print the base URL of the test Keycloak.
@@ -68,8 +91,9 @@ enum Action {
 pub fn main(args: Args) -> Result<ExitCode> {
     let paths = Paths::new()?;
     match args.action {
-        Action::Start => start(&paths).map(|()| ExitCode::SUCCESS),
+        Action::Start { no_build } => start(&paths, !no_build).map(|()| ExitCode::SUCCESS),
         Action::Stop => stop(&paths).map(|()| ExitCode::SUCCESS),
+        Action::Kill => kill(&paths).map(|()| ExitCode::SUCCESS),
         Action::Status => status(&paths),
         Action::Url => {
             println!("{}", base_url());
@@ -97,6 +121,8 @@ struct Paths {
     home: PathBuf,
     log: PathBuf,
     pid: PathBuf,
+    /// `target/keycloak/vault/`: the file vault (`<realm>_<key>`, one secret per file).
+    vault: PathBuf,
 }
 
 impl Paths {
@@ -107,13 +133,14 @@ impl Paths {
             home: dir.join(format!("keycloak-{VERSION}")),
             log: dir.join("keycloak.log"),
             pid: dir.join("keycloak.pid"),
+            vault: dir.join("vault"),
             root,
             dir,
         })
     }
 }
 
-fn start(paths: &Paths) -> Result<()> {
+fn start(paths: &Paths, build: bool) -> Result<()> {
     let rt = runtime()?;
     let client = http_client()?;
     if let Some(pid) = read_pid(paths)? {
@@ -142,8 +169,20 @@ fn start(paths: &Paths) -> Result<()> {
         .with_context(|| format!("creating {}", paths.dir.display()))?;
     let archive = distribution()?;
     unpack(&archive, paths)?;
-    install_extension(paths)?;
-    install_realms(paths)?;
+    if build
+        || !paths
+            .home
+            .join("providers")
+            .join(EXTENSION_JAR_NAME)
+            .is_file()
+    {
+        install_extension(paths)?;
+    }
+    let realms_changed = install_realms(paths)?;
+    let db = Database::from_env()?;
+    rt.block_on(db.prepare(realms_changed))?;
+    std::fs::create_dir_all(&paths.vault)
+        .with_context(|| format!("creating {}", paths.vault.display()))?;
 
     let log = open_log(&paths.log)?;
     let log_err = log
@@ -157,7 +196,18 @@ fn start(paths: &Paths) -> Result<()> {
             &format!("--http-host={HOST}"),
             &format!("--http-port={PORT}"),
             "--import-realm",
+            "--db=postgres",
+            &format!("--db-url={}", db.jdbc_url()),
+            &format!("--db-username={}", db.user),
+            &format!("--db-pool-max-size={DB_POOL_MAX}"),
+            "--metrics-enabled=true",
+            &format!("--http-management-port={MANAGEMENT_PORT}"),
+            "--vault=file",
+            &format!("--vault-dir={}", paths.vault.display()),
         ])
+        // Secrets through the environment, not the command line that `ps` shows.
+        .env("KC_DB_PASSWORD", db.password.as_deref().unwrap_or(""))
+        .env("KC_SPI_EVENTS_LISTENER__LOCKSTEP__SECRET", EVENTS_SECRET)
         .env("KC_BOOTSTRAP_ADMIN_USERNAME", ADMIN_USER)
         .env("KC_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("JAVA_OPTS_KC_HEAP", HEAP)
@@ -271,6 +321,107 @@ fn stop(paths: &Paths) -> Result<()> {
         }
     }
     remove_pid(paths)
+}
+
+/// SIGKILL to the whole process group, no grace: what a crash or an OOM kill does.
+fn kill(paths: &Paths) -> Result<()> {
+    let Some(pid) = read_pid(paths)? else {
+        bail!(
+            "no Keycloak pid file ({}); nothing to kill",
+            paths.pid.display()
+        );
+    };
+    eprintln!("killing Keycloak (process group {pid}) with SIGKILL");
+    kill_group(pid, "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if group_alive(pid) {
+        bail!("Keycloak process group {pid} survived SIGKILL");
+    }
+    remove_pid(paths)
+}
+
+/// Where the test Keycloak keeps its data: a database of the test PostgreSQL cluster.
+struct Database {
+    host: String,
+    port: u16,
+    user: String,
+    password: Option<String>,
+    /// The URL Lockstep's tests use (its database is only the maintenance connection).
+    admin_url: String,
+}
+
+impl Database {
+    /// `LOCKSTEP_TEST_DATABASE_URL` (what `scripts/test.sh` exports), else the cluster of
+    /// `scripts/pg.sh` on `PGPORT` (55432).
+    fn from_env() -> Result<Database> {
+        let admin_url = match std::env::var("LOCKSTEP_TEST_DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+            _ => format!(
+                "postgres://postgres@127.0.0.1:{}/postgres",
+                std::env::var("PGPORT").unwrap_or_else(|_| "55432".into())
+            ),
+        };
+        let url = reqwest::Url::parse(&admin_url)
+            .with_context(|| format!("LOCKSTEP_TEST_DATABASE_URL is not a URL: {admin_url}"))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            bail!("the test Keycloak needs a PostgreSQL URL, got {admin_url}");
+        }
+        Ok(Database {
+            host: url.host_str().unwrap_or("127.0.0.1").to_owned(),
+            port: url.port().unwrap_or(5432),
+            user: if url.username().is_empty() {
+                "postgres".to_owned()
+            } else {
+                url.username().to_owned()
+            },
+            password: url.password().map(str::to_owned),
+            admin_url,
+        })
+    }
+
+    fn jdbc_url(&self) -> String {
+        format!("jdbc:postgresql://{}:{}/{DB_NAME}", self.host, self.port)
+    }
+
+    /// Creates the database if missing; `fresh` drops it first, so changed realm files are
+    /// imported again (Keycloak skips realms that already exist).
+    async fn prepare(&self, fresh: bool) -> Result<()> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to PostgreSQL for the test Keycloak's database ({}:{}); start \
+                     it with `bash scripts/pg.sh start` or set LOCKSTEP_TEST_DATABASE_URL",
+                    self.host, self.port
+                )
+            })?;
+        if fresh {
+            eprintln!("realm files changed since the last import; recreating database {DB_NAME}");
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {DB_NAME}"))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("dropping database {DB_NAME}"))?;
+        }
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(DB_NAME)
+                .fetch_optional(&mut conn)
+                .await
+                .context("looking up the Keycloak database")?;
+        if exists.is_none() {
+            sqlx::query(&format!("CREATE DATABASE {DB_NAME}"))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("creating database {DB_NAME}"))?;
+        }
+        conn.close()
+            .await
+            .context("closing the PostgreSQL connection")
+    }
 }
 
 fn status(paths: &Paths) -> Result<ExitCode> {
@@ -399,10 +550,10 @@ fn install_extension(paths: &Paths) -> Result<()> {
     Ok(())
 }
 
-/// Copies `tests/keycloak/*.json` into `data/import/`. Keycloak skips the import of a realm
-/// that already exists, so when the files changed since the last import the dev database
-/// (`data/h2/`) is removed and every realm is imported afresh.
-fn install_realms(paths: &Paths) -> Result<()> {
+/// Copies `tests/keycloak/*.json` into `data/import/`; true when they changed since the last
+/// import (Keycloak skips the import of a realm that already exists, so the caller starts
+/// from an empty database then).
+fn install_realms(paths: &Paths) -> Result<bool> {
     let source = paths.root.join(REALM_DIR);
     let mut files = Vec::new();
     for entry in
@@ -444,15 +595,7 @@ fn install_realms(paths: &Paths) -> Result<()> {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
-    let db = paths.home.join("data/h2");
-    if changed && db.exists() {
-        eprintln!(
-            "realm files changed since the last import; removing {} so they are imported afresh",
-            db.display()
-        );
-        std::fs::remove_dir_all(&db).with_context(|| format!("removing {}", db.display()))?;
-    }
-    Ok(())
+    Ok(changed)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
