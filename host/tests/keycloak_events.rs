@@ -16,7 +16,12 @@ use common::{Api, Backend, Server, ServerOptions};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-const SECRET: &str = "whsec_a2V5Y2xvYWstZXZlbnRzLXRlc3Qtc2VjcmV0LTMyYnl0ZXM=";
+/// What the test Keycloak signs with unless a realm has its own secret in the vault.
+const SECRET: &str = keycloak::EVENTS_SECRET;
+
+/// Taken shared by every test, exclusively by the one that kills and restarts Keycloak, so no
+/// test talks to Keycloak while it is down.
+static KEYCLOAK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A Lockstep with the webhook connector (login, logout, revoke, refresh) posting to
 /// `receiver`, accepting events for `realm` (and `extra_realms`).
@@ -59,7 +64,7 @@ async fn setup(
 ) -> Option<(String, EventsRealm, Server, Receiver, tempfile::TempDir)> {
     let base = keycloak::keycloak_url()?;
     // The realm is made first (its name is random), pointed at Lockstep once that listens.
-    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", SECRET, sso_idle_s).await;
+    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", sso_idle_s).await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(
@@ -67,7 +72,7 @@ async fn setup(
         options(&realm.name, &[], &receiver, dir.path()),
     )
     .await;
-    realm.set_lockstep(&server.base, SECRET).await;
+    realm.set_lockstep(&server.base).await;
     Some((base, realm, server, receiver, dir))
 }
 
@@ -135,6 +140,7 @@ fn millis(rfc3339: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_refreshes_and_expiry_follow_keycloak() {
+    let _shared = KEYCLOAK.read().await;
     let Some((_, realm, server, receiver, _dir)) = setup(4).await else {
         return;
     };
@@ -198,6 +204,7 @@ async fn logins_refreshes_and_expiry_follow_keycloak() {
 /// Keycloak through the real extension (the signed-event path is covered in idp_events.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_grant_reaches_every_legacy_session_of_the_user() {
+    let _shared = KEYCLOAK.read().await;
     let Some((_, realm, server, receiver, _dir)) = setup(1800).await else {
         return;
     };
@@ -229,6 +236,7 @@ async fn a_revoked_grant_reaches_every_legacy_session_of_the_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_admin_actions_end_every_mapped_session() {
+    let _shared = KEYCLOAK.read().await;
     let Some((base, realm, server, receiver, _dir)) = setup(1800).await else {
         return;
     };
@@ -334,26 +342,37 @@ async fn keycloak_admin_actions_end_every_mapped_session() {
     realm.delete().await;
 }
 
+/// Lockstep down while users log in and out, then Keycloak killed with SIGKILL: the events
+/// wait in Keycloak's database (its PostgreSQL), and once both are back every one of them
+/// arrives, once, and logins never waited on Lockstep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_of_lockstep_loses_no_event_and_never_slows_logins() {
+async fn lockstep_down_and_a_keycloak_crash_lose_no_event() {
+    let _exclusive = KEYCLOAK.write().await;
     let Some((_, realm, server, _receiver, dir)) = setup(1800).await else {
         return;
     };
     let listen = server.base.trim_start_matches("http://").to_owned();
     let (database_url, db_dir) = server.kill().await;
 
-    // 30 s without Lockstep while users keep logging in.
-    let down_since = Instant::now();
-    let mut sids = Vec::new();
+    // Lockstep is down while users log in (and some log out again).
+    let mut live = Vec::new();
+    let mut ended = Vec::new();
     let mut latencies = Vec::new();
-    while down_since.elapsed() < Duration::from_secs(30) {
+    for i in 0..8 {
         let t = Instant::now();
         let l = realm
             .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, EV_ALICE.0, EV_ALICE.1)
             .await;
         latencies.push(t.elapsed());
-        sids.push(l.sid);
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        if i % 3 == 2 {
+            realm
+                .logout(PORTAL_CLIENT.0, PORTAL_CLIENT.1, &l.refresh_token)
+                .await;
+            ended.push(l.sid);
+        } else {
+            live.push(l.sid);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     latencies.sort();
     let worst = *latencies.last().unwrap();
@@ -362,38 +381,132 @@ async fn an_outage_of_lockstep_loses_no_event_and_never_slows_logins() {
         latencies.len(),
         latencies[latencies.len() / 2]
     );
-    // The extension's send timeout is 2 s; a login must never wait on Lockstep.
+    // A login never waits on Lockstep: the extension only writes a row in its transaction.
     assert!(worst < Duration::from_secs(2), "a login took {worst:?}");
+    let events = live.len() + 2 * ended.len();
 
-    // Lockstep comes back on the same address: every queued event arrives, once.
+    // The waiting events show in Keycloak's metrics (counted every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let waiting = keycloak::metric("lockstep_events_waiting").await;
+        if waiting.is_some_and(|w| w >= events as f64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lockstep_events_waiting is {waiting:?}, expected at least {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Keycloak crashes with all of them undelivered, and comes back on the same database.
+    let restarted = Instant::now();
+    tokio::task::spawn_blocking(keycloak::crash_and_restart)
+        .await
+        .unwrap();
+    eprintln!("Keycloak killed and back in {:?}", restarted.elapsed());
+
+    // Lockstep comes back on the same address: every event arrives, once.
     let receiver = Receiver::start().await;
     let mut opts = options(&realm.name, &[], &receiver, dir.path());
     opts.listen = Some(listen);
     let server = Server::start_on(Backend::Sqlite, database_url, db_dir, opts).await;
     let api = server.api(&realm.name);
     let back = Instant::now();
-    for sid in &sids {
+    for sid in &live {
         let id = format!("keycloak:{sid}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while api.get(&id).await.0 != StatusCode::OK {
-            assert!(
-                Instant::now() < deadline,
-                "the login of {sid} never arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_received(&receiver, "login", &id, Duration::from_secs(30)).await;
+        assert_eq!(api.status_of(&id).await, "ACTIVE", "{id}");
+    }
+    for sid in &ended {
+        let id = format!("keycloak:{sid}");
+        let s = wait_ended(&api, &id, Duration::from_secs(30)).await;
+        assert_eq!(s["endReason"], "idp_logout", "{id}");
     }
     eprintln!(
-        "{} queued logins applied {:?} after Lockstep returned",
-        sids.len(),
+        "{events} events applied {:?} after Lockstep returned",
         back.elapsed()
     );
-    let mirrors = api.list_all("&system=keycloak").await;
+    // Once: each event id reached Lockstep's intake exactly one time (a second post of the
+    // same id would be audited as DUPLICATE_EVENT).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let (code, body) = server
+            .admin_get(&format!(
+                "/admin/audit?realm={}&actor=idp:keycloak&limit=500",
+                realm.name
+            ))
+            .await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let items = body["items"].as_array().unwrap().clone();
+        if items.len() >= events || Instant::now() >= deadline {
+            break items;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let results: Vec<&str> = records
+        .iter()
+        .map(|r| r["result"].as_str().unwrap_or_default())
+        .collect();
     assert_eq!(
-        mirrors.len(),
-        sids.len(),
-        "one mirror per login, no duplicates"
+        results,
+        vec!["ok"; events],
+        "one intake per event, no duplicate: {records:#?}"
     );
+    assert_eq!(
+        api.list_all("&system=keycloak").await.len(),
+        live.len() + ended.len(),
+        "one mirror per login"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while keycloak::metric("lockstep_events_waiting").await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "lockstep_events_waiting never went back to 0"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    realm.delete().await;
+}
+
+/// The signing secret comes from Keycloak's vault (per realm) or the server's option, never
+/// from the realm attribute `lockstep.secret`, which realm exports show to their readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_signed_with_the_vault_secret_never_a_realm_attribute() {
+    let _shared = KEYCLOAK.read().await;
+    let Some(base) = keycloak::keycloak_url() else {
+        return;
+    };
+    const VAULT_SECRET: &str = "whsec_dmF1bHQtc2VjcmV0LW9mLW9uZS1yZWFsbS0zMmJ5dGVzIQ==";
+    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", 1800).await;
+    realm.set_vault_secret(VAULT_SECRET);
+    // A forger's secret where the extension used to read it: ignored.
+    realm
+        .set_attribute(
+            "lockstep.secret",
+            "whsec_Zm9yZ2VkLWJ5LWEtcmVhbG0tcmVhZGVyLTMyYnl0ZXMh",
+        )
+        .await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(&realm.name, &[], &receiver, dir.path());
+    // Lockstep knows only the realm's own secret: a post signed with anything else is 401.
+    opts.config = Some(format!(
+        "[realms.\"{}\"]\nevents_secrets = [\"{VAULT_SECRET}\"]\n",
+        realm.name
+    ));
+    let server = Server::start_with(Backend::Sqlite, opts).await;
+    realm.set_lockstep(&server.base).await;
+    let login = realm
+        .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, EV_ALICE.0, EV_ALICE.1)
+        .await;
+    wait_received(
+        &receiver,
+        "login",
+        &format!("keycloak:{}", login.sid),
+        Duration::from_secs(5),
+    )
+    .await;
     realm.delete().await;
 }
 
@@ -404,7 +517,8 @@ async fn an_impersonation_ends_when_the_administrators_session_ends() {
     };
     // The master realm's administrator impersonates alice: its own session (in master)
     // outlives the impersonation, and ending it ends everything it delegated.
-    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", SECRET, 1800).await;
+    let _shared = KEYCLOAK.read().await;
+    let realm = keycloak::events_realm(&base, "http://127.0.0.1:9", 1800).await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(
@@ -412,8 +526,8 @@ async fn an_impersonation_ends_when_the_administrators_session_ends() {
         options(&realm.name, &["master"], &receiver, dir.path()),
     )
     .await;
-    realm.set_lockstep(&server.base, SECRET).await;
-    let master = keycloak::master_events(&base, &server.base, SECRET).await;
+    realm.set_lockstep(&server.base).await;
+    let master = keycloak::master_events(&base, &server.base).await;
     let api = server.api(&realm.name);
 
     let imp = realm.impersonate_as_master_admin(EV_ALICE.0).await;

@@ -36,6 +36,12 @@ pub const REDIRECT_URI: &str = "http://127.0.0.1/cb";
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The signing secret the test Keycloak's event extension uses for realms without one in
+/// the vault: `cargo xtask keycloak start` sets it as the provider option `secret`.
+pub const EVENTS_SECRET: &str = "whsec_a2V5Y2xvYWstZXZlbnRzLXRlc3Qtc2VjcmV0LTMyYnl0ZXM=";
+/// Keycloak's management interface (`/metrics`), as `cargo xtask keycloak start` sets it.
+pub const METRICS_URL: &str = "http://127.0.0.1:18190/metrics";
+
 /// Base URL of the test Keycloak from `LOCKSTEP_TEST_KEYCLOAK_URL`; `None` when it is unset
 /// and `LOCKSTEP_SKIP_KEYCLOAK=1` asks to skip Keycloak tests (the test then prints why).
 pub fn keycloak_url() -> Option<String> {
@@ -602,15 +608,12 @@ pub const EV_ANN: (&str, &str) = ("ann", "ann-password");
 
 /// Creates (Admin REST API, master `admin`) a realm `ev-<8 hex>` with the `lockstep` and
 /// `jboss-logging` event listeners, user events not stored, admin events stored with details,
-/// SSO Session Idle `sso_idle_s` and Max 36000 s, the realm attributes `lockstep.url` and
-/// `lockstep.secret`, the users [`EV_ALICE`] and [`EV_ANN`], and the confidential client
-/// [`PORTAL_CLIENT`] (direct access grants, standard flow, redirect [`REDIRECT_URI`]).
-pub async fn events_realm(
-    base: &str,
-    lockstep_url: &str,
-    secret: &str,
-    sso_idle_s: u32,
-) -> EventsRealm {
+/// SSO Session Idle `sso_idle_s` and Max 36000 s, the realm attribute `lockstep.url` (events
+/// are signed with [`EVENTS_SECRET`], the server's option, unless the vault has the realm's
+/// own: [`EventsRealm::set_vault_secret`]), the users [`EV_ALICE`] and [`EV_ANN`], and the
+/// confidential client [`PORTAL_CLIENT`] (direct access grants, standard flow, redirect
+/// [`REDIRECT_URI`]).
+pub async fn events_realm(base: &str, lockstep_url: &str, sso_idle_s: u32) -> EventsRealm {
     let name = format!("ev-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let user = |username: &str, password: &str, first: &str| {
         json!({
@@ -636,7 +639,7 @@ pub async fn events_realm(
         "adminEventsDetailsEnabled": true,
         "ssoSessionIdleTimeout": sso_idle_s,
         "ssoSessionMaxLifespan": 36000,
-        "attributes": {"lockstep.url": lockstep_url, "lockstep.secret": secret},
+        "attributes": {"lockstep.url": lockstep_url},
         "users": [user(EV_ALICE.0, EV_ALICE.1, "Alice"), ann],
         "clients": [{
             "clientId": PORTAL_CLIENT.0,
@@ -820,9 +823,56 @@ impl EventsRealm {
         }
     }
 
-    /// Points the realm's `lockstep` listener at another Lockstep (realm attributes).
-    pub async fn set_lockstep(&self, lockstep_url: &str, secret: &str) {
-        set_realm_events(&self.base, &self.name, lockstep_url, secret, true).await;
+    /// Points the realm's `lockstep` listener at another Lockstep (realm attribute).
+    pub async fn set_lockstep(&self, lockstep_url: &str) {
+        set_realm_events(&self.base, &self.name, lockstep_url, true).await;
+    }
+
+    /// Sets one realm attribute (say, a `lockstep.secret` the extension must ignore).
+    pub async fn set_attribute(&self, name: &str, value: &str) {
+        let token = admin_token(&self.base).await;
+        let url = format!("{}/admin/realms/{}", self.base, self.name);
+        let mut rep = admin_get(&self.base, &token, &self.name).await;
+        rep["attributes"][name] = json!(value);
+        let resp = http()
+            .put(&url)
+            .bearer_auth(&token)
+            .json(&json!({"attributes": rep["attributes"]}))
+            .send()
+            .await
+            .expect("realm update");
+        expect_status(
+            resp,
+            StatusCode::NO_CONTENT,
+            &format!("setting {name} of realm {}", self.name),
+        )
+        .await;
+    }
+
+    /// Puts the realm's own signing secret in the test Keycloak's file vault
+    /// (`target/keycloak/vault/<realm>_lockstep-secret`), which wins over the server option.
+    pub fn set_vault_secret(&self, secret: &str) {
+        let dir = vault_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{}_lockstep-secret", self.name)), secret).unwrap();
+    }
+
+    /// Logs a session out with its refresh token (`POST .../logout`; a LOGOUT event).
+    pub async fn logout(&self, client_id: &str, secret: &str, refresh_token: &str) {
+        let resp = http()
+            .post(format!(
+                "{}/realms/{}/protocol/openid-connect/logout",
+                self.base, self.name
+            ))
+            .form(&[
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .expect("logout");
+        expect_status(resp, StatusCode::NO_CONTENT, "logout").await;
     }
 
     /// [`EventsRealm::impersonate`] of [`EV_ALICE`].
@@ -906,8 +956,10 @@ impl EventsRealm {
         expect_status(resp, StatusCode::OK, "logout-all").await;
     }
 
-    /// Deletes the realm; every test calls this at its end (see [`EventsRealm`]).
+    /// Deletes the realm (and its vault secret); every test calls this at its end (see
+    /// [`EventsRealm`]).
     pub async fn delete(self) {
+        let _ = std::fs::remove_file(vault_dir().join(format!("{}_lockstep-secret", self.name)));
         let token = admin_token(&self.base).await;
         let resp = http()
             .delete(format!("{}/admin/realms/{}", self.base, self.name))
@@ -924,8 +976,8 @@ impl EventsRealm {
     }
 }
 
-/// Sets (or, with `on` false, removes) the `lockstep` event listener and its realm attributes.
-async fn set_realm_events(base: &str, realm: &str, lockstep_url: &str, secret: &str, on: bool) {
+/// Sets (or, with `on` false, removes) the `lockstep` event listener and its realm attribute.
+async fn set_realm_events(base: &str, realm: &str, lockstep_url: &str, on: bool) {
     let token = admin_token(base).await;
     let url = format!("{base}/admin/realms/{realm}");
     let resp = http()
@@ -950,10 +1002,8 @@ async fn set_realm_events(base: &str, realm: &str, lockstep_url: &str, secret: &
     let mut attributes = rep["attributes"].as_object().cloned().unwrap_or_default();
     if on {
         attributes.insert("lockstep.url".into(), json!(lockstep_url));
-        attributes.insert("lockstep.secret".into(), json!(secret));
     } else {
         attributes.remove("lockstep.url");
-        attributes.remove("lockstep.secret");
     }
     let resp = http()
         .put(&url)
@@ -980,8 +1030,8 @@ pub struct MasterEvents {
 }
 
 /// Enables the `lockstep` listener on the master realm, posting to `lockstep_url`.
-pub async fn master_events(base: &str, lockstep_url: &str, secret: &str) -> MasterEvents {
-    set_realm_events(base, "master", lockstep_url, secret, true).await;
+pub async fn master_events(base: &str, lockstep_url: &str) -> MasterEvents {
+    set_realm_events(base, "master", lockstep_url, true).await;
     MasterEvents {
         base: base.to_owned(),
     }
@@ -990,6 +1040,66 @@ pub async fn master_events(base: &str, lockstep_url: &str, secret: &str) -> Mast
 impl MasterEvents {
     /// Removes the listener and its attributes from master again.
     pub async fn restore(self) {
-        set_realm_events(&self.base, "master", "", "", false).await;
+        set_realm_events(&self.base, "master", "", false).await;
     }
+}
+
+/// Cargo's target directory of this test binary (`target/debug/deps/<test>` → `target`).
+fn target_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors()
+        .nth(3)
+        .unwrap_or_else(|| panic!("{} is not in target/<profile>/deps", exe.display()))
+        .to_owned()
+}
+
+/// The test Keycloak's file vault (`cargo xtask keycloak start` passes it as `--vault-dir`).
+pub fn vault_dir() -> std::path::PathBuf {
+    target_dir().join("keycloak/vault")
+}
+
+/// Runs `cargo xtask keycloak <args>` through the xtask binary `scripts/test.sh` built
+/// (`target/release/xtask`): `cargo` itself would wait for the build lock the running
+/// `cargo test` holds.
+fn xtask_keycloak(args: &[&str]) {
+    let xtask = target_dir().join("release/xtask");
+    assert!(
+        xtask.is_file(),
+        "{} is missing: run `cargo xtask keycloak start` first",
+        xtask.display()
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let status = std::process::Command::new(&xtask)
+        .arg("keycloak")
+        .args(args)
+        .current_dir(root)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", xtask.display()));
+    assert!(status.success(), "xtask keycloak {args:?} failed: {status}");
+}
+
+/// Kills the test Keycloak with SIGKILL (a crash: nothing is flushed or stopped) and starts
+/// it again on the same database; returns once it answers (bounded by the xtask's timeout).
+pub fn crash_and_restart() {
+    xtask_keycloak(&["kill"]);
+    xtask_keycloak(&["start", "--no-build"]);
+}
+
+/// The value of one metric of Keycloak's `/metrics` (the first sample), or `None`.
+pub async fn metric(name: &str) -> Option<f64> {
+    let text = http()
+        .get(METRICS_URL)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split(['{', ' ']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
