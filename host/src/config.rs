@@ -217,6 +217,9 @@ pub struct ApiKeyConfig {
     pub realms: Vec<String>,
     /// Permissions it grants.
     pub permissions: Vec<String>,
+    /// The system (connector name) the key speaks for: the default `system` and the only
+    /// `originSystem` its calls may name (default: its `id`).
+    pub system: Option<String>,
 }
 
 impl FileConfig {
@@ -282,11 +285,15 @@ impl FileConfig {
                 .iter()
                 .map(|p| p.parse::<Permission>().map_err(&ctx))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(system) = &k.system {
+                validate::id("system", system).map_err(|e| ctx(e.to_string()))?;
+            }
             keys.push(ApiKey {
                 id: k.id.clone(),
                 sha256: digest,
                 realms: k.realms.clone(),
                 permissions,
+                system: k.system.clone(),
             });
         }
         Ok(keys)
@@ -370,14 +377,17 @@ orphan_children = false
 permission_role = "users:manage"
 
 [[api_keys]]
-id = "portal"
+id = "portal-app"
+system = "portal"
 sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 realms = ["acme"]
 permissions = ["users:manage"]
 "#,
         )
         .unwrap();
-        assert_eq!(cfg.api_keys().unwrap().len(), 1);
+        let keys = cfg.api_keys().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].system.as_deref(), Some("portal"));
         assert!(cfg.realm_policies().unwrap().contains_key("acme"));
     }
 

@@ -28,6 +28,7 @@ on_both_backends!(
     outbox_records_one_event_per_change_in_the_same_transaction,
     committed_changes_survive_sigkill,
     a_session_named_like_an_action_is_readable,
+    a_key_names_only_its_own_system_as_origin,
 );
 
 async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: Backend) {
@@ -861,6 +862,83 @@ async fn outbox_records_one_event_per_change_in_the_same_transaction(backend: Ba
     api.map_parent("p", "kc-9").await;
     api.post("destroy-parent", json!({"externalId": "p"})).await;
     assert_eq!(server.outbox_total().await, 4);
+}
+
+async fn a_key_names_only_its_own_system_as_origin(backend: Backend) {
+    let (portal, ops) = (hex_sha256("portal-key"), hex_sha256("ops-key"));
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(format!(
+                "[[api_keys]]\nid = \"portal-app\"\nsystem = \"portal\"\nsha256 = \"{portal}\"\n\
+                 realms = [\"acme\"]\npermissions = [\"users:manage\"]\n\
+                 [[api_keys]]\nid = \"ops\"\nsha256 = \"{ops}\"\n\
+                 realms = [\"acme\"]\npermissions = [\"users:manage\"]\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let as_portal = server.api_as("acme", "portal-key");
+    let as_ops = server.api_as("acme", "ops-key");
+
+    // Naming another system's connector as origin would keep the logout from it: refused,
+    // and nothing is written.
+    let body = json!({"externalId": "p", "keycloakSessionId": "kc", "originSystem": "billing"});
+    assert_problem(&as_portal.post("map-parent", body).await, 403, "FORBIDDEN");
+    assert_problem(&as_portal.get("p").await, 404, "NOT_FOUND");
+    assert_eq!(server.outbox_total().await, 0);
+
+    // The key's own system is the default and may be named.
+    assert_eq!(as_portal.map_parent("p", "kc").await.0, StatusCode::CREATED);
+    assert_eq!(as_portal.get("p").await.1["system"], "portal");
+    let body = json!({"externalId": "c", "parentExternalId": "p", "originSystem": "portal"});
+    assert_eq!(
+        as_portal.post("map-child", body).await.0,
+        StatusCode::CREATED
+    );
+    for (id, origin) in [("p", "portal"), ("c", "portal")] {
+        assert_eq!(server.outbox("acme", id).await[0]["originSystem"], origin);
+    }
+
+    // Destroys too: refused before anything changes.
+    for (api, other) in [(&as_portal, "billing"), (&as_ops, "portal")] {
+        let refused = api
+            .post(
+                "destroy-parent",
+                json!({"externalId": "p", "originSystem": other}),
+            )
+            .await;
+        assert_problem(&refused, 403, "FORBIDDEN");
+        assert!(
+            refused.1["detail"]
+                .as_str()
+                .unwrap()
+                .contains("originSystem"),
+            "{}",
+            refused.1
+        );
+    }
+    assert_eq!(as_ops.status_of("p").await, "ACTIVE");
+    // A key without `system` speaks for its id.
+    let (code, _) = as_ops
+        .post(
+            "destroy-parent",
+            json!({"externalId": "p", "originSystem": "ops"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(server.outbox("acme", "p").await[1]["originSystem"], "ops");
+    // The bootstrap token (the operator) may speak for any system.
+    let admin = server.api("acme");
+    admin.map_parent("q", "kc-q").await;
+    let (code, _) = admin
+        .post(
+            "destroy-parent",
+            json!({"externalId": "q", "originSystem": "billing"}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
 }
 
 async fn committed_changes_survive_sigkill(backend: Backend) {

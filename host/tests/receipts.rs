@@ -404,6 +404,19 @@ async fn the_origin_of_a_logout_is_named_and_not_expected_to_confirm(backend: Ba
         .collect();
     assert_eq!(names, ["billing"], "portal logged the user out itself");
     assert_eq!(done["summary"]["connectors"], 1);
+    // ... and the connector passed over is named, with why.
+    assert_eq!(
+        logout["skipped"],
+        json!([{"connector": "portal", "reason": "origin"}]),
+        "{done:#}"
+    );
+    // A logout from a system that has no connector passes over nobody.
+    api.map_parent("from-admin", "kc-2").await;
+    api.post("destroy-parent", json!({"externalId": "from-admin"}))
+        .await;
+    let done = wait_receipt(&api, "from-admin", |r| r["complete"] == true).await;
+    assert_eq!(done["logouts"][0]["skipped"], json!([]));
+    assert_eq!(done["summary"]["connectors"], 2);
 }
 
 async fn live_and_orphaned_sessions_have_not_ended(backend: Backend) {

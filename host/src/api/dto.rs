@@ -98,7 +98,7 @@ pub struct MapParentRequest {
         pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
     )]
     pub user_id: Option<String>,
-    /// Owning system (default: the caller's name).
+    /// Owning system (default: the caller's system: an API key's `system`, else its id).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -111,7 +111,9 @@ pub struct MapParentRequest {
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Connectors with this name do not receive the event (default: the caller's name).
+    /// The system the change comes from; connectors with this name do not receive the
+    /// event. Default and only accepted value: the caller's own system (an API key's
+    /// `system`, else its id); another name is 403 FORBIDDEN (the bootstrap token may name any).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -152,7 +154,7 @@ pub struct MapChildRequest {
         pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
     )]
     pub user_id: Option<String>,
-    /// Owning system (default: the caller's name).
+    /// Owning system (default: the caller's system: an API key's `system`, else its id).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -165,7 +167,9 @@ pub struct MapChildRequest {
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Connectors with this name do not receive the event.
+    /// The system the change comes from; connectors with this name do not receive the
+    /// event. Default and only accepted value: the caller's own system (an API key's
+    /// `system`, else its id); another name is 403 FORBIDDEN (the bootstrap token may name any).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -206,7 +210,7 @@ pub struct MapFixedRequest {
         pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
     )]
     pub user_id: Option<String>,
-    /// Owning system (default: the caller's name).
+    /// Owning system (default: the caller's system: an API key's `system`, else its id).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -219,7 +223,9 @@ pub struct MapFixedRequest {
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Connectors with this name do not receive the event.
+    /// The system the change comes from; connectors with this name do not receive the
+    /// event. Default and only accepted value: the caller's own system (an API key's
+    /// `system`, else its id); another name is 403 FORBIDDEN (the bootstrap token may name any).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -242,7 +248,9 @@ pub struct DestroyRequest {
     /// logout (default), admin, idp_logout, expired or revoked.
     #[schema(schema_with = constraints::caller_reason)]
     pub reason: Option<EndReason>,
-    /// Connectors with this name do not receive the events.
+    /// The system the change comes from; connectors with this name do not receive the
+    /// events. Default and only accepted value: the caller's own system (an API key's
+    /// `system`, else its id); another name is 403 FORBIDDEN (the bootstrap token may name any).
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -265,7 +273,9 @@ pub struct DestroyUserRequest {
     /// logout (default), admin, idp_logout, expired or revoked.
     #[schema(schema_with = constraints::caller_reason)]
     pub reason: Option<EndReason>,
-    /// Connectors with this name do not receive the events.
+    /// The system the change comes from; connectors with this name do not receive the
+    /// events. Default and only accepted value: the caller's own system (an API key's
+    /// `system`, else its id); another name is 403 FORBIDDEN (the bootstrap token may name any).
     #[schema(
         min_length = 1,
         max_length = 255,

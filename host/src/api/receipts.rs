@@ -15,7 +15,7 @@ use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
-use crate::sync::model::{EndReason, SessionKind, SessionStatus};
+use crate::sync::model::{EndReason, EventType, SessionKind, SessionStatus};
 use crate::sync::receipts::{
     self, Confirmation, ConnectorReceipt, LogoutReceipt, SessionReceipt, Tally, UserReceipts,
     UserTally,
@@ -113,6 +113,27 @@ pub struct LogoutEventDto {
     pub routed: bool,
     /// Every connector subscribed to it when it was routed, by delivery id.
     pub connectors: Vec<ConnectorReceiptDto>,
+    /// Connectors subscribed to it (as loaded on this instance now) that were not sent it
+    /// because they are its origin: the system that ended the session itself.
+    pub skipped: Vec<SkippedConnectorDto>,
+}
+
+/// A subscribed connector a logout was not sent to.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedConnectorDto {
+    /// Connector name.
+    pub connector: String,
+    /// Why: `origin` (the logout came from this system; no echo).
+    pub reason: SkipReasonDto,
+}
+
+/// Why a subscribed connector was not sent a logout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SkipReasonDto {
+    /// The logout's `originSystem` names it.
+    Origin,
 }
 
 impl From<LogoutReceipt> for LogoutEventDto {
@@ -123,6 +144,14 @@ impl From<LogoutReceipt> for LogoutEventDto {
             origin_system: l.origin_system,
             routed: l.routed,
             connectors: l.connectors.into_iter().map(Into::into).collect(),
+            skipped: l
+                .skipped
+                .into_iter()
+                .map(|connector| SkippedConnectorDto {
+                    connector,
+                    reason: SkipReasonDto::Origin,
+                })
+                .collect(),
         }
     }
 }
@@ -311,6 +340,23 @@ pub struct UserReceiptParams {
     pub limit: Option<u32>,
 }
 
+/// The loaded connectors that take the realm's logouts whatever their origin (what the
+/// fan-out routes to, before it leaves out the origin's own connector).
+fn logout_subscribers(state: &AppState, realm: &str) -> Vec<String> {
+    state
+        .connectors
+        .registry()
+        .snapshot()
+        .values()
+        .map(|e| &e.connector)
+        .filter(|c| {
+            c.world.has_hook(EventType::Logout)
+                && c.manifest.subscribes(realm, EventType::Logout, None)
+        })
+        .map(|c| c.manifest.name.clone())
+        .collect()
+}
+
 /// `users:manage` or `audit:read` in the realm (403 before any input is examined), then the
 /// realm name.
 fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
@@ -347,11 +393,13 @@ async fn session_receipt(
     ApiPath((realm, external_id)): ApiPath<(String, String)>,
 ) -> Result<Json<SessionReceiptResponse>, ApiError> {
     authorize(&caller, &realm)?;
-    let receipt = receipts::session_receipt(state.sessions.store(), &realm, &external_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
-        })?;
+    let subscribers = logout_subscribers(&state, &realm);
+    let receipt =
+        receipts::session_receipt(state.sessions.store(), &realm, &external_id, &subscribers)
+            .await?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+            })?;
     Ok(Json(SessionReceiptResponse {
         generated_at: Utc::now(),
         receipt: receipt.into(),
@@ -383,6 +431,7 @@ async fn user_receipts(
         &params.user_id,
         after,
         params.limit,
+        &logout_subscribers(&state, &realm),
     )
     .await?;
     Ok(Json(UserReceiptsResponse::new(realm, page)))

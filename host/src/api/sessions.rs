@@ -42,6 +42,22 @@ enum AccessProblems {
     Forbidden(Problem),
 }
 
+/// Problems every authenticated write can answer with.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only describes responses for the OpenAPI document
+enum WriteAccessProblems {
+    /// VALIDATION: bad realm name, path or body.
+    #[response(status = 400, content_type = "application/problem+json")]
+    Invalid(Problem),
+    /// UNAUTHORIZED: missing or invalid bearer token.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthenticated(Problem),
+    /// FORBIDDEN: no `users:manage` in this realm, or an `originSystem` other than the
+    /// caller's own system (an API key's `system`, else its id); nothing changed.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+}
+
 /// Problems of routes that take a JSON body.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // only describes responses for the OpenAPI document
@@ -110,7 +126,7 @@ fn trace_session(external_id: &str) {
 }
 
 fn default_name(value: Option<String>, caller: &Caller) -> Option<String> {
-    value.or_else(|| Some(caller.0.name().to_owned()))
+    value.or_else(|| Some(caller.0.system().to_owned()))
 }
 
 async fn do_map(
@@ -119,7 +135,7 @@ async fn do_map(
     session: NewSession,
     origin: Option<String>,
 ) -> Result<(StatusCode, Json<SessionDto>), ApiError> {
-    let origin_system = default_name(origin, caller);
+    let origin_system = Some(caller.0.origin(origin)?);
     let action = match session.kind {
         SessionKind::Parent => AuditAction::MapParent,
         SessionKind::Child => AuditAction::MapChild,
@@ -147,7 +163,7 @@ async fn do_map(
     request_body = MapParentRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        AccessProblems,
+        WriteAccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
     ))]
@@ -182,7 +198,7 @@ async fn map_parent(
     request_body = MapChildRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        AccessProblems,
+        WriteAccessProblems,
         (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
@@ -218,7 +234,7 @@ async fn map_child(
     request_body = MapFixedRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        AccessProblems,
+        WriteAccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
     ))]
@@ -255,7 +271,7 @@ async fn do_destroy(
     origin: Option<String>,
 ) -> Result<Json<DestroyResponse>, ApiError> {
     authorize(caller, realm)?;
-    let origin = default_name(origin, caller);
+    let origin = Some(caller.0.origin(origin)?);
     let (action, id) = match &target {
         DestroyTarget::Parent(id) => {
             trace_session(id);
@@ -293,7 +309,7 @@ async fn do_destroy(
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        AccessProblems,
+        WriteAccessProblems,
         BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = "application/problem+json"),
@@ -323,7 +339,7 @@ async fn destroy_parent(
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        AccessProblems,
+        WriteAccessProblems,
         BodyProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = "application/problem+json"),
@@ -354,7 +370,7 @@ async fn destroy_child(
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
         (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
-        AccessProblems,
+        WriteAccessProblems,
         BodyProblems,
     ))]
 async fn destroy_user(

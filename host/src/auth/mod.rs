@@ -65,6 +65,8 @@ pub struct ApiKey {
     pub realms: Vec<String>,
     /// What it may do there.
     pub permissions: Vec<Permission>,
+    /// The system (connector name) the key speaks for; `None`: its `id`.
+    pub system: Option<String>,
 }
 
 /// An authenticated caller.
@@ -80,6 +82,8 @@ pub enum Principal {
         realms: Vec<String>,
         /// Permissions.
         permissions: Vec<Permission>,
+        /// The system it speaks for (`[[api_keys]] system`; `None`: its id).
+        system: Option<String>,
     },
     /// An IdP-issued access token, verified against its realm's keys.
     Token {
@@ -110,6 +114,35 @@ impl Principal {
             Principal::Admin => "admin",
             Principal::Key { id, .. } => id,
             Principal::Token { subject, .. } => subject,
+        }
+    }
+
+    /// The system the caller speaks for: a key's configured `system` (else its id), a
+    /// token's subject, `admin` for the bootstrap token. The default `system` and
+    /// `originSystem` of its calls.
+    pub fn system(&self) -> &str {
+        match self {
+            Principal::Key {
+                system: Some(system),
+                ..
+            } => system,
+            _ => self.name(),
+        }
+    }
+
+    /// The `originSystem` of a change the caller asks for: `requested`, or its own system.
+    /// The origin's connector is not sent the change (no echo), so naming another system
+    /// would silence that connector; only the bootstrap token (the operator) may.
+    pub fn origin(&self, requested: Option<String>) -> Result<String, AuthError> {
+        match requested {
+            None => Ok(self.system().to_owned()),
+            Some(origin) if origin == self.system() || *self == Principal::Admin => Ok(origin),
+            Some(origin) => Err(AuthError::Forbidden(format!(
+                "{} may not name {origin:?} as originSystem: a caller names only its own \
+                 system ({:?}), whose connector is then not sent the change",
+                self.name(),
+                self.system()
+            ))),
         }
     }
 
@@ -243,6 +276,7 @@ impl Authenticator {
                 id: key.id.clone(),
                 realms: key.realms.clone(),
                 permissions: key.permissions.clone(),
+                system: key.system.clone(),
             });
         }
         if let Some(verifier) = &self.verifier
@@ -268,6 +302,7 @@ mod tests {
                 sha256: sha256("portal-secret"),
                 realms: vec!["acme".into()],
                 permissions: vec![Permission::UsersManage],
+                system: None,
             }],
         )
     }
@@ -324,6 +359,7 @@ mod tests {
             id: "portal".into(),
             realms: vec!["acme".into()],
             permissions: vec![],
+            system: None,
         };
         assert_eq!(key.actor(), "key:portal");
         let token = Principal::Token {
@@ -332,5 +368,40 @@ mod tests {
             permissions: vec![],
         };
         assert_eq!(token.actor(), "token:u-1@acme");
+    }
+
+    #[test]
+    fn a_caller_names_only_its_own_system_as_origin() {
+        let key = |system: Option<&str>| Principal::Key {
+            id: "portal-key".into(),
+            realms: vec!["acme".into()],
+            permissions: vec![Permission::UsersManage],
+            system: system.map(str::to_owned),
+        };
+        let bound = key(Some("portal"));
+        assert_eq!(bound.origin(None).unwrap(), "portal");
+        assert_eq!(bound.origin(Some("portal".into())).unwrap(), "portal");
+        assert!(matches!(
+            bound.origin(Some("billing".into())),
+            Err(AuthError::Forbidden(_))
+        ));
+        assert!(
+            bound.origin(Some("portal-key".into())).is_err(),
+            "a configured system replaces the id"
+        );
+        let unbound = key(None);
+        assert_eq!(unbound.origin(None).unwrap(), "portal-key");
+        assert!(unbound.origin(Some("portal".into())).is_err());
+        let token = Principal::Token {
+            subject: "u-1".into(),
+            realm: "acme".into(),
+            permissions: vec![Permission::UsersManage],
+        };
+        assert!(token.origin(Some("billing".into())).is_err());
+        assert_eq!(
+            Principal::Admin.origin(Some("billing".into())).unwrap(),
+            "billing",
+            "the operator may speak for any system"
+        );
     }
 }

@@ -78,6 +78,9 @@ pub struct LogoutReceipt {
     pub routed: bool,
     /// Every connector the event was routed to, by delivery id.
     pub connectors: Vec<ConnectorReceipt>,
+    /// Connectors subscribed to this logout that are not sent it because they are its
+    /// origin (no echo): listed, so a receipt never passes over a connector in silence.
+    pub skipped: Vec<String>,
 }
 
 /// Counts of connector states.
@@ -200,8 +203,13 @@ fn connector_receipt(d: DeliveryRow, confirmed: Option<(Option<String>, i64)>) -
 }
 
 /// Builds the receipts of `sessions` from their logout records (records of other sessions
-/// are ignored).
-pub fn assemble(sessions: Vec<Session>, records: LogoutRecords) -> Vec<SessionReceipt> {
+/// are ignored). `subscribers` are the connectors subscribed to the realm's logouts whatever
+/// their origin; those a logout's origin names were skipped by its fan-out (no echo).
+pub fn assemble(
+    sessions: Vec<Session>,
+    records: LogoutRecords,
+    subscribers: &[String],
+) -> Vec<SessionReceipt> {
     let mut confirmations: HashMap<i64, (Option<String>, i64)> = HashMap::new();
     for c in records.confirmations {
         // The first confirmation counts (a redelivery may confirm again).
@@ -224,6 +232,11 @@ pub fn assemble(sessions: Vec<Session>, records: LogoutRecords) -> Vec<SessionRe
             .or_default()
             .push(LogoutReceipt {
                 connectors: by_event.remove(&e.event_id).unwrap_or_default(),
+                skipped: subscribers
+                    .iter()
+                    .filter(|name| e.origin_system.as_deref() == Some(name.as_str()))
+                    .cloned()
+                    .collect(),
                 event_id: e.event_id,
                 occurred_at: time(e.created_at),
                 origin_system: e.origin_system,
@@ -292,13 +305,14 @@ pub async fn session_receipt(
     store: &Store,
     realm: &str,
     external_id: &str,
+    subscribers: &[String],
 ) -> Result<Option<SessionReceipt>, SessionError> {
     validate::realm(realm)?;
     validate::id("externalId", external_id)?;
     let Some((session, records)) = store.session_receipt(realm, external_id).await? else {
         return Ok(None);
     };
-    Ok(assemble(vec![session], records).pop())
+    Ok(assemble(vec![session], records, subscribers).pop())
 }
 
 /// One page (`limit` 1–500, default [`USER_PAGE`]) of the receipts of a user's sessions,
@@ -309,6 +323,7 @@ pub async fn user_receipts(
     user_id: &str,
     after: Option<i64>,
     limit: Option<u32>,
+    subscribers: &[String],
 ) -> Result<UserReceipts, SessionError> {
     validate::realm(realm)?;
     validate::id("userId", user_id)?;
@@ -326,7 +341,7 @@ pub async fn user_receipts(
     let (totals, complete) = user_tally(&totals);
     Ok(UserReceipts {
         user_id: user_id.to_owned(),
-        sessions: assemble(page.items, records),
+        sessions: assemble(page.items, records, subscribers),
         totals,
         complete,
         next_after: page.next_after,
@@ -427,6 +442,7 @@ mod tests {
         let r = assemble(
             vec![session("p", SessionStatus::Destroyed)],
             records("dead"),
+            &[],
         );
         let r = &r[0];
         assert!(r.ended && !r.complete);
@@ -445,6 +461,7 @@ mod tests {
         let r = assemble(
             vec![session("p", SessionStatus::Destroyed)],
             records("delivered"),
+            &[],
         );
         assert!(r[0].complete);
         // Without a confirming attempt row the delivery row still tells when.
@@ -460,12 +477,13 @@ mod tests {
             events: vec![event("e1", "p", false)],
             ..LogoutRecords::default()
         };
-        let r = assemble(vec![session("p", SessionStatus::Destroyed)], unrouted);
+        let r = assemble(vec![session("p", SessionStatus::Destroyed)], unrouted, &[]);
         assert!(r[0].ended && !r[0].complete);
 
         let nothing = assemble(
             vec![session("p", SessionStatus::Destroyed)],
             LogoutRecords::default(),
+            &[],
         );
         assert!(!nothing[0].complete);
 
@@ -474,13 +492,32 @@ mod tests {
             events: vec![event("e1", "p", true)],
             ..LogoutRecords::default()
         };
-        let r = assemble(vec![session("p", SessionStatus::Destroyed)], nobody);
+        let r = assemble(vec![session("p", SessionStatus::Destroyed)], nobody, &[]);
         assert!(r[0].complete);
 
         for status in [SessionStatus::Active, SessionStatus::Orphaned] {
-            let r = assemble(vec![session("p", status)], LogoutRecords::default());
+            let r = assemble(vec![session("p", status)], LogoutRecords::default(), &[]);
             assert!(!r[0].ended && !r[0].complete && r[0].ended_at.is_none());
         }
+    }
+
+    #[test]
+    fn subscribed_connectors_named_as_origin_are_listed_as_skipped() {
+        let records = LogoutRecords {
+            events: vec![event("e1", "p", true)],
+            deliveries: vec![delivery(1, "e1", "billing", "delivered", 1)],
+            confirmations: vec![],
+        };
+        let subscribers = ["billing".to_owned(), "portal".to_owned()];
+        let r = assemble(
+            vec![session("p", SessionStatus::Destroyed)],
+            records,
+            &subscribers,
+        );
+        let logout = &r[0].logouts[0];
+        assert_eq!(logout.origin_system.as_deref(), Some("portal"));
+        assert_eq!(logout.skipped, ["portal"]);
+        assert!(r[0].complete, "the origin ended the session itself");
     }
 
     #[test]
