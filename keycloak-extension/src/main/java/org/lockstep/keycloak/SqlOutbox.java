@@ -25,9 +25,11 @@ final class SqlOutbox implements Outbox {
     @Override
     public List<Head> heads(int max) {
         return tx.run(db -> {
+            // One pass over the (LANE, SEQ) index for the heads, then one lookup per lane: a
+            // correlated MIN per row would cost a lookup per waiting row on every poll.
             List<Object[]> rows = db.query("SELECT e.LANE, e.SEQ, e.ID, e.NEXT_ATTEMPT_AT, e.LEASE_UNTIL "
-                    + "FROM LOCKSTEP_EVENT e WHERE e.SEQ = "
-                    + "(SELECT MIN(x.SEQ) FROM LOCKSTEP_EVENT x WHERE x.LANE = e.LANE) ORDER BY e.SEQ", max);
+                    + "FROM LOCKSTEP_EVENT e JOIN (SELECT LANE, MIN(SEQ) AS HEAD FROM LOCKSTEP_EVENT GROUP BY LANE) h "
+                    + "ON e.LANE = h.LANE AND e.SEQ = h.HEAD ORDER BY e.SEQ", max);
             // Two nodes can write the same SEQ into one lane (same microsecond): the head is
             // then the lower id, as in claim().
             Map<String, Object[]> firstByLane = new HashMap<>();
