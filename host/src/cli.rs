@@ -329,8 +329,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DispatcherConfig::default(),
     );
     let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
-    let sessions =
-        SessionService::new(store.clone(), policies).with_max_cascade(limits.max_cascade);
+    let sessions = SessionService::new(store.clone(), policies)
+        .with_max_cascade(limits.max_cascade)
+        .with_max_tree(limits.max_tree);
     let sweeper = tokio::spawn(expiry::run(
         sessions.clone(),
         ExpiryConfig::default(),

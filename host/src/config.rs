@@ -85,6 +85,8 @@ pub struct LimitsConfig {
     pub burst: Option<u32>,
     /// Sessions one API destroy may end, descendants included (default 10000).
     pub max_cascade: Option<usize>,
+    /// Sessions one `session-tree` read may return; a bigger tree is refused (default 10000).
+    pub max_tree: Option<usize>,
     /// Client connections open at once; more wait in the listen backlog (default 1024).
     pub max_client_connections: Option<usize>,
     /// Milliseconds a request head may take, from the connection's opening or the request's
@@ -102,6 +104,9 @@ pub struct LimitsConfig {
 pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 1_000;
 /// Default of `[limits] max_cascade`.
 pub const DEFAULT_MAX_CASCADE: usize = 10_000;
+/// Default of `[limits] max_tree`: the same as `max_cascade`, so any tree the API may
+/// destroy can be read first.
+pub const DEFAULT_MAX_TREE: usize = 10_000;
 /// Default of `[limits] max_client_connections`.
 pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 1_024;
 /// Default of `[limits] header_read_timeout_ms`.
@@ -121,6 +126,8 @@ pub struct Limits {
     pub rate: Option<(u32, u32)>,
     /// Sessions one API destroy may end.
     pub max_cascade: Option<usize>,
+    /// Sessions one tree read may return.
+    pub max_tree: Option<usize>,
     /// Client connections open at once.
     pub max_client_connections: Option<usize>,
     /// Connection deadlines.
@@ -160,6 +167,7 @@ impl LimitsConfig {
             timeouts,
             rate,
             max_cascade: off_if_zero(self.max_cascade.unwrap_or(DEFAULT_MAX_CASCADE)),
+            max_tree: off_if_zero(self.max_tree.unwrap_or(DEFAULT_MAX_TREE)),
             max_client_connections: off_if_zero(
                 self.max_client_connections
                     .unwrap_or(DEFAULT_MAX_CLIENT_CONNECTIONS),
@@ -325,6 +333,7 @@ mod tests {
             Limits {
                 rate: Some((1_000, 2_000)),
                 max_cascade: Some(10_000),
+                max_tree: Some(10_000),
                 max_client_connections: Some(1_024),
                 timeouts: crate::api::serve::Timeouts {
                     header_read: s(10),
@@ -343,12 +352,13 @@ mod tests {
         assert_eq!(t.header_read, Some(std::time::Duration::from_millis(500)));
         assert_eq!(t.send, None, "0 switches a deadline off");
         let file = FileConfig::parse(
-            "[limits]\nrequests_per_second = 5\nburst = 7\nmax_cascade = 0\nmax_client_connections = 3\n",
+            "[limits]\nrequests_per_second = 5\nburst = 7\nmax_cascade = 0\nmax_tree = 0\nmax_client_connections = 3\n",
         )
         .unwrap();
         let l = file.limits.resolve(None).unwrap();
         assert_eq!(l.rate, Some((5, 7)));
         assert_eq!(l.max_cascade, None);
+        assert_eq!(l.max_tree, None);
         assert_eq!(l.max_client_connections, Some(3));
         assert_eq!(file.limits.resolve(Some(0)).unwrap().rate, None);
         assert_eq!(file.limits.resolve(Some(9)).unwrap().rate, Some((9, 7)));

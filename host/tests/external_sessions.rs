@@ -29,6 +29,7 @@ on_both_backends!(
     committed_changes_survive_sigkill,
     a_session_named_like_an_action_is_readable,
     a_key_names_only_its_own_system_as_origin,
+    a_tree_larger_than_max_tree_is_refused_not_read,
 );
 
 async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: Backend) {
@@ -939,6 +940,37 @@ async fn a_key_names_only_its_own_system_as_origin(backend: Backend) {
         )
         .await;
     assert_eq!(code, StatusCode::OK);
+}
+
+async fn a_tree_larger_than_max_tree_is_refused_not_read(backend: Backend) {
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some("[limits]\nmax_tree = 3\n".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    api.map_parent("root", "kc-t").await;
+    api.map_child("a", "root").await;
+    api.map_child("a1", "a").await;
+    let (code, tree) = api.get("session-tree/a1").await;
+    assert_eq!(code, StatusCode::OK, "{tree}");
+    assert_eq!(tree["size"], 3, "a tree at the limit is read whole");
+
+    api.map_child("b", "root").await;
+    for from in ["root", "a1", "b"] {
+        let refused = api.get(&format!("session-tree/{from}")).await;
+        assert_problem(&refused, 422, "TREE_TOO_LARGE");
+        let detail = refused.1["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("max_tree") && detail.contains('3'),
+            "{detail}"
+        );
+    }
+    // The sessions stay readable one by one and page by page.
+    assert_eq!(api.list_all("&keycloakSessionId=kc-t").await.len(), 4);
 }
 
 async fn committed_changes_survive_sigkill(backend: Backend) {

@@ -59,6 +59,9 @@ pub enum ApiError {
     /// A destroy would end more sessions than `[limits] max_cascade` (422); nothing changed.
     #[error("{0}")]
     CascadeTooLarge(String),
+    /// A tree holds more sessions than `[limits] max_tree` lets one read return (422).
+    #[error("{0}")]
+    TreeTooLarge(String),
     /// The caller used up its request budget (429, with `Retry-After` in whole seconds).
     #[error("{detail}")]
     RateLimited {
@@ -95,7 +98,8 @@ pub struct Problem {
     pub detail: String,
     /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
     /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
-    /// CONFLICT, METHOD_NOT_ALLOWED, REQUEST_TIMEOUT, UNAVAILABLE, INTERNAL.
+    /// CONFLICT, CASCADE_TOO_LARGE, TREE_TOO_LARGE, RATE_LIMITED, METHOD_NOT_ALLOWED,
+    /// REQUEST_TIMEOUT, UNAVAILABLE, INTERNAL.
     pub code: String,
 }
 
@@ -120,6 +124,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT"),
             ApiError::CascadeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "CASCADE_TOO_LARGE"),
+            ApiError::TreeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "TREE_TOO_LARGE"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
@@ -145,6 +150,7 @@ impl ApiError {
             | ApiError::InvalidManifest(_)
             | ApiError::InvalidComponent(_) => Some(self.status_and_code().1),
             ApiError::Validation(_)
+            | ApiError::TreeTooLarge(_)
             | ApiError::PayloadTooLarge(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Unauthorized(_)
@@ -228,6 +234,7 @@ impl From<StoreError> for ApiError {
             StoreError::ParentNotActive { .. } => ApiError::ParentNotActive(e.to_string()),
             StoreError::WrongKind(m) => ApiError::WrongKind(m),
             StoreError::CascadeTooLarge { .. } => ApiError::CascadeTooLarge(e.to_string()),
+            StoreError::TreeTooLarge { .. } => ApiError::TreeTooLarge(e.to_string()),
             StoreError::Replayed(id) => {
                 ApiError::DuplicateEvent(format!("event {id:?} was already applied"))
             }

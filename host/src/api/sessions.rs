@@ -399,6 +399,7 @@ async fn destroy_user(
         (status = 200, description = "The tree", body = TreeResponse),
         AccessProblems,
         (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "TREE_TOO_LARGE: the tree holds more sessions than `[limits] max_tree` lets one read return; list them page by page", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn session_tree(
     State(state): State<AppState>,

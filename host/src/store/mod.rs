@@ -76,6 +76,18 @@ pub enum StoreError {
         /// The configured limit.
         limit: usize,
     },
+    /// A tree holds more sessions than `[limits] max_tree` allows one read to return.
+    #[error(
+        "the tree of {target:?} holds more than {limit} sessions, the most one read returns \
+         ([limits] max_tree); list its sessions page by page instead (GET external-sessions \
+         with keycloakSessionId or userId)"
+    )]
+    TreeTooLarge {
+        /// The session asked about.
+        target: String,
+        /// The configured limit.
+        limit: usize,
+    },
     /// The database URL is not one this build understands.
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
@@ -108,7 +120,9 @@ impl StoreError {
             StoreError::WrongKind(_) => Some("WRONG_KIND"),
             StoreError::CascadeTooLarge { .. } => Some("CASCADE_TOO_LARGE"),
             StoreError::Replayed(_) => Some("DUPLICATE_EVENT"),
-            StoreError::UnsupportedUrl(_)
+            // A read: refused reads are not audited.
+            StoreError::TreeTooLarge { .. }
+            | StoreError::UnsupportedUrl(_)
             | StoreError::Corrupt(_)
             | StoreError::Unavailable
             | StoreError::Database(_)
@@ -247,11 +261,17 @@ impl Store {
         }
     }
 
-    /// The whole tree containing `external_id`, root first, or `None` if it does not exist.
-    pub async fn tree(&self, realm: &str, external_id: &str) -> Result<Option<Vec<Session>>> {
+    /// The whole tree containing `external_id`, root first, or `None` if it does not exist;
+    /// [`StoreError::TreeTooLarge`] when it holds more than `max` sessions.
+    pub async fn tree(
+        &self,
+        realm: &str,
+        external_id: &str,
+        max: Option<usize>,
+    ) -> Result<Option<Vec<Session>>> {
         match self {
-            Store::Sqlite(s) => s.tree(realm, external_id).await,
-            Store::Postgres(p) => p.tree(realm, external_id).await,
+            Store::Sqlite(s) => s.tree(realm, external_id, max).await,
+            Store::Postgres(p) => p.tree(realm, external_id, max).await,
         }
     }
 

@@ -45,10 +45,13 @@ macro_rules! session_reads {
             row.map(Session::try_from).transpose()
         }
 
+        /// `max`: the most sessions returned; a bigger tree is refused (`TreeTooLarge`)
+        /// after reading one session past the limit, so the walk costs what the limit allows.
         pub(crate) async fn tree(
             conn: &mut $conn,
             realm: &str,
             external_id: &str,
+            max: Option<usize>,
         ) -> Result<Option<Vec<Session>>> {
             // CROSS JOIN fixes the join order (SQLite): the walk drives the index lookups.
             // Walk up to the root (depth-bounded: parents exist before children, so there is
@@ -79,12 +82,23 @@ macro_rules! session_reads {
                  ) SELECT ",
                 session_columns!(),
                 " FROM sessions WHERE realm = $1 \
-                   AND external_id IN (SELECT external_id FROM down) ORDER BY id"
+                   AND external_id IN (SELECT external_id FROM down LIMIT $3) ORDER BY id"
             ))
             .bind(realm)
             .bind(&root)
+            // The LIMIT stops the recursive walk itself on both backends (rows are produced
+            // as the outer query pulls them), not only the answer.
+            .bind(max.map_or(i64::MAX, |m| i64::try_from(m).unwrap_or(i64::MAX).saturating_add(1)))
             .fetch_all(&mut *conn)
             .await?;
+            if let Some(limit) = max
+                && rows.len() > limit
+            {
+                return Err(crate::store::StoreError::TreeTooLarge {
+                    target: external_id.to_owned(),
+                    limit,
+                });
+            }
             Ok(Some(into_sessions(rows)?))
         }
 

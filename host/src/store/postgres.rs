@@ -260,13 +260,18 @@ impl PgStore {
         ops::get(&mut conn, realm, id).await
     }
 
-    pub(super) async fn tree(&self, realm: &str, id: &str) -> Result<Option<Vec<Session>>> {
+    pub(super) async fn tree(
+        &self,
+        realm: &str,
+        id: &str,
+        max: Option<usize>,
+    ) -> Result<Option<Vec<Session>>> {
         // One snapshot for both statements, so the tree is consistent.
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let tree = ops::tree(&mut tx, realm, id).await?;
+        let tree = ops::tree(&mut tx, realm, id, max).await?;
         tx.commit().await?;
         Ok(tree)
     }

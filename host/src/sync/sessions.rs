@@ -98,6 +98,7 @@ pub struct SessionService {
     store: Store,
     policies: Arc<HashMap<String, RealmPolicy>>,
     max_cascade: Option<usize>,
+    max_tree: Option<usize>,
 }
 
 impl SessionService {
@@ -107,6 +108,7 @@ impl SessionService {
             store,
             policies: Arc::new(policies),
             max_cascade: None,
+            max_tree: None,
         }
     }
 
@@ -114,6 +116,12 @@ impl SessionService {
     /// Logouts the IdP orders and the expiry sweeper are never limited.
     pub fn with_max_cascade(mut self, limit: Option<usize>) -> Self {
         self.max_cascade = limit;
+        self
+    }
+
+    /// Refuses to read a tree of more than `limit` sessions (`None`: no limit).
+    pub fn with_max_tree(mut self, limit: Option<usize>) -> Self {
+        self.max_tree = limit;
         self
     }
 
@@ -371,7 +379,7 @@ impl SessionService {
         Ok(self.store.get(realm, external_id).await?)
     }
 
-    /// The tree containing a session.
+    /// The tree containing a session (refused beyond `with_max_tree`).
     pub async fn tree(
         &self,
         realm: &str,
@@ -379,7 +387,11 @@ impl SessionService {
     ) -> Result<Option<Vec<TreeEntry>>, SessionError> {
         validate::realm(realm)?;
         validate::id("externalId", external_id)?;
-        Ok(self.store.tree(realm, external_id).await?.map(tree_order))
+        Ok(self
+            .store
+            .tree(realm, external_id, self.max_tree)
+            .await?
+            .map(tree_order))
     }
 
     /// Filtered listing; `limit` defaults to 50 and may not exceed 500.

@@ -275,9 +275,14 @@ impl SqliteStore {
         ops::get(&mut conn, realm, id).await
     }
 
-    pub(super) async fn tree(&self, realm: &str, id: &str) -> Result<Option<Vec<Session>>> {
+    pub(super) async fn tree(
+        &self,
+        realm: &str,
+        id: &str,
+        max: Option<usize>,
+    ) -> Result<Option<Vec<Session>>> {
         let mut conn = self.read.acquire().await?;
-        ops::tree(&mut conn, realm, id).await
+        ops::tree(&mut conn, realm, id, max).await
     }
 
     pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
