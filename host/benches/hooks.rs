@@ -1,9 +1,12 @@
-//! Hook-call benchmark (issue 4): a fresh sandboxed instance per call, against the same
-//! payload POSTed over loopback HTTP, and destroy-parent → every connector called, end to end.
+//! Hook-call benchmark: a fresh sandboxed instance per call, a warm one (`reuse_instance`),
+//! against the same payload POSTed over loopback HTTP; the webhook connector delivering to a
+//! loopback receiver over a pooled keep-alive connection and over a new connection each; and
+//! destroy-parent → every connector called, end to end.
 //!
 //! Run: `cargo xtask build-connectors && cargo bench -p lockstep --bench hooks`
-//! (`-- --calls N` to change the sample size). Prints medians, p99 and ratios; figures go to
-//! docs/benchmarks.md. Not a test: nothing here asserts a time.
+//! (`-- --calls N` to change the sample size; `-- --only fresh` runs only the fresh-instance
+//! loop, for a profiler). Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
+//! Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -82,37 +85,65 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    let only_fresh = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .is_some_and(|v| v == "fresh");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(calls));
+    rt.block_on(run(calls, only_fresh));
 }
 
-async fn run(calls: usize) {
-    println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
-    let runtime = Runtime::new(None).unwrap();
+fn noop_manifest(extra: &str) -> Manifest {
     let text = format!(
-        "name = \"noop\"\ncomponent = \"{}\"\n[config]\nmode = \"ok\"\n",
+        "name = \"noop\"\ncomponent = \"{}\"\n{extra}\n[config]\nmode = \"ok\"\n",
         component("hostile").display()
     );
-    let noop = runtime
-        .load(Manifest::parse(&text, Path::new("."), "noop").unwrap())
-        .await
-        .unwrap();
-    let ev = event();
-    for _ in 0..500 {
-        runtime.call(&noop, &ev).await.unwrap();
+    Manifest::parse(&text, Path::new("."), "noop").unwrap()
+}
+
+/// Sequential calls of `connector`, each timed.
+async fn sequential(
+    runtime: &Runtime,
+    connector: &Arc<lockstep::runtime::LoadedConnector>,
+    ev: &SyncEvent,
+    calls: usize,
+) -> Stats {
+    for _ in 0..calls.min(500) {
+        runtime.call(connector, ev).await.unwrap();
     }
-    // 1. Sequential: fresh store + instantiate + on-login + drop.
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let t = Instant::now();
-        runtime.call(&noop, &ev).await.unwrap();
+        runtime.call(connector, ev).await.unwrap();
         samples.push(t.elapsed());
     }
-    let hook = stats(samples);
+    stats(samples)
+}
+
+async fn run(calls: usize, only_fresh: bool) {
+    println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
+    let runtime = Runtime::new(None).unwrap();
+    let noop = runtime.load(noop_manifest("")).await.unwrap();
+    let ev = event();
+    // 1. Sequential: fresh store + instantiate + on-login + drop.
+    let hook = sequential(&runtime, &noop, &ev, calls).await;
+    if only_fresh {
+        println!(
+            "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs |",
+            hook.median_us, hook.p99_us
+        );
+        return;
+    }
+    // 1b. The same with `reuse_instance`: a warm instance serves the call.
+    let warm = runtime
+        .load(noop_manifest("reuse_instance = true"))
+        .await
+        .unwrap();
+    let warm = sequential(&runtime, &warm, &ev, calls).await;
     // 2. Throughput: 64 concurrent callers on 2 workers.
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -155,23 +186,29 @@ async fn run(calls: usize) {
     let keepalive = http(keep).await;
     let newconn = http(fresh).await;
 
-    // 4. The webhook connector calling a loopback receiver (hook + real HTTP).
+    // 4. The webhook connector calling a loopback receiver (hook + real HTTP), over the
+    // connector's pool of keep-alive connections and with pooling off.
     let (waddr, _) = receiver().await;
-    let text = format!(
-        "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{waddr}\"]\n[config]\nurl = \"http://{waddr}/s\"\n",
-        component("webhook").display()
-    );
-    let webhook = runtime
-        .load(Manifest::parse(&text, Path::new("."), "webhook").unwrap())
+    let webhook = |pool: &'static str| {
+        let text = format!(
+            "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{waddr}\"]\n[http]\n{pool}\n[config]\nurl = \"http://{waddr}/s\"\n",
+            component("webhook").display()
+        );
+        Manifest::parse(&text, Path::new("."), "webhook").unwrap()
+    };
+    let pooled = runtime.load(webhook("")).await.unwrap();
+    let webhook_pooled = sequential(&runtime, &pooled, &ev, calls.min(5_000)).await;
+    let unpooled = runtime
+        .load(webhook("max_idle_per_host = 0"))
         .await
         .unwrap();
-    let mut s = Vec::new();
-    for _ in 0..calls.min(5_000) {
-        let t = Instant::now();
-        runtime.call(&webhook, &ev).await.unwrap();
-        s.push(t.elapsed());
-    }
-    let webhook_call = stats(s);
+    let webhook_unpooled = sequential(&runtime, &unpooled, &ev, calls.min(5_000)).await;
+    println!(
+        "# webhook connections opened: pooled {} for {} calls, unpooled {}",
+        pooled.connections().opened(),
+        calls.min(5_000) + calls.min(5_000).min(500),
+        unpooled.connections().opened()
+    );
 
     let e2e = end_to_end(200).await;
 
@@ -182,6 +219,10 @@ async fn run(calls: usize) {
         hook.median_us, hook.p99_us
     );
     println!(
+        "| hook call, warm instance (`reuse_instance`, no-op connector) | {:.1} µs | {:.1} µs |",
+        warm.median_us, warm.p99_us
+    );
+    println!(
         "| loopback HTTP POST, keep-alive | {:.1} µs | {:.1} µs |",
         keepalive.median_us, keepalive.p99_us
     );
@@ -190,8 +231,12 @@ async fn run(calls: usize) {
         newconn.median_us, newconn.p99_us
     );
     println!(
-        "| webhook connector → loopback receiver (hook + HTTP) | {:.1} µs | {:.1} µs |",
-        webhook_call.median_us, webhook_call.p99_us
+        "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs |",
+        webhook_pooled.median_us, webhook_pooled.p99_us
+    );
+    println!(
+        "| webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`) | {:.1} µs | {:.1} µs |",
+        webhook_unpooled.median_us, webhook_unpooled.p99_us
     );
     println!(
         "| destroy-parent (3 sessions) → 2 webhook connectors called 3 times each | {:.1} µs | {:.1} µs |",

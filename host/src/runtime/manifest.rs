@@ -497,8 +497,16 @@ url = "http://127.0.0.1:9000/sessions"
             ("timeout_ms = 2000", "timeout_ms = 0", "timeout_ms"),
             ("memory_mb = 32", "memory_mb = 4096", "memory_mb"),
             ("max_attempts = 5", "max_attempts = 0", "max_attempts"),
-            ("memory_mb = 32", "memory_mb = 32\nconcurrency = 0", "concurrency"),
-            ("memory_mb = 32", "memory_mb = 32\nconcurrency = 65", "concurrency"),
+            (
+                "memory_mb = 32",
+                "memory_mb = 32\nconcurrency = 0",
+                "concurrency",
+            ),
+            (
+                "memory_mb = 32",
+                "memory_mb = 32\nconcurrency = 65",
+                "concurrency",
+            ),
             (
                 "[policy]",
                 "[http]\nmax_idle_per_host = 65\n[policy]",

@@ -43,6 +43,11 @@ pub const MAX_CONCURRENT_CALLS: usize = 64;
 pub const MAX_IDLE_WARM_PER_CONNECTOR: usize = 4;
 /// See [`MAX_IDLE_WARM_PER_CONNECTOR`].
 pub const MAX_IDLE_WARM: usize = 16;
+/// Bytes of each pooled linear memory (and table) kept resident between instances; the rest
+/// is given back to the kernel. Bounds resident memory to about this much per warm slot.
+const KEEP_RESIDENT_MEMORY: usize = 1024 * 1024;
+/// See [`KEEP_RESIDENT_MEMORY`].
+const KEEP_RESIDENT_TABLE: usize = 64 * 1024;
 
 /// Runtime failures outside a hook call (loading, compiling).
 #[derive(Debug, thiserror::Error)]
@@ -221,7 +226,7 @@ fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads((cores / 2).max(1))
                 .thread_name("lockstep-hooks")
-                .on_thread_start(lower_priority)
+                .on_thread_start(enter_hook_thread)
                 .enable_all()
                 .build()
                 .inspect_err(|e| {
@@ -233,14 +238,22 @@ fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
         .map(tokio::runtime::Runtime::handle)
 }
 
+thread_local! {
+    /// Whether this thread is a hook thread: a call made there runs in place (no hop to
+    /// another thread and back).
+    static ON_HOOK_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Niceness of the hook threads: under contention the scheduler gives the API's threads
 /// about ten times their share, so hostile connectors get mostly idle CPU.
 #[cfg(target_os = "linux")]
 const HOOK_NICENESS: i32 = 10;
 
-/// Lowers the calling thread's priority (Linux: `setpriority` on a thread id affects only
-/// that thread). Best effort: a refusal only costs the API some of its headroom.
-fn lower_priority() {
+/// Marks the calling thread as a hook thread and lowers its priority (Linux: `setpriority`
+/// on a thread id affects only that thread). Best effort: a refusal only costs the API some
+/// of its headroom.
+fn enter_hook_thread() {
+    ON_HOOK_THREAD.set(true);
     #[cfg(target_os = "linux")]
     {
         let tid = rustix::thread::gettid();
@@ -287,8 +300,14 @@ fn engine_config() -> Result<Config, RuntimeError> {
         .max_memories_per_component(8)
         .max_tables_per_component(64)
         .max_memory_size(manifest::MAX_MEMORY_MB as usize * 1024 * 1024)
-        // Keeping a little memory resident avoids page faults on every fresh instance.
-        .linear_memory_keep_resident(64 * 1024);
+        // A slot is reset for the next instance by copying back the original contents of the
+        // pages the last one wrote (found with PAGEMAP_SCAN where the kernel has it, 6.7+),
+        // up to these sizes, instead of madvise: the next instance then takes no page
+        // faults, and no TLB shootdown is needed. Without PAGEMAP_SCAN the first bytes up to
+        // these sizes are reset by memset. Fresh state is what the guest sees either way.
+        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
     config
         .wasm_component_model(true)
@@ -521,7 +540,7 @@ impl Runtime {
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        let result = match hook_threads() {
+        let result = match hook_threads().filter(|_| !ON_HOOK_THREAD.get()) {
             None => {
                 self.call_here(connector, event, None)
                     .instrument(span.clone())
