@@ -702,3 +702,31 @@ async fn requests_outside_the_allowlist_are_denied_even_with_a_pooled_connection
     assert_eq!(receiver.served(), 1);
     assert_eq!(receiver.accepted(), 1);
 }
+
+#[tokio::test]
+async fn the_memory_cap_covers_all_of_an_instances_memories_together() {
+    let runtime = Runtime::new(None).unwrap();
+    let wat = common::components::workspace().join("tests/fixtures/two-memories.wat");
+    let bytes = wat::parse_file(&wat).unwrap();
+    // Two memories of 6 MiB each fit 16 MiB; the hook grows one to 12 MiB, which is under
+    // the cap alone but 18 MiB with the other.
+    let c = runtime
+        .load_bytes(hostile("ok", ""), bytes.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        runtime.call(&c, &event(EventType::Login)).await,
+        Err(HookFailure::OutOfMemory(16))
+    );
+    // With room for both, the same call succeeds.
+    let roomy = manifest("roomy", "hostile", "memory_mb = 32");
+    let c = runtime.load_bytes(roomy, bytes.clone()).await.unwrap();
+    assert_eq!(runtime.call(&c, &event(EventType::Login)).await, Ok(()));
+    // Two memories that together exceed the cap at start are refused at load.
+    let tight = manifest("tight", "hostile", "memory_mb = 10");
+    let refused = runtime.load_bytes(tight, bytes).await;
+    assert!(
+        matches!(&refused, Err(RuntimeError::Invalid { message, .. }) if message.contains("memory_mb = 10")),
+        "{refused:?}"
+    );
+}

@@ -101,11 +101,7 @@ impl CallState {
                 event_id: event_id.clone(),
                 recorder: None,
             },
-            limiter: MemoryLimiter {
-                max_bytes: manifest.memory_mb as usize * 1024 * 1024,
-                hit: false,
-                peak: 0,
-            },
+            limiter: MemoryLimiter::new(manifest.memory_mb as usize * 1024 * 1024),
             logs: LogBudget::default(),
             manifest,
             event_id,
@@ -249,16 +245,33 @@ impl WasiHttpHooks for HttpGate {
     }
 }
 
-/// Caps linear memory (and table) growth; remembers that the cap was hit so the failure
-/// can be reported as out-of-memory rather than a generic trap.
+/// Caps the instance's linear memory (the sum over all of its memories: a component may
+/// have several, each of which could otherwise grow to the cap) and table growth; remembers
+/// that the cap was hit so the failure can be reported as out-of-memory rather than a
+/// generic trap.
 pub(super) struct MemoryLimiter {
     max_bytes: usize,
     pub(super) hit: bool,
-    /// The largest size any memory of the instance has asked for.
+    /// Bytes of all the store's memories now. A store holds one component instance (memories
+    /// are never freed before the store), so this is the instance's total.
+    total: usize,
+    /// The last growth this limiter allowed, taken back if the grow then fails.
+    pending: usize,
+    /// The largest total the instance has reached.
     peak: usize,
 }
 
 impl MemoryLimiter {
+    pub(super) fn new(max_bytes: usize) -> Self {
+        MemoryLimiter {
+            max_bytes,
+            hit: false,
+            total: 0,
+            pending: 0,
+            peak: 0,
+        }
+    }
+
     /// Whether the instance has used more than three quarters of its cap: a warm instance
     /// that far up is recycled rather than left to fail a later call at the cap.
     pub(super) fn mostly_used(&self) -> bool {
@@ -269,19 +282,30 @@ impl MemoryLimiter {
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        self.peak = self.peak.max(desired);
-        if desired > self.max_bytes {
+        // A new memory comes here with `current` 0, so instantiation is counted too.
+        let growth = desired.saturating_sub(current);
+        let total = self.total.saturating_add(growth);
+        if total > self.max_bytes {
             self.hit = true;
             return Err(wasmtime::Error::msg(format!(
-                "memory limit of {} MiB exceeded",
+                "memory limit of {} MiB exceeded (the instance's memories together)",
                 self.max_bytes / (1024 * 1024)
             )));
         }
+        self.total = total;
+        self.pending = growth;
+        self.peak = self.peak.max(total);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.total = self.total.saturating_sub(std::mem::take(&mut self.pending));
+        tracing::debug!(error = %error, "a connector's memory could not grow");
+        Ok(())
     }
 
     fn table_growing(
