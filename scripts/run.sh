@@ -4,7 +4,9 @@
 # connector manifests of examples/connectors.d (only `*.toml` files load; the webhook example
 # ships as `webhook.toml.example`, so nothing is delivered until you copy it to webhook.toml,
 # which the running service picks up without a restart).
-# Without LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token.
+# Without LOCKSTEP_ADMIN_TOKEN or API keys, the service prints a fresh bootstrap admin token
+# when its output is a terminal; otherwise (piped, logged) it writes it to
+# ./lockstep-admin-token (mode 0600) and prints only that path.
 # Extra arguments go to `lockstep serve` (e.g. --listen, --database-url, --config).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -157,6 +157,100 @@ impl StoreArgs {
     }
 }
 
+/// File the bootstrap admin token is written to when no terminal can show it.
+pub const BOOTSTRAP_TOKEN_FILE: &str = "lockstep-admin-token";
+
+/// Where the service keeps its files: systemd's `StateDirectory`, else the SQLite
+/// database's directory; `None` for PostgreSQL without either.
+fn data_dir(database_url: &str) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several, separated by colons; the first is ours.
+        let first = dir.to_string_lossy().split(':').next().map(PathBuf::from);
+        return first;
+    }
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    let parent = std::path::Path::new(path).parent()?;
+    Some(if parent.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        parent.to_owned()
+    })
+}
+
+/// Gives the bootstrap token to the operator without putting it in a log: on stdout when
+/// that is a terminal, else in [`BOOTSTRAP_TOKEN_FILE`] (mode 0600, created afresh, never
+/// through a symlink) in the data directory; stderr, which service managers collect, only
+/// says where. `false` when neither works: the token is then not enabled at all.
+fn hand_out_bootstrap_token(token: &str, data_dir: Option<&std::path::Path>) -> bool {
+    use std::io::IsTerminal;
+    let how_else = "or set LOCKSTEP_ADMIN_TOKEN, or add an [[api_keys]] entry \
+                    (`lockstep hash-key -` prints its sha256)";
+    if std::io::stdout().is_terminal() {
+        println!(
+            "No LOCKSTEP_ADMIN_TOKEN or API keys configured; generated a bootstrap admin token \
+             for this run:\n\n    export TOKEN={token}\n"
+        );
+        return true;
+    }
+    let Some(dir) = data_dir else {
+        eprintln!(
+            "No LOCKSTEP_ADMIN_TOKEN, API keys or realm issuers configured, and no terminal or \
+             data directory to hand a bootstrap token to: every admin call will be refused. \
+             Run once in a terminal, {how_else}."
+        );
+        return false;
+    };
+    let path = dir.join(BOOTSTRAP_TOKEN_FILE);
+    match write_private(&path, format!("{token}\n").as_bytes()) {
+        Ok(()) => {
+            eprintln!(
+                "No LOCKSTEP_ADMIN_TOKEN or API keys configured; wrote a bootstrap admin token \
+                 for this run to {} (mode 0600): export TOKEN=$(cat {}) -- {how_else} to \
+                 choose your own.",
+                path.display(),
+                path.display()
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!(
+                "No LOCKSTEP_ADMIN_TOKEN or API keys configured, and the bootstrap token cannot \
+                 be written to {}: {e}. Every admin call will be refused; {how_else}.",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
+/// Replaces `path` with a new file only the owner can read, holding `bytes`. Created with
+/// `O_EXCL`, which never follows a symlink: whatever was there, a planted symlink included,
+/// is removed, never written through.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 async fn open_store(opts: &StoreOptions) -> anyhow::Result<Store> {
     let store = Store::connect(opts)
         .await
@@ -260,10 +354,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {
         // Nothing could ever authenticate; mint a one-off bootstrap token so a first run works.
         let token = format!("lst_{}", uuid::Uuid::new_v4().simple());
-        eprintln!(
-            "No LOCKSTEP_ADMIN_TOKEN or API keys configured; generated a bootstrap admin token for this run:\n\n    export TOKEN={token}\n"
-        );
-        admin_token = Some(token);
+        let data_dir = data_dir(&args.store.options(&file)?.url);
+        if hand_out_bootstrap_token(&token, data_dir.as_deref()) {
+            admin_token = Some(token);
+        }
     }
     let mut auth = Authenticator::new(admin_token.as_deref(), keys);
     if !oidc.is_empty() {
@@ -356,6 +450,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         rate_limit: limits
             .rate
             .map(|(rate, burst)| Arc::new(api::limits::RateLimiter::new(rate, burst))),
+        auth_failures: limits
+            .failed_auth
+            .map(|(per_minute, burst)| Arc::new(api::limits::AuthFailures::new(per_minute, burst))),
     };
     let app = api::app(state);
     match limits.max_client_connections {

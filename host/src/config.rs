@@ -87,6 +87,11 @@ pub struct LimitsConfig {
     pub max_cascade: Option<usize>,
     /// Sessions one `session-tree` read may return; a bigger tree is refused (default 10000).
     pub max_tree: Option<usize>,
+    /// Failed authentications one client address may make at once (default 20).
+    pub failed_auth_burst: Option<u32>,
+    /// Failed authentications per minute one client address may make after its burst
+    /// (default 10).
+    pub failed_auth_per_minute: Option<u32>,
     /// Client connections open at once; more wait in the listen backlog (default 1024).
     pub max_client_connections: Option<usize>,
     /// Milliseconds a request head may take, from the connection's opening or the request's
@@ -102,6 +107,10 @@ pub struct LimitsConfig {
 
 /// Default of `[limits] requests_per_second`.
 pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 1_000;
+/// Default of `[limits] failed_auth_burst`.
+pub const DEFAULT_FAILED_AUTH_BURST: u32 = 20;
+/// Default of `[limits] failed_auth_per_minute`.
+pub const DEFAULT_FAILED_AUTH_PER_MINUTE: u32 = 10;
 /// Default of `[limits] max_cascade`.
 pub const DEFAULT_MAX_CASCADE: usize = 10_000;
 /// Default of `[limits] max_tree`: the same as `max_cascade`, so any tree the API may
@@ -124,6 +133,8 @@ pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 30_000;
 pub struct Limits {
     /// Per-caller rate and burst.
     pub rate: Option<(u32, u32)>,
+    /// Failed authentications per client address: per minute and burst.
+    pub failed_auth: Option<(u32, u32)>,
     /// Sessions one API destroy may end.
     pub max_cascade: Option<usize>,
     /// Sessions one tree read may return.
@@ -163,9 +174,18 @@ impl LimitsConfig {
             idle: ms(self.idle_timeout_ms, DEFAULT_IDLE_TIMEOUT_MS),
             send: ms(self.send_timeout_ms, DEFAULT_SEND_TIMEOUT_MS),
         };
+        let failed_auth = match (
+            self.failed_auth_per_minute
+                .unwrap_or(DEFAULT_FAILED_AUTH_PER_MINUTE),
+            self.failed_auth_burst.unwrap_or(DEFAULT_FAILED_AUTH_BURST),
+        ) {
+            (0, _) | (_, 0) => None,
+            pair => Some(pair),
+        };
         Ok(Limits {
             timeouts,
             rate,
+            failed_auth,
             max_cascade: off_if_zero(self.max_cascade.unwrap_or(DEFAULT_MAX_CASCADE)),
             max_tree: off_if_zero(self.max_tree.unwrap_or(DEFAULT_MAX_TREE)),
             max_client_connections: off_if_zero(
@@ -332,6 +352,7 @@ mod tests {
             none,
             Limits {
                 rate: Some((1_000, 2_000)),
+                failed_auth: Some((10, 20)),
                 max_cascade: Some(10_000),
                 max_tree: Some(10_000),
                 max_client_connections: Some(1_024),
@@ -359,6 +380,8 @@ mod tests {
         assert_eq!(l.rate, Some((5, 7)));
         assert_eq!(l.max_cascade, None);
         assert_eq!(l.max_tree, None);
+        let off = FileConfig::parse("[limits]\nfailed_auth_burst = 0\n").unwrap();
+        assert_eq!(off.limits.resolve(None).unwrap().failed_auth, None);
         assert_eq!(l.max_client_connections, Some(3));
         assert_eq!(file.limits.resolve(Some(0)).unwrap().rate, None);
         assert_eq!(file.limits.resolve(Some(9)).unwrap().rate, Some((9, 7)));

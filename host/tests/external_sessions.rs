@@ -30,6 +30,7 @@ on_both_backends!(
     a_session_named_like_an_action_is_readable,
     a_key_names_only_its_own_system_as_origin,
     a_tree_larger_than_max_tree_is_refused_not_read,
+    failed_authentications_are_throttled_per_address,
 );
 
 async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: Backend) {
@@ -971,6 +972,127 @@ async fn a_tree_larger_than_max_tree_is_refused_not_read(backend: Backend) {
     }
     // The sessions stay readable one by one and page by page.
     assert_eq!(api.list_all("&keycloakSessionId=kc-t").await.len(), 4);
+}
+
+async fn failed_authentications_are_throttled_per_address(backend: Backend) {
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some("[limits]\nfailed_auth_burst = 3\nfailed_auth_per_minute = 1\n".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let guess = server.api_as("acme", "guess");
+    for _ in 0..3 {
+        assert_problem(&guess.get("x").await, 401, "UNAUTHORIZED");
+    }
+    // The address has used its failures: refused before any credential is looked at, the
+    // right one included, with when to come back.
+    assert_problem(&guess.get("x").await, 429, "RATE_LIMITED");
+    let res = reqwest::Client::new()
+        .get(format!("{}/x", server.sessions_url("acme")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("failed_auth"),
+        "{body}"
+    );
+    // Routes without credentials are not throttled.
+    let health = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+/// With no credential configured and no terminal, the one-off admin token goes to a file only
+/// its owner reads, never to the output a service manager logs.
+#[tokio::test]
+async fn the_bootstrap_token_is_written_to_a_private_file_not_the_output() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("lockstep-admin-token");
+    // A planted symlink is replaced, not written through.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, &token_file).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}", dir.path().join("l.db").display()))
+        .arg("--compile-cache")
+        .arg(dir.path().join("cache"))
+        .env_remove("LOCKSTEP_ADMIN_TOKEN")
+        .env_remove("LOCKSTEP_CONFIG")
+        .env_remove("STATE_DIRECTORY")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).await.unwrap() > 0,
+                "exited: {seen}"
+            );
+            seen.push_str(&line);
+            if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                return addr.to_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let meta = std::fs::symlink_metadata(&token_file).unwrap();
+    assert!(meta.is_file(), "the symlink was replaced by a file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(token.starts_with("lst_"), "{token}");
+    let res = reqwest::Client::new()
+        .get(format!("http://{addr}/admin/realms/acme/external-sessions"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    child.start_kill().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    stdout.read_to_string(&mut seen).await.unwrap();
+    child.wait().await.unwrap();
+    assert!(
+        !seen.contains(&token) && !stderr.contains(&token),
+        "{seen}\n{stderr}"
+    );
+    assert!(stderr.contains("lockstep-admin-token"), "{stderr}");
 }
 
 async fn committed_changes_survive_sigkill(backend: Backend) {

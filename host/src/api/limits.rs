@@ -1,8 +1,10 @@
-//! Limits at the HTTP edge: a token bucket per caller (429 with `Retry-After`) and a listener
-//! that keeps at most `max_client_connections` client connections open. Both are per instance: with
-//! N instances behind a balancer a caller's effective rate is up to N times the setting.
+//! Limits at the HTTP edge: a token bucket per caller (429 with `Retry-After`), one of failed
+//! authentications per client address, and a listener that keeps at most
+//! `max_client_connections` client connections open. All are per instance: with N instances
+//! behind a balancer a caller's effective rate is up to N times the setting.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -76,6 +78,102 @@ impl Bucket {
     fn refilled(&self, now: Instant, rate: f64, burst: f64) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         (self.tokens + elapsed * rate).min(burst)
+    }
+}
+
+/// Client addresses whose failures [`AuthFailures`] remembers at most: a flood from many
+/// addresses costs bounded memory (the least recently failed are forgotten first).
+const MAX_FAILING_ADDRESSES: usize = 16_384;
+
+/// Failed authentications per client address: each address may fail `burst` times, then
+/// once per `60 / per_minute` seconds. While its budget is empty, every request from it that
+/// needs a credential is refused (429) before the credential is looked at, so guessing keys
+/// or tokens (and the token verification it costs) is slowed to that rate. Successes cost
+/// nothing. IPv6 addresses count per /64, what one host usually holds.
+#[derive(Debug)]
+pub struct AuthFailures {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl AuthFailures {
+    /// `per_minute` failures sustained per address, `burst` at once (both at least 1).
+    pub fn new(per_minute: u32, burst: u32) -> Self {
+        AuthFailures {
+            rate: f64::from(per_minute.max(1)) / 60.0,
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The limit, as configured.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} failed authentications at once, then {} per minute",
+            self.burst,
+            self.rate * 60.0
+        )
+    }
+
+    /// How long `addr` must wait when it has no failures left at `now`.
+    pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match buckets.get(&client_key(addr)) {
+            Some(b) => {
+                let tokens = b.refilled(now, self.rate, self.burst);
+                if tokens >= 1.0 {
+                    Ok(())
+                } else {
+                    Err(Duration::from_secs_f64((1.0 - tokens) / self.rate))
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one failed authentication from `addr` at `now`.
+    pub fn failed(&self, addr: IpAddr, now: Instant) {
+        // A poisoned lock only means another request panicked mid-update of a counter.
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = client_key(addr);
+        if !buckets.contains_key(&key) && buckets.len() >= MAX_FAILING_ADDRESSES {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, b| b.refilled(now, rate, burst) < burst);
+            if buckets.len() >= MAX_FAILING_ADDRESSES {
+                // Forget the eighth that failed longest ago, so this sort runs once per many
+                // new addresses, not for each.
+                let mut by_age: Vec<(Instant, IpAddr)> =
+                    buckets.iter().map(|(k, b)| (b.at, *k)).collect();
+                by_age.sort_unstable();
+                for (_, k) in by_age.iter().take(MAX_FAILING_ADDRESSES / 8) {
+                    buckets.remove(k);
+                }
+            }
+        }
+        let bucket = buckets.entry(key).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        *bucket = Bucket {
+            tokens: (bucket.refilled(now, self.rate, self.burst) - 1.0).max(0.0),
+            at: now,
+        };
+    }
+}
+
+/// The address failures are counted under: IPv4 as is (also when mapped into IPv6), IPv6 by
+/// its /64 prefix.
+fn client_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -235,6 +333,56 @@ mod tests {
         assert!(limiter.check("token:new@r", later).is_ok());
         let kept = limiter.buckets.lock().unwrap().len();
         assert_eq!(kept, 1, "only the caller seen after the refill is tracked");
+    }
+
+    #[test]
+    fn an_address_that_fails_too_often_waits_and_successes_cost_nothing() {
+        let failures = AuthFailures::new(60, 3);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(failures.check(ip, t0).is_ok());
+            failures.failed(ip, t0);
+        }
+        let wait = failures.check(ip, t0).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        // Checking is free: a blocked address is not pushed further back by asking.
+        assert_eq!(failures.check(ip, t0).unwrap_err(), wait);
+        assert!(failures.check("192.0.2.8".parse().unwrap(), t0).is_ok());
+        // One failure a second comes back (60 a minute).
+        assert!(failures.check(ip, t0 + Duration::from_secs(1)).is_ok());
+        // Every address of one IPv6 /64 shares a budget; a mapped IPv4 is that IPv4.
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        for _ in 0..3 {
+            failures.failed(a, t0);
+        }
+        assert!(failures.check(b, t0).is_err());
+        assert!(
+            failures
+                .check("::ffff:192.0.2.7".parse().unwrap(), t0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn failing_addresses_take_bounded_memory() {
+        let failures = AuthFailures::new(1, 1);
+        let t0 = Instant::now();
+        for i in 0..(MAX_FAILING_ADDRESSES as u32 + 1_000) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            failures.failed(ip, t0 + Duration::from_micros(u64::from(i)));
+        }
+        let tracked = failures.buckets.lock().unwrap().len();
+        assert!(tracked <= MAX_FAILING_ADDRESSES, "{tracked}");
+        // The latest failures are the ones remembered.
+        let last = IpAddr::V4(std::net::Ipv4Addr::from(
+            0x0a00_0000 + MAX_FAILING_ADDRESSES as u32 + 999,
+        ));
+        assert!(failures.check(last, t0 + Duration::from_secs(1)).is_err());
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct AppState {
     pub events: std::sync::Arc<crate::auth::webhook::EventKeys>,
     /// Per-caller request budget of the authenticated endpoints (`None`: unlimited).
     pub rate_limit: Option<std::sync::Arc<limits::RateLimiter>>,
+    /// Failed authentications per client address (`None`: not throttled).
+    pub auth_failures: Option<std::sync::Arc<limits::AuthFailures>>,
 }
 
 /// The whole HTTP application.

@@ -108,7 +108,9 @@ impl Modify for RateLimited {
             };
             let mut limited = unauthorized.clone();
             limited.description = "RATE_LIMITED: the caller sent more than its \
-                    `[limits] requests_per_second`; retry after `Retry-After` seconds"
+                    `[limits] requests_per_second`, or its address failed to authenticate more \
+                    often than `[limits] failed_auth_burst` allows; retry after `Retry-After` \
+                    seconds"
                 .to_owned();
             limited.headers.insert(
                 "Retry-After".to_owned(),

@@ -52,8 +52,7 @@ pub async fn serve<L>(
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
 ) where
-    L: Listener,
-    L::Addr: std::fmt::Debug,
+    L: Listener<Addr = std::net::SocketAddr>,
 {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -71,8 +70,11 @@ pub async fn serve<L>(
         let body_read = timeouts.body_read;
         let service = app
             .clone()
-            .map_request(move |req: hyper::Request<Incoming>| {
+            .map_request(move |mut req: hyper::Request<Incoming>| {
                 started.started.fetch_add(1, Ordering::SeqCst);
+                // The client's address, for the failed-authentication throttle.
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
                 req.map(|body| Body::new(DeadlineBody::new(body, body_read)))
             })
             .map_response(move |res| {
