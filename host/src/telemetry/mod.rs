@@ -2,7 +2,8 @@
 //! `--log-level`, and, when `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is set, the same spans
 //! exported over OTLP ([`otlp`]). It configures output only; which spans and events exist is
 //! each module's business. [`metrics`] holds the counters behind `GET /metrics`; [`audit`] the
-//! audit log's retention.
+//! audit log's retention. Text logs escape every control character of every field (see
+//! [`EscapedFields`]), so text from outside cannot forge or hide log lines.
 
 pub mod audit;
 pub mod metrics;
@@ -12,7 +13,11 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer, Registry};
@@ -27,6 +32,83 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The fields of text logs, each value with its control characters escaped (`\n`, `\r`,
+/// `\u{1b}`, ...), and the Unicode line separators and bidirectional overrides too. Field
+/// values come from outside (a logout token's `alg`, a connector's log line, a peer's error
+/// text): unescaped, a newline in one forges a log line of its own, an ANSI sequence rewrites
+/// the operator's terminal. Escaping here covers every call site, the message and span fields
+/// included. JSON logs need none of it: JSON strings escape control characters already.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EscapedFields;
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'writer> {
+    writer: Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        // Quoted, as the default formatter writes strings.
+        self.record_debug(field, &value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let name = field.name();
+        // The `log` crate's bridge metadata, which the default formatter leaves out too.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let text = format!("{value:?}");
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = if name == "message" {
+            write!(self.writer, "{separator}{}", Escaped(&text))
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            write!(self.writer, "{separator}{name}={}", Escaped(&text))
+        };
+    }
+}
+
+/// Text with the characters that could end, fake or hide a log line written as escapes.
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            let risky = c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if risky {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How long shutdown waits for the last spans to reach the collector.
@@ -84,7 +166,7 @@ pub fn init(format: LogFormat, level: &str, export: bool) -> Result<Telemetry, O
             .with_writer(std::io::stderr);
         // A second init (tests calling `run` twice) is harmless; ignore the error.
         let _ = match format {
-            LogFormat::Text => builder.try_init(),
+            LogFormat::Text => builder.fmt_fields(EscapedFields).try_init(),
             LogFormat::Json => builder.json().flatten_event(true).try_init(),
         };
         return Ok(Telemetry { provider: None });
@@ -93,7 +175,7 @@ pub fn init(format: LogFormat, level: &str, export: bool) -> Result<Telemetry, O
     let provider = config.provider()?;
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
-        LogFormat::Text => logs.with_filter(filter()).boxed(),
+        LogFormat::Text => logs.fmt_fields(EscapedFields).with_filter(filter()).boxed(),
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
@@ -122,4 +204,53 @@ pub fn init(format: LogFormat, level: &str, export: bool) -> Result<Telemetry, O
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn text_logs_escape_control_characters_of_every_field() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(EscapedFields)
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", path = %"/x\nINFO forged");
+            let _entered = span.enter();
+            let alg = "RS256\n2026-01-01T00:00:00Z  INFO lockstep: admin logged in";
+            let line = "ok\r\u{1b}[2Khidden\u{202e}";
+            tracing::warn!(reason = %alg, kid = "k\n1", "connector says {line}");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "one event, one line: {text}");
+        assert!(text.ends_with('\n'));
+        for escaped in [
+            r"path=/x\nINFO forged",
+            r"connector says ok\r\u{1b}[2Khidden\u{202e}",
+            r"reason=RS256\n2026",
+            r#"kid="k\n1""#,
+        ] {
+            assert!(text.contains(escaped), "{escaped} missing from {text}");
+        }
+        assert!(!text.contains('\u{1b}') && !text.contains('\r'));
+    }
 }
