@@ -17,6 +17,7 @@ use crate::api::{self, AppState};
 use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
+use crate::oidc::keycloak_admin::{AdminSettings, KeycloakAdmin};
 use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
@@ -24,6 +25,7 @@ use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
+use crate::sync::reconcile::{self, Reconciler};
 use crate::sync::sessions::{RealmPolicy, SessionService};
 use crate::telemetry::audit::{self, RetentionConfig};
 use crate::telemetry::metrics::Metrics;
@@ -69,6 +71,9 @@ pub enum Command {
     Connectors(crate::admin_client::ClientArgs),
     /// Write a connector: scaffold (`new`), `build` and `test` it locally.
     Connector(crate::devkit::ConnectorArgs),
+    /// Compare a realm's sessions with Keycloak's once, end those whose Keycloak session is
+    /// gone (reason `reconciled`, cascading) and print them; needs `[realms.NAME.reconcile]`.
+    Reconcile(ReconcileArgs),
     /// Print the SHA-256 of an API key, for `[[api_keys]] sha256` in the config file.
     HashKey {
         /// The key (prefer reading it from stdin with `-` to keep it out of shell history).
@@ -122,6 +127,23 @@ pub struct ServeArgs {
     pub requests_per_second: Option<u32>,
     /// PEM file of extra certificate authorities for HTTPS to identity providers (`[tls]
     /// ca_file`); the bundled Mozilla roots are always trusted.
+    #[arg(long, env = "LOCKSTEP_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Storage.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `reconcile` flags.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The realm, as named in the config file.
+    #[arg(long, env = "LOCKSTEP_RECONCILE_REALM")]
+    pub realm: String,
+    /// Decide and print what would end, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// PEM file of extra certificate authorities for HTTPS to Keycloak (`[tls] ca_file`).
     #[arg(long, env = "LOCKSTEP_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
     /// Storage.
@@ -299,6 +321,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Connectors(args) => crate::admin_client::run(args).await,
+        Command::Reconcile(args) => reconcile(args).await,
         Command::Connector(args) => crate::devkit::execute(args).await,
         Command::Openapi => {
             print!("{}", api::openapi::document_json());
@@ -318,9 +341,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = args.store.file()?;
-    let policies: HashMap<String, RealmPolicy> = file
+fn realm_policies(file: &FileConfig) -> anyhow::Result<HashMap<String, RealmPolicy>> {
+    Ok(file
         .realm_policies()?
         .into_iter()
         .map(|(name, r)| {
@@ -333,7 +355,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 },
             )
         })
-        .collect();
+        .collect())
+}
+
+/// Every realm with `[realms.NAME.reconcile]`, its admin client set up.
+fn reconcilers(file: &FileConfig, roots: &TrustRoots) -> anyhow::Result<Vec<Arc<KeycloakAdmin>>> {
+    let mut out = Vec::new();
+    for (name, realm) in file.realm_policies()? {
+        if let Some(settings) =
+            AdminSettings::from_config(&name, &realm).map_err(|e| anyhow::anyhow!("config: {e}"))?
+        {
+            out.push(Arc::new(KeycloakAdmin::new(settings, roots)?));
+        }
+    }
+    Ok(out)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = args.store.file()?;
+    let policies = realm_policies(&file)?;
     let idps = file
         .realm_policies()?
         .iter()
@@ -348,6 +388,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| file.tls.ca_file.clone());
     let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
     let oidc = Arc::new(Verifier::new(idps, &roots).context("cannot set up token verification")?);
+    let admins = reconcilers(&file, &roots)?;
     let events = Arc::new(file.event_keys()?);
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
@@ -419,7 +460,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store.clone(),
         runtime.clone(),
         registry.clone(),
-        metrics,
+        metrics.clone(),
         DispatcherConfig::default(),
     );
     let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
@@ -431,6 +472,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ExpiryConfig::default(),
         stopping,
     ));
+    let reconciling: Vec<_> = admins
+        .into_iter()
+        .filter_map(|admin| {
+            let interval = admin.settings().interval?;
+            let r = Reconciler::new(sessions.clone(), admin.clone())
+                .with_metrics(metrics.reconcile(&admin.settings().realm));
+            Some(tokio::spawn(reconcile::run(r, interval, stop.subscribe())))
+        })
+        .collect();
 
     let retention = RetentionConfig {
         retention_days: args
@@ -470,6 +520,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = audit_sweeper.await {
         tracing::error!(error = %e, "audit retention sweeper failed");
     }
+    for task in reconciling {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "reconciler failed");
+        }
+    }
     match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),
@@ -479,6 +534,78 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(10), store.close())
         .await
         .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
+    Ok(())
+}
+
+/// `lockstep reconcile`: one pass over the realm, printing what it ends (or would).
+async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
+    let file = args.store.file()?;
+    let realm = file
+        .realm_policies()?
+        .remove(&args.realm)
+        .ok_or_else(|| anyhow::anyhow!("realm {:?} is not in the config file", args.realm))?;
+    let settings = AdminSettings::from_config(&args.realm, &realm)
+        .map_err(|e| anyhow::anyhow!("config: {e}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "realm {:?} has no [realms.{}.reconcile] (Keycloak admin access)",
+                args.realm,
+                args.realm
+            )
+        })?;
+    let ca_file = args
+        .tls_ca_file
+        .clone()
+        .or_else(|| file.tls.ca_file.clone());
+    let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
+    let admin = Arc::new(KeycloakAdmin::new(settings, &roots)?);
+    let store = open_store(&args.store.options(&file)?).await?;
+    let sessions = SessionService::new(store.clone(), realm_policies(&file)?);
+    let result = Reconciler::new(sessions, admin).pass(args.dry_run).await;
+    store.close().await;
+    let report = result?;
+    let verb = if args.dry_run { "would end" } else { "ended" };
+    for gone in &report.gone {
+        println!(
+            "keycloak session {} is gone: {verb} {}",
+            gone.sid,
+            gone.parents.join(", ")
+        );
+        for s in &gone.ended {
+            println!(
+                "  ended {} ({}, {})",
+                s.external_id,
+                s.kind,
+                s.end_reason.map_or("-", |r| r.as_str())
+            );
+        }
+    }
+    let ended: usize = report.gone.iter().map(|g| g.ended.len()).sum();
+    println!(
+        "realm {}: {} PARENTs checked, {} Keycloak sessions gone, {} sessions ended, {} left \
+         alone, {} failed calls, {} calls to Keycloak{}",
+        args.realm,
+        report.checked,
+        report.gone.len(),
+        ended,
+        report.unsure,
+        report.errors,
+        report.calls,
+        if args.dry_run {
+            " (dry run: nothing changed)"
+        } else {
+            ""
+        }
+    );
+    if let Some(why) = report.stopped {
+        anyhow::bail!("the pass stopped early: {why}");
+    }
+    if report.errors > 0 {
+        anyhow::bail!(
+            "{} calls to Keycloak failed; the sessions they were about were left alone",
+            report.errors
+        );
+    }
     Ok(())
 }
 
@@ -541,6 +668,10 @@ mod tests {
         assert!(matches!(cli.command, Command::Serve(_)));
         assert!(Cli::try_parse_from(["lockstep", "serve", "--durability", "sometimes"]).is_err());
         assert!(Cli::try_parse_from(["lockstep", "migrate"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["lockstep", "reconcile", "--realm", "acme", "--dry-run"]).is_ok()
+        );
+        assert!(Cli::try_parse_from(["lockstep", "reconcile", "--dry-run"]).is_err());
         for args in [
             &["lockstep", "connectors", "list"][..],
             &[

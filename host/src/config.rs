@@ -231,6 +231,33 @@ pub struct RealmConfig {
     /// realm's `POST /realms/{realm}/events` answers 404.
     #[serde(default)]
     pub events_secrets: Vec<String>,
+    /// `[realms.NAME.reconcile]`: compare the realm's sessions with Keycloak's now and then.
+    pub reconcile: Option<ReconcileConfig>,
+}
+
+/// `[realms.NAME.reconcile]`: Keycloak admin access for the reconciler, which ends what is
+/// mapped to Keycloak sessions that Keycloak no longer has. Keycloak's address and realm are
+/// those of the realm's `issuer`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// Confidential client whose service account holds `realm-management` → `view-users`.
+    pub client_id: String,
+    /// Its secret; exactly one of `client_secret`, `client_secret_file`, `client_secret_env`.
+    pub client_secret: Option<String>,
+    /// File holding the secret (trailing newline ignored).
+    pub client_secret_file: Option<std::path::PathBuf>,
+    /// Environment variable holding the secret.
+    pub client_secret_env: Option<String>,
+    /// Seconds between the end of one pass and the start of the next (default 300); 0: no
+    /// periodic pass, only `lockstep reconcile`.
+    pub interval_s: Option<u64>,
+    /// Calls to Keycloak per second at most, token requests included (default 5).
+    pub calls_per_second: Option<u32>,
+    /// PARENTs read per batch (default 100, at most 1000).
+    pub batch: Option<u32>,
+    /// Milliseconds one call to Keycloak may take (default 10000).
+    pub timeout_ms: Option<u64>,
 }
 
 /// `[[api_keys]]`.

@@ -6,6 +6,7 @@
 //! trusts it.
 
 pub mod jwks;
+pub mod keycloak_admin;
 pub mod tls;
 
 use std::collections::HashMap;

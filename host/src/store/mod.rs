@@ -253,6 +253,20 @@ impl Store {
         }
     }
 
+    /// Up to `limit` live PARENTs mapped to an IdP session, after sequence number `after`,
+    /// in sequence order (the reconciler walks them in batches).
+    pub async fn live_idp_parents(
+        &self,
+        realm: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
+        match self {
+            Store::Sqlite(s) => s.live_idp_parents(realm, after, limit).await,
+            Store::Postgres(p) => p.live_idp_parents(realm, after, limit).await,
+        }
+    }
+
     /// One session.
     pub async fn get(&self, realm: &str, external_id: &str) -> Result<Option<Session>> {
         match self {

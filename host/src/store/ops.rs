@@ -2,7 +2,7 @@
 //! placeholders). The writes are per backend: PostgreSQL's in `postgres/sessions.rs`,
 //! SQLite's on its writer thread (`sqlite/write.rs`).
 
-/// Generates the session reads (`expired`, `get`, `tree`, `query`) for one backend; both run
+/// Generates the session reads (`expired`, `live_idp_parents`, `get`, `tree`, `query`) for one backend; both run
 /// them through sqlx (SQLite on its read-only pool).
 macro_rules! session_reads {
     (db = $db:ty, conn = $conn:ty $(,)?) => {
@@ -27,6 +27,28 @@ macro_rules! session_reads {
             .await?)
         }
 
+
+        /// Live PARENTs mapped to an IdP session, after sequence number `after`, in sequence
+        /// order: the reconciler's walk (index `(realm, status, id)`).
+        pub(crate) async fn live_idp_parents(
+            conn: &mut $conn,
+            realm: &str,
+            after: i64,
+            limit: i64,
+        ) -> Result<Vec<Session>> {
+            let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                session_columns!(),
+                " FROM sessions WHERE realm = $1 AND status = 'ACTIVE' AND id > $2 \
+                   AND kind = 'PARENT' AND idp_session_id IS NOT NULL ORDER BY id LIMIT $3"
+            ))
+            .bind(realm)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+            into_sessions(rows)
+        }
 
         pub(crate) async fn get(
             conn: &mut $conn,

@@ -202,6 +202,16 @@ impl PgStore {
         ops::expired(&mut conn, now, limit).await
     }
 
+    pub(super) async fn live_idp_parents(
+        &self,
+        realm: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
+        let mut conn = self.pool.acquire().await?;
+        ops::live_idp_parents(&mut conn, realm, after, limit).await
+    }
+
     /// Signalled after commits that wrote outbox events on this instance.
     pub(super) fn committed(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.committed.clone()

@@ -7,5 +7,6 @@ pub mod expiry;
 pub mod idp_events;
 pub mod model;
 pub mod receipts;
+pub mod reconcile;
 pub mod sessions;
 pub mod validate;

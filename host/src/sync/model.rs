@@ -103,6 +103,8 @@ string_enum! {
         DelegationEnded => "delegation_ended",
         /// Its grant was revoked.
         Revoked => "revoked",
+        /// The reconciler found its IdP session gone (an event or logout that never arrived).
+        Reconciled => "reconciled",
     }
 }
 
@@ -117,9 +119,13 @@ impl EndReason {
     }
 
     /// Whether a caller may name this reason in a destroy: `cascade` and `delegation_ended`
-    /// are assigned by the cascade only.
+    /// are assigned by the cascade only, `reconciled` by the reconciler only (it claims that
+    /// Keycloak no longer has the session, which a caller cannot vouch for).
     pub fn caller_may_give(self) -> bool {
-        !matches!(self, EndReason::Cascade | EndReason::DelegationEnded)
+        !matches!(
+            self,
+            EndReason::Cascade | EndReason::DelegationEnded | EndReason::Reconciled
+        )
     }
 }
 
@@ -388,6 +394,8 @@ pub enum AuditAction {
     IdpEvent(String),
     /// `expire`: the sweeper ended sessions whose lifetime ran out.
     Expire,
+    /// `reconcile`: the reconciler ended what was mapped to an IdP session the IdP no longer has.
+    Reconcile,
     /// `connector-put`: an upload through the admin API.
     ConnectorPut,
     /// `connector-delete`.
@@ -412,6 +420,7 @@ impl fmt::Display for AuditAction {
             AuditAction::BackchannelLogout => "backchannel-logout",
             AuditAction::IdpEvent(kind) => return write!(f, "idp-event:{kind}"),
             AuditAction::Expire => "expire",
+            AuditAction::Reconcile => "reconcile",
             AuditAction::ConnectorPut => "connector-put",
             AuditAction::ConnectorDelete => "connector-delete",
             AuditAction::ConnectorEnable => "connector-enable",
@@ -426,7 +435,8 @@ impl fmt::Display for AuditAction {
 /// transaction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditEntry {
-    /// `admin`, `key:<id>`, `token:<sub>@<realm>`, `idp:<system>` or `lockstep:expiry`.
+    /// `admin`, `key:<id>`, `token:<sub>@<realm>`, `idp:<system>`, `lockstep:expiry` or
+    /// `lockstep:reconciler`.
     pub actor: String,
     /// What was done.
     pub action: AuditAction,

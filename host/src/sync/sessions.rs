@@ -272,7 +272,7 @@ impl SessionService {
     }
 
     /// Ends sessions. `reason` must be one a caller may give (not `cascade` or
-    /// `delegation_ended`, which only the cascade assigns).
+    /// `delegation_ended`, which only the cascade assigns, nor `reconciled`).
     pub async fn destroy(
         &self,
         realm: &str,
@@ -294,7 +294,7 @@ impl SessionService {
         let reason = reason.unwrap_or(EndReason::Logout);
         if !reason.caller_may_give() {
             return Err(ValidationError(format!(
-                "reason {reason} is assigned by the cascade; use logout, admin, idp_logout, expired or revoked"
+                "reason {reason} is assigned by Lockstep; use logout, admin, idp_logout, expired or revoked"
             ))
             .into());
         }
@@ -361,6 +361,51 @@ impl SessionService {
                 origin_system: Some(origin_system.to_owned()),
                 orphan_children: self.policy(realm).orphan_children,
                 replay_guard: Some(guard),
+                max_sessions: None,
+                audit: Some(audit.clone()),
+            })
+            .await;
+        self.audited(Some(audit), result).await
+    }
+
+    /// The realm's IdP system label (origin of IdP-caused events, owner of the mirrors).
+    pub fn idp_system(&self, realm: &str) -> String {
+        self.policy(realm).idp_system().to_owned()
+    }
+
+    /// Ends what is mapped to the IdP session `sid`, which the reconciler found gone from the
+    /// IdP (`parents`: how many PARENTs it saw, for the audit record): every live PARENT of
+    /// the sid with reason `reconciled`, cascading under the realm's orphan policy like any
+    /// IdP logout, with the events' `originSystem` = the IdP system so its connector is not
+    /// asked to end what the IdP already ended.
+    pub async fn end_reconciled(
+        &self,
+        realm: &str,
+        sid: &str,
+        parents: usize,
+    ) -> Result<Vec<Session>, SessionError> {
+        validate::realm(realm)?;
+        validate::id("sid", sid)?;
+        let policy = self.policy(realm);
+        let audit = AuditEntry::new(
+            super::reconcile::RECONCILE_ACTOR,
+            AuditAction::Reconcile,
+            Some(realm),
+        )
+        .target(sid)
+        .detail(
+            serde_json::json!({ "reason": EndReason::Reconciled.as_str(), "parents": parents }),
+        );
+        let result = self
+            .store
+            .destroy(DestroyCommand {
+                realm: realm.to_owned(),
+                target: DestroyTarget::IdpSession(sid.to_owned()),
+                reason: EndReason::Reconciled,
+                origin_system: Some(policy.idp_system().to_owned()),
+                orphan_children: policy.orphan_children,
+                replay_guard: None,
+                // What the IdP ended is never refused for its size.
                 max_sessions: None,
                 audit: Some(audit.clone()),
             })

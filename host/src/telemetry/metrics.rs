@@ -1,7 +1,7 @@
 //! Process metrics in the Prometheus text format (`GET /metrics`): per-connector hook calls by
 //! outcome, hook latency histograms, dead letters and swaps, and the compile cache. Counters
 //! are atomics, so recording on the delivery path never locks; the per-connector map is only
-//! written when a connector is first seen.
+//! written when a connector is first seen. Also the reconciler's passes, per realm.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -164,10 +164,56 @@ pub struct ConnectorGauge {
     pub queue: Option<crate::store::connectors::QueueCounts>,
 }
 
+/// Counters of one realm's reconciler.
+#[derive(Debug, Default)]
+pub struct ReconcileMetrics {
+    checked: AtomicU64,
+    unsure: AtomicU64,
+    errors: AtomicU64,
+    ended: AtomicU64,
+    calls: AtomicU64,
+    /// End of the last pass that went through the whole realm (epoch ms; 0: none yet).
+    last_run_ms: AtomicU64,
+}
+
+impl ReconcileMetrics {
+    /// One pass: PARENTs checked and left alone, failed calls, sessions ended, calls made,
+    /// and whether it went through the whole realm.
+    pub fn pass(
+        &self,
+        checked: u64,
+        unsure: u64,
+        errors: u64,
+        ended: u64,
+        calls: u64,
+        whole: bool,
+    ) {
+        self.checked.fetch_add(checked, Ordering::Relaxed);
+        self.unsure.fetch_add(unsure, Ordering::Relaxed);
+        self.errors.fetch_add(errors, Ordering::Relaxed);
+        self.ended.fetch_add(ended, Ordering::Relaxed);
+        self.calls.fetch_add(calls, Ordering::Relaxed);
+        if whole {
+            let now = u64::try_from(crate::store::now_millis()).unwrap_or(0);
+            self.last_run_ms.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A configured connector that serves no version because it failed to load.
+#[derive(Clone, Debug)]
+pub struct FailedGauge {
+    /// Name (the manifest's file stem when the manifest itself is unreadable).
+    pub name: String,
+    /// `directory` or `api`.
+    pub source: &'static str,
+}
+
 /// Every metric of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
     connectors: RwLock<BTreeMap<String, Arc<ConnectorMetrics>>>,
+    reconcile: RwLock<BTreeMap<String, Arc<ReconcileMetrics>>>,
     compile_hits: AtomicU64,
     compile_misses: AtomicU64,
     /// Request latency by (method, route template, status).
@@ -181,6 +227,12 @@ type RequestKey = (&'static str, String, u16);
 const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
 
 impl Metrics {
+    /// Counters of a realm's reconciler (created on first use).
+    pub fn reconcile(&self, realm: &str) -> Arc<ReconcileMetrics> {
+        let mut map = self.reconcile.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(realm.to_owned()).or_default().clone()
+    }
+
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
@@ -246,7 +298,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (version 0.0.4).
-    pub fn render(&self, gauges: &[ConnectorGauge], backlog: Option<Backlog>) -> String {
+    pub fn render(
+        &self,
+        gauges: &[ConnectorGauge],
+        failed: &[FailedGauge],
+        backlog: Option<Backlog>,
+    ) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let snapshot: Vec<(String, Arc<ConnectorMetrics>)> = match self.connectors.read() {
             Ok(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -271,6 +328,19 @@ impl Metrics {
                 out,
                 "lockstep_connector_up{{connector=\"{}\",version=\"{}\",source=\"{}\",state=\"{state}\"}} 1",
                 g.name, g.version, g.source
+            );
+        }
+        family(
+            &mut out,
+            "lockstep_connector_failed",
+            "gauge",
+            "1 for each configured connector that serves no version because it failed to load (its lastError in /admin/connectors says why).",
+        );
+        for f in failed {
+            let _ = writeln!(
+                out,
+                "lockstep_connector_failed{{connector=\"{}\",source=\"{}\"}} 1",
+                f.name, f.source
             );
         }
         family(
@@ -398,6 +468,56 @@ impl Metrics {
             });
             let _ = writeln!(out, "lockstep_oldest_waiting_event_age_seconds {age}");
         }
+        let reconcile: Vec<(String, Arc<ReconcileMetrics>)> = {
+            let map = self.reconcile.read().unwrap_or_else(|p| p.into_inner());
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        if !reconcile.is_empty() {
+            for (metric, kind, help, read) in [
+                (
+                    "lockstep_reconcile_checked_total",
+                    "counter",
+                    "Live PARENTs compared with Keycloak's sessions, by realm.",
+                    (|m: &ReconcileMetrics| m.checked.load(Ordering::Relaxed) as f64)
+                        as fn(&ReconcileMetrics) -> f64,
+                ),
+                (
+                    "lockstep_reconcile_ended_total",
+                    "counter",
+                    "Sessions ended because their Keycloak session was gone (with their trees), by realm.",
+                    |m| m.ended.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "lockstep_reconcile_skipped_total",
+                    "counter",
+                    "Live PARENTs left alone for want of a sure answer (no user, failed call), by realm.",
+                    |m| m.unsure.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "lockstep_reconcile_errors_total",
+                    "counter",
+                    "Calls to Keycloak's admin API that failed (5xx, timeout, refused credentials), by realm.",
+                    |m| m.errors.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "lockstep_reconcile_admin_calls_total",
+                    "counter",
+                    "Calls made to Keycloak (token requests included), by realm.",
+                    |m| m.calls.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "lockstep_reconcile_last_run_timestamp_seconds",
+                    "gauge",
+                    "End of the last pass that went through the whole realm (Unix seconds; 0: none yet).",
+                    |m| m.last_run_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+                ),
+            ] {
+                family(&mut out, metric, kind, help);
+                for (realm, m) in &reconcile {
+                    let _ = writeln!(out, "{metric}{{realm=\"{realm}\"}} {}", read(m));
+                }
+            }
+        }
         family(
             &mut out,
             "lockstep_http_request_duration_seconds",
@@ -465,6 +585,10 @@ mod tests {
                     dropped: 0,
                 }),
             }],
+            &[FailedGauge {
+                name: "crm".into(),
+                source: "directory",
+            }],
             None,
         );
         for line in [
@@ -477,6 +601,7 @@ mod tests {
             "lockstep_connector_enabled{connector=\"billing\"} 0",
             "lockstep_deliveries_queued{connector=\"billing\",status=\"pending\"} 4",
             "lockstep_compile_cache_total{outcome=\"hit\"} 1",
+            "lockstep_connector_failed{connector=\"crm\",source=\"directory\"} 1",
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }

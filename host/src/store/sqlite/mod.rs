@@ -265,6 +265,16 @@ impl SqliteStore {
         ops::expired(&mut conn, now, limit).await
     }
 
+    pub(super) async fn live_idp_parents(
+        &self,
+        realm: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
+        let mut conn = self.read.acquire().await?;
+        ops::live_idp_parents(&mut conn, realm, after, limit).await
+    }
+
     /// A read-only connection.
     pub(super) async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
         Ok(self.read.acquire().await?)
