@@ -427,6 +427,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .or_else(|| file.compile_cache.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_COMPILE_CACHE));
     let runtime = Runtime::new(Some(cache_dir)).context("cannot start the connector runtime")?;
+    crate::runtime::check_hook_priority().await;
     let registry = Arc::new(Registry::new());
     let metrics = Arc::new(Metrics::new());
     let connectors = Connectors::new(

@@ -16,6 +16,33 @@ use serde_json::json;
 
 on_both_backends!(metrics_show_request_latency_by_route_and_the_delivery_backlog);
 
+/// The hook threads are started, and their niceness checked, when the server starts (a
+/// sandbox that forbids `setpriority` is then reported before any connector runs): by the
+/// time it is ready they exist and run at niceness 10.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_hook_threads_run_at_a_lower_priority_from_the_start() {
+    let server = Server::start(Backend::Sqlite).await;
+    let pid = server.pid().unwrap();
+    let mut hook_threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if !name.starts_with("lockstep-hooks") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the parenthesised name: state is field 3, niceness field 19.
+        let after_name = stat.rsplit_once(')').unwrap().1;
+        let nice: i32 = after_name.split_whitespace().nth(16).unwrap().parse().unwrap();
+        hook_threads.push(nice);
+    }
+    assert!(!hook_threads.is_empty(), "no hook thread started with the server");
+    assert!(hook_threads.iter().all(|n| *n == 10), "{hook_threads:?}");
+}
+
 /// The value of the first sample line that starts with `prefix`.
 fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines()

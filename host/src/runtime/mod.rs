@@ -258,9 +258,57 @@ fn enter_hook_thread() {
     {
         let tid = rustix::thread::gettid();
         if let Err(e) = rustix::process::setpriority_process(Some(tid), HOOK_NICENESS) {
-            tracing::warn!(error = %e, "cannot lower the priority of a hook thread");
+            hook_priority_failed(&e);
         }
     }
+}
+
+/// Set once a hook thread's priority could not be lowered: the cause (a sandbox that forbids
+/// `setpriority`, or no right to the niceness) is the same for every thread, so it is said once.
+static HOOK_PRIORITY_REPORTED: AtomicBool = AtomicBool::new(false);
+
+fn hook_priority_failed(why: &dyn std::fmt::Display) {
+    if !HOOK_PRIORITY_REPORTED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %why,
+            "the hook threads run at the API's priority: a connector that burns CPU slows the \
+             API (under systemd, allow setpriority in SystemCallFilter)"
+        );
+    }
+}
+
+/// Starts the hook threads and checks that their niceness took effect, warning once if not;
+/// `serve` calls it at start, so a sandbox that forbids `setpriority` is reported before the
+/// first connector runs, not when it is already competing with the API.
+pub async fn check_hook_priority() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Some(hooks) = hook_threads() else {
+            return false;
+        };
+        let niceness = hooks
+            .spawn(async {
+                rustix::process::getpriority_process(Some(rustix::thread::gettid()))
+            })
+            .await;
+        match niceness {
+            Ok(Ok(n)) if n >= HOOK_NICENESS => true,
+            Ok(Ok(n)) => {
+                hook_priority_failed(&format!("niceness {n}, not {HOOK_NICENESS}"));
+                false
+            }
+            Ok(Err(e)) => {
+                hook_priority_failed(&e);
+                false
+            }
+            Err(e) => {
+                hook_priority_failed(&e);
+                false
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    true
 }
 
 /// The process-wide engine, linker and compile cache.
