@@ -2,8 +2,9 @@
 //! a real login (authorization code flow, headless) gives a Keycloak session; Lockstep maps
 //! it; Keycloak ends it (admin session delete, user logout) and its back-channel logout
 //! reaches Lockstep, which ends the mapped tree. Admin API calls carry real Keycloak access
-//! tokens. Everything runs in one test function: it re-points the shared `portal` client's
-//! back-channel URL at this test's server, so nothing else may run beside it.
+//! tokens. That test re-points the shared `portal` client's back-channel URL at its server, so
+//! nothing else may use the `acme` realm beside it. Reconciliation finds the logouts Lockstep
+//! was never told of, in a realm of its own that tells Lockstep nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -328,4 +329,283 @@ async fn used_logout_tokens(server: &Server) -> i64 {
         .fetch_one(&mut c)
         .await
         .unwrap()
+}
+
+/// `lockstep reconcile` against this server's database; returns its output and how long it
+/// took.
+async fn reconcile_cli(
+    server: &Server,
+    config: &str,
+    realm: &str,
+    dry_run: bool,
+) -> (std::process::Output, Duration) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config).unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    cmd.args(["reconcile", "--realm", realm, "--database-url"])
+        .arg(&server.database_url)
+        .arg("--config")
+        .arg(file.path())
+        .env_remove("LOCKSTEP_CONFIG")
+        .env("RUST_LOG", "error");
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let start = Instant::now();
+    let out = cmd.output().await.unwrap();
+    (out, start.elapsed())
+}
+
+fn calls_of(stdout: &str) -> u64 {
+    let summary = stdout.lines().last().unwrap_or_default();
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "calls")
+        .unwrap_or_else(|| panic!("no call count in {summary:?}"));
+    words[at - 1].parse().unwrap()
+}
+
+async fn session(api: &Api, id: &str) -> (String, String) {
+    let (code, body) = api.get(id).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    (
+        body["status"].as_str().unwrap().to_owned(),
+        body["endReason"].as_str().unwrap_or("-").to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_only() {
+    let Some(base) = keycloak::keycloak_url() else {
+        eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
+        return;
+    };
+    let realm = keycloak::quiet_realm(&base).await;
+    let name = realm.name.clone();
+    let (portal, portal_secret) = PORTAL_CLIENT;
+    let (alice, alice_password) = keycloak::EV_ALICE;
+    let (ann, ann_password) = keycloak::EV_ANN;
+    let alice_id = realm.user_id(alice).await;
+    let ann_id = realm.user_id(ann).await;
+    let gone = realm
+        .password_login(portal, portal_secret, alice, alice_password)
+        .await;
+    let live = realm
+        .password_login(portal, portal_secret, alice, alice_password)
+        .await;
+    let anns = realm
+        .password_login(portal, portal_secret, ann, ann_password)
+        .await;
+
+    let issuer = keycloak::issuer(&base, &name);
+    let (client, secret) = keycloak::RECONCILER_CLIENT;
+    let config = |secret: &str, interval_s: u32| {
+        format!(
+            "[realms.{name}]\nissuer = \"{issuer}\"\naudiences = [\"portal\"]\n\
+             [realms.{name}.reconcile]\nclient_id = \"{client}\"\nclient_secret = \"{secret}\"\n\
+             interval_s = {interval_s}\ncalls_per_second = 4\nbatch = 2\n"
+        )
+    };
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(config(secret, 0)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api(&name);
+    let map = |id: &str, sid: &str, user: &str, system: &str| json!({"externalId": id, "keycloakSessionId": sid, "userId": user, "system": system});
+    for (body, child) in [
+        (
+            map("app-gone", &gone.sid, &alice_id, "portal"),
+            "app-gone-a",
+        ),
+        (
+            map("app-live", &live.sid, &alice_id, "portal"),
+            "app-live-a",
+        ),
+        // The mirror of ann's session: its user id is Keycloak's own.
+        (
+            map(
+                &format!("keycloak:{}", anns.sid),
+                &anns.sid,
+                &ann_id,
+                "keycloak",
+            ),
+            "ann-a",
+        ),
+        // An application's own user id, which Keycloak does not know: no sure answer.
+        (
+            map("app-unsure", "no-such-sid", "alice@legacy", "portal"),
+            "app-unsure-a",
+        ),
+    ] {
+        let parent = body["externalId"].as_str().unwrap().to_owned();
+        let (code, got) = api.post("map-parent", body).await;
+        assert_eq!(code, StatusCode::CREATED, "{got}");
+        assert_eq!(api.map_child(child, &parent).await.0, StatusCode::CREATED);
+    }
+    let ann_mirror = format!("keycloak:{}", anns.sid);
+
+    // Behind Lockstep's back: the realm sends neither events nor back-channel logouts.
+    keycloak::delete_session(&base, &name, &gone.sid).await;
+    realm.delete_user(ann).await;
+    let listed: Vec<Value> = keycloak::user_sessions(&base, &name, alice).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // Refused credentials: the pass stops, fails, and ends nothing.
+    let (out, _) = reconcile_cli(&server, &config("wrong-secret", 0), &name, false).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a refused secret must fail the command"
+    );
+    assert!(
+        stderr.contains("refused the client credentials"),
+        "{stderr}"
+    );
+    assert_eq!(session(&api, "app-gone").await.0, "ACTIVE");
+
+    // Dry run: says what it would end, changes nothing.
+    let (out, _) = reconcile_cli(&server, &config(secret, 0), &name, true).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "keycloak session {} is gone: would end app-gone",
+            gone.sid
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("would end {ann_mirror}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dry run: nothing changed"), "{stdout}");
+    for id in [
+        "app-gone",
+        "app-gone-a",
+        "app-live",
+        "app-live-a",
+        ann_mirror.as_str(),
+        "ann-a",
+        "app-unsure",
+    ] {
+        assert_eq!(session(&api, id).await.0, "ACTIVE", "{id} after a dry run");
+    }
+
+    // For real: the two gone trees end, the live one and the unsure one stay.
+    let (out, took) = reconcile_cli(&server, &config(secret, 0), &name, false).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 PARENTs checked, 2 Keycloak sessions gone, 4 sessions ended, 1 left alone, 0 failed calls"),
+        "{stdout}"
+    );
+    // A token and one call per user (alice, ann, alice@legacy), 4 a second at most.
+    let calls = calls_of(&stdout);
+    assert_eq!(calls, 4, "{stdout}");
+    assert!(
+        took >= Duration::from_millis(250 * (calls - 1)),
+        "{calls} calls in {took:?} break the rate of 4 per second"
+    );
+    for (id, want) in [
+        ("app-gone", ("DESTROYED", "reconciled")),
+        ("app-gone-a", ("DESTROYED", "cascade")),
+        (ann_mirror.as_str(), ("DESTROYED", "reconciled")),
+        ("ann-a", ("DESTROYED", "cascade")),
+        ("app-live", ("ACTIVE", "-")),
+        ("app-live-a", ("ACTIVE", "-")),
+        ("app-unsure", ("ACTIVE", "-")),
+        ("app-unsure-a", ("ACTIVE", "-")),
+    ] {
+        let got = session(&api, id).await;
+        assert_eq!((got.0.as_str(), got.1.as_str()), want, "{id}");
+    }
+    // Keycloak already ended it: the events say so, so its connector is not asked again.
+    let events = server.outbox(&name, "app-gone-a").await;
+    let logout = events.iter().find(|e| e["type"] == "logout").unwrap();
+    assert_eq!(logout["originSystem"], json!("keycloak"), "{logout}");
+    let (code, audit) = server
+        .admin_get(&format!(
+            "/admin/audit?realm={name}&actor=lockstep:reconciler"
+        ))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{audit}");
+    let records = audit["items"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "{audit}");
+    assert!(
+        records.iter().all(|r| r["action"] == "reconcile"),
+        "{audit}"
+    );
+    assert!(
+        records.iter().any(|r| r["target"] == json!(gone.sid)),
+        "{audit}"
+    );
+    // The live session was not touched in Keycloak either.
+    let listed = keycloak::user_sessions(&base, &name, alice).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], json!(live.sid));
+
+    // The service reconciles by itself every interval, and says so in /metrics.
+    let (url, dir) = server.kill().await;
+    let server = Server::start_on(
+        Backend::Sqlite,
+        url,
+        dir,
+        ServerOptions {
+            config: Some(config(secret, 1)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api(&name);
+    keycloak::delete_session(&base, &name, &live.sid).await;
+    let ended = wait_status(&api, "app-live-a", "DESTROYED").await;
+    assert_eq!(ended["endReason"], json!("cascade"));
+    assert_eq!(
+        session(&api, "app-live").await,
+        ("DESTROYED".into(), "reconciled".into())
+    );
+    assert_eq!(session(&api, "app-unsure").await.0, "ACTIVE");
+    let value = |metrics: &str, metric: &str| -> Option<f64> {
+        let key = format!("{metric}{{realm=\"{name}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map(|v| v.parse().unwrap())
+    };
+    // Counted when the pass is over, a moment after the destroy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let text = server.metrics().await;
+        if value(&text, "lockstep_reconcile_last_run_timestamp_seconds").unwrap_or(0.0) > 0.0
+            && value(&text, "lockstep_reconcile_ended_total").unwrap_or(0.0) >= 2.0
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finished pass in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let value = |metric: &str| value(&metrics, metric).unwrap();
+    assert!(value("lockstep_reconcile_ended_total") >= 2.0);
+    assert!(value("lockstep_reconcile_checked_total") >= 1.0);
+    assert!(value("lockstep_reconcile_admin_calls_total") >= 2.0);
+    assert_eq!(value("lockstep_reconcile_errors_total"), 0.0);
+    assert!(value("lockstep_reconcile_last_run_timestamp_seconds") > 1.7e9);
+    drop(server);
+    realm.delete().await;
 }

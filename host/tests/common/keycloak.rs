@@ -666,6 +666,76 @@ pub async fn events_realm(base: &str, lockstep_url: &str, sso_idle_s: u32) -> Ev
     }
 }
 
+/// The confidential client whose service account may read sessions (`realm-management` →
+/// `view-users`): the reconciler's Keycloak admin access in [`quiet_realm`].
+pub const RECONCILER_CLIENT: (&str, &str) = ("reconciler", "reconciler-secret");
+
+/// A throwaway realm `rc-<8 hex>` that tells Lockstep nothing (no `lockstep` event listener,
+/// no back-channel logout URL), so sessions can end behind Lockstep's back: the users
+/// [`EV_ALICE`] and [`EV_ANN`], the client [`PORTAL_CLIENT`] (direct access grants) and
+/// [`RECONCILER_CLIENT`]. Delete it with [`EventsRealm::delete`] like an events realm.
+pub async fn quiet_realm(base: &str) -> EventsRealm {
+    let name = format!("rc-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let user = |username: &str, password: &str| {
+        json!({
+            "username": username,
+            "enabled": true,
+            "emailVerified": true,
+            "email": format!("{username}@example.com"),
+            "firstName": username,
+            "lastName": "Test",
+            "credentials": [{"type": "password", "value": password, "temporary": false}],
+        })
+    };
+    let rep = json!({
+        "realm": name,
+        "enabled": true,
+        "eventsListeners": ["jboss-logging"],
+        "users": [
+            user(EV_ALICE.0, EV_ALICE.1),
+            user(EV_ANN.0, EV_ANN.1),
+            {
+                "username": format!("service-account-{}", RECONCILER_CLIENT.0),
+                "enabled": true,
+                "serviceAccountClientId": RECONCILER_CLIENT.0,
+                "clientRoles": {"realm-management": ["view-users"]},
+            },
+        ],
+        "clients": [
+            {
+                "clientId": PORTAL_CLIENT.0,
+                "enabled": true,
+                "publicClient": false,
+                "secret": PORTAL_CLIENT.1,
+                "directAccessGrantsEnabled": true,
+                "standardFlowEnabled": false,
+            },
+            {
+                "clientId": RECONCILER_CLIENT.0,
+                "enabled": true,
+                "publicClient": false,
+                "secret": RECONCILER_CLIENT.1,
+                "serviceAccountsEnabled": true,
+                "standardFlowEnabled": false,
+                "directAccessGrantsEnabled": false,
+            },
+        ],
+    });
+    let token = admin_token(base).await;
+    let resp = http()
+        .post(format!("{base}/admin/realms"))
+        .bearer_auth(&token)
+        .json(&rep)
+        .send()
+        .await
+        .expect("realm create");
+    expect_status(resp, StatusCode::CREATED, &format!("creating realm {name}")).await;
+    EventsRealm {
+        base: base.to_owned(),
+        name,
+    }
+}
+
 impl EventsRealm {
     async fn token_request(&self, form: &[(&str, &str)], what: &str) -> PasswordLogin {
         let resp = http()
