@@ -104,7 +104,7 @@ pub fn caller_reason() -> Object {
         ))
         .description(Some(
             "Why the session ends (default logout); cascade and delegation_ended are \
-             assigned by the cascade only",
+             assigned by the cascade only, reconciled by the reconciler only",
         ))
         .build()
 }
