@@ -33,8 +33,26 @@ use crate::telemetry::{self, LogFormat};
 
 /// Default SQLite file when no database URL is given.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://lockstep.db";
-/// Default directory of compiled components.
-pub const DEFAULT_COMPILE_CACHE: &str = "lockstep-cache";
+/// Default directory of compiled components: one the service owns, never one relative to
+/// wherever it was started (where another user might have planted it). systemd's
+/// `CacheDirectory` (`$CACHE_DIRECTORY`), else `$XDG_CACHE_HOME/lockstep`, else
+/// `~/.cache/lockstep`; `None` (no cache) without any of them.
+pub fn default_compile_cache() -> Option<PathBuf> {
+    compile_cache_from(|name| std::env::var_os(name))
+}
+
+fn compile_cache_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty());
+    if let Some(dirs) = var("CACHE_DIRECTORY") {
+        // systemd may list several, separated by colons; the first is ours.
+        return dirs.to_string_lossy().split(':').next().map(PathBuf::from);
+    }
+    var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .map(|base| base.join("lockstep"))
+}
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -115,7 +133,9 @@ pub struct ServeArgs {
     /// Directory of connector manifests (`*.toml`, DESIGN.md "Connector manifest").
     #[arg(long, env = "LOCKSTEP_CONNECTORS_DIR")]
     pub connectors_dir: Option<PathBuf>,
-    /// Directory for compiled connector components (reused across restarts).
+    /// Directory for compiled connector components (reused across restarts); default
+    /// `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`. It must
+    /// belong to the service's user and be writable by nobody else, or the cache is off.
     #[arg(long, env = "LOCKSTEP_COMPILE_CACHE")]
     pub compile_cache: Option<PathBuf>,
     /// Days an audit record is kept (default 90, `[audit] retention_days`); 0 keeps them all.
@@ -425,8 +445,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .compile_cache
         .clone()
         .or_else(|| file.compile_cache.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_COMPILE_CACHE));
-    let runtime = Runtime::new(Some(cache_dir)).context("cannot start the connector runtime")?;
+        .or_else(default_compile_cache);
+    if cache_dir.is_none() {
+        tracing::info!(
+            "no compile cache (no --compile-cache, CACHE_DIRECTORY, XDG_CACHE_HOME or HOME): \
+             connectors are compiled at every start"
+        );
+    }
+    let runtime = Runtime::new(cache_dir).context("cannot start the connector runtime")?;
     crate::runtime::check_hook_priority().await;
     let registry = Arc::new(Registry::new());
     let metrics = Arc::new(Metrics::new());
@@ -641,6 +667,39 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compile_cache_defaults_to_a_directory_of_the_service_never_the_working_one() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        const ALL: [(&str, &str); 3] = [
+            ("CACHE_DIRECTORY", "/var/cache/lockstep:/var/cache/other"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/home/u"),
+        ];
+        let cases: [(&'static [(&str, &str)], Option<&str>); 5] = [
+            (&ALL, Some("/var/cache/lockstep")),
+            (&[ALL[1], ALL[2]], Some("/x/lockstep")),
+            (
+                &[("XDG_CACHE_HOME", "relative"), ("HOME", "/home/u")],
+                Some("/home/u/.cache/lockstep"),
+            ),
+            (&[ALL[2]], Some("/home/u/.cache/lockstep")),
+            (&[], None),
+        ];
+        for (vars, want) in cases {
+            assert_eq!(
+                compile_cache_from(env(vars)),
+                want.map(PathBuf::from),
+                "{vars:?}"
+            );
+        }
+    }
 
     #[test]
     fn passwords_are_redacted_from_database_urls() {
