@@ -364,45 +364,49 @@ async fn new_build_test(lang: &str) {
     let base = format!("base_url={}/api/v1", sim.base_url());
     let allow = sim.base_url();
     let wasm = format!("{name}.wasm");
-    let out = lockstep(
-        &project,
-        &[
+    let test_args = |base: &str| -> Vec<String> {
+        [
             "connector",
             "test",
             &wasm,
             "--events",
             "events.json",
             "--config",
-            &base,
+            base,
             "--allow-host",
             &allow,
             "--json",
-        ],
-    )
-    .await;
-    let stdout = must_succeed("lockstep connector test", &out);
-    let calls: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(calls.len() >= 2, "{stdout}");
-    for call in &calls {
-        assert_eq!(call["outcome"], "ok", "{call}");
-    }
-    // The sample login reached the legacy system over HTTP and was reported.
-    let requests: Vec<&Value> = calls
-        .iter()
-        .flat_map(|c| c["requests"].as_array().unwrap())
-        .collect();
-    assert!(
-        requests
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    // Each hook several times in a row, in a process of its own as a user reruns it: a trap
+    // that comes one run in three is still a trap.
+    for run in 0..HOOK_RUNS {
+        let out = lockstep_owned(&project, &test_args(&base)).await;
+        let stdout = must_succeed(&format!("lockstep connector test (run {run})"), &out);
+        let calls = json_lines(&stdout);
+        assert_eq!(calls.len(), 2, "{stdout}");
+        for call in &calls {
+            assert_eq!(call["outcome"], "ok", "{lang} run {run}: {call}");
+        }
+        // The sample login reached the legacy system over HTTP and was reported.
+        let requests: Vec<&Value> = calls
             .iter()
-            .any(|r| r["method"] == "POST" && r["outcome"] == "201"),
-        "{stdout}"
-    );
+            .flat_map(|c| c["requests"].as_array().unwrap())
+            .collect();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r["method"] == "POST" && r["outcome"] == "201"),
+            "{stdout}"
+        );
+    }
     assert!(!sim.sim.calls().is_empty());
 
-    // A host outside the allowlist is denied in the sandbox and reported as such.
+    // A host outside the allowlist is denied in the sandbox and reported as such; the hook
+    // gets an error it handles (Rust and Python tell a denial apart and fail; JavaScript's
+    // `fetch` only says "network error" and retries), never a trap, body or not.
     let out = lockstep(
         &project,
         &[
@@ -420,6 +424,67 @@ async fn new_build_test(lang: &str) {
     assert!(!out.status.success(), "a denied request must fail the run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("\"denied\""), "{stdout}");
+    for call in json_lines(&stdout) {
+        assert!(
+            call["outcome"] == "retry" || call["outcome"] == "fail",
+            "{lang}, denied host: {call}"
+        );
+    }
+
+    // The legacy system goes down: every hook, with a body (the login's POST) or without
+    // (the logout's DELETE), asks for a retry in every run, in every language.
+    let addr = sim.addr;
+    drop(sim);
+    wait_until(
+        "the legacy system refuses connections",
+        SYNC_TIMEOUT,
+        || std::net::TcpStream::connect(addr).is_err(),
+    )
+    .await;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for run in 0..HOOK_RUNS {
+        let out = lockstep_owned(&project, &test_args(&base)).await;
+        assert!(
+            !out.status.success(),
+            "{lang} run {run}: calls to a system that is down must fail the run"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let calls = json_lines(&stdout);
+        assert_eq!(calls.len(), 2, "{stdout}");
+        for call in &calls {
+            assert_eq!(
+                call["outcome"], "retry",
+                "{lang} run {run}: a legacy system that is down must mean a retry: {call}"
+            );
+            *seen
+                .entry(call["hook"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        seen,
+        std::collections::BTreeMap::from([
+            ("on-login".to_owned(), HOOK_RUNS),
+            ("on-logout".to_owned(), HOOK_RUNS),
+        ])
+    );
+}
+
+/// How often `new_build_test` runs each hook against the legacy system up, then down.
+const HOOK_RUNS: usize = 5;
+
+/// [`lockstep`] with owned arguments.
+async fn lockstep_owned(cwd: &Path, args: &[String]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lockstep(cwd, &args).await
+}
+
+/// The `--json` lines of `lockstep connector test`.
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,9 +127,10 @@ impl ConnectionPool {
     /// body has been read to its end.
     pub(super) async fn send(
         &self,
-        mut request: http::Request<WasiBody>,
+        request: http::Request<WasiBody>,
         timeouts: Timeouts,
     ) -> Result<http::Response<WasiBody>, Error> {
+        let mut request = request.map(drain_when_abandoned);
         let uri = request.uri();
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
         let tls = uri.scheme() == Some(&Scheme::HTTPS);
@@ -356,6 +357,77 @@ fn server_name(authority: &str) -> Result<rustls::pki_types::ServerName<'static>
     }
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     Ok(ServerName::try_from(host)?.to_owned())
+}
+
+/// Gives up on a request that will not be sent (the gate refused its destination) without
+/// failing the guest's writes to its body: see [`GuestBody`].
+pub(super) fn abandon(request: http::Request<WasiBody>) {
+    drop(request.map(drain_when_abandoned));
+}
+
+/// The guest's request body, read to its end even when the request fails first.
+fn drain_when_abandoned(body: WasiBody) -> WasiBody {
+    http_body_util::BodyExt::boxed_unsync(GuestBody { body: Some(body) })
+}
+
+/// A request body that, dropped before its end (connection refused or reset, a timeout, a
+/// refused destination), keeps reading and discarding whatever the guest still writes until
+/// the guest finishes it or its instance goes. Without this, the guest's next write or flush
+/// of the body stream fails with `closed` while the failure itself is still on its way
+/// through the response future: a guest may handle the one and not the other. StarlingMonkey
+/// (componentize-js) ends its event loop on a failed body write and aborts the hook, so a
+/// JavaScript `fetch` with a body trapped whenever the connection failed before its body was
+/// written, instead of rejecting with a network error. Reading the rest is bounded by the
+/// call: the guest's end of the channel goes with its instance.
+struct GuestBody {
+    /// `None` once the body ended (nothing left to drain).
+    body: Option<WasiBody>,
+}
+
+impl hyper::body::Body for GuestBody {
+    type Data = bytes::Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            self.body = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for GuestBody {
+    fn drop(&mut self) {
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        if hyper::body::Body::is_end_stream(&body) {
+            return;
+        }
+        // Hook calls run on a Tokio runtime; without one the body just closes.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+            });
+        }
+    }
 }
 
 /// Where a response's connection goes when its body is done. The pool is held weakly: a

@@ -207,6 +207,7 @@ impl WasiHttpHooks for HttpGate {
                     millis: started.elapsed().as_secs_f64() * 1e3,
                 })
             });
+            super::outgoing::abandon(request);
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         // A request may not outlive the hook's own deadline.
