@@ -682,7 +682,8 @@ mod tests {
             ("XDG_CACHE_HOME", "/x"),
             ("HOME", "/home/u"),
         ];
-        let cases: [(&'static [(&str, &str)], Option<&str>); 5] = [
+        type Vars = &'static [(&'static str, &'static str)];
+        let cases: [(Vars, Option<&str>); 5] = [
             (&ALL, Some("/var/cache/lockstep")),
             (&[ALL[1], ALL[2]], Some("/x/lockstep")),
             (
