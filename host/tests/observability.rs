@@ -36,10 +36,18 @@ async fn the_hook_threads_run_at_a_lower_priority_from_the_start() {
         let stat = std::fs::read_to_string(task.join("stat")).unwrap();
         // Fields after the parenthesised name: state is field 3, niceness field 19.
         let after_name = stat.rsplit_once(')').unwrap().1;
-        let nice: i32 = after_name.split_whitespace().nth(16).unwrap().parse().unwrap();
+        let nice: i32 = after_name
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
         hook_threads.push(nice);
     }
-    assert!(!hook_threads.is_empty(), "no hook thread started with the server");
+    assert!(
+        !hook_threads.is_empty(),
+        "no hook thread started with the server"
+    );
     assert!(hook_threads.iter().all(|n| *n == 10), "{hook_threads:?}");
 }
 
