@@ -1179,9 +1179,10 @@ struct Hooks {
 impl Hooks {
     /// The first figure in µs on the first line that mentions every word of `words`.
     fn figure(&self, words: &[&str]) -> Option<f64> {
+        // Only lines with a figure: comment lines mention the same words.
         let line = self.output.lines().find(|l| {
             let l = l.to_lowercase();
-            words.iter().all(|w| l.contains(w))
+            l.contains("µs") && words.iter().all(|w| l.contains(w))
         })?;
         let (before, _) = line.split_once("µs")?;
         let number: String = before
@@ -1660,7 +1661,8 @@ mod tests {
     #[test]
     fn reads_a_figure_from_the_hooks_bench_table() {
         let h = Hooks {
-            output: "| figure | median | p99 |\n\
+            output: "# connections opened: pooled 1 for 5500 calls, unpooled 5500\n\
+                     | figure | median | p99 |\n\
                      | hook call, fresh instance (no-op connector) | 39.7 µs | 80.1 µs |\n\
                      | webhook, pooled connection | 1,234.5 µs | 2 ms |\n"
                 .to_owned(),
