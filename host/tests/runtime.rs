@@ -184,6 +184,10 @@ async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
     let runtime = Runtime::new(None).unwrap();
 
     let looping = runtime.load(hostile("loop", "")).await.unwrap();
+    assert!(
+        !looping.demoted(),
+        "every connector starts at the API's priority"
+    );
     let started = Instant::now();
     let got = runtime.call(&looping, &event(EventType::Login)).await;
     assert_eq!(got, Err(HookFailure::Timeout(300)));
@@ -192,6 +196,8 @@ async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
         "{:?}",
         started.elapsed()
     );
+    // A call that burned its CPU budget sends the connector to the low-priority threads.
+    assert!(looping.demoted(), "a CPU-burning connector is demoted");
 
     let hog = runtime.load(hostile("alloc", "")).await.unwrap();
     assert_eq!(
@@ -231,6 +237,10 @@ async fn hostile_components_fail_with_their_reason_and_the_runtime_survives() {
     for _ in 0..3 {
         assert_eq!(runtime.call(&fine, &event(EventType::Logout)).await, Ok(()));
     }
+    assert!(
+        !fine.demoted(),
+        "a quick connector keeps the API's priority"
+    );
     assert_eq!(
         runtime.call(&looping, &event(EventType::Login)).await,
         Err(HookFailure::Timeout(300))

@@ -140,6 +140,9 @@ pub struct LoadedConnector {
     /// Keep-alive connections of every call of this version; dropped with it, so a
     /// replacement (whose allowlist may differ) never sends over its predecessor's.
     pool: outgoing::ConnectionPool,
+    /// Until when (epoch ms) this version's calls run on the low-priority hook threads:
+    /// set by a call that ran guest code for [`DEMOTE_TICKS`] ticks or was interrupted.
+    demoted_until: std::sync::atomic::AtomicI64,
 }
 
 impl LoadedConnector {
@@ -147,7 +150,33 @@ impl LoadedConnector {
     pub fn connections(&self) -> &outgoing::ConnectionPool {
         &self.pool
     }
+
+    /// Whether this version's calls run on the low-priority hook threads now.
+    pub fn demoted(&self) -> bool {
+        self.demoted_until.load(Ordering::Relaxed) > crate::store::now_millis()
+    }
+
+    /// Sends this version's calls to the low-priority threads for [`DEMOTED_FOR`].
+    fn demote(&self) {
+        let until = crate::store::now_millis()
+            .saturating_add(i64::try_from(DEMOTED_FOR.as_millis()).unwrap_or(i64::MAX));
+        if self.demoted_until.swap(until, Ordering::Relaxed) <= crate::store::now_millis() {
+            tracing::warn!(
+                connector = %self.manifest.name,
+                version = %self.version,
+                secs = DEMOTED_FOR.as_secs(),
+                "connector burns CPU in its hooks; its calls run at low priority for a while"
+            );
+        }
+    }
 }
+
+/// Epoch ticks of guest execution after which a call counts as CPU-heavy (about 50 ms: an
+/// ordinary connector runs microseconds of guest code and waits on the network).
+pub const DEMOTE_TICKS: u64 = 5;
+/// How long a CPU-heavy call sends its connector version to the low-priority threads; every
+/// further heavy call renews it.
+pub const DEMOTED_FOR: Duration = Duration::from_secs(60);
 
 /// An instance kept warm between calls, with the store it lives in.
 struct Warm {
@@ -215,45 +244,66 @@ impl std::fmt::Debug for LoadedConnector {
     }
 }
 
-/// The threads guest code runs on: a separate Tokio runtime with half the cores (at least
-/// one), created once per process and never dropped (a runtime cannot be dropped from async
-/// code). `None` if it cannot be built; calls then run on the caller's runtime.
-fn hook_threads() -> Option<&'static tokio::runtime::Handle> {
-    static HOOKS: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
-    HOOKS
-        .get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(2, usize::from);
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads((cores / 2).max(1))
-                .thread_name("lockstep-hooks")
-                .on_thread_start(enter_hook_thread)
-                .enable_all()
-                .build()
-                .inspect_err(|e| {
-                    tracing::error!(error = %e, "cannot start the hook threads; hooks run on the API's threads")
-                })
-                .ok()
-        })
-        .as_ref()
-        .map(tokio::runtime::Runtime::handle)
+/// Which hook threads a call runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookPriority {
+    /// The API's priority: every connector starts here, so deliveries get their fair share
+    /// of the CPU however busy the API is.
+    Normal,
+    /// Niceness [`HOOK_NICENESS`]: connectors whose calls burn CPU ([`DEMOTE_TICKS`]) go here
+    /// for [`DEMOTED_FOR`], where the API's threads get about ten times their share.
+    Low,
+}
+
+/// The threads guest code runs on: per priority a separate Tokio runtime with half the cores
+/// (at least one), created once per process and never dropped (a runtime cannot be dropped
+/// from async code). `None` if it cannot be built; calls then run on the caller's runtime.
+fn hook_threads(priority: HookPriority) -> Option<&'static tokio::runtime::Handle> {
+    type Threads = std::sync::OnceLock<Option<tokio::runtime::Runtime>>;
+    static NORMAL: Threads = std::sync::OnceLock::new();
+    static LOW: Threads = std::sync::OnceLock::new();
+    let (cell, name, on_start): (&Threads, &str, fn()) = match priority {
+        HookPriority::Normal => (&NORMAL, "lockstep-hooks", enter_normal_hook_thread),
+        HookPriority::Low => (&LOW, "lockstep-hk-low", enter_low_hook_thread),
+    };
+    cell.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads((cores / 2).max(1))
+            .thread_name(name)
+            .on_thread_start(on_start)
+            .enable_all()
+            .build()
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "cannot start the hook threads; hooks run on the API's threads")
+            })
+            .ok()
+    })
+    .as_ref()
+    .map(tokio::runtime::Runtime::handle)
 }
 
 thread_local! {
-    /// Whether this thread is a hook thread: a call made there runs in place (no hop to
-    /// another thread and back).
-    static ON_HOOK_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The priority of this thread if it is a hook thread: a call of that priority made
+    /// there runs in place (no hop to another thread and back).
+    static ON_HOOK_THREAD: std::cell::Cell<Option<HookPriority>> =
+        const { std::cell::Cell::new(None) };
 }
 
-/// Niceness of the hook threads: under contention the scheduler gives the API's threads
-/// about ten times their share, so hostile connectors get mostly idle CPU.
+/// Niceness of the low-priority hook threads: under contention the scheduler gives the
+/// API's threads about ten times their share, so CPU-burning connectors get mostly idle CPU.
 #[cfg(target_os = "linux")]
 const HOOK_NICENESS: i32 = 10;
 
-/// Marks the calling thread as a hook thread and lowers its priority (Linux: `setpriority`
-/// on a thread id affects only that thread). Best effort: a refusal only costs the API some
-/// of its headroom.
-fn enter_hook_thread() {
-    ON_HOOK_THREAD.set(true);
+fn enter_normal_hook_thread() {
+    ON_HOOK_THREAD.set(Some(HookPriority::Normal));
+}
+
+/// Marks the calling thread as a low-priority hook thread and lowers its priority (Linux:
+/// `setpriority` on a thread id affects only that thread). Best effort: a refusal only costs
+/// the API some of its headroom.
+fn enter_low_hook_thread() {
+    ON_HOOK_THREAD.set(Some(HookPriority::Low));
     #[cfg(target_os = "linux")]
     {
         let tid = rustix::thread::gettid();
@@ -283,13 +333,11 @@ fn hook_priority_failed(why: &dyn std::fmt::Display) {
 pub async fn check_hook_priority() -> bool {
     #[cfg(target_os = "linux")]
     {
-        let Some(hooks) = hook_threads() else {
+        let Some(hooks) = hook_threads(HookPriority::Low) else {
             return false;
         };
         let niceness = hooks
-            .spawn(async {
-                rustix::process::getpriority_process(Some(rustix::thread::gettid()))
-            })
+            .spawn(async { rustix::process::getpriority_process(Some(rustix::thread::gettid())) })
             .await;
         match niceness {
             Ok(Ok(n)) if n >= HOOK_NICENESS => true,
@@ -518,6 +566,7 @@ impl Runtime {
                 total: self.warm_total.clone(),
             },
             pool,
+            demoted_until: std::sync::atomic::AtomicI64::new(0),
         }))
     }
 
@@ -571,7 +620,9 @@ impl Runtime {
     ///
     /// Guest code runs on the hook threads ([`hook_threads`]), not on the caller's runtime:
     /// the operating system then shares the CPU between the API's threads and the hooks', so
-    /// connectors that burn their whole CPU budget cannot starve requests.
+    /// a connector never holds the API's workers. A connector version whose calls burn CPU
+    /// is demoted to the low-priority threads ([`HookPriority::Low`]) and cannot starve
+    /// requests; the others keep the API's priority, so deliveries keep up under load.
     ///
     /// The call is a `hook` span (connector, version, hook, outcome), a child of the caller's
     /// span (the dispatcher's `delivery`); it covers the wait for a free slot too.
@@ -588,7 +639,13 @@ impl Runtime {
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        let result = match hook_threads().filter(|_| !ON_HOOK_THREAD.get()) {
+        let priority = if connector.demoted() {
+            HookPriority::Low
+        } else {
+            HookPriority::Normal
+        };
+        let result = match hook_threads(priority).filter(|_| ON_HOOK_THREAD.get() != Some(priority))
+        {
             None => {
                 self.call_here(connector, event, None)
                     .instrument(span.clone())
@@ -688,6 +745,11 @@ impl Runtime {
         else {
             return Err(HookFailure::Timeout(timeout_ms));
         };
+        let interrupted =
+            matches!(&answer, Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt));
+        if interrupted || store.data().ticks >= DEMOTE_TICKS {
+            connector.demote();
+        }
         let oom = store.data().limiter.hit;
         let dropped_logs = store.data().logs.dropped;
         if let Some(recorder) = &store.data().recorder {
