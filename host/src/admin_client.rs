@@ -174,7 +174,8 @@ fn print_table(items: &[Value]) {
         println!(
             "{:<24} {:<16} {:<9} {:<8} {:>8} {:>6} {:>9} {:>9}",
             c["name"].as_str().unwrap_or("?"),
-            c["version"].as_str().unwrap_or("?"),
+            // A connector that failed to load serves no version.
+            c["version"].as_str().unwrap_or("-"),
             c["source"].as_str().unwrap_or("?"),
             c["state"].as_str().unwrap_or("?"),
             c["deliveries"]["pending"].as_i64().unwrap_or(0),

@@ -133,6 +133,11 @@ pub struct ServeArgs {
     /// Directory of connector manifests (`*.toml`, DESIGN.md "Connector manifest").
     #[arg(long, env = "LOCKSTEP_CONNECTORS_DIR")]
     pub connectors_dir: Option<PathBuf>,
+    /// Refuse to start, naming the file, when a connector of the connectors directory does not
+    /// load (`strict_connectors = true`). Without it such a connector is reported as failed
+    /// (log, `/admin/connectors`, `/metrics`, `/readyz`) and the others serve.
+    #[arg(long, env = "LOCKSTEP_STRICT_CONNECTORS")]
+    pub strict_connectors: bool,
     /// Directory for compiled connector components (reused across restarts); default
     /// `$CACHE_DIRECTORY`, else `$XDG_CACHE_HOME/lockstep`, else `~/.cache/lockstep`. It must
     /// belong to the service's user and be writable by nobody else, or the cache is off.
@@ -466,14 +471,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .connectors_dir
         .clone()
         .or_else(|| file.connectors_dir.clone());
+    let strict = args.strict_connectors || file.strict_connectors.unwrap_or(false);
     let n = connectors
-        .start(dir.as_deref())
+        .start(dir.as_deref(), strict)
         .await
         .with_context(|| match &dir {
             Some(d) => format!("cannot load connectors from {}", d.display()),
             None => "cannot load the stored connectors".to_owned(),
         })?;
-    tracing::info!(connectors = n, dir = ?dir, "connectors loaded");
+    tracing::info!(connectors = n, failed = connectors.failed().len(), dir = ?dir, "connectors loaded");
     let (stop, stopping) = watch::channel(false);
     if let Some(dir) = dir {
         lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone());
@@ -481,7 +487,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
     tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, ?limits, "lockstep serving");
     // Machine-readable readiness line for scripts and black-box tests: printed only once the
-    // store is migrated and every connector is loaded.
+    // store is migrated and every connector has been loaded or reported as failed.
     println!("listening on {local}");
     let dispatcher = Dispatcher::new(
         store.clone(),

@@ -46,6 +46,9 @@ pub struct FileConfig {
     pub durability: Option<String>,
     /// Directory of connector manifests (`*.toml`) and their components.
     pub connectors_dir: Option<std::path::PathBuf>,
+    /// Refuse to start when a connector of the directory does not load (default false: it is
+    /// reported as failed and the others serve).
+    pub strict_connectors: Option<bool>,
     /// Directory for compiled components.
     pub compile_cache: Option<std::path::PathBuf>,
     /// Per-realm settings.

@@ -590,6 +590,116 @@ async fn broken_versions_are_refused_and_the_previous_one_keeps_serving() {
     );
 }
 
+/// A connector that failed at start (never loaded) is listed as `failed`; fixing its files is
+/// enough: the watcher loads it, the failure is cleared everywhere, and it delivers. A
+/// failed manifest that is removed is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_that_failed_at_start_loads_once_its_files_are_fixed() {
+    let receiver = Receiver::start().await;
+    let origins = [receiver.origin()];
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("hook.wasm");
+    std::fs::write(&wasm, trap_at_start_bytes()).unwrap();
+    let manifest_path = dir.path().join("hook-dir.toml");
+    let manifest = webhook_manifest(
+        "hook-dir",
+        &receiver.url("/dir"),
+        &origins,
+        Some("hook.wasm"),
+    );
+    std::fs::write(&manifest_path, &manifest).unwrap();
+    // A manifest that does not parse: listed under its file's name.
+    let unparsable = dir.path().join("typo.toml");
+    std::fs::write(
+        &unparsable,
+        "name = \"typo\"\ncomponent = \"hook.wasm\"\nrealm = [\"*\"]\n",
+    )
+    .unwrap();
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            connectors_dir: Some(dir.path().to_owned()),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let ready = |server: &Server| {
+        let url = format!("{}/readyz", server.base);
+        async move {
+            let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            body
+        }
+    };
+
+    let failed = wait_connector(&server, "hook-dir", Duration::from_secs(10), |c, _| {
+        c == StatusCode::OK
+    })
+    .await;
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(
+        failed["lastError"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fails when instantiated"),
+        "{failed:#}"
+    );
+    let typo = server.admin_get("/admin/connectors/typo").await.1;
+    assert_eq!(typo["state"], "failed", "{typo:#}");
+    assert!(
+        typo["lastError"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("realm"),
+        "{typo:#}"
+    );
+    assert_eq!(
+        ready(&server).await["failedConnectors"],
+        json!(["hook-dir", "typo"])
+    );
+    // Not loaded: its events are not routed to it (nothing is sent anywhere).
+    let api = server.api("acme");
+    assert_eq!(api.map_parent("p1", "sid").await.0, StatusCode::CREATED);
+
+    // The component is fixed: loaded, error cleared, delivering.
+    replace_file(&wasm, &webhook_bytes());
+    let loaded = wait_connector(&server, "hook-dir", Duration::from_secs(10), |_, b| {
+        b["state"] == "active"
+    })
+    .await;
+    assert!(loaded["lastError"].is_null(), "{loaded:#}");
+    assert!(loaded["version"].is_string(), "{loaded:#}");
+    assert_eq!(api.map_parent("p2", "sid").await.0, StatusCode::CREATED);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !receiver
+        .requests()
+        .iter()
+        .any(|r| r.path == "/dir" && r.json()["externalId"] == "p2")
+    {
+        assert!(Instant::now() < deadline, "p2 never delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The bad manifest is removed: forgotten, and every configured connector serves.
+    std::fs::remove_file(&unparsable).unwrap();
+    wait_connector(&server, "typo", Duration::from_secs(10), |c, _| {
+        c == StatusCode::NOT_FOUND
+    })
+    .await;
+    let body = ready(&server).await;
+    assert_eq!(body["connectorsServing"], true, "{body}");
+    assert_eq!(body["failedConnectors"], json!([]), "{body}");
+    let text = server.metrics().await;
+    assert!(!text.contains("lockstep_connector_failed{"), "{text}");
+    let (_, list) = server.admin_get("/admin/connectors").await;
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hook-dir"], "{list:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_and_states_survive_a_restart_without_recompiling() {
     let receiver = Receiver::start().await;

@@ -24,6 +24,7 @@ on_both_backends!(
     deliveries_api_is_for_operators_only_and_validates_input,
     refresh_events_reach_only_connectors_that_subscribe_to_them,
     a_slow_connector_holds_only_its_own_lane,
+    a_broken_connector_at_start_is_reported_and_the_others_serve,
 );
 
 const FAST_RETRY: &str =
@@ -569,35 +570,217 @@ async fn deliveries_api_is_for_operators_only_and_validates_input(backend: Backe
     assert_eq!((code, body["replayed"].as_u64()), (StatusCode::OK, Some(0)));
 }
 
-/// A broken connector is a configuration error: the service refuses to start and says which
-/// one and why, rather than running without it and silently dropping its events.
-#[test]
-fn a_broken_connector_stops_the_start_with_a_message() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("junk.wasm"), b"not a component").unwrap();
+/// Writes one connector of each kind that cannot load into `dir`, beside whatever else is
+/// there: not a component, a component of no connector world, one that traps at start, and a
+/// manifest that does not parse. Returns each one's name and what its error says.
+fn write_broken_connectors(dir: &Path) -> [(&'static str, &'static str); 4] {
+    let workspace = common::components::workspace();
+    std::fs::write(dir.join("junk.wasm"), b"not a component").unwrap();
+    std::fs::write(dir.join("empty.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
     std::fs::write(
-        dir.path().join("junk.toml"),
+        dir.join("trap.wasm"),
+        wat::parse_file(workspace.join("tests/fixtures/trap-at-start.wat")).unwrap(),
+    )
+    .unwrap();
+    for name in ["junk", "empty", "trap"] {
+        std::fs::write(
+            dir.join(format!("{name}.toml")),
+            format!("name = \"{name}\"\ncomponent = \"{name}.wasm\"\nrealms = [\"acme\"]\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("bad-manifest.toml"),
+        "name = \"bad-manifest\"\ncomponent = \"junk.wasm\"\ntimeout_ms = 0\n",
+    )
+    .unwrap();
+    [
+        ("junk", "not a loadable component"),
+        ("empty", "hooks"),
+        ("trap", "fails when instantiated"),
+        ("bad-manifest", "timeout_ms"),
+    ]
+}
+
+/// A connector that cannot load at start is one bad plug-in, not a reason to keep every other
+/// connector and the API down: it is reported as failed (list, detail, `/readyz`, `/metrics`)
+/// and everything else serves.
+async fn a_broken_connector_at_start_is_reported_and_the_others_serve(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(dir.path(), "billing", &receiver, "", FAST_RETRY);
+    let broken = write_broken_connectors(dir.path());
+    let server = start(backend, dir.path()).await;
+
+    let (code, list) = server.admin_get("/admin/connectors").await;
+    assert_eq!(code, StatusCode::OK, "{list}");
+    let items = list["items"].as_array().unwrap();
+    let by_name: HashMap<&str, &Value> = items
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c))
+        .collect();
+    assert_eq!(by_name.len(), 5, "{list:#}");
+    assert_eq!(by_name["billing"]["state"], "active");
+    assert!(by_name["billing"]["lastError"].is_null());
+    for (name, needle) in broken {
+        let c = by_name[name];
+        assert_eq!(c["state"], "failed", "{c:#}");
+        assert_eq!(c["source"], "directory", "{c:#}");
+        assert!(
+            c["manifestPath"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("{name}.toml")),
+            "{c:#}"
+        );
+        assert!(
+            c["lastError"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle)),
+            "{name}: {c:#}"
+        );
+        // Nothing of a version is claimed for a connector that serves none.
+        assert!(
+            c.get("version").is_none() && c.get("world").is_none(),
+            "{c:#}"
+        );
+        let (code, one) = server.admin_get(&format!("/admin/connectors/{name}")).await;
+        assert_eq!(code, StatusCode::OK, "{one}");
+        assert_eq!(one["state"], "failed", "{one:#}");
+    }
+
+    // Ready (the API and the other connectors serve), and saying which connectors do not.
+    let ready = reqwest::get(format!("{}/readyz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "ok", "{ready}");
+    assert_eq!(ready["connectorsServing"], false, "{ready}");
+    let failed: BTreeSet<&str> = ready["failedConnectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        BTreeSet::from(["bad-manifest", "empty", "junk", "trap"]),
+        "{ready}"
+    );
+    let metrics = server.metrics().await;
+    for (name, _) in broken {
+        let sample =
+            format!("lockstep_connector_failed{{connector=\"{name}\",source=\"directory\"}} 1");
+        assert!(metrics.contains(&sample), "missing {sample}");
+    }
+    assert!(!metrics.contains("lockstep_connector_failed{connector=\"billing\""));
+
+    // The connector that loads delivers as usual.
+    let api = server.api("acme");
+    assert_eq!(
+        api.map_parent("portal-1", "sid-1").await.0,
+        StatusCode::CREATED
+    );
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].path, "/billing");
+    assert_eq!(got[0].json()["externalId"], "portal-1");
+}
+
+/// The start's one ERROR line per broken connector names its file; operators who prefer a
+/// start that fails over one that runs without a connector say so with `--strict-connectors`
+/// or `strict_connectors = true`, and get a non-zero exit naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connector_logs_its_file_and_strict_mode_refuses_to_start() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let connectors = dir.path().join("connectors");
+    std::fs::create_dir(&connectors).unwrap();
+    std::fs::write(connectors.join("junk.wasm"), b"not a component").unwrap();
+    std::fs::write(
+        connectors.join("junk.toml"),
         "name = \"junk\"\ncomponent = \"junk.wasm\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
-        .arg(format!("sqlite://{}/x.db", dir.path().display()))
-        .arg("--connectors-dir")
-        .arg(dir.path())
-        .arg("--compile-cache")
-        .arg(dir.path().join("cache"))
-        .env("LOCKSTEP_ADMIN_TOKEN", "t")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("listening on"), "{stdout}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let config = dir.path().join("lockstep.toml");
+    std::fs::write(&config, "strict_connectors = true\n").unwrap();
+    let serve = |db: &str, extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+            .arg(format!("sqlite://{}/{db}.db", dir.path().display()))
+            .arg("--connectors-dir")
+            .arg(&connectors)
+            .arg("--compile-cache")
+            .arg(dir.path().join("cache"))
+            .args(extra)
+            .env("LOCKSTEP_ADMIN_TOKEN", "t")
+            .env("LOCKSTEP_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .env_remove("LOCKSTEP_CONFIG")
+            .env_remove("LOCKSTEP_STRICT_CONNECTORS")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+
+    // By default: serving, with one ERROR line that names the manifest.
+    let mut child = serve("default", &[]).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            if line.starts_with("listening on ") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap();
     assert!(
-        stderr.contains("junk") && stderr.contains("not a loadable component"),
-        "{stderr}"
+        listening,
+        "lockstep did not start beside a broken connector"
     );
+    child.kill().await.unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    let errors: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["level"] == "ERROR")
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let line = errors[0].to_string();
+    assert!(
+        line.contains("junk.toml") && line.contains("not a loadable component"),
+        "{line}"
+    );
+
+    // Strict, by flag or by config key: no start, and the file named.
+    for (db, extra) in [
+        ("flag", vec!["--strict-connectors"]),
+        ("key", vec!["--config", config.to_str().unwrap()]),
+    ] {
+        let out = tokio::time::timeout(Duration::from_secs(30), serve(db, &extra).output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!out.status.success(), "{db}: a strict start must fail");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("listening on"), "{stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("junk.toml") && stderr.contains("not a loadable component"),
+            "{db}: {stderr}"
+        );
+    }
 }
 
 async fn refresh_events_reach_only_connectors_that_subscribe_to_them(backend: Backend) {

@@ -93,45 +93,62 @@ pub struct LastErrorDto {
     pub at: DateTime<Utc>,
 }
 
-/// A loaded connector.
+/// A connector: loaded (`active` or `disabled`), or configured and `failed` to load, in
+/// which case only its name, source, state, `lastError` and counts are known and the fields of
+/// a serving version are absent.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorDto {
-    /// Unique name.
+    /// Unique name (for a manifest that cannot be read, its file name without `.toml`).
     pub name: String,
     /// Version serving: content hash of component and manifest.
-    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// The WIT world the component targets (`lockstep:connector@0.2.0` or `@0.1.0`).
-    pub world: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub world: Option<String>,
     /// `directory` (a manifest in the watched directory) or `api` (uploaded).
     pub source: String,
     /// The manifest file, for directory connectors.
     pub manifest_path: Option<String>,
-    /// `active` or `disabled` (deliveries held).
+    /// `active`, `disabled` (deliveries held) or `failed` (it did not load and no version of
+    /// it serves; `lastError` says why).
     pub state: String,
     /// Realms served (`*` for all).
-    pub realms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub realms: Option<Vec<String>>,
     /// Event types received.
-    pub events: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
     /// outbound, inbound or both.
-    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     /// Outgoing HTTP allowlist.
-    pub allowed_hosts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
     /// Deadline per hook call.
-    pub timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     /// Linear memory cap.
-    pub memory_mb: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
     /// Whether calls are served from warm instances (`reuse_instance`).
-    pub reuse_instance: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reuse_instance: Option<bool>,
     /// Calls one warm instance serves before it is recycled.
-    pub max_calls_per_instance: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_calls_per_instance: Option<u32>,
     /// Failure policy.
-    pub policy: PolicyDto,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyDto>,
     /// When this version was swapped in.
-    pub loaded_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<DateTime<Utc>>,
     /// `cache` (no compilation) or `compiler`.
-    pub compiled_from: String,
-    /// The last refused change since this version was loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compiled_from: Option<String>,
+    /// The last refused change since this version was loaded (for a `failed` connector: why
+    /// it does not load).
     pub last_error: Option<LastErrorDto>,
     /// Delivery counts.
     pub deliveries: DeliveryCountsDto,
@@ -141,37 +158,45 @@ pub struct ConnectorDto {
 
 impl From<ConnectorInfo> for ConnectorDto {
     fn from(info: ConnectorInfo) -> Self {
-        let e = &info.entry;
-        let m = &e.connector.manifest;
         let ms = |q: f64| info.metrics.latency.quantile(q).map(|s| s * 1_000.0);
+        let e = info.entry.as_deref();
+        let m = e.map(|e| &e.connector.manifest);
         ConnectorDto {
-            name: m.name.clone(),
-            version: e.connector.version.clone(),
-            world: e.connector.world.package().to_owned(),
-            source: e.source.label().to_owned(),
-            manifest_path: match &e.source {
+            name: info.name.clone(),
+            version: e.map(|e| e.connector.version.clone()),
+            world: e.map(|e| e.connector.world.package().to_owned()),
+            source: info.source.label().to_owned(),
+            manifest_path: match &info.source {
                 Source::Directory(p) => Some(p.display().to_string()),
                 Source::Api => None,
             },
-            state: if e.enabled { "active" } else { "disabled" }.to_owned(),
-            realms: m.realms.clone(),
-            events: m.events.iter().map(|t| t.as_str().to_owned()).collect(),
-            mode: match m.mode {
-                SyncMode::Outbound => "outbound",
-                SyncMode::Inbound => "inbound",
-                SyncMode::Both => "both",
+            state: match e {
+                Some(e) if e.enabled => "active",
+                Some(_) => "disabled",
+                None => "failed",
             }
             .to_owned(),
-            allowed_hosts: m
-                .allowed_hosts
-                .iter()
-                .map(|h| format!("{}://{}:{}", h.scheme, h.host, h.port))
-                .collect(),
-            timeout_ms: m.timeout_ms,
-            memory_mb: m.memory_mb,
-            reuse_instance: m.reuse_instance,
-            max_calls_per_instance: m.max_calls_per_instance,
-            policy: PolicyDto {
+            realms: m.map(|m| m.realms.clone()),
+            events: m.map(|m| m.events.iter().map(|t| t.as_str().to_owned()).collect()),
+            mode: m.map(|m| {
+                match m.mode {
+                    SyncMode::Outbound => "outbound",
+                    SyncMode::Inbound => "inbound",
+                    SyncMode::Both => "both",
+                }
+                .to_owned()
+            }),
+            allowed_hosts: m.map(|m| {
+                m.allowed_hosts
+                    .iter()
+                    .map(|h| format!("{}://{}:{}", h.scheme, h.host, h.port))
+                    .collect()
+            }),
+            timeout_ms: m.map(|m| m.timeout_ms),
+            memory_mb: m.map(|m| m.memory_mb),
+            reuse_instance: m.map(|m| m.reuse_instance),
+            max_calls_per_instance: m.map(|m| m.max_calls_per_instance),
+            policy: m.map(|m| PolicyDto {
                 on_failure: match m.policy.on_failure {
                     OnFailure::Retry => "retry",
                     OnFailure::Alert => "alert",
@@ -181,13 +206,15 @@ impl From<ConnectorInfo> for ConnectorDto {
                 max_attempts: m.policy.max_attempts,
                 backoff_ms: m.policy.backoff_ms,
                 max_backoff_ms: m.policy.max_backoff_ms,
-            },
-            loaded_at: e.loaded_at,
-            compiled_from: match e.connector.cache {
-                CacheOutcome::Hit => "cache",
-                CacheOutcome::Miss => "compiler",
-            }
-            .to_owned(),
+            }),
+            loaded_at: e.map(|e| e.loaded_at),
+            compiled_from: e.map(|e| {
+                match e.connector.cache {
+                    CacheOutcome::Hit => "cache",
+                    CacheOutcome::Miss => "compiler",
+                }
+                .to_owned()
+            }),
             last_error: info.last_error.map(|l| LastErrorDto {
                 message: l.message,
                 at: l.at,
@@ -208,7 +235,7 @@ impl From<ConnectorInfo> for ConnectorDto {
     }
 }
 
-/// Every loaded connector.
+/// Every loaded connector and every configured one that failed to load.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectorList {
     /// By name.
@@ -249,6 +276,7 @@ impl From<ManageError> for ApiError {
                 ApiError::Conflict(e.to_string())
             }
             ManageError::Store(s) => s.into(),
+            ManageError::InFile { source, .. } => (*source).into(),
         }
     }
 }
@@ -257,7 +285,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     manifest::check_name(name).map_err(ApiError::Validation)
 }
 
-/// Every loaded connector with its state, counts and hook latency.
+/// Every connector with its state, counts and hook latency: the loaded ones and the
+/// configured ones that failed to load (`failed`).
 #[utoipa::path(get, path = "/admin/connectors", operation_id = "list_connectors", tag = "connectors", security(("bearer" = [])),
     responses((status = 200, body = ConnectorList),
               (status = 401, body = Problem, content_type = "application/problem+json"),

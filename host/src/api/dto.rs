@@ -387,9 +387,23 @@ pub struct ListResponse {
     pub next_cursor: Option<String>,
 }
 
-/// Liveness/readiness answer.
+/// Liveness answer.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
     /// `ok` or the reason it is not.
     pub status: String,
+}
+
+/// Readiness answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyResponse {
+    /// `ok` or the reason it is not.
+    pub status: String,
+    /// Whether every configured connector (directory manifest or upload) serves a version.
+    /// A connector that failed to load does not make the instance unready: the others and
+    /// the API serve; this field and `failedConnectors` say that one does not.
+    pub connectors_serving: bool,
+    /// The configured connectors that failed to load (`GET /admin/connectors` says why).
+    pub failed_connectors: Vec<String>,
 }

@@ -1,4 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (the database answers too).
+//! `/healthz` (the process answers) and `/readyz` (the database answers too, and whether
+//! every configured connector serves).
 
 use axum::Json;
 use axum::extract::State;
@@ -6,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use super::AppState;
-use super::dto::HealthResponse;
+use super::dto::{HealthResponse, ReadyResponse};
 
 /// Routes of this resource.
 pub fn router() -> axum::Router<AppState> {
@@ -24,26 +25,27 @@ async fn healthz() -> Json<HealthResponse> {
     })
 }
 
-/// Readiness: the database answers.
+/// Readiness: the database answers. The body also says whether every configured connector
+/// serves (`connectorsServing`, `failedConnectors`); one that failed to load leaves the
+/// instance ready, since everything else serves.
 #[utoipa::path(get, path = "/readyz", tag = "health",
-    responses((status = 200, description = "Ready", body = HealthResponse),
-              (status = 503, description = "Database unavailable", body = HealthResponse)))]
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
-    match state.sessions.store().ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(HealthResponse {
-                status: "ok".into(),
-            }),
-        ),
+    responses((status = 200, description = "Ready", body = ReadyResponse),
+              (status = 503, description = "Database unavailable", body = ReadyResponse)))]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<ReadyResponse>) {
+    let failed_connectors = state.connectors.failed();
+    let (code, status) = match state.sessions.store().ping().await {
+        Ok(()) => (StatusCode::OK, "ok"),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(HealthResponse {
-                    status: "database unavailable".into(),
-                }),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
         }
-    }
+    };
+    (
+        code,
+        Json(ReadyResponse {
+            status: status.into(),
+            connectors_serving: failed_connectors.is_empty(),
+            failed_connectors,
+        }),
+    )
 }

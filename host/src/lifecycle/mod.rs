@@ -10,7 +10,7 @@ pub mod dir;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +22,7 @@ use crate::runtime::{LoadedConnector, Runtime, RuntimeError, version_of};
 use crate::store::connectors::{QueueCounts, UploadRow};
 use crate::store::{Store, StoreError, now_millis};
 use crate::sync::model::AuditEntry;
-use crate::telemetry::metrics::{ConnectorGauge, ConnectorMetrics, Metrics};
+use crate::telemetry::metrics::{ConnectorGauge, ConnectorMetrics, FailedGauge, Metrics};
 
 pub use cluster::spawn_cluster_sync;
 pub use dir::spawn_watcher;
@@ -67,6 +67,14 @@ pub enum ManageError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A manifest of the connectors directory does not load (at a strict start).
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        source: Box<ManageError>,
+    },
 }
 
 /// What a `put` did.
@@ -95,8 +103,13 @@ pub struct LastError {
 /// Everything the admin API shows about one connector.
 #[derive(Clone, Debug)]
 pub struct ConnectorInfo {
-    /// The version serving and its state.
-    pub entry: Arc<Entry>,
+    /// Its name.
+    pub name: String,
+    /// Who manages it.
+    pub source: Source,
+    /// The version serving and its state; `None` when it failed to load and no version of it
+    /// serves (its `last_error` says why).
+    pub entry: Option<Arc<Entry>>,
     /// Counters since this process started.
     pub metrics: Arc<ConnectorMetrics>,
     /// The last refused change, if any since the version serving was loaded.
@@ -118,6 +131,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     control: tokio::sync::Mutex<Control>,
     errors: Mutex<BTreeMap<String, LastError>>,
+    /// Configured connectors that did not load (a manifest of the directory, a stored
+    /// upload), by name, with where they come from. Listed as `failed` while no version of
+    /// that name serves; forgotten when one loads or their manifest or upload goes.
+    failed: Mutex<BTreeMap<String, Source>>,
 }
 
 /// State only the lock holder touches.
@@ -144,6 +161,7 @@ impl Connectors {
                 metrics,
                 control: tokio::sync::Mutex::new(Control::default()),
                 errors: Mutex::new(BTreeMap::new()),
+                failed: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -159,10 +177,14 @@ impl Connectors {
     }
 
     /// Loads the uploaded connectors stored in the database, then every manifest in `dir`.
-    /// An upload that no longer loads is logged and skipped (the service still starts); a
-    /// broken manifest or component in the directory fails the start with its name, so a
-    /// configuration mistake is seen at once. Returns how many connectors are loaded.
-    pub async fn start(&self, dir: Option<&Path>) -> Result<usize, ManageError> {
+    /// A connector that does not load (bad manifest, not a component, wrong world, trap at
+    /// start) is logged with its file, listed as `failed` with its `lastError`, and the others
+    /// serve: one bad plug-in must not keep every other one, and the API, down across a
+    /// restart. The watcher loads it once its file is fixed. With `strict`, a manifest of the
+    /// directory that does not load fails the start instead, naming the file (a stored upload
+    /// never does: only the running service's API could remove it). Returns how many
+    /// connectors are loaded.
+    pub async fn start(&self, dir: Option<&Path>, strict: bool) -> Result<usize, ManageError> {
         let disabled: HashSet<String> = self
             .inner
             .store
@@ -176,19 +198,44 @@ impl Connectors {
                 .install_upload(&mut control, &name, !disabled.contains(&name))
                 .await
             {
-                tracing::error!(connector = %name, %version, error = %e, "stored connector upload does not load; skipped");
+                tracing::error!(connector = %name, %version, error = %e, "stored connector upload does not load; the other connectors serve");
                 self.record_error(&name, &e);
             }
         }
         if let Some(dir) = dir {
             let mut state = dir::DirState::new(dir.to_owned());
             for (path, fingerprint) in state.initial()? {
-                self.apply_manifest(&path, &disabled).await?;
+                if let Err(e) = self.apply_manifest(&path, &disabled).await {
+                    if strict {
+                        return Err(ManageError::InFile {
+                            path,
+                            source: Box::new(e),
+                        });
+                    }
+                    tracing::error!(
+                        manifest = %path.display(),
+                        error = %e,
+                        "connector does not load; the other connectors serve, and this one loads once its files are fixed"
+                    );
+                }
+                // Failed or not, this is the version seen: the watcher acts on the next change.
                 state.mark_applied(path, fingerprint);
             }
             control.dir = Some(state);
         }
         Ok(self.inner.registry.snapshot().len())
+    }
+
+    /// The configured connectors (directory manifests, stored uploads) that serve no version
+    /// because they failed to load. Disabled connectors are not among them: they are loaded
+    /// and held on purpose.
+    pub fn failed(&self) -> Vec<String> {
+        let registry = self.inner.registry.snapshot();
+        self.failed_map()
+            .keys()
+            .filter(|name| !registry.contains_key(*name))
+            .cloned()
+            .collect()
     }
 
     /// Adds or replaces a connector uploaded through the admin API. Without `component`,
@@ -286,7 +333,10 @@ impl Connectors {
                 Ok(())
             }
             // Stored but refused here (e.g. it failed to load): removing it is still allowed.
-            None if self.inner.store.delete_upload(name, audit).await? => Ok(()),
+            None if self.inner.store.delete_upload(name, audit).await? => {
+                self.forget_failed(|n, source| n == name && *source == Source::Api);
+                Ok(())
+            }
             None => Err(ManageError::NotFound(name.to_owned())),
         }
     }
@@ -330,13 +380,13 @@ impl Connectors {
         next
     }
 
-    /// One connector as the admin API shows it.
+    /// One connector as the admin API shows it (loaded, or configured and failed).
     pub async fn describe(&self, name: &str) -> Result<ConnectorInfo, ManageError> {
-        let entry = self
-            .inner
-            .registry
-            .get(name)
-            .ok_or_else(|| ManageError::NotFound(name.to_owned()))?;
+        let found = match self.inner.registry.get(name) {
+            Some(entry) => Some((entry.source.clone(), Some(entry))),
+            None => self.failed_map().get(name).map(|s| (s.clone(), None)),
+        };
+        let (source, entry) = found.ok_or_else(|| ManageError::NotFound(name.to_owned()))?;
         let queue = self
             .inner
             .store
@@ -344,20 +394,26 @@ impl Connectors {
             .await?
             .remove(name)
             .unwrap_or_default();
-        Ok(self.info(name, entry, queue))
+        Ok(self.info(name, source, entry, queue))
     }
 
-    /// Every loaded connector, by name.
+    /// Every loaded connector and every configured one that failed to load, by name.
     pub async fn list(&self) -> Result<Vec<ConnectorInfo>, ManageError> {
         let mut queues = self.inner.store.queue_counts().await?;
-        Ok(self
-            .inner
-            .registry
-            .snapshot()
-            .iter()
-            .map(|(name, entry)| {
-                let queue = queues.remove(name).unwrap_or_default();
-                self.info(name, entry.clone(), queue)
+        let registry = self.inner.registry.snapshot();
+        let mut all: BTreeMap<String, (Source, Option<Arc<Entry>>)> = self
+            .failed_map()
+            .into_iter()
+            .map(|(name, source)| (name, (source, None)))
+            .collect();
+        for (name, entry) in registry.iter() {
+            all.insert(name.clone(), (entry.source.clone(), Some(entry.clone())));
+        }
+        Ok(all
+            .into_iter()
+            .map(|(name, (source, entry))| {
+                let queue = queues.remove(&name).unwrap_or_default();
+                self.info(&name, source, entry, queue)
             })
             .collect())
     }
@@ -393,10 +449,26 @@ impl Connectors {
                 None
             }
         };
-        self.inner.metrics.render(&gauges, backlog)
+        let registry = self.inner.registry.snapshot();
+        let failed: Vec<FailedGauge> = self
+            .failed_map()
+            .into_iter()
+            .filter(|(name, _)| !registry.contains_key(name))
+            .map(|(name, source)| FailedGauge {
+                name,
+                source: source.label(),
+            })
+            .collect();
+        self.inner.metrics.render(&gauges, &failed, backlog)
     }
 
-    fn info(&self, name: &str, entry: Arc<Entry>, queue: QueueCounts) -> ConnectorInfo {
+    fn info(
+        &self,
+        name: &str,
+        source: Source,
+        entry: Option<Arc<Entry>>,
+        queue: QueueCounts,
+    ) -> ConnectorInfo {
         let last_error = self
             .inner
             .errors
@@ -404,11 +476,46 @@ impl Connectors {
             .ok()
             .and_then(|e| e.get(name).cloned());
         ConnectorInfo {
+            name: name.to_owned(),
+            source,
             metrics: self.inner.metrics.connector(name),
             entry,
             last_error,
             queue,
         }
+    }
+
+    /// A copy of the configured connectors that failed to load (some may serve an older
+    /// version meanwhile).
+    fn failed_map(&self) -> BTreeMap<String, Source> {
+        self.inner
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records that the configured connector `name` (from `source`) did not load. A manifest
+    /// names one connector: a name it gave before is no longer configured by it.
+    fn mark_failed(&self, name: &str, source: Source) {
+        let mut failed = self
+            .inner
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if matches!(source, Source::Directory(_)) {
+            failed.retain(|n, s| n == name || *s != source);
+        }
+        failed.insert(name.to_owned(), source);
+    }
+
+    /// Forgets the failed connectors `drop` picks.
+    fn forget_failed(&self, drop: impl Fn(&str, &Source) -> bool) {
+        self.inner
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|n, s| !drop(n, s));
     }
 
     /// Validates, compiles (or takes from the cache) and pre-instantiates a candidate.
@@ -460,6 +567,7 @@ impl Connectors {
         if let Ok(mut errors) = self.inner.errors.lock() {
             errors.remove(name);
         }
+        self.forget_failed(|n, _| n == name);
         if let Some(old) = &previous
             && old.connector.version != entry.connector.version
         {
@@ -556,18 +664,61 @@ impl Connectors {
             Err(e) => {
                 self.inner.registry.set_refused(name, Some(&row.version));
                 control.refused_uploads.insert(name.to_owned(), row.version);
+                if !matches!(e, ManageError::Store(_)) {
+                    self.mark_failed(name, Source::Api);
+                }
                 Err(e)
             }
         }
     }
 
-    /// Loads or replaces the connector of one directory manifest.
+    /// Loads or replaces the connector of one directory manifest. A manifest that does not
+    /// load is recorded as failed under its connector's name (its file's stem when the
+    /// manifest itself is unreadable), unless the name belongs to another source.
     async fn apply_manifest(
         &self,
         path: &Path,
         disabled: &HashSet<String>,
     ) -> Result<PutOutcome, ManageError> {
-        let manifest = Manifest::load(path)?;
+        let (name, result) = match Manifest::load(path) {
+            Ok(manifest) => {
+                let name = manifest.name.clone();
+                (
+                    name,
+                    self.apply_loaded_manifest(path, manifest, disabled).await,
+                )
+            }
+            Err(e) => {
+                let e = ManageError::Manifest(e);
+                // The connector this file serves, if any, is the one whose change failed.
+                let name = self
+                    .inner
+                    .registry
+                    .snapshot()
+                    .iter()
+                    .find(|(_, entry)| entry.source == Source::Directory(path.to_owned()))
+                    .map_or_else(|| label_of(path), |(name, _)| name.clone());
+                self.record_error(&name, &e);
+                (name, Err(e))
+            }
+        };
+        if let Err(e) = &result
+            && !matches!(
+                e,
+                ManageError::ManagedByApi(_) | ManageError::Request(_) | ManageError::Store(_)
+            )
+        {
+            self.mark_failed(&name, Source::Directory(path.to_owned()));
+        }
+        result
+    }
+
+    async fn apply_loaded_manifest(
+        &self,
+        path: &Path,
+        manifest: Manifest,
+        disabled: &HashSet<String>,
+    ) -> Result<PutOutcome, ManageError> {
         let name = manifest.name.clone();
         let existing = self.inner.registry.get(&name);
         match existing.as_ref().map(|e| &e.source) {
@@ -662,14 +813,13 @@ impl Connectors {
                                 error = %e,
                                 "connector change refused; the previous version (if any) keeps serving"
                             );
-                            if matches!(e, ManageError::Manifest(_)) {
-                                self.inner.metrics.connector(&label_of(&path)).rejected();
-                            }
                         }
                     }
                     state.mark_applied(path, fingerprint);
                 }
                 dir::Action::Unload(path) => {
+                    let gone = Source::Directory(path.clone());
+                    self.forget_failed(|_, source| *source == gone);
                     let owned: Vec<String> = self
                         .inner
                         .registry
@@ -720,6 +870,7 @@ impl Connectors {
                 tracing::error!(connector = %name, %version, error = %e, "connector changed by another instance does not load here; the previous version (if any) keeps serving");
             }
         }
+        self.forget_failed(|name, source| *source == Source::Api && !versions.contains_key(name));
         for (name, entry) in self.inner.registry.snapshot().iter() {
             if entry.source == Source::Api && !versions.contains_key(name) {
                 self.unload(name, "removed on another instance");
