@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# API fuzzing (issue 8): schemathesis against the OpenAPI document that a real `lockstep serve`
+# API fuzzing: schemathesis against the OpenAPI document that a real `lockstep serve`
 # serves at /openapi.json. Fails on any 5xx and on any response the document does not describe
 # (status code, content type, headers, body schema), and on the data checks (schema-valid input
 # refused, schema-invalid input accepted, ...) — every schemathesis check is on, except where

@@ -1,4 +1,4 @@
-//! Per-language connector figures (issue 9): component size, cold load (compile), load from
+//! Per-language connector figures: component size, cold load (compile), load from
 //! the compile cache (deserialize), and hook-call latency with a fresh instance per call and
 //! with `reuse_instance = true`, for the example connector of each language
 //! (`connectors/legacy-{rust,js,python}`), both for a hook that does no I/O (`on-refresh`)

@@ -1,4 +1,4 @@
-//! The audit log (issue 8) against the real binary, on SQLite and PostgreSQL: one record per
+//! The audit log against the real binary, on SQLite and PostgreSQL: one record per
 //! operation with its actor, action, target and result; refusals recorded; IdP-caused and
 //! expiry changes; connector and delivery actions without a realm; `GET /admin/audit`
 //! filters, pagination, permissions and realm isolation; retention.

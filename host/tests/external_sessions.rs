@@ -1,5 +1,5 @@
-//! The external-sessions API against the real binary, on SQLite and PostgreSQL
-//! (issue 3 "Must show"). Every scenario runs once per backend.
+//! The external-sessions API against the real binary, on SQLite and PostgreSQL: the
+//! scenarios the API promises. Every scenario runs once per backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench-crash`: crash safety of a release build of `lockstep serve` (issue 8).
+//! `cargo xtask bench-crash`: crash safety of a release build of `lockstep serve`.
 //! Everything runs on 127.0.0.1:
 //!
 //! - one webhook receiver, started once, that outlives every server it serves: it counts the

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: mixed-load curves of a release build of `lockstep serve` (issue 8).
+//! `cargo xtask bench`: mixed-load curves of a release build of `lockstep serve`.
 //!
 //! For each backend (SQLite in a temp dir, a fresh PostgreSQL database, or both) the server
 //! starts on 127.0.0.1 and gets an **open-loop** mixed workload at increasing offered rates:
