@@ -255,21 +255,23 @@ pub enum HookPriority {
     Low,
 }
 
-/// The threads guest code runs on: per priority a separate Tokio runtime with half the cores
-/// (at least one), created once per process and never dropped (a runtime cannot be dropped
-/// from async code). `None` if it cannot be built; calls then run on the caller's runtime.
+/// The threads guest code runs on: per priority a separate Tokio runtime (a thread per core
+/// at the API's priority, half as many at low priority), created once per process and never
+/// dropped (a runtime cannot be dropped from async code). `None` if it cannot be built; calls then run on the caller's runtime.
 fn hook_threads(priority: HookPriority) -> Option<&'static tokio::runtime::Handle> {
     type Threads = std::sync::OnceLock<Option<tokio::runtime::Runtime>>;
     static NORMAL: Threads = std::sync::OnceLock::new();
     static LOW: Threads = std::sync::OnceLock::new();
-    let (cell, name, on_start): (&Threads, &str, fn()) = match priority {
-        HookPriority::Normal => (&NORMAL, "lockstep-hooks", enter_normal_hook_thread),
-        HookPriority::Low => (&LOW, "lockstep-hk-low", enter_low_hook_thread),
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    // Deliveries get as many threads as there are cores (one was saturated under load while
+    // the API's and the writer's threads still had room); the demoted ones half of them.
+    let (cell, name, on_start, threads): (&Threads, &str, fn(), usize) = match priority {
+        HookPriority::Normal => (&NORMAL, "lockstep-hooks", enter_normal_hook_thread, cores),
+        HookPriority::Low => (&LOW, "lockstep-hk-low", enter_low_hook_thread, cores / 2),
     };
     cell.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads((cores / 2).max(1))
+            .worker_threads(threads.max(1))
             .thread_name(name)
             .on_thread_start(on_start)
             .enable_all()
