@@ -740,3 +740,145 @@ async fn the_memory_cap_covers_all_of_an_instances_memories_together() {
         "{refused:?}"
     );
 }
+
+/// A server that accepts connections and never reads from them: whatever a request sends
+/// stays in the sender's buffers.
+struct Sink {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, SeqCst);
+                open.push(socket);
+            }
+        });
+        Sink {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn holding(sink: &Sink, memory_mb: u32, config: &str) -> Manifest {
+    manifest(
+        &format!("holding-{memory_mb}"),
+        "hostile",
+        &format!(
+            "timeout_ms = 5000\nmemory_mb = {memory_mb}\nallowed_hosts = [\"http://{}\"]\n\
+             [config]\nmode = \"hold-requests\"\n{config}\n",
+            sink.addr
+        ),
+    )
+}
+
+fn hold_event(sink: &Sink) -> SyncEvent {
+    let mut e = event(EventType::Login);
+    e.attributes
+        .insert("url".into(), format!("http://{}/hold", sink.addr));
+    e
+}
+
+#[tokio::test]
+async fn a_call_cannot_make_the_host_hold_more_than_its_memory_cap() {
+    let sink = Sink::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    // 64 requests of 1 MiB each to a server that reads nothing: the host would buffer every
+    // body while the guest's own memory stays small.
+    let c = runtime
+        .load(holding(&sink, 6, "requests = \"64\"\nbody_kb = \"1024\""))
+        .await
+        .unwrap();
+    let (got, transcript) = runtime.call_recorded(&c, &hold_event(&sink)).await;
+    assert_eq!(got, Err(HookFailure::OutOfMemory(6)));
+    let refused: Vec<_> = transcript
+        .requests
+        .iter()
+        .filter(|r| r.outcome.contains("memory_mb = 6"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", transcript.requests);
+    // Each request sent reserved at least 512 KiB of the 6 MiB, so few ever left.
+    assert!(
+        sink.accepted.load(SeqCst) <= 12,
+        "{} connections",
+        sink.accepted.load(SeqCst)
+    );
+    // Ordinary calls of the same version are unaffected once those requests are gone.
+    let mut small = (*c.manifest).clone();
+    small.config.insert("requests".into(), "2".into());
+    small.config.insert("body_kb".into(), "16".into());
+    let small = runtime.load(small).await.unwrap();
+    assert_eq!(runtime.call(&small, &hold_event(&sink)).await, Ok(()));
+}
+
+#[tokio::test]
+async fn a_call_has_at_most_16_requests_open_at_once() {
+    let sink = Sink::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let c = runtime
+        .load(holding(&sink, 64, "requests = \"20\"\nbody_kb = \"16\""))
+        .await
+        .unwrap();
+    // A plain limit, not the memory cap: the guest sees the refusal and fails.
+    let got = runtime.call(&c, &hold_event(&sink)).await;
+    assert!(
+        matches!(&got, Err(HookFailure::Fail(m)) if m.contains("request 16") && m.contains("ConnectionLimitReached")),
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn memory_the_host_holds_for_requests_leaves_less_for_the_guest_to_grow() {
+    let sink = Sink::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let run = |config: &'static str| {
+        let (runtime, sink) = (&runtime, &sink);
+        async move {
+            let c = runtime.load(holding(sink, 16, config)).await.unwrap();
+            runtime.call(&c, &hold_event(sink)).await
+        }
+    };
+    // 16 requests (8 MiB of host buffers) fit, and so do 9 MiB of guest memory alone.
+    assert_eq!(run("requests = \"16\"\nbody_kb = \"16\"").await, Ok(()));
+    assert_eq!(run("requests = \"0\"\ngrow_mb = \"9\"").await, Ok(()));
+    // Both together do not.
+    assert_eq!(
+        run("requests = \"16\"\nbody_kb = \"16\"\ngrow_mb = \"9\"").await,
+        Err(HookFailure::OutOfMemory(16))
+    );
+}
+
+#[tokio::test]
+async fn a_warm_instance_starts_each_call_without_the_last_calls_reservations() {
+    let sink = Sink::start().await;
+    let runtime = Runtime::new(None).unwrap();
+    let mut m = holding(&sink, 16, "requests = \"8\"\nbody_kb = \"256\"");
+    m.reuse_instance = true;
+    let c = runtime.load(m).await.unwrap();
+    // Each call holds 4 MiB of host buffers and lets them go when it returns; kept across
+    // calls, they would exhaust the 16 MiB by the fourth.
+    for n in 1..=5 {
+        let (got, transcript) = runtime.call_recorded(&c, &hold_event(&sink)).await;
+        assert_eq!(got, Ok(()), "call {n}");
+        assert_eq!(
+            transcript.logs,
+            vec![("info".to_owned(), format!("holding 8 requests in call {n}"))]
+        );
+    }
+}

@@ -533,7 +533,7 @@ impl Runtime {
             let outer = Duration::from_millis(manifest.timeout_ms) + Duration::from_millis(250);
             match tokio::time::timeout(outer, hooks.instantiate(&mut store)).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) if store.data().limiter.hit => {
+                Ok(Err(e)) if store.data().budget().hit() => {
                     return Err(invalid(format!(
                         "needs more than memory_mb = {} at start: {e:#}",
                         manifest.memory_mb
@@ -707,28 +707,34 @@ impl Runtime {
         let timeout_ms = manifest.timeout_ms;
         let reuse = manifest.reuse_instance;
         let warm = if reuse { connector.warm.take() } else { None };
-        let run = async {
-            let (mut store, instance, calls) = match warm {
-                Some(Warm {
-                    mut store,
-                    instance,
-                    calls,
-                }) => {
-                    store.set_epoch_deadline(1);
-                    store.data_mut().begin_call(&event.event_id, recorder);
-                    (store, Ok(instance), calls)
-                }
-                None => {
-                    let mut store = self.sandboxed_store(
-                        manifest,
-                        &connector.kv_scope,
-                        &connector.pool,
-                        event.event_id.clone(),
-                    );
-                    store.data_mut().begin_call(&event.event_id, recorder);
-                    let instance = connector.hooks.instantiate(&mut store).await;
-                    (store, instance, 0)
-                }
+        let (mut store, warm_instance, calls) = match warm {
+            Some(Warm {
+                mut store,
+                instance,
+                calls,
+            }) => {
+                store.set_epoch_deadline(1);
+                (store, Some(instance), calls)
+            }
+            None => {
+                let store = self.sandboxed_store(
+                    manifest,
+                    &connector.kv_scope,
+                    &connector.pool,
+                    event.event_id.clone(),
+                );
+                (store, None, 0)
+            }
+        };
+        store.data_mut().begin_call(&event.event_id, recorder);
+        // Outside the store, which a timeout drops: a call cut short after its cap refused
+        // memory still ends as out of memory.
+        let budget = store.data().budget();
+        let hooks = &connector.hooks;
+        let run = async move {
+            let instance = match warm_instance {
+                Some(instance) => Ok(instance),
+                None => hooks.instantiate(&mut store).await,
             };
             let (instance, answer) = match instance {
                 Ok(instance) => {
@@ -745,14 +751,20 @@ impl Runtime {
         let outer = Duration::from_millis(timeout_ms) + Duration::from_millis(250);
         let Ok((mut store, instance, calls, answer)) = tokio::time::timeout(outer, run).await
         else {
-            return Err(HookFailure::Timeout(timeout_ms));
+            return Err(if budget.hit() {
+                HookFailure::OutOfMemory(manifest.memory_mb)
+            } else {
+                HookFailure::Timeout(timeout_ms)
+            });
         };
         let interrupted =
             matches!(&answer, Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt));
         if interrupted || store.data().ticks >= DEMOTE_TICKS {
             connector.demote();
         }
-        let oom = store.data().limiter.hit;
+        // The cap refused memory (a memory grow, or host buffers for a request): whatever the
+        // hook then answered, it ran short of what it was given.
+        let oom = budget.hit();
         let dropped_logs = store.data().logs.dropped;
         if let Some(recorder) = &store.data().recorder {
             recorder
@@ -768,9 +780,10 @@ impl Runtime {
                 "connector exceeded its log budget; lines dropped"
             );
         }
-        // Only an instance that answered (ok, retry or fail) is kept: after a trap its state
-        // is unknown.
+        // Only an instance that answered (ok, retry or fail) within its cap is kept: after a
+        // trap its state is unknown.
         if reuse
+            && !oom
             && let (Some(instance), Ok(_)) = (instance, &answer)
             && calls < manifest.max_calls_per_instance
             && store.data_mut().fit_for_reuse()
@@ -781,14 +794,15 @@ impl Runtime {
                 calls,
             });
         }
+        if oom {
+            return Err(HookFailure::OutOfMemory(manifest.memory_mb));
+        }
         match answer {
             Ok(Ok(())) => Ok(()),
             Ok(Err(HookFailure::Retry(m))) => Err(HookFailure::Retry(cap(m))),
             Ok(Err(HookFailure::Fail(m))) => Err(HookFailure::Fail(cap(m))),
             Ok(Err(other)) => Err(other),
-            Err(e) => Err(if oom {
-                HookFailure::OutOfMemory(manifest.memory_mb)
-            } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            Err(e) => Err(if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
                 HookFailure::Timeout(timeout_ms)
             } else {
                 HookFailure::Trap(cap(format!("{e:#}")))

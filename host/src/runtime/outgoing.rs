@@ -29,6 +29,15 @@ use super::manifest::HttpPool;
 /// without pooling. An allowlist with wildcards could otherwise grow the pool without bound.
 pub const MAX_POOLED_DESTINATIONS: usize = 32;
 
+/// Read buffer of a connection, and its write buffer (which may take one body chunk more):
+/// hyper's default is about 400 KiB each, which the call's memory budget would have to
+/// reserve for every request. Response heads larger than this are refused.
+pub(super) const CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// What a request's host memory is accounted to: held by the send, the request body (also
+/// while it is drained) and the response body, and given back when the last of them drops.
+pub(super) type Held = Arc<dyn Send + Sync>;
+
 /// wasi-http's default when a guest sets no timeout (the gate caps every one anyway).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -124,13 +133,15 @@ impl ConnectionPool {
     /// Sends `request` (absolute URI, already allowed) over an idle connection to its
     /// destination or a new one, and answers with the response head; the body streams
     /// under the between-bytes timeout, and its connection goes back to the pool once the
-    /// body has been read to its end.
+    /// body has been read to its end. `held` lives as long as the request body and the
+    /// response body do.
     pub(super) async fn send(
         &self,
         request: http::Request<WasiBody>,
         timeouts: Timeouts,
+        held: Held,
     ) -> Result<http::Response<WasiBody>, Error> {
-        let mut request = request.map(drain_when_abandoned);
+        let mut request = request.map(|body| drain_when_abandoned(body, Some(held.clone())));
         let uri = request.uri();
         let authority = uri.authority().ok_or(Error::HttpRequestUriInvalid)?;
         let tls = uri.scheme() == Some(&Scheme::HTTPS);
@@ -173,6 +184,7 @@ impl ConnectionPool {
                             incoming,
                             timer,
                             home,
+                            _held: held,
                         })
                     }));
                 }
@@ -295,7 +307,9 @@ where
 {
     let (sender, connection) = tokio::time::timeout(
         timeout,
-        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)),
+        hyper::client::conn::http1::Builder::new()
+            .max_buf_size(CONNECTION_BUFFER)
+            .handshake(TokioIo::new(io)),
     )
     .await
     .map_err(|_| Error::ConnectionTimeout)??;
@@ -362,12 +376,15 @@ fn server_name(authority: &str) -> Result<rustls::pki_types::ServerName<'static>
 /// Gives up on a request that will not be sent (the gate refused its destination) without
 /// failing the guest's writes to its body: see [`GuestBody`].
 pub(super) fn abandon(request: http::Request<WasiBody>) {
-    drop(request.map(drain_when_abandoned));
+    drop(request.map(|body| drain_when_abandoned(body, None)));
 }
 
 /// The guest's request body, read to its end even when the request fails first.
-fn drain_when_abandoned(body: WasiBody) -> WasiBody {
-    http_body_util::BodyExt::boxed_unsync(GuestBody { body: Some(body) })
+fn drain_when_abandoned(body: WasiBody, held: Option<Held>) -> WasiBody {
+    http_body_util::BodyExt::boxed_unsync(GuestBody {
+        body: Some(body),
+        held,
+    })
 }
 
 /// A request body that, dropped before its end (connection refused or reset, a timeout, a
@@ -382,6 +399,8 @@ fn drain_when_abandoned(body: WasiBody) -> WasiBody {
 struct GuestBody {
     /// `None` once the body ended (nothing left to drain).
     body: Option<WasiBody>,
+    /// Kept while the body is drained: the guest can still fill its buffers until then.
+    held: Option<Held>,
 }
 
 impl hyper::body::Body for GuestBody {
@@ -423,8 +442,10 @@ impl Drop for GuestBody {
         }
         // Hook calls run on a Tokio runtime; without one the body just closes.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let held = self.held.take();
             runtime.spawn(async move {
                 while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+                drop(held);
             });
         }
     }
@@ -452,6 +473,7 @@ struct ResponseBody {
     incoming: hyper::body::Incoming,
     timer: tokio::time::Interval,
     home: PoolHome,
+    _held: Held,
 }
 
 impl hyper::body::Body for ResponseBody {

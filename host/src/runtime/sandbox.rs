@@ -1,7 +1,9 @@
 //! The per-call store data of a hook call: an empty WASI context (no filesystem, environment,
-//! arguments or sockets), wasi:http gated by the manifest's allowlist, a memory limiter, and
-//! the `host` interface (capped logging, config lookups).
+//! arguments or sockets), wasi:http gated by the manifest's allowlist, a memory budget shared
+//! by the instance's memories and the host's buffers for its HTTP requests, and the `host`
+//! interface (capped logging, config lookups).
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use wasmtime_wasi_http::{
 use super::bindings::{v0_1_0, v0_2_0};
 use super::kv::Kv;
 use super::manifest::{Manifest, split_host_port};
-use super::outgoing::{ConnectionPool, Timeouts};
+use super::outgoing::{CONNECTION_BUFFER, ConnectionPool, Timeouts};
 
 /// Most log lines one hook call may write; the rest are counted and summarised.
 pub const MAX_LOG_LINES: u32 = 100;
@@ -22,6 +24,25 @@ pub const MAX_LOG_LINES: u32 = 100;
 pub const MAX_LOG_LINE_BYTES: usize = 4 * 1024;
 /// Resource-table entries one call may hold (bounds handles a guest can open).
 pub const MAX_TABLE_ENTRIES: usize = 1_000;
+/// Outgoing requests one call may have open at once (sent, and the host still holds their
+/// request body, response or connection).
+pub const MAX_OPEN_REQUESTS: usize = 16;
+/// Largest guest write to an outgoing body, and writes buffered beside the one in flight:
+/// set rather than left to wasi-http's defaults (1 MiB chunks), so the bytes a body makes
+/// the host hold are known and modest.
+const BODY_CHUNK: usize = 64 * 1024;
+/// See [`BODY_CHUNK`].
+const BODY_BUFFER_CHUNKS: usize = 1;
+/// What an outgoing body can make the host hold: its channel to the connection takes
+/// `BODY_BUFFER_CHUNKS + 1` chunks, sent or not (a guest may fill a body it never sends).
+const BODY_BYTES: usize = (BODY_BUFFER_CHUNKS + 1) * BODY_CHUNK;
+/// What a sent request makes the host hold beside its body: the connection's read buffer and
+/// its write buffer (one body chunk over the cap), TLS records, and the response frame the
+/// guest has not read yet (a slice of an earlier read buffer).
+const REQUEST_BYTES: usize = 4 * CONNECTION_BUFFER + 2 * BODY_CHUNK;
+/// Chunk size of a body created past the budget: it cannot be refused (wasi-http has no hook
+/// for that), so it holds next to nothing, and its request is refused when sent.
+const OVERDRAWN_CHUNK: usize = 1;
 
 /// State of one hook call.
 pub struct CallState {
@@ -30,6 +51,7 @@ pub struct CallState {
     table: ResourceTable,
     gate: HttpGate,
     pub(super) limiter: MemoryLimiter,
+    budget: Arc<Budget>,
     pub(super) logs: LogBudget,
     manifest: Arc<Manifest>,
     event_id: String,
@@ -91,6 +113,7 @@ impl CallState {
             .build();
         let mut table = ResourceTable::new();
         table.set_max_capacity(MAX_TABLE_ENTRIES);
+        let budget = Arc::new(Budget::new(manifest.memory_mb as usize * 1024 * 1024));
         CallState {
             wasi,
             http: WasiHttpCtx::new(),
@@ -100,8 +123,11 @@ impl CallState {
                 pool,
                 event_id: event_id.clone(),
                 recorder: None,
+                budget: budget.clone(),
+                unsent_bodies: 0,
             },
-            limiter: MemoryLimiter::new(manifest.memory_mb as usize * 1024 * 1024),
+            limiter: MemoryLimiter::new(budget.clone()),
+            budget,
             logs: LogBudget::default(),
             manifest,
             event_id,
@@ -126,10 +152,40 @@ impl CallState {
         event_id.clone_into(&mut self.event_id);
         event_id.clone_into(&mut self.gate.event_id);
         self.logs = LogBudget::default();
-        self.limiter.hit = false;
+        self.budget.hit.store(false, Ordering::Relaxed);
+        self.recount_unsent_bodies();
         self.ticks = 0;
         self.gate.recorder = recorder.clone();
         self.recorder = recorder;
+    }
+
+    /// The call's memory budget (its memories and the host's HTTP buffers together).
+    pub(super) fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
+    }
+
+    /// Sets the reservation of unsent bodies to what the table holds now. Within a call a
+    /// body is counted from its creation until its request is sent; one the guest drops
+    /// unsent stays counted (nothing tells the host), so a warm instance's next call starts
+    /// from the bodies it really still holds, not from the last call's guesses.
+    fn recount_unsent_bodies(&mut self) {
+        use wasmtime_wasi_http::p2::types::{HostOutgoingRequest, HostOutgoingResponse};
+        let unsent = self
+            .table
+            .iter_mut()
+            .filter(|entry| {
+                entry
+                    .downcast_ref::<HostOutgoingRequest>()
+                    .is_some_and(|r| r.body.is_some())
+                    || entry
+                        .downcast_ref::<HostOutgoingResponse>()
+                        .is_some_and(|r| r.body.is_some())
+            })
+            .count();
+        let gate = &mut self.gate;
+        gate.budget.release(gate.unsent_bodies * BODY_BYTES);
+        gate.budget.force(unsent * BODY_BYTES);
+        gate.unsent_bodies = unsent;
     }
 }
 
@@ -152,13 +208,55 @@ impl WasiHttpView for CallState {
     }
 }
 
-/// Checks every outgoing request against the manifest before it leaves the host.
+/// Checks every outgoing request against the manifest before it leaves the host, and
+/// reserves the host memory it can hold against the call's budget.
 struct HttpGate {
     manifest: Arc<Manifest>,
     /// The connector version's keep-alive connections.
     pool: ConnectionPool,
     event_id: String,
     recorder: Option<Recorder>,
+    budget: Arc<Budget>,
+    /// Outgoing bodies created (and reserved) whose request has not been sent: the request
+    /// that is sent next takes one of their reservations over, so a body is counted once.
+    unsent_bodies: usize,
+}
+
+impl HttpGate {
+    /// Takes over the reservation of one unsent body for a request with a body; `0` if there
+    /// is none to take (a body created past the budget, or one carried from an earlier call).
+    fn adopt_body(&mut self, has_body: bool) -> usize {
+        if has_body && self.unsent_bodies > 0 {
+            self.unsent_bodies -= 1;
+            BODY_BYTES
+        } else {
+            0
+        }
+    }
+
+    /// Gives up on a request before it leaves: its body's reservation goes (the body is
+    /// drained and dropped), the transcript notes why, and the guest's response future
+    /// fails with `error`.
+    fn refuse(
+        &self,
+        request: http::Request<WasiBody>,
+        adopted: usize,
+        started: Instant,
+        outcome: String,
+        error: wasmtime_wasi_http::Error,
+    ) -> SendFuture {
+        self.budget.release(adopted);
+        record(&self.recorder, |t| {
+            t.requests.push(HttpExchange {
+                method: request.method().to_string(),
+                url: request.uri().to_string(),
+                outcome,
+                millis: started.elapsed().as_secs_f64() * 1e3,
+            })
+        });
+        super::outgoing::abandon(request);
+        Box::new(async move { Err(error) })
+    }
 }
 
 type SendFuture = Box<
@@ -180,9 +278,11 @@ impl WasiHttpHooks for HttpGate {
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> SendFuture {
-        let uri = request.uri();
         let started = Instant::now();
-        let (method, url) = (request.method().to_string(), uri.to_string());
+        // wasi-http sends an empty body for a request whose body the guest never asked for.
+        let has_body = !hyper::body::Body::is_end_stream(request.body());
+        let adopted = self.adopt_body(has_body);
+        let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
         let default_port = if scheme == "http" { 80 } else { 443 };
@@ -199,17 +299,59 @@ impl WasiHttpHooks for HttpGate {
                 destination = %format!("{scheme}://{authority}"),
                 "connector tried to reach a host outside its allowed_hosts; request denied"
             );
-            record(&self.recorder, |t| {
-                t.requests.push(HttpExchange {
-                    method,
-                    url,
-                    outcome: "denied".into(),
-                    millis: started.elapsed().as_secs_f64() * 1e3,
-                })
-            });
-            super::outgoing::abandon(request);
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+            return self.refuse(
+                request,
+                adopted,
+                started,
+                "denied".into(),
+                wasmtime_wasi_http::Error::HttpRequestDenied,
+            );
         }
+        if !self.budget.open_request() {
+            tracing::debug!(
+                connector = %self.manifest.name,
+                event_id = %self.event_id,
+                "connector has {MAX_OPEN_REQUESTS} requests open; request refused"
+            );
+            return self.refuse(
+                request,
+                adopted,
+                started,
+                format!("refused: {MAX_OPEN_REQUESTS} requests open"),
+                wasmtime_wasi_http::Error::ConnectionLimitReached,
+            );
+        }
+        let more = REQUEST_BYTES
+            + if has_body && adopted == 0 {
+                BODY_BYTES
+            } else {
+                0
+            };
+        if !self.budget.reserve(more) {
+            self.budget.close_request();
+            self.budget.hit.store(true, Ordering::Relaxed);
+            tracing::debug!(
+                connector = %self.manifest.name,
+                event_id = %self.event_id,
+                "connector's requests would hold more than its memory_mb; request refused"
+            );
+            let why = format!(
+                "memory_mb = {} exceeded by the host's buffers for the call's requests",
+                self.manifest.memory_mb
+            );
+            return self.refuse(
+                request,
+                adopted,
+                started,
+                format!("refused: {why}"),
+                wasmtime_wasi_http::Error::InternalError(Some(why)),
+            );
+        }
+        let held: super::outgoing::Held = Arc::new(Reservation {
+            budget: self.budget.clone(),
+            bytes: adopted + more,
+        });
+        let (method, url) = (request.method().to_string(), request.uri().to_string());
         // A request may not outlive the hook's own deadline.
         let cap = std::time::Duration::from_millis(self.manifest.timeout_ms);
         let mut options = options.unwrap_or_default();
@@ -224,7 +366,7 @@ impl WasiHttpHooks for HttpGate {
         let recorder = self.recorder.clone();
         let pool = self.pool.clone();
         Box::new(async move {
-            let sent = pool.send(request, Timeouts::from(&options)).await;
+            let sent = pool.send(request, Timeouts::from(&options), held).await;
             record(&recorder, |t| {
                 t.requests.push(HttpExchange {
                     method,
@@ -244,39 +386,134 @@ impl WasiHttpHooks for HttpGate {
             ))
         })
     }
+
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        BODY_BUFFER_CHUNKS
+    }
+
+    /// Asked once for every outgoing body the guest creates, before its buffers exist: the
+    /// one place to count a body that may never be sent.
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        if self.budget.reserve(BODY_BYTES) {
+            self.unsent_bodies += 1;
+            BODY_CHUNK
+        } else {
+            self.budget.hit.store(true, Ordering::Relaxed);
+            OVERDRAWN_CHUNK
+        }
+    }
+}
+
+/// The call's memory budget, `memory_mb`: the instance's memories and what the host holds
+/// for its HTTP requests count against it together, so a guest cannot move its data into
+/// host buffers to get past its cap, nor grow its memory over what those buffers hold.
+/// Reservations are given back wherever the host lets go of a buffer (a connection's task,
+/// a body being drained), hence atomics.
+pub(super) struct Budget {
+    max_bytes: usize,
+    used: AtomicUsize,
+    /// Requests with a [`Reservation`] alive.
+    open: AtomicUsize,
+    /// Set when the cap refused something this call: the call ends as out of memory.
+    hit: AtomicBool,
+}
+
+impl Budget {
+    fn new(max_bytes: usize) -> Self {
+        Budget {
+            max_bytes,
+            used: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            hit: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the cap refused memory to this call.
+    pub(super) fn hit(&self) -> bool {
+        self.hit.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|t| *t <= self.max_bytes)
+            })
+            .is_ok()
+    }
+
+    /// Counts bytes that are held already, whether or not they fit.
+    fn force(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+
+    fn open_request(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_OPEN_REQUESTS).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn close_request(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+}
+
+/// The host memory one sent request may hold, and its place among the open requests; given
+/// back when the last of its holders (the send, the request body, the response body) drops.
+struct Reservation {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+        self.budget.close_request();
+    }
 }
 
 /// Caps the instance's linear memory (the sum over all of its memories: a component may
-/// have several, each of which could otherwise grow to the cap) and table growth; remembers
-/// that the cap was hit so the failure can be reported as out-of-memory rather than a
-/// generic trap.
+/// have several, each of which could otherwise grow to the cap) together with the host's
+/// buffers for its HTTP requests ([`Budget`]), and table growth; a refusal marks the budget,
+/// so the failure is reported as out-of-memory rather than a generic trap.
 pub(super) struct MemoryLimiter {
-    max_bytes: usize,
-    pub(super) hit: bool,
+    budget: Arc<Budget>,
     /// Bytes of all the store's memories now. A store holds one component instance (memories
     /// are never freed before the store), so this is the instance's total.
-    total: usize,
+    memory: usize,
     /// The last growth this limiter allowed, taken back if the grow then fails.
     pending: usize,
-    /// The largest total the instance has reached.
+    /// The largest total the instance's memories have reached.
     peak: usize,
 }
 
 impl MemoryLimiter {
-    pub(super) fn new(max_bytes: usize) -> Self {
+    fn new(budget: Arc<Budget>) -> Self {
         MemoryLimiter {
-            max_bytes,
-            hit: false,
-            total: 0,
+            budget,
+            memory: 0,
             pending: 0,
             peak: 0,
         }
     }
 
-    /// Whether the instance has used more than three quarters of its cap: a warm instance
-    /// that far up is recycled rather than left to fail a later call at the cap.
+    /// Whether the instance's memories have used more than three quarters of the cap: a
+    /// warm instance that far up is recycled rather than left to fail a later call at the cap.
     pub(super) fn mostly_used(&self) -> bool {
-        self.peak > self.max_bytes / 4 * 3
+        self.peak > self.budget.max_bytes / 4 * 3
     }
 }
 
@@ -289,22 +526,24 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         // A new memory comes here with `current` 0, so instantiation is counted too.
         let growth = desired.saturating_sub(current);
-        let total = self.total.saturating_add(growth);
-        if total > self.max_bytes {
-            self.hit = true;
+        if !self.budget.reserve(growth) {
+            self.budget.hit.store(true, Ordering::Relaxed);
             return Err(wasmtime::Error::msg(format!(
-                "memory limit of {} MiB exceeded (the instance's memories together)",
-                self.max_bytes / (1024 * 1024)
+                "memory limit of {} MiB exceeded (the instance's memories together, with what \
+                 the host holds for its HTTP requests)",
+                self.budget.max_bytes / (1024 * 1024)
             )));
         }
-        self.total = total;
+        self.memory = self.memory.saturating_add(growth);
         self.pending = growth;
-        self.peak = self.peak.max(total);
+        self.peak = self.peak.max(self.memory);
         Ok(true)
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.total = self.total.saturating_sub(std::mem::take(&mut self.pending));
+        let pending = std::mem::take(&mut self.pending);
+        self.memory = self.memory.saturating_sub(pending);
+        self.budget.release(pending);
         tracing::debug!(error = %error, "a connector's memory could not grow");
         Ok(())
     }
