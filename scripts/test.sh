@@ -11,7 +11,8 @@
 # tests/keycloak/acme-realm.json, its data in the database lockstep_keycloak of that same
 # PostgreSQL, so it starts after it and stops before it): reused if already running, else
 # started here and stopped on exit; its URL reaches the tests as LOCKSTEP_TEST_KEYCLOAK_URL
-# (a caller's own value wins).
+# (a caller's own value wins), its HTTPS listener's as LOCKSTEP_TEST_KEYCLOAK_HTTPS_URL with
+# the test CA it was started with in LOCKSTEP_TEST_KEYCLOAK_CA_FILE.
 # LOCKSTEP_SKIP_KEYCLOAK=1 skips it (the Keycloak tests then say they are skipped).
 set -euo pipefail
 
@@ -114,7 +115,9 @@ else
         cargo xtask keycloak start
     fi
     LOCKSTEP_TEST_KEYCLOAK_URL="$(cargo xtask keycloak url)"
-    export LOCKSTEP_TEST_KEYCLOAK_URL
+    LOCKSTEP_TEST_KEYCLOAK_HTTPS_URL="$(cargo xtask keycloak url --https)"
+    LOCKSTEP_TEST_KEYCLOAK_CA_FILE="$(cargo xtask keycloak ca-file)"
+    export LOCKSTEP_TEST_KEYCLOAK_URL LOCKSTEP_TEST_KEYCLOAK_HTTPS_URL LOCKSTEP_TEST_KEYCLOAK_CA_FILE
 fi
 
 step "cargo fmt --all --check"

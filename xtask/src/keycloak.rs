@@ -1,11 +1,18 @@
-//! `cargo xtask keycloak start|stop|kill|status|url`: one real Keycloak for a test run, the
-//! Quarkus distribution from Maven Central in dev mode, on `127.0.0.1:18180`, with the realms
-//! of `tests/keycloak/*.json` imported at start-up. Its database is `lockstep_keycloak` in the
+//! `cargo xtask keycloak start|stop|kill|status|url|ca-file`: one real Keycloak for a test
+//! run, the Quarkus distribution from Maven Central in dev mode, on `127.0.0.1:18180`, with the
+//! realms of `tests/keycloak/*.json` imported at start-up. Its database is `lockstep_keycloak` in the
 //! test PostgreSQL cluster (`LOCKSTEP_TEST_DATABASE_URL`, else the `scripts/pg.sh` default
 //! on 127.0.0.1:55432), created here; so what Keycloak commits survives a SIGKILL, as it
 //! would in production. Metrics (`--metrics-enabled`) are served on `127.0.0.1:18190`, a
 //! file vault lives in `target/keycloak/vault/`, and the event extension signs with
 //! [`EVENTS_SECRET`] unless the vault holds a realm's own.
+//!
+//! The same server also answers HTTPS on `127.0.0.1:18443`, with a certificate for
+//! `127.0.0.1` and `localhost` issued by a test CA that every fresh `start` makes anew
+//! (`target/keycloak/tls/`: `ca.pem`, `server.pem`, `server-key.pem`; `keycloak ca-file`
+//! prints the CA's path, `keycloak url --https` the base URL). Keycloak derives its issuer
+//! from the request, so tokens fetched over HTTPS carry the `https://` issuer: one server for
+//! the plain-HTTP tests and those of Lockstep's TLS to the IdP.
 //!
 //! The server runs detached in its own process group so this command can exit; its pid is
 //! kept in `target/keycloak/keycloak.pid` and its output in `target/keycloak/keycloak.log`.
@@ -33,6 +40,10 @@ const HOST: &str = "127.0.0.1";
 const PORT: u16 = 18180;
 /// Management interface (`/metrics`) of the test Keycloak.
 const MANAGEMENT_PORT: u16 = 18190;
+/// HTTPS listener of the same server (certificate of the test CA in `target/keycloak/tls/`).
+const HTTPS_PORT: u16 = 18443;
+/// Names the server certificate is valid for.
+const TLS_NAMES: [&str; 2] = ["127.0.0.1", "localhost"];
 /// Database of the test Keycloak in the test PostgreSQL cluster.
 const DB_NAME: &str = "lockstep_keycloak";
 /// Keycloak's pool in a cluster shared with every PostgreSQL test (`max_connections = 200`).
@@ -71,8 +82,9 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 enum Action {
     /// Download (Maven) and unpack Keycloak if needed, create its PostgreSQL database, import
-    /// tests/keycloak/*.json and start it in the background; waits until the `acme` realm
-    /// answers. Reuses a running one.
+    /// tests/keycloak/*.json, make a new test CA and HTTPS certificate (target/keycloak/tls/)
+    /// and start it in the background; waits until the `acme` realm answers over HTTP and
+    /// HTTPS. Reuses a running one.
     Start {
         /// Keep the event extension already in providers/ instead of building it (a restart).
         #[arg(long)]
@@ -85,7 +97,13 @@ enum Action {
     /// Exit 0 when the Keycloak started by `start` is running and answering.
     Status,
     /// Print the base URL of the test Keycloak.
-    Url,
+    Url {
+        /// The HTTPS listener's URL (its certificate chains to `keycloak ca-file`).
+        #[arg(long)]
+        https: bool,
+    },
+    /// Print the path of the test CA's certificate (PEM) that the HTTPS listener's chains to.
+    CaFile,
 }
 
 pub fn main(args: Args) -> Result<ExitCode> {
@@ -95,8 +113,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         Action::Stop => stop(&paths).map(|()| ExitCode::SUCCESS),
         Action::Kill => kill(&paths).map(|()| ExitCode::SUCCESS),
         Action::Status => status(&paths),
-        Action::Url => {
-            println!("{}", base_url());
+        Action::Url { https } => {
+            println!("{}", if https { https_url() } else { base_url() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Action::CaFile => {
+            println!("{}", paths.tls.ca.display());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -106,11 +128,16 @@ fn base_url() -> String {
     format!("http://{HOST}:{PORT}")
 }
 
+fn https_url() -> String {
+    format!("https://{HOST}:{HTTPS_PORT}")
+}
+
 fn ready_url() -> String {
-    format!(
-        "{}/realms/{READY_REALM}/.well-known/openid-configuration",
-        base_url()
-    )
+    discovery_url(&base_url())
+}
+
+fn discovery_url(base: &str) -> String {
+    format!("{base}/realms/{READY_REALM}/.well-known/openid-configuration")
 }
 
 struct Paths {
@@ -123,17 +150,37 @@ struct Paths {
     pid: PathBuf,
     /// `target/keycloak/vault/`: the file vault (`<realm>_<key>`, one secret per file).
     vault: PathBuf,
+    /// `target/keycloak/tls/`: the test CA and the HTTPS listener's certificate and key.
+    tls: TlsFiles,
+}
+
+/// PEM files of the HTTPS listener, made by [`TlsFiles::generate`].
+struct TlsFiles {
+    dir: PathBuf,
+    /// The test CA's certificate: what a client adds to its roots (`--tls-ca-file`).
+    ca: PathBuf,
+    /// The server certificate (`--https-certificate-file`).
+    cert: PathBuf,
+    /// Its private key, PKCS #8 (`--https-certificate-key-file`).
+    key: PathBuf,
 }
 
 impl Paths {
     fn new() -> Result<Paths> {
         let root = workspace_root()?;
         let dir = target_dir(&root).join("keycloak");
+        let tls = dir.join("tls");
         Ok(Paths {
             home: dir.join(format!("keycloak-{VERSION}")),
             log: dir.join("keycloak.log"),
             pid: dir.join("keycloak.pid"),
             vault: dir.join("vault"),
+            tls: TlsFiles {
+                ca: tls.join("ca.pem"),
+                cert: tls.join("server.pem"),
+                key: tls.join("server-key.pem"),
+                dir: tls,
+            },
             root,
             dir,
         })
@@ -147,11 +194,14 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
         if group_alive(pid) {
             if rt.block_on(answers(&client)) {
                 println!("Keycloak already running (pid {pid}): {}", base_url());
+                warn_without_https(&rt, paths);
                 return Ok(());
             }
             // Alive but not answering yet: most likely another `start` is still waiting.
             eprintln!("Keycloak (pid {pid}) is running but not answering yet; waiting for it");
-            return rt.block_on(wait_ready(&client, paths, pid, None));
+            rt.block_on(wait_ready(&client, None, paths, pid, None))?;
+            warn_without_https(&rt, paths);
+            return Ok(());
         }
         eprintln!("removing stale pid file (pid {pid} is gone)");
         remove_pid(paths)?;
@@ -183,6 +233,8 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
     rt.block_on(db.prepare(realms_changed))?;
     std::fs::create_dir_all(&paths.vault)
         .with_context(|| format!("creating {}", paths.vault.display()))?;
+    paths.tls.generate()?;
+    let https_client = paths.tls.client()?;
 
     let log = open_log(&paths.log)?;
     let log_err = log
@@ -195,6 +247,10 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
             "start-dev",
             &format!("--http-host={HOST}"),
             &format!("--http-port={PORT}"),
+            // --http-host binds this listener too.
+            &format!("--https-port={HTTPS_PORT}"),
+            &format!("--https-certificate-file={}", paths.tls.cert.display()),
+            &format!("--https-certificate-key-file={}", paths.tls.key.display()),
             "--import-realm",
             "--db=postgres",
             &format!("--db-url={}", db.jdbc_url()),
@@ -202,6 +258,8 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
             &format!("--db-pool-max-size={DB_POOL_MAX}"),
             "--metrics-enabled=true",
             &format!("--http-management-port={MANAGEMENT_PORT}"),
+            // Plain HTTP like the main port's: it would inherit the HTTPS settings otherwise.
+            "--http-management-scheme=http",
             "--vault=file",
             &format!("--vault-dir={}", paths.vault.display()),
         ])
@@ -230,7 +288,13 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
         START_TIMEOUT.as_secs(),
         ready_url()
     );
-    let ready = rt.block_on(wait_ready(&client, paths, pid, Some(&mut child)));
+    let ready = rt.block_on(wait_ready(
+        &client,
+        Some(&https_client),
+        paths,
+        pid,
+        Some(&mut child),
+    ));
     if ready.is_err() {
         // Do not leave a half-started server behind.
         kill_group(pid, "-KILL");
@@ -238,23 +302,41 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
     }
     ready?;
     println!(
-        "Keycloak {VERSION} ready in {:.1}s: {}",
+        "Keycloak {VERSION} ready in {:.1}s: {} and {} (CA {})",
         started.elapsed().as_secs_f64(),
-        base_url()
+        base_url(),
+        https_url(),
+        paths.tls.ca.display()
     );
     Ok(())
 }
 
-/// Polls the readiness URL until it answers 200, the process dies, or [`START_TIMEOUT`].
+/// A reused server started without the HTTPS listener (by an older `start`) fails the tests
+/// of TLS to the IdP; say so where the restart is decided.
+fn warn_without_https(rt: &tokio::runtime::Runtime, paths: &Paths) {
+    let https = paths.tls.client().ok();
+    if !rt.block_on(answers_https(https.as_ref())) {
+        eprintln!(
+            "warning: the running Keycloak does not answer {} with a certificate of {}; the \
+             HTTPS tests need `cargo xtask keycloak stop` and `start` again",
+            https_url(),
+            paths.tls.ca.display()
+        );
+    }
+}
+
+/// Polls the readiness URL (and with `https` the HTTPS listener's) until it answers 200, the
+/// process dies, or [`START_TIMEOUT`].
 async fn wait_ready(
     client: &reqwest::Client,
+    https: Option<&reqwest::Client>,
     paths: &Paths,
     pid: u32,
     mut child: Option<&mut std::process::Child>,
 ) -> Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if answers(client).await {
+        if answers(client).await && (https.is_none() || answers_https(https).await) {
             return Ok(());
         }
         let exited = match child.as_mut() {
@@ -434,8 +516,10 @@ fn status(paths: &Paths) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let client = http_client()?;
-    if runtime()?.block_on(answers(&client)) {
+    let rt = runtime()?;
+    if rt.block_on(answers(&client)) {
         eprintln!("Keycloak running (pid {pid}): {}", base_url());
+        warn_without_https(&rt, paths);
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
@@ -620,6 +704,97 @@ async fn answers(client: &reqwest::Client) -> bool {
         .send()
         .await
         .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+}
+
+/// True when the same document answers 200 over HTTPS to a client that trusts only the test
+/// CA (`None`: no such client, so no).
+async fn answers_https(client: Option<&reqwest::Client>) -> bool {
+    let Some(client) = client else {
+        return false;
+    };
+    client
+        .get(discovery_url(&https_url()))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+}
+
+impl TlsFiles {
+    /// Makes a new test CA and, signed by it, a server certificate for [`TLS_NAMES`]; writes
+    /// both certificates and the server's key (mode 0600), replacing older ones. The CA's own
+    /// key is never written: nothing else is ever signed by it.
+    fn generate(&self) -> Result<()> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let mut ca_params =
+            CertificateParams::new(Vec::<String>::new()).context("parameters of the test CA")?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Lockstep test Keycloak CA");
+        let ca_key = KeyPair::generate().context("generating the test CA's key")?;
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, ca_key).context("self-signing the test CA")?;
+
+        let names: Vec<String> = TLS_NAMES.iter().map(|n| (*n).to_owned()).collect();
+        let mut params =
+            CertificateParams::new(names).context("parameters of the server certificate")?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, TLS_NAMES[0]);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().context("generating the server key")?;
+        let cert = params
+            .signed_by(&key, &ca)
+            .context("signing the server certificate")?;
+
+        write_file(&self.ca, ca.pem().as_bytes(), 0o644)?;
+        write_file(&self.cert, cert.pem().as_bytes(), 0o644)?;
+        write_file(&self.key, key.serialize_pem().as_bytes(), 0o600)
+    }
+
+    /// An HTTP client that trusts only the test CA.
+    fn client(&self) -> Result<reqwest::Client> {
+        let pem =
+            std::fs::read(&self.ca).with_context(|| format!("reading {}", self.ca.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", self.ca.display()))?;
+        reqwest::Client::builder()
+            .timeout(PROBE_TIMEOUT)
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .context("building the HTTPS client")
+    }
+}
+
+/// Replaces `path` with `bytes`, created with `mode` (a new file, so an older one's mode
+/// does not carry over).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", path.display()));
+        }
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_pid(paths: &Paths) -> Result<Option<u32>> {
