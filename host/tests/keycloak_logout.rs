@@ -4,7 +4,8 @@
 //! reaches Lockstep, which ends the mapped tree. Admin API calls carry real Keycloak access
 //! tokens. That test re-points the shared `portal` client's back-channel URL at its server, so
 //! nothing else may use the `acme` realm beside it. Reconciliation finds the logouts Lockstep
-//! was never told of, in a realm of its own that tells Lockstep nothing.
+//! was never told of, in a realm of its own that tells Lockstep nothing. Keycloak over HTTPS
+//! (its second listener, with the xtask's test CA) is believed only through `--tls-ca-file`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -317,6 +318,127 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
         "http://127.0.0.1:9/realms/acme/backchannel-logout",
     )
     .await;
+}
+
+/// The logout token of the next back-channel logout `recorder` receives.
+async fn captured_logout_token(recorder: &Receiver) -> String {
+    let got = recorder.wait_for(1, Duration::from_secs(20)).await;
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&got[0].body).unwrap();
+    form.into_iter()
+        .find(|(k, _)| k == "logout_token")
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+/// The real Keycloak over HTTPS: a session logged in on its HTTPS listener has the
+/// `https://` issuer, and Keycloak's back-channel logout of it is verified with keys fetched
+/// over TLS when `--tls-ca-file` names the test CA. Without the CA the same logout token is
+/// refused and nothing ends; the token itself is sound, as the trusting server shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_over_https_logs_out_with_the_ca_file_and_is_refused_without_it() {
+    let Some(base) = keycloak::keycloak_url() else {
+        eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
+        return;
+    };
+    let tls = keycloak::keycloak_https();
+    // A realm of its own (the `acme` one is the first test's); its `portal` client gets a
+    // back-channel logout URL below.
+    let realm = keycloak::quiet_realm(&base).await;
+    let name = realm.name.clone();
+    let over_https = keycloak::EventsRealm {
+        base: tls.base.clone(),
+        name: name.clone(),
+    };
+    let (portal, portal_secret) = PORTAL_CLIENT;
+    let (alice, alice_password) = keycloak::EV_ALICE;
+    let issuer = keycloak::issuer(&tls.base, &name);
+    assert!(issuer.starts_with("https://"), "{issuer}");
+    let config = format!(
+        "[realms.{name}]\nissuer = \"{issuer}\"\naudiences = [\"{portal}\"]\n\
+         allowed_algs = [\"RS256\"]\nclock_skew_s = 30\n"
+    );
+    let trusting = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(config.clone()),
+            args: vec!["--tls-ca-file".into(), tls.ca_file.display().to_string()],
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let untrusting = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(config),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = trusting.api(&name);
+    let stranger = untrusting.api(&name);
+
+    // 1. Keycloak ends a session logged in over HTTPS (admin delete, over HTTPS too, so the
+    //    logout token names the same issuer): the trusting server ends the mapped tree.
+    keycloak::set_backchannel_logout_url(
+        &base,
+        &name,
+        portal,
+        &format!("{}/realms/{name}/backchannel-logout", trusting.base),
+    )
+    .await;
+    let first = over_https
+        .password_login(portal, portal_secret, alice, alice_password)
+        .await;
+    assert_eq!(keycloak::claims(&first.access_token)["iss"], json!(issuer));
+    map_tree(&api, "tls-1", &first.sid).await;
+    keycloak::delete_session(&tls.base, &name, &first.sid).await;
+    let root = wait_status(&api, "tls-1", "DESTROYED").await;
+    assert_eq!(root["endReason"], "idp_logout");
+    for child in ["tls-1-a", "tls-1-b"] {
+        assert_eq!(
+            wait_status(&api, child, "DESTROYED").await["endReason"],
+            "cascade"
+        );
+    }
+
+    // 2. The next logout token, captured on its way, to both servers: the one without the CA
+    //    cannot fetch the keys over TLS, refuses it, and ends nothing; the trusting one ends
+    //    the tree with the very same token.
+    let recorder = Receiver::start().await;
+    keycloak::set_backchannel_logout_url(&base, &name, portal, &recorder.url("/bc")).await;
+    let second = over_https
+        .password_login(portal, portal_secret, alice, alice_password)
+        .await;
+    map_tree(&stranger, "tls-2", &second.sid).await;
+    map_tree(&api, "tls-2", &second.sid).await;
+    keycloak::delete_session(&tls.base, &name, &second.sid).await;
+    let token = captured_logout_token(&recorder).await;
+    let claims = keycloak::claims(&token);
+    assert_eq!(
+        (&claims["iss"], &claims["sid"]),
+        (&json!(issuer), &json!(second.sid)),
+        "{claims}"
+    );
+    let (code, body, _) = untrusting.backchannel_logout(&name, &token).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    let description = body["error_description"].as_str().unwrap();
+    assert!(
+        description.contains("keys are unavailable"),
+        "{description}"
+    );
+    for id in ["tls-2", "tls-2-a", "tls-2-b"] {
+        assert_eq!(stranger.status_of(id).await, "ACTIVE", "{id}");
+    }
+    assert_eq!(used_logout_tokens(&untrusting).await, 0);
+    let (code, body, _) = trusting.backchannel_logout(&name, &token).await;
+    assert_eq!(
+        (code, body["ended"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+
+    drop((trusting, untrusting));
+    realm.delete().await;
 }
 
 /// Logout tokens Lockstep has accepted (their `jti`s are kept for the replay window).

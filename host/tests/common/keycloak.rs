@@ -1,6 +1,7 @@
 //! A real Keycloak for the tests: the one `cargo xtask keycloak start` runs on
 //! 127.0.0.1:18180 with the realm of `tests/keycloak/acme-realm.json` (`scripts/test.sh`
-//! starts it and sets `LOCKSTEP_TEST_KEYCLOAK_URL`). Helpers drive it like a browser and an
+//! starts it and sets `LOCKSTEP_TEST_KEYCLOAK_URL`), and on 127.0.0.1:18443 over HTTPS with
+//! a certificate of the xtask's test CA ([`keycloak_https`]; every helper's client trusts it). Helpers drive it like a browser and an
 //! administrator would: a headless authorization-code login, client-credentials tokens, and
 //! the Admin REST API (sessions, client attributes, signing keys).
 //!
@@ -41,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const EVENTS_SECRET: &str = "whsec_a2V5Y2xvYWstZXZlbnRzLXRlc3Qtc2VjcmV0LTMyYnl0ZXM=";
 /// Keycloak's management interface (`/metrics`), as `cargo xtask keycloak start` sets it.
 pub const METRICS_URL: &str = "http://127.0.0.1:18190/metrics";
+/// The HTTPS listener of `cargo xtask keycloak start` (`cargo xtask keycloak url --https`).
+pub const HTTPS_URL: &str = "https://127.0.0.1:18443";
 
 /// Base URL of the test Keycloak from `LOCKSTEP_TEST_KEYCLOAK_URL`; `None` when it is unset
 /// and `LOCKSTEP_SKIP_KEYCLOAK=1` asks to skip Keycloak tests (the test then prints why).
@@ -57,6 +60,47 @@ pub fn keycloak_url() -> Option<String> {
     }
 }
 
+/// The test Keycloak's HTTPS listener and the CA its certificate chains to.
+#[derive(Clone, Debug)]
+pub struct KeycloakHttps {
+    /// Base URL, `https://…` (issuers below it are `{base}/realms/{realm}`).
+    pub base: String,
+    /// PEM file of the test CA (what `--tls-ca-file` is given).
+    pub ca_file: std::path::PathBuf,
+}
+
+/// The HTTPS side of the test Keycloak: `LOCKSTEP_TEST_KEYCLOAK_HTTPS_URL` and
+/// `LOCKSTEP_TEST_KEYCLOAK_CA_FILE` (`scripts/test.sh` sets them from `cargo xtask keycloak url
+/// --https` and `cargo xtask keycloak ca-file`), else what `cargo xtask keycloak start` uses:
+/// [`HTTPS_URL`] and `target/keycloak/tls/ca.pem`. Call it after [`keycloak_url`].
+pub fn keycloak_https() -> KeycloakHttps {
+    let ca_file = test_ca_file();
+    assert!(
+        ca_file.is_file(),
+        "no test CA at {}: this Keycloak was started without HTTPS; run `cargo xtask keycloak \
+         stop` and `cargo xtask keycloak start`",
+        ca_file.display()
+    );
+    let base = match std::env::var("LOCKSTEP_TEST_KEYCLOAK_HTTPS_URL") {
+        Ok(url) if !url.trim().is_empty() => url.trim().trim_end_matches('/').to_owned(),
+        _ => HTTPS_URL.to_owned(),
+    };
+    KeycloakHttps { base, ca_file }
+}
+
+fn test_ca_file() -> std::path::PathBuf {
+    match std::env::var("LOCKSTEP_TEST_KEYCLOAK_CA_FILE") {
+        Ok(path) if !path.trim().is_empty() => path.trim().into(),
+        _ => target_dir().join("keycloak/tls/ca.pem"),
+    }
+}
+
+/// The test CA, read anew each time (a fresh `cargo xtask keycloak start` makes a new one).
+fn test_ca() -> Option<reqwest::Certificate> {
+    let pem = std::fs::read(test_ca_file()).ok()?;
+    reqwest::Certificate::from_pem(&pem).ok()
+}
+
 /// The tokens of a finished login, and the Keycloak session id (`sid` of the ID token).
 #[derive(Clone, Debug)]
 pub struct Login {
@@ -66,14 +110,19 @@ pub struct Login {
     pub sid: String,
 }
 
-/// An HTTP client that never follows redirects (the login flow reads them) and times out.
+/// An HTTP client that never follows redirects (the login flow reads them), times out, and
+/// trusts the test CA besides the bundled roots (so every helper works on [`keycloak_https`]).
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(REQUEST_TIMEOUT)
-        .no_proxy()
-        .build()
-        .unwrap()
+        .no_proxy();
+    match test_ca() {
+        Some(ca) => builder.add_root_certificate(ca),
+        None => builder,
+    }
+    .build()
+    .unwrap()
 }
 
 fn token_endpoint(base: &str, realm: &str) -> String {
@@ -427,12 +476,14 @@ async fn client_uuid(base: &str, token: &str, realm: &str, client_id: &str) -> S
 }
 
 /// Points a client's OIDC back-channel logout at `url` (the attribute
-/// `backchannel.logout.url`), so Keycloak calls it when a session of the client ends.
+/// `backchannel.logout.url`), so Keycloak calls it when a session of the client ends; its
+/// logout tokens name the session (`sid`, `backchannel.logout.session.required`).
 pub async fn set_backchannel_logout_url(base: &str, realm: &str, client_id: &str, url: &str) {
     let token = admin_token(base).await;
     let id = client_uuid(base, &token, realm, client_id).await;
     let mut rep = admin_get(base, &token, &format!("{realm}/clients/{id}")).await;
     rep["attributes"]["backchannel.logout.url"] = json!(url);
+    rep["attributes"]["backchannel.logout.session.required"] = json!("true");
     let resp = http()
         .put(format!("{base}/admin/realms/{realm}/clients/{id}"))
         .bearer_auth(&token)

@@ -148,6 +148,8 @@ pub struct ServerOptions {
     /// Extra environment of the server process (e.g. `OTEL_*`). The harness removes the
     /// OTLP endpoint variables first, so no server exports spans unless its test asks.
     pub env: Vec<(String, String)>,
+    /// Extra arguments of `lockstep serve` (say, `--tls-ca-file`).
+    pub args: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -162,6 +164,7 @@ impl Default for ServerOptions {
             listen: None,
             requests_per_second: Some(0),
             env: Vec::new(),
+            args: Vec::new(),
         }
     }
 }
@@ -226,7 +229,10 @@ impl Server {
             cmd.arg("--connectors-dir").arg(d);
         }
         cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            // No server trusts a CA its test did not give it.
+            .env_remove("LOCKSTEP_TLS_CA_FILE")
+            .args(&opts.args);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
