@@ -114,7 +114,9 @@ struct Targets {
 /// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
 /// first, never one whose session has an earlier pending delivery to the same connector.
 /// One statement for every lane (the leases and the events' payloads), so it commits on its
-/// own; rows another instance is claiming are skipped, not waited for.
+/// own; rows another instance is claiming are skipped, not waited for. The leased rows and
+/// their payloads are looked up by key (`= ANY`, a scalar subquery): written as joins, the
+/// planner hashed the whole outbox for every claim (30 ms at 80,000 events).
 pub(crate) async fn claim<'c>(
     conn: impl PgExecutor<'c>,
     lanes: &[LaneClaim],
@@ -144,12 +146,14 @@ pub(crate) async fn claim<'c>(
              ORDER BY d.next_attempt_at, d.id LIMIT l.n FOR UPDATE SKIP LOCKED \
            ) p \
          ), claimed AS ( \
-           UPDATE deliveries SET lease_until = picked.lease_until, updated_at = $4 \
-           FROM picked WHERE deliveries.id = picked.id \
+           UPDATE deliveries SET updated_at = $4, \
+             lease_until = (SELECT p.lease_until FROM picked p WHERE p.id = deliveries.id) \
+           WHERE deliveries.id = ANY(ARRAY(SELECT id FROM picked)) \
            RETURNING deliveries.id, deliveries.outbox_id, deliveries.connector, \
              deliveries.attempts \
-         ) SELECT c.id, c.outbox_id, c.connector, c.attempts, o.payload \
-           FROM claimed c LEFT JOIN outbox o ON o.id = c.outbox_id ORDER BY c.id",
+         ) SELECT c.id, c.outbox_id, c.connector, c.attempts, \
+             (SELECT o.payload FROM outbox o WHERE o.id = c.outbox_id) \
+           FROM claimed c ORDER BY c.id",
     )
     .bind(connectors)
     .bind(limits)
