@@ -215,6 +215,29 @@ impl<I: AsyncRead + Unpin> AsyncRead for GuardedIo<I> {
     }
 }
 
+impl<I> GuardedIo<I> {
+    /// A write, flush or vectored write that made no progress starts (or keeps) the send
+    /// deadline; one that moved clears it.
+    fn sending<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => wait_or_time_out(
+                &mut self.write_deadline,
+                self.timeouts.send,
+                cx,
+                "sending the response",
+            ),
+            ready => {
+                self.write_deadline = None;
+                ready
+            }
+        }
+    }
+}
+
 impl<I: AsyncWrite + Unpin> AsyncWrite for GuardedIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -222,18 +245,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for GuardedIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => wait_or_time_out(
-                &mut this.write_deadline,
-                this.timeouts.send,
-                cx,
-                "sending the response",
-            ),
-            ready => {
-                this.write_deadline = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.sending(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -242,18 +255,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for GuardedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => wait_or_time_out(
-                &mut this.write_deadline,
-                this.timeouts.send,
-                cx,
-                "sending the response",
-            ),
-            ready => {
-                this.write_deadline = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.sending(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -262,18 +265,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for GuardedIo<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending => wait_or_time_out(
-                &mut this.write_deadline,
-                this.timeouts.send,
-                cx,
-                "sending the response",
-            ),
-            ready => {
-                this.write_deadline = None;
-                ready
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.sending(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
