@@ -18,7 +18,7 @@ mod ceiling;
 pub(crate) mod cpu;
 pub(crate) mod db;
 pub(crate) mod load;
-mod report;
+pub(crate) mod report;
 pub(crate) mod server;
 
 use std::path::{Path, PathBuf};

@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 use crate::bench_api::cpu::{CpuUse, Meter, us_per_op};
 use crate::bench_api::db::{self, Target};
 use crate::bench_api::load::{Api, Outcome, PhaseStats, run_phase};
+use crate::bench_api::report::thousands;
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, toml_str};
@@ -1240,19 +1241,6 @@ fn hooks_bench(root: &Path) -> Hooks {
 
 // ---------------------------------------------------------------------------------------
 // The summary
-
-fn thousands(x: f64) -> String {
-    let n = x.round().max(0.0) as u64;
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
 
 fn count(n: usize) -> String {
     thousands(n as f64)

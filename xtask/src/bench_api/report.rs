@@ -81,7 +81,7 @@ impl Table {
 }
 
 /// 12345.6 → "12,346".
-fn thousands(x: f64) -> String {
+pub(crate) fn thousands(x: f64) -> String {
     let n = x.round().max(0.0) as u64;
     let digits = n.to_string();
     let mut out = String::new();
