@@ -702,19 +702,7 @@ pub async fn events_realm(base: &str, lockstep_url: &str, sso_idle_s: u32) -> Ev
             "redirectUris": [REDIRECT_URI],
         }],
     });
-    let token = admin_token(base).await;
-    let resp = http()
-        .post(format!("{base}/admin/realms"))
-        .bearer_auth(&token)
-        .json(&rep)
-        .send()
-        .await
-        .expect("realm create");
-    expect_status(resp, StatusCode::CREATED, &format!("creating realm {name}")).await;
-    EventsRealm {
-        base: base.to_owned(),
-        name,
-    }
+    create_realm(base, name, &rep).await
 }
 
 /// The confidential client whose service account may read sessions (`realm-management` →
@@ -772,11 +760,16 @@ pub async fn quiet_realm(base: &str) -> EventsRealm {
             },
         ],
     });
+    create_realm(base, name, &rep).await
+}
+
+/// Creates a realm from its representation (as the Keycloak admin).
+async fn create_realm(base: &str, name: String, rep: &Value) -> EventsRealm {
     let token = admin_token(base).await;
     let resp = http()
         .post(format!("{base}/admin/realms"))
         .bearer_auth(&token)
-        .json(&rep)
+        .json(rep)
         .send()
         .await
         .expect("realm create");
