@@ -414,6 +414,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
     let oidc = Arc::new(Verifier::new(idps, &roots).context("cannot set up token verification")?);
     let admins = reconcilers(&file, &roots)?;
+    let console = console(&file, &oidc, &roots)?;
     let events = Arc::new(file.event_keys()?);
     let keys = file.api_keys()?;
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
@@ -536,6 +537,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth_failures: limits
             .failed_auth
             .map(|(per_minute, burst)| Arc::new(api::limits::AuthFailures::new(per_minute, burst))),
+        console,
     };
     let app = api::app(state);
     match limits.max_client_connections {
@@ -568,6 +570,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
     Ok(())
+}
+
+/// The operator console `[console]` asks for, with Keycloak sign-in for every realm that
+/// has an issuer and a `console_client_id`.
+fn console(
+    file: &FileConfig,
+    oidc: &Verifier,
+    roots: &TrustRoots,
+) -> anyhow::Result<Option<Arc<crate::console::Console>>> {
+    let mut sso = Vec::new();
+    for (name, realm) in file.realm_policies()? {
+        if let Some(client_id) = realm.console_client_id.clone() {
+            let idp = oidc.realm(&name).ok_or_else(|| {
+                anyhow::anyhow!("config: [realms.{name}] console_client_id needs an issuer")
+            })?;
+            sso.push(crate::console::SsoRealm {
+                realm: name.clone(),
+                issuer: idp.issuer.clone(),
+                client_id,
+            });
+        }
+    }
+    sso.sort_by(|a, b| a.realm.cmp(&b.realm));
+    Ok(crate::console::Console::from_config(&file.console, sso, roots)?.map(Arc::new))
 }
 
 /// `lockstep reconcile`: one pass over the realm, printing what it ends (or would).

@@ -66,6 +66,9 @@ pub struct FileConfig {
     /// `[tls]`: trust for outgoing HTTPS (identity providers).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[console]`: the operator console at `/console/`.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// `[tls]`.
@@ -236,6 +239,9 @@ pub struct RealmConfig {
     pub events_secrets: Vec<String>,
     /// `[realms.NAME.reconcile]`: compare the realm's sessions with Keycloak's now and then.
     pub reconcile: Option<ReconcileConfig>,
+    /// Public OIDC client (authorization code + PKCE) of the operator console's "Sign in with
+    /// Keycloak"; without it the realm offers no such sign-in.
+    pub console_client_id: Option<String>,
 }
 
 /// `[realms.NAME.reconcile]`: Keycloak admin access for the reconciler, which ends what is

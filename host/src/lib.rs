@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod devkit;
 pub mod lifecycle;
 pub mod oidc;

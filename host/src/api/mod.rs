@@ -48,12 +48,20 @@ pub struct AppState {
     pub rate_limit: Option<std::sync::Arc<limits::RateLimiter>>,
     /// Failed authentications per client address (`None`: not throttled).
     pub auth_failures: Option<std::sync::Arc<limits::AuthFailures>>,
+    /// The operator console (`None`: switched off).
+    pub console: Option<std::sync::Arc<crate::console::Console>>,
 }
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     let metrics = state.connectors.metrics().clone();
+    let console = if state.console.is_some() {
+        crate::console::router()
+    } else {
+        Router::new()
+    };
     Router::new()
+        .merge(console)
         .merge(sessions::router())
         .merge(audit::router())
         .merge(receipts::router())

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod connectors;
 pub mod deliveries;
 mod ops;
+pub mod overview;
 mod postgres;
 pub mod receipts;
 mod row;
