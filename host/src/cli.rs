@@ -23,6 +23,7 @@ use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
 use crate::store::{Durability, Store, StoreOptions};
+use crate::sync::admission::Admission;
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::reconcile::{self, Reconciler};
@@ -490,17 +491,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Machine-readable readiness line for scripts and black-box tests: printed only once the
     // store is migrated and every connector has been loaded or reported as failed.
     println!("listening on {local}");
+    let admission = Arc::new(Admission::new(limits.admission, metrics.clone()));
     let dispatcher = Dispatcher::new(
         store.clone(),
         runtime.clone(),
         registry.clone(),
         metrics.clone(),
         DispatcherConfig::default(),
+        admission.clone(),
     );
     let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
     let sessions = SessionService::new(store.clone(), policies)
         .with_max_cascade(limits.max_cascade)
-        .with_max_tree(limits.max_tree);
+        .with_max_tree(limits.max_tree)
+        .with_admission(admission);
     let sweeper = tokio::spawn(expiry::run(
         sessions.clone(),
         ExpiryConfig::default(),

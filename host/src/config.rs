@@ -109,6 +109,11 @@ pub struct LimitsConfig {
     pub idle_timeout_ms: Option<u64>,
     /// Milliseconds a response may wait for a client that does not read it (default 30000).
     pub send_timeout_ms: Option<u64>,
+    /// Milliseconds the oldest undelivered event may have waited before new sessions are held
+    /// until deliveries catch up (default 300; 0 switches this back-pressure off).
+    pub max_delivery_lag_ms: Option<u64>,
+    /// Milliseconds a held new session waits before it is refused with 503 (default 5000).
+    pub admission_wait_ms: Option<u64>,
 }
 
 /// Default of `[limits] requests_per_second`.
@@ -133,6 +138,11 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 75_000;
 /// Default of `[limits] send_timeout_ms`.
 pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 30_000;
+/// Default of `[limits] max_delivery_lag_ms`: with a call's own time on top, a logout reaches
+/// a legacy system within a second while the API runs flat out.
+pub const DEFAULT_MAX_DELIVERY_LAG_MS: u64 = 300;
+/// Default of `[limits] admission_wait_ms`: well inside common client timeouts.
+pub const DEFAULT_ADMISSION_WAIT_MS: u64 = 5_000;
 
 /// The limits the service runs with (`None`: that limit is off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +159,8 @@ pub struct Limits {
     pub max_client_connections: Option<usize>,
     /// Connection deadlines.
     pub timeouts: crate::api::serve::Timeouts,
+    /// Back-pressure of deliveries onto new sessions (`None`: off).
+    pub admission: Option<crate::sync::admission::AdmissionConfig>,
 }
 
 impl LimitsConfig {
@@ -188,8 +200,17 @@ impl LimitsConfig {
             (0, _) | (_, 0) => None,
             pair => Some(pair),
         };
+        let admission = ms(self.max_delivery_lag_ms, DEFAULT_MAX_DELIVERY_LAG_MS).map(|budget| {
+            crate::sync::admission::AdmissionConfig {
+                budget,
+                max_wait: std::time::Duration::from_millis(
+                    self.admission_wait_ms.unwrap_or(DEFAULT_ADMISSION_WAIT_MS),
+                ),
+            }
+        });
         Ok(Limits {
             timeouts,
+            admission,
             rate,
             failed_auth,
             max_cascade: off_if_zero(self.max_cascade.unwrap_or(DEFAULT_MAX_CASCADE)),
@@ -398,8 +419,14 @@ mod tests {
                     idle: s(75),
                     send: s(30),
                 },
+                admission: Some(crate::sync::admission::AdmissionConfig {
+                    budget: std::time::Duration::from_millis(300),
+                    max_wait: std::time::Duration::from_secs(5),
+                }),
             }
         );
+        let off = FileConfig::parse("[limits]\nmax_delivery_lag_ms = 0\n").unwrap();
+        assert_eq!(off.limits.resolve(None).unwrap().admission, None);
         let t = FileConfig::parse("[limits]\nheader_read_timeout_ms = 500\nsend_timeout_ms = 0\n")
             .unwrap()
             .limits

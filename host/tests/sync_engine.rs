@@ -25,6 +25,7 @@ on_both_backends!(
     refresh_events_reach_only_connectors_that_subscribe_to_them,
     a_slow_connector_holds_only_its_own_lane,
     a_broken_connector_at_start_is_reported_and_the_others_serve,
+    new_sessions_wait_for_a_delivery_backlog_and_logouts_never_do,
 );
 
 const FAST_RETRY: &str =
@@ -341,6 +342,110 @@ async fn a_slow_connector_holds_only_its_own_lane(backend: Backend) {
         EVENTS,
         "each event once to the fast connector"
     );
+}
+
+/// Back-pressure: a legacy system that takes 20 ms a call, one call at a time (50/s), is sent
+/// logins faster than that. Once the oldest undelivered event has waited longer than the
+/// budget, new sessions are held and, after the admission wait, refused with 503
+/// DELIVERY_BACKLOG (nothing written); a logout is never held; once the backlog is delivered
+/// new sessions are admitted again; every admitted login is delivered.
+async fn new_sessions_wait_for_a_delivery_backlog_and_logouts_never_do(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(20));
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(
+        dir.path(),
+        "legacy",
+        &receiver,
+        "concurrency = 1",
+        FAST_RETRY,
+    );
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            connectors_dir: Some(dir.path().to_owned()),
+            config: Some("[limits]\nmax_delivery_lag_ms = 400\nadmission_wait_ms = 200\n".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    let (status, _) = api.map_parent("p", "kc-p").await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Eight clients post logins until one is refused (bounded: 1,600 at most, far more than
+    // 50/s falls behind on in 400 ms).
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let (api, refused) = (api.clone(), refused.clone());
+        clients.spawn(async move {
+            let mut created = Vec::new();
+            for i in 0..200 {
+                if refused.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("bp-{c}-{i}");
+                let (status, body) = api.post("map-fixed", json!({"externalId": id})).await;
+                match status {
+                    StatusCode::CREATED => created.push(id),
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        assert_eq!(body["code"], "DELIVERY_BACKLOG", "{body}");
+                        refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => panic!("map-fixed {id}: {other} {body}"),
+                }
+            }
+            created
+        });
+    }
+    let mut created = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        created.extend(done.unwrap());
+    }
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+        "{} logins admitted without back-pressure at 50 deliveries/s",
+        created.len()
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("lockstep_admission_refused_total ")
+            && !metrics.contains("lockstep_admission_refused_total 0\n"),
+        "{metrics}"
+    );
+
+    // A logout while the backlog is over the budget is not held (held, it would be refused).
+    let lag: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lockstep_delivery_lag_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(lag > 0.4, "lag {lag} s after a refusal");
+    let (status, body) = api.post("destroy-parent", json!({"externalId": "p"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Every admitted login (and p's login and logout) arrives; a refused one wrote nothing.
+    let owed = created.len() + 2;
+    let arrived = receiver.wait_for(owed, Duration::from_secs(120)).await;
+    let ids: BTreeSet<String> = arrived
+        .iter()
+        .filter(|r| r.json()["type"] == "login")
+        .map(|r| r.json()["externalId"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &created {
+        assert!(ids.contains(id), "login of {id} not delivered");
+    }
+    assert_eq!(
+        ids.len(),
+        created.len() + 1,
+        "a refused login was delivered"
+    );
+
+    // Caught up: new sessions are admitted again.
+    let (status, body) = api.post("map-fixed", json!({"externalId": "after"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
 async fn hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working(

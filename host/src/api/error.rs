@@ -79,6 +79,14 @@ pub enum ApiError {
     /// The store cannot take requests right now.
     #[error("{0}")]
     Unavailable(String),
+    /// New sessions are held while deliveries to connectors catch up (503, `Retry-After`).
+    #[error("{detail}")]
+    Backlogged {
+        /// The lag and the budget.
+        detail: String,
+        /// Seconds before trying again.
+        retry_after_secs: u64,
+    },
     /// Our fault; details stay in the logs.
     #[error("internal error")]
     Internal,
@@ -99,7 +107,7 @@ pub struct Problem {
     /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
     /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
     /// CONFLICT, CASCADE_TOO_LARGE, TREE_TOO_LARGE, RATE_LIMITED, METHOD_NOT_ALLOWED,
-    /// REQUEST_TIMEOUT, UNAVAILABLE, INTERNAL.
+    /// REQUEST_TIMEOUT, UNAVAILABLE, DELIVERY_BACKLOG, INTERNAL.
     pub code: String,
 }
 
@@ -129,6 +137,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            ApiError::Backlogged { .. } => (StatusCode::SERVICE_UNAVAILABLE, "DELIVERY_BACKLOG"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
         }
     }
@@ -157,6 +166,7 @@ impl ApiError {
             | ApiError::Forbidden(_)
             | ApiError::MethodNotAllowed(_)
             | ApiError::Unavailable(_)
+            | ApiError::Backlogged { .. }
             | ApiError::RequestTimeout(_)
             | ApiError::RateLimited { .. }
             | ApiError::Internal => None,
@@ -184,6 +194,9 @@ impl IntoResponse for ApiError {
         let (status, _) = self.status_and_code();
         let retry_after = match &self {
             ApiError::RateLimited {
+                retry_after_secs, ..
+            }
+            | ApiError::Backlogged {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,
@@ -254,6 +267,26 @@ impl From<StoreError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backlog_refusal_is_a_503_with_retry_after() {
+        let response = ApiError::Backlogged {
+            detail: "behind".into(),
+            retry_after_secs: 1,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            ApiError::Backlogged {
+                detail: String::new(),
+                retry_after_secs: 1
+            }
+            .problem()
+            .code,
+            "DELIVERY_BACKLOG"
+        );
+    }
 
     #[test]
     fn store_refusals_are_audited_with_the_code_the_client_sees() {

@@ -100,7 +100,7 @@ pub(super) async fn receive(
             tracing::warn!(%realm, event_id = %event.id, event_type = %event.event_type, reason = %e, "IdP event not applicable");
             return Err(e.into());
         }
-        Err(SessionError::Store(e)) => return Err(e.into()),
+        Err(e @ (SessionError::Store(_) | SessionError::Backlogged(_))) => return Err(e.into()),
     };
     let ids = |v: Vec<crate::sync::model::Session>| -> Vec<String> {
         v.into_iter().map(|s| s.external_id).collect()

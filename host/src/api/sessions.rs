@@ -23,6 +23,10 @@ impl From<SessionError> for ApiError {
         match e {
             SessionError::Invalid(v) => v.into(),
             SessionError::Store(s) => s.into(),
+            SessionError::Backlogged(b) => ApiError::Backlogged {
+                detail: b.to_string(),
+                retry_after_secs: 1,
+            },
         }
     }
 }
@@ -68,6 +72,21 @@ enum BodyProblems {
     /// VALIDATION: body is not application/json.
     #[response(status = 415, content_type = "application/problem+json")]
     NotJson(Problem),
+}
+
+/// Problems of the routes that create a session.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only describes responses for the OpenAPI document
+enum AdmissionProblems {
+    /// DELIVERY_BACKLOG: deliveries to connectors trail by more than
+    /// `[limits] max_delivery_lag_ms` and did not catch up within `[limits] admission_wait_ms`;
+    /// nothing changed; retry after `Retry-After` seconds.
+    #[response(
+        status = 503,
+        content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds before trying again"))
+    )]
+    Backlogged(Problem),
 }
 
 /// Routes of this resource.
@@ -166,6 +185,7 @@ async fn do_map(
         WriteAccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
+        AdmissionProblems,
     ))]
 async fn map_parent(
     State(state): State<AppState>,
@@ -202,6 +222,7 @@ async fn map_parent(
         (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
+        AdmissionProblems,
     ))]
 async fn map_child(
     State(state): State<AppState>,
@@ -237,6 +258,7 @@ async fn map_child(
         WriteAccessProblems,
         (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
         BodyProblems,
+        AdmissionProblems,
     ))]
 async fn map_fixed(
     State(state): State<AppState>,

@@ -192,14 +192,21 @@ pub struct FanOut {
     pub deliveries: usize,
     /// The connectors that got at least one (their lanes have work).
     pub connectors: std::collections::BTreeSet<String>,
+    /// When the oldest event routed to at least one connector occurred (milliseconds since
+    /// the epoch): how far fan-out trails the API.
+    pub oldest_routed_ms: Option<i64>,
 }
 
 impl FanOut {
-    /// Counts one delivery to `connector`.
-    pub(crate) fn routed(&mut self, connector: &str) {
+    /// Counts one delivery of `event` to `connector`.
+    pub(crate) fn routed(&mut self, connector: &str, event: &SyncEvent) {
         self.deliveries += 1;
         if !self.connectors.contains(connector) {
             self.connectors.insert(connector.to_owned());
+        }
+        let at = event.occurred_at.timestamp_millis();
+        if self.oldest_routed_ms.is_none_or(|o| at < o) {
+            self.oldest_routed_ms = Some(at);
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery, LaneClaim};
 use crate::store::{Gate, Route, Store, now_millis};
+use crate::sync::admission::{Admission, LagSource};
 use crate::sync::model::SyncEvent;
 use crate::telemetry::metrics::Metrics;
 
@@ -65,6 +66,8 @@ pub struct Dispatcher {
     config: DispatcherConfig,
     /// Calls in flight over all lanes ([`DispatcherConfig::concurrency`]).
     calls: Arc<Semaphore>,
+    /// Where the fan-out and the lanes publish how far they trail the API.
+    admission: Arc<Admission>,
     /// Since when fan-out has waited for connector uploads to load here (for the warning).
     behind_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -121,6 +124,7 @@ impl Dispatcher {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         config: DispatcherConfig,
+        admission: Arc<Admission>,
     ) -> Self {
         let wake = store.committed();
         let calls = Arc::new(Semaphore::new(config.concurrency.max(1)));
@@ -132,6 +136,7 @@ impl Dispatcher {
             wake,
             config,
             calls,
+            admission,
             behind_since: Arc::default(),
         }
     }
@@ -157,6 +162,7 @@ impl Dispatcher {
             tokio::spawn(async move { store.watch_deliveries(announced, shutdown).await })
         };
         let mut lanes: HashMap<String, LaneHandle> = HashMap::new();
+        let fan_out_lag = self.admission.source();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -168,6 +174,7 @@ impl Dispatcher {
             // empty would starve delivery for as long as the load lasts.
             let backlog = match self.fan_out().await {
                 Ok(Some(done)) => {
+                    fan_out_lag.publish(age(done.oldest_routed_ms));
                     for name in &done.connectors {
                         if let Some(lane) = lanes.get(name) {
                             lane.wake.notify_one();
@@ -231,6 +238,8 @@ impl Dispatcher {
                 connector: name.clone(),
                 wake: wake.clone(),
                 finished: finished.clone(),
+                lag: self.admission.source(),
+                call_us: Arc::default(),
             };
             let task = tokio::spawn(lane.run(shutdown.clone()));
             lanes.insert(name.clone(), LaneHandle { wake, task });
@@ -391,6 +400,10 @@ struct Lane {
     connector: String,
     wake: Arc<Notify>,
     finished: mpsc::Sender<Finished>,
+    /// How long the oldest first attempt it claimed had waited (for admission).
+    lag: LagSource,
+    /// Moving average of its calls' duration in microseconds.
+    call_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Lane {
@@ -434,6 +447,7 @@ impl Lane {
                 match d.store.claim(vec![lane]).await {
                     Ok(claimed) => {
                         due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
+                        self.publish_lag(&claimed);
                         for delivery in claimed {
                             self.spawn(&mut in_flight, delivery);
                         }
@@ -464,12 +478,28 @@ impl Lane {
         }
     }
 
+    /// Publishes how long the oldest first attempt of a claim waited (claims take the most
+    /// overdue first, so that is the lane's backlog), or nothing when this connector's calls
+    /// are too slow for the budget: its lag is then its own, not the API's to work off.
+    fn publish_lag(&self, claimed: &[ClaimedDelivery]) {
+        let oldest = claimed
+            .iter()
+            .filter(|d| d.attempts == 0)
+            .map(|d| d.event.occurred_at.timestamp_millis())
+            .min();
+        let call = Duration::from_micros(self.call_us.load(std::sync::atomic::Ordering::Relaxed));
+        let counted = self.lag.budget().is_none_or(|b| call <= b / 4);
+        self.lag
+            .publish(if counted { age(oldest) } else { Duration::ZERO });
+    }
+
     /// Runs one claimed delivery under a call slot and hands its record to the recorder.
     fn spawn(&self, in_flight: &mut JoinSet<()>, delivery: ClaimedDelivery) {
-        let (d, finished, wake) = (
+        let (d, finished, wake, call_us) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
+            self.call_us.clone(),
         );
         in_flight.spawn(async move {
             // Free slots were counted before the claim; another lane may have taken one
@@ -477,7 +507,10 @@ impl Lane {
             let Ok(_slot) = d.calls.clone().acquire_owned().await else {
                 return;
             };
-            if let Some(record) = d.attempt(delivery).await
+            let clock = std::time::Instant::now();
+            let record = d.attempt(delivery).await;
+            observe_call(&call_us, clock.elapsed());
+            if let Some(record) = record
                 && finished.send((record, wake)).await.is_err()
             {
                 // Only at shutdown after the recorder stopped: the lease expires and the
@@ -486,6 +519,27 @@ impl Lane {
             }
         });
     }
+}
+
+/// How long ago `at_ms` was (zero for `None` or a time in the future).
+fn age(at_ms: Option<i64>) -> Duration {
+    at_ms.map_or(Duration::ZERO, |at| {
+        Duration::from_millis(u64::try_from(now_millis().saturating_sub(at)).unwrap_or(0))
+    })
+}
+
+/// Folds one call's duration into a lane's moving average (weight 1/8): races between calls
+/// finishing together lose an update, which an average can afford.
+fn observe_call(average_us: &std::sync::atomic::AtomicU64, took: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    let old = average_us.load(Relaxed);
+    let new = if old == 0 {
+        took
+    } else {
+        old.saturating_mul(7).saturating_add(took) / 8
+    };
+    average_us.store(new, Relaxed);
 }
 
 /// Writes finished attempts, as many per transaction as have queued up while the previous

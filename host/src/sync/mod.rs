@@ -2,6 +2,7 @@
 //! operations the API offers (map, destroy, query) expressed over the store.
 //! It knows nothing of HTTP; the store does the transactional work it asks for.
 
+pub mod admission;
 pub mod dispatcher;
 pub mod expiry;
 pub mod idp_events;

@@ -52,6 +52,9 @@ pub enum SessionError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A new session was held for the delivery backlog and then refused.
+    #[error(transparent)]
+    Backlogged(#[from] crate::sync::admission::Backlogged),
 }
 
 /// A session in a tree, with its distance from the root.
@@ -99,6 +102,7 @@ pub struct SessionService {
     policies: Arc<HashMap<String, RealmPolicy>>,
     max_cascade: Option<usize>,
     max_tree: Option<usize>,
+    admission: Option<Arc<crate::sync::admission::Admission>>,
 }
 
 impl SessionService {
@@ -109,7 +113,15 @@ impl SessionService {
             policies: Arc::new(policies),
             max_cascade: None,
             max_tree: None,
+            admission: None,
         }
+    }
+
+    /// Holds new sessions while deliveries trail the API by more than the admission budget
+    /// (destroys are never held).
+    pub fn with_admission(mut self, admission: Arc<crate::sync::admission::Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// Refuses API destroys that would end more than `limit` sessions (`None`: no limit).
@@ -193,6 +205,10 @@ impl SessionService {
             && let Some(sid) = &cmd.session.idp_session_id
         {
             cmd.inherit_from = Some(idp_events::mirror_id(policy.idp_system(), sid));
+        }
+        // After validation, so bad input is answered at once whatever the backlog.
+        if let Some(admission) = &self.admission {
+            admission.admit().await?;
         }
         let audit = cmd.audit.clone();
         let result = self.store.map(cmd).await;
@@ -298,7 +314,7 @@ impl SessionService {
             ))
             .into());
         }
-        // DESIGN.md section 2: the orphan policy applies when the IdP ended the session.
+        // The orphan policy applies only when the IdP ended the session.
         let orphan_children = reason == EndReason::IdpLogout && self.policy(realm).orphan_children;
         let audit = audit.map(|a| a.detail(serde_json::json!({ "reason": reason.as_str() })));
         let result = self

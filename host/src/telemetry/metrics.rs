@@ -164,6 +164,39 @@ pub struct ConnectorGauge {
     pub queue: Option<crate::store::connectors::QueueCounts>,
 }
 
+/// Back-pressure of deliveries onto new sessions (`sync::admission`).
+#[derive(Debug, Default)]
+pub struct AdmissionMetrics {
+    lag_ms: AtomicU64,
+    held: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl AdmissionMetrics {
+    /// The delivery lag that admission compares with its budget.
+    pub fn set_lag_ms(&self, ms: u64) {
+        self.lag_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// A new session waited for the backlog to shrink.
+    pub fn held(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A new session was refused because the backlog did not shrink in time.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sessions held and refused so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.held.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Counters of one realm's reconciler.
 #[derive(Debug, Default)]
 pub struct ReconcileMetrics {
@@ -216,6 +249,7 @@ pub struct Metrics {
     reconcile: RwLock<BTreeMap<String, Arc<ReconcileMetrics>>>,
     compile_hits: AtomicU64,
     compile_misses: AtomicU64,
+    admission: AdmissionMetrics,
     /// Request latency by (method, route template, status).
     http: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
@@ -277,6 +311,11 @@ impl Metrics {
             }
         };
         histogram.observe(took);
+    }
+
+    /// Back-pressure counters.
+    pub fn admission(&self) -> &AdmissionMetrics {
+        &self.admission
     }
 
     /// A component was compiled (`hit == false`) or taken from the compile cache.
@@ -449,6 +488,33 @@ impl Metrics {
             out,
             "lockstep_compile_cache_total{{outcome=\"miss\"}} {misses}"
         );
+        family(
+            &mut out,
+            "lockstep_delivery_lag_seconds",
+            "gauge",
+            "How long the oldest event this instance still has to deliver has waited (fan-out and lanes whose calls are fast enough to count); above [limits] max_delivery_lag_ms new sessions are held.",
+        );
+        let a = &self.admission;
+        let _ = writeln!(
+            out,
+            "lockstep_delivery_lag_seconds {}",
+            a.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        let (held, refused) = a.counts();
+        family(
+            &mut out,
+            "lockstep_admission_held_total",
+            "counter",
+            "New sessions that waited for the delivery backlog to shrink.",
+        );
+        let _ = writeln!(out, "lockstep_admission_held_total {held}");
+        family(
+            &mut out,
+            "lockstep_admission_refused_total",
+            "counter",
+            "New sessions refused (503) because the delivery backlog did not shrink within [limits] admission_wait_ms.",
+        );
+        let _ = writeln!(out, "lockstep_admission_refused_total {refused}");
         if let Some(b) = backlog {
             family(
                 &mut out,

@@ -57,7 +57,7 @@ pub(crate) async fn fan_out(
         let event: SyncEvent = serde_json::from_str(payload)
             .map_err(|e| StoreError::Corrupt(format!("outbox row {id}: {e}")))?;
         for connector in route(&event) {
-            done.routed(&connector);
+            done.routed(&connector, &event);
             targets.outbox_ids.push(*id);
             targets.event_ids.push(event.event_id.clone());
             targets.types.push(event.event_type.as_str());

@@ -706,7 +706,7 @@ pub(super) fn fan_out(
                 event.external_id,
                 now,
             ])?;
-            done.routed(&connector);
+            done.routed(&connector, &event);
         }
     }
     // Exactly the rows read above: the oldest unrouted ones, and only this thread writes.
