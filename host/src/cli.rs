@@ -103,7 +103,7 @@ pub enum Command {
 /// Where the data lives.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Configuration file (TOML, DESIGN.md 6b); flags and env vars override it.
+    /// Configuration file (TOML, see docs/operations.md); flags and env vars override it.
     #[arg(long, env = "LOCKSTEP_CONFIG")]
     pub config: Option<PathBuf>,
     /// `sqlite://PATH` (default `sqlite://lockstep.db`) or `postgres://USER@HOST/DB`.
@@ -131,7 +131,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
-    /// Directory of connector manifests (`*.toml`, DESIGN.md "Connector manifest").
+    /// Directory of connector manifests (`*.toml`, see docs/connectors.md).
     #[arg(long, env = "LOCKSTEP_CONNECTORS_DIR")]
     pub connectors_dir: Option<PathBuf>,
     /// Refuse to start, naming the file, when a connector of the connectors directory does not

@@ -1,5 +1,5 @@
-//! Configuration: the optional TOML file of DESIGN.md 6b, parsed strictly (unknown keys are
-//! errors), and validated into the settings the service runs with.
+//! Configuration: the optional TOML file (docs/operations.md, "Configuration"), parsed strictly
+//! (unknown keys are errors), and validated into the settings the service runs with.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -6,7 +6,8 @@
 //!   mirrors sessions into the legacy-IAM simulator (`tests/legacy-sim`, a real HTTP server on
 //!   127.0.0.1 with Basic auth): map-parent/map-child create legacy sessions, destroy-parent
 //!   deletes them, a legacy outage (503) is retried, revoke-user deletes the user's sessions;
-//! - a new project goes `lockstep connector new` → `build` → `test` as a user types it.
+//! - a new project goes `lockstep connector new` → `build` → `test` as a user types it;
+//! - a new Rust project, made by a copy of the binary outside the source tree, builds there.
 //!
 //! One test per language, so the three toolchains install and build side by side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -34,7 +35,12 @@ fn tools_dir() -> PathBuf {
 
 /// Runs the real `lockstep` binary in `cwd`; returns its output (both streams captured).
 async fn lockstep(cwd: &Path, args: &[&str]) -> Output {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    lockstep_at(Path::new(env!("CARGO_BIN_EXE_lockstep")), cwd, args).await
+}
+
+/// [`lockstep`] with the binary at `bin`.
+async fn lockstep_at(bin: &Path, cwd: &Path, args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(bin)
         .args(args)
         .current_dir(cwd)
         .env("LOCKSTEP_TOOLS_DIR", tools_dir())
@@ -503,4 +509,83 @@ async fn js_example_and_scaffold() {
 async fn python_example_and_scaffold() {
     example_mirrors_sessions("python").await;
     new_build_test("python").await;
+}
+
+/// A Rust project made by a copy of the binary in a directory outside the source tree builds
+/// and loads: it carries the `lockstep-connector` crate and names no path outside itself, so
+/// it builds on a machine that never had the source tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_scaffold_builds_outside_the_source_tree() {
+    let work = tempfile::tempdir().unwrap();
+    let source_tree = std::fs::canonicalize(workspace()).unwrap();
+    let outside = std::fs::canonicalize(work.path()).unwrap();
+    assert!(
+        !outside.starts_with(&source_tree),
+        "{} is inside the source tree",
+        outside.display()
+    );
+    let bin = outside.join("bin/lockstep");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_lockstep"), &bin).unwrap();
+
+    let out = lockstep_at(
+        &bin,
+        &outside,
+        &["connector", "new", "--lang", "rust", "far"],
+    )
+    .await;
+    must_succeed("lockstep connector new", &out);
+    let project = outside.join("far");
+    let cargo_toml = std::fs::read_to_string(project.join("Cargo.toml")).unwrap();
+    assert!(
+        cargo_toml.contains(r#"path = "vendor/lockstep-connector""#),
+        "{cargo_toml}"
+    );
+    let mut dirs = vec![project.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    !text.contains(source_tree.to_str().unwrap()),
+                    "{} names the source tree",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    let out = lockstep_at(&bin, &project, &["connector", "build"]).await;
+    let stdout = must_succeed("lockstep connector build", &out);
+    assert!(stdout.contains("far.wasm"), "{stdout}");
+
+    // Loaded in the sandbox, its hooks run and reach the legacy system.
+    let sim = legacy_sim::start().await.unwrap();
+    let base = format!("base_url={}/api/v1", sim.base_url());
+    let out = lockstep_at(
+        &bin,
+        &project,
+        &[
+            "connector",
+            "test",
+            "far.wasm",
+            "--events",
+            "events.json",
+            "--config",
+            &base,
+            "--allow-host",
+            &sim.base_url(),
+            "--json",
+        ],
+    )
+    .await;
+    let stdout = must_succeed("lockstep connector test", &out);
+    let calls = json_lines(&stdout);
+    assert_eq!(calls.len(), 2, "{stdout}");
+    for call in &calls {
+        assert_eq!(call["outcome"], "ok", "{call}");
+    }
 }

@@ -57,7 +57,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The run stops after this many failed logouts (a dead server would otherwise cost
 /// `WAIT` per remaining logout).
 const MAX_ERRORS: usize = 10;
-/// The target: p99 of "every connector called" under this on an idle host.
+/// The target: p99 of "every connector called" under this on an idle host.
 const TARGET: Duration = Duration::from_millis(50);
 
 /// Options of `cargo xtask bench-logout`.

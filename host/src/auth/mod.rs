@@ -1,4 +1,4 @@
-//! API authentication and authorisation (DESIGN.md 6a): the bootstrap admin token, static
+//! API authentication and authorisation: the bootstrap admin token, static
 //! API keys (stored as SHA-256 digests), and the seam where IdP access tokens will be
 //! verified. It decides who the caller is and what it may do; it does not know routes.
 

@@ -22,9 +22,12 @@ pub enum DevkitError {
     Io {
         /// File or directory.
         path: PathBuf,
-        /// Cause.
         source: std::io::Error,
     },
+    /// The SDK this binary carries cannot be written out (a fault of the build, not of the
+    /// author's input).
+    #[error("the Lockstep SDK this binary carries: {0}")]
+    Sdk(String),
     /// A tool (cargo, npm, node, python, componentize-*) is missing or failed.
     #[error("{what} failed: {detail}")]
     Tool {
@@ -91,8 +94,8 @@ pub struct Tools {
     pub dir: PathBuf,
 }
 
-/// A file of a template: its path in the new project and its text, in which `{{name}}` and
-/// `{{sdk_dir}}` are replaced.
+/// A file of a template: its path in the new project and its text, in which `{{name}}`,
+/// `{{name_snake}}`, `{{sdk_path}}` and `{{sdk_version}}` are replaced.
 pub type TemplateFile = (&'static str, &'static str);
 
 /// Runs `cmd`, passing its output through; a failure names `what`.
@@ -133,8 +136,9 @@ pub enum ConnectorCommand {
         /// Where to create the project (default: ./NAME). Must not exist or be empty.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The Lockstep `sdk/` directory (Rust projects depend on `sdk/rust` by path); the
-        /// default is the `sdk/` of the source tree this binary was built from.
+        /// A Lockstep `sdk/` directory for a Rust project to depend on (`sdk/rust`, by path)
+        /// instead of the copy of the `lockstep-connector` crate vendored into the project;
+        /// for work on the SDK itself.
         #[arg(long, env = "LOCKSTEP_SDK_DIR")]
         sdk_dir: Option<PathBuf>,
     },
@@ -284,54 +288,46 @@ pub fn check_project_name(name: &str) -> Result<(), DevkitError> {
 }
 
 /// The WIT contract every new project gets a copy of (`wit/`), so it builds without the
-/// Lockstep source tree.
+/// Lockstep source tree. Its one source is the Rust SDK's `wit/`, which the crate needs inside
+/// it to be packaged.
 pub const WIT: &[TemplateFile] = &[
     (
         "wit/connector.wit",
-        include_str!("../../../wit/connector.wit"),
+        include_str!("../../../sdk/rust/wit/connector.wit"),
     ),
     (
         "wit/deps/lockstep-connector@0.1.0/connector.wit",
-        include_str!("../../../wit/deps/lockstep-connector@0.1.0/connector.wit"),
+        include_str!("../../../sdk/rust/wit/deps/lockstep-connector@0.1.0/connector.wit"),
     ),
     (
         "wit/deps/cli/cli.wit",
-        include_str!("../../../wit/deps/cli/cli.wit"),
+        include_str!("../../../sdk/rust/wit/deps/cli/cli.wit"),
     ),
     (
         "wit/deps/clocks/clocks.wit",
-        include_str!("../../../wit/deps/clocks/clocks.wit"),
+        include_str!("../../../sdk/rust/wit/deps/clocks/clocks.wit"),
     ),
     (
         "wit/deps/filesystem/filesystem.wit",
-        include_str!("../../../wit/deps/filesystem/filesystem.wit"),
+        include_str!("../../../sdk/rust/wit/deps/filesystem/filesystem.wit"),
     ),
     (
         "wit/deps/http/http.wit",
-        include_str!("../../../wit/deps/http/http.wit"),
+        include_str!("../../../sdk/rust/wit/deps/http/http.wit"),
     ),
     (
         "wit/deps/io/io.wit",
-        include_str!("../../../wit/deps/io/io.wit"),
+        include_str!("../../../sdk/rust/wit/deps/io/io.wit"),
     ),
     (
         "wit/deps/random/random.wit",
-        include_str!("../../../wit/deps/random/random.wit"),
+        include_str!("../../../sdk/rust/wit/deps/random/random.wit"),
     ),
     (
         "wit/deps/sockets/sockets.wit",
-        include_str!("../../../wit/deps/sockets/sockets.wit"),
+        include_str!("../../../sdk/rust/wit/deps/sockets/sockets.wit"),
     ),
 ];
-
-/// The `sdk/` folder of the source tree this binary was built from, if it is still there.
-fn default_sdk_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
-    dir.join("rust/Cargo.toml")
-        .is_file()
-        .then(|| std::fs::canonicalize(&dir).ok())
-        .flatten()
-}
 
 /// Writes a new project: the template of `lang` and the WIT contract.
 pub fn scaffold(
@@ -359,15 +355,11 @@ pub fn scaffold(
         Lang::Js => js::TEMPLATE,
         Lang::Python => python::TEMPLATE,
     };
-    let sdk_dir = match lang {
-        Lang::Rust => {
-            let sdk = sdk_dir.or_else(default_sdk_dir).ok_or_else(|| {
-                DevkitError::Usage(
-                    "cannot find the Lockstep SDK: pass --sdk-dir (or LOCKSTEP_SDK_DIR) with the \
-                     path of the Lockstep source tree's sdk/ folder"
-                        .into(),
-                )
-            })?;
+    // A Rust project depends on the crate by path: its vendored copy, or a checkout given
+    // with `--sdk-dir`.
+    let vendor_sdk = lang == Lang::Rust && sdk_dir.is_none();
+    let (sdk_path, sdk_version) = match (lang, sdk_dir) {
+        (Lang::Rust, Some(sdk)) => {
             let sdk = std::fs::canonicalize(&sdk).map_err(io(&sdk))?;
             if !sdk.join("rust/Cargo.toml").is_file() {
                 return Err(DevkitError::Usage(format!(
@@ -375,9 +367,10 @@ pub fn scaffold(
                     sdk.display()
                 )));
             }
-            sdk.display().to_string()
+            (sdk.join("rust").display().to_string(), rust::sdk_version()?)
         }
-        Lang::Js | Lang::Python => String::new(),
+        (Lang::Rust, None) => (rust::SDK_PATH.to_owned(), rust::sdk_version()?),
+        (Lang::Js | Lang::Python, _) => (String::new(), String::new()),
     };
     for (path, text) in template.iter().chain(WIT) {
         let to = dir.join(path);
@@ -387,8 +380,12 @@ pub fn scaffold(
         let text = text
             .replace("{{name}}", name)
             .replace("{{name_snake}}", &name.replace('-', "_"))
-            .replace("{{sdk_dir}}", &sdk_dir);
+            .replace("{{sdk_path}}", &sdk_path)
+            .replace("{{sdk_version}}", &sdk_version);
         std::fs::write(&to, text).map_err(io(&to))?;
+    }
+    if vendor_sdk {
+        rust::vendor_sdk(dir)?;
     }
     Ok(())
 }

@@ -53,9 +53,8 @@ pub enum ManageError {
          its manifest there"
     )]
     ManagedByDirectory {
-        /// Connector.
         name: String,
-        /// Its manifest.
+        /// The manifest in the connectors directory that defines it.
         path: String,
     },
     /// The name belongs to a connector uploaded through the admin API.
@@ -70,9 +69,8 @@ pub enum ManageError {
     /// A manifest of the connectors directory does not load (at a strict start).
     #[error("{}: {source}", path.display())]
     InFile {
-        /// The manifest.
+        /// The manifest file.
         path: PathBuf,
-        /// Why.
         source: Box<ManageError>,
     },
 }
@@ -94,16 +92,14 @@ pub enum PutOutcome {
 /// The last refused change of a connector.
 #[derive(Clone, Debug)]
 pub struct LastError {
-    /// Why.
+    /// Why the change was refused.
     pub message: String,
-    /// When.
     pub at: DateTime<Utc>,
 }
 
 /// Everything the admin API shows about one connector.
 #[derive(Clone, Debug)]
 pub struct ConnectorInfo {
-    /// Its name.
     pub name: String,
     /// Who manages it.
     pub source: Source,

@@ -1,6 +1,5 @@
-//! Tokens issued by a realm's identity provider: OIDC Back-Channel Logout tokens (DESIGN.md
-//! section 6) and access tokens for the admin API (section 6a). Every token is verified in
-//! full — signature against the issuer's published keys ([`jwks`]), algorithm from the realm's
+//! Tokens issued by a realm's identity provider: OIDC Back-Channel Logout tokens and access
+//! tokens for the admin API (docs/keycloak.md). Every token is verified in full — signature against the issuer's published keys ([`jwks`]), algorithm from the realm's
 //! allowlist (asymmetric only, so neither `none` nor an HMAC keyed with a public key can
 //! pass), issuer, audience, times — with `jsonwebtoken`; nothing here decodes a token and
 //! trusts it.
@@ -51,7 +50,6 @@ pub enum OidcError {
 /// A realm's identity provider, validated from `[realms.NAME]`.
 #[derive(Clone, Debug)]
 pub struct RealmIdp {
-    /// Realm.
     pub realm: String,
     /// `iss` of its tokens; discovery and keys are found under it.
     pub issuer: String,

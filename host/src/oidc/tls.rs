@@ -14,17 +14,15 @@ pub enum TlsError {
     /// The CA file could not be read.
     #[error("cannot read CA file {path}: {reason}")]
     Read {
-        /// File path.
         path: PathBuf,
-        /// Cause.
+        /// What reading or parsing it said.
         reason: String,
     },
     /// The CA file holds no usable PEM certificate.
     #[error("CA file {path}: {reason}")]
     Pem {
-        /// File path.
         path: PathBuf,
-        /// Cause.
+        /// What reading or parsing it said.
         reason: String,
     },
 }

@@ -1,15 +1,15 @@
 //! The one place that runs `bindgen!` for the `lockstep:connector` worlds; everything else
 //! uses the types generated here.
 //!
-//! The host serves two versions of the world. `wit/` is 0.2.0 (what the SDK and the bundled
-//! connectors target); 0.1.0 is frozen in `wit/deps/lockstep-connector@0.1.0/` and found by
-//! its fully qualified world name. Both parse the same directory, so the generated module
-//! paths carry the version (`lockstep::connector0_2_0`, `lockstep::connector0_1_0`).
+//! The host serves two versions of the world. `sdk/rust/wit/` is 0.2.0 (what the SDK and the
+//! bundled connectors target); 0.1.0 is frozen in its `deps/lockstep-connector@0.1.0/` and
+//! found by its fully qualified world name. Both parse the same directory, so the generated
+//! module paths carry the version (`lockstep::connector0_2_0`, `lockstep::connector0_1_0`).
 
 /// `lockstep:connector@0.2.0`: 0.1.0 plus the `on-refresh` hook and `expires-at`.
 pub mod v0_2_0 {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../sdk/rust/wit",
         world: "lockstep:connector/connector-core@0.2.0",
         // Host functions (log, config-get, cache) never wait on I/O: sync calls skip the
         // future machinery on every import call.
@@ -23,7 +23,7 @@ pub mod v0_2_0 {
 /// `lockstep:connector@0.1.0`, frozen: what older components target.
 pub mod v0_1_0 {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../sdk/rust/wit",
         world: "lockstep:connector/connector-core@0.1.0",
         exports: { default: async },
     });

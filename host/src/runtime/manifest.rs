@@ -1,5 +1,5 @@
-//! Connector manifests (DESIGN.md "Connector manifest"): parsed strictly and validated, so a
-//! typo is an error at load time rather than a surprise at delivery time.
+//! Connector manifests (docs/connectors.md, "Manifests and loading"): parsed strictly and
+//! validated, so a typo is an error at load time rather than a surprise at delivery time.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ pub enum ManifestError {
     /// Not valid TOML or unknown keys.
     #[error("invalid manifest {path}: {message}")]
     Parse {
-        /// Manifest path.
+        /// The manifest file, or where its text came from.
         path: String,
         /// What the parser said.
         message: String,
@@ -38,7 +38,7 @@ pub enum ManifestError {
     /// A value breaks a rule.
     #[error("invalid manifest {path}: {message}")]
     Invalid {
-        /// Manifest path.
+        /// The manifest file, or where its text came from.
         path: String,
         /// Which field and why.
         message: String,
@@ -69,11 +69,11 @@ pub enum OnFailure {
     Log,
 }
 
-/// `[policy]`.
+/// `[policy]`: what a failed delivery does.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Failure handling.
+    /// What a delivery that failed for good does (default `retry`).
     #[serde(default = "default_on_failure")]
     pub on_failure: OnFailure,
     /// Attempts before a dead letter (retry policy).
@@ -275,7 +275,7 @@ pub struct Manifest {
     /// Event types it receives (`refresh` only if listed; it needs a 0.2.0 component, which
     /// loading checks).
     pub events: Vec<EventType>,
-    /// Sync direction.
+    /// Whether it receives events at all (`inbound` connectors do not).
     pub mode: SyncMode,
     /// Outgoing HTTP allowlist.
     pub allowed_hosts: Vec<AllowedHost>,
@@ -294,7 +294,7 @@ pub struct Manifest {
     pub concurrency: u32,
     /// Outgoing keep-alive connection pool.
     pub http: HttpPool,
-    /// Failure policy.
+    /// What a failed delivery does: retries, dead letter or drop.
     pub policy: Policy,
     /// Free configuration read by the component.
     pub config: BTreeMap<String, String>,

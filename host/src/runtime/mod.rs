@@ -58,16 +58,15 @@ pub enum RuntimeError {
     /// The component could not be read.
     #[error("cannot read component {path}: {source}")]
     Read {
-        /// File.
+        /// The component file.
         path: String,
-        /// Cause.
         source: std::io::Error,
     },
     /// Not a valid component, or it fits no `lockstep:connector` version the host serves,
     /// or its manifest subscribes to events its version has no hook for.
     #[error("connector {name}: {message}")]
     Invalid {
-        /// Connector.
+        /// The connector's name.
         name: String,
         /// What is wrong.
         message: String,
@@ -123,7 +122,7 @@ impl HookFailure {
 
 /// A connector ready to serve: its manifest, version and pre-instantiated component.
 pub struct LoadedConnector {
-    /// Manifest.
+    /// The manifest it was loaded with (shared with the calls in flight).
     pub manifest: Arc<Manifest>,
     /// Content hash of component and manifest (first 16 hex digits).
     pub version: String,

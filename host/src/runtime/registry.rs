@@ -66,7 +66,7 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// One connector.
+    /// The connector loaded as `name` (in the current set), if any.
     pub fn get(&self, name: &str) -> Option<Arc<Entry>> {
         self.current.load().get(name).cloned()
     }

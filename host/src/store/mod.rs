@@ -136,7 +136,7 @@ impl StoreError {
 /// Result alias for store calls.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Filters of the cursor-paginated query (DESIGN.md section 3).
+/// Filters of the cursor-paginated session query (`GET .../external-sessions`).
 #[derive(Clone, Debug, Default)]
 pub struct SessionQuery {
     /// Match `idp_session_id`.

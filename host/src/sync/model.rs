@@ -143,7 +143,7 @@ string_enum! {
     }
 }
 
-/// A stored session record (DESIGN.md section 2).
+/// A stored session record: one row of `sessions`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Session {
     /// Store-assigned, monotonically increasing; the pagination key.

@@ -1,4 +1,4 @@
-//! Input limits from DESIGN.md section 2, as pure functions: realm names, ids and attributes.
+//! Input limits (docs/api.md, "Limits"), as pure functions: realm names, ids and attributes.
 //! Every client-supplied value passes through here before it reaches the store.
 
 use super::model::Attributes;

@@ -43,7 +43,7 @@ pub mod log;
 #[allow(missing_docs, clippy::all, unsafe_code)]
 pub mod wit {
     wit_bindgen::generate!({
-        path: "../../wit",
+        path: "wit",
         world: "lockstep:connector/connector-core@0.2.0",
         pub_export_macro: true,
         export_macro_name: "export",
