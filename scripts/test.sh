@@ -56,7 +56,7 @@ cargo --version
 cargo fmt --version
 cargo clippy --version
 
-step "JavaScript and Python toolchain hosts: node, npm, python3 (venv)"
+step "JavaScript and Python toolchain hosts: node, npm, python3 (venv); chromium for the console"
 # `lockstep connector build` installs the pinned componentize-js (npm) and componentize-py
 # (PyPI) itself, under target/lockstep-tools in the tests; it needs Node.js with npm and a
 # Python 3 that can make a venv.
@@ -65,6 +65,10 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# The console's end-to-end test drives Debian's Chromium through chromedriver; nothing
+# downloads a browser of its own.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]} with apt-get"
     sudo=(); [[ "$(id -u)" == 0 ]] || sudo=(sudo)
@@ -74,6 +78,7 @@ fi
 node --version
 npm --version
 python3 --version
+chromedriver --version
 
 step "PostgreSQL"
 if [[ -n "${LOCKSTEP_TEST_DATABASE_URL:-}" ]]; then
