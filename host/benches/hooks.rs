@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use lockstep::domain::{EventType, SessionKind, SyncEvent};
 use lockstep::runtime::Runtime;
 use lockstep::runtime::manifest::Manifest;
-use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
 
 fn component(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

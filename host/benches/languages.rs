@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lockstep::domain::{EventType, SessionKind, SyncEvent};
 use lockstep::runtime::manifest::Manifest;
 use lockstep::runtime::{LoadedConnector, Runtime};
-use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
 
 const LANGS: [&str; 3] = ["rust", "js", "python"];
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::auth::webhook::{EventKeys, WebhookKeys};
 use crate::auth::{ApiKey, Permission};
-use crate::sync::validate;
+use crate::domain::rules;
 
 /// Problems with the configuration file; each names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -336,7 +336,7 @@ impl FileConfig {
     pub fn realm_policies(&self) -> Result<HashMap<String, RealmConfig>, ConfigError> {
         let mut out = HashMap::new();
         for (name, realm) in &self.realms {
-            validate::realm(name)
+            rules::realm(name)
                 .map_err(|e| ConfigError::Invalid(format!("[realms.{name}]: {e}")))?;
             out.insert(name.clone(), realm.clone());
         }
@@ -349,7 +349,7 @@ impl FileConfig {
         let mut keys = Vec::with_capacity(self.api_keys.len());
         for k in &self.api_keys {
             let ctx = |msg: String| ConfigError::Invalid(format!("api key {:?}: {msg}", k.id));
-            validate::id("id", &k.id).map_err(|e| ctx(e.to_string()))?;
+            rules::id("id", &k.id).map_err(|e| ctx(e.to_string()))?;
             if !seen.insert(k.id.clone()) {
                 return Err(ctx("duplicate id".into()));
             }
@@ -362,7 +362,7 @@ impl FileConfig {
             }
             for realm in &k.realms {
                 if realm != "*" {
-                    validate::realm(realm).map_err(|e| ctx(e.to_string()))?;
+                    rules::realm(realm).map_err(|e| ctx(e.to_string()))?;
                 }
             }
             let permissions = k
@@ -371,7 +371,7 @@ impl FileConfig {
                 .map(|p| p.parse::<Permission>().map_err(&ctx))
                 .collect::<Result<Vec<_>, _>>()?;
             if let Some(system) = &k.system {
-                validate::id("system", system).map_err(|e| ctx(e.to_string()))?;
+                rules::id("system", system).map_err(|e| ctx(e.to_string()))?;
             }
             keys.push(ApiKey {
                 id: k.id.clone(),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod devkit;
+pub mod domain;
 pub mod lifecycle;
 pub mod oidc;
 pub mod runtime;

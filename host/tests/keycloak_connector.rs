@@ -20,9 +20,9 @@ use axum::http::{HeaderMap, Method, StatusCode as AxumStatus, Uri};
 use common::components::component;
 use common::keycloak::{self, ALICE, ALICE_PASSWORD, LOCKSTEP_CLIENT, PORTAL_CLIENT, REALM};
 use common::{Backend, Server, ServerOptions};
+use lockstep::domain::{EndReason, EventType, SessionKind, SyncEvent};
 use lockstep::runtime::manifest::Manifest;
 use lockstep::runtime::{HookFailure, Runtime};
-use lockstep::sync::model::{EndReason, EventType, SessionKind, SyncEvent};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

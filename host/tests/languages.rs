@@ -257,9 +257,9 @@ async fn example_mirrors_sessions(lang: &str) {
 /// holds more than 16 core instances and tables). The runtime uses the test servers' compile
 /// cache, which it fills.
 async fn concurrent_fresh_calls(lang: &str, component: &Path) {
+    use lockstep::domain::{EventType, SessionKind, SyncEvent};
     use lockstep::runtime::Runtime;
     use lockstep::runtime::manifest::Manifest;
-    use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
 
     let runtime = Runtime::new(Some(workspace().join("target/test-compile-cache"))).unwrap();
     let text = format!(

@@ -1,6 +1,6 @@
 //! Property tests of the external-sessions input path, called as a library: the strict JSON
 //! extractor (`api::extract::ApiJson`, `ApiQuery`) with the request DTOs (`api::dto`), then the
-//! session service's rules (`sync::sessions` → `sync::validate`) on a real SQLite store in a
+//! session service's rules (`sync::sessions` → `domain::rules`) on a real SQLite store in a
 //! temp directory. Arbitrary bytes, media types, query strings and JSON values never panic and
 //! are either parsed or refused as a 400/415 problem; valid requests round-trip through the
 //! store and the response DTO unchanged; a request with one invalid id or attribute map is
@@ -20,8 +20,8 @@ use lockstep::api::dto::{
 };
 use lockstep::api::error::ApiError;
 use lockstep::api::extract::{ApiJson, ApiQuery};
+use lockstep::domain::{MapCommand, NewSession, SessionKind};
 use lockstep::store::{Store, StoreOptions};
-use lockstep::sync::model::{MapCommand, NewSession, SessionKind};
 use lockstep::sync::sessions::{SessionError, SessionService};
 use proptest::prelude::*;
 use serde::de::DeserializeOwned;
@@ -258,7 +258,7 @@ impl ValidParent {
 fn map_parent(
     realm: &str,
     req: MapParentRequest,
-) -> Result<lockstep::sync::model::Session, SessionError> {
+) -> Result<lockstep::domain::Session, SessionError> {
     let f = fixture();
     let session = NewSession {
         realm: realm.to_owned(),

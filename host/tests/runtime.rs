@@ -13,11 +13,11 @@ use base64::Engine;
 use common::components::component;
 use common::receiver::Receiver;
 use hmac::{Hmac, Mac};
+use lockstep::domain::{EventType, SessionKind, SyncEvent};
 use lockstep::runtime::cache::CacheOutcome;
 use lockstep::runtime::manifest::Manifest;
 use lockstep::runtime::world::World;
 use lockstep::runtime::{HookFailure, Runtime, RuntimeError};
-use lockstep::sync::model::{EventType, SessionKind, SyncEvent};
 
 fn manifest(name: &str, component_name: &str, extra: &str) -> Manifest {
     let text = format!(

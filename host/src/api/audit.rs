@@ -15,10 +15,10 @@ use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiQuery, Caller};
 use crate::auth::Permission;
+use crate::domain::rules;
+use crate::domain::{AuditAction, AuditEntry, AuditOutcome};
 use crate::store::audit::{AuditQuery, AuditRow, AuditScope};
-use crate::sync::model::{AuditAction, AuditEntry, AuditOutcome};
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
-use crate::sync::validate;
 
 /// Routes of this resource.
 pub fn router() -> axum::Router<AppState> {
@@ -165,7 +165,7 @@ async fn list(
     let scope = match p.realm {
         Some(realm) => {
             caller.0.authorize(&realm, Permission::AuditRead)?;
-            validate::realm(&realm)?;
+            rules::realm(&realm)?;
             AuditScope::Realm(realm)
         }
         None => {
@@ -173,8 +173,8 @@ async fn list(
             AuditScope::All
         }
     };
-    validate::optional_id("actor", p.actor.as_deref())?;
-    validate::optional_id("action", p.action.as_deref())?;
+    rules::optional_id("actor", p.actor.as_deref())?;
+    rules::optional_id("action", p.action.as_deref())?;
     let limit = p.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::Validation(format!("limit must be 1-{MAX_PAGE}")));

@@ -15,9 +15,9 @@ use serde_json::json;
 
 use super::AppState;
 use super::extract::{ApiPath, MAX_BODY_BYTES};
+use crate::domain::{DestroyTarget, ReplayGuard, ReplayKind};
 use crate::oidc::OidcError;
 use crate::store::StoreError;
-use crate::sync::model::{DestroyTarget, ReplayGuard, ReplayKind};
 use crate::sync::sessions::SessionError;
 
 /// Routes of this resource.

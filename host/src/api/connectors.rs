@@ -15,13 +15,13 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiPath, Caller};
 use crate::auth::Permission;
+use crate::domain::{AuditAction, AuditOutcome};
 use crate::lifecycle::{
     ConnectorInfo, MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, ManageError, PutOutcome,
 };
 use crate::runtime::cache::CacheOutcome;
 use crate::runtime::manifest::{self, OnFailure, SyncMode};
 use crate::runtime::registry::Source;
-use crate::sync::model::{AuditAction, AuditOutcome};
 
 /// Largest upload body: both parts plus room for the multipart framing.
 pub const MAX_UPLOAD_BYTES: usize = MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES + 64 * 1024;

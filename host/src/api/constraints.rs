@@ -1,4 +1,4 @@
-//! The input rules of [`crate::sync::validate`] (and of connector names, cursors and page
+//! The input rules of [`crate::domain::rules`] (and of connector names, cursors and page
 //! sizes) stated in the OpenAPI document, built from the same constants, so that a client —
 //! or a fuzzer — can tell valid input from invalid without calling. Only describes input:
 //! the checks themselves stay where they are.
@@ -17,11 +17,11 @@ use utoipa::openapi::schema::{
 };
 use utoipa::openapi::{KnownFormat, RefOr};
 
-use crate::sync::model::EndReason;
-use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
-use crate::sync::validate::{
+use crate::domain::EndReason;
+use crate::domain::rules::{
     MAX_ATTRIBUTE_KEY_LEN, MAX_ATTRIBUTES, MAX_ATTRIBUTES_BYTES, MAX_ID_LEN, MAX_REALM_LEN,
 };
+use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Characters of realm and connector names.
 const NAME_PATTERN: &str = "^[A-Za-z0-9._-]+$";
@@ -171,7 +171,7 @@ impl Modify for PathRules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::model::{EndReason, SessionKind, SessionStatus};
+    use crate::domain::{EndReason, SessionKind, SessionStatus};
 
     fn document() -> serde_json::Value {
         serde_json::from_str(&crate::api::openapi::document_json()).unwrap_or_default()

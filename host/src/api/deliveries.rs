@@ -13,10 +13,10 @@ use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
+use crate::domain::AuditAction;
 use crate::store::deliveries::{
     AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
 };
-use crate::sync::model::AuditAction;
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Routes of this resource.
@@ -287,7 +287,7 @@ async fn replay_target(state: &AppState, req: ReplayRequest) -> Result<ReplayTar
     let store = state.sessions.store();
     let target = match (req.connector, req.delivery_id) {
         (Some(name), None) => {
-            crate::sync::validate::id("connector", &name)?;
+            crate::domain::rules::id("connector", &name)?;
             ReplayTarget::Connector(name)
         }
         (None, Some(id)) => {

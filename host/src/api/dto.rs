@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::constraints;
-use crate::sync::model::{Attributes, EndReason, Session, SessionKind, SessionStatus};
+use crate::domain::{Attributes, EndReason, Session, SessionKind, SessionStatus};
 
 /// A session as returned by the API.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]

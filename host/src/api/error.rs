@@ -8,8 +8,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::domain::rules::ValidationError;
 use crate::store::StoreError;
-use crate::sync::validate::ValidationError;
 
 /// Every error the API can answer with.
 #[derive(Debug, thiserror::Error)]
@@ -296,7 +296,7 @@ mod tests {
             StoreError::ParentNotFound("a".into()),
             StoreError::ParentNotActive {
                 id: "a".into(),
-                status: crate::sync::model::SessionStatus::Destroyed,
+                status: crate::domain::SessionStatus::Destroyed,
             },
             StoreError::WrongKind("a".into()),
             StoreError::Replayed("a".into()),

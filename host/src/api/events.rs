@@ -102,7 +102,7 @@ pub(super) async fn receive(
         }
         Err(e @ (SessionError::Store(_) | SessionError::Backlogged(_))) => return Err(e.into()),
     };
-    let ids = |v: Vec<crate::sync::model::Session>| -> Vec<String> {
+    let ids = |v: Vec<crate::domain::Session>| -> Vec<String> {
         v.into_iter().map(|s| s.external_id).collect()
     };
     let out = EventOutcome {

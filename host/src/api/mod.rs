@@ -146,7 +146,7 @@ async fn record_request(
         .find(|(name, _)| *name == "realm")
     {
         // A malformed realm is refused by the handler; it never becomes a span attribute.
-        if crate::sync::validate::realm(realm).is_ok() {
+        if crate::domain::rules::realm(realm).is_ok() {
             span.record("realm", realm);
         }
     }

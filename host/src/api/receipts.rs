@@ -15,12 +15,12 @@ use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
-use crate::sync::model::{EndReason, EventType, SessionKind, SessionStatus};
+use crate::domain::rules;
+use crate::domain::{EndReason, EventType, SessionKind, SessionStatus};
 use crate::sync::receipts::{
     self, Confirmation, ConnectorReceipt, LogoutReceipt, SessionReceipt, Tally, UserReceipts,
     UserTally,
 };
-use crate::sync::validate;
 
 /// Routes of this resource. The per-user receipt is not under `external-sessions/`, where
 /// any segment after the base is a session's external id.
@@ -369,7 +369,7 @@ fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
             p.name()
         )));
     }
-    validate::realm(realm)?;
+    rules::realm(realm)?;
     Ok(())
 }
 

@@ -11,12 +11,12 @@ use super::dto::*;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
-use crate::store::SessionQuery;
-use crate::sync::model::{
+use crate::domain::rules;
+use crate::domain::{
     AuditAction, DestroyTarget, EndReason, MapCommand, NewSession, Session, SessionKind,
 };
+use crate::store::SessionQuery;
 use crate::sync::sessions::SessionError;
-use crate::sync::validate;
 
 impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
@@ -132,14 +132,14 @@ pub fn router() -> axum::Router<AppState> {
 /// so a key scoped elsewhere learns nothing), then checks the realm name.
 fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
     caller.0.authorize(realm, Permission::UsersManage)?;
-    validate::realm(realm)?;
+    rules::realm(realm)?;
     Ok(())
 }
 
 /// Names the session a request is about on the request span (`api::app`), once the caller
 /// is authorised and only if the id is well-formed (a refused id is never an attribute).
 fn trace_session(external_id: &str) {
-    if validate::id("externalId", external_id).is_ok() {
+    if rules::id("externalId", external_id).is_ok() {
         tracing::Span::current().record("external_id", external_id);
     }
 }

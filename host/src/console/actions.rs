@@ -17,9 +17,9 @@ use super::{CPath, ConsoleError, Transport, Viewer, read_form, see_other};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::auth::{AuthError, Permission, Principal};
+use crate::domain::{AuditAction, AuditEntry, AuditOutcome, DestroyTarget, EndReason};
 use crate::lifecycle::{MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, PutOutcome};
 use crate::store::deliveries::ReplayTarget;
-use crate::sync::model::{AuditAction, AuditEntry, AuditOutcome, DestroyTarget, EndReason};
 
 /// Passes `result` on, first recording a refusal in the audit log (best-effort: the refused
 /// change wrote nothing), as `api::audit::refused` does for the API.
@@ -304,7 +304,7 @@ pub async fn replay(
     let (audit, target, back) = match (form.connector, form.delivery_id) {
         (Some(name), None) => {
             let audit = audit.target(name.clone());
-            let checked = crate::sync::validate::id("connector", &name).map_err(ApiError::from);
+            let checked = crate::domain::rules::id("connector", &name).map_err(ApiError::from);
             refused(&state, audit.clone(), checked).await?;
             let back = format!("/console/deliveries?connector={}&status=dead", q(&name));
             (audit, ReplayTarget::Connector(name), back)

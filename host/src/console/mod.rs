@@ -342,7 +342,7 @@ via_api!(
     crate::sync::sessions::SessionError,
     crate::store::StoreError,
     crate::lifecycle::ManageError,
-    crate::sync::validate::ValidationError
+    crate::domain::rules::ValidationError
 );
 
 impl IntoResponse for ConsoleError {

@@ -16,12 +16,12 @@ use crate::api::AppState;
 use crate::api::connectors::ConnectorDto;
 use crate::api::error::ApiError;
 use crate::auth::{Permission, Principal};
+use crate::domain::rules;
+use crate::domain::{EventType, SessionKind, SessionStatus};
 use crate::store::SessionQuery;
 use crate::store::deliveries::{DeliveryQuery, DeliveryStatus};
 use crate::store::overview::LiveCounts;
-use crate::sync::model::{EventType, SessionKind, SessionStatus};
 use crate::sync::receipts::{self, Confirmation};
-use crate::sync::validate;
 
 /// Rows per page of every list.
 pub const PAGE: u32 = 50;
@@ -37,7 +37,7 @@ fn ms(t: i64) -> DateTime<Utc> {
 /// `users:manage` in the realm, then a well-formed realm name (as `api::sessions`).
 pub(super) fn authorize_sessions(p: &Principal, realm: &str) -> Result<(), ConsoleError> {
     p.authorize(realm, Permission::UsersManage)?;
-    validate::realm(realm)?;
+    rules::realm(realm)?;
     Ok(())
 }
 
@@ -52,7 +52,7 @@ fn authorize_receipts(p: &Principal, realm: &str) -> Result<(), ConsoleError> {
         ))
         .into());
     }
-    validate::realm(realm)?;
+    rules::realm(realm)?;
     Ok(())
 }
 
@@ -1312,13 +1312,13 @@ pub async fn deliveries(
     let realm = given(&params.realm);
     let session = given(&params.session);
     if let Some(c) = &connector {
-        validate::id("connector", c)?;
+        rules::id("connector", c)?;
     }
     if let Some(r) = &realm {
-        validate::realm(r)?;
+        rules::realm(r)?;
     }
     if let Some(s) = &session {
-        validate::id("session", s)?;
+        rules::id("session", s)?;
     }
     let after = cursor(params.cursor.as_deref())?;
     let mut rows = state
@@ -1548,7 +1548,7 @@ pub async fn audit(
     let scope = match &realm {
         Some(r) => {
             p.authorize(r, Permission::AuditRead)?;
-            validate::realm(r)?;
+            rules::realm(r)?;
             AuditScope::Realm(r.clone())
         }
         None => {
@@ -1558,8 +1558,8 @@ pub async fn audit(
     };
     let actor = given(&params.actor);
     let action = given(&params.action);
-    validate::optional_id("actor", actor.as_deref())?;
-    validate::optional_id("action", action.as_deref())?;
+    rules::optional_id("actor", actor.as_deref())?;
+    rules::optional_id("action", action.as_deref())?;
     let since = given(&params.since).map(|s| parse_since(&s)).transpose()?;
     let before = cursor(params.cursor.as_deref())?;
     let mut rows = state

@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::DevkitError;
+use crate::domain::{EndReason, EventType, SessionKind, SyncEvent};
 use crate::runtime::manifest::{AllowedHost, Manifest};
 use crate::runtime::world::World;
 use crate::runtime::{HookFailure, Runtime, Transcript};
-use crate::sync::model::{EndReason, EventType, SessionKind, SyncEvent};
 
 /// `lockstep connector test` flags.
 #[derive(Debug, clap::Args)]

@@ -15,13 +15,13 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::AuditEntry;
 use crate::runtime::cache::CacheOutcome;
 use crate::runtime::manifest::{Manifest, ManifestError};
 use crate::runtime::registry::{Entry, Registry, Source};
 use crate::runtime::{LoadedConnector, Runtime, RuntimeError, version_of};
 use crate::store::connectors::{QueueCounts, UploadRow};
 use crate::store::{Store, StoreError, now_millis};
-use crate::sync::model::AuditEntry;
 use crate::telemetry::metrics::{ConnectorGauge, ConnectorMetrics, FailedGauge, Metrics};
 
 pub use cluster::spawn_cluster_sync;

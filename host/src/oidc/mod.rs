@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::auth::{AccessTokenVerifier, AuthError, Permission, Principal};
 use crate::config::RealmConfig;
-use crate::sync::validate;
+use crate::domain::rules;
 
 /// The `events` member that makes a JWT a logout token (Back-Channel Logout 1.0, 2.4).
 pub const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
@@ -31,7 +31,7 @@ pub const DEFAULT_ALGS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Al
 pub const DEFAULT_SKEW_S: u64 = 60;
 /// The scope or client role that grants `users:manage` by default.
 pub const DEFAULT_PERMISSION_ROLE: &str = "users:manage";
-pub use crate::sync::sessions::DEFAULT_IDP_SYSTEM;
+pub use crate::domain::DEFAULT_IDP_SYSTEM;
 
 /// Why a token was refused, or could not be checked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -267,14 +267,14 @@ impl Verifier {
         let Some(jti) = claims.jti.filter(|j| !j.is_empty()) else {
             return invalid("jti is missing");
         };
-        validate::id("jti", &jti).map_err(|e| OidcError::Invalid(e.to_string()))?;
+        rules::id("jti", &jti).map_err(|e| OidcError::Invalid(e.to_string()))?;
         let sid = claims.sid.filter(|s| !s.is_empty());
         let sub = claims.sub.filter(|s| !s.is_empty());
         if sid.is_none() && sub.is_none() {
             return invalid("a logout token must name a sid or a sub");
         }
         for (name, v) in [("sid", &sid), ("sub", &sub)] {
-            validate::optional_id(name, v.as_deref())
+            rules::optional_id(name, v.as_deref())
                 .map_err(|e| OidcError::Invalid(e.to_string()))?;
         }
         let until = claims.exp.unwrap_or(iat).max(iat + REPLAY_WINDOW_S) + skew;

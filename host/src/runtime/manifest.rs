@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::sync::model::EventType;
-use crate::sync::validate;
+use crate::domain::EventType;
+use crate::domain::rules;
 
 /// Highest `memory_mb` a manifest may ask for (the pooling allocator reserves this much).
 pub const MAX_MEMORY_MB: u32 = 512;
@@ -333,7 +333,7 @@ impl Manifest {
             path: label.to_owned(),
             message,
         };
-        validate::id("name", &raw.name).map_err(|e| invalid(e.to_string()))?;
+        rules::id("name", &raw.name).map_err(|e| invalid(e.to_string()))?;
         check_name(&raw.name).map_err(invalid)?;
         if raw.realms.is_empty() {
             return Err(invalid(
@@ -342,7 +342,7 @@ impl Manifest {
         }
         for realm in &raw.realms {
             if realm != "*" {
-                validate::realm(realm).map_err(|e| invalid(format!("realms: {e}")))?;
+                rules::realm(realm).map_err(|e| invalid(format!("realms: {e}")))?;
             }
         }
         let allowed_hosts = raw

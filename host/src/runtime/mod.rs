@@ -30,7 +30,7 @@ use world::{Hooks, Instance, World};
 
 pub use sandbox::{HttpExchange, Transcript};
 
-use crate::sync::model::SyncEvent;
+use crate::domain::SyncEvent;
 
 /// Epoch tick; deadlines are rounded up to it.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);

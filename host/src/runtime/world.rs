@@ -9,7 +9,7 @@ use wasmtime::{Result as WasmResult, Store};
 use super::HookFailure;
 use super::bindings::{v0_1_0, v0_2_0};
 use super::sandbox::CallState;
-use crate::sync::model::{EventType, SessionKind, SyncEvent};
+use crate::domain::{EventType, SessionKind, SyncEvent};
 
 /// A version of the `lockstep:connector` world.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -59,8 +59,8 @@ macro_rules! audit_ops {
         /// Writes one audit record. Part of the caller's transaction.
         pub(crate) async fn insert_audit(
             conn: &mut $conn,
-            entry: &crate::sync::model::AuditEntry,
-            outcome: crate::sync::model::AuditOutcome,
+            entry: &crate::domain::AuditEntry,
+            outcome: crate::domain::AuditOutcome,
             now: i64,
         ) -> Result<()> {
             let (result, changed) = outcome.columns();

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::sync::model::SyncEvent;
+use crate::domain::SyncEvent;
 
 /// A delivery's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::sync::model::{
+use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, IdpCommand, IdpOutcome, MapCommand,
     Session, SessionKind, SessionStatus, SyncEvent,
 };

@@ -8,7 +8,7 @@ macro_rules! session_reads {
     (db = $db:ty, conn = $conn:ty $(,)?) => {
         use crate::store::row::{into_sessions, session_columns, SessionRow};
         use crate::store::{Page, Result, SessionQuery};
-        use crate::sync::model::Session;
+        use crate::domain::Session;
 
         /// Sessions past their `expires_at` (any realm), soonest first: `(realm, external_id)`.
         pub(crate) async fn expired(

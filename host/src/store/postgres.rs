@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
-use crate::sync::model::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
+use crate::domain::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
 
 pub(super) mod ops {
     use crate::store::{Result, StoreError};
@@ -219,7 +219,7 @@ impl PgStore {
 
     pub(super) async fn fan_out(
         &self,
-        route: &(dyn Fn(&crate::sync::model::SyncEvent) -> Vec<String> + Send + Sync),
+        route: &(dyn Fn(&crate::domain::SyncEvent) -> Vec<String> + Send + Sync),
         gate: &super::GateFn,
     ) -> Result<Option<super::deliveries::FanOut>> {
         let now = now_millis();
@@ -250,13 +250,13 @@ impl PgStore {
     pub(super) async fn replay(
         &self,
         target: &super::deliveries::ReplayTarget,
-        audit: Option<&crate::sync::model::AuditEntry>,
+        audit: Option<&crate::domain::AuditEntry>,
     ) -> Result<u64> {
         let now = now_millis();
         let n = in_tx!(self.pool, |conn| async {
             let n = deliveries::replay(&mut *conn, target, now).await?;
             if let Some(entry) = audit {
-                let outcome = crate::sync::model::AuditOutcome::Ok(n as i64);
+                let outcome = crate::domain::AuditOutcome::Ok(n as i64);
                 ops::insert_audit(conn, entry, outcome, now).await?;
             }
             Ok(n)

@@ -75,7 +75,7 @@ macro_rules! receipt_ops {
             LogoutEventRow, LogoutRecords, UserTotals,
         };
         use crate::store::{Page, Result, SessionQuery, StoreError};
-        use crate::sync::model::Session;
+        use crate::domain::Session;
         use $sessions as sessions;
 
         async fn begin(conn: &mut $conn) -> Result<sqlx::Transaction<'_, <$conn as Connection>::Database>> {

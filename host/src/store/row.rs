@@ -3,7 +3,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::StoreError;
-use crate::sync::model::{Attributes, Session};
+use crate::domain::{Attributes, Session};
 
 /// Column list selected wherever a full session is read, in [`SessionRow`] order. A macro so
 /// that `concat!` can build complete SQL literals from it.
@@ -71,7 +71,7 @@ impl TryFrom<SessionRow> for Session {
     type Error = StoreError;
 
     fn try_from(r: SessionRow) -> Result<Self, Self::Error> {
-        let corrupt = |e: crate::sync::model::UnknownValue| StoreError::Corrupt(e.to_string());
+        let corrupt = |e: crate::domain::UnknownValue| StoreError::Corrupt(e.to_string());
         let attributes: Attributes = serde_json::from_str(&r.attributes)
             .map_err(|e| StoreError::Corrupt(format!("attributes of {:?}: {e}", r.external_id)))?;
         Ok(Session {

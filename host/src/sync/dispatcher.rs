@@ -18,13 +18,13 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
+use crate::domain::SyncEvent;
 use crate::runtime::manifest::{OnFailure, Policy};
 use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery, LaneClaim};
 use crate::store::{Gate, Route, Store, now_millis};
 use crate::sync::admission::{Admission, LagSource};
-use crate::sync::model::SyncEvent;
 use crate::telemetry::metrics::Metrics;
 
 /// Dispatcher settings.

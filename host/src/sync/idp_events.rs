@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::model::{Attributes, DestroyTarget, EndReason, IdpChange, NewSession, SessionKind};
-use super::validate::{self, ValidationError};
+use crate::domain::rules::{self, ValidationError};
+use crate::domain::{Attributes, DestroyTarget, EndReason, IdpChange, NewSession, SessionKind};
 
 /// One event as the extension posts it (docs/keycloak.md, "Event extension"). Fields a newer
 /// extension may add are ignored, so an upgrade of Keycloak's side never breaks the intake.
@@ -113,7 +113,7 @@ pub fn change_for(
     idp_system: &str,
     event: &KeycloakEvent,
 ) -> Result<IdpChange, ValidationError> {
-    validate::id("id", &event.id)?;
+    rules::id("id", &event.id)?;
     if event.realm != realm {
         return Err(ValidationError(format!(
             "the event is for realm {:?}, posted to realm {realm:?}",
@@ -128,7 +128,7 @@ pub fn change_for(
         ("impersonatorSessionId", &event.impersonator_session_id),
         ("impersonatorRealm", &event.impersonator_realm),
     ] {
-        validate::optional_id(field, value.as_deref())?;
+        rules::optional_id(field, value.as_deref())?;
     }
     let Some(kind) = KeycloakEventType::parse(&event.event_type) else {
         return Err(ValidationError(format!(
@@ -162,7 +162,7 @@ pub fn change_for(
                         mirror.attributes.insert(key.to_owned(), v.clone());
                     }
                 }
-                validate::attributes(&mirror.attributes)?;
+                rules::attributes(&mirror.attributes)?;
                 match (
                     &event.impersonator_session_id,
                     event.impersonator_realm.as_deref(),
@@ -172,21 +172,21 @@ pub fn change_for(
                     // impersonated session stands on its own.
                     (Some(admin_sid), Some(r)) if r == realm => ended = Some(admin_sid.clone()),
                     (Some(admin_sid), Some(r)) => {
-                        validate::realm(r)?;
+                        rules::realm(r)?;
                         let admin = mirror_session(
                             realm,
                             idp_system,
                             admin_sid,
                             event.impersonator_id.clone(),
                         );
-                        validate::id("externalId", &admin.external_id)?;
+                        rules::id("externalId", &admin.external_id)?;
                         mirror.delegated_by = Some(admin.external_id.clone());
                         actor = Some((Box::new(admin), r.to_owned()));
                     }
                     _ => {}
                 }
             }
-            validate::id("externalId", &mirror.external_id)?;
+            rules::id("externalId", &mirror.external_id)?;
             Ok(IdpChange::Alive {
                 mirror: Box::new(mirror),
                 actor,

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use super::model::{Session, SessionStatus};
 use super::sessions::{MAX_PAGE, SessionError};
-use super::validate::{self, ValidationError};
+use crate::domain::rules::{self, ValidationError};
+use crate::domain::{Session, SessionStatus};
 use crate::store::deliveries::{DeliveryRow, DeliveryStatus};
 use crate::store::receipts::{LogoutRecords, UserTotals};
 use crate::store::{SessionQuery, Store};
@@ -307,8 +307,8 @@ pub async fn session_receipt(
     external_id: &str,
     subscribers: &[String],
 ) -> Result<Option<SessionReceipt>, SessionError> {
-    validate::realm(realm)?;
-    validate::id("externalId", external_id)?;
+    rules::realm(realm)?;
+    rules::id("externalId", external_id)?;
     let Some((session, records)) = store.session_receipt(realm, external_id).await? else {
         return Ok(None);
     };
@@ -325,8 +325,8 @@ pub async fn user_receipts(
     limit: Option<u32>,
     subscribers: &[String],
 ) -> Result<UserReceipts, SessionError> {
-    validate::realm(realm)?;
-    validate::id("userId", user_id)?;
+    rules::realm(realm)?;
+    rules::id("userId", user_id)?;
     let limit = limit.unwrap_or(USER_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ValidationError(format!("limit must be 1-{MAX_PAGE}")).into());
@@ -355,8 +355,8 @@ pub const USER_PAGE: u32 = MAX_PAGE;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::SessionKind;
     use crate::store::receipts::{ConfirmationRow, LogoutEventRow};
-    use crate::sync::model::SessionKind;
 
     fn session(id: &str, status: SessionStatus) -> Session {
         Session {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::idp_events;
-use super::model::Session;
 use super::sessions::{SessionError, SessionService};
+use crate::domain::Session;
 use crate::oidc::keycloak_admin::{KeycloakAdmin, UserSessions};
 use crate::telemetry::metrics::ReconcileMetrics;
 
@@ -426,14 +426,14 @@ mod tests {
             seq: 1,
             realm: "acme".into(),
             external_id: "keycloak:s1".into(),
-            kind: crate::sync::model::SessionKind::Parent,
+            kind: crate::domain::SessionKind::Parent,
             parent_id: None,
             idp_session_id: Some("s1".into()),
             idp_client_session_id: None,
             user_id: Some("u".into()),
             system: Some("keycloak".into()),
             delegated_by: None,
-            status: crate::sync::model::SessionStatus::Active,
+            status: crate::domain::SessionStatus::Active,
             end_reason: None,
             attributes: Default::default(),
             expires_at: None,

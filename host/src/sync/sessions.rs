@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::idp_events::{self, KeycloakEvent};
-use super::model::{
-    AuditAction, AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, IdpCommand,
-    IdpOutcome, MapCommand, ReplayGuard, ReplayKind, Session, SessionKind,
+use crate::domain::rules::{self, ValidationError};
+use crate::domain::{
+    AuditAction, AuditEntry, AuditOutcome, DEFAULT_IDP_SYSTEM, DestroyCommand, DestroyTarget,
+    EndReason, IdpCommand, IdpOutcome, MapCommand, ReplayGuard, ReplayKind, Session, SessionKind,
 };
-use super::validate::{self, ValidationError};
 use crate::store::{Page, SessionQuery, Store, StoreError};
 
 /// Largest page a query may ask for.
@@ -32,9 +32,6 @@ pub struct RealmPolicy {
     /// mirror of their IdP session.
     pub idp_events: bool,
 }
-
-/// The IdP system label when the realm names none.
-pub const DEFAULT_IDP_SYSTEM: &str = "keycloak";
 
 impl RealmPolicy {
     /// The realm's IdP system label.
@@ -173,19 +170,19 @@ impl SessionService {
     /// Validates and registers a session.
     pub async fn map(&self, cmd: MapCommand) -> Result<Session, SessionError> {
         let s = &cmd.session;
-        validate::realm(&s.realm)?;
-        validate::id("externalId", &s.external_id)?;
-        validate::optional_id("parentExternalId", s.parent_id.as_deref())?;
-        validate::optional_id("keycloakSessionId", s.idp_session_id.as_deref())?;
-        validate::optional_id(
+        rules::realm(&s.realm)?;
+        rules::id("externalId", &s.external_id)?;
+        rules::optional_id("parentExternalId", s.parent_id.as_deref())?;
+        rules::optional_id("keycloakSessionId", s.idp_session_id.as_deref())?;
+        rules::optional_id(
             "keycloakClientSessionId",
             s.idp_client_session_id.as_deref(),
         )?;
-        validate::optional_id("userId", s.user_id.as_deref())?;
-        validate::optional_id("system", s.system.as_deref())?;
-        validate::optional_id("delegatedBy", s.delegated_by.as_deref())?;
-        validate::optional_id("originSystem", cmd.origin_system.as_deref())?;
-        validate::attributes(&s.attributes)?;
+        rules::optional_id("userId", s.user_id.as_deref())?;
+        rules::optional_id("system", s.system.as_deref())?;
+        rules::optional_id("delegatedBy", s.delegated_by.as_deref())?;
+        rules::optional_id("originSystem", cmd.origin_system.as_deref())?;
+        rules::attributes(&s.attributes)?;
         match s.kind {
             SessionKind::Parent if s.idp_session_id.is_none() => {
                 return Err(ValidationError("a PARENT needs keycloakSessionId".into()).into());
@@ -223,7 +220,7 @@ impl SessionService {
         event: &KeycloakEvent,
         remember_until_ms: i64,
     ) -> Result<IdpOutcome, SessionError> {
-        validate::realm(realm)?;
+        rules::realm(realm)?;
         let policy = self.policy(realm);
         let change = idp_events::change_for(realm, policy.idp_system(), event)?;
         let mut audit = AuditEntry::new(
@@ -297,16 +294,16 @@ impl SessionService {
         origin_system: Option<String>,
         audit: Option<AuditEntry>,
     ) -> Result<Vec<Session>, SessionError> {
-        validate::realm(realm)?;
+        rules::realm(realm)?;
         match &target {
-            DestroyTarget::Parent(id) | DestroyTarget::Child(id) => validate::id("externalId", id)?,
-            DestroyTarget::User(id) => validate::id("userId", id)?,
-            DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
+            DestroyTarget::Parent(id) | DestroyTarget::Child(id) => rules::id("externalId", id)?,
+            DestroyTarget::User(id) => rules::id("userId", id)?,
+            DestroyTarget::IdpSession(id) => rules::id("sid", id)?,
             DestroyTarget::AllIdpSessions | DestroyTarget::Expired(_) => {
                 return Err(ValidationError("not a destroy a caller can ask for".into()).into());
             }
         }
-        validate::optional_id("originSystem", origin_system.as_deref())?;
+        rules::optional_id("originSystem", origin_system.as_deref())?;
         let reason = reason.unwrap_or(EndReason::Logout);
         if !reason.caller_may_give() {
             return Err(ValidationError(format!(
@@ -343,10 +340,10 @@ impl SessionService {
         guard: ReplayGuard,
         origin_system: &str,
     ) -> Result<Vec<Session>, SessionError> {
-        validate::realm(realm)?;
+        rules::realm(realm)?;
         match &target {
-            DestroyTarget::IdpSession(id) => validate::id("sid", id)?,
-            DestroyTarget::User(id) => validate::id("sub", id)?,
+            DestroyTarget::IdpSession(id) => rules::id("sid", id)?,
+            DestroyTarget::User(id) => rules::id("sub", id)?,
             DestroyTarget::Parent(_)
             | DestroyTarget::Child(_)
             | DestroyTarget::AllIdpSessions
@@ -400,8 +397,8 @@ impl SessionService {
         sid: &str,
         parents: usize,
     ) -> Result<Vec<Session>, SessionError> {
-        validate::realm(realm)?;
-        validate::id("sid", sid)?;
+        rules::realm(realm)?;
+        rules::id("sid", sid)?;
         let policy = self.policy(realm);
         let audit = AuditEntry::new(
             super::reconcile::RECONCILE_ACTOR,
@@ -435,8 +432,8 @@ impl SessionService {
         realm: &str,
         external_id: &str,
     ) -> Result<Option<Session>, SessionError> {
-        validate::realm(realm)?;
-        validate::id("externalId", external_id)?;
+        rules::realm(realm)?;
+        rules::id("externalId", external_id)?;
         Ok(self.store.get(realm, external_id).await?)
     }
 
@@ -446,8 +443,8 @@ impl SessionService {
         realm: &str,
         external_id: &str,
     ) -> Result<Option<Vec<TreeEntry>>, SessionError> {
-        validate::realm(realm)?;
-        validate::id("externalId", external_id)?;
+        rules::realm(realm)?;
+        rules::id("externalId", external_id)?;
         Ok(self
             .store
             .tree(realm, external_id, self.max_tree)
@@ -457,14 +454,14 @@ impl SessionService {
 
     /// Filtered listing; `limit` defaults to 50 and may not exceed 500.
     pub async fn query(&self, realm: &str, mut q: SessionQuery) -> Result<Page, SessionError> {
-        validate::realm(realm)?;
+        rules::realm(realm)?;
         for (field, v) in [
             ("keycloakSessionId", &q.idp_session_id),
             ("keycloakClientSessionId", &q.idp_client_session_id),
             ("userId", &q.user_id),
             ("system", &q.system),
         ] {
-            validate::optional_id(field, v.as_deref())?;
+            rules::optional_id(field, v.as_deref())?;
         }
         if q.limit == 0 {
             q.limit = DEFAULT_PAGE;
@@ -479,7 +476,7 @@ impl SessionService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::model::SessionStatus;
+    use crate::domain::SessionStatus;
 
     fn session(id: &str, parent: Option<&str>, seq: i64) -> Session {
         let now = chrono::Utc::now();

@@ -6,12 +6,12 @@
 use sqlx::PgExecutor;
 use sqlx::postgres::PgConnection;
 
+use crate::domain::SyncEvent;
 use crate::store::deliveries::{
     AttemptRecord, ClaimedDelivery, FAN_OUT_BATCH, FanOut, LaneClaim, ReplayTarget,
     decision_columns,
 };
 use crate::store::{GateFn, Result, StoreError};
-use crate::sync::model::SyncEvent;
 
 /// Channel on which a fan-out that created deliveries announces them (in its transaction),
 /// so every instance's lanes claim at once instead of at their next poll.

@@ -12,13 +12,13 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{FromRow, PgExecutor, Row};
 
-use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_columns};
-use crate::store::{Result, StoreError};
-use crate::sync::model::{
+use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, IdpChange,
     IdpCommand, IdpOutcome, MapCommand, NewSession, ReplayGuard, ReplayKind, Session, SessionKind,
     SessionStatus, SyncEvent,
 };
+use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_columns};
+use crate::store::{Result, StoreError};
 
 use super::ops::insert_audit;
 

@@ -18,11 +18,11 @@ use sqlx::sqlite::{
 use tokio::sync::{Mutex, Notify};
 
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions};
-use crate::store::connectors::UploadRow;
-use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, FanOut, LaneClaim, ReplayTarget};
-use crate::sync::model::{
+use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
 };
+use crate::store::connectors::UploadRow;
+use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, FanOut, LaneClaim, ReplayTarget};
 use writer::Writer;
 
 /// The read side: sqlx statements on the read-only pool. The connector and audit macros

@@ -16,17 +16,17 @@ use std::borrow::Cow;
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, params};
 
+use crate::domain::{
+    AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, IdpChange,
+    IdpCommand, IdpOutcome, MapCommand, NewSession, ReplayGuard, ReplayKind, Session, SessionKind,
+    SessionStatus, SyncEvent,
+};
 use crate::store::deliveries::{
     AttemptRecord, ClaimedDelivery, FAN_OUT_BATCH, FanOut, LaneClaim, ReplayTarget,
     decision_columns,
 };
 use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_columns};
 use crate::store::{GateFn, Result, StoreError, connectors::UploadRow};
-use crate::sync::model::{
-    AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, IdpChange,
-    IdpCommand, IdpOutcome, MapCommand, NewSession, ReplayGuard, ReplayKind, Session, SessionKind,
-    SessionStatus, SyncEvent,
-};
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))

@@ -1,7 +1,7 @@
 //! Input limits (docs/api.md, "Limits"), as pure functions: realm names, ids and attributes.
 //! Every client-supplied value passes through here before it reaches the store.
 
-use super::model::Attributes;
+use super::Attributes;
 
 /// Longest external id, session id, user id or system label accepted.
 pub const MAX_ID_LEN: usize = 255;

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 /// Free-form string metadata attached to a session.
 pub type Attributes = BTreeMap<String, String>;
 
+/// The system label of the sessions the identity provider owns, when the realm names none.
+pub const DEFAULT_IDP_SYSTEM: &str = "keycloak";
+
 /// Declares a closed string enum with a canonical spelling, used in SQL, JSON and logs alike.
 ///
 /// The spelling is taken as a `tt`, not a `literal`: a `literal` fragment reaches derive macros
