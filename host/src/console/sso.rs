@@ -373,8 +373,8 @@ mod tests {
     fn the_pkce_challenge_is_s256() {
         // RFC 7636, appendix B.
         assert_eq!(
-            challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWjonnFE"),
-            "E9Melhoa2OwvFr8N_nHhVZVPVFrA9o7-7nKMv3ks1KA"
+            challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
 
