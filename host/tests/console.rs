@@ -710,3 +710,163 @@ async fn operator_console_end_to_end() {
         "{page}"
     );
 }
+
+/// Signs `username` in through the realm's Keycloak login page; ends on the overview.
+async fn keycloak_login(b: &Browser, server: &Server, realm: &str, kc: &str, username: &str) {
+    // Keycloak's own session cookies (path /realms/...) would sign the last user in again.
+    b.goto(&format!(
+        "{}/.well-known/openid-configuration",
+        common::keycloak::issuer(kc, realm)
+    ))
+    .await;
+    b.delete_cookies().await;
+    b.goto(&format!("{}/console/", server.base)).await;
+    b.delete_cookies().await;
+    b.goto(&format!("{}/console/login", server.base)).await;
+    b.click_through(&format!("a[href='/console/sso/start?realm={realm}']"))
+        .await;
+    assert!(b.url().await.starts_with(kc), "{}", b.url().await);
+    b.type_into("#username", username).await;
+    b.type_into("#password", &format!("{username}-password"))
+        .await;
+    b.click_through("#kc-login").await;
+    // Our callback page moves on to the overview by itself.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !b.url().await.ends_with("/console/") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} {}",
+            b.url().await,
+            b.source().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// "Sign in with Keycloak" through the real login page of the test Keycloak, in a realm made
+/// for the test: the console client is public (PKCE), its redirect URI is this server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_sign_in_grants_what_the_api_would() {
+    let Some(kc) = std::env::var("LOCKSTEP_TEST_KEYCLOAK_URL")
+        .ok()
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!(
+            "LOCKSTEP_TEST_KEYCLOAK_URL is unset: skipping the console's Keycloak sign-in \
+             (cargo xtask keycloak start; LOCKSTEP_TEST_KEYCLOAK_URL=$(cargo xtask keycloak url))"
+        );
+        return;
+    };
+    let realm = format!(
+        "console-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let config = format!(
+        "[realms.{realm}]\nissuer = \"{}\"\naudiences = [\"lockstep\"]\nconsole_client_id = \"lockstep-console\"\n",
+        common::keycloak::issuer(&kc, &realm)
+    );
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    )
+    .await;
+    reference_tree(&server, &realm, "").await;
+    reference_tree(&server, "acme", "").await;
+    let user = |name: &str, roles: Value| {
+        json!({"username": name, "enabled": true, "email": format!("{name}@example.com"),
+               "emailVerified": true, "firstName": name, "lastName": "Example",
+               "credentials": [{"type": "password", "value": format!("{name}-password"), "temporary": false}],
+               "requiredActions": [], "clientRoles": roles})
+    };
+    let rep = json!({
+        "realm": realm, "enabled": true, "sslRequired": "none",
+        "roles": {"client": {"lockstep": [{"name": "users:manage"}]}},
+        "clients": [
+            {"clientId": "lockstep", "enabled": true, "publicClient": false, "secret": "unused-secret",
+             "standardFlowEnabled": false, "serviceAccountsEnabled": false},
+            {"clientId": "lockstep-console", "enabled": true, "publicClient": true,
+             "standardFlowEnabled": true, "directAccessGrantsEnabled": false,
+             "redirectUris": [format!("{}/console/sso/callback", server.base)],
+             "attributes": {"pkce.code.challenge.method": "S256"}}
+        ],
+        "users": [
+            user("operator", json!({"lockstep": ["users:manage"]})),
+            user("visitor", json!({}))
+        ]
+    });
+    let http = reqwest::Client::new();
+    let admin = common::keycloak::admin_token(&kc).await;
+    let res = http
+        .post(format!("{kc}/admin/realms"))
+        .bearer_auth(&admin)
+        .json(&rep)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::CREATED,
+        "{}",
+        res.text().await.unwrap()
+    );
+
+    let b = Browser::start().await;
+    // The operator holds users:manage in that realm (a client role of `lockstep`): the
+    // console shows that realm's sessions and nothing of any other.
+    keycloak_login(&b, &server, &realm, &kc, "operator").await;
+    let overview = b.source().await;
+    assert!(
+        overview.contains(&realm) && !overview.contains(">acme<"),
+        "{overview}"
+    );
+    b.goto(&format!(
+        "{}/console/tree?realm={realm}&id=kc-7f3a",
+        server.base
+    ))
+    .await;
+    assert_eq!(b.texts("table.tree td.status").await, ["ACTIVE"; 3]);
+    b.goto(&format!(
+        "{}/console/tree?realm=acme&id=kc-7f3a",
+        server.base
+    ))
+    .await;
+    assert!(b.source().await.contains("403 Forbidden"));
+    let cookie = b.cookie("lockstep_console").await.expect("session cookie");
+    assert_eq!(cookie["httpOnly"], true);
+    assert_eq!(cookie["sameSite"], "Strict");
+
+    // A user without the role signs in but may do nothing, as the API would answer.
+    keycloak_login(&b, &server, &realm, &kc, "visitor").await;
+    b.goto(&format!(
+        "{}/console/tree?realm={realm}&id=kc-7f3a",
+        server.base
+    ))
+    .await;
+    assert!(
+        b.source().await.contains("403 Forbidden"),
+        "{}",
+        b.source().await
+    );
+
+    // A forged callback (no sign-in started by this browser) is refused.
+    b.goto(&format!(
+        "{}/console/sso/callback?code=x&state=forged",
+        server.base
+    ))
+    .await;
+    assert!(
+        b.source().await.contains("state mismatch"),
+        "{}",
+        b.source().await
+    );
+
+    let _ = http
+        .delete(format!("{kc}/admin/realms/{realm}"))
+        .bearer_auth(common::keycloak::admin_token(&kc).await)
+        .send()
+        .await;
+}
