@@ -791,7 +791,21 @@ async fn keycloak_sign_in_grants_what_the_api_would() {
             {"clientId": "lockstep-console", "enabled": true, "publicClient": true,
              "standardFlowEnabled": true, "directAccessGrantsEnabled": false,
              "redirectUris": [format!("{}/console/sso/callback", server.base)],
-             "attributes": {"pkce.code.challenge.method": "S256"}}
+             "attributes": {"pkce.code.challenge.method": "S256"},
+             // The API's audience and the lockstep client's roles, as the realm's
+             // access tokens for Lockstep carry them.
+             "protocolMappers": [
+                {"name": "lockstep-audience", "protocol": "openid-connect",
+                 "protocolMapper": "oidc-audience-mapper",
+                 "config": {"included.client.audience": "lockstep", "access.token.claim": "true",
+                            "id.token.claim": "false"}},
+                {"name": "lockstep-roles", "protocol": "openid-connect",
+                 "protocolMapper": "oidc-usermodel-client-role-mapper",
+                 "config": {"usermodel.clientRoleMapping.clientId": "lockstep",
+                            "claim.name": "resource_access.lockstep.roles", "multivalued": "true",
+                            "jsonType.label": "String", "access.token.claim": "true",
+                            "id.token.claim": "false"}}
+             ]}
         ],
         "users": [
             user("operator", json!({"lockstep": ["users:manage"]})),
