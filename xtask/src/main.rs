@@ -23,6 +23,7 @@
 //!   (`127.0.0.1:18180`, realms from `tests/keycloak/`), started once per test run.
 
 mod bench_api;
+mod bench_console;
 mod bench_crash;
 mod bench_delivery;
 mod bench_events;
@@ -69,6 +70,9 @@ enum Command {
     /// slow legacy system) loaded at once under API load: p99 against a baseline, RSS, and
     /// how every hostile delivery ended.
     BenchHostile(bench_hostile::Args),
+    /// Operator console: overview and 1,000-session tree page server time (p50/p99) with a
+    /// million sessions in the store.
+    BenchConsole(bench_console::Args),
     /// Mixed-load curves: map/query/destroy at increasing offered rates (open loop) on SQLite
     /// and PostgreSQL, server memory with `--rows` rows, and a PNG plot of the curves.
     Bench(bench_mixed::Args),
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::BenchDelivery(args) => bench_delivery::main(args),
         Command::BenchCrash(args) => bench_crash::main(args),
         Command::BenchHostile(args) => bench_hostile::main(args),
+        Command::BenchConsole(args) => bench_console::main(args),
         Command::Bench(args) => bench_mixed::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };

@@ -7,6 +7,7 @@
 
 mod actions;
 pub mod html;
+mod live;
 mod pages;
 pub mod session;
 mod sso;
@@ -79,6 +80,7 @@ pub struct SsoRealm {
 /// The console's state: sign-ins, trusted proxies, Keycloak sign-in.
 pub struct Console {
     sessions: Sessions,
+    live: live::LiveCache,
     trusted_proxies: Vec<IpAddr>,
     public_url: Option<String>,
     sso: sso::Sso,
@@ -136,6 +138,7 @@ impl Console {
         };
         Ok(Some(Console {
             sessions: Sessions::new(lifetimes),
+            live: live::LiveCache::default(),
             trusted_proxies,
             public_url,
             sso: sso::Sso::new(sso_realms, roots)?,
@@ -149,6 +152,7 @@ impl Console {
                 idle: Duration::from_secs(DEFAULT_IDLE_TIMEOUT_S),
                 absolute: Duration::from_secs(DEFAULT_ABSOLUTE_TIMEOUT_S),
             }),
+            live: live::LiveCache::default(),
             trusted_proxies: Vec::new(),
             public_url: None,
             sso: sso::Sso::empty(),

@@ -26,7 +26,7 @@ use crate::sync::receipts::{self, Confirmation};
 /// Rows per page of every list.
 pub const PAGE: u32 = 50;
 /// Sessions per page of a tree.
-pub const TREE_PAGE: usize = 500;
+pub const TREE_PAGE: usize = 1_000;
 
 type Page = Result<Html<String>, ConsoleError>;
 
@@ -76,7 +76,15 @@ fn given(v: &Option<String>) -> Option<String> {
 
 /// Realms the viewer can see sessions of: those with sessions or an identity provider.
 async fn visible_realms(state: &AppState, p: &Principal) -> Result<Vec<LiveCounts>, ConsoleError> {
-    let mut counts = state.sessions.store().live_counts().await?;
+    let mut counts = match &state.console {
+        Some(c) => c
+            .live
+            .counts(state.sessions.store())
+            .await?
+            .as_ref()
+            .clone(),
+        None => state.sessions.store().live_counts().await?,
+    };
     let known: BTreeSet<String> = counts.iter().map(|c| c.realm.clone()).collect();
     if let Some(console) = &state.console {
         for realm in console.sso.realms() {
