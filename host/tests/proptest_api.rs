@@ -20,7 +20,7 @@ use lockstep::api::dto::{
 };
 use lockstep::api::error::ApiError;
 use lockstep::api::extract::{ApiJson, ApiQuery};
-use lockstep::domain::{MapCommand, NewSession, SessionKind};
+use lockstep::domain::{MapCommand, NewSession, ProblemCode, SessionKind};
 use lockstep::store::{Store, StoreOptions};
 use lockstep::sync::sessions::{SessionError, SessionService};
 use proptest::prelude::*;
@@ -90,7 +90,10 @@ fn parsed_or_400<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, TestCase
     match extract::<T>(Some("application/json"), body.to_vec()) {
         Ok(v) => Ok(Some(v)),
         Err(e @ ApiError::Validation(_)) => {
-            prop_assert_eq!(e.status_and_code(), (StatusCode::BAD_REQUEST, "VALIDATION"));
+            prop_assert_eq!(
+                e.status_and_code(),
+                (StatusCode::BAD_REQUEST, ProblemCode::Validation)
+            );
             Ok(None)
         }
         Err(other) => Err(TestCaseError::fail(format!("{other:?}"))),
@@ -356,7 +359,7 @@ proptest! {
         // A header value that is not visible ASCII cannot be sent at all.
         prop_assume!(content_type.as_deref().is_none_or(|ct| ct.bytes().all(|b| (0x20..0x7f).contains(&b))));
         let got = extract::<MapParentRequest>(content_type.as_deref(), body);
-        let is_415 = matches!(&got, Err(e) if e.status_and_code() == (StatusCode::UNSUPPORTED_MEDIA_TYPE, "VALIDATION"));
+        let is_415 = matches!(&got, Err(e) if e.status_and_code() == (StatusCode::UNSUPPORTED_MEDIA_TYPE, ProblemCode::Validation));
         prop_assert!(is_415, "{:?}", got.err());
     }
 
@@ -449,7 +452,7 @@ proptest! {
                     prop_assert!(e.0.starts_with(field), "{} does not name {}", e.0, field);
                 }
                 let api = ApiError::from(SessionError::Invalid(e));
-                prop_assert_eq!(api.status_and_code(), (StatusCode::BAD_REQUEST, "VALIDATION"));
+                prop_assert_eq!(api.status_and_code(), (StatusCode::BAD_REQUEST, ProblemCode::Validation));
             }
             other => prop_assert!(false, "{:?} was not refused: {:?}", broken, other.map(|s| s.external_id)),
         }

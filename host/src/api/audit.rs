@@ -48,7 +48,7 @@ pub(super) async fn refused<T>(
             .record_audit(entry, AuditOutcome::Refused(code))
             .await
         {
-            tracing::warn!(error = %w, %action, code, "audit record of a refusal not written");
+            tracing::warn!(error = %w, %action, code = code.as_str(), "audit record of a refusal not written");
         }
     }
     result

@@ -15,6 +15,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiPath, Caller};
 use crate::auth::Permission;
+use crate::domain::ProblemCode;
 use crate::domain::{AuditAction, AuditOutcome};
 use crate::lifecycle::{
     ConnectorInfo, MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, ManageError, PutOutcome,
@@ -271,9 +272,9 @@ impl From<ManageError> for ApiError {
             ManageError::Manifest(m) => ApiError::InvalidManifest(m.to_string()),
             ManageError::Component(c) => ApiError::InvalidComponent(c.to_string()),
             ManageError::Request(m) => ApiError::Validation(m),
-            ManageError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            ManageError::NotFound(_) => ApiError::refused(ProblemCode::NotFound, e.to_string()),
             ManageError::ManagedByDirectory { .. } | ManageError::ManagedByApi(_) => {
-                ApiError::Conflict(e.to_string())
+                ApiError::refused(ProblemCode::Conflict, e.to_string())
             }
             ManageError::Store(s) => s.into(),
             ManageError::InFile { source, .. } => (*source).into(),

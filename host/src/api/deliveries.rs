@@ -14,6 +14,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
 use crate::domain::AuditAction;
+use crate::domain::ProblemCode;
 use crate::store::deliveries::{
     AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
 };
@@ -246,7 +247,9 @@ async fn one(
         .store()
         .get_delivery(id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
+        .ok_or_else(|| {
+            ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
+        })?;
     Ok(Json(DeliveryDetail {
         delivery: row.into(),
         history: attempts.into_iter().map(Into::into).collect(),
@@ -291,15 +294,17 @@ async fn replay_target(state: &AppState, req: ReplayRequest) -> Result<ReplayTar
             ReplayTarget::Connector(name)
         }
         (None, Some(id)) => {
-            let (row, _) = store
-                .get_delivery(id)
-                .await?
-                .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
+            let (row, _) = store.get_delivery(id).await?.ok_or_else(|| {
+                ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
+            })?;
             if !matches!(row.status.as_str(), "dead" | "dropped") {
-                return Err(ApiError::Conflict(format!(
-                    "delivery {id} is {}; only dead or dropped deliveries can be replayed",
-                    row.status
-                )));
+                return Err(ApiError::refused(
+                    ProblemCode::Conflict,
+                    format!(
+                        "delivery {id} is {}; only dead or dropped deliveries can be replayed",
+                        row.status
+                    ),
+                ));
             }
             ReplayTarget::Delivery(id)
         }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::domain::ProblemCode;
 use crate::domain::rules::ValidationError;
 use crate::store::StoreError;
 
@@ -35,33 +36,15 @@ pub enum ApiError {
     /// Valid credentials without the permission.
     #[error("{0}")]
     Forbidden(String),
-    /// The named resource does not exist (in this realm).
-    #[error("{0}")]
-    NotFound(String),
-    /// The id is taken.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// A CHILD names a missing parent.
-    #[error("{0}")]
-    ParentNotFound(String),
-    /// A CHILD names an ended parent.
-    #[error("{0}")]
-    ParentNotActive(String),
-    /// A destroy named the wrong kind of session.
-    #[error("{0}")]
-    WrongKind(String),
-    /// The resource is not in a state that allows this.
-    #[error("{0}")]
-    Conflict(String),
-    /// An IdP event with this id was applied before.
-    #[error("{0}")]
-    DuplicateEvent(String),
-    /// A destroy would end more sessions than `[limits] max_cascade` (422); nothing changed.
-    #[error("{0}")]
-    CascadeTooLarge(String),
-    /// A tree holds more sessions than `[limits] max_tree` lets one read return (422).
-    #[error("{0}")]
-    TreeTooLarge(String),
+    /// A domain refusal: the data does not allow the change or read (404, 409, 422). The
+    /// code says which; [`status_of`] gives its status.
+    #[error("{detail}")]
+    Refused {
+        /// Which refusal.
+        code: ProblemCode,
+        /// What was refused and why.
+        detail: String,
+    },
     /// The caller used up its request budget (429, with `Retry-After` in whole seconds).
     #[error("{detail}")]
     RateLimited {
@@ -104,73 +87,74 @@ pub struct Problem {
     pub status: u16,
     /// Explanation of this occurrence.
     pub detail: String,
-    /// Stable machine-readable code: ALREADY_EXISTS, NOT_FOUND, PARENT_NOT_FOUND,
-    /// PARENT_NOT_ACTIVE, WRONG_KIND, VALIDATION, UNAUTHORIZED, FORBIDDEN, PAYLOAD_TOO_LARGE,
-    /// CONFLICT, CASCADE_TOO_LARGE, TREE_TOO_LARGE, RATE_LIMITED, METHOD_NOT_ALLOWED,
-    /// REQUEST_TIMEOUT, UNAVAILABLE, DELIVERY_BACKLOG, INTERNAL.
-    pub code: String,
+    /// Stable machine-readable code.
+    pub code: ProblemCode,
+}
+
+/// The HTTP status of each problem code: the one place that says it. (VALIDATION is also sent
+/// with 415 for a body of the wrong media type: [`ApiError::status_and_code`].)
+pub fn status_of(code: ProblemCode) -> StatusCode {
+    match code {
+        ProblemCode::Validation | ProblemCode::InvalidManifest => StatusCode::BAD_REQUEST,
+        ProblemCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ProblemCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ProblemCode::Forbidden => StatusCode::FORBIDDEN,
+        ProblemCode::NotFound | ProblemCode::ParentNotFound => StatusCode::NOT_FOUND,
+        ProblemCode::AlreadyExists
+        | ProblemCode::ParentNotActive
+        | ProblemCode::WrongKind
+        | ProblemCode::Conflict
+        | ProblemCode::DuplicateEvent => StatusCode::CONFLICT,
+        ProblemCode::InvalidComponent
+        | ProblemCode::CascadeTooLarge
+        | ProblemCode::TreeTooLarge => StatusCode::UNPROCESSABLE_ENTITY,
+        ProblemCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ProblemCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ProblemCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ProblemCode::Unavailable | ProblemCode::DeliveryBacklog => StatusCode::SERVICE_UNAVAILABLE,
+        ProblemCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl ApiError {
-    /// HTTP status and stable code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// A domain refusal with this code.
+    pub fn refused(code: ProblemCode, detail: String) -> Self {
+        ApiError::Refused { code, detail }
+    }
+
+    /// The stable code of this error.
+    pub fn code(&self) -> ProblemCode {
         match self {
-            ApiError::Validation(_) => (StatusCode::BAD_REQUEST, "VALIDATION"),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
-            ApiError::InvalidManifest(_) => (StatusCode::BAD_REQUEST, "INVALID_MANIFEST"),
-            ApiError::InvalidComponent(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_COMPONENT")
-            }
-            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "VALIDATION"),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
-            ApiError::AlreadyExists(_) => (StatusCode::CONFLICT, "ALREADY_EXISTS"),
-            ApiError::ParentNotFound(_) => (StatusCode::NOT_FOUND, "PARENT_NOT_FOUND"),
-            ApiError::ParentNotActive(_) => (StatusCode::CONFLICT, "PARENT_NOT_ACTIVE"),
-            ApiError::WrongKind(_) => (StatusCode::CONFLICT, "WRONG_KIND"),
-            ApiError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
-            ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT"),
-            ApiError::CascadeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "CASCADE_TOO_LARGE"),
-            ApiError::TreeTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "TREE_TOO_LARGE"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
-            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
-            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "REQUEST_TIMEOUT"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            ApiError::Backlogged { .. } => (StatusCode::SERVICE_UNAVAILABLE, "DELIVERY_BACKLOG"),
-            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            ApiError::Validation(_) | ApiError::UnsupportedMediaType(_) => ProblemCode::Validation,
+            ApiError::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
+            ApiError::InvalidManifest(_) => ProblemCode::InvalidManifest,
+            ApiError::InvalidComponent(_) => ProblemCode::InvalidComponent,
+            ApiError::Unauthorized(_) => ProblemCode::Unauthorized,
+            ApiError::Forbidden(_) => ProblemCode::Forbidden,
+            ApiError::Refused { code, .. } => *code,
+            ApiError::RateLimited { .. } => ProblemCode::RateLimited,
+            ApiError::MethodNotAllowed(_) => ProblemCode::MethodNotAllowed,
+            ApiError::RequestTimeout(_) => ProblemCode::RequestTimeout,
+            ApiError::Unavailable(_) => ProblemCode::Unavailable,
+            ApiError::Backlogged { .. } => ProblemCode::DeliveryBacklog,
+            ApiError::Internal => ProblemCode::Internal,
         }
     }
 
+    /// HTTP status and stable code.
+    pub fn status_and_code(&self) -> (StatusCode, ProblemCode) {
+        let code = self.code();
+        let status = match self {
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => status_of(code),
+        };
+        (status, code)
+    }
+
     /// The code an audit record gives this error when it refuses an action the caller was
-    /// allowed to ask for: the domain's refusals (404, 409) and a refused connector (400, 422).
-    /// `None` for bad input, authentication, permission and server failures, which are
-    /// logged, not audited.
-    pub fn refusal_code(&self) -> Option<&'static str> {
-        match self {
-            ApiError::NotFound(_)
-            | ApiError::AlreadyExists(_)
-            | ApiError::ParentNotFound(_)
-            | ApiError::ParentNotActive(_)
-            | ApiError::WrongKind(_)
-            | ApiError::Conflict(_)
-            | ApiError::DuplicateEvent(_)
-            | ApiError::CascadeTooLarge(_)
-            | ApiError::InvalidManifest(_)
-            | ApiError::InvalidComponent(_) => Some(self.status_and_code().1),
-            ApiError::Validation(_)
-            | ApiError::TreeTooLarge(_)
-            | ApiError::PayloadTooLarge(_)
-            | ApiError::UnsupportedMediaType(_)
-            | ApiError::Unauthorized(_)
-            | ApiError::Forbidden(_)
-            | ApiError::MethodNotAllowed(_)
-            | ApiError::Unavailable(_)
-            | ApiError::Backlogged { .. }
-            | ApiError::RequestTimeout(_)
-            | ApiError::RateLimited { .. }
-            | ApiError::Internal => None,
-        }
+    /// allowed to ask for ([`ProblemCode::audited`]); `None` for what is logged, not audited.
+    pub fn refusal_code(&self) -> Option<ProblemCode> {
+        Some(self.code()).filter(|code| code.audited())
     }
 
     /// The problem document for this error.
@@ -179,12 +163,12 @@ impl ApiError {
         Problem {
             problem_type: format!(
                 "urn:lockstep:problem:{}",
-                code.to_ascii_lowercase().replace('_', "-")
+                code.as_str().to_ascii_lowercase().replace('_', "-")
             ),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail: self.to_string(),
-            code: code.to_owned(),
+            code,
         }
     }
 }
@@ -240,17 +224,14 @@ impl From<AuthError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let Some(code) = e.refusal() {
+            let detail = match &e {
+                StoreError::Replayed(id) => format!("event {id:?} was already applied"),
+                _ => e.to_string(),
+            };
+            return ApiError::Refused { code, detail };
+        }
         match e {
-            StoreError::AlreadyExists(_) => ApiError::AlreadyExists(e.to_string()),
-            StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            StoreError::ParentNotFound(_) => ApiError::ParentNotFound(e.to_string()),
-            StoreError::ParentNotActive { .. } => ApiError::ParentNotActive(e.to_string()),
-            StoreError::WrongKind(m) => ApiError::WrongKind(m),
-            StoreError::CascadeTooLarge { .. } => ApiError::CascadeTooLarge(e.to_string()),
-            StoreError::TreeTooLarge { .. } => ApiError::TreeTooLarge(e.to_string()),
-            StoreError::Replayed(id) => {
-                ApiError::DuplicateEvent(format!("event {id:?} was already applied"))
-            }
             StoreError::Unavailable => ApiError::Unavailable(e.to_string()),
             StoreError::Database(sqlx::Error::PoolTimedOut) => {
                 tracing::warn!("database pool exhausted");
@@ -284,8 +265,31 @@ mod tests {
             }
             .problem()
             .code,
-            "DELIVERY_BACKLOG"
+            ProblemCode::DeliveryBacklog
         );
+    }
+
+    /// The published list of codes is the enum: each code, with its status, has a row in
+    /// docs/api.md's table of errors.
+    #[test]
+    fn every_code_is_documented_with_its_status() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let errors = &doc[doc.find("## Errors").unwrap()..];
+        for code in ProblemCode::ALL {
+            let status = status_of(*code).as_u16();
+            let documented = errors.lines().any(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                cells.get(1) == Some(&status.to_string().as_str())
+                    && cells
+                        .get(2)
+                        .is_some_and(|c| c.split('/').any(|w| w.trim() == code.as_str()))
+            });
+            assert!(
+                documented,
+                "{code} ({status}) has no row in docs/api.md, Errors"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::{ApiPath, JsonBytes};
 use crate::auth::webhook::SignatureError;
+use crate::domain::ProblemCode;
 use crate::sync::idp_events::KeycloakEvent;
 use crate::sync::sessions::SessionError;
 
@@ -70,9 +71,10 @@ pub(super) async fn receive(
     JsonBytes(body): JsonBytes,
 ) -> Result<Json<EventOutcome>, ApiError> {
     let Some(keys) = state.events.realm(&realm) else {
-        return Err(ApiError::NotFound(format!(
-            "realm {realm:?} does not accept IdP events (no events_secrets configured)"
-        )));
+        return Err(ApiError::refused(
+            ProblemCode::NotFound,
+            format!("realm {realm:?} does not accept IdP events (no events_secrets configured)"),
+        ));
     };
     let id = header(&headers, "webhook-id");
     keys.verify(

@@ -27,6 +27,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
+use crate::domain::ProblemCode;
 use crate::lifecycle::Connectors;
 use crate::sync::sessions::SessionService;
 use error::ApiError;
@@ -162,7 +163,7 @@ async fn record_request(
 }
 
 async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route".into())
+    ApiError::refused(ProblemCode::NotFound, "no such route".into())
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -15,6 +15,7 @@ use super::cursor;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
+use crate::domain::ProblemCode;
 use crate::domain::rules;
 use crate::domain::{EndReason, EventType, SessionKind, SessionStatus};
 use crate::sync::receipts::{
@@ -398,7 +399,10 @@ async fn session_receipt(
         receipts::session_receipt(state.sessions.store(), &realm, &external_id, &subscribers)
             .await?
             .ok_or_else(|| {
-                ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+                ApiError::refused(
+                    ProblemCode::NotFound,
+                    format!("session {external_id:?} not found in this realm"),
+                )
             })?;
     Ok(Json(SessionReceiptResponse {
         generated_at: Utc::now(),

@@ -11,6 +11,7 @@ use super::dto::*;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::auth::Permission;
+use crate::domain::ProblemCode;
 use crate::domain::rules;
 use crate::domain::{
     AuditAction, DestroyTarget, EndReason, MapCommand, NewSession, Session, SessionKind,
@@ -436,7 +437,10 @@ async fn session_tree(
         .await?
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+            ApiError::refused(
+                ProblemCode::NotFound,
+                format!("session {external_id:?} not found in this realm"),
+            )
         })?;
     let root_external_id = entries
         .first()
@@ -506,7 +510,10 @@ async fn get_session(
         .get(&realm, &external_id)
         .await?
         .ok_or_else(|| {
-            ApiError::NotFound(format!("session {external_id:?} not found in this realm"))
+            ApiError::refused(
+                ProblemCode::NotFound,
+                format!("session {external_id:?} not found in this realm"),
+            )
         })?;
     Ok(Json(session.into()))
 }

@@ -17,6 +17,7 @@ use super::{CPath, ConsoleError, Transport, Viewer, read_form, see_other};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::auth::{AuthError, Permission, Principal};
+use crate::domain::ProblemCode;
 use crate::domain::{AuditAction, AuditEntry, AuditOutcome, DestroyTarget, EndReason};
 use crate::lifecycle::{MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, PutOutcome};
 use crate::store::deliveries::ReplayTarget;
@@ -38,7 +39,7 @@ async fn refused<T>(
             .record_audit(entry, AuditOutcome::Refused(code))
             .await
         {
-            tracing::warn!(error = %w, %action, code, "audit record of a refusal not written");
+            tracing::warn!(error = %w, %action, code = code.as_str(), "audit record of a refusal not written");
         }
     }
     Ok(result?)
@@ -315,12 +316,18 @@ pub async fn replay(
                 .map_err(|_| ApiError::Validation(format!("delivery id {id:?} is not a number")))?;
             let audit = audit.target(id.to_string());
             let found = match store.get_delivery(id).await? {
-                None => Err(ApiError::NotFound(format!("delivery {id} not found"))),
+                None => Err(ApiError::refused(
+                    ProblemCode::NotFound,
+                    format!("delivery {id} not found"),
+                )),
                 Some((row, _)) if !matches!(row.status.as_str(), "dead" | "dropped") => {
-                    Err(ApiError::Conflict(format!(
-                        "delivery {id} is {}; only dead or dropped deliveries can be replayed",
-                        row.status
-                    )))
+                    Err(ApiError::refused(
+                        ProblemCode::Conflict,
+                        format!(
+                            "delivery {id} is {}; only dead or dropped deliveries can be replayed",
+                            row.status
+                        ),
+                    ))
                 }
                 Some(_) => Ok(()),
             };

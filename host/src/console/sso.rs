@@ -20,6 +20,7 @@ use super::session::{self, random_token};
 use super::{CQuery, ConsoleError, ConsoleSetupError, SsoRealm, Transport};
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use crate::domain::ProblemCode;
 
 /// How long a browser may take at the IdP.
 const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -198,10 +199,13 @@ pub async fn start(
 ) -> Result<Response, ConsoleError> {
     let console = super::console(&state)?;
     let realm = console.sso.realm(&params.realm).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "realm {:?} offers no Keycloak sign-in (console_client_id)",
-            params.realm
-        ))
+        ApiError::refused(
+            ProblemCode::NotFound,
+            format!(
+                "realm {:?} offers no Keycloak sign-in (console_client_id)",
+                params.realm
+            ),
+        )
     })?;
     let endpoints = console.sso.endpoints(realm).await?;
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());

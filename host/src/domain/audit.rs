@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::problem::ProblemCode;
+
 /// What an audit record says was done. Spelled in kebab case in the log; IdP events carry
 /// their Keycloak type (`idp-event:LOGOUT`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,7 +111,7 @@ pub enum AuditOutcome {
     /// Done; this many sessions (deliveries, connectors) changed.
     Ok(i64),
     /// Refused with this problem code (ALREADY_EXISTS, NOT_FOUND...).
-    Refused(&'static str),
+    Refused(ProblemCode),
 }
 
 impl AuditOutcome {
@@ -118,7 +120,7 @@ impl AuditOutcome {
     pub fn columns(self) -> (&'static str, Option<i64>) {
         match self {
             AuditOutcome::Ok(n) => ("ok", Some(n)),
-            AuditOutcome::Refused(code) => (code, None),
+            AuditOutcome::Refused(code) => (code.as_str(), None),
         }
     }
 }

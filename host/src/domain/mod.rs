@@ -47,6 +47,7 @@ macro_rules! string_enum {
 pub mod audit;
 pub mod command;
 pub mod event;
+pub mod problem;
 pub mod rules;
 pub mod session;
 
@@ -56,6 +57,7 @@ pub use command::{
     ReplayKind,
 };
 pub use event::{EventType, SyncEvent};
+pub use problem::ProblemCode;
 pub use session::{
     Attributes, DEFAULT_IDP_SYSTEM, EndReason, NewSession, Session, SessionKind, SessionStatus,
 };

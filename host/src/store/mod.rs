@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, IdpCommand, IdpOutcome, MapCommand,
-    Session, SessionKind, SessionStatus, SyncEvent,
+    ProblemCode, Session, SessionKind, SessionStatus, SyncEvent,
 };
 use audit::{AuditQuery, AuditRow};
 use deliveries::{
@@ -110,26 +110,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The problem code of a domain refusal (what the audit log records for it); `None` for
-    /// failures that are not the caller's doing.
-    pub fn refusal_code(&self) -> Option<&'static str> {
+    /// The problem code of a domain refusal (a change or read the data does not allow);
+    /// `None` for failures that are not the caller's doing. The API answers with it, and the
+    /// audit log records it when [`ProblemCode::audited`] says so.
+    pub fn refusal(&self) -> Option<ProblemCode> {
         match self {
-            StoreError::AlreadyExists(_) => Some("ALREADY_EXISTS"),
-            StoreError::NotFound(_) => Some("NOT_FOUND"),
-            StoreError::ParentNotFound(_) => Some("PARENT_NOT_FOUND"),
-            StoreError::ParentNotActive { .. } => Some("PARENT_NOT_ACTIVE"),
-            StoreError::WrongKind(_) => Some("WRONG_KIND"),
-            StoreError::CascadeTooLarge { .. } => Some("CASCADE_TOO_LARGE"),
-            StoreError::Replayed(_) => Some("DUPLICATE_EVENT"),
-            // A read: refused reads are not audited.
-            StoreError::TreeTooLarge { .. }
-            | StoreError::UnsupportedUrl(_)
+            StoreError::AlreadyExists(_) => Some(ProblemCode::AlreadyExists),
+            StoreError::NotFound(_) => Some(ProblemCode::NotFound),
+            StoreError::ParentNotFound(_) => Some(ProblemCode::ParentNotFound),
+            StoreError::ParentNotActive { .. } => Some(ProblemCode::ParentNotActive),
+            StoreError::WrongKind(_) => Some(ProblemCode::WrongKind),
+            StoreError::CascadeTooLarge { .. } => Some(ProblemCode::CascadeTooLarge),
+            StoreError::TreeTooLarge { .. } => Some(ProblemCode::TreeTooLarge),
+            StoreError::Replayed(_) => Some(ProblemCode::DuplicateEvent),
+            StoreError::UnsupportedUrl(_)
             | StoreError::Corrupt(_)
             | StoreError::Unavailable
             | StoreError::Database(_)
             | StoreError::Sqlite(_)
             | StoreError::Migrate(_) => None,
         }
+    }
+
+    /// The code the audit log records for this error: a refusal of a change.
+    pub fn refusal_code(&self) -> Option<ProblemCode> {
+        self.refusal().filter(|code| code.audited())
     }
 }
 

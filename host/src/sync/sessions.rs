@@ -161,7 +161,7 @@ impl SessionService {
                 .record_audit(entry, AuditOutcome::Refused(code))
                 .await
             {
-                tracing::warn!(error = %w, %action, code, "audit record of a refusal not written");
+                tracing::warn!(error = %w, %action, code = code.as_str(), "audit record of a refusal not written");
             }
         }
         Ok(result?)
