@@ -27,6 +27,7 @@ use serde::de::DeserializeOwned;
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::auth::{AuthError, Principal};
+use crate::domain::ProblemCode;
 use html::{Chrome, Nav};
 use session::{Lifetimes, Sessions, SignedIn};
 
@@ -313,7 +314,10 @@ async fn js() -> Response {
 }
 
 async fn not_found() -> ConsoleError {
-    ConsoleError::Api(ApiError::NotFound("no such console page".into()))
+    ConsoleError::Api(ApiError::refused(
+        ProblemCode::NotFound,
+        "no such console page".into(),
+    ))
 }
 
 /// What a console page can fail with; rendered as an HTML page with the API's status.
@@ -427,10 +431,12 @@ impl Viewer {
 }
 
 fn console(state: &AppState) -> Result<&Arc<Console>, ConsoleError> {
-    state
-        .console
-        .as_ref()
-        .ok_or_else(|| ConsoleError::Api(ApiError::NotFound("the console is switched off".into())))
+    state.console.as_ref().ok_or_else(|| {
+        ConsoleError::Api(ApiError::refused(
+            ProblemCode::NotFound,
+            "the console is switched off".into(),
+        ))
+    })
 }
 
 fn cookie_header(headers: &HeaderMap) -> &str {

@@ -16,6 +16,7 @@ use crate::api::AppState;
 use crate::api::connectors::ConnectorDto;
 use crate::api::error::ApiError;
 use crate::auth::{Permission, Principal};
+use crate::domain::ProblemCode;
 use crate::domain::rules;
 use crate::domain::{EventType, SessionKind, SessionStatus};
 use crate::store::SessionQuery;
@@ -521,7 +522,10 @@ pub async fn tree(
         .await?
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::NotFound(format!("session {:?} not found in this realm", params.id))
+            ApiError::refused(
+                ProblemCode::NotFound,
+                format!("session {:?} not found in this realm", params.id),
+            )
         })?;
     let pages = entries.len().div_ceil(TREE_PAGE);
     let page = params.page.unwrap_or(0).min(pages.saturating_sub(1));
@@ -663,10 +667,13 @@ pub(super) async fn sessions_to_end(
                 .await?
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| {
-                    ApiError::NotFound(format!("session {id:?} not found in this realm"))
+                    ApiError::refused(
+                        ProblemCode::NotFound,
+                        format!("session {id:?} not found in this realm"),
+                    )
                 })?;
             if tree[0].session.external_id != id {
-                return Err(ApiError::WrongKind(format!(
+                return Err(ApiError::refused(ProblemCode::WrongKind, format!(
                     "session {id:?} is a CHILD; destroy its root {:?} or use the API's destroy-child",
                     tree[0].session.external_id
                 ))
@@ -865,7 +872,10 @@ pub async fn session_receipt(
     )
     .await?
     .ok_or_else(|| {
-        ApiError::NotFound(format!("session {:?} not found in this realm", params.id))
+        ApiError::refused(
+            ProblemCode::NotFound,
+            format!("session {:?} not found in this realm", params.id),
+        )
     })?;
     let s = &r.session;
     let mut body = format!(
@@ -1457,7 +1467,9 @@ pub async fn delivery(
         .store()
         .get_delivery(id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("delivery {id} not found")))?;
+        .ok_or_else(|| {
+            ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
+        })?;
     let mut body = format!(
         "<dl class=\"facts\"><div><dt>Connector</dt><dd><a href=\"/console/connectors/{}\">{}</a></dd></div>\
          <div><dt>Session</dt><dd><a href=\"/console/tree?realm={}&amp;id={}\">{}</a> ({})</dd></div>\
