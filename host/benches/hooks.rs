@@ -4,8 +4,8 @@
 //! destroy-parent → every connector called, end to end.
 //!
 //! Run: `cargo xtask build-connectors && cargo bench -p lockstep --bench hooks`
-//! (`-- --calls N` to change the sample size; `-- --only fresh` runs only the fresh-instance
-//! loop, for a profiler). Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
+//! (`-- --calls N` to change the sample size; `-- --only fresh` or `-- --only webhook` runs
+//! only the fresh-instance or the pooled-webhook loop, for a profiler). Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
 //! Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,6 +52,9 @@ fn event() -> SyncEvent {
 struct Stats {
     median_us: f64,
     p99_us: f64,
+    /// CPU of every thread but the receivers' per call: the host's time (bench loop
+    /// included, which is a few instructions per call).
+    host_cpu_us: Option<f64>,
 }
 
 fn stats(mut samples: Vec<Duration>) -> Stats {
@@ -60,23 +63,70 @@ fn stats(mut samples: Vec<Duration>) -> Stats {
     Stats {
         median_us: at(0.5).as_secs_f64() * 1e6,
         p99_us: at(0.99).as_secs_f64() * 1e6,
+        host_cpu_us: None,
     }
 }
 
+/// Name of the thread every loopback receiver runs on, so that its CPU can be told apart
+/// from the host's.
+const RECEIVER_THREAD: &str = "bench-receiver";
+
+/// A loopback receiver answering 200 on its own thread (a current-thread runtime), counting
+/// requests.
 async fn receiver() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
-    let app = axum::Router::new().fallback(move |_body: axum::body::Bytes| {
-        let h = h.clone();
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            "ok"
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(RECEIVER_THREAD.into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new().fallback(move |_body: axum::body::Bytes| {
+                    let h = h.clone();
+                    async move {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        "ok"
+                    }
+                });
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, app).await.ok();
+            });
+        })
+        .unwrap();
+    (rx.await.unwrap(), hits)
+}
+
+/// A per-call CPU figure for the table.
+fn cpu(s: &Stats) -> String {
+    s.host_cpu_us
+        .map_or("-".to_owned(), |us| format!("{us:.1} µs"))
+}
+
+/// CPU time so far of this process's threads, split into (receiver threads, the rest), from
+/// `/proc/self/task/*/schedstat` (nanoseconds on a CPU). `None` off Linux.
+fn thread_cpu() -> Option<(Duration, Duration)> {
+    let (mut receiver, mut rest) = (0u64, 0u64);
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+        if comm.trim() == RECEIVER_THREAD {
+            receiver += ns;
+        } else {
+            rest += ns;
         }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
-    (addr, hits)
+    }
+    Some((Duration::from_nanos(receiver), Duration::from_nanos(rest)))
 }
 
 fn main() {
@@ -85,16 +135,22 @@ fn main() {
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let only_fresh = std::env::args()
-        .skip_while(|a| a != "--only")
-        .nth(1)
-        .is_some_and(|v| v == "fresh");
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(calls, only_fresh));
+    rt.block_on(run(calls, only.as_deref()));
+}
+
+/// The webhook connector posting to `addr`, with `pool` as its `[http]` settings.
+fn webhook_manifest(addr: std::net::SocketAddr, pool: &str) -> Manifest {
+    let text = format!(
+        "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{addr}\"]\n[http]\n{pool}\n[config]\nurl = \"http://{addr}/s\"\n",
+        component("webhook").display()
+    );
+    Manifest::parse(&text, Path::new("."), "webhook").unwrap()
 }
 
 fn noop_manifest(extra: &str) -> Manifest {
@@ -116,25 +172,46 @@ async fn sequential(
         runtime.call(connector, ev).await.unwrap();
     }
     let mut samples = Vec::with_capacity(calls);
+    let before = thread_cpu();
     for _ in 0..calls {
         let t = Instant::now();
         runtime.call(connector, ev).await.unwrap();
         samples.push(t.elapsed());
     }
-    stats(samples)
+    let host = before
+        .zip(thread_cpu())
+        .map(|((_, a), (_, b))| b.saturating_sub(a).as_secs_f64() * 1e6 / calls.max(1) as f64);
+    Stats {
+        host_cpu_us: host,
+        ..stats(samples)
+    }
 }
 
-async fn run(calls: usize, only_fresh: bool) {
+async fn run(calls: usize, only: Option<&str>) {
     println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
     let runtime = Runtime::new(None).unwrap();
     let noop = runtime.load(noop_manifest("")).await.unwrap();
     let ev = event();
     // 1. Sequential: fresh store + instantiate + on-login + drop.
     let hook = sequential(&runtime, &noop, &ev, calls).await;
-    if only_fresh {
+    if only == Some("webhook") {
+        let (waddr, _) = receiver().await;
+        let pooled = runtime.load(webhook_manifest(waddr, "")).await.unwrap();
+        let s = sequential(&runtime, &pooled, &ev, calls).await;
         println!(
-            "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs |",
-            hook.median_us, hook.p99_us
+            "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs | {} |",
+            s.median_us,
+            s.p99_us,
+            cpu(&s)
+        );
+        return;
+    }
+    if only == Some("fresh") {
+        println!(
+            "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs | {} |",
+            hook.median_us,
+            hook.p99_us,
+            cpu(&hook)
         );
         return;
     }
@@ -189,13 +266,7 @@ async fn run(calls: usize, only_fresh: bool) {
     // 4. The webhook connector calling a loopback receiver (hook + real HTTP), over the
     // connector's pool of keep-alive connections and with pooling off.
     let (waddr, _) = receiver().await;
-    let webhook = |pool: &'static str| {
-        let text = format!(
-            "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{waddr}\"]\n[http]\n{pool}\n[config]\nurl = \"http://{waddr}/s\"\n",
-            component("webhook").display()
-        );
-        Manifest::parse(&text, Path::new("."), "webhook").unwrap()
-    };
+    let webhook = |pool: &'static str| webhook_manifest(waddr, pool);
     let pooled = runtime.load(webhook("")).await.unwrap();
     let webhook_pooled = sequential(&runtime, &pooled, &ev, calls.min(5_000)).await;
     let unpooled = runtime
@@ -212,34 +283,42 @@ async fn run(calls: usize, only_fresh: bool) {
 
     let e2e = end_to_end(200).await;
 
-    println!("| figure | median | p99 |");
-    println!("|---|---|---|");
+    println!("| figure | median | p99 | host CPU per call (all threads but the receiver's) |");
+    println!("|---|---|---|---|");
     println!(
-        "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs |",
-        hook.median_us, hook.p99_us
+        "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs | {} |",
+        hook.median_us,
+        hook.p99_us,
+        cpu(&hook)
     );
     println!(
-        "| hook call, warm instance (`reuse_instance`, no-op connector) | {:.1} µs | {:.1} µs |",
-        warm.median_us, warm.p99_us
+        "| hook call, warm instance (`reuse_instance`, no-op connector) | {:.1} µs | {:.1} µs | {} |",
+        warm.median_us,
+        warm.p99_us,
+        cpu(&warm)
     );
     println!(
-        "| loopback HTTP POST, keep-alive | {:.1} µs | {:.1} µs |",
+        "| loopback HTTP POST, keep-alive | {:.1} µs | {:.1} µs | - |",
         keepalive.median_us, keepalive.p99_us
     );
     println!(
-        "| loopback HTTP POST, new connection | {:.1} µs | {:.1} µs |",
+        "| loopback HTTP POST, new connection | {:.1} µs | {:.1} µs | - |",
         newconn.median_us, newconn.p99_us
     );
     println!(
-        "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs |",
-        webhook_pooled.median_us, webhook_pooled.p99_us
+        "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs | {} |",
+        webhook_pooled.median_us,
+        webhook_pooled.p99_us,
+        cpu(&webhook_pooled)
     );
     println!(
-        "| webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`) | {:.1} µs | {:.1} µs |",
-        webhook_unpooled.median_us, webhook_unpooled.p99_us
+        "| webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`) | {:.1} µs | {:.1} µs | {} |",
+        webhook_unpooled.median_us,
+        webhook_unpooled.p99_us,
+        cpu(&webhook_unpooled)
     );
     println!(
-        "| destroy-parent (3 sessions) → 2 webhook connectors called 3 times each | {:.1} µs | {:.1} µs |",
+        "| destroy-parent (3 sessions) → 2 webhook connectors called 3 times each | {:.1} µs | {:.1} µs | - |",
         e2e.median_us, e2e.p99_us
     );
     println!("hook calls/s (64 concurrent callers, 2 workers): {per_s:.0}");

@@ -1184,24 +1184,37 @@ struct Hooks {
 impl Hooks {
     /// The first figure in µs on the first line that mentions every word of `words`.
     fn figure(&self, words: &[&str]) -> Option<f64> {
+        microseconds(self.line(words)?)
+    }
+
+    /// The host-CPU column (the fourth) of the table row with all of `words`.
+    fn host_cpu(&self, words: &[&str]) -> Option<f64> {
+        microseconds(self.line(words)?.split('|').nth(4)?)
+    }
+
+    fn line(&self, words: &[&str]) -> Option<&str> {
         // Only lines with a figure: comment lines mention the same words.
-        let line = self.output.lines().find(|l| {
+        self.output.lines().find(|l| {
             let l = l.to_lowercase();
             l.contains("µs") && words.iter().all(|w| l.contains(w))
-        })?;
-        let (before, _) = line.split_once("µs")?;
-        let number: String = before
-            .chars()
-            .rev()
-            .skip_while(|c| c.is_whitespace())
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .filter(|c| *c != ',')
-            .collect();
-        number.parse().ok()
+        })
     }
+}
+
+/// The first figure in microseconds in `text` ("1,234.5 µs" is 1234.5).
+fn microseconds(text: &str) -> Option<f64> {
+    let (before, _) = text.split_once("µs")?;
+    let number: String = before
+        .chars()
+        .rev()
+        .skip_while(|c| c.is_whitespace())
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .filter(|c| *c != ',')
+        .collect();
+    number.parse().ok()
 }
 
 /// `cargo bench -p lockstep --bench hooks`, its stdout echoed as it comes and kept.
@@ -1619,11 +1632,12 @@ fn print(
     let hook_us = hooks.and_then(|h| h.figure(&["fresh instance"]));
     // Until the connection pool exists the bench times a new connection per call; that
     // figure stands in, labelled, so the row is not empty.
+    // Host time is the CPU of every thread but the receiver's per call (the bench's fourth
+    // column); a hooks bench without that column gives its wall-clock median, labelled.
     let pooled_us = hooks.and_then(|h| {
-        h.figure(&["pooled"]).map(|x| (x, "pooled")).or_else(|| {
-            h.figure(&["webhook connector"])
-                .map(|x| (x, "new connection each"))
-        })
+        h.host_cpu(&["pooled"])
+            .map(|x| (x, "pooled, host CPU per call"))
+            .or_else(|| h.figure(&["pooled"]).map(|x| (x, "pooled, wall clock")))
     });
     println!();
     println!("| target (hooks bench, no server) | figure |");
@@ -1636,7 +1650,7 @@ fn print(
     println!(
         "| webhook to a loopback receiver over a pooled connection ≤ {TARGET_POOLED_US:.0} µs of host time | {}: {} |",
         opt(pooled_us, |(x, how)| format!("{x:.1} µs ({how})")),
-        met(pooled_us.map(|(x, how)| how == "pooled" && x <= TARGET_POOLED_US))
+        met(pooled_us.map(|(x, _)| x <= TARGET_POOLED_US))
     );
 }
 
@@ -1663,6 +1677,14 @@ mod tests {
         assert_eq!(h.figure(&["fresh instance"]), Some(39.7));
         assert_eq!(h.figure(&["pooled"]), Some(1234.5));
         assert_eq!(h.figure(&["warm"]), None);
+        assert_eq!(h.host_cpu(&["fresh instance"]), None);
+        let h = Hooks {
+            output: "| figure | median | p99 | host CPU |\n\
+                     | webhook, pooled keep-alive connection | 198.5 µs | 308.5 µs | 91.2 µs |\n"
+                .to_owned(),
+            error: None,
+        };
+        assert_eq!(h.host_cpu(&["pooled"]), Some(91.2));
     }
 
     #[test]
