@@ -370,22 +370,7 @@ async fn new_build_test(lang: &str) {
     let base = format!("base_url={}/api/v1", sim.base_url());
     let allow = sim.base_url();
     let wasm = format!("{name}.wasm");
-    let test_args = |base: &str| -> Vec<String> {
-        [
-            "connector",
-            "test",
-            &wasm,
-            "--events",
-            "events.json",
-            "--config",
-            base,
-            "--allow-host",
-            &allow,
-            "--json",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    };
+    let test_args = |base: &str| connector_test_args(&wasm, base, &allow);
     // Each hook several times in a row, in a process of its own as a user reruns it: a trap
     // that comes one run in three is still a trap.
     for run in 0..HOOK_RUNS {
@@ -474,6 +459,25 @@ async fn new_build_test(lang: &str) {
             ("on-logout".to_owned(), HOOK_RUNS),
         ])
     );
+}
+
+/// `lockstep connector test` of `wasm` with the project's sample events, `config` (a
+/// `key=value`) and one allowed origin, printing JSON lines.
+fn connector_test_args(wasm: &str, config: &str, allow: &str) -> Vec<String> {
+    [
+        "connector",
+        "test",
+        wasm,
+        "--events",
+        "events.json",
+        "--config",
+        config,
+        "--allow-host",
+        allow,
+        "--json",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// How often `new_build_test` runs each hook against the legacy system up, then down.
@@ -565,23 +569,9 @@ async fn rust_scaffold_builds_outside_the_source_tree() {
     // Loaded in the sandbox, its hooks run and reach the legacy system.
     let sim = legacy_sim::start().await.unwrap();
     let base = format!("base_url={}/api/v1", sim.base_url());
-    let out = lockstep_at(
-        &bin,
-        &project,
-        &[
-            "connector",
-            "test",
-            "far.wasm",
-            "--events",
-            "events.json",
-            "--config",
-            &base,
-            "--allow-host",
-            &sim.base_url(),
-            "--json",
-        ],
-    )
-    .await;
+    let args = connector_test_args("far.wasm", &base, &sim.base_url());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lockstep_at(&bin, &project, &args).await;
     let stdout = must_succeed("lockstep connector test", &out);
     let calls = json_lines(&stdout);
     assert_eq!(calls.len(), 2, "{stdout}");

@@ -373,16 +373,12 @@ pub fn scaffold(
         (Lang::Js | Lang::Python, _) => (String::new(), String::new()),
     };
     for (path, text) in template.iter().chain(WIT) {
-        let to = dir.join(path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
         let text = text
             .replace("{{name}}", name)
             .replace("{{name_snake}}", &name.replace('-', "_"))
             .replace("{{sdk_path}}", &sdk_path)
             .replace("{{sdk_version}}", &sdk_version);
-        std::fs::write(&to, text).map_err(io(&to))?;
+        write_file(&dir.join(path), &text)?;
     }
     if vendor_sdk {
         rust::vendor_sdk(dir)?;
@@ -399,17 +395,19 @@ pub fn wit_dir(project: &Project) -> Result<PathBuf, DevkitError> {
     }
     let build = project.dir.join("build");
     for (path, text) in WIT {
-        let to = build.join(path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| DevkitError::Io {
-                path: parent.to_owned(),
-                source,
-            })?;
-        }
-        std::fs::write(&to, text).map_err(|source| DevkitError::Io {
-            path: to.clone(),
-            source,
-        })?;
+        write_file(&build.join(path), text)?;
     }
     Ok(build.join("wit"))
+}
+
+/// Writes `text` to `path`, creating its folders.
+pub fn write_file(path: &Path, text: &str) -> Result<(), DevkitError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DevkitError::Io { path, source }
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::write(path, text).map_err(io(path))
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use super::{DevkitError, Project, TemplateFile, Tools, WIT, run};
+use super::{DevkitError, Project, TemplateFile, Tools, WIT, run, write_file};
 
 /// The Rust template (`sdk/rust/template/`).
 pub const TEMPLATE: &[TemplateFile] = &[
@@ -83,14 +83,7 @@ pub fn vendor_sdk(dir: &std::path::Path) -> Result<(), DevkitError> {
         .copied()
         .chain([("Cargo.toml", manifest.as_str())]);
     for (path, text) in files {
-        let to = root.join(path);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| DevkitError::Io {
-                path: parent.to_owned(),
-                source,
-            })?;
-        }
-        std::fs::write(&to, text).map_err(|source| DevkitError::Io { path: to, source })?;
+        write_file(&root.join(path), text)?;
     }
     Ok(())
 }
