@@ -94,7 +94,7 @@ pub struct AuditParams {
 pub struct AuditRecordDto {
     /// Record id (increasing).
     pub id: i64,
-    /// When.
+    /// When the action was done or refused.
     pub at: DateTime<Utc>,
     /// Realm acted in; null for actions across realms (connectors, deliveries).
     pub realm: Option<String>,

@@ -90,7 +90,7 @@ pub struct LatencyDto {
 pub struct LastErrorDto {
     /// Why it was refused.
     pub message: String,
-    /// When.
+    /// When it was refused.
     pub at: DateTime<Utc>,
 }
 
@@ -139,7 +139,7 @@ pub struct ConnectorDto {
     /// Calls one warm instance serves before it is recycled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_calls_per_instance: Option<u32>,
-    /// Failure policy.
+    /// What a failed delivery does: retries, dead letter or drop.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyDto>,
     /// When this version was swapped in.
@@ -151,9 +151,10 @@ pub struct ConnectorDto {
     /// The last refused change since this version was loaded (for a `failed` connector: why
     /// it does not load).
     pub last_error: Option<LastErrorDto>,
-    /// Delivery counts.
+    /// Its deliveries: waiting, dead and dropped in the database; delivered and failed calls
+    /// on this instance.
     pub deliveries: DeliveryCountsDto,
-    /// Hook latency.
+    /// How long its hook calls took on this instance since it started.
     pub hook_latency: LatencyDto,
 }
 
@@ -239,7 +240,7 @@ impl From<ConnectorInfo> for ConnectorDto {
 /// Every loaded connector and every configured one that failed to load.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ConnectorList {
-    /// By name.
+    /// Sorted by name.
     pub items: Vec<ConnectorDto>,
 }
 
@@ -303,7 +304,7 @@ async fn list(
     }))
 }
 
-/// One connector.
+/// One connector: its manifest, state, version, deliveries and hook latency.
 #[utoipa::path(get, path = "/admin/connectors/{name}", operation_id = "get_connector", tag = "connectors", security(("bearer" = [])),
     params(("name" = String, Path, description = "Connector name")),
     responses((status = 200, body = ConnectorDto),

@@ -36,21 +36,21 @@ fn time(ms: i64) -> DateTime<Utc> {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryDto {
-    /// Delivery id.
+    /// Delivery id (`/admin/deliveries/{id}`).
     pub id: i64,
     /// Event id (stable across redeliveries).
     pub event_id: String,
     /// login, logout or revoke.
     pub event_type: String,
-    /// Target connector.
+    /// The connector the event goes to.
     pub connector: String,
-    /// Realm.
+    /// The realm of the session.
     pub realm: String,
-    /// Session.
+    /// External id of the session the event is about.
     pub external_id: String,
     /// pending, delivered, dead or dropped.
     pub status: DeliveryStatus,
-    /// Attempts made.
+    /// Attempts made so far.
     pub attempts: i32,
     /// When the next attempt is due (pending only).
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -58,11 +58,11 @@ pub struct DeliveryDto {
     pub last_error: Option<String>,
     /// Connector version that made the last attempt.
     pub connector_version: Option<String>,
-    /// Created.
+    /// When the event was routed to the connector.
     pub created_at: DateTime<Utc>,
-    /// Last change.
+    /// When its status or attempts last changed.
     pub updated_at: DateTime<Utc>,
-    /// Confirmed.
+    /// When the connector confirmed it (delivered only).
     pub delivered_at: Option<DateTime<Utc>>,
 }
 
@@ -88,7 +88,7 @@ impl From<DeliveryRow> for DeliveryDto {
     }
 }
 
-/// One attempt.
+/// One hook call for a delivery and how it ended.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AttemptDto {
@@ -96,13 +96,13 @@ pub struct AttemptDto {
     pub attempt: i32,
     /// delivered, retry, fail, timeout, oom or trap.
     pub outcome: String,
-    /// Failure reason.
+    /// Why it failed, as the connector or the sandbox said.
     pub error: Option<String>,
     /// Connector version that served it.
     pub connector_version: Option<String>,
-    /// Start.
+    /// When the hook was called.
     pub started_at: DateTime<Utc>,
-    /// End.
+    /// When the call ended.
     pub finished_at: DateTime<Utc>,
 }
 
@@ -122,7 +122,6 @@ impl From<AttemptRow> for AttemptDto {
 /// A delivery with its attempts.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryDetail {
-    /// The delivery.
     #[serde(flatten)]
     pub delivery: DeliveryDto,
     /// Every attempt, oldest first.
@@ -136,11 +135,11 @@ pub struct DeliveryDetail {
 pub struct ListParams {
     /// pending, delivered, dead or dropped.
     pub status: Option<DeliveryStatus>,
-    /// Connector name.
+    /// Only deliveries to this connector.
     pub connector: Option<String>,
     /// Session external id.
     pub session: Option<String>,
-    /// Realm.
+    /// Only deliveries of sessions in this realm.
     pub realm: Option<String>,
     /// Cursor from the previous page.
     #[param(schema_with = super::constraints::cursor)]
@@ -181,7 +180,7 @@ pub struct ReplayRequest {
 /// How many deliveries were queued again.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ReplayResponse {
-    /// Count.
+    /// Dead or dropped deliveries queued again.
     pub replayed: u64,
 }
 

@@ -14,7 +14,7 @@ use crate::domain::{Attributes, EndReason, Session, SessionKind, SessionStatus};
 pub struct SessionDto {
     /// Id given by the owning system (unique in the realm).
     pub external_id: String,
-    /// Realm.
+    /// The realm it belongs to.
     pub realm: String,
     /// PARENT, CHILD or FIXED.
     pub kind: SessionKind,
@@ -26,7 +26,7 @@ pub struct SessionDto {
     pub keycloak_client_session_id: Option<String>,
     /// Subject (Keycloak user id).
     pub user_id: Option<String>,
-    /// Owning system.
+    /// The system that owns the session and ends it (a portal, the IdP system label).
     pub system: Option<String>,
     /// External id of the session this one was delegated by.
     pub delegated_by: Option<String>,
@@ -34,7 +34,7 @@ pub struct SessionDto {
     pub status: SessionStatus,
     /// Why it ended.
     pub end_reason: Option<EndReason>,
-    /// String metadata.
+    /// Free-form string metadata given when it was mapped.
     pub attributes: Attributes,
     /// Expiry (RFC 3339).
     pub expires_at: Option<DateTime<Utc>>,
@@ -91,7 +91,7 @@ pub struct MapParentRequest {
         pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
     )]
     pub keycloak_client_session_id: Option<String>,
-    /// Subject.
+    /// Subject (Keycloak user id); a CHILD inherits its parent's when absent.
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -203,7 +203,7 @@ pub struct MapFixedRequest {
         pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
     )]
     pub keycloak_client_session_id: Option<String>,
-    /// Subject.
+    /// Subject (Keycloak user id); a CHILD inherits its parent's when absent.
     #[schema(
         min_length = 1,
         max_length = 255,
@@ -297,15 +297,15 @@ pub struct DestroyResponse {
 pub struct SessionDeliveryDto {
     /// Delivery id (see `/admin/deliveries/{id}`).
     pub id: i64,
-    /// Connector.
+    /// The connector the event goes to.
     pub connector: String,
     /// login, logout or revoke.
     pub event_type: String,
     /// pending, delivered, dead or dropped.
     pub status: crate::store::deliveries::DeliveryStatus,
-    /// Attempts made.
+    /// Attempts made so far.
     pub attempts: i32,
-    /// Last failure.
+    /// Why the last attempt failed, if it did.
     pub last_error: Option<String>,
 }
 
@@ -314,7 +314,6 @@ pub struct SessionDeliveryDto {
 pub struct TreeEntryDto {
     /// Distance from the root (0 for the root).
     pub depth: u32,
-    /// The session.
     #[serde(flatten)]
     pub session: SessionDto,
     /// Delivery state of its events per connector, oldest first.
@@ -362,7 +361,7 @@ pub struct ListParams {
     pub user_id: Option<String>,
     /// ACTIVE, DESTROYED or ORPHANED.
     pub status: Option<SessionStatus>,
-    /// Owning system.
+    /// Only sessions this system owns.
     #[param(
         min_length = 1,
         max_length = 255,

@@ -163,13 +163,13 @@ impl From<LogoutReceipt> for LogoutEventDto {
 pub struct TallyDto {
     /// Connector deliveries counted.
     pub connectors: u64,
-    /// Confirmed.
+    /// Confirmed by their connector.
     pub delivered: u64,
     /// Not attempted yet.
     pub pending: u64,
     /// Failed, due again.
     pub retrying: u64,
-    /// Dead letters.
+    /// Dead letters: attempts used up, waiting for a replay.
     pub dead: u64,
     /// Dropped (log policy).
     pub dropped: u64,
@@ -192,9 +192,9 @@ impl From<Tally> for TallyDto {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionReceiptDto {
-    /// Realm.
+    /// The realm of the session.
     pub realm: String,
-    /// The session.
+    /// The session's external id.
     pub external_id: String,
     /// PARENT, CHILD or FIXED.
     pub kind: SessionKind,
@@ -202,9 +202,9 @@ pub struct SessionReceiptDto {
     pub parent_external_id: Option<String>,
     /// Keycloak user-session id.
     pub keycloak_session_id: Option<String>,
-    /// Subject.
+    /// Subject (Keycloak user id).
     pub user_id: Option<String>,
-    /// Owning system.
+    /// The system that owns the session.
     pub system: Option<String>,
     /// ACTIVE, DESTROYED or ORPHANED.
     pub status: SessionStatus,
@@ -250,7 +250,6 @@ impl From<SessionReceipt> for SessionReceiptDto {
 pub struct SessionReceiptResponse {
     /// When this receipt was read.
     pub generated_at: DateTime<Utc>,
-    /// The receipt.
     #[serde(flatten)]
     pub receipt: SessionReceiptDto,
 }
@@ -292,9 +291,9 @@ impl From<UserTally> for UserTallyDto {
 pub struct UserReceiptsResponse {
     /// When this was read.
     pub generated_at: DateTime<Utc>,
-    /// Realm.
+    /// The realm asked about.
     pub realm: String,
-    /// The user.
+    /// The user asked about (Keycloak user id).
     pub user_id: String,
     /// The user has sessions, every one has ended, and every connector confirmed every
     /// logout — over all of the user's sessions, not only this page.
