@@ -18,6 +18,7 @@ use crate::auth::{self, Authenticator};
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
 use crate::oidc::keycloak_admin::{AdminSettings, KeycloakAdmin};
+use crate::oidc::revocation::RealmRevocation;
 use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
@@ -413,7 +414,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| file.tls.ca_file.clone());
     let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
-    let oidc = Arc::new(Verifier::new(idps, &roots).context("cannot set up token verification")?);
+    if let Some(u) = &file.public_url
+        && !(u.starts_with("https://") || u.starts_with("http://"))
+    {
+        anyhow::bail!("config: public_url {u:?} must start with https:// or http://");
+    }
+    let revocation = file
+        .realm_policies()?
+        .iter()
+        .map(|(name, r)| {
+            RealmRevocation::from_config(name, r, file.public_url.as_deref())
+                .map_err(|e| anyhow::anyhow!("config: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let oidc = Arc::new(
+        Verifier::new(idps, &roots)
+            .context("cannot set up token verification")?
+            .with_revocation(
+                file.public_url
+                    .as_deref()
+                    .map(|u| u.trim_end_matches('/').to_owned()),
+                revocation,
+            ),
+    );
     let admins = reconcilers(&file, &roots)?;
     let console = console(&file, &oidc, &roots)?;
     let events = Arc::new(file.event_keys()?);

@@ -69,6 +69,10 @@ pub struct FileConfig {
     /// `[console]`: the operator console at `/console/`.
     #[serde(default)]
     pub console: crate::console::ConsoleConfig,
+    /// The URL callers reach the service at (`https://lockstep.example.com`): the base of
+    /// the URLs Lockstep publishes about itself (the global token revocation endpoint in its
+    /// metadata) and of the audience an IdP's revocation token must name.
+    pub public_url: Option<String>,
 }
 
 /// `[tls]`.
@@ -263,6 +267,28 @@ pub struct RealmConfig {
     /// Public OIDC client (authorization code + PKCE) of the operator console's "Sign in with
     /// Keycloak"; without it the realm offers no such sign-in.
     pub console_client_id: Option<String>,
+    /// `[[realms.NAME.token_revocation_callers]]`: identity providers whose signed JWTs may
+    /// call the realm's global token revocation endpoint.
+    #[serde(default)]
+    pub token_revocation_callers: Vec<RevocationCallerConfig>,
+}
+
+/// `[[realms.NAME.token_revocation_callers]]`: an IdP (Okta, Auth0, any JWT signer with a
+/// published key set) trusted to order a user's global token revocation.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationCallerConfig {
+    /// `iss` of its tokens.
+    pub issuer: String,
+    /// Its key set; default: the `jwks_uri` of `{issuer}/.well-known/openid-configuration`.
+    pub jwks_uri: Option<String>,
+    /// Accepted JWS algorithms (default RS256, ES256, PS256; asymmetric only).
+    #[serde(default)]
+    pub allowed_algs: Vec<String>,
+    /// The system it speaks for: the audit actor `idp:<system>` and the `originSystem` of the
+    /// events (default: none, so every subscribed connector hears them; the actor is then
+    /// `idp:<issuer>`).
+    pub system: Option<String>,
 }
 
 /// `[realms.NAME.reconcile]`: Keycloak admin access for the reconciler, which ends what is

@@ -1,4 +1,5 @@
-//! Back-channel logout and admin access tokens against a local identity provider: a real HTTP
+//! Back-channel logout, admin access tokens and Global Token Revocation against a local
+//! identity provider: a real HTTP
 //! server on 127.0.0.1 that publishes a discovery document and a JWKS, with tokens signed by
 //! the test (keys in `tests/fixtures/oidc/`). This checks every verification rule one by one
 //! without Keycloak; `keycloak.rs` runs the same flows against a real Keycloak.
@@ -17,7 +18,11 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-on_both_backends!(a_verified_logout_token_ends_the_mapped_tree_once);
+on_both_backends!(
+    a_verified_logout_token_ends_the_mapped_tree_once,
+    global_token_revocation_by_an_api_key_ends_every_session_of_the_user,
+    global_token_revocation_by_a_signed_jwt_is_accepted_once,
+);
 
 /// The keys of an `https://` issuer are fetched over TLS, trusting the bundled roots plus
 /// `[tls] ca_file`; an IdP whose certificate chains to neither is not believed.
@@ -616,4 +621,496 @@ async fn send_get(server: &Server, path: &str, token: &str) -> (StatusCode, Valu
         .await
         .unwrap();
     (res.status(), res.json().await.unwrap_or(Value::Null))
+}
+
+// --- Global Token Revocation ------------------------------------------------------------------
+// The local IdP above doubles as the calling IdP (an Okta stand-in): its tokens are signed by
+// the test with the fixture keys, independently of Lockstep's own code.
+
+const PUBLIC_URL: &str = "https://lockstep.example.com";
+const GTR_PATH: &str = "/realms/acme/global-token-revocation";
+
+fn gtr_audience() -> String {
+    format!("{PUBLIC_URL}{GTR_PATH}")
+}
+
+/// The IdP's realm, the same IdP as a trusted revocation caller, an API key for acme and one
+/// for another realm, and no throttle of failed authentications (the forged tokens below are
+/// many on purpose).
+fn gtr_config(idp: &Idp) -> String {
+    let key = |id: &str, realm: &str| {
+        format!(
+            "[[api_keys]]\nid = \"{id}\"\nsha256 = \"{}\"\nrealms = [\"{realm}\"]\npermissions = [\"users:manage\"]\n",
+            hex::encode(lockstep::auth::sha256(&format!("{id}-secret")))
+        )
+    };
+    format!(
+        "public_url = \"{PUBLIC_URL}/\"\n{}[[realms.acme.token_revocation_callers]]\nissuer = \"{}\"\nsystem = \"okta\"\nallowed_algs = [\"RS256\"]\n{}{}[limits]\nfailed_auth_per_minute = 0\n",
+        idp.config(),
+        idp.issuer,
+        key("siem", "acme"),
+        key("other-siem", "other"),
+    )
+}
+
+fn gtr_claims(idp: &Idp) -> Value {
+    json!({
+        "iss": idp.issuer,
+        "aud": gtr_audience(),
+        "sub": "okta-universal-logout",
+        "iat": now(),
+        "exp": now() + 120,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+fn sign_gtr(key: &str, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    let key =
+        EncodingKey::from_rsa_pem(fixture(&format!("test-rsa-{key}.pem")).as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+async fn revoke(
+    server: &Server,
+    realm: &str,
+    bearer: Option<&str>,
+    body: &Value,
+) -> (StatusCode, Value, Option<String>) {
+    let mut req = reqwest::Client::new()
+        .post(format!(
+            "{}/realms/{realm}/global-token-revocation",
+            server.base
+        ))
+        .json(body);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status();
+    let cache = res
+        .headers()
+        .get("cache-control")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = res.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap()
+    };
+    (status, body, cache)
+}
+
+fn opaque(id: &str) -> Value {
+    json!({"sub_id": {"format": "opaque", "id": id}})
+}
+
+async fn map_user(api: &common::Api, id: &str, sid: &str, user: &str) {
+    let body =
+        json!({"externalId": id, "keycloakSessionId": sid, "userId": user, "system": "portal"});
+    assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
+}
+
+async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(backend: Backend) {
+    let idp = Idp::start().await;
+    let receiver = common::receiver::Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    common::components::write_manifest(
+        dir.path(),
+        "billing",
+        "webhook",
+        &format!(
+            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
+            receiver.origin(),
+            receiver.url("/billing")
+        ),
+    );
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(gtr_config(&idp)),
+            connectors_dir: Some(dir.path().to_owned()),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    assert_eq!(api.map_child("c1", "p1").await.0, StatusCode::CREATED);
+    // A child of another user (a service acting for alice): ended with her tree.
+    let body = json!({"externalId": "c2", "parentExternalId": "c1", "userId": "svc"});
+    assert_eq!(api.post("map-child", body).await.0, StatusCode::CREATED);
+    map_user(&api, "p2", "kc-2", "alice").await;
+    map_user(&api, "bob-1", "kc-3", "bob").await;
+    receiver.wait_for(5, Duration::from_secs(10)).await;
+
+    let (code, body, cache) = revoke(&server, "acme", Some("siem-secret"), &opaque("alice")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(body, Value::Null);
+    assert_eq!(cache, None);
+    for (id, reason) in [
+        ("p1", "revoked"),
+        ("c1", "revoked"),
+        ("c2", "cascade"),
+        ("p2", "revoked"),
+    ] {
+        let (_, s) = api.get(id).await;
+        assert_eq!(
+            (s["status"].as_str(), s["endReason"].as_str()),
+            (Some("DESTROYED"), Some(reason)),
+            "{id}: {s}"
+        );
+    }
+    assert_eq!(api.status_of("bob-1").await, "ACTIVE");
+
+    // The connector hears, for each ended session, `revoke` and then `logout`.
+    receiver.wait_for(13, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut by_session: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in receiver.requests().iter().skip(5) {
+        let e = r.json();
+        by_session
+            .entry(e["externalId"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e["type"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(receiver.requests().len(), 13, "one of each, no more");
+    for id in ["p1", "c1", "c2", "p2"] {
+        assert_eq!(by_session[id], ["revoke", "logout"], "{id}");
+    }
+    assert_eq!(by_session.len(), 4, "{by_session:?}");
+    // The events come from the key's system: a connector named `siem` would not hear them.
+    let events = server.outbox("acme", "p1").await;
+    assert!(
+        events.iter().skip(1).all(|e| e["originSystem"] == "siem"),
+        "{events:?}"
+    );
+
+    // Again: the user is known, nothing is live, nothing changes.
+    let outbox = server.outbox_total().await;
+    let (code, _, _) = revoke(&server, "acme", Some("siem-secret"), &opaque("alice")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    assert_eq!(server.outbox_total().await, outbox);
+
+    // `subject` (what Okta and Auth0 send) and the email format: a userId spelled as an address.
+    map_user(&api, "carol-1", "kc-4", "carol@example.com").await;
+    let body = json!({"subject": {"format": "email", "email": "carol@example.com"}});
+    assert_eq!(
+        revoke(&server, "acme", Some("siem-secret"), &body).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.status_of("carol-1").await, "DESTROYED");
+    // iss_sub: the realm's own IdP names its users by sub; another issuer's users are unknown.
+    map_user(&api, "dave-1", "kc-5", "dave").await;
+    let foreign = json!({"sub_id": {"format": "iss_sub", "iss": "https://elsewhere.example.com", "sub": "dave"}});
+    let (code, body, _) = revoke(&server, "acme", Some("siem-secret"), &foreign).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("user_not_found")),
+        "{body}"
+    );
+    assert_eq!(api.status_of("dave-1").await, "ACTIVE");
+    let own = json!({"sub_id": {"format": "iss_sub", "iss": idp.issuer, "sub": "dave"}});
+    assert_eq!(
+        revoke(&server, "acme", Some("siem-secret"), &own).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.status_of("dave-1").await, "DESTROYED");
+
+    // Refusals, each changing nothing.
+    let outbox = server.outbox_total().await;
+    let (code, body, _) = revoke(&server, "acme", Some("siem-secret"), &opaque("nobody")).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("user_not_found")),
+        "{body}"
+    );
+    let phone = json!({"sub_id": {"format": "phone_number", "phone_number": "+12065550100"}});
+    let (code, body, _) = revoke(&server, "acme", Some("siem-secret"), &phone).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("unsupported_subject_format")),
+        "{body}"
+    );
+    let (code, body, _) = revoke(
+        &server,
+        "acme",
+        Some("siem-secret"),
+        &json!({"user": "bob"}),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request")),
+        "{body}"
+    );
+    let (code, body, _) = revoke(&server, "acme", Some("other-siem-secret"), &opaque("bob")).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("insufficient_scope")),
+        "{body}"
+    );
+    let (code, body, _) = revoke(&server, "acme", None, &opaque("bob")).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        "{body}"
+    );
+    let (code, _, _) = revoke(&server, "acme", Some("wrong-secret"), &opaque("bob")).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.status_of("bob-1").await, "ACTIVE");
+    assert_eq!(server.outbox_total().await, outbox);
+
+    // The audit log names the caller, the user and what each call did.
+    let (code, audit) = server
+        .admin_get("/admin/audit?realm=acme&action=global-token-revocation")
+        .await;
+    assert_eq!(code, StatusCode::OK, "{audit}");
+    let got: Vec<(String, String, String, Option<i64>)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r["actor"].as_str().unwrap().to_owned(),
+                r["target"].as_str().unwrap().to_owned(),
+                r["result"].as_str().unwrap().to_owned(),
+                r["changed"].as_i64(),
+            )
+        })
+        .collect();
+    let row = |target: &str, result: &str, changed: Option<i64>| {
+        (
+            "key:siem".to_owned(),
+            target.to_owned(),
+            result.to_owned(),
+            changed,
+        )
+    };
+    assert_eq!(
+        got,
+        vec![
+            row("alice", "ok", Some(4)),
+            row("alice", "ok", Some(0)),
+            row("carol@example.com", "ok", Some(1)),
+            row("dave", "ok", Some(1)),
+            row("nobody", "NOT_FOUND", None),
+        ]
+    );
+
+    // The metadata document advertises the endpoint.
+    let res = reqwest::get(format!(
+        "{}/.well-known/oauth-authorization-server/realms/acme",
+        server.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let meta: Value = res.json().await.unwrap();
+    assert_eq!(meta["issuer"], format!("{PUBLIC_URL}/realms/acme"));
+    assert_eq!(meta["global_token_revocation_endpoint"], gtr_audience());
+    assert_eq!(
+        meta["global_token_revocation_subject_formats_supported"],
+        json!(["email", "iss_sub", "opaque"])
+    );
+}
+
+async fn global_token_revocation_by_a_signed_jwt_is_accepted_once(backend: Backend) {
+    let idp = Idp::start().await;
+    let server = Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(gtr_config(&idp)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    assert_eq!(api.map_child("c1", "p1").await.0, StatusCode::CREATED);
+    let token = sign_gtr("a", "test-a", &gtr_claims(&idp));
+    let (code, body, _) = revoke(&server, "acme", Some(&token), &opaque("alice")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(api.status_of("p1").await, "DESTROYED");
+    assert_eq!(api.status_of("c1").await, "DESTROYED");
+    let events = server.outbox("acme", "p1").await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["login", "revoke", "logout"]);
+    assert!(
+        events.iter().skip(1).all(|e| e["originSystem"] == "okta"),
+        "{events:?}"
+    );
+
+    // The same token again is a replay, refused even though the call would change nothing.
+    map_user(&api, "p2", "kc-2", "alice").await;
+    let (code, body, _) = revoke(&server, "acme", Some(&token), &opaque("alice")).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_token")),
+        "{body}"
+    );
+    assert_eq!(api.status_of("p2").await, "ACTIVE");
+    // An iss_sub of the calling IdP names the user too.
+    let fresh = sign_gtr("a", "test-a", &gtr_claims(&idp));
+    let own = json!({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "alice"}});
+    assert_eq!(
+        revoke(&server, "acme", Some(&fresh), &own).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.status_of("p2").await, "DESTROYED");
+
+    let (_, audit) = server
+        .admin_get("/admin/audit?realm=acme&action=global-token-revocation")
+        .await;
+    let results: Vec<(&str, &str)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|r| (r["actor"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("idp:okta", "ok"),
+            ("idp:okta", "DUPLICATE_EVENT"),
+            ("idp:okta", "ok")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_global_token_revocation_tokens_are_refused_and_change_nothing() {
+    let idp = Idp::start().await;
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(gtr_config(&idp)),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = gtr_claims(&idp);
+        f(&mut c);
+        sign_gtr("a", "test-a", &c)
+    };
+    let valid = sign_gtr("a", "test-a", &gtr_claims(&idp));
+    let mut parts = valid.split('.');
+    let (h, _, sig) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let tampered = {
+        let mut c = gtr_claims(&idp);
+        c["sub"] = json!("someone-else");
+        format!("{h}.{}.{sig}", common::b64url(c.to_string().as_bytes()))
+    };
+    let hs256_with_public_key = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("test-a".into());
+        jsonwebtoken::encode(
+            &header,
+            &gtr_claims(&idp),
+            &EncodingKey::from_secret(fixture("test-rsa-a.pub.pem").as_bytes()),
+        )
+        .unwrap()
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        common::b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        common::b64url(gtr_claims(&idp).to_string().as_bytes())
+    );
+    let replayed = sign_gtr("a", "test-a", &gtr_claims(&idp));
+    map_user(&api, "bob-1", "kc-2", "bob").await;
+    assert_eq!(
+        revoke(&server, "acme", Some(&replayed), &opaque("bob"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("bad signature", tampered),
+        ("unknown kid", sign_gtr("b", "test-b", &gtr_claims(&idp))),
+        (
+            "known kid, other key",
+            sign_gtr("b", "test-a", &gtr_claims(&idp)),
+        ),
+        ("alg none", alg_none),
+        ("HS256 keyed with the public key", hs256_with_public_key),
+        (
+            "wrong iss",
+            with(&|c| c["iss"] = json!("http://127.0.0.1:1/realms/acme")),
+        ),
+        ("wrong aud", with(&|c| c["aud"] = json!("lockstep"))),
+        (
+            "aud of another realm",
+            with(&|c| {
+                c["aud"] = json!(format!("{PUBLIC_URL}/realms/other/global-token-revocation"))
+            }),
+        ),
+        (
+            "expired",
+            with(&|c| {
+                c["iat"] = json!(now() - 300);
+                c["exp"] = json!(now() - 200);
+            }),
+        ),
+        ("exp too far", with(&|c| c["exp"] = json!(now() + 3_600))),
+        (
+            "lives longer than 5 minutes",
+            with(&|c| {
+                c["iat"] = json!(now() - 200);
+                c["exp"] = json!(now() + 200);
+            }),
+        ),
+        (
+            "no exp",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+        ),
+        (
+            "iat in the future",
+            with(&|c| c["iat"] = json!(now() + 3_600)),
+        ),
+        (
+            "no jti",
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("jti");
+            }),
+        ),
+        ("replayed jti", replayed),
+    ];
+    let outbox = server.outbox_total().await;
+    for (what, token) in &cases {
+        let (code, body, cache) = revoke(&server, "acme", Some(token), &opaque("alice")).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_token", "{what}: {body}");
+        assert_eq!(cache.as_deref(), Some("no-store"), "{what}");
+    }
+    assert_eq!(api.status_of("p1").await, "ACTIVE", "nothing changed");
+    assert_eq!(server.outbox_total().await, outbox);
+    // A caller of one realm is nobody in another.
+    let other =
+        with(&|c| c["aud"] = json!(format!("{PUBLIC_URL}/realms/other/global-token-revocation")));
+    assert_eq!(
+        revoke(&server, "other", Some(&other), &opaque("alice"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The genuine token still works afterwards.
+    assert_eq!(
+        revoke(&server, "acme", Some(&valid), &opaque("alice"))
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.status_of("p1").await, "DESTROYED");
 }

@@ -16,6 +16,7 @@ mod health;
 pub mod limits;
 pub mod openapi;
 mod receipts;
+pub mod revocation;
 pub mod serve;
 mod sessions;
 
@@ -69,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .merge(deliveries::router())
         .merge(connectors::router())
         .merge(backchannel::router())
+        .merge(revocation::router())
         .merge(events::router())
         .merge(health::router())
         .merge(openapi::router())

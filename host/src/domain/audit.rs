@@ -22,6 +22,9 @@ pub enum AuditAction {
     DestroyUser,
     /// `backchannel-logout`: the IdP ended a session (OIDC Back-Channel Logout).
     BackchannelLogout,
+    /// `global-token-revocation`: a caller ended every session of a user (Global Token
+    /// Revocation).
+    GlobalTokenRevocation,
     /// `idp-event:<TYPE>`: a Keycloak event from the event intake.
     IdpEvent(String),
     /// `expire`: the sweeper ended sessions whose lifetime ran out.
@@ -50,6 +53,7 @@ impl fmt::Display for AuditAction {
             AuditAction::DestroyChild => "destroy-child",
             AuditAction::DestroyUser => "destroy-user",
             AuditAction::BackchannelLogout => "backchannel-logout",
+            AuditAction::GlobalTokenRevocation => "global-token-revocation",
             AuditAction::IdpEvent(kind) => return write!(f, "idp-event:{kind}"),
             AuditAction::Expire => "expire",
             AuditAction::Reconcile => "reconcile",

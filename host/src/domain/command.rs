@@ -1,8 +1,11 @@
 //! The commands that change sessions (map, destroy, an IdP event), each applied by the store
 //! in one transaction with its events and its audit record.
 
+use chrono::{DateTime, Utc};
+
 use super::audit::AuditEntry;
-use super::session::{EndReason, NewSession, Session};
+use super::event::{EventType, SyncEvent};
+use super::session::{EndReason, NewSession, Session, SessionStatus};
 
 /// A request to register a session, with the system the change came from.
 #[derive(Clone, Debug)]
@@ -84,12 +87,38 @@ pub struct DestroyCommand {
     pub orphan_children: bool,
     /// Refuse the whole destroy if this token id was seen before (back-channel logout).
     pub replay_guard: Option<ReplayGuard>,
+    /// Every session that ends is also announced by a `revoke` event, before its `logout`
+    /// (global token revocation: the user's grants go too, not only the sessions).
+    pub revoke: bool,
     /// Refuse the whole destroy (nothing changes) if it would end more sessions than this.
     /// API destroys carry `[limits] max_cascade`; a logout the IdP ordered is never refused.
     pub max_sessions: Option<usize>,
     /// Written to the audit log in the same transaction (with the number of sessions
     /// changed), also when nothing changed.
     pub audit: Option<AuditEntry>,
+}
+
+impl DestroyCommand {
+    /// The outbox rows of the sessions this destroy changed (in creation order): a `logout`
+    /// for each one that ended, preceded by its `revoke` when [`DestroyCommand::revoke`] is
+    /// set; ORPHANED sessions have not ended and get none.
+    pub fn events(&self, changed: &[Session], occurred_at: DateTime<Utc>) -> Vec<SyncEvent> {
+        let origin = self.origin_system.as_deref();
+        let kinds: &[EventType] = if self.revoke {
+            &[EventType::Revoke, EventType::Logout]
+        } else {
+            &[EventType::Logout]
+        };
+        changed
+            .iter()
+            .filter(|s| s.status == SessionStatus::Destroyed)
+            .flat_map(|s| {
+                kinds
+                    .iter()
+                    .map(move |&kind| SyncEvent::for_session(kind, s, origin, occurred_at))
+            })
+            .collect()
+    }
 }
 
 /// What an identity-provider event (Keycloak event intake) does to the realm's sessions.

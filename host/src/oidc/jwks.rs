@@ -64,7 +64,32 @@ impl Jwks {
         kid: Option<&str>,
         alg: jsonwebtoken::Algorithm,
     ) -> Result<Jwk, OidcError> {
-        let slot = self.slot(issuer);
+        self.key_from(KeySource::Discovery(issuer), kid, alg).await
+    }
+
+    /// Like [`Jwks::key`], from a key set named directly rather than through discovery (a
+    /// token signer need not be an OpenID provider with a discovery document).
+    pub async fn key_at(
+        &self,
+        jwks_uri: &str,
+        kid: Option<&str>,
+        alg: jsonwebtoken::Algorithm,
+    ) -> Result<Jwk, OidcError> {
+        self.key_from(KeySource::Uri(jwks_uri), kid, alg).await
+    }
+
+    async fn key_from(
+        &self,
+        source: KeySource<'_>,
+        kid: Option<&str>,
+        alg: jsonwebtoken::Algorithm,
+    ) -> Result<Jwk, OidcError> {
+        // Discovery and direct key sets never share a slot: one URL could be both.
+        let (slot_key, issuer) = match source {
+            KeySource::Discovery(issuer) => (issuer.to_owned(), issuer),
+            KeySource::Uri(uri) => (format!("jwks_uri {uri}"), uri),
+        };
+        let slot = self.slot(&slot_key);
         // One fetch at a time per issuer; waiters then find the fresh set.
         let mut keys = slot.lock().await;
         let now = Instant::now();
@@ -86,7 +111,11 @@ impl Jwks {
             };
         }
         keys.last_fetch = Some(now);
-        match self.fetch(issuer).await {
+        let fetched = match source {
+            KeySource::Discovery(issuer) => self.fetch(issuer).await,
+            KeySource::Uri(uri) => self.fetch_set(uri).await,
+        };
+        match fetched {
             Ok(set) => {
                 let set = Arc::new(set);
                 keys.set = Some((set.clone(), Instant::now()));
@@ -127,10 +156,14 @@ impl Jwks {
         super::tls::check_url(&jwks_uri).map_err(|e| {
             OidcError::Unavailable(format!("discovery document of {issuer}: jwks_uri {e}"))
         })?;
-        let set: JwkSet = serde_json::from_value(self.get_json(&jwks_uri).await?)
-            .map_err(|e| OidcError::Unavailable(format!("invalid JWKS at {jwks_uri}: {e}")))?;
+        let set = self.fetch_set(&jwks_uri).await?;
         tracing::info!(%issuer, keys = set.keys.len(), "fetched the IdP's signing keys");
         Ok(set)
+    }
+
+    async fn fetch_set(&self, jwks_uri: &str) -> Result<JwkSet, OidcError> {
+        serde_json::from_value(self.get_json(jwks_uri).await?)
+            .map_err(|e| OidcError::Unavailable(format!("invalid JWKS at {jwks_uri}: {e}")))
     }
 
     async fn get_json(&self, url: &str) -> Result<serde_json::Value, OidcError> {
@@ -159,6 +192,15 @@ impl Jwks {
         }
         serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("invalid JSON: {e}")))
     }
+}
+
+/// Where a key set is found.
+#[derive(Clone, Copy)]
+enum KeySource<'a> {
+    /// The `jwks_uri` of this issuer's discovery document.
+    Discovery(&'a str),
+    /// This key set URL.
+    Uri(&'a str),
 }
 
 fn unknown(kid: Option<&str>) -> OidcError {

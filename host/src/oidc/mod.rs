@@ -1,11 +1,13 @@
 //! Tokens issued by a realm's identity provider: OIDC Back-Channel Logout tokens and access
-//! tokens for the admin API (docs/keycloak.md). Every token is verified in full — signature against the issuer's published keys ([`jwks`]), algorithm from the realm's
+//! tokens for the admin API (docs/keycloak.md), and the global token revocation orders of the
+//! realms' trusted callers ([`revocation`], docs/ssf.md). Every token is verified in full — signature against the issuer's published keys ([`jwks`]), algorithm from the realm's
 //! allowlist (asymmetric only, so neither `none` nor an HMAC keyed with a public key can
 //! pass), issuer, audience, times — with `jsonwebtoken`; nothing here decodes a token and
 //! trusts it.
 
 pub mod jwks;
 pub mod keycloak_admin;
+pub mod revocation;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -167,6 +169,8 @@ struct AccessClaims {
 pub struct Verifier {
     realms: HashMap<String, RealmIdp>,
     jwks: jwks::Jwks,
+    revocation: HashMap<String, revocation::RealmRevocation>,
+    public_url: Option<String>,
 }
 
 impl Verifier {
@@ -175,6 +179,8 @@ impl Verifier {
         Ok(Verifier {
             realms: realms.into_iter().map(|r| (r.realm.clone(), r)).collect(),
             jwks: jwks::Jwks::new(roots)?,
+            revocation: HashMap::new(),
+            public_url: None,
         })
     }
 

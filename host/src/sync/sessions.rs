@@ -54,6 +54,21 @@ pub enum SessionError {
     Backlogged(#[from] crate::sync::admission::Backlogged),
 }
 
+/// Who orders a global token revocation, and how it is recorded.
+#[derive(Clone, Debug)]
+pub struct Revoker {
+    /// The audit actor (`key:<id>`, `idp:<system>`...).
+    pub actor: String,
+    /// `originSystem` of the events (its connector does not hear them); `None`: all do.
+    pub origin_system: Option<String>,
+    /// The caller's token id, stored with the revocation (a replay changes nothing).
+    pub guard: Option<ReplayGuard>,
+    /// Whether `[limits] max_cascade` applies (API callers); an IdP's order is never limited.
+    pub limited: bool,
+    /// The audit record's detail (subject format, token id).
+    pub detail: serde_json::Value,
+}
+
 /// A session in a tree, with its distance from the root.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TreeEntry {
@@ -275,6 +290,7 @@ impl SessionService {
                     origin_system: None,
                     orphan_children: policy.orphan_children,
                     replay_guard: None,
+                    revoke: false,
                     max_sessions: None,
                     audit: Some(audit),
                 })
@@ -323,6 +339,7 @@ impl SessionService {
                 origin_system,
                 orphan_children,
                 replay_guard: None,
+                revoke: false,
                 max_sessions: self.max_cascade,
                 audit: audit.clone(),
             })
@@ -374,7 +391,52 @@ impl SessionService {
                 origin_system: Some(origin_system.to_owned()),
                 orphan_children: self.policy(realm).orphan_children,
                 replay_guard: Some(guard),
+                revoke: false,
                 max_sessions: None,
+                audit: Some(audit.clone()),
+            })
+            .await;
+        self.audited(Some(audit), result).await
+    }
+
+    /// Global token revocation: ends every live session of `user_id` in `realm` (cascading;
+    /// reason `revoked`) and announces each ended session by a `revoke` and a `logout`
+    /// event, with `by`'s replay guard and audit record in the same transaction. A user
+    /// of whom the realm never had a session is `StoreError::NotFound` (audited as a
+    /// refusal), so the caller learns that the revocation reached nobody.
+    pub async fn revoke_user(
+        &self,
+        realm: &str,
+        user_id: &str,
+        by: Revoker,
+    ) -> Result<Vec<Session>, SessionError> {
+        rules::realm(realm)?;
+        rules::id("userId", user_id)?;
+        rules::optional_id("originSystem", by.origin_system.as_deref())?;
+        let audit = AuditEntry::new(by.actor, AuditAction::GlobalTokenRevocation, Some(realm))
+            .target(user_id)
+            .detail(by.detail);
+        let known = SessionQuery {
+            user_id: Some(user_id.to_owned()),
+            limit: 1,
+            ..SessionQuery::default()
+        };
+        if self.store.query(realm, &known).await?.items.is_empty() {
+            let refused = Err(StoreError::NotFound(format!("user {user_id}")));
+            return self.audited(Some(audit), refused).await;
+        }
+        let result = self
+            .store
+            .destroy(DestroyCommand {
+                realm: realm.to_owned(),
+                target: DestroyTarget::User(user_id.to_owned()),
+                reason: EndReason::Revoked,
+                origin_system: by.origin_system,
+                // The orphan policy is for what the IdP ended; a revocation ends everything.
+                orphan_children: false,
+                replay_guard: by.guard,
+                revoke: true,
+                max_sessions: if by.limited { self.max_cascade } else { None },
                 audit: Some(audit.clone()),
             })
             .await;
@@ -418,6 +480,7 @@ impl SessionService {
                 origin_system: Some(policy.idp_system().to_owned()),
                 orphan_children: policy.orphan_children,
                 replay_guard: None,
+                revoke: false,
                 // What the IdP ended is never refused for its size.
                 max_sessions: None,
                 audit: Some(audit.clone()),

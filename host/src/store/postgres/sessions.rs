@@ -649,6 +649,7 @@ fn idp_destroy(
         origin_system: Some(cmd.origin_system.clone()),
         orphan_children: cmd.orphan_children,
         replay_guard: None,
+        revoke: false,
         max_sessions: None,
         audit: None,
     }
@@ -898,11 +899,7 @@ async fn events_and_recheck(
 ) -> Result<Vec<String>> {
     let occurred_at: DateTime<Utc> = millis_to_time(now)?;
     let origin = cmd.origin_system.as_deref();
-    let events: Vec<SyncEvent> = pass
-        .iter()
-        .filter(|s| s.status == SessionStatus::Destroyed)
-        .map(|s| SyncEvent::for_session(EventType::Logout, s, origin, occurred_at))
-        .collect();
+    let events = cmd.events(pass, occurred_at);
     let events = EventArrays::of(&events)?;
     let ids: Vec<&str> = pass.iter().map(|s| s.external_id.as_str()).collect();
     let audit = AuditBinds::of(audit);

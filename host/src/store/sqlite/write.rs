@@ -231,6 +231,7 @@ fn idp_destroy(
         origin_system: Some(cmd.origin_system.clone()),
         orphan_children: cmd.orphan_children,
         replay_guard: None,
+        revoke: false,
         max_sessions: None,
         audit: None,
     }
@@ -480,18 +481,7 @@ fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resul
     }
     changed.sort_by_key(|s| s.seq);
     let occurred_at = millis_to_time(now)?;
-    let events: Vec<SyncEvent> = changed
-        .iter()
-        .filter(|s| s.status == SessionStatus::Destroyed)
-        .map(|s| {
-            SyncEvent::for_session(
-                EventType::Logout,
-                s,
-                cmd.origin_system.as_deref(),
-                occurred_at,
-            )
-        })
-        .collect();
+    let events = cmd.events(&changed, occurred_at);
     insert_events(conn, &events, now)?;
     Ok(changed)
 }
