@@ -1,7 +1,8 @@
-//! The overview's live-session counts, shared by every viewer: counting a realm's sessions
-//! reads every live row, so with a million sessions it is done at most once per
-//! [`FRESH`] per instance, in the background, and each overview is served from the last
-//! count (only the very first one waits for it).
+//! The overview's live-session counts, shared by every viewer: counting reads every live
+//! row (about 2 s for a million sessions on SQLite), so it is done in the background, at
+//! most once per [`FRESH`] and never more often than ten times its own duration (at most a
+//! tenth of a core however many watch), and each overview is served from the last count;
+//! only the very first overview waits for one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,12 +11,26 @@ use std::time::{Duration, Instant};
 use crate::store::overview::LiveCounts;
 use crate::store::{Store, StoreError};
 
-/// How old a count may be before the next overview starts a new one.
+/// How old a count may be before the next overview starts a new one, at least.
 pub const FRESH: Duration = Duration::from_secs(2);
+
+/// A count, when it was made and how long it took.
+#[derive(Clone)]
+struct Count {
+    at: Instant,
+    took: Duration,
+    counts: Arc<Vec<LiveCounts>>,
+}
+
+impl Count {
+    fn fresh(&self) -> bool {
+        self.at.elapsed() < FRESH.max(self.took.saturating_mul(10))
+    }
+}
 
 #[derive(Default)]
 struct Inner {
-    last: Mutex<Option<(Instant, Arc<Vec<LiveCounts>>)>>,
+    last: Mutex<Option<Count>>,
     refreshing: AtomicBool,
 }
 
@@ -26,7 +41,7 @@ pub struct LiveCache {
 }
 
 impl LiveCache {
-    fn last(&self) -> Option<(Instant, Arc<Vec<LiveCounts>>)> {
+    fn last(&self) -> Option<Count> {
         self.inner
             .last
             .lock()
@@ -34,39 +49,60 @@ impl LiveCache {
             .clone()
     }
 
-    fn store(&self, counts: Arc<Vec<LiveCounts>>) {
+    async fn count(&self, store: &Store) -> Result<Arc<Vec<LiveCounts>>, StoreError> {
+        let started = Instant::now();
+        let counts = Arc::new(store.live_counts().await?);
         *self
             .inner
             .last
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), counts));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Count {
+            at: Instant::now(),
+            took: started.elapsed(),
+            counts: counts.clone(),
+        });
+        Ok(counts)
     }
 
-    /// The live sessions per realm, at most [`FRESH`] old when the overview is watched.
+    /// The live sessions per realm, from the last count; a stale one starts the next.
     pub async fn counts(&self, store: &Store) -> Result<Arc<Vec<LiveCounts>>, StoreError> {
         match self.last() {
-            Some((at, counts)) if at.elapsed() < FRESH => Ok(counts),
-            Some((_, counts)) => {
+            Some(c) if c.fresh() => Ok(c.counts),
+            Some(c) => {
                 if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
                     let cache = self.clone();
                     let store = store.clone();
                     tokio::spawn(async move {
-                        match store.live_counts().await {
-                            Ok(c) => cache.store(Arc::new(c)),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "console: live session count failed")
-                            }
+                        if let Err(e) = cache.count(&store).await {
+                            tracing::warn!(error = %e, "console: live session count failed");
                         }
                         cache.inner.refreshing.store(false, Ordering::Release);
                     });
                 }
-                Ok(counts)
+                Ok(c.counts)
             }
-            None => {
-                let counts = Arc::new(store.live_counts().await?);
-                self.store(counts.clone());
-                Ok(counts)
-            }
+            None => self.count(store).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_count_is_made_less_often() {
+        let count = |took_ms: u64, age_ms: u64| Count {
+            at: Instant::now() - Duration::from_millis(age_ms),
+            took: Duration::from_millis(took_ms),
+            counts: Arc::new(Vec::new()),
+        };
+        assert!(count(5, 1_000).fresh());
+        assert!(!count(5, 2_500).fresh());
+        assert!(
+            count(2_000, 15_000).fresh(),
+            "2 s to count: every 20 s at most"
+        );
+        assert!(!count(2_000, 21_000).fresh());
     }
 }
