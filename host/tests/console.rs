@@ -884,3 +884,83 @@ async fn keycloak_sign_in_grants_what_the_api_would() {
         .send()
         .await;
 }
+
+/// The console's reads on PostgreSQL (the browser tests above run on SQLite): every page of
+/// a signed-in admin answers 200 with the reference tree in it, over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_read_postgresql_too() {
+    if common::skip_postgres() {
+        eprintln!("LOCKSTEP_SKIP_POSTGRES=1: skipping the console on PostgreSQL");
+        return;
+    }
+    let server = Server::start(Backend::Postgres).await;
+    reference_tree(&server, "acme", "").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let console = format!("{}/console/", server.base);
+    let form = http.get(format!("{console}login")).send().await.unwrap();
+    let pre = form
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .find_map(|v| {
+            v.to_str()
+                .ok()?
+                .strip_prefix("lockstep_console_pre=")?
+                .split(';')
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap();
+    let res = http
+        .post(format!("{console}login"))
+        .header("cookie", format!("lockstep_console_pre={pre}"))
+        .form(&[("token", TOKEN), ("csrf", pre.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let cookie = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .find_map(|v| {
+            let v = v.to_str().ok()?;
+            v.starts_with("lockstep_console=")
+                .then(|| v.split(';').next().unwrap().to_owned())
+        })
+        .unwrap();
+    for (path, expect) in [
+        ("", "acme"),
+        ("overview/live", "acme"),
+        ("sessions?realm=acme&field=userId&value=alice", "billing-17"),
+        (
+            "sessions?realm=acme&field=keycloakSessionId&value=kc-sid-1",
+            "kc-7f3a",
+        ),
+        ("tree?realm=acme&id=portal-42", "billing-17"),
+        (
+            "destroy?realm=acme&kind=user&id=alice",
+            "class=\"count\">3<",
+        ),
+        ("receipt?realm=acme&id=kc-7f3a", "kc-7f3a"),
+        ("receipts?realm=acme&user=alice", "3 sessions in 3 systems"),
+        ("deliveries?status=any", "Deliveries"),
+        ("audit?realm=acme&action=map-child", "portal-42"),
+    ] {
+        let res = http
+            .get(format!("{console}{path}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let body = res.text().await.unwrap();
+        assert!(
+            body.contains(expect),
+            "{path}: {expect} missing from {body}"
+        );
+    }
+}
