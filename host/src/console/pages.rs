@@ -758,8 +758,9 @@ pub async fn destroy_confirm(
     };
     let body = format!(
         "<form method=\"post\" action=\"/console/destroy\" class=\"card narrow\">{}\
-         <p>This ends {what} in realm <strong>{}</strong>: <strong class=\"count\">{n}</strong> session{} will end, \
-         and every connector is sent their logout.</p>\
+         <p>This ends {what} in realm <strong>{}</strong>: <strong class=\"count\">{n}</strong> session{} of the tree{} will end, \
+         and every connector is sent their logout. Sessions delegated from them end too \
+         (<code>delegation_ended</code>); the result after the destroy counts them.</p>\
          <input type=\"hidden\" name=\"realm\" value=\"{}\"><input type=\"hidden\" name=\"kind\" value=\"{}\">\
          <input type=\"hidden\" name=\"id\" value=\"{}\">\
          <label for=\"reason\">Reason</label><select id=\"reason\" name=\"reason\">\
@@ -769,6 +770,7 @@ pub async fn destroy_confirm(
         csrf_field(&viewer.csrf),
         esc(&params.realm),
         if n == 1 { "" } else { "s" },
+        if params.kind == "user" { "s" } else { "" },
         esc(&params.realm),
         esc(&params.kind),
         esc(&params.id),
