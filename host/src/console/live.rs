@@ -1,8 +1,8 @@
 //! The overview's live-session counts, shared by every viewer: counting reads every live
 //! row (about 2 s for a million sessions on SQLite), so it is done in the background, at
 //! most once per [`FRESH`] and never more often than ten times its own duration (at most a
-//! tenth of a core however many watch), and each overview is served from the last count;
-//! only the very first overview waits for one.
+//! tenth of a core however many watch), and an overview is served from the last count
+//! while it is recent; the first overview after a quiet spell waits for a new one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,8 +23,18 @@ struct Count {
 }
 
 impl Count {
+    fn interval(&self) -> Duration {
+        FRESH.max(self.took.saturating_mul(10))
+    }
+
     fn fresh(&self) -> bool {
-        self.at.elapsed() < FRESH.max(self.took.saturating_mul(10))
+        self.at.elapsed() < self.interval()
+    }
+
+    /// Recent enough to show while the next count runs: the overview is being watched.
+    /// An older one (nobody looked for a while) is not shown at all.
+    fn usable(&self) -> bool {
+        self.at.elapsed() < self.interval().saturating_mul(2)
     }
 }
 
@@ -68,7 +78,7 @@ impl LiveCache {
     pub async fn counts(&self, store: &Store) -> Result<Arc<Vec<LiveCounts>>, StoreError> {
         match self.last() {
             Some(c) if c.fresh() => Ok(c.counts),
-            Some(c) => {
+            Some(c) if c.usable() => {
                 if !self.inner.refreshing.swap(true, Ordering::AcqRel) {
                     let cache = self.clone();
                     let store = store.clone();
@@ -81,7 +91,7 @@ impl LiveCache {
                 }
                 Ok(c.counts)
             }
-            None => self.count(store).await,
+            _ => self.count(store).await,
         }
     }
 }
@@ -104,5 +114,13 @@ mod tests {
             "2 s to count: every 20 s at most"
         );
         assert!(!count(2_000, 21_000).fresh());
+        assert!(
+            count(2_000, 21_000).usable(),
+            "shown while the next count runs"
+        );
+        assert!(
+            !count(5, 4_500).usable(),
+            "too old to show: counted again first"
+        );
     }
 }
