@@ -1,20 +1,19 @@
-//! Command line and start-up: parses flags (each with a `LOCKSTEP_*` env var), merges the
-//! optional TOML file, opens and migrates the store, and serves until a shutdown signal.
+//! `lockstep serve`: resolves the settings, opens the store, loads the connectors, starts the
+//! background tasks and the API, and on a shutdown signal stops them in order.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use std::sync::Arc;
-
+use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::{StoreArgs, open_store, realm_policies, shutdown_signal};
 use crate::api::{self, AppState};
-use crate::auth::{self, Authenticator};
+use crate::auth::Authenticator;
 use crate::config::FileConfig;
 use crate::lifecycle::{self, Connectors};
 use crate::oidc::keycloak_admin::{AdminSettings, KeycloakAdmin};
@@ -23,18 +22,14 @@ use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
-use crate::store::{Durability, Store, StoreOptions};
 use crate::sync::admission::Admission;
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::reconcile::{self, Reconciler};
-use crate::sync::sessions::{RealmPolicy, SessionService};
+use crate::sync::sessions::SessionService;
 use crate::telemetry::audit::{self, RetentionConfig};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::{self, LogFormat};
 
-/// Default SQLite file when no database URL is given.
-pub const DEFAULT_DATABASE_URL: &str = "sqlite://lockstep.db";
 /// Default directory of compiled components: one the service owns, never one relative to
 /// wherever it was started (where another user might have planted it). systemd's
 /// `CacheDirectory` (`$CACHE_DIRECTORY`), else `$XDG_CACHE_HOME/lockstep`, else
@@ -57,67 +52,6 @@ fn compile_cache_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Optio
 }
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-
-/// Lockstep keeps login sessions consistent between Keycloak and legacy IAM systems.
-#[derive(Debug, Parser)]
-#[command(name = "lockstep", version, about)]
-pub struct Cli {
-    /// Log output format.
-    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    /// Log filter (overridden by RUST_LOG), e.g. `info` or `lockstep=debug`.
-    #[arg(
-        long,
-        env = "LOCKSTEP_LOG_LEVEL",
-        default_value = "info",
-        global = true
-    )]
-    pub log_level: String,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the service.
-    Serve(ServeArgs),
-    /// Apply database migrations and exit.
-    Migrate(StoreArgs),
-    /// Print the OpenAPI document.
-    Openapi,
-    /// Manage the connectors of a running instance through its admin API.
-    Connectors(crate::admin_client::ClientArgs),
-    /// Write a connector: scaffold (`new`), `build` and `test` it locally.
-    Connector(crate::devkit::ConnectorArgs),
-    /// Compare a realm's sessions with Keycloak's once, end those whose Keycloak session is
-    /// gone (reason `reconciled`, cascading) and print them; needs `[realms.NAME.reconcile]`.
-    Reconcile(ReconcileArgs),
-    /// Print the SHA-256 of an API key, for `[[api_keys]] sha256` in the config file.
-    HashKey {
-        /// The key (prefer reading it from stdin with `-` to keep it out of shell history).
-        key: String,
-    },
-}
-
-/// Where the data lives.
-#[derive(Debug, Args)]
-pub struct StoreArgs {
-    /// Configuration file (TOML, see docs/operations.md); flags and env vars override it.
-    #[arg(long, env = "LOCKSTEP_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// `sqlite://PATH` (default `sqlite://lockstep.db`) or `postgres://USER@HOST/DB`.
-    #[arg(long, env = "LOCKSTEP_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// SQLite commit durability: `normal` survives a process crash, `fsync` survives power
-    /// loss (concurrent writes share one fsync).
-    #[arg(long, env = "LOCKSTEP_DURABILITY")]
-    pub durability: Option<Durability>,
-    /// Database connections (PostgreSQL pool, SQLite readers).
-    #[arg(long, env = "LOCKSTEP_MAX_CONNECTIONS", default_value_t = 16)]
-    pub max_connections: u32,
-}
 
 /// `serve` flags.
 #[derive(Debug, Args)]
@@ -159,51 +93,6 @@ pub struct ServeArgs {
     /// Storage.
     #[command(flatten)]
     pub store: StoreArgs,
-}
-
-/// `reconcile` flags.
-#[derive(Debug, Args)]
-pub struct ReconcileArgs {
-    /// The realm, as named in the config file.
-    #[arg(long, env = "LOCKSTEP_RECONCILE_REALM")]
-    pub realm: String,
-    /// Decide and print what would end, change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// PEM file of extra certificate authorities for HTTPS to Keycloak (`[tls] ca_file`).
-    #[arg(long, env = "LOCKSTEP_TLS_CA_FILE")]
-    pub tls_ca_file: Option<PathBuf>,
-    /// Storage.
-    #[command(flatten)]
-    pub store: StoreArgs,
-}
-
-impl StoreArgs {
-    fn file(&self) -> anyhow::Result<FileConfig> {
-        match &self.config {
-            Some(path) => Ok(FileConfig::load(path)?),
-            None => Ok(FileConfig::default()),
-        }
-    }
-
-    fn options(&self, file: &FileConfig) -> anyhow::Result<StoreOptions> {
-        let url = self
-            .database_url
-            .clone()
-            .or_else(|| file.database_url.clone())
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        let durability = match (self.durability, &file.durability) {
-            (Some(d), _) => d,
-            (None, Some(text)) => text
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("config durability: {e}"))?,
-            (None, None) => Durability::Normal,
-        };
-        let mut opts = StoreOptions::new(url);
-        opts.durability = durability;
-        opts.max_connections = self.max_connections;
-        Ok(opts)
-    }
 }
 
 /// File the bootstrap admin token is written to when no terminal can show it.
@@ -300,91 +189,6 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-async fn open_store(opts: &StoreOptions) -> anyhow::Result<Store> {
-    let store = Store::connect(opts)
-        .await
-        .with_context(|| format!("cannot open database {}", redact(&opts.url)))?;
-    store.migrate().await.context("database migration failed")?;
-    Ok(store)
-}
-
-/// Hides a password in a database URL before it reaches a log line.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// Parses the command line and runs it.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Only the service exports traces; the one-shot commands just log.
-    let serving = matches!(cli.command, Command::Serve(_));
-    let traces = telemetry::init(cli.log_format, &cli.log_level, serving)
-        .context("cannot set up trace export (OTEL_* environment)")?;
-    match cli.command {
-        Command::Serve(args) => {
-            let result = serve(args).await;
-            // After the drain: the spans of the last requests and hook calls are queued now.
-            traces.shutdown().await;
-            result
-        }
-        Command::Migrate(args) => {
-            let file = args.file()?;
-            let store = open_store(&args.options(&file)?).await?;
-            tracing::info!(backend = store.backend(), "migrations applied");
-            store.close().await;
-            Ok(())
-        }
-        Command::Connectors(args) => crate::admin_client::run(args).await,
-        Command::Reconcile(args) => reconcile(args).await,
-        Command::Connector(args) => crate::devkit::execute(args).await,
-        Command::Openapi => {
-            print!("{}", api::openapi::document_json());
-            Ok(())
-        }
-        Command::HashKey { key } => {
-            let key = if key == "-" {
-                let mut line = String::new();
-                std::io::stdin().read_line(&mut line)?;
-                line.trim_end_matches(['\r', '\n']).to_owned()
-            } else {
-                key
-            };
-            println!("{}", hex::encode(auth::sha256(&key)));
-            Ok(())
-        }
-    }
-}
-
-fn realm_policies(file: &FileConfig) -> anyhow::Result<HashMap<String, RealmPolicy>> {
-    Ok(file
-        .realm_policies()?
-        .into_iter()
-        .map(|(name, r)| {
-            (
-                name,
-                RealmPolicy {
-                    orphan_children: r.orphan_children,
-                    idp_system: r.idp_system,
-                    idp_events: !r.events_secrets.is_empty(),
-                },
-            )
-        })
-        .collect())
-}
-
 /// Every realm with `[realms.NAME.reconcile]`, its admin client set up.
 fn reconcilers(file: &FileConfig, roots: &TrustRoots) -> anyhow::Result<Vec<Arc<KeycloakAdmin>>> {
     let mut out = Vec::new();
@@ -398,7 +202,7 @@ fn reconcilers(file: &FileConfig, roots: &TrustRoots) -> anyhow::Result<Vec<Arc<
     Ok(out)
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = args.store.file()?;
     let policies = realm_policies(&file)?;
     let idps = file
@@ -623,106 +427,6 @@ fn console(
     Ok(crate::console::Console::from_config(&file.console, sso, roots)?.map(Arc::new))
 }
 
-/// `lockstep reconcile`: one pass over the realm, printing what it ends (or would).
-async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
-    let file = args.store.file()?;
-    let realm = file
-        .realm_policies()?
-        .remove(&args.realm)
-        .ok_or_else(|| anyhow::anyhow!("realm {:?} is not in the config file", args.realm))?;
-    let settings = AdminSettings::from_config(&args.realm, &realm)
-        .map_err(|e| anyhow::anyhow!("config: {e}"))?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "realm {:?} has no [realms.{}.reconcile] (Keycloak admin access)",
-                args.realm,
-                args.realm
-            )
-        })?;
-    let ca_file = args
-        .tls_ca_file
-        .clone()
-        .or_else(|| file.tls.ca_file.clone());
-    let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
-    let admin = Arc::new(KeycloakAdmin::new(settings, &roots)?);
-    let store = open_store(&args.store.options(&file)?).await?;
-    let sessions = SessionService::new(store.clone(), realm_policies(&file)?);
-    let result = Reconciler::new(sessions, admin).pass(args.dry_run).await;
-    store.close().await;
-    let report = result?;
-    let verb = if args.dry_run { "would end" } else { "ended" };
-    for gone in &report.gone {
-        println!(
-            "keycloak session {} is gone: {verb} {}",
-            gone.sid,
-            gone.parents.join(", ")
-        );
-        for s in &gone.ended {
-            println!(
-                "  ended {} ({}, {})",
-                s.external_id,
-                s.kind,
-                s.end_reason.map_or("-", |r| r.as_str())
-            );
-        }
-    }
-    let ended: usize = report.gone.iter().map(|g| g.ended.len()).sum();
-    println!(
-        "realm {}: {} PARENTs checked, {} Keycloak sessions gone, {} sessions ended, {} left \
-         alone, {} failed calls, {} calls to Keycloak{}",
-        args.realm,
-        report.checked,
-        report.gone.len(),
-        ended,
-        report.unsure,
-        report.errors,
-        report.calls,
-        if args.dry_run {
-            " (dry run: nothing changed)"
-        } else {
-            ""
-        }
-    );
-    if let Some(why) = report.stopped {
-        anyhow::bail!("the pass stopped early: {why}");
-    }
-    if report.errors > 0 {
-        anyhow::bail!(
-            "{} calls to Keycloak failed; the sessions they were about were left alone",
-            report.errors
-        );
-    }
-    Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,128 +462,6 @@ mod tests {
                 want.map(PathBuf::from),
                 "{vars:?}"
             );
-        }
-    }
-
-    #[test]
-    fn passwords_are_redacted_from_database_urls() {
-        assert_eq!(
-            redact("postgres://lockstep:s3cret@db:5432/lockstep"),
-            "postgres://lockstep:***@db:5432/lockstep"
-        );
-        assert_eq!(redact("sqlite://lockstep.db"), "sqlite://lockstep.db");
-        assert_eq!(
-            redact("postgres://postgres@127.0.0.1/x"),
-            "postgres://postgres@127.0.0.1/x"
-        );
-    }
-
-    #[test]
-    fn cli_parses_the_documented_commands() {
-        let cli = Cli::try_parse_from([
-            "lockstep",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--durability",
-            "fsync",
-        ])
-        .unwrap();
-        assert!(matches!(cli.command, Command::Serve(_)));
-        assert!(Cli::try_parse_from(["lockstep", "serve", "--durability", "sometimes"]).is_err());
-        assert!(Cli::try_parse_from(["lockstep", "migrate"]).is_ok());
-        assert!(
-            Cli::try_parse_from(["lockstep", "reconcile", "--realm", "acme", "--dry-run"]).is_ok()
-        );
-        assert!(Cli::try_parse_from(["lockstep", "reconcile", "--dry-run"]).is_err());
-        for args in [
-            &["lockstep", "connectors", "list"][..],
-            &[
-                "lockstep",
-                "connectors",
-                "load",
-                "x.toml",
-                "--component",
-                "x.wasm",
-            ],
-            &[
-                "lockstep",
-                "connectors",
-                "--url",
-                "http://127.0.0.1:1",
-                "remove",
-                "x",
-            ],
-            &["lockstep", "connectors", "disable", "x", "--json"],
-        ] {
-            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
-        }
-        assert!(Cli::try_parse_from(["lockstep", "connectors", "frobnicate"]).is_err());
-        for args in [
-            &[
-                "lockstep",
-                "connector",
-                "new",
-                "--lang",
-                "js",
-                "my-connector",
-            ][..],
-            &[
-                "lockstep",
-                "connector",
-                "new",
-                "--lang",
-                "python",
-                "x",
-                "--dir",
-                "d",
-            ],
-            &["lockstep", "connector", "build"],
-            &["lockstep", "connector", "build", "connectors/legacy-rust"],
-            &[
-                "lockstep",
-                "connector",
-                "test",
-                "x.wasm",
-                "--events",
-                "e.json",
-                "--config",
-                "a=b",
-                "--config",
-                "c=",
-                "--allow-host",
-                "http://127.0.0.1:9100",
-                "--json",
-            ],
-        ] {
-            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
-        }
-        for args in [
-            &["lockstep", "connector", "new", "--lang", "cobol", "x"][..],
-            &["lockstep", "connector", "new", "x"],
-            &["lockstep", "connector", "test", "x.wasm"],
-            &[
-                "lockstep",
-                "connector",
-                "test",
-                "x.wasm",
-                "--events",
-                "e",
-                "--config",
-                "=v",
-            ],
-            &[
-                "lockstep",
-                "connector",
-                "test",
-                "x.wasm",
-                "--events",
-                "e",
-                "--config",
-                "novalue",
-            ],
-        ] {
-            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
     }
 }
