@@ -1114,3 +1114,37 @@ async fn forged_global_token_revocation_tokens_are_refused_and_change_nothing() 
     );
     assert_eq!(api.status_of("p1").await, "DESTROYED");
 }
+
+/// An API client's revocation obeys `[limits] max_cascade` (422, nothing changed); the IdP's
+/// order for the same user does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_clients_revocation_beyond_max_cascade_is_refused_whole() {
+    let idp = Idp::start().await;
+    let server = Server::start_with(
+        Backend::Sqlite,
+        ServerOptions {
+            config: Some(format!("{}max_cascade = 2\n", gtr_config(&idp))),
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    map_user(&api, "p2", "kc-2", "alice").await;
+    map_user(&api, "p3", "kc-3", "alice").await;
+    let outbox = server.outbox_total().await;
+    let (code, body, _) = revoke(&server, "acme", Some("siem-secret"), &opaque("alice")).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("unable_to_process")),
+        "{body}"
+    );
+    assert_eq!(api.status_of("p1").await, "ACTIVE");
+    assert_eq!(server.outbox_total().await, outbox);
+    let token = sign_gtr("a", "test-a", &gtr_claims(&idp));
+    let (code, body, _) = revoke(&server, "acme", Some(&token), &opaque("alice")).await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{body}");
+    for id in ["p1", "p2", "p3"] {
+        assert_eq!(api.status_of(id).await, "DESTROYED", "{id}");
+    }
+}
