@@ -310,10 +310,9 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })?;
     tracing::info!(connectors = n, failed = connectors.failed().len(), dir = ?dir, "connectors loaded");
     let (stop, stopping) = watch::channel(false);
-    if let Some(dir) = dir {
-        lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone());
-    }
-    lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
+    let watcher =
+        dir.map(|dir| lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone()));
+    let cluster_sync = lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
     tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, ?limits, "lockstep serving");
     // Machine-readable readiness line for scripts and black-box tests: printed only once the
     // store is migrated and every connector has been loaded or reported as failed.
@@ -327,7 +326,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         DispatcherConfig::default(),
         admission.clone(),
     );
-    let dispatch = tokio::spawn(dispatcher.run(stopping.clone()));
+    let dispatcher = tokio::spawn(dispatcher.run(stopping.clone()));
     let sessions = SessionService::new(store.clone(), policies)
         .with_max_cascade(limits.max_cascade)
         .with_max_tree(limits.max_tree)
@@ -355,6 +354,15 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..RetentionConfig::default()
     };
     let audit_sweeper = tokio::spawn(audit::run(store.clone(), retention, stop.subscribe()));
+    let background = Background {
+        stop,
+        dispatcher,
+        sweeper,
+        audit_sweeper,
+        reconciling,
+        watcher,
+        cluster_sync,
+    };
 
     let state = AppState {
         sessions,
@@ -378,29 +386,56 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => api::serve::serve(listener, app, limits.timeouts, shutdown_signal()).await,
     }
-    tracing::info!("shutting down: finishing hook calls in flight");
-    let _ = stop.send(true);
-    if let Err(e) = sweeper.await {
-        tracing::error!(error = %e, "expiry sweeper failed");
-    }
-    if let Err(e) = audit_sweeper.await {
-        tracing::error!(error = %e, "audit retention sweeper failed");
-    }
-    for task in reconciling {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "reconciler failed");
-        }
-    }
-    match tokio::time::timeout(Duration::from_secs(70), dispatch).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),
-        Err(_) => tracing::warn!("dispatcher did not stop within 70 s"),
-    }
+    background.stop().await;
     tracing::info!("shutting down: draining the store");
     tokio::time::timeout(Duration::from_secs(10), store.close())
         .await
         .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
     Ok(())
+}
+
+/// The tasks `serve` starts beside the API, held so that each one's end is seen.
+struct Background {
+    /// Tells every task to stop.
+    stop: watch::Sender<bool>,
+    dispatcher: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
+    audit_sweeper: tokio::task::JoinHandle<()>,
+    reconciling: Vec<tokio::task::JoinHandle<()>>,
+    /// The connectors directory's watcher, when there is a directory.
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    cluster_sync: tokio::task::JoinHandle<()>,
+}
+
+impl Background {
+    /// Stops the tasks once the API has drained: the sweepers and reconcilers first, then
+    /// the dispatcher, which finishes the hook calls in flight (70 s at most). The directory
+    /// watcher and the cluster sync, which the stop signal also ends, are cancelled rather
+    /// than left to the end of the process: neither holds anything a shutdown must finish.
+    async fn stop(self) {
+        tracing::info!("shutting down: finishing hook calls in flight");
+        let _ = self.stop.send(true);
+        if let Err(e) = self.sweeper.await {
+            tracing::error!(error = %e, "expiry sweeper failed");
+        }
+        if let Err(e) = self.audit_sweeper.await {
+            tracing::error!(error = %e, "audit retention sweeper failed");
+        }
+        for task in self.reconciling {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "reconciler failed");
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(70), self.dispatcher).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "dispatcher task failed"),
+            Err(_) => tracing::warn!("dispatcher did not stop within 70 s"),
+        }
+        if let Some(watcher) = self.watcher {
+            watcher.abort();
+        }
+        self.cluster_sync.abort();
+    }
 }
 
 /// The operator console `[console]` asks for, with Keycloak sign-in for every realm that
