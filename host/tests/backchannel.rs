@@ -895,6 +895,7 @@ async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(ba
             row("alice", "ok", Some(4)),
             row("alice", "ok", Some(0)),
             row("carol@example.com", "ok", Some(1)),
+            row("dave", "NOT_FOUND", None),
             row("dave", "ok", Some(1)),
             row("nobody", "NOT_FOUND", None),
         ]

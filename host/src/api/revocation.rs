@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::extract::{ApiPath, Caller, JsonBytes};
 use crate::auth::Permission;
 use crate::domain::rules;
-use crate::domain::{EndReason, ReplayGuard, ReplayKind};
+use crate::domain::{AuditAction, AuditEntry, EndReason, ProblemCode, ReplayGuard, ReplayKind};
 use crate::oidc::OidcError;
 use crate::oidc::revocation::RevocationToken;
 use crate::store::StoreError;
@@ -321,33 +321,6 @@ async fn revoke(State(state): State<AppState>, request: Request) -> Response {
             return refuse(StatusCode::BAD_REQUEST, "unsupported_subject_format", d);
         }
     };
-    let user_id = match &subject {
-        SubjectId::Email { email } => email.clone(),
-        SubjectId::Opaque { id } => id.clone(),
-        SubjectId::IssSub { iss, sub } => {
-            let realm_issuer = state
-                .oidc
-                .revocation(&realm)
-                .and_then(|r| r.realm_issuer.clone())
-                .or_else(|| state.oidc.realm(&realm).map(|i| i.issuer.clone()));
-            let caller_issuer = match &caller {
-                Revoking::Idp(token) => Some(token.issuer.clone()),
-                Revoking::Api(_) => None,
-            };
-            if realm_issuer.as_deref() != Some(iss.as_str())
-                && caller_issuer.as_deref() != Some(iss.as_str())
-            {
-                return refuse(
-                    StatusCode::NOT_FOUND,
-                    "user_not_found",
-                    format!(
-                        "issuer {iss:?} is neither the realm's identity provider nor the caller"
-                    ),
-                );
-            }
-            sub.clone()
-        }
-    };
     let detail = |jti: Option<&str>| {
         let mut d = serde_json::json!({
             "reason": EndReason::Revoked.as_str(),
@@ -382,6 +355,44 @@ async fn revoke(State(state): State<AppState>, request: Request) -> Response {
             limited: true,
             detail: detail(None),
         },
+    };
+    let user_id = match &subject {
+        SubjectId::Email { email } => email.clone(),
+        SubjectId::Opaque { id } => id.clone(),
+        SubjectId::IssSub { iss, sub } => {
+            let realm_issuer = state
+                .oidc
+                .revocation(&realm)
+                .and_then(|r| r.realm_issuer.clone())
+                .or_else(|| state.oidc.realm(&realm).map(|i| i.issuer.clone()));
+            let caller_issuer = match &caller {
+                Revoking::Idp(token) => Some(token.issuer.clone()),
+                Revoking::Api(_) => None,
+            };
+            if realm_issuer.as_deref() != Some(iss.as_str())
+                && caller_issuer.as_deref() != Some(iss.as_str())
+            {
+                let detail = format!(
+                    "issuer {iss:?} is neither the realm's identity provider nor the caller"
+                );
+                let entry = AuditEntry::new(
+                    revoker.actor.clone(),
+                    AuditAction::GlobalTokenRevocation,
+                    Some(&realm),
+                )
+                .target(sub.as_str())
+                .detail(revoker.detail.clone());
+                // Recorded like the store's own NOT_FOUND: the answer is built here.
+                let _ = super::audit::refused(
+                    &state,
+                    entry,
+                    Err::<(), _>(ApiError::refused(ProblemCode::NotFound, detail.clone())),
+                )
+                .await;
+                return refuse(StatusCode::NOT_FOUND, "user_not_found", detail);
+            }
+            sub.clone()
+        }
     };
     match state.sessions.revoke_user(&realm, &user_id, revoker).await {
         Ok(ended) => {
