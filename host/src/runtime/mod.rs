@@ -286,6 +286,13 @@ fn hook_threads(priority: HookPriority) -> Option<&'static tokio::runtime::Handl
     .map(tokio::runtime::Runtime::handle)
 }
 
+/// The hook threads at the API's priority, for tasks that mostly make hook calls (a delivery:
+/// the call, and around it a few channel sends): spawned there, each call runs in place
+/// instead of hopping to a hook thread and back. `None` when they could not be started.
+pub fn delivery_threads() -> Option<&'static tokio::runtime::Handle> {
+    hook_threads(HookPriority::Normal)
+}
+
 thread_local! {
     /// The priority of this thread if it is a hook thread: a call of that priority made
     /// there runs in place (no hop to another thread and back).

@@ -501,7 +501,7 @@ impl Lane {
             self.wake.clone(),
             self.call_us.clone(),
         );
-        in_flight.spawn(async move {
+        let task = async move {
             // Free slots were counted before the claim; another lane may have taken one
             // since, and then this call waits for the next (each ends by its deadline).
             let Ok(_slot) = d.calls.clone().acquire_owned().await else {
@@ -517,7 +517,12 @@ impl Lane {
                 // delivery is made again (at least once).
                 tracing::warn!("delivery attempt not recorded: the recorder has stopped");
             }
-        });
+        };
+        // On a hook thread the call runs in place: no hop there and back per delivery.
+        match crate::runtime::delivery_threads() {
+            Some(threads) => in_flight.spawn_on(task, threads),
+            None => in_flight.spawn(task),
+        };
     }
 }
 
