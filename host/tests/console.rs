@@ -895,6 +895,24 @@ async fn console_pages_read_postgresql_too() {
     }
     let server = Server::start(Backend::Postgres).await;
     reference_tree(&server, "acme", "").await;
+    // A session delegated by the tree's root (as an impersonation makes one): not in the
+    // tree, but a destroy of the tree ends it.
+    {
+        use sqlx::Connection;
+        let mut db = sqlx::PgConnection::connect(&server.database_url)
+            .await
+            .unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        sqlx::query(
+            "INSERT INTO sessions (realm, external_id, kind, user_id, system, delegated_by, \
+             status, attributes, created_at, updated_at) \
+             VALUES ('acme', 'imp-9', 'FIXED', 'bob', 'portal', 'kc-7f3a', 'ACTIVE', '{}', $1, $1)",
+        )
+        .bind(now)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -941,9 +959,15 @@ async fn console_pages_read_postgresql_too() {
             "kc-7f3a",
         ),
         ("tree?realm=acme&id=portal-42", "billing-17"),
+        ("tree?realm=acme&id=kc-7f3a", "Delegated from this tree"),
+        ("tree?realm=acme&id=kc-7f3a", "imp-9"),
+        (
+            "destroy?realm=acme&kind=parent&id=kc-7f3a",
+            "class=\"count\">4<",
+        ),
         (
             "destroy?realm=acme&kind=user&id=alice",
-            "class=\"count\">3<",
+            "class=\"count\">4<",
         ),
         ("receipt?realm=acme&id=kc-7f3a", "kc-7f3a"),
         ("receipts?realm=acme&user=alice", "3 sessions in 3 systems"),

@@ -623,6 +623,35 @@ pub async fn tree(
         );
     }
     body.push_str("</tbody></table></div>");
+    // Sessions delegated from this tree are not in it (other trees) but end with it.
+    let delegated: Vec<_> = state
+        .sessions
+        .store()
+        .reach(realm, std::slice::from_ref(&root.external_id), MAX_REACH)
+        .await?
+        .into_iter()
+        .filter(|r| r.via == 2)
+        .collect();
+    if !delegated.is_empty() {
+        body.push_str(
+            "<h2>Delegated from this tree</h2><div class=\"scroll\"><table><caption>Sessions \
+             delegated by a session of this tree (and their trees): they end with it</caption>\
+             <thead><tr><th scope=\"col\">Session</th><th scope=\"col\">Delegated by</th>\
+             <th scope=\"col\">Status</th></tr></thead><tbody>",
+        );
+        for d in &delegated {
+            let _ = write!(
+                body,
+                "<tr><td><a href=\"/console/tree?realm={}&amp;id={}\">{}</a></td><td>{}</td><td>{}</td></tr>",
+                esc(&q(realm)),
+                esc(&q(&d.external_id)),
+                esc(&d.external_id),
+                esc(d.delegated_by.as_deref().unwrap_or("–")),
+                badge(&d.status)
+            );
+        }
+        body.push_str("</tbody></table></div>");
+    }
     body.push_str(&html::offset_pager(
         &format!("/console/tree?realm={}&id={}", q(realm), q(&params.id)),
         page,
@@ -644,46 +673,37 @@ pub struct DestroyParams {
     pub(super) id: String,
 }
 
-/// How many sessions a destroy would end now (live sessions of the trees it reaches).
+/// Most sessions a confirmation walks (beyond any `[limits] max_cascade` a destroy takes).
+const MAX_REACH: i64 = 100_001;
+
+/// How many sessions a destroy would end now: the same walk as the cascade (children, and
+/// sessions delegated from any session it reaches) over the sessions it starts from.
 pub(super) async fn sessions_to_end(
     state: &AppState,
     realm: &str,
     kind: &str,
     id: &str,
 ) -> Result<usize, ConsoleError> {
-    let count_tree = |entries: &[crate::sync::sessions::TreeEntry], seen: &mut BTreeSet<String>| {
-        entries
-            .iter()
-            .filter(|e| e.session.status != SessionStatus::Destroyed)
-            .filter(|e| seen.insert(e.session.external_id.clone()))
-            .count()
-    };
-    let mut seen = BTreeSet::new();
-    match kind {
+    let seeds = match kind {
         "parent" => {
-            let tree = state
-                .sessions
-                .tree(realm, id)
-                .await?
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| {
-                    ApiError::refused(
-                        ProblemCode::NotFound,
-                        format!("session {id:?} not found in this realm"),
-                    )
-                })?;
-            if tree[0].session.external_id != id {
-                return Err(ApiError::refused(ProblemCode::WrongKind, format!(
-                    "session {id:?} is a CHILD; destroy its root {:?} or use the API's destroy-child",
-                    tree[0].session.external_id
-                ))
+            let session = state.sessions.get(realm, id).await?.ok_or_else(|| {
+                ApiError::refused(
+                    ProblemCode::NotFound,
+                    format!("session {id:?} not found in this realm"),
+                )
+            })?;
+            if session.kind == SessionKind::Child {
+                return Err(ApiError::refused(
+                    ProblemCode::WrongKind,
+                    format!("session {id:?} is a CHILD; destroy its root, or use the API's destroy-child"),
+                )
                 .into());
             }
-            Ok(count_tree(&tree, &mut seen))
+            vec![id.to_owned()]
         }
         "user" => {
+            let mut seeds = Vec::new();
             let mut after = None;
-            let mut total = 0;
             loop {
                 let page = state
                     .sessions
@@ -700,34 +720,32 @@ pub(super) async fn sessions_to_end(
                         },
                     )
                     .await?;
-                for s in &page.items {
-                    if seen.contains(&s.external_id) {
-                        continue;
-                    }
-                    if let Some(tree) = state.sessions.tree(realm, &s.external_id).await? {
-                        // Only the session's own subtree ends with it.
-                        let start = tree
-                            .iter()
-                            .position(|e| e.session.external_id == s.external_id)
-                            .unwrap_or(0);
-                        let depth = tree.get(start).map_or(0, |e| e.depth);
-                        let end = tree[start + 1..]
-                            .iter()
-                            .position(|e| e.depth <= depth)
-                            .map_or(tree.len(), |i| start + 1 + i);
-                        total += count_tree(&tree[start..end], &mut seen);
-                    }
-                }
+                seeds.extend(page.items.into_iter().map(|s| s.external_id));
                 match page.next_after {
-                    Some(n) => after = Some(n),
-                    None => return Ok(total),
+                    Some(n) if (seeds.len() as i64) < MAX_REACH => after = Some(n),
+                    _ => break,
                 }
             }
+            seeds
         }
         other => {
-            Err(ApiError::Validation(format!("kind must be parent or user, got {other:?}")).into())
+            return Err(ApiError::Validation(format!(
+                "kind must be parent or user, got {other:?}"
+            ))
+            .into());
         }
+    };
+    if seeds.is_empty() {
+        return Ok(0);
     }
+    Ok(state
+        .sessions
+        .store()
+        .reach(realm, &seeds, MAX_REACH)
+        .await?
+        .iter()
+        .filter(|r| r.status != "DESTROYED")
+        .count())
 }
 
 /// The confirmation of a destroy: what it ends, and how many sessions.
@@ -758,9 +776,9 @@ pub async fn destroy_confirm(
     };
     let body = format!(
         "<form method=\"post\" action=\"/console/destroy\" class=\"card narrow\">{}\
-         <p>This ends {what} in realm <strong>{}</strong>: <strong class=\"count\">{n}</strong> session{} of the tree{} will end, \
-         and every connector is sent their logout. Sessions delegated from them end too \
-         (<code>delegation_ended</code>); the result after the destroy counts them.</p>\
+         <p>This ends {what} in realm <strong>{}</strong>: <strong class=\"count\">{n}</strong> session{} will end \
+         (the tree{}, and every session delegated from a session it ends), and every connector is \
+         sent their logout.</p>\
          <input type=\"hidden\" name=\"realm\" value=\"{}\"><input type=\"hidden\" name=\"kind\" value=\"{}\">\
          <input type=\"hidden\" name=\"id\" value=\"{}\">\
          <label for=\"reason\">Reason</label><select id=\"reason\" name=\"reason\">\

@@ -41,7 +41,66 @@ fn fold(rows: Vec<(String, String, String, i64)>) -> Vec<LiveCounts> {
     out
 }
 
+/// A session a destroy would reach, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reached {
+    /// The session.
+    pub external_id: String,
+    /// 0: a seed, 1: below one (parent edge), 2: delegated from one reached.
+    pub via: i32,
+    /// ACTIVE, DESTROYED or ORPHANED.
+    pub status: String,
+    /// The session it was delegated by.
+    pub delegated_by: Option<String>,
+}
+
+/// The walk of the destroy cascade (parent and delegation edges, within the realm), read
+/// only (one recursive term: PostgreSQL allows no more); `SEEDS` is replaced by the
+/// backend's way of reading a bound list.
+const REACH_SQL: &str = "WITH RECURSIVE tree(external_id, via) AS ( \
+         SELECT s.external_id, 0 FROM sessions s WHERE s.realm = $1 AND s.external_id IN (SEEDS) \
+       UNION SELECT c.external_id, CASE WHEN c.parent_id = t.external_id THEN 1 ELSE 2 END \
+         FROM tree t CROSS JOIN sessions c WHERE c.realm = $1 \
+         AND (c.parent_id = t.external_id OR c.delegated_by = t.external_id) \
+     ) SELECT s.external_id, MIN(t.via), s.status, s.delegated_by FROM tree t \
+       CROSS JOIN sessions s WHERE s.realm = $1 AND s.external_id = t.external_id \
+       GROUP BY s.external_id, s.status, s.delegated_by LIMIT $3";
+
 impl Store {
+    /// Every session a destroy seeded with `seeds` would walk over (at most `limit`): what
+    /// it would end and the sessions delegated from them.
+    pub async fn reach(&self, realm: &str, seeds: &[String], limit: i64) -> Result<Vec<Reached>> {
+        type Row = (String, i32, String, Option<String>);
+        let rows: Vec<Row> = match self {
+            Store::Sqlite(s) => {
+                let seeds = serde_json::to_string(seeds).unwrap_or_else(|_| "[]".into());
+                sqlx::query_as(&REACH_SQL.replace("SEEDS", "SELECT value FROM json_each($2)"))
+                    .bind(realm)
+                    .bind(seeds)
+                    .bind(limit)
+                    .fetch_all(&mut *s.reader().await?)
+                    .await?
+            }
+            Store::Postgres(p) => {
+                sqlx::query_as(&REACH_SQL.replace("SEEDS", "SELECT unnest($2::text[])"))
+                    .bind(realm)
+                    .bind(seeds)
+                    .bind(limit)
+                    .fetch_all(&mut *p.pool.acquire().await?)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(external_id, via, status, delegated_by)| Reached {
+                external_id,
+                via,
+                status,
+                delegated_by,
+            })
+            .collect())
+    }
+
     /// Live sessions per realm and kind, by realm name.
     pub async fn live_counts(&self) -> Result<Vec<LiveCounts>> {
         let rows: Vec<(String, String, String, i64)> = match self {
