@@ -70,15 +70,19 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
         axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
             .await
             .map(JsonBytes)
-            .map_err(|e| {
-                if is_length_limit(&e) {
-                    too_large()
-                } else if super::serve::is_body_timeout(&e) {
-                    ApiError::RequestTimeout(format!("could not read request body: {e}"))
-                } else {
-                    ApiError::Validation(format!("could not read request body: {e}"))
-                }
-            })
+            .map_err(|e| unreadable_body(&e, too_large))
+    }
+}
+
+/// What a request body that could not be read is answered with: `too_large` past the limit,
+/// 408 when it did not arrive within `[limits] body_read_timeout_ms`, else 400.
+pub(crate) fn unreadable_body(e: &axum::Error, too_large: impl FnOnce() -> ApiError) -> ApiError {
+    if is_length_limit(e) {
+        too_large()
+    } else if super::serve::is_body_timeout(e) {
+        ApiError::RequestTimeout(format!("could not read request body: {e}"))
+    } else {
+        ApiError::Validation(format!("could not read request body: {e}"))
     }
 }
 

@@ -513,9 +513,9 @@ async fn read_form<T: DeserializeOwned>(req: Request) -> Result<T, ConsoleError>
     let bytes = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES)
         .await
         .map_err(|e| {
-            ApiError::PayloadTooLarge(format!(
-                "the form could not be read (at most {MAX_FORM_BYTES} bytes): {e}"
-            ))
+            crate::api::extract::unreadable_body(&e, || {
+                ApiError::PayloadTooLarge(format!("a form may be at most {MAX_FORM_BYTES} bytes"))
+            })
         })?;
     serde_urlencoded::from_bytes(&bytes)
         .map_err(|e| ApiError::Validation(format!("malformed form: {e}")).into())
