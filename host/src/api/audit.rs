@@ -33,7 +33,7 @@ pub(super) fn entry(caller: &Caller, action: AuditAction, realm: Option<&str>) -
 /// Passes `result` on; a refusal (404, 409, 400/422 for a refused connector) is first
 /// recorded. The refused change wrote nothing, so this is a separate, best-effort write: a
 /// failure is logged and the caller still gets the refusal.
-pub(super) async fn refused<T>(
+pub(crate) async fn refused<T>(
     state: &AppState,
     entry: AuditEntry,
     result: Result<T, ApiError>,

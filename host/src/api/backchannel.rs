@@ -57,18 +57,7 @@ async fn logout(
     let Some(idp) = state.oidc.realm(&realm).cloned() else {
         return refuse(OidcError::NotConfigured(realm).to_string());
     };
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-    {
+    if !super::extract::is_form(request.headers()) {
         return refuse("the body must be application/x-www-form-urlencoded");
     }
     let Ok(body) = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await else {

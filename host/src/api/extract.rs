@@ -74,6 +74,19 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
     }
 }
 
+/// Whether the request says its body is `application/x-www-form-urlencoded` (parameters of
+/// the media type, such as a charset, allowed).
+pub(crate) fn is_form(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            t.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
 /// What a request body that could not be read is answered with: `too_large` past the limit,
 /// 408 when it did not arrive within `[limits] body_read_timeout_ms`, else 400.
 pub(crate) fn unreadable_body(e: &axum::Error, too_large: impl FnOnce() -> ApiError) -> ApiError {

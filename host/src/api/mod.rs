@@ -2,7 +2,7 @@
 //! mapping and the strict extractors. Handlers translate between wire DTOs and the domain;
 //! the rules live in `sync`, the SQL in `store`.
 
-mod audit;
+pub(crate) mod audit;
 mod backchannel;
 pub mod connectors;
 pub mod constraints;

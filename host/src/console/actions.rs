@@ -22,27 +22,14 @@ use crate::domain::{AuditAction, AuditEntry, AuditOutcome, DestroyTarget, EndRea
 use crate::lifecycle::{MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, PutOutcome};
 use crate::store::deliveries::ReplayTarget;
 
-/// Passes `result` on, first recording a refusal in the audit log (best-effort: the refused
-/// change wrote nothing), as `api::audit::refused` does for the API.
+/// Passes `result` on, first recording a refusal in the audit log: the API's own
+/// `api::audit::refused`, answered as a console error.
 async fn refused<T>(
     state: &AppState,
     entry: AuditEntry,
     result: Result<T, ApiError>,
 ) -> Result<T, ConsoleError> {
-    if let Err(e) = &result
-        && let Some(code) = e.refusal_code()
-    {
-        let action = entry.action.to_string();
-        if let Err(w) = state
-            .sessions
-            .store()
-            .record_audit(entry, AuditOutcome::Refused(code))
-            .await
-        {
-            tracing::warn!(error = %w, %action, code = code.as_str(), "audit record of a refusal not written");
-        }
-    }
-    Ok(result?)
+    Ok(crate::api::audit::refused(state, entry, result).await?)
 }
 
 #[derive(Deserialize)]

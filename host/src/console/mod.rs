@@ -493,18 +493,7 @@ const MAX_FORM_BYTES: usize = 64 * 1024;
 
 /// A URL-encoded form body, at most [`MAX_FORM_BYTES`].
 async fn read_form<T: DeserializeOwned>(req: Request) -> Result<T, ConsoleError> {
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-    {
+    if !crate::api::extract::is_form(req.headers()) {
         return Err(ApiError::UnsupportedMediaType(
             "a console form is sent as application/x-www-form-urlencoded".into(),
         )
