@@ -233,19 +233,18 @@ async fn map_child_racing_destroy_parent_on_other_instances_never_leaves_an_acti
             apis[(round + 1) % 3].map_child(&mid, &root).await.0,
             StatusCode::CREATED
         );
-        // The destroy goes out in the middle of the children, on yet another instance.
+        // The destroy goes out among the children, on yet another instance. Its place moves
+        // from first to last over the rounds, and the children after it leave 0 to 3 ms later,
+        // so that they land all along the destroy's own run: early ones win, late ones lose.
+        // Both outcomes must be seen, or this test proved nothing about the race.
+        let destroy_at = round % (CHILDREN + 1);
         let mut calls: Vec<BoxFuture<'static, (String, StatusCode, Value)>> = Vec::new();
         for i in 0..CHILDREN {
-            if i == CHILDREN / 2 {
-                let api = apis[(round + 2) % 3].clone();
-                let root = root.clone();
-                calls.push(Box::pin(async move {
-                    let (code, body) = api
-                        .post("destroy-parent", json!({"externalId": root}))
-                        .await;
-                    (String::new(), code, body)
-                }));
-            }
+            let delay = if i >= destroy_at {
+                Duration::from_millis((round % 4) as u64)
+            } else {
+                Duration::ZERO
+            };
             let api = apis[(round + i) % 3].clone();
             let parent = if i % 2 == 0 {
                 root.clone()
@@ -254,10 +253,22 @@ async fn map_child_racing_destroy_parent_on_other_instances_never_leaves_an_acti
             };
             let id = format!("{root}-n{i}");
             calls.push(Box::pin(async move {
+                tokio::time::sleep(delay).await;
                 let (code, body) = api.map_child(&id, &parent).await;
                 (id, code, body)
             }));
         }
+        let api = apis[(round + 2) % 3].clone();
+        let destroyed = root.clone();
+        calls.insert(
+            destroy_at,
+            Box::pin(async move {
+                let (code, body) = api
+                    .post("destroy-parent", json!({"externalId": destroyed}))
+                    .await;
+                (String::new(), code, body)
+            }),
+        );
         let results = all(calls).await;
         for (id, code, body) in results {
             if id.is_empty() {
