@@ -271,6 +271,45 @@ pub struct RealmConfig {
     /// call the realm's global token revocation endpoint.
     #[serde(default)]
     pub token_revocation_callers: Vec<RevocationCallerConfig>,
+    /// `[[realms.NAME.ssf_transmitters]]`: OpenID Shared Signals transmitters this realm
+    /// receives security events from (as an SSF receiver).
+    #[serde(default)]
+    pub ssf_transmitters: Vec<RemoteTransmitterConfig>,
+}
+
+/// `[[realms.NAME.ssf_transmitters]]`: an SSF 1.0 transmitter (Keycloak 26.7 with
+/// `--features=ssf`, Okta, any) whose session and account events end sessions here. Lockstep
+/// creates or adopts its stream at start, verifies it and keeps it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteTransmitterConfig {
+    /// The transmitter's issuer: `iss` of its SETs and of its metadata.
+    pub issuer: String,
+    /// Its metadata; default `{issuer}/.well-known/ssf-configuration`.
+    pub metadata_url: Option<String>,
+    /// OAuth client Lockstep calls the stream API with (client-credentials grant).
+    pub client_id: String,
+    /// That client's secret.
+    pub client_secret: String,
+    /// Token endpoint; default: `token_endpoint` of `{issuer}/.well-known/openid-configuration`.
+    pub token_url: Option<String>,
+    /// Scopes asked for (default `ssf.manage ssf.read`; empty string: none).
+    pub scope: Option<String>,
+    /// `push` (default: the transmitter POSTs SETs to `{public_url}/realms/NAME/ssf/push`)
+    /// or `poll` (Lockstep fetches them).
+    pub delivery: Option<String>,
+    /// Event type URIs requested (default: session-revoked, credential-change,
+    /// sessions-revoked, account-disabled, account-purged).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Audience a SET must name (default: the stream's `aud` as the transmitter reports it).
+    pub audience: Option<String>,
+    /// `originSystem` of the events and audit actor `idp:<system>` (default `ssf`).
+    pub system: Option<String>,
+    /// Oldest `iat` accepted, seconds (default 3600).
+    pub max_set_age_s: Option<u64>,
+    /// Milliseconds between polls when the last one found nothing (default 2000).
+    pub poll_interval_ms: Option<u64>,
 }
 
 /// `[[realms.NAME.token_revocation_callers]]`: an IdP (Okta, Auth0, any JWT signer with a

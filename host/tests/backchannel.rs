@@ -2,7 +2,11 @@
 //! identity provider: a real HTTP
 //! server on 127.0.0.1 that publishes a discovery document and a JWKS, with tokens signed by
 //! the test (keys in `tests/fixtures/oidc/`). This checks every verification rule one by one
-//! without Keycloak; `keycloak.rs` runs the same flows against a real Keycloak.
+//! without Keycloak; `keycloak.rs` runs the same flows against a real Keycloak. The same file
+//! holds a Shared Signals (SSF 1.0) transmitter written here from the specifications (stream
+//! management, push per RFC 8935, poll per RFC 8936, SETs per RFC 8417 signed with the
+//! fixture keys), independent of Lockstep's receiver code, for what Keycloak's transmitter
+//! does not send: RISC events, poll acknowledgements and `setErrs`, and forged SETs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -19,6 +23,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 on_both_backends!(
+    an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets,
+    an_ssf_poll_stream_acknowledges_sets_and_reports_refusals,
     a_verified_logout_token_ends_the_mapped_tree_once,
     global_token_revocation_by_an_api_key_ends_every_session_of_the_user,
     global_token_revocation_by_a_signed_jwt_is_accepted_once,
@@ -1148,4 +1154,770 @@ async fn an_api_clients_revocation_beyond_max_cascade_is_refused_whole() {
     for id in ["p1", "p2", "p3"] {
         assert_eq!(api.status_of(id).await, "DESTROYED", "{id}");
     }
+}
+
+// ---- Shared Signals: a transmitter written from the specifications ----------------------
+
+const TX_CLIENT: &str = "lockstep-rx";
+const TX_SECRET: &str = "lockstep-rx-secret";
+const TX_TOKEN: &str = "tx-access-token";
+const TX_AUD: &str = "https://lockstep.example/ssf-receiver";
+const SESSION_REVOKED: &str = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
+const CREDENTIAL_CHANGE: &str =
+    "https://schemas.openid.net/secevent/caep/event-type/credential-change";
+const SESSIONS_REVOKED: &str =
+    "https://schemas.openid.net/secevent/risc/event-type/sessions-revoked";
+const ACCOUNT_DISABLED: &str =
+    "https://schemas.openid.net/secevent/risc/event-type/account-disabled";
+const ACCOUNT_PURGED: &str = "https://schemas.openid.net/secevent/risc/event-type/account-purged";
+const VERIFICATION: &str = "https://schemas.openid.net/secevent/ssf/event-type/verification";
+const STREAM_UPDATED: &str = "https://schemas.openid.net/secevent/ssf/event-type/stream-updated";
+
+/// What the test transmitter holds: its one stream, the `state`s it was asked to verify
+/// with, SETs waiting for a poll, and what polls acknowledged or refused.
+#[derive(Default)]
+struct TxState {
+    stream: Option<Value>,
+    verify_states: Vec<String>,
+    queue: Vec<(String, String)>,
+    acks: Vec<String>,
+    errs: serde_json::Map<String, Value>,
+}
+
+/// An SSF transmitter on 127.0.0.1 (issuer `http://127.0.0.1:PORT/tx`).
+struct Tx {
+    issuer: String,
+    state: Arc<Mutex<TxState>>,
+    _server: common::Loopback,
+}
+
+fn tx_authorized(headers: &axum::http::HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TX_TOKEN}"))
+}
+
+impl Tx {
+    async fn start() -> Tx {
+        use axum::http::{HeaderMap, StatusCode as S};
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}/tx", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(TxState::default()));
+        let (meta_issuer, st) = (issuer.clone(), state.clone());
+        let app = axum::Router::new()
+            .route(
+                "/tx/.well-known/ssf-configuration",
+                get(move || {
+                    let i = meta_issuer.clone();
+                    async move {
+                        Json(json!({
+                            "spec_version": "1_0",
+                            "issuer": i,
+                            "jwks_uri": format!("{i}/certs"),
+                            "delivery_methods_supported": ["urn:ietf:rfc:8935", "urn:ietf:rfc:8936"],
+                            "configuration_endpoint": format!("{i}/streams"),
+                            "status_endpoint": format!("{i}/streams/status"),
+                            "verification_endpoint": format!("{i}/verify"),
+                            "critical_subject_members": ["user", "tenant"],
+                            "authorization_schemes": [{"spec_urn": "urn:ietf:rfc:6749"}],
+                        }))
+                    }
+                }),
+            )
+            .route(
+                "/tx/certs",
+                get(|| async { Json(json!({"keys": [jwk("a")]})) }),
+            )
+            .route(
+                "/tx/token",
+                axum::routing::post(|headers: HeaderMap| async move {
+                    use base64::Engine;
+                    let basic = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD
+                            .encode(format!("{TX_CLIENT}:{TX_SECRET}"))
+                    );
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some(basic.as_str())
+                    {
+                        return (S::UNAUTHORIZED, Json(json!({"error": "invalid_client"})))
+                            .into_response();
+                    }
+                    Json(json!({"access_token": TX_TOKEN, "token_type": "Bearer", "expires_in": 300}))
+                        .into_response()
+                }),
+            )
+            .route(
+                "/tx/streams",
+                get({
+                    let st = st.clone();
+                    move |headers: HeaderMap| {
+                        let st = st.clone();
+                        async move {
+                            if !tx_authorized(&headers) {
+                                return S::UNAUTHORIZED.into_response();
+                            }
+                            let stream = st.lock().unwrap().stream.clone();
+                            Json(json!(stream.into_iter().collect::<Vec<_>>())).into_response()
+                        }
+                    }
+                })
+                .post({
+                    let (st, i) = (st.clone(), issuer.clone());
+                    move |headers: HeaderMap, Json(mut body): Json<Value>| {
+                        let (st, i) = (st.clone(), i.clone());
+                        async move {
+                            if !tx_authorized(&headers) {
+                                return S::UNAUTHORIZED.into_response();
+                            }
+                            body["stream_id"] = json!("tx-stream-1");
+                            body["iss"] = json!(i);
+                            body["aud"] = json!(TX_AUD);
+                            if body["delivery"]["method"] == "urn:ietf:rfc:8936" {
+                                body["delivery"]["endpoint_url"] = json!(format!("{i}/poll"));
+                            }
+                            st.lock().unwrap().stream = Some(body.clone());
+                            (S::CREATED, Json(body)).into_response()
+                        }
+                    }
+                })
+                .patch({
+                    let st = st.clone();
+                    move |headers: HeaderMap, Json(body): Json<Value>| {
+                        let st = st.clone();
+                        async move {
+                            if !tx_authorized(&headers) {
+                                return S::UNAUTHORIZED.into_response();
+                            }
+                            let mut g = st.lock().unwrap();
+                            let Some(stream) = g.stream.as_mut() else {
+                                return S::NOT_FOUND.into_response();
+                            };
+                            for (k, v) in body.as_object().unwrap() {
+                                if k == "delivery" && stream["delivery"]["endpoint_url"].is_string() && v.get("endpoint_url").is_none() {
+                                    let url = stream["delivery"]["endpoint_url"].clone();
+                                    stream[k] = v.clone();
+                                    stream["delivery"]["endpoint_url"] = url;
+                                } else {
+                                    stream[k] = v.clone();
+                                }
+                            }
+                            Json(stream.clone()).into_response()
+                        }
+                    }
+                })
+                .delete({
+                    let st = st.clone();
+                    move || {
+                        let st = st.clone();
+                        async move {
+                            st.lock().unwrap().stream = None;
+                            S::NO_CONTENT
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/tx/streams/status",
+                get(|| async { Json(json!({"stream_id": "tx-stream-1", "status": "enabled"})) }),
+            )
+            .route(
+                "/tx/verify",
+                axum::routing::post({
+                    let st = st.clone();
+                    move |headers: HeaderMap, Json(body): Json<Value>| {
+                        let st = st.clone();
+                        async move {
+                            if !tx_authorized(&headers) {
+                                return S::UNAUTHORIZED;
+                            }
+                            let state = body["state"].as_str().unwrap_or_default().to_owned();
+                            st.lock().unwrap().verify_states.push(state);
+                            S::NO_CONTENT
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/tx/poll",
+                axum::routing::post({
+                    let st = st.clone();
+                    move |headers: HeaderMap, Json(body): Json<Value>| {
+                        let st = st.clone();
+                        async move {
+                            if !tx_authorized(&headers) {
+                                return S::UNAUTHORIZED.into_response();
+                            }
+                            let mut g = st.lock().unwrap();
+                            for a in body["ack"].as_array().into_iter().flatten() {
+                                g.acks.push(a.as_str().unwrap().to_owned());
+                            }
+                            for (k, v) in body["setErrs"].as_object().into_iter().flatten() {
+                                g.errs.insert(k.clone(), v.clone());
+                            }
+                            let max = body["maxEvents"].as_u64().unwrap_or(100) as usize;
+                            let n = g.queue.len().min(max);
+                            let sets: serde_json::Map<String, Value> = g
+                                .queue
+                                .drain(..n)
+                                .map(|(jti, set)| (jti, json!(set)))
+                                .collect();
+                            Json(json!({"sets": sets, "moreAvailable": !g.queue.is_empty()}))
+                                .into_response()
+                        }
+                    }
+                }),
+            );
+        Tx {
+            issuer,
+            state,
+            _server: common::serve(listener, app),
+        }
+    }
+
+    fn config(&self, delivery: &str, public_url: &str) -> String {
+        format!(
+            "public_url = \"{public_url}\"\n[realms.acme]\nclock_skew_s = 30\n\
+             [[realms.acme.ssf_transmitters]]\nissuer = \"{i}\"\nclient_id = \"{TX_CLIENT}\"\n\
+             client_secret = \"{TX_SECRET}\"\ntoken_url = \"{i}/token\"\ndelivery = \"{delivery}\"\n\
+             system = \"ssf-tx\"\npoll_interval_ms = 100\nmax_set_age_s = 600\n",
+            i = self.issuer
+        )
+    }
+
+    /// The stream once Lockstep set it up and asked for its verification.
+    async fn wait_stream(&self) -> (Value, String) {
+        for _ in 0..200 {
+            {
+                let g = self.state.lock().unwrap();
+                if let (Some(stream), Some(state)) = (&g.stream, g.verify_states.last()) {
+                    return (stream.clone(), state.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("Lockstep never set up its stream");
+    }
+
+    fn claims(&self, event: &str, payload: Value, sub_id: Option<Value>) -> Value {
+        let mut c = json!({
+            "iss": self.issuer,
+            "aud": TX_AUD,
+            "iat": now(),
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "events": {event: payload},
+        });
+        if let Some(sub_id) = sub_id {
+            c["sub_id"] = sub_id;
+        }
+        c
+    }
+}
+
+fn sign_set(key: &str, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    header.typ = Some("secevent+jwt".into());
+    let key =
+        EncodingKey::from_rsa_pem(fixture(&format!("test-rsa-{key}.pem")).as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+/// A JWT with a header written by hand (`alg: none`, no `typ`...), signed with key `a` when
+/// the header says RS256, else with an empty or an HMAC signature.
+fn sign_raw(header: &Value, claims: &Value) -> String {
+    use common::b64url;
+    let input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let signature = match header["alg"].as_str().unwrap() {
+        "none" => String::new(),
+        "HS256" => {
+            // The classic confusion: the transmitter's public key used as an HMAC secret.
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(
+                fixture("test-rsa-a.pub.pem").as_bytes(),
+            )
+            .unwrap();
+            mac.update(input.as_bytes());
+            b64url(&mac.finalize().into_bytes())
+        }
+        _ => {
+            let key = EncodingKey::from_rsa_pem(fixture("test-rsa-a.pem").as_bytes()).unwrap();
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::RS256).unwrap()
+        }
+    };
+    format!("{input}.{signature}")
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+async fn ssf_server(backend: Backend, tx: &Tx, delivery: &str) -> Server {
+    let addr = free_addr();
+    Server::start_with(
+        backend,
+        ServerOptions {
+            config: Some(tx.config(delivery, &format!("http://{addr}"))),
+            listen: Some(addr),
+            ..ServerOptions::default()
+        },
+    )
+    .await
+}
+
+async fn push_set(stream: &Value, set: &str, authorization: Option<&str>) -> (StatusCode, Value) {
+    let url = stream["delivery"]["endpoint_url"].as_str().unwrap();
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/secevent+jwt")
+        .body(set.to_owned());
+    if let Some(a) = authorization.or(stream["delivery"]["authorization_header"].as_str()) {
+        req = req.header("authorization", a);
+    }
+    let res = req.send().await.unwrap();
+    let code = res.status();
+    (code, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn ssf_stream_view(server: &Server) -> Value {
+    let (code, body) = server.admin_get("/realms/acme/ssf/streams").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    body[0].clone()
+}
+
+fn complex(user: &str, sid: &str, issuer: &str) -> Value {
+    json!({"format": "complex",
+           "user": {"format": "iss_sub", "iss": issuer, "sub": user},
+           "session": {"format": "opaque", "id": sid}})
+}
+
+async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: Backend) {
+    let tx = Tx::start().await;
+    let server = ssf_server(backend, &tx, "push").await;
+    let (stream, state) = tx.wait_stream().await;
+    assert_eq!(stream["delivery"]["method"], "urn:ietf:rfc:8935");
+    assert!(
+        stream["delivery"]["endpoint_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/realms/acme/ssf/push"),
+        "{stream}"
+    );
+    assert_eq!(stream["events_requested"].as_array().unwrap().len(), 5);
+    let verification = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(VERIFICATION, json!({"state": state}), None),
+    );
+    assert_eq!(
+        push_set(&stream, &verification, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    let view = ssf_stream_view(&server).await;
+    assert_eq!(
+        (
+            view["verified"].as_bool(),
+            view["status"].as_str(),
+            view["streamId"].as_str()
+        ),
+        (Some(true), Some("enabled"), Some("tx-stream-1")),
+        "{view}"
+    );
+
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    assert_eq!(api.map_child("c1", "p1").await.0, StatusCode::CREATED);
+    map_user(&api, "p2", "kc-2", "alice").await;
+    map_user(&api, "bob-1", "kc-3", "bob").await;
+    let outbox = server.outbox_total().await;
+
+    // Without the stream's Authorization, or with another, nothing is even read.
+    let good = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(
+            SESSION_REVOKED,
+            json!({}),
+            Some(complex("alice", "kc-1", &tx.issuer)),
+        ),
+    );
+    let (code, body) = push_set(&stream, &good, Some("Bearer guessed")).await;
+    assert_eq!(
+        (code, body["err"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("authentication_failed"))
+    );
+    let res = reqwest::Client::new()
+        .post(stream["delivery"]["endpoint_url"].as_str().unwrap())
+        .header(
+            "authorization",
+            stream["delivery"]["authorization_header"].as_str().unwrap(),
+        )
+        .header("content-type", "application/json")
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let base = || {
+        tx.claims(
+            SESSION_REVOKED,
+            json!({}),
+            Some(complex("alice", "kc-1", &tx.issuer)),
+        )
+    };
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = base();
+        f(&mut c);
+        c
+    };
+    let rs256 = json!({"alg": "RS256", "kid": "test-a", "typ": "secevent+jwt"});
+    let forged: Vec<(&str, String, &str)> = vec![
+        (
+            "bad signature",
+            sign_set("b", "test-a", &base()),
+            "invalid_key",
+        ),
+        ("unknown kid", sign_set("a", "nope", &base()), "invalid_key"),
+        (
+            "alg none",
+            sign_raw(&json!({"alg": "none", "typ": "secevent+jwt"}), &base()),
+            "invalid_key",
+        ),
+        (
+            "HS256 with the public key",
+            sign_raw(
+                &json!({"alg": "HS256", "kid": "test-a", "typ": "secevent+jwt"}),
+                &base(),
+            ),
+            "invalid_key",
+        ),
+        (
+            "wrong iss",
+            sign_set(
+                "a",
+                "test-a",
+                &with(&|c| c["iss"] = json!("http://127.0.0.1:1/tx")),
+            ),
+            "invalid_issuer",
+        ),
+        (
+            "wrong aud",
+            sign_set("a", "test-a", &with(&|c| c["aud"] = json!("someone-else"))),
+            "invalid_audience",
+        ),
+        (
+            "sub present",
+            sign_set("a", "test-a", &with(&|c| c["sub"] = json!("alice"))),
+            "invalid_request",
+        ),
+        (
+            "exp present",
+            sign_set("a", "test-a", &with(&|c| c["exp"] = json!(now() + 60))),
+            "invalid_request",
+        ),
+        (
+            "typ missing",
+            sign_raw(&json!({"alg": "RS256", "kid": "test-a"}), &base()),
+            "invalid_request",
+        ),
+        (
+            "stale iat",
+            sign_set(
+                "a",
+                "test-a",
+                &with(&|c| c["iat"] = json!(now() - 2 * 86_400)),
+            ),
+            "invalid_request",
+        ),
+        (
+            "unknown critical subject member",
+            sign_set(
+                "a",
+                "test-a",
+                &with(&|c| c["sub_id"]["tenant"] = json!({"format": "opaque", "id": "t1"})),
+            ),
+            "invalid_request",
+        ),
+        (
+            "subject in another realm",
+            sign_set(
+                "a",
+                "test-a",
+                &with(&|c| c["sub_id"]["user"]["iss"] = json!("http://127.0.0.1:1/realms/other")),
+            ),
+            "invalid_request",
+        ),
+        (
+            "two events",
+            sign_set(
+                "a",
+                "test-a",
+                &with(&|c| c["events"][ACCOUNT_DISABLED] = json!({})),
+            ),
+            "invalid_request",
+        ),
+        ("not a JWT", "garbage".to_owned(), "invalid_request"),
+        (
+            "RS256 header, tampered payload",
+            {
+                let t = sign_raw(&rs256, &base());
+                let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+                parts[1] = common::b64url(
+                    with(&|c| c["sub_id"]["user"]["sub"] = json!("bob"))
+                        .to_string()
+                        .as_bytes(),
+                );
+                parts.join(".")
+            },
+            "invalid_key",
+        ),
+    ];
+    for (what, set, err) in &forged {
+        let (code, body) = push_set(&stream, set, None).await;
+        assert_eq!(
+            (code, body["err"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(*err)),
+            "{what}: {body}"
+        );
+        assert!(body["description"].is_string(), "{what}: {body}");
+    }
+    for id in ["p1", "c1", "p2", "bob-1"] {
+        assert_eq!(api.status_of(id).await, "ACTIVE", "{id}");
+    }
+    assert_eq!(
+        server.outbox_total().await,
+        outbox,
+        "a refused SET wrote events"
+    );
+
+    // CAEP session-revoked with a session: the PARENTs of that Keycloak session id, and
+    // their tree, end; the user's other session stays.
+    assert_eq!(push_set(&stream, &good, None).await.0, StatusCode::ACCEPTED);
+    assert_eq!(api.status_of("p1").await, "DESTROYED");
+    assert_eq!(api.status_of("c1").await, "DESTROYED");
+    assert_eq!(api.status_of("p2").await, "ACTIVE");
+    let (_, p1) = api.get("p1").await;
+    assert_eq!(p1["endReason"], "idp_logout");
+    let events = server.outbox("acme", "p1").await;
+    assert_eq!(events.last().unwrap()["type"], "logout");
+    assert_eq!(events.last().unwrap()["originSystem"], "ssf-tx");
+    // Delivered again (same jti): acknowledged, and nothing changes, not even for a new
+    // PARENT of the same Keycloak session.
+    map_user(&api, "p3", "kc-1", "alice").await;
+    assert_eq!(push_set(&stream, &good, None).await.0, StatusCode::ACCEPTED);
+    assert_eq!(api.status_of("p3").await, "ACTIVE");
+
+    // CAEP credential-change: every session of the user, connectors told `revoke` too.
+    let change = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(
+            CREDENTIAL_CHANGE,
+            json!({"credential_type": "password", "change_type": "update"}),
+            Some(json!({"format": "iss_sub", "iss": tx.issuer, "sub": "alice"})),
+        ),
+    );
+    assert_eq!(
+        push_set(&stream, &change, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    let types: Vec<String> = server
+        .outbox("acme", "p2")
+        .await
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, ["login", "revoke", "logout"]);
+    assert_eq!(api.status_of("p3").await, "DESTROYED");
+    // RISC account-disabled (an opaque subject): reason revoked.
+    let disabled = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(
+            ACCOUNT_DISABLED,
+            json!({}),
+            Some(json!({"format": "opaque", "id": "bob"})),
+        ),
+    );
+    assert_eq!(
+        push_set(&stream, &disabled, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    let (_, bob) = api.get("bob-1").await;
+    assert_eq!(
+        (bob["status"].as_str(), bob["endReason"].as_str()),
+        (Some("DESTROYED"), Some("revoked"))
+    );
+
+    // The transmitter pauses the stream: shown in the admin API and the metrics.
+    let paused = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(
+            STREAM_UPDATED,
+            json!({"status": "paused", "reason": "maintenance"}),
+            Some(json!({"format": "opaque", "id": "tx-stream-1"})),
+        ),
+    );
+    assert_eq!(
+        push_set(&stream, &paused, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    let view = ssf_stream_view(&server).await;
+    assert_eq!(
+        (view["status"].as_str(), view["reason"].as_str()),
+        (Some("paused"), Some("maintenance")),
+        "{view}"
+    );
+    assert_eq!(
+        view["setsRefused"].as_u64(),
+        Some(forged.len() as u64),
+        "{view}"
+    );
+    assert_eq!(view["setsReplayed"].as_u64(), Some(1), "{view}");
+    let metrics = server.metrics().await;
+    let label = format!("realm=\"acme\",transmitter=\"{}\"", tx.issuer);
+    for line in [
+        format!("lockstep_ssf_stream_status{{{label},status=\"paused\"}} 1"),
+        format!("lockstep_ssf_stream_status{{{label},status=\"enabled\"}} 0"),
+        format!("lockstep_ssf_stream_verified{{{label}}} 1"),
+        format!(
+            "lockstep_ssf_sets_total{{{label},outcome=\"refused\"}} {}",
+            forged.len()
+        ),
+        format!("lockstep_ssf_sets_total{{{label},outcome=\"replayed\"}} 1"),
+    ] {
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
+    let (_, audit) = server
+        .admin_get("/admin/audit?realm=acme&action=ssf:session-revoked")
+        .await;
+    let results: Vec<(&str, &str)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|r| (r["actor"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [("idp:ssf-tx", "ok"), ("idp:ssf-tx", "DUPLICATE_EVENT")]
+    );
+}
+
+async fn an_ssf_poll_stream_acknowledges_sets_and_reports_refusals(backend: Backend) {
+    let tx = Tx::start().await;
+    let server = ssf_server(backend, &tx, "poll").await;
+    let (stream, state) = tx.wait_stream().await;
+    assert_eq!(stream["delivery"]["method"], "urn:ietf:rfc:8936");
+    let enqueue = |c: Value| {
+        let jti = c["jti"].as_str().unwrap().to_owned();
+        let set = sign_set("a", "test-a", &c);
+        tx.state.lock().unwrap().queue.push((jti.clone(), set));
+        jti
+    };
+    let acked = |jti: &str| {
+        tx.state
+            .lock()
+            .unwrap()
+            .acks
+            .iter()
+            .filter(|a| *a == jti)
+            .count()
+    };
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+    let v = enqueue(tx.claims(VERIFICATION, json!({"state": state}), None));
+    until("the verification's ack", || acked(&v) == 1).await;
+    assert_eq!(ssf_stream_view(&server).await["verified"], true);
+
+    let api = server.api("acme");
+    map_user(&api, "p1", "kc-1", "alice").await;
+    assert_eq!(api.map_child("c1", "p1").await.0, StatusCode::CREATED);
+    map_user(&api, "p2", "kc-2", "alice").await;
+    map_user(&api, "carol-1", "kc-3", "carol").await;
+    let outbox = server.outbox_total().await;
+
+    // A forged SET is refused in setErrs with its code, never acknowledged, changes nothing.
+    let mut wrong_aud = tx.claims(
+        SESSIONS_REVOKED,
+        json!({}),
+        Some(json!({"format": "opaque", "id": "alice"})),
+    );
+    wrong_aud["aud"] = json!("someone-else");
+    let bad = enqueue(wrong_aud);
+    let mut stale = tx.claims(
+        SESSIONS_REVOKED,
+        json!({}),
+        Some(json!({"format": "opaque", "id": "alice"})),
+    );
+    stale["iat"] = json!(now() - 86_400);
+    let old = enqueue(stale);
+    until("the setErrs", || {
+        let g = tx.state.lock().unwrap();
+        g.errs.contains_key(&bad) && g.errs.contains_key(&old)
+    })
+    .await;
+    {
+        let g = tx.state.lock().unwrap();
+        assert_eq!(g.errs[&bad]["err"], "invalid_audience");
+        assert_eq!(g.errs[&old]["err"], "invalid_request");
+        assert!(!g.acks.contains(&bad) && !g.acks.contains(&old));
+    }
+    assert_eq!(api.status_of("p1").await, "ACTIVE");
+    assert_eq!(server.outbox_total().await, outbox);
+
+    // RISC sessions-revoked: every session of the user (reason idp_logout), acknowledged.
+    let revoked = tx.claims(
+        SESSIONS_REVOKED,
+        json!({}),
+        Some(json!({"format": "opaque", "id": "alice"})),
+    );
+    let good = enqueue(revoked.clone());
+    until("the ack", || acked(&good) == 1).await;
+    for id in ["p1", "c1", "p2"] {
+        assert_eq!(api.status_of(id).await, "DESTROYED", "{id}");
+    }
+    // Delivered again: acknowledged again, nothing changes.
+    map_user(&api, "p3", "kc-4", "alice").await;
+    let set = sign_set("a", "test-a", &revoked);
+    tx.state.lock().unwrap().queue.push((good.clone(), set));
+    until("the second ack", || acked(&good) == 2).await;
+    assert_eq!(api.status_of("p3").await, "ACTIVE");
+
+    // RISC account-purged: reason admin.
+    let purged = enqueue(tx.claims(
+        ACCOUNT_PURGED,
+        json!({}),
+        Some(json!({"format": "email", "email": "carol"})),
+    ));
+    until("the purge's ack", || acked(&purged) == 1).await;
+    let (_, carol) = api.get("carol-1").await;
+    assert_eq!(
+        (carol["status"].as_str(), carol["endReason"].as_str()),
+        (Some("DESTROYED"), Some("admin"))
+    );
+    let view = ssf_stream_view(&server).await;
+    assert_eq!(
+        (
+            view["delivery"].as_str(),
+            view["setsRefused"].as_u64(),
+            view["setsReplayed"].as_u64()
+        ),
+        (Some("poll"), Some(2), Some(1)),
+        "{view}"
+    );
 }

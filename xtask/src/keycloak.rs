@@ -34,8 +34,27 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::{target_dir, workspace_root};
 
-/// Keycloak release to run; 26.5.x still runs on JDK 17.
-const VERSION: &str = "26.5.6";
+/// Keycloak release to run: 26.7 carries the experimental SSF transmitter (`--features=ssf`)
+/// the SSF receiver's tests use. It needs a JDK of at least [`MIN_JDK`].
+const VERSION: &str = "26.7.3";
+/// Least Java release Keycloak [`VERSION`] starts on.
+const MIN_JDK: u32 = 21;
+/// Where a suitable JDK is looked for when `KEYCLOAK_JAVA_HOME` is not set: the newest first.
+const JDK_CANDIDATES: [&str; 4] = [
+    "/usr/lib/jvm/temurin-25-jdk-amd64",
+    "/usr/lib/jvm/java-25-openjdk-amd64",
+    "/usr/lib/jvm/temurin-21-jdk-amd64",
+    "/usr/lib/jvm/java-21-openjdk-amd64",
+];
+/// The loopback push endpoint the SSF tests ask for is plain HTTP, which the transmitter
+/// refuses unless told otherwise; `default-subjects=ALL` makes it deliver the events of every
+/// user rather than only of users a receiver subscribed; no rate limit on verification.
+const SSF_OPTIONS: [&str; 4] = [
+    "--spi-ssf-transmitter--default--allow-insecure-push-targets=true",
+    "--spi-ssf-transmitter--default--default-subjects=ALL",
+    "--spi-ssf-transmitter--default--min-verification-interval-seconds=0",
+    "--spi-ssf-transmitter--default--outbox-drainer-interval=1s",
+];
 const HOST: &str = "127.0.0.1";
 const PORT: u16 = 18180;
 /// Management interface (`/metrics`) of the test Keycloak.
@@ -240,11 +259,14 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
     let log_err = log
         .try_clone()
         .with_context(|| format!("duplicating the handle of {}", paths.log.display()))?;
+    let java_home = java_home()?;
     let kc = paths.home.join("bin/kc.sh");
     let mut cmd = Command::new(&kc);
     cmd.current_dir(&paths.home)
+        .env("JAVA_HOME", &java_home)
         .args([
             "start-dev",
+            "--features=ssf",
             &format!("--http-host={HOST}"),
             &format!("--http-port={PORT}"),
             // --http-host binds this listener too.
@@ -263,6 +285,7 @@ fn start(paths: &Paths, build: bool) -> Result<()> {
             "--vault=file",
             &format!("--vault-dir={}", paths.vault.display()),
         ])
+        .args(SSF_OPTIONS)
         // Secrets through the environment, not the command line that `ps` shows.
         .env("KC_DB_PASSWORD", db.password.as_deref().unwrap_or(""))
         .env("KC_SPI_EVENTS_LISTENER__LOCKSTEP__SECRET", EVENTS_SECRET)
@@ -531,6 +554,52 @@ fn status(paths: &Paths) -> Result<ExitCode> {
 }
 
 /// The distribution archive in the local Maven repository, fetched with Maven if missing.
+/// The JDK Keycloak runs on: `KEYCLOAK_JAVA_HOME` when set, else the first of
+/// [`JDK_CANDIDATES`] present; its `release` file must name Java [`MIN_JDK`] or later.
+/// Maven (the extension's build) keeps the default JDK.
+fn java_home() -> Result<PathBuf> {
+    let explicit = std::env::var_os("KEYCLOAK_JAVA_HOME").map(PathBuf::from);
+    let candidates: Vec<PathBuf> = match &explicit {
+        Some(home) => vec![home.clone()],
+        None => JDK_CANDIDATES.iter().map(PathBuf::from).collect(),
+    };
+    for home in &candidates {
+        if !home.join("bin/java").is_file() {
+            continue;
+        }
+        match jdk_release(home) {
+            Some(v) if v >= MIN_JDK => return Ok(home.clone()),
+            found => eprintln!(
+                "{} is Java {}, Keycloak {VERSION} needs {MIN_JDK} or later",
+                home.display(),
+                found.map_or_else(|| "of unknown release".to_owned(), |v| v.to_string())
+            ),
+        }
+    }
+    bail!(
+        "no JDK {MIN_JDK} or later for Keycloak {VERSION}: looked at {}; install one (e.g. \
+         `apt-get install openjdk-21-jdk-headless`) or set KEYCLOAK_JAVA_HOME",
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The feature release of a JDK from its `release` file (`JAVA_VERSION="25.0.1"` → 25).
+fn jdk_release(home: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(home.join("release")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("JAVA_VERSION="))?;
+    let version = line.trim_start_matches("JAVA_VERSION=").trim_matches('"');
+    let major = version.split(['.', '-', '+']).next()?;
+    // Java 8 and older spelled themselves 1.x.
+    match major.parse::<u32>().ok()? {
+        1 => version.split('.').nth(1)?.parse().ok(),
+        n => Some(n),
+    }
+}
+
 fn distribution() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set (needed for ~/.m2)")?;
     let archive = PathBuf::from(home).join(format!(
@@ -603,6 +672,7 @@ fn unpack(archive: &Path, paths: &Paths) -> Result<()> {
 /// when its bytes changed, so an unchanged jar does not make Keycloak re-augment).
 fn install_extension(paths: &Paths) -> Result<()> {
     let pom = paths.root.join(EXTENSION_POM);
+    install_model_jpa(paths)?;
     eprintln!("building the Lockstep event listener ({})", pom.display());
     let status = Command::new("mvn")
         .args(["-q", "-B", "-Dstyle.color=never", "-f"])
@@ -630,6 +700,43 @@ fn install_extension(paths: &Paths) -> Result<()> {
     if std::fs::read(&to).ok().as_deref() != Some(bytes.as_slice()) {
         std::fs::write(&to, &bytes).with_context(|| format!("writing {}", to.display()))?;
         eprintln!("installed {}", to.display());
+    }
+    Ok(())
+}
+
+/// Puts the distribution's `keycloak-model-jpa` jar (the extension compiles against its JPA
+/// entity provider SPI) into the local Maven repository with a pom of its own: the one on
+/// Maven Central for 26.7.3 names a parent, `keycloak-model-pom` 26.7.3, that Central does
+/// not have, so Maven cannot resolve the artifact from there.
+fn install_model_jpa(paths: &Paths) -> Result<()> {
+    let jar = paths.home.join(format!(
+        "lib/lib/main/org.keycloak.keycloak-model-jpa-{VERSION}.jar"
+    ));
+    if !jar.is_file() {
+        bail!("{} is missing from the distribution", jar.display());
+    }
+    let status = Command::new("mvn")
+        .args([
+            "-q",
+            "-B",
+            "-Dstyle.color=never",
+            "org.apache.maven.plugins:maven-install-plugin:3.1.2:install-file",
+        ])
+        .arg(format!("-Dfile={}", jar.display()))
+        .args([
+            "-DgroupId=org.keycloak",
+            "-DartifactId=keycloak-model-jpa",
+            &format!("-Dversion={VERSION}"),
+            "-Dpackaging=jar",
+            "-DgeneratePom=true",
+        ])
+        .status()
+        .context("running mvn install:install-file (is Maven installed?)")?;
+    if !status.success() {
+        bail!(
+            "installing {} into the local Maven repository failed ({status})",
+            jar.display()
+        );
     }
     Ok(())
 }

@@ -567,6 +567,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.connectors.render_metrics().await,
+        {
+            let mut text = state.connectors.render_metrics().await;
+            state.ssf.render_metrics(&mut text);
+            text
+        },
     )
 }

@@ -19,6 +19,7 @@ mod receipts;
 pub mod revocation;
 pub mod serve;
 mod sessions;
+pub mod ssf_push;
 
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct AppState {
     pub auth_failures: Option<std::sync::Arc<limits::AuthFailures>>,
     /// The operator console (`None`: switched off).
     pub console: Option<std::sync::Arc<crate::console::Console>>,
+    /// The realms' Shared Signals receiver streams (push endpoint, admin view, metrics).
+    pub ssf: std::sync::Arc<crate::sync::ssf_streams::SsfReceiver>,
 }
 
 /// The whole HTTP application.
@@ -71,6 +74,7 @@ pub fn app(state: AppState) -> Router {
         .merge(connectors::router())
         .merge(backchannel::router())
         .merge(revocation::router())
+        .merge(ssf_push::router())
         .merge(events::router())
         .merge(health::router())
         .merge(openapi::router())

@@ -42,6 +42,8 @@ use super::constraints::PathRules;
         super::backchannel::logout,
         super::revocation::revoke,
         super::revocation::metadata,
+        super::ssf_push::push,
+        super::ssf_push::streams,
         super::events::receive,
         super::health::healthz,
         super::health::readyz,
@@ -52,7 +54,7 @@ use super::constraints::PathRules;
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
          (name = "connectors", description = "Load, replace, remove, enable and disable connectors at run time"),
-         (name = "identity-provider", description = "OIDC Back-Channel Logout, Keycloak event intake and Global Token Revocation from identity providers"),
+         (name = "identity-provider", description = "OIDC Back-Channel Logout, Keycloak event intake, Global Token Revocation and Shared Signals (SSF) push from identity providers"),
          (name = "audit", description = "The audit log of session operations and admin actions"),
          (name = "health", description = "Liveness, readiness and metrics"))
 )]

@@ -27,6 +27,7 @@ use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::reconcile::{self, Reconciler};
 use crate::sync::sessions::SessionService;
+use crate::sync::ssf_streams::{SsfReceiver, TransmitterSettings};
 use crate::telemetry::audit::{self, RetentionConfig};
 use crate::telemetry::metrics::Metrics;
 
@@ -241,6 +242,17 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 revocation,
             ),
     );
+    let mut transmitters = Vec::new();
+    for (name, r) in file.realm_policies()? {
+        transmitters.extend(
+            TransmitterSettings::from_config(&name, &r, file.public_url.as_deref())
+                .map_err(|e| anyhow::anyhow!("config: {e}"))?,
+        );
+    }
+    let ssf = Arc::new(
+        SsfReceiver::new(transmitters, &roots)
+            .map_err(|e| anyhow::anyhow!("cannot set up the SSF receiver: {e}"))?,
+    );
     let admins = reconcilers(&file, &roots)?;
     let console = console(&file, &oidc, &roots)?;
     let events = Arc::new(file.event_keys()?);
@@ -354,12 +366,19 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..RetentionConfig::default()
     };
     let audit_sweeper = tokio::spawn(audit::run(store.clone(), retention, stop.subscribe()));
+    let ssf_streams = (!ssf.is_empty()).then(|| {
+        tokio::spawn(
+            ssf.clone()
+                .run(oidc.clone(), sessions.clone(), stop.subscribe()),
+        )
+    });
     let background = Background {
         stop,
         dispatcher,
         sweeper,
         audit_sweeper,
         reconciling,
+        ssf_streams,
         watcher,
         cluster_sync,
     };
@@ -377,6 +396,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .failed_auth
             .map(|(per_minute, burst)| Arc::new(api::limits::AuthFailures::new(per_minute, burst))),
         console,
+        ssf,
     };
     let app = api::app(state);
     match limits.max_client_connections {
@@ -402,6 +422,8 @@ struct Background {
     sweeper: tokio::task::JoinHandle<()>,
     audit_sweeper: tokio::task::JoinHandle<()>,
     reconciling: Vec<tokio::task::JoinHandle<()>>,
+    /// The SSF receiver's streams (their pollers send what they owe before stopping).
+    ssf_streams: Option<tokio::task::JoinHandle<()>>,
     /// The connectors directory's watcher, when there is a directory.
     watcher: Option<tokio::task::JoinHandle<()>>,
     cluster_sync: tokio::task::JoinHandle<()>,
@@ -424,6 +446,13 @@ impl Background {
         for task in self.reconciling {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "reconciler failed");
+            }
+        }
+        if let Some(task) = self.ssf_streams {
+            match tokio::time::timeout(Duration::from_secs(15), task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "ssf streams task failed"),
+                Err(_) => tracing::warn!("ssf streams did not stop within 15 s"),
             }
         }
         match tokio::time::timeout(Duration::from_secs(70), self.dispatcher).await {

@@ -25,6 +25,8 @@ pub enum AuditAction {
     /// `global-token-revocation`: a caller ended every session of a user (Global Token
     /// Revocation).
     GlobalTokenRevocation,
+    /// `ssf:<event>`: a Shared Signals transmitter's event (`ssf:session-revoked`...).
+    SharedSignal(String),
     /// `idp-event:<TYPE>`: a Keycloak event from the event intake.
     IdpEvent(String),
     /// `expire`: the sweeper ended sessions whose lifetime ran out.
@@ -55,6 +57,7 @@ impl fmt::Display for AuditAction {
             AuditAction::BackchannelLogout => "backchannel-logout",
             AuditAction::GlobalTokenRevocation => "global-token-revocation",
             AuditAction::IdpEvent(kind) => return write!(f, "idp-event:{kind}"),
+            AuditAction::SharedSignal(event) => return write!(f, "ssf:{event}"),
             AuditAction::Expire => "expire",
             AuditAction::Reconcile => "reconcile",
             AuditAction::ConnectorPut => "connector-put",

@@ -11,3 +11,4 @@ pub mod idp_events;
 pub mod receipts;
 pub mod reconcile;
 pub mod sessions;
+pub mod ssf_streams;

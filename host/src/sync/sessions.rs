@@ -69,6 +69,23 @@ pub struct Revoker {
     pub detail: serde_json::Value,
 }
 
+/// What a verified Shared Signals event orders (see [`SessionService::apply_signal`]).
+#[derive(Clone, Debug)]
+pub struct SignalOrder {
+    /// The event's short name (`session-revoked`...), for the audit action.
+    pub event: String,
+    /// Every PARENT of an IdP session, or every session of a user.
+    pub target: DestroyTarget,
+    /// `idp_logout`, `revoked` or `admin`.
+    pub reason: EndReason,
+    /// Whether connectors hear `revoke` events too (credentials changed).
+    pub revoke: bool,
+    /// The transmitter's system label: `originSystem` of the events, audit actor `idp:<it>`.
+    pub origin_system: String,
+    /// The SET's `jti`, namespaced by transmitter.
+    pub guard: ReplayGuard,
+}
+
 /// A session in a tree, with its distance from the root.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TreeEntry {
@@ -437,6 +454,57 @@ impl SessionService {
                 replay_guard: by.guard,
                 revoke: true,
                 max_sessions: if by.limited { self.max_cascade } else { None },
+                audit: Some(audit.clone()),
+            })
+            .await;
+        self.audited(Some(audit), result).await
+    }
+
+    /// Applies what a Shared Signals transmitter said (a verified SET): ends `order.target`
+    /// with `order.reason`, cascading (the realm's orphan policy applies to `idp_logout`),
+    /// `revoke` events too when asked, with the SET's `jti` stored in the same transaction
+    /// (a redelivery is `StoreError::Replayed` and changes nothing) and its audit record.
+    pub async fn apply_signal(
+        &self,
+        realm: &str,
+        order: SignalOrder,
+    ) -> Result<Vec<Session>, SessionError> {
+        rules::realm(realm)?;
+        match &order.target {
+            DestroyTarget::IdpSession(id) => rules::id("sid", id)?,
+            DestroyTarget::User(id) => rules::id("userId", id)?,
+            _ => {
+                return Err(ValidationError("a signal names a session or a user".into()).into());
+            }
+        }
+        rules::id("originSystem", &order.origin_system)?;
+        let orphan_children =
+            order.reason == EndReason::IdpLogout && self.policy(realm).orphan_children;
+        let audit = AuditEntry::new(
+            format!("idp:{}", order.origin_system),
+            AuditAction::SharedSignal(order.event.clone()),
+            Some(realm),
+        )
+        .detail(serde_json::json!({
+            "jti": order.guard.jti,
+            "reason": order.reason.as_str(),
+        }));
+        let audit = match &order.target {
+            DestroyTarget::IdpSession(id) | DestroyTarget::User(id) => audit.target(id.as_str()),
+            _ => audit,
+        };
+        let result = self
+            .store
+            .destroy(DestroyCommand {
+                realm: realm.to_owned(),
+                target: order.target,
+                reason: order.reason,
+                origin_system: Some(order.origin_system),
+                orphan_children,
+                replay_guard: Some(order.guard),
+                revoke: order.revoke,
+                // A transmitter's order, like an IdP's logout, is never cut short.
+                max_sessions: None,
                 audit: Some(audit.clone()),
             })
             .await;
