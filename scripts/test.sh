@@ -110,12 +110,24 @@ else
         echo "reusing the running Keycloak"
     else
         CLEANUP+=('cargo xtask keycloak stop')
-        # Keycloak and its event extension need a JDK 17 and Maven.
+        # The event extension builds with Maven on a JDK 17; Keycloak 26.7 itself runs on a
+        # JDK 21 or later, which `cargo xtask keycloak start` looks for in /usr/lib/jvm (or
+        # KEYCLOAK_JAVA_HOME).
+        sudo=(); [[ "$(id -u)" == 0 ]] || sudo=(sudo)
         if ! command -v mvn >/dev/null 2>&1 || ! command -v javac >/dev/null 2>&1; then
             echo "installing Maven and a JDK 17 with apt-get"
-            sudo=(); [[ "$(id -u)" == 0 ]] || sudo=(sudo)
             "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
             "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y maven openjdk-17-jdk-headless
+        fi
+        jdk21=""
+        for release in /usr/lib/jvm/*/release; do
+            major="$(sed -n 's/^JAVA_VERSION="\([0-9]*\).*/\1/p' "$release" 2>/dev/null)"
+            if [[ -n "$major" && "$major" -ge 21 ]]; then jdk21="$release"; fi
+        done
+        if [[ -z "${KEYCLOAK_JAVA_HOME:-}" && -z "$jdk21" ]]; then
+            echo "installing a JDK 21 for Keycloak with apt-get"
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-21-jdk-headless
         fi
         cargo xtask keycloak start
     fi
