@@ -1184,10 +1184,13 @@ struct TxState {
     errs: serde_json::Map<String, Value>,
 }
 
-/// An SSF transmitter on 127.0.0.1 (issuer `http://127.0.0.1:PORT/tx`).
+/// An SSF transmitter on 127.0.0.1 (issuer `http://127.0.0.1:PORT/tx`), signing with the
+/// fixture RSA key `a` (kid `test-a`) and a P-256 key made at start (kid `test-ec`).
 struct Tx {
     issuer: String,
     state: Arc<Mutex<TxState>>,
+    /// The P-256 key, PKCS #8.
+    ec_der: Vec<u8>,
     _server: common::Loopback,
 }
 
@@ -1204,6 +1207,11 @@ impl Tx {
         let issuer = format!("http://{}/tx", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(TxState::default()));
         let (meta_issuer, st) = (issuer.clone(), state.clone());
+        let ec = rcgen::KeyPair::generate().unwrap();
+        let raw = ec.public_key_raw().to_vec();
+        let ec_jwk = json!({"kty": "EC", "crv": "P-256", "kid": "test-ec", "alg": "ES256", "use": "sig",
+                            "x": common::b64url(&raw[1..33]), "y": common::b64url(&raw[33..65])});
+        let keys = json!({"keys": [jwk("a"), ec_jwk]});
         let app = axum::Router::new()
             .route(
                 "/tx/.well-known/ssf-configuration",
@@ -1226,7 +1234,10 @@ impl Tx {
             )
             .route(
                 "/tx/certs",
-                get(|| async { Json(json!({"keys": [jwk("a")]})) }),
+                get(move || {
+                    let keys = keys.clone();
+                    async move { Json(keys) }
+                }),
             )
             .route(
                 "/tx/token",
@@ -1371,6 +1382,7 @@ impl Tx {
         Tx {
             issuer,
             state,
+            ec_der: ec.serialize_der(),
             _server: common::serve(listener, app),
         }
     }
@@ -1412,6 +1424,13 @@ impl Tx {
         }
         c
     }
+}
+
+fn sign_set_es256(tx: &Tx, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    header.typ = Some("secevent+jwt".into());
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_der(&tx.ec_der)).unwrap()
 }
 
 fn sign_set(key: &str, kid: &str, claims: &Value) -> String {
@@ -1664,6 +1683,11 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         ),
         ("not a JWT", "garbage".to_owned(), "invalid_request"),
         (
+            "ES256 under the RSA key's kid",
+            sign_set_es256(&tx, "test-a", &base()),
+            "invalid_key",
+        ),
+        (
             "RS256 header, tampered payload",
             {
                 let t = sign_raw(&rs256, &base());
@@ -1735,10 +1759,10 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         .collect();
     assert_eq!(types, ["login", "revoke", "logout"]);
     assert_eq!(api.status_of("p3").await, "DESTROYED");
-    // RISC account-disabled (an opaque subject): reason revoked.
-    let disabled = sign_set(
-        "a",
-        "test-a",
+    // RISC account-disabled (an opaque subject, signed with ES256): reason revoked.
+    let disabled = sign_set_es256(
+        &tx,
+        "test-ec",
         &tx.claims(
             ACCOUNT_DISABLED,
             json!({}),

@@ -68,6 +68,7 @@ fn refuse(status: StatusCode, err: &str, description: impl Into<String>) -> Resp
         (status = 404, description = "invalid_request: the realm has no push stream", body = PushError),
         (status = 413, description = "invalid_request: body over 64 KiB", body = PushError),
         (status = 415, description = "invalid_request: body is not application/secevent+jwt", body = PushError),
+        (status = 429, description = "authentication_failed: too many failed authentications from this address (`[limits] failed_auth_*`); Retry-After says when", body = PushError),
         (status = 503, description = "temporarily_unavailable: the transmitter's keys or the database cannot be reached; deliver again", body = PushError),
     ))]
 async fn push(
@@ -85,6 +86,29 @@ async fn push(
             format!("realm {realm:?} has no push stream"),
         );
     }
+    // Guessing the stream's secret is throttled like any failed authentication.
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let failures = state.auth_failures.as_deref().zip(client);
+    if let Some((failures, addr)) = failures
+        && let Err(wait) = failures.check(addr, std::time::Instant::now())
+    {
+        let mut response = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "authentication_failed",
+            format!(
+                "too many failed authentications from this address: the limit is {}",
+                failures.describe()
+            ),
+        );
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(super::limits::retry_after_secs(wait)),
+        );
+        return response;
+    }
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -92,6 +116,9 @@ async fn push(
         .unwrap_or("");
     let Some(transmitter) = state.ssf.push_transmitter(&realm, authorization) else {
         tracing::warn!(%realm, "ssf push without this realm's stream authorization");
+        if let Some((failures, addr)) = failures {
+            failures.failed(addr, std::time::Instant::now());
+        }
         return refuse(
             StatusCode::UNAUTHORIZED,
             "authentication_failed",

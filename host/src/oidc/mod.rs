@@ -8,6 +8,7 @@
 pub mod jwks;
 pub mod keycloak_admin;
 pub mod revocation;
+pub mod ssf_client;
 pub mod ssf_receiver;
 pub mod tls;
 

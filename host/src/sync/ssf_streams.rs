@@ -1,6 +1,6 @@
 //! The receiver side of the OpenID Shared Signals Framework (SSF 1.0): for every
-//! `[[realms.NAME.ssf_transmitters]]`, a background task that reads the transmitter's
-//! metadata, takes an OAuth token (client-credentials grant), creates or adopts Lockstep's
+//! `[[realms.NAME.ssf_transmitters]]`, a background task that (through `oidc::ssf_client`)
+//! reads the transmitter's metadata, takes an OAuth token (client-credentials grant), creates or adopts Lockstep's
 //! stream (push to `{public_url}/realms/NAME/ssf/push` with a random `authorization_header`
 //! made at each start, or poll), asks the transmitter to verify it (a verification event
 //! carrying a random `state`), reads its status, and, for poll streams, polls (RFC 8936) with
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::RealmConfig;
 use crate::domain::{DestroyTarget, EndReason, ReplayGuard, ReplayKind, rules};
+use crate::oidc::ssf_client::{ClientError, SsfClient, TransmitterMetadata};
 use crate::oidc::ssf_receiver::{self, SetCheck, SetError, SetEvent};
 use crate::oidc::{DEFAULT_SKEW_S, Verifier, tls};
 use crate::store::StoreError;
@@ -45,10 +46,6 @@ const STATUS_REFRESH: Duration = Duration::from_secs(60);
 /// First and longest pause after a failure (doubling in between).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Bound on each exchange with a transmitter.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest response body read from a transmitter.
-const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// The URL of `realm`'s push endpoint under `public_url`.
 pub fn push_url(public_url: &str, realm: &str) -> String {
@@ -206,16 +203,6 @@ impl TransmitterSettings {
     }
 }
 
-/// What the transmitter's metadata says (the members used).
-#[derive(Clone, Debug, Default)]
-struct Metadata {
-    jwks_uri: String,
-    configuration_endpoint: String,
-    status_endpoint: Option<String>,
-    verification_endpoint: Option<String>,
-    critical_members: Vec<String>,
-}
-
 /// A stream as Lockstep knows it (the admin API's view).
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -233,7 +220,7 @@ pub struct StreamState {
     /// The last failure talking to the transmitter (cleared by a success).
     pub last_error: Option<String>,
     #[serde(skip)]
-    metadata: Option<Metadata>,
+    metadata: Option<TransmitterMetadata>,
     #[serde(skip)]
     verification_state: Option<String>,
     #[serde(skip)]
@@ -287,7 +274,7 @@ impl Transmitter {
         want.len() == got.len() && bool::from(want.ct_eq(got))
     }
 
-    fn fail(&self, e: &StreamError) {
+    fn fail(&self, e: &ClientError) {
         tracing::warn!(realm = %self.settings.realm, issuer = %self.settings.issuer, error = %e, "ssf stream");
         self.state().last_error = Some(e.to_string());
     }
@@ -315,21 +302,10 @@ pub enum ReceiveError {
     Transient(String),
 }
 
-/// A failure talking to a transmitter.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// No answer, or an unreadable one.
-    #[error("{0}")]
-    Transport(String),
-    /// An answer that is not what the protocol says.
-    #[error("{0}")]
-    Protocol(String),
-}
-
 /// Every transmitter of every realm.
 pub struct SsfReceiver {
     transmitters: Vec<Arc<Transmitter>>,
-    http: reqwest::Client,
+    client: SsfClient,
 }
 
 impl SsfReceiver {
@@ -338,18 +314,12 @@ impl SsfReceiver {
         settings: Vec<TransmitterSettings>,
         roots: &tls::TrustRoots,
     ) -> Result<Self, String> {
-        let http = roots
-            .apply(reqwest::Client::builder())
-            .timeout(HTTP_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(SsfReceiver {
             transmitters: settings
                 .into_iter()
                 .map(|s| Arc::new(Transmitter::new(s)))
                 .collect(),
-            http,
+            client: SsfClient::new(roots)?,
         })
     }
 
@@ -602,36 +572,6 @@ impl SsfReceiver {
             }
         }
     }
-
-    async fn get_json(&self, url: &str, token: Option<&str>) -> Result<Value, StreamError> {
-        let mut req = self.http.get(url).header("accept", "application/json");
-        if let Some(token) = token {
-            req = req.bearer_auth(token);
-        }
-        let res = req
-            .send()
-            .await
-            .map_err(|e| StreamError::Transport(format!("GET {url}: {e}")))?;
-        read_json(res, url).await
-    }
-
-    async fn send_json(
-        &self,
-        method: reqwest::Method,
-        url: &str,
-        token: &str,
-        body: &Value,
-    ) -> Result<Value, StreamError> {
-        let res = self
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| StreamError::Transport(format!("{method} {url}: {e}")))?;
-        read_json(res, url).await
-    }
 }
 
 /// The admin API's view of one stream.
@@ -663,30 +603,6 @@ fn user_target(subject: ssf_receiver::Subject) -> Result<DestroyTarget, ReceiveE
             "this event needs a user in its subject".into(),
         ))
     })
-}
-
-async fn read_json(res: reqwest::Response, url: &str) -> Result<Value, StreamError> {
-    let status = res.status();
-    let bytes = res
-        .bytes()
-        .await
-        .map_err(|e| StreamError::Transport(format!("{url}: {e}")))?;
-    if bytes.len() > MAX_BODY {
-        return Err(StreamError::Protocol(format!(
-            "{url}: the answer is too large"
-        )));
-    }
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
-        return Err(StreamError::Protocol(format!(
-            "{url} answered {status}: {text}"
-        )));
-    }
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Value::Null);
-    }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| StreamError::Protocol(format!("{url}: not JSON: {e}")))
 }
 
 /// An OAuth access token and when to stop using it.
@@ -749,59 +665,30 @@ async fn access_token(
     rx: &SsfReceiver,
     t: &Transmitter,
     cached: &mut Option<Token>,
-) -> Result<String, StreamError> {
+) -> Result<String, ClientError> {
     if let Some(tok) = cached
         && Instant::now() < tok.until
     {
         return Ok(tok.value.clone());
     }
     let s = &t.settings;
-    let token_url = match &s.token_url {
-        Some(u) => u.clone(),
-        None => {
-            let discovery = format!(
-                "{}/.well-known/openid-configuration",
-                s.issuer.trim_end_matches('/')
-            );
-            let doc = rx.get_json(&discovery, None).await?;
-            let url = doc
-                .get("token_endpoint")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    StreamError::Protocol(format!("{discovery} names no token_endpoint"))
-                })?
-                .to_owned();
-            tls::check_url(&url)
-                .map_err(|e| StreamError::Protocol(format!("token_endpoint {e}")))?;
-            url
-        }
-    };
-    let mut form = vec![("grant_type", "client_credentials")];
-    if !s.scope.is_empty() {
-        form.push(("scope", s.scope.as_str()));
-    }
-    let res = rx
-        .http
-        .post(&token_url)
-        .basic_auth(&s.client_id, Some(&s.client_secret))
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| StreamError::Transport(format!("POST {token_url}: {e}")))?;
-    let body = read_json(res, &token_url).await?;
-    let value = body
-        .get("access_token")
-        .and_then(Value::as_str)
-        .ok_or_else(|| StreamError::Protocol("the token answer has no access_token".into()))?
-        .to_owned();
-    let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(60);
+    let token = rx
+        .client
+        .token(
+            &s.issuer,
+            s.token_url.as_deref(),
+            &s.client_id,
+            &s.client_secret,
+            &s.scope,
+        )
+        .await?;
     // Renewed a little early so that a request never carries a token about to expire.
-    let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(15).max(5));
+    let lifetime = token.expires_in.saturating_sub(Duration::from_secs(15));
     *cached = Some(Token {
-        value: value.clone(),
-        until,
+        value: token.value.clone(),
+        until: Instant::now() + lifetime.max(Duration::from_secs(5)),
     });
-    Ok(value)
+    Ok(token.value)
 }
 
 fn text(v: &Value, name: &str) -> Option<String> {
@@ -813,54 +700,17 @@ async fn set_up(
     rx: &SsfReceiver,
     t: &Transmitter,
     token: &mut Option<Token>,
-) -> Result<(), StreamError> {
+) -> Result<(), ClientError> {
     let s = &t.settings;
-    let doc = rx.get_json(&s.metadata_url, None).await?;
-    let issuer = text(&doc, "issuer");
-    if issuer.as_deref() != Some(s.issuer.as_str()) {
-        return Err(StreamError::Protocol(format!(
-            "the metadata at {} names issuer {issuer:?}, not the configured {:?}",
-            s.metadata_url, s.issuer
-        )));
-    }
-    let endpoint = |name: &str| -> Result<Option<String>, StreamError> {
-        match text(&doc, name) {
-            Some(u) => {
-                tls::check_url(&u).map_err(|e| StreamError::Protocol(format!("{name} {e}")))?;
-                Ok(Some(u))
-            }
-            None => Ok(None),
-        }
-    };
-    let metadata = Metadata {
-        jwks_uri: endpoint("jwks_uri")?
-            .ok_or_else(|| StreamError::Protocol("the metadata names no jwks_uri".into()))?,
-        configuration_endpoint: endpoint("configuration_endpoint")?.ok_or_else(|| {
-            StreamError::Protocol("the metadata names no configuration_endpoint".into())
-        })?,
-        status_endpoint: endpoint("status_endpoint")?,
-        verification_endpoint: endpoint("verification_endpoint")?,
-        critical_members: doc
-            .get("critical_subject_members")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
+    let metadata = rx.client.metadata(&s.metadata_url, &s.issuer).await?;
     let method = match s.delivery {
         Delivery::Push => PUSH_METHOD,
         Delivery::Poll => POLL_METHOD,
     };
-    if let Some(methods) = doc
-        .get("delivery_methods_supported")
-        .and_then(Value::as_array)
-        && !methods.iter().any(|m| m.as_str() == Some(method))
+    if let Some(methods) = &metadata.delivery_methods
+        && !methods.iter().any(|m| m == method)
     {
-        return Err(StreamError::Protocol(format!(
+        return Err(ClientError::Protocol(format!(
             "the transmitter does not offer delivery {method}"
         )));
     }
@@ -875,21 +725,8 @@ async fn set_up(
         }),
         Delivery::Poll => json!({"method": POLL_METHOD}),
     };
-    let existing = rx
-        .get_json(&metadata.configuration_endpoint, Some(&bearer))
-        .await
-        .or_else(|e| match e {
-            // No stream yet: some transmitters answer 404 rather than an empty list.
-            StreamError::Protocol(d) if d.contains("404") => Ok(Value::Null),
-            other => Err(other),
-        })?;
-    let existing = match existing {
-        Value::Array(items) => items.into_iter().next(),
-        Value::Object(o) if o.contains_key("stream_id") => Some(Value::Object(o)),
-        _ => None,
-    };
     let mut stream = None;
-    if let Some(old) = existing {
+    if let Some(old) = rx.client.existing_stream(&metadata, &bearer).await? {
         let id = text(&old, "stream_id").unwrap_or_default();
         let same_method = old
             .get("delivery")
@@ -903,15 +740,7 @@ async fn set_up(
                 "delivery": delivery,
                 "events_requested": s.events,
             });
-            match rx
-                .send_json(
-                    reqwest::Method::PATCH,
-                    &metadata.configuration_endpoint,
-                    &bearer,
-                    &update,
-                )
-                .await
-            {
+            match rx.client.update_stream(&metadata, &bearer, &update).await {
                 Ok(v) => stream = Some(v),
                 Err(e) => {
                     tracing::info!(realm = %s.realm, issuer = %s.issuer, error = %e, "cannot update the ssf stream; replacing it");
@@ -919,20 +748,7 @@ async fn set_up(
             }
         }
         if stream.is_none() {
-            let url = with_query(&metadata.configuration_endpoint, "stream_id", &id);
-            let res = rx
-                .http
-                .delete(&url)
-                .bearer_auth(&bearer)
-                .send()
-                .await
-                .map_err(|e| StreamError::Transport(format!("DELETE {url}: {e}")))?;
-            if !(res.status().is_success() || res.status() == reqwest::StatusCode::NOT_FOUND) {
-                return Err(StreamError::Protocol(format!(
-                    "DELETE {url} answered {}",
-                    res.status()
-                )));
-            }
+            rx.client.delete_stream(&metadata, &bearer, &id).await?;
         }
     }
     let stream = match stream {
@@ -943,17 +759,11 @@ async fn set_up(
                 "events_requested": s.events,
                 "description": format!("Lockstep realm {}", s.realm),
             });
-            rx.send_json(
-                reqwest::Method::POST,
-                &metadata.configuration_endpoint,
-                &bearer,
-                &create,
-            )
-            .await?
+            rx.client.create_stream(&metadata, &bearer, &create).await?
         }
     };
     let stream_id = text(&stream, "stream_id")
-        .ok_or_else(|| StreamError::Protocol("the stream has no stream_id".into()))?;
+        .ok_or_else(|| ClientError::Protocol("the stream has no stream_id".into()))?;
     let audiences = match (&s.audience, stream.get("aud")) {
         (Some(a), _) => vec![a.clone()],
         (None, Some(Value::String(a))) => vec![a.clone()],
@@ -963,7 +773,7 @@ async fn set_up(
             .map(str::to_owned)
             .collect(),
         (None, _) => {
-            return Err(StreamError::Protocol(
+            return Err(ClientError::Protocol(
                 "the stream names no aud; configure audience".into(),
             ));
         }
@@ -975,11 +785,11 @@ async fn set_up(
                 .and_then(|d| d.get("endpoint_url"))
                 .and_then(Value::as_str)
                 .ok_or_else(|| {
-                    StreamError::Protocol("the poll stream names no delivery.endpoint_url".into())
+                    ClientError::Protocol("the poll stream names no delivery.endpoint_url".into())
                 })?
                 .to_owned();
             tls::check_url(&url)
-                .map_err(|e| StreamError::Protocol(format!("poll endpoint_url {e}")))?;
+                .map_err(|e| ClientError::Protocol(format!("poll endpoint_url {e}")))?;
             Some(url)
         }
         Delivery::Push => None,
@@ -998,48 +808,35 @@ async fn set_up(
         st.last_error = None;
     }
     refresh_status(rx, t, &bearer).await?;
-    if let Some(url) = &metadata.verification_endpoint {
-        let body = json!({"stream_id": stream_id, "state": state_token});
-        rx.send_json(reqwest::Method::POST, url, &bearer, &body)
-            .await?;
-    }
+    rx.client
+        .request_verification(&metadata, &bearer, &stream_id, &state_token)
+        .await?;
     tracing::info!(realm = %s.realm, issuer = %s.issuer, stream_id = %stream_id, delivery = ?s.delivery, "ssf stream set up");
     Ok(())
-}
-
-fn with_query(url: &str, name: &str, value: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            u.query_pairs_mut().append_pair(name, value);
-            u.to_string()
-        }
-        Err(_) => url.to_owned(),
-    }
 }
 
 async fn refresh_status(
     rx: &SsfReceiver,
     t: &Transmitter,
     bearer: &str,
-) -> Result<(), StreamError> {
-    let (endpoint, id) = {
+) -> Result<(), ClientError> {
+    let (metadata, id) = {
         let st = t.state();
-        (
-            st.metadata.as_ref().and_then(|m| m.status_endpoint.clone()),
-            st.stream_id.clone(),
-        )
+        (st.metadata.clone(), st.stream_id.clone())
     };
-    let (Some(endpoint), Some(id)) = (endpoint, id) else {
-        // No status endpoint: a stream the transmitter created is enabled.
-        t.state().status = "enabled".into();
+    let (Some(metadata), Some(id)) = (metadata, id) else {
         return Ok(());
     };
-    let status = rx
-        .get_json(&with_query(&endpoint, "stream_id", &id), Some(bearer))
-        .await?;
+    let status = rx.client.status(&metadata, bearer, &id).await?;
     let mut st = t.state();
-    st.status = text(&status, "status").unwrap_or_else(|| "unknown".into());
-    st.reason = text(&status, "reason");
+    match status {
+        Some((status, reason)) => {
+            st.status = status;
+            st.reason = reason;
+        }
+        // No status endpoint: a stream the transmitter created is enabled.
+        None => st.status = "enabled".into(),
+    }
     Ok(())
 }
 
@@ -1049,7 +846,7 @@ async fn watch_status(
     t: &Transmitter,
     token: &mut Option<Token>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), StreamError> {
+) -> Result<(), ClientError> {
     loop {
         if sleep_or_stop(STATUS_REFRESH, stop).await {
             return Ok(());
@@ -1071,7 +868,7 @@ async fn poll(
     acks: &mut Vec<String>,
     errs: &mut serde_json::Map<String, Value>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), StreamError> {
+) -> Result<(), ClientError> {
     let s = &t.settings;
     let mut last_status = Instant::now();
     loop {
@@ -1084,7 +881,7 @@ async fn poll(
             (st.poll_url.clone(), st.status.clone())
         };
         let Some(url) = url else {
-            return Err(StreamError::Protocol(
+            return Err(ClientError::Protocol(
                 "the poll stream has no endpoint".into(),
             ));
         };
@@ -1097,31 +894,18 @@ async fn poll(
             refresh_status(rx, t, &bearer).await?;
             continue;
         }
-        let body = json!({
-            "maxEvents": if stopping { 0 } else { MAX_EVENTS },
-            "returnImmediately": true,
-            "ack": acks,
-            "setErrs": errs,
-        });
+        let max_events = if stopping { 0 } else { MAX_EVENTS };
         let answer = rx
-            .send_json(reqwest::Method::POST, &url, &bearer, &body)
+            .client
+            .poll(&url, &bearer, acks, errs, max_events)
             .await?;
         acks.clear();
         errs.clear();
         if stopping {
             return Ok(());
         }
-        let sets = answer
-            .get("sets")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let more = answer
-            .get("moreAvailable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         let mut transient = None;
-        for (jti, set) in &sets {
+        for (jti, set) in &answer.sets {
             let Some(set) = set.as_str() else {
                 errs.insert(
                     jti.clone(),
@@ -1151,7 +935,7 @@ async fn poll(
         let pending = !(acks.is_empty() && errs.is_empty());
         // Acknowledgements go out at once (a stop sends them too); an empty poll, or SETs
         // that could not be taken now, wait for the interval.
-        if (!more && !pending) || transient.is_some() {
+        if (!answer.more_available && !pending) || transient.is_some() {
             let _ = sleep_or_stop(s.poll_interval, stop).await;
         }
     }
