@@ -1504,7 +1504,7 @@ async fn push_set(stream: &Value, set: &str, authorization: Option<&str>) -> (St
 }
 
 async fn ssf_stream_view(server: &Server) -> Value {
-    let (code, body) = server.admin_get("/realms/acme/ssf/streams").await;
+    let (code, body) = server.admin_get("/admin/realms/acme/ssf/streams").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     body[0].clone()
 }
@@ -1819,6 +1819,45 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
     ] {
         assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
     }
+    // An operator has the stream set up again: adopted (the same stream, the same secret
+    // while the process lives), a new verification asked for.
+    let (code, body) = server
+        .admin_post("/admin/realms/acme/ssf/streams/refresh", json!({}))
+        .await;
+    assert_eq!(
+        (code, body["streams"].as_u64()),
+        (StatusCode::ACCEPTED, Some(1)),
+        "{body}"
+    );
+    for _ in 0..200 {
+        if tx.state.lock().unwrap().verify_states.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (renewed, state) = tx.wait_stream().await;
+    assert_eq!(
+        tx.state.lock().unwrap().verify_states.len(),
+        2,
+        "no new verification"
+    );
+    assert_eq!(renewed["stream_id"], "tx-stream-1");
+    assert_eq!(
+        renewed["delivery"]["authorization_header"],
+        stream["delivery"]["authorization_header"]
+    );
+    let verification = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(VERIFICATION, json!({"state": state}), None),
+    );
+    assert_eq!(ssf_stream_view(&server).await["verified"], false);
+    assert_eq!(
+        push_set(&renewed, &verification, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(ssf_stream_view(&server).await["verified"], true);
+
     let (_, audit) = server
         .admin_get("/admin/audit?realm=acme&action=ssf:session-revoked")
         .await;
@@ -1921,6 +1960,24 @@ async fn an_ssf_poll_stream_acknowledges_sets_and_reports_refusals(backend: Back
     tx.state.lock().unwrap().queue.push((good.clone(), set));
     until("the second ack", || acked(&good) == 2).await;
     assert_eq!(api.status_of("p3").await, "ACTIVE");
+
+    // Users and Keycloak sessions Lockstep never mapped: acknowledged, nothing to end.
+    let strangers = [
+        enqueue(tx.claims(
+            SESSIONS_REVOKED,
+            json!({}),
+            Some(json!({"format": "opaque", "id": "nobody"})),
+        )),
+        enqueue(tx.claims(
+            SESSION_REVOKED,
+            json!({}),
+            Some(complex("nobody", "kc-unknown", &tx.issuer)),
+        )),
+    ];
+    until("the strangers' acks", || {
+        strangers.iter().all(|j| acked(j) == 1)
+    })
+    .await;
 
     // RISC account-purged: reason admin.
     let purged = enqueue(tx.claims(

@@ -867,7 +867,7 @@ async fn wait_stream(server: &Server, what: &str, f: impl Fn(&Value) -> bool) ->
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (code, body) = server
-            .admin_get(&format!("/realms/{SSF_REALM}/ssf/streams"))
+            .admin_get(&format!("/admin/realms/{SSF_REALM}/ssf/streams"))
             .await;
         assert_eq!(code, StatusCode::OK, "{body}");
         if f(&body[0]) {

@@ -44,6 +44,7 @@ use super::constraints::PathRules;
         super::revocation::metadata,
         super::ssf_push::push,
         super::ssf_push::streams,
+        super::ssf_push::refresh,
         super::events::receive,
         super::health::healthz,
         super::health::readyz,

@@ -6,7 +6,7 @@
 //! (also for a SET whose `jti` was seen before: acknowledged again, nothing changed), 400
 //! `{"err", "description"}` with an RFC 8935 error code, 401 without the stream's
 //! `Authorization`, 503 when the transmitter's keys or the database cannot be reached (the
-//! transmitter delivers again). Also `GET /realms/{realm}/ssf/streams`: the receiver streams
+//! transmitter delivers again). Also `GET /admin/realms/{realm}/ssf/streams`: the receiver streams
 //! of the realm, their status and counters.
 
 use axum::Json;
@@ -28,7 +28,8 @@ use crate::sync::ssf_streams::{ReceiveError, Received};
 pub fn router() -> axum::Router<AppState> {
     axum::Router::new()
         .route("/realms/{realm}/ssf/push", post(push))
-        .route("/realms/{realm}/ssf/streams", get(streams))
+        .route("/admin/realms/{realm}/ssf/streams", get(streams))
+        .route("/admin/realms/{realm}/ssf/streams/refresh", post(refresh))
 }
 
 /// A refusal of a pushed SET (RFC 8935 section 2.3).
@@ -206,7 +207,7 @@ pub struct SsfStreamDto {
 }
 
 /// The realm's SSF receiver streams.
-#[utoipa::path(get, path = "/realms/{realm}/ssf/streams", operation_id = "ssf_streams", tag = "identity-provider",
+#[utoipa::path(get, path = "/admin/realms/{realm}/ssf/streams", operation_id = "ssf_streams", tag = "identity-provider",
     params(("realm" = String, Path, description = "Realm")),
     responses(
         (status = 200, description = "The realm's receiver streams (empty without `ssf_transmitters`)", body = Vec<SsfStreamDto>),
@@ -247,4 +248,40 @@ async fn streams(
             })
             .collect(),
     ))
+}
+
+/// How many streams were asked to set up again.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SsfRefreshDto {
+    /// The realm's receiver streams, each now set up again in the background.
+    pub streams: usize,
+}
+
+/// Sets the realm's receiver streams up again: the transmitter's metadata and a token are
+/// fetched anew, the stream adopted (or replaced), its status read and a new verification
+/// asked for (`verified` is false until it arrives). For after a change at the transmitter.
+#[utoipa::path(post, path = "/admin/realms/{realm}/ssf/streams/refresh", operation_id = "ssf_streams_refresh", tag = "identity-provider",
+    params(("realm" = String, Path, description = "Realm")),
+    responses(
+        (status = 202, description = "The streams are being set up again; `GET /admin/realms/{realm}/ssf/streams` shows how it went", body = SsfRefreshDto),
+        (status = 400, description = "VALIDATION: bad realm name", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND: the realm has no `ssf_transmitters`", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn refresh(
+    State(state): State<AppState>,
+    ApiPath(realm): ApiPath<String>,
+    Caller(principal): Caller,
+) -> Result<(StatusCode, Json<SsfRefreshDto>), ApiError> {
+    rules::realm(&realm).map_err(ApiError::from)?;
+    principal.authorize(&realm, Permission::UsersManage)?;
+    match state.ssf.restart(&realm) {
+        0 => Err(ApiError::refused(
+            crate::domain::ProblemCode::NotFound,
+            format!("realm {realm:?} has no ssf_transmitters"),
+        )),
+        streams => Ok((StatusCode::ACCEPTED, Json(SsfRefreshDto { streams }))),
+    }
 }

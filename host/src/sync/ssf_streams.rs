@@ -234,6 +234,8 @@ pub struct Transmitter {
     /// The `Authorization` value the transmitter must send with each push.
     push_authorization: String,
     state: Mutex<StreamState>,
+    /// Asks the stream's task to set the stream up again (the admin API's refresh).
+    restart: tokio::sync::Notify,
     accepted: AtomicU64,
     replayed: AtomicU64,
     refused: AtomicU64,
@@ -252,6 +254,7 @@ impl Transmitter {
                 status: "unknown".into(),
                 ..StreamState::default()
             }),
+            restart: tokio::sync::Notify::new(),
             accepted: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -348,6 +351,21 @@ impl SsfReceiver {
             }
         }
         found
+    }
+
+    /// Has every stream of `realm` set up again (metadata, token, adoption, status, a new
+    /// verification request); returns how many there are.
+    pub fn restart(&self, realm: &str) -> usize {
+        let mut n = 0;
+        for t in self
+            .transmitters
+            .iter()
+            .filter(|t| t.settings.realm == realm)
+        {
+            t.restart.notify_one();
+            n += 1;
+        }
+        n
     }
 
     /// The streams of `realm` (every realm when `None`), for the admin API.
@@ -538,6 +556,11 @@ impl SsfReceiver {
                 t.replayed.fetch_add(1, Ordering::Relaxed);
                 Ok(Received::Replayed)
             }
+            // Nothing of that user or session is mapped here: done, as far as this realm goes.
+            Err(SessionError::Store(StoreError::NotFound(_))) => {
+                t.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(Received::Applied(0))
+            }
             Err(SessionError::Invalid(e)) => {
                 t.refused.fetch_add(1, Ordering::Relaxed);
                 Err(ReceiveError::Refused(SetError::InvalidRequest(e.0)))
@@ -629,15 +652,26 @@ async fn keep(
         let result = match set_up(&rx, &t, &mut token).await {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
-                match t.settings.delivery {
-                    Delivery::Poll => {
-                        poll(
-                            &rx, &t, &verifier, &sessions, &mut token, &mut acks, &mut errs,
-                            &mut stop,
-                        )
-                        .await
+                let running = async {
+                    match t.settings.delivery {
+                        Delivery::Poll => {
+                            poll(
+                                &rx, &t, &verifier, &sessions, &mut token, &mut acks, &mut errs,
+                                &mut stop,
+                            )
+                            .await
+                        }
+                        Delivery::Push => watch_status(&rx, &t, &mut token, &mut stop).await,
                     }
-                    Delivery::Push => watch_status(&rx, &t, &mut token, &mut stop).await,
+                };
+                // A SET being applied when a restart cuts in is either stored or not; one
+                // stored but not yet acknowledged comes again and is acknowledged as a replay.
+                tokio::select! {
+                    r = running => r,
+                    () = t.restart.notified() => {
+                        tracing::info!(realm = %t.settings.realm, issuer = %t.settings.issuer, "ssf stream set up again on request");
+                        Ok(())
+                    }
                 }
             }
             Err(e) => Err(e),
