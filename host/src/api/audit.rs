@@ -102,7 +102,7 @@ pub struct AuditRecordDto {
     /// Keycloak events) or `lockstep:expiry` (the expiry sweeper).
     pub actor: String,
     /// What: map-parent, map-child, map-fixed, destroy-parent, destroy-child, destroy-user,
-    /// backchannel-logout, idp-event:<TYPE>, expire, connector-put, connector-delete,
+    /// backchannel-logout, idp-event:<TYPE>, ssf:<event>, expire, connector-put, connector-delete,
     /// connector-enable, connector-disable, delivery-replay.
     pub action: String,
     /// To what: external id, user id, IdP session id, connector name or delivery id.
