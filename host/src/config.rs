@@ -285,7 +285,8 @@ pub struct RealmConfig {
 pub struct RemoteTransmitterConfig {
     /// The transmitter's issuer: `iss` of its SETs and of its metadata.
     pub issuer: String,
-    /// Its metadata; default `{issuer}/.well-known/ssf-configuration`.
+    /// Its metadata; default: the well-known URL SSF 1.0 prescribes, then (after a 404)
+    /// `{issuer}/.well-known/ssf-configuration`.
     pub metadata_url: Option<String>,
     /// OAuth client Lockstep calls the stream API with (client-credentials grant).
     pub client_id: String,

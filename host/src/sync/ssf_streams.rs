@@ -72,8 +72,8 @@ pub struct TransmitterSettings {
     pub realm: String,
     /// The transmitter's issuer.
     pub issuer: String,
-    /// Its metadata URL.
-    pub metadata_url: String,
+    /// Where its metadata is looked for, in order (the next one after a 404).
+    pub metadata_urls: Vec<String>,
     /// OAuth client of the stream API.
     pub client_id: String,
     /// Its secret.
@@ -116,14 +116,13 @@ impl TransmitterSettings {
             if out.iter().any(|o| o.issuer == t.issuer) {
                 return Err(ctx(format!("issuer {:?} is listed twice", t.issuer)));
             }
-            let metadata_url = match &t.metadata_url {
-                Some(u) => u.clone(),
-                None => format!(
-                    "{}/.well-known/ssf-configuration",
-                    t.issuer.trim_end_matches('/')
-                ),
+            let metadata_urls = match &t.metadata_url {
+                Some(u) => {
+                    tls::check_url(u).map_err(|e| ctx(format!("metadata_url {e}")))?;
+                    vec![u.clone()]
+                }
+                None => metadata_urls(&t.issuer),
             };
-            tls::check_url(&metadata_url).map_err(|e| ctx(format!("metadata_url {e}")))?;
             if let Some(u) = &t.token_url {
                 tls::check_url(u).map_err(|e| ctx(format!("token_url {e}")))?;
             }
@@ -181,7 +180,7 @@ impl TransmitterSettings {
             out.push(TransmitterSettings {
                 realm: realm.to_owned(),
                 issuer: t.issuer.clone(),
-                metadata_url,
+                metadata_urls,
                 client_id: t.client_id.clone(),
                 client_secret: t.client_secret.clone(),
                 token_url: t.token_url.clone(),
@@ -201,6 +200,24 @@ impl TransmitterSettings {
         }
         Ok(out)
     }
+}
+
+/// Where an issuer's SSF metadata may be: the form SSF 1.0 prescribes (the well-known suffix
+/// between host and path, as RFC 8414 does it) and the issuer with the suffix appended (what
+/// Keycloak serves); one URL when the issuer has no path.
+fn metadata_urls(issuer: &str) -> Vec<String> {
+    const SUFFIX: &str = ".well-known/ssf-configuration";
+    let appended = format!("{}/{SUFFIX}", issuer.trim_end_matches('/'));
+    let Ok(url) = reqwest::Url::parse(issuer) else {
+        return vec![appended];
+    };
+    let path = url.path().trim_end_matches('/');
+    if path.is_empty() {
+        return vec![appended];
+    }
+    let mut inserted = url.clone();
+    inserted.set_path(&format!("/{SUFFIX}{path}"));
+    vec![inserted.to_string(), appended]
 }
 
 /// A stream as Lockstep knows it (the admin API's view).
@@ -736,7 +753,23 @@ async fn set_up(
     token: &mut Option<Token>,
 ) -> Result<(), ClientError> {
     let s = &t.settings;
-    let metadata = rx.client.metadata(&s.metadata_url, &s.issuer).await?;
+    let mut found = None;
+    for url in &s.metadata_urls {
+        match rx.client.metadata(url, &s.issuer).await {
+            Ok(m) => {
+                found = Some(m);
+                break;
+            }
+            Err(ClientError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(metadata) = found else {
+        return Err(ClientError::NotFound(format!(
+            "no SSF metadata at {}",
+            s.metadata_urls.join(" nor ")
+        )));
+    };
     let method = match s.delivery {
         Delivery::Push => PUSH_METHOD,
         Delivery::Poll => POLL_METHOD,
@@ -999,8 +1032,15 @@ mod tests {
             Some("https://ls.example/realms/acme/ssf/push")
         );
         assert_eq!(
-            ok[0].metadata_url,
-            "https://idp.example/realms/acme/.well-known/ssf-configuration"
+            ok[0].metadata_urls,
+            [
+                "https://idp.example/.well-known/ssf-configuration/realms/acme",
+                "https://idp.example/realms/acme/.well-known/ssf-configuration"
+            ]
+        );
+        assert_eq!(
+            metadata_urls("https://tx.example/"),
+            ["https://tx.example/.well-known/ssf-configuration"]
         );
         assert_eq!(ok[0].events.len(), 5);
         c.ssf_transmitters[0].delivery = Some("poll".into());
@@ -1021,7 +1061,7 @@ mod tests {
         let settings = TransmitterSettings {
             realm: "acme".into(),
             issuer: "https://tx".into(),
-            metadata_url: "https://tx/m".into(),
+            metadata_urls: vec!["https://tx/m".into()],
             client_id: "c".into(),
             client_secret: "s".into(),
             token_url: None,
