@@ -311,6 +311,9 @@ pub struct RemoteTransmitterConfig {
     pub max_set_age_s: Option<u64>,
     /// Milliseconds between polls when the last one found nothing (default 2000).
     pub poll_interval_ms: Option<u64>,
+    /// Push: the secret the stream's `authorization_header` carries (`Bearer <it>`), the same
+    /// on every instance behind one `public_url`; default: a random one made at each start.
+    pub push_secret: Option<String>,
 }
 
 /// `[[realms.NAME.token_revocation_callers]]`: an IdP (Okta, Auth0, any JWT signer with a

@@ -1162,6 +1162,7 @@ const TX_CLIENT: &str = "lockstep-rx";
 const TX_SECRET: &str = "lockstep-rx-secret";
 const TX_TOKEN: &str = "tx-access-token";
 const TX_AUD: &str = "https://lockstep.example/ssf-receiver";
+const TX_PUSH_SECRET: &str = "ssf-push-secret-shared-by-every-instance";
 const SESSION_REVOKED: &str = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
 const CREDENTIAL_CHANGE: &str =
     "https://schemas.openid.net/secevent/caep/event-type/credential-change";
@@ -1392,8 +1393,14 @@ impl Tx {
             "public_url = \"{public_url}\"\n[realms.acme]\nclock_skew_s = 30\n\
              [[realms.acme.ssf_transmitters]]\nissuer = \"{i}\"\nclient_id = \"{TX_CLIENT}\"\n\
              client_secret = \"{TX_SECRET}\"\ntoken_url = \"{i}/token\"\ndelivery = \"{delivery}\"\n\
-             system = \"ssf-tx\"\npoll_interval_ms = 100\nmax_set_age_s = 600\n",
-            i = self.issuer
+             system = \"ssf-tx\"\npoll_interval_ms = 100\nmax_set_age_s = 600\n{secret}",
+            i = self.issuer,
+            // Push streams share a configured secret (as instances behind one URL would).
+            secret = if delivery == "push" {
+                format!("push_secret = \"{TX_PUSH_SECRET}\"\n")
+            } else {
+                String::new()
+            }
         )
     }
 
@@ -1528,6 +1535,10 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         "{stream}"
     );
     assert_eq!(stream["events_requested"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        stream["delivery"]["authorization_header"],
+        format!("Bearer {TX_PUSH_SECRET}")
+    );
     let verification = sign_set(
         "a",
         "test-a",
@@ -1819,8 +1830,8 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
     ] {
         assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
     }
-    // An operator has the stream set up again: adopted (the same stream, the same secret
-    // while the process lives), a new verification asked for.
+    // An operator has the stream set up again: adopted (the same stream, the same
+    // configured secret), a new verification asked for.
     let (code, body) = server
         .admin_post("/admin/realms/acme/ssf/streams/refresh", json!({}))
         .await;

@@ -39,6 +39,8 @@ pub const DEFAULT_SYSTEM: &str = "ssf";
 pub const DEFAULT_SCOPE: &str = "ssf.manage ssf.read";
 /// Default pause between polls that found nothing.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Shortest configured push secret accepted.
+const MIN_PUSH_SECRET: usize = 32;
 /// Most SETs asked for in one poll.
 const MAX_EVENTS: u32 = 100;
 /// How often a push stream's status is read again.
@@ -100,6 +102,8 @@ pub struct TransmitterSettings {
     pub skew_s: u64,
     /// Pause between empty polls.
     pub poll_interval: Duration,
+    /// The push secret shared by every instance (`None`: a random one per start).
+    pub push_secret: Option<String>,
 }
 
 impl TransmitterSettings {
@@ -174,6 +178,14 @@ impl TransmitterSettings {
             if t.max_set_age_s == Some(0) {
                 return Err(ctx("max_set_age_s must be at least 1".into()));
             }
+            if let Some(secret) = &t.push_secret
+                && (secret.len() < MIN_PUSH_SECRET || !secret.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(ctx(format!(
+                    "push_secret must be at least {MIN_PUSH_SECRET} printable ASCII characters \
+                     without spaces (e.g. `openssl rand -base64 32`)"
+                )));
+            }
             if t.poll_interval_ms == Some(0) {
                 return Err(ctx("poll_interval_ms must be at least 1".into()));
             }
@@ -196,6 +208,7 @@ impl TransmitterSettings {
                 poll_interval: t
                     .poll_interval_ms
                     .map_or(DEFAULT_POLL_INTERVAL, Duration::from_millis),
+                push_secret: t.push_secret.clone(),
             });
         }
         Ok(out)
@@ -260,13 +273,13 @@ pub struct Transmitter {
 
 impl Transmitter {
     fn new(settings: TransmitterSettings) -> Self {
-        let secret: [u8; 32] = rand::random();
+        let secret = settings.push_secret.clone().unwrap_or_else(|| {
+            let bytes: [u8; 32] = rand::random();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        });
         Transmitter {
             settings,
-            push_authorization: format!(
-                "Bearer {}",
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-            ),
+            push_authorization: format!("Bearer {secret}"),
             state: Mutex::new(StreamState {
                 status: "unknown".into(),
                 ..StreamState::default()
@@ -1043,6 +1056,11 @@ mod tests {
             ["https://tx.example/.well-known/ssf-configuration"]
         );
         assert_eq!(ok[0].events.len(), 5);
+        c.ssf_transmitters[0].push_secret = Some("short".into());
+        let err = TransmitterSettings::from_config("acme", &c, Some("https://x")).unwrap_err();
+        assert!(err.contains("push_secret"), "{err}");
+        c.ssf_transmitters[0].push_secret = Some("s".repeat(32));
+        assert!(TransmitterSettings::from_config("acme", &c, Some("https://x")).is_ok());
         c.ssf_transmitters[0].delivery = Some("poll".into());
         assert!(TransmitterSettings::from_config("acme", &c, None).is_ok());
         c.ssf_transmitters[0].delivery = Some("webhook".into());
@@ -1075,6 +1093,7 @@ mod tests {
             max_age_s: 60,
             skew_s: 60,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            push_secret: None,
         };
         let t = Transmitter::new(settings);
         let good = t.push_authorization.clone();
