@@ -1,13 +1,14 @@
 //! `POST /realms/{realm}/ssf/push`: push delivery of Security Event Tokens (RFC 8935) from
 //! the realm's Shared Signals transmitters, the `endpoint_url` of the streams Lockstep set up
 //! (`sync::ssf_streams`). The caller proves to be the transmitter of a stream by the
-//! `Authorization` value Lockstep gave that stream (a random secret made at each start,
-//! compared in constant time); the SET is then verified in full and applied. Answers: 202
-//! (also for a SET whose `jti` was seen before: acknowledged again, nothing changed), 400
-//! `{"err", "description"}` with an RFC 8935 error code, 401 without the stream's
-//! `Authorization`, 503 when the transmitter's keys or the database cannot be reached (the
-//! transmitter delivers again). Also `GET /admin/realms/{realm}/ssf/streams`: the receiver streams
-//! of the realm, their status and counters.
+//! `Authorization` value Lockstep gave that stream (`push_secret`, or a random secret made
+//! at each start; compared in constant time); the SET is then verified in full and applied.
+//! Answers: 202 (also for a SET whose `jti` was seen before: acknowledged again, nothing
+//! changed), 400 `{"err", "description"}` with an RFC 8935 error code, 401 without the
+//! stream's `Authorization`, 503 when the transmitter's keys or the database cannot be
+//! reached (the transmitter delivers again). Also `GET /admin/realms/{realm}/ssf/streams`,
+//! the realm's receiver streams with their status and counters, and `POST
+//! .../ssf/streams/refresh`, which has them set up again.
 
 use axum::Json;
 use axum::extract::{Request, State};

@@ -1,9 +1,10 @@
 //! The receiver side of the OpenID Shared Signals Framework (SSF 1.0): for every
 //! `[[realms.NAME.ssf_transmitters]]`, a background task that (through `oidc::ssf_client`)
-//! reads the transmitter's metadata, takes an OAuth token (client-credentials grant), creates or adopts Lockstep's
-//! stream (push to `{public_url}/realms/NAME/ssf/push` with a random `authorization_header`
-//! made at each start, or poll), asks the transmitter to verify it (a verification event
-//! carrying a random `state`), reads its status, and, for poll streams, polls (RFC 8936) with
+//! reads the transmitter's metadata, takes an OAuth token (client-credentials grant),
+//! creates or adopts Lockstep's stream (push to `{public_url}/realms/NAME/ssf/push` with the
+//! `authorization_header` `Bearer <push_secret or a random secret made at each start>`, or
+//! poll), asks the transmitter to verify it (a verification event carrying a random
+//! `state`), reads its status, and, for poll streams, polls (RFC 8936) with
 //! acknowledgements, `setErrs` and back-off. Push (RFC 8935) arrives at `api::ssf_push`;
 //! both hand each SET to [`SsfReceiver::receive`], which verifies it (`oidc::ssf_receiver`)
 //! and applies what it says through [`SessionService::apply_signal`], so the outbox, the
