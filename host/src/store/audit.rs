@@ -3,6 +3,11 @@
 //! `insert_audit`), so a committed change always has its record and a rolled-back one never
 //! does; refusals are written afterwards by [`crate::store::Store::record_audit`].
 
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
+use crate::store::Result;
+use crate::store::ops::{Dialect, Filtered, Shared};
+
 /// An audit record as stored.
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct AuditRow {
@@ -52,87 +57,49 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
-/// Generates the audit statements for one backend (expanded in the same module as the
-/// session, delivery and connector operations, which call `insert_audit`).
-macro_rules! audit_ops {
-    (db = $db:ty, conn = $conn:ty $(,)?) => {
-        /// Writes one audit record. Part of the caller's transaction.
-        pub(crate) async fn insert_audit(
-            conn: &mut $conn,
-            entry: &crate::domain::AuditEntry,
-            outcome: crate::domain::AuditOutcome,
-            now: i64,
-        ) -> Result<()> {
-            let (result, changed) = outcome.columns();
-            let detail = entry.detail.as_ref().map(|d| d.to_string());
-            sqlx::query(
-                "INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(now)
-            .bind(&entry.realm)
-            .bind(&entry.actor)
-            .bind(entry.action.to_string())
-            .bind(&entry.target)
-            .bind(result)
-            .bind(changed)
-            .bind(detail)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
+/// The audit listing (PostgreSQL's writes are in `postgres/records.rs`, SQLite's on its
+/// writer thread).
+impl<DB> Shared<DB>
+where
+    DB: Database + Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'r> AuditRow: FromRow<'r, DB::Row>,
+{
+    /// Audit records, newest first.
+    pub(crate) async fn list_audit(
+        conn: &mut DB::Connection,
+        q: &AuditQuery,
+    ) -> Result<Vec<AuditRow>> {
+        let mut qb = Filtered::<DB>::new(
+            "SELECT id, at_ms, realm, actor, action, target, result, changed, detail \
+             FROM audit WHERE ",
+        );
+        // Only the filters present go into the SQL, so each can use its index.
+        match &q.scope {
+            AuditScope::Realm(realm) => {
+                qb.push("realm = ").push_bind(realm.clone());
+            }
+            AuditScope::All => {
+                qb.push("1 = 1");
+            }
         }
-
-        /// Audit records, newest first.
-        pub(crate) async fn list_audit(
-            conn: &mut $conn,
-            q: &crate::store::audit::AuditQuery,
-        ) -> Result<Vec<crate::store::audit::AuditRow>> {
-            use crate::store::audit::AuditScope;
-            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                "SELECT id, at_ms, realm, actor, action, target, result, changed, detail \
-                 FROM audit WHERE ",
-            );
-            // Only the filters present go into the SQL, so each can use its index.
-            match &q.scope {
-                AuditScope::Realm(realm) => {
-                    qb.push("realm = ").push_bind(realm.clone());
-                }
-                AuditScope::All => {
-                    qb.push("1 = 1");
-                }
-            }
-            if let Some(actor) = &q.actor {
-                qb.push(" AND actor = ").push_bind(actor.clone());
-            }
-            if let Some(action) = &q.action {
-                qb.push(" AND action = ").push_bind(action.clone());
-            }
-            if let Some(since) = q.since_ms {
-                qb.push(" AND at_ms >= ").push_bind(since);
-            }
-            if let Some(before) = q.before {
-                qb.push(" AND id < ").push_bind(before);
-            }
-            qb.push(" ORDER BY id DESC LIMIT ").push_bind(q.limit);
-            Ok(qb.build_query_as().fetch_all(&mut *conn).await?)
+        if let Some(actor) = &q.actor {
+            qb.push(" AND actor = ").push_bind(actor.clone());
         }
-
-        /// Deletes up to `limit` records older than `before_ms`, oldest first; how many.
-        pub(crate) async fn purge_audit(
-            conn: &mut $conn,
-            before_ms: i64,
-            limit: i64,
-        ) -> Result<u64> {
-            Ok(sqlx::query(
-                "DELETE FROM audit WHERE id IN \
-                 (SELECT id FROM audit WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
-            )
-            .bind(before_ms)
-            .bind(limit)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected())
+        if let Some(action) = &q.action {
+            qb.push(" AND action = ").push_bind(action.clone());
         }
-    };
+        if let Some(since) = q.since_ms {
+            qb.push(" AND at_ms >= ").push_bind(since);
+        }
+        if let Some(before) = q.before {
+            qb.push(" AND id < ").push_bind(before);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(q.limit);
+        let rows = qb.fetch_all(&mut *conn).await?;
+        Ok(rows)
+    }
 }
-pub(crate) use audit_ops;

@@ -2,6 +2,11 @@
 //! enabled flag of every connector. Both live in the database so an upload survives a restart
 //! and a change made on one instance reaches every instance sharing the database.
 
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
+use crate::store::Result;
+use crate::store::ops::Shared;
+
 /// PostgreSQL channel that announces a connector change (the payload is the name).
 pub const CHANGES_CHANNEL: &str = "lockstep_connectors";
 
@@ -41,148 +46,98 @@ pub struct Backlog {
     pub oldest_waiting_ms: Option<i64>,
 }
 
-/// Generates the connector statements for one backend.
-macro_rules! connector_ops {
-    (db = $db:ty, conn = $conn:ty $(,)?) => {
-        use crate::store::connectors::{Backlog, QueueCounts, UploadRow};
+/// The connector reads (PostgreSQL's writes are in `postgres/records.rs`, SQLite's on its
+/// writer thread).
+impl<DB> Shared<DB>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'r> UploadRow: FromRow<'r, DB::Row>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'r> (String, String, i64): FromRow<'r, DB::Row>,
+    for<'r> (i64, Option<i64>): FromRow<'r, DB::Row>,
+{
+    /// One upload with its bytes.
+    pub(crate) async fn get_upload(
+        conn: &mut DB::Connection,
+        name: &str,
+    ) -> Result<Option<UploadRow>> {
+        Ok(sqlx::query_as(
+            "SELECT name, manifest, component, version, updated_at \
+             FROM connector_uploads WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?)
+    }
 
-        /// Inserts or replaces an upload.
-        pub(crate) async fn put_upload(conn: &mut $conn, row: &UploadRow) -> Result<()> {
-            sqlx::query(
-                "INSERT INTO connector_uploads (name, manifest, component, version, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET \
-                 manifest = excluded.manifest, component = excluded.component, \
-                 version = excluded.version, updated_at = excluded.updated_at",
-            )
-            .bind(&row.name)
-            .bind(&row.manifest)
-            .bind(&row.component)
-            .bind(&row.version)
-            .bind(row.updated_at)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
+    /// Name and version of every upload (no bytes).
+    pub(crate) async fn upload_versions(
+        conn: &mut DB::Connection,
+    ) -> Result<Vec<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT name, version FROM connector_uploads ORDER BY name")
+                .fetch_all(&mut *conn)
+                .await?,
+        )
+    }
 
-        /// Removes an upload and its state; whether there was one.
-        pub(crate) async fn delete_upload(conn: &mut $conn, name: &str) -> Result<bool> {
-            let gone = sqlx::query("DELETE FROM connector_uploads WHERE name = $1")
-                .bind(name)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            sqlx::query("DELETE FROM connector_states WHERE name = $1")
-                .bind(name)
-                .execute(&mut *conn)
-                .await?;
-            Ok(gone > 0)
-        }
+    /// Names of the connectors switched off.
+    pub(crate) async fn disabled(conn: &mut DB::Connection) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM connector_states WHERE enabled = 0 ORDER BY name")
+                .fetch_all(&mut *conn)
+                .await?,
+        )
+    }
 
-        /// One upload with its bytes.
-        pub(crate) async fn get_upload(conn: &mut $conn, name: &str) -> Result<Option<UploadRow>> {
-            Ok(sqlx::query_as(
-                "SELECT name, manifest, component, version, updated_at \
-                 FROM connector_uploads WHERE name = $1",
-            )
-            .bind(name)
-            .fetch_optional(&mut *conn)
-            .await?)
-        }
-
-        /// Name and version of every upload (no bytes).
-        pub(crate) async fn upload_versions(conn: &mut $conn) -> Result<Vec<(String, String)>> {
-            Ok(
-                sqlx::query_as("SELECT name, version FROM connector_uploads ORDER BY name")
-                    .fetch_all(&mut *conn)
-                    .await?,
-            )
-        }
-
-        /// Sets a connector's enabled flag.
-        pub(crate) async fn set_enabled(
-            conn: &mut $conn,
-            name: &str,
-            enabled: bool,
-            now: i64,
-        ) -> Result<()> {
-            sqlx::query(
-                "INSERT INTO connector_states (name, enabled, updated_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, \
-                 updated_at = excluded.updated_at",
-            )
-            .bind(name)
-            .bind(i32::from(enabled))
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
-
-        /// Names of the connectors switched off.
-        pub(crate) async fn disabled(conn: &mut $conn) -> Result<Vec<String>> {
-            Ok(sqlx::query_scalar(
-                "SELECT name FROM connector_states WHERE enabled = 0 ORDER BY name",
-            )
-            .fetch_all(&mut *conn)
-            .await?)
-        }
-
-        /// Undelivered deliveries per connector and status (the status index covers it).
-        pub(crate) async fn queue_counts(
-            conn: &mut $conn,
-        ) -> Result<std::collections::BTreeMap<String, QueueCounts>> {
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT connector, status, COUNT(*) FROM deliveries \
-                 WHERE status IN ('pending', 'dead', 'dropped') GROUP BY connector, status",
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-            let mut out = std::collections::BTreeMap::<String, QueueCounts>::new();
-            for (connector, status, n) in rows {
-                let c = out.entry(connector).or_default();
-                match status.as_str() {
-                    "pending" => c.pending = n,
-                    "dead" => c.dead = n,
-                    _ => c.dropped = n,
-                }
+    /// Undelivered deliveries per connector and status (the status index covers it).
+    pub(crate) async fn queue_counts(
+        conn: &mut DB::Connection,
+    ) -> Result<std::collections::BTreeMap<String, QueueCounts>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT connector, status, COUNT(*) FROM deliveries \
+             WHERE status IN ('pending', 'dead', 'dropped') GROUP BY connector, status",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut out = std::collections::BTreeMap::<String, QueueCounts>::new();
+        for (connector, status, n) in rows {
+            let c = out.entry(connector).or_default();
+            match status.as_str() {
+                "pending" => c.pending = n,
+                "dead" => c.dead = n,
+                _ => c.dropped = n,
             }
-            Ok(out)
         }
+        Ok(out)
+    }
 
-        /// Unrouted outbox events and the oldest event still waiting (both on partial or
-        /// status indexes).
-        pub(crate) async fn backlog(conn: &mut $conn) -> Result<Backlog> {
-            let (unrouted, oldest_unrouted): (i64, Option<i64>) =
-                sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE fanned_out = 0")
-                    .fetch_one(&mut *conn)
-                    .await?;
-            // When the event was committed, not when it was routed.
-            let oldest_pending: Option<i64> = sqlx::query_scalar(
-                "SELECT created_at FROM outbox WHERE id = \
-                 (SELECT MIN(outbox_id) FROM deliveries WHERE status = 'pending')",
-            )
-            .fetch_optional(&mut *conn)
-            .await?;
-            let oldest_waiting_ms = match (oldest_unrouted, oldest_pending) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            Ok(Backlog {
-                unrouted,
-                oldest_waiting_ms,
-            })
-        }
-
-        /// Gives a claimed delivery back without an attempt (its connector is switched off).
-        pub(crate) async fn unlease(conn: &mut $conn, id: i64) -> Result<()> {
-            sqlx::query(
-                "UPDATE deliveries SET lease_until = NULL WHERE id = $1 AND status = 'pending'",
-            )
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
-    };
+    /// Unrouted outbox events and the oldest event still waiting (both on partial or
+    /// status indexes).
+    pub(crate) async fn backlog(conn: &mut DB::Connection) -> Result<Backlog> {
+        let (unrouted, oldest_unrouted): (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE fanned_out = 0")
+                .fetch_one(&mut *conn)
+                .await?;
+        // When the event was committed, not when it was routed.
+        let oldest_pending: Option<i64> = sqlx::query_scalar(
+            "SELECT created_at FROM outbox WHERE id = \
+             (SELECT MIN(outbox_id) FROM deliveries WHERE status = 'pending')",
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        let oldest_waiting_ms = match (oldest_unrouted, oldest_pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(Backlog {
+            unrouted,
+            oldest_waiting_ms,
+        })
+    }
 }
-pub(crate) use connector_ops;

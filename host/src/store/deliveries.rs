@@ -1,10 +1,14 @@
 //! Records of the sync engine: per-connector deliveries of outbox events, their attempts,
-//! and the reads over them (generated per backend by [`delivery_reads!`]). The writes are
+//! and the reads over them (one body for both backends, on [`Shared`]). The writes are
 //! per backend: `postgres/deliveries.rs`, and SQLite's writer thread.
 
 use serde::Serialize;
 
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
+
 use crate::domain::SyncEvent;
+use crate::store::ops::{Dialect, Filtered, Shared};
+use crate::store::{Result, StoreError};
 
 /// A delivery's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -221,89 +225,97 @@ pub(crate) fn decision_columns(r: &AttemptRecord) -> (&'static str, i64, Option<
     }
 }
 
-/// Generates the delivery reads for one backend (`ids`: a subquery that expands the JSON
-/// array of text bound at `$2`).
-macro_rules! delivery_reads {
-    (db = $db:ty, conn = $conn:ty, ids = $ids:literal $(,)?) => {
-        use crate::store::deliveries::{AttemptRow, DeliveryQuery, DeliveryRow};
-
-        pub(crate) async fn list_deliveries(
-            conn: &mut $conn,
-            q: &DeliveryQuery,
-        ) -> Result<Vec<DeliveryRow>> {
-            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE 1 = 1",
-            );
-            if let Some(s) = q.status {
-                qb.push(" AND status = ").push_bind(s.as_str());
-            }
-            if let Some(c) = &q.connector {
-                qb.push(" AND connector = ").push_bind(c.clone());
-            }
-            if let Some(r) = &q.realm {
-                qb.push(" AND realm = ").push_bind(r.clone());
-            }
-            if let Some(s) = &q.session {
-                qb.push(" AND external_id = ").push_bind(s.clone());
-            }
-            if let Some(a) = q.after {
-                qb.push(" AND id > ").push_bind(a);
-            }
-            qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
-            Ok(qb.build_query_as().fetch_all(&mut *conn).await?)
+/// The delivery reads.
+impl<DB> Shared<DB>
+where
+    DB: Database + Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'r> DeliveryRow: FromRow<'r, DB::Row>,
+    for<'r> AttemptRow: FromRow<'r, DB::Row>,
+{
+    pub(crate) async fn list_deliveries(
+        conn: &mut DB::Connection,
+        q: &DeliveryQuery,
+    ) -> Result<Vec<DeliveryRow>> {
+        let mut qb = Filtered::<DB>::new(
+            "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
+             next_attempt_at, last_error, connector_version, created_at, updated_at, \
+             delivered_at FROM deliveries WHERE 1 = 1",
+        );
+        if let Some(s) = q.status {
+            qb.push(" AND status = ").push_bind(s.as_str());
         }
-
-        pub(crate) async fn get_delivery(
-            conn: &mut $conn,
-            id: i64,
-        ) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
-            let row: Option<DeliveryRow> = sqlx::query_as(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let attempts: Vec<AttemptRow> = sqlx::query_as(
-                "SELECT attempt, outcome, error, connector_version, started_at, finished_at \
-                 FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id",
-            )
-            .bind(id)
-            .fetch_all(&mut *conn)
-            .await?;
-            Ok(Some((row, attempts)))
+        if let Some(c) = &q.connector {
+            qb.push(" AND connector = ").push_bind(c.clone());
         }
+        if let Some(r) = &q.realm {
+            qb.push(" AND realm = ").push_bind(r.clone());
+        }
+        if let Some(s) = &q.session {
+            qb.push(" AND external_id = ").push_bind(s.clone());
+        }
+        if let Some(a) = q.after {
+            qb.push(" AND id > ").push_bind(a);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
+        let rows = qb.fetch_all(&mut *conn).await?;
+        Ok(rows)
+    }
 
-        /// Deliveries of some sessions of a realm (for the session tree).
-        pub(crate) async fn session_deliveries(
-            conn: &mut $conn,
-            realm: &str,
-            external_ids: &[String],
-        ) -> Result<Vec<DeliveryRow>> {
-            if external_ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let ids = serde_json::to_string(external_ids)
-                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-            Ok(sqlx::query_as(concat!(
+    pub(crate) async fn get_delivery(
+        conn: &mut DB::Connection,
+        id: i64,
+    ) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+        let row: Option<DeliveryRow> = sqlx::query_as(
+            "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
+             next_attempt_at, last_error, connector_version, created_at, updated_at, \
+             delivered_at FROM deliveries WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let attempts: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT attempt, outcome, error, connector_version, started_at, finished_at \
+             FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(Some((row, attempts)))
+    }
+
+    /// Deliveries of some sessions of a realm (for the session tree).
+    pub(crate) async fn session_deliveries(
+        conn: &mut DB::Connection,
+        realm: &str,
+        external_ids: &[String],
+    ) -> Result<Vec<DeliveryRow>> {
+        if external_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(external_ids)
+            .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+        let sql = format!(
+            concat!(
                 "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
                  next_attempt_at, last_error, connector_version, created_at, updated_at, \
                  delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
-                $ids,
+                "{json_ids}",
                 ") ORDER BY id"
-            ))
+            ),
+            json_ids = DB::JSON_IDS
+        );
+        Ok(sqlx::query_as(&sql)
             .bind(realm)
-            .bind(ids)
+            .bind(ids.as_str())
             .fetch_all(&mut *conn)
             .await?)
-        }
-    };
+    }
 }
-
-pub(crate) use delivery_reads;

@@ -26,6 +26,8 @@ use deliveries::{
     AttemptRecord, AttemptRow, ClaimedDelivery, DeliveryQuery, DeliveryRow, FanOut, LaneClaim,
     ReplayTarget,
 };
+use postgres::Ops as PgOps;
+use sqlite::Ops as SqliteOps;
 
 /// Decides which connectors receive an event (the sync engine's routing rule).
 pub type Route = Arc<dyn Fn(&SyncEvent) -> Vec<String> + Send + Sync>;
@@ -363,41 +365,9 @@ impl Store {
         wake: Arc<tokio::sync::Notify>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let Store::Postgres(p) = self else {
-            let _ = shutdown.wait_for(|s| *s).await;
-            return;
-        };
-        let mut backoff = std::time::Duration::from_millis(100);
-        while !*shutdown.borrow() {
-            let mut listener = match p.listen_deliveries().await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for delivery announcements; polling");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = std::time::Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    got = listener.try_recv() => match got {
-                        Ok(Some(_)) => wake.notify_one(),
-                        // The connection dropped; announcements in between are lost, so
-                        // look for work once now.
-                        Ok(None) => wake.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "delivery announcements interrupted");
-                            wake.notify_one();
-                            break;
-                        }
-                    },
-                    _ = shutdown.changed() => return,
-                }
-            }
+        match self {
+            Store::Sqlite(_) => drop(shutdown.wait_for(|s| *s).await),
+            Store::Postgres(p) => p.watch_deliveries(wake, shutdown).await,
         }
     }
 
@@ -423,23 +393,15 @@ impl Store {
     pub async fn record_audit(&self, entry: AuditEntry, outcome: AuditOutcome) -> Result<()> {
         match self {
             Store::Sqlite(s) => s.record_audit(entry, outcome).await,
-            Store::Postgres(p) => {
-                postgres::ops::insert_audit(
-                    &mut *p.pool.acquire().await?,
-                    &entry,
-                    outcome,
-                    now_millis(),
-                )
-                .await
-            }
+            Store::Postgres(p) => p.record_audit(&entry, outcome).await,
         }
     }
 
     /// Audit records, newest first.
     pub async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::list_audit(&mut *s.reader().await?, q).await,
-            Store::Postgres(p) => postgres::ops::list_audit(&mut *p.pool.acquire().await?, q).await,
+            Store::Sqlite(s) => SqliteOps::list_audit(&mut *s.reader().await?, q).await,
+            Store::Postgres(p) => PgOps::list_audit(&mut *p.conn().await?, q).await,
         }
     }
 
@@ -448,29 +410,23 @@ impl Store {
     pub async fn purge_audit(&self, before_ms: i64, limit: i64) -> Result<u64> {
         match self {
             Store::Sqlite(s) => s.purge_audit(before_ms, limit).await,
-            Store::Postgres(p) => {
-                postgres::ops::purge_audit(&mut *p.pool.acquire().await?, before_ms, limit).await
-            }
+            Store::Postgres(p) => p.purge_audit(before_ms, limit).await,
         }
     }
 
     /// Filtered deliveries, by id.
     pub async fn list_deliveries(&self, q: &DeliveryQuery) -> Result<Vec<DeliveryRow>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::list_deliveries(&mut *s.reader().await?, q).await,
-            Store::Postgres(p) => {
-                postgres::ops::list_deliveries(&mut *p.pool.acquire().await?, q).await
-            }
+            Store::Sqlite(s) => SqliteOps::list_deliveries(&mut *s.reader().await?, q).await,
+            Store::Postgres(p) => PgOps::list_deliveries(&mut *p.conn().await?, q).await,
         }
     }
 
     /// One delivery with its attempts.
     pub async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::get_delivery(&mut *s.reader().await?, id).await,
-            Store::Postgres(p) => {
-                postgres::ops::get_delivery(&mut *p.pool.acquire().await?, id).await
-            }
+            Store::Sqlite(s) => SqliteOps::get_delivery(&mut *s.reader().await?, id).await,
+            Store::Postgres(p) => PgOps::get_delivery(&mut *p.conn().await?, id).await,
         }
     }
 
@@ -482,15 +438,10 @@ impl Store {
     ) -> Result<Vec<DeliveryRow>> {
         match self {
             Store::Sqlite(s) => {
-                sqlite::ops::session_deliveries(&mut *s.reader().await?, realm, external_ids).await
+                SqliteOps::session_deliveries(&mut *s.reader().await?, realm, external_ids).await
             }
             Store::Postgres(p) => {
-                postgres::ops::session_deliveries(
-                    &mut *p.pool.acquire().await?,
-                    realm,
-                    external_ids,
-                )
-                .await
+                PgOps::session_deliveries(&mut *p.conn().await?, realm, external_ids).await
             }
         }
     }
@@ -504,10 +455,10 @@ impl Store {
     ) -> Result<Option<(Session, receipts::LogoutRecords)>> {
         match self {
             Store::Sqlite(s) => {
-                receipts::sqlite::session(&mut *s.reader().await?, realm, external_id).await
+                SqliteOps::session_receipt(&mut *s.reader().await?, realm, external_id).await
             }
             Store::Postgres(p) => {
-                receipts::postgres::session(&mut *p.pool.acquire().await?, realm, external_id).await
+                PgOps::session_receipt(&mut *p.conn().await?, realm, external_id).await
             }
         }
     }
@@ -520,10 +471,8 @@ impl Store {
         q: &SessionQuery,
     ) -> Result<(Page, receipts::LogoutRecords, receipts::UserTotals)> {
         match self {
-            Store::Sqlite(s) => receipts::sqlite::user(&mut *s.reader().await?, realm, q).await,
-            Store::Postgres(p) => {
-                receipts::postgres::user(&mut *p.pool.acquire().await?, realm, q).await
-            }
+            Store::Sqlite(s) => SqliteOps::user_receipts(&mut *s.reader().await?, realm, q).await,
+            Store::Postgres(p) => PgOps::user_receipts(&mut *p.conn().await?, realm, q).await,
         }
     }
 
@@ -536,66 +485,32 @@ impl Store {
     ) -> Result<()> {
         match self {
             Store::Sqlite(s) => s.put_upload(row, audit).await,
-            Store::Postgres(p) => {
-                let name = row.name.clone();
-                p.connector_change(&name, |c| {
-                    let row = row.clone();
-                    let audit = audit.clone();
-                    Box::pin(async move {
-                        postgres::ops::put_upload(c, &row).await?;
-                        if let Some(entry) = &audit {
-                            let outcome = AuditOutcome::Ok(1);
-                            postgres::ops::insert_audit(c, entry, outcome, now_millis()).await?;
-                        }
-                        Ok(())
-                    })
-                })
-                .await
-            }
+            Store::Postgres(p) => p.put_upload(&row, audit.as_ref()).await,
         }
     }
 
     /// Removes an uploaded connector (and its enabled flag); whether it existed. The audit
     /// record is written only when it did (otherwise the caller records the refusal).
     pub async fn delete_upload(&self, name: &str, audit: Option<AuditEntry>) -> Result<bool> {
-        let name = name.to_owned();
         match self {
-            Store::Sqlite(s) => s.delete_upload(name, audit).await,
-            Store::Postgres(p) => {
-                p.connector_change(&name, |c| {
-                    let name = name.clone();
-                    let audit = audit.clone();
-                    Box::pin(async move {
-                        let gone = postgres::ops::delete_upload(c, &name).await?;
-                        if gone && let Some(entry) = &audit {
-                            let outcome = AuditOutcome::Ok(1);
-                            postgres::ops::insert_audit(c, entry, outcome, now_millis()).await?;
-                        }
-                        Ok(gone)
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.delete_upload(name.to_owned(), audit).await,
+            Store::Postgres(p) => p.delete_upload(name, audit.as_ref()).await,
         }
     }
 
     /// One uploaded connector with its component bytes.
     pub async fn get_upload(&self, name: &str) -> Result<Option<connectors::UploadRow>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::get_upload(&mut *s.reader().await?, name).await,
-            Store::Postgres(p) => {
-                postgres::ops::get_upload(&mut *p.pool.acquire().await?, name).await
-            }
+            Store::Sqlite(s) => SqliteOps::get_upload(&mut *s.reader().await?, name).await,
+            Store::Postgres(p) => PgOps::get_upload(&mut *p.conn().await?, name).await,
         }
     }
 
     /// Name and version of every uploaded connector.
     pub async fn upload_versions(&self) -> Result<Vec<(String, String)>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::upload_versions(&mut *s.reader().await?).await,
-            Store::Postgres(p) => {
-                postgres::ops::upload_versions(&mut *p.pool.acquire().await?).await
-            }
+            Store::Sqlite(s) => SqliteOps::upload_versions(&mut *s.reader().await?).await,
+            Store::Postgres(p) => PgOps::upload_versions(&mut *p.conn().await?).await,
         }
     }
 
@@ -607,32 +522,17 @@ impl Store {
         enabled: bool,
         audit: Option<AuditEntry>,
     ) -> Result<()> {
-        let name = name.to_owned();
         match self {
-            Store::Sqlite(s) => s.set_enabled(name, enabled, audit).await,
-            Store::Postgres(p) => {
-                p.connector_change(&name, |c| {
-                    let name = name.clone();
-                    let audit = audit.clone();
-                    Box::pin(async move {
-                        let now = now_millis();
-                        postgres::ops::set_enabled(c, &name, enabled, now).await?;
-                        if let Some(entry) = &audit {
-                            postgres::ops::insert_audit(c, entry, AuditOutcome::Ok(1), now).await?;
-                        }
-                        Ok(())
-                    })
-                })
-                .await
-            }
+            Store::Sqlite(s) => s.set_enabled(name.to_owned(), enabled, audit).await,
+            Store::Postgres(p) => p.set_enabled(name, enabled, audit.as_ref()).await,
         }
     }
 
     /// Names of the connectors switched off.
     pub async fn disabled_connectors(&self) -> Result<Vec<String>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::disabled(&mut *s.reader().await?).await,
-            Store::Postgres(p) => postgres::ops::disabled(&mut *p.pool.acquire().await?).await,
+            Store::Sqlite(s) => SqliteOps::disabled(&mut *s.reader().await?).await,
+            Store::Postgres(p) => PgOps::disabled(&mut *p.conn().await?).await,
         }
     }
 
@@ -641,16 +541,16 @@ impl Store {
         &self,
     ) -> Result<std::collections::BTreeMap<String, connectors::QueueCounts>> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::queue_counts(&mut *s.reader().await?).await,
-            Store::Postgres(p) => postgres::ops::queue_counts(&mut *p.pool.acquire().await?).await,
+            Store::Sqlite(s) => SqliteOps::queue_counts(&mut *s.reader().await?).await,
+            Store::Postgres(p) => PgOps::queue_counts(&mut *p.conn().await?).await,
         }
     }
 
     /// Unrouted outbox events and the age of the oldest waiting event (`/metrics`).
     pub async fn backlog(&self) -> Result<connectors::Backlog> {
         match self {
-            Store::Sqlite(s) => sqlite::ops::backlog(&mut *s.reader().await?).await,
-            Store::Postgres(p) => postgres::ops::backlog(&mut *p.pool.acquire().await?).await,
+            Store::Sqlite(s) => SqliteOps::backlog(&mut *s.reader().await?).await,
+            Store::Postgres(p) => PgOps::backlog(&mut *p.conn().await?).await,
         }
     }
 
@@ -658,7 +558,7 @@ impl Store {
     pub async fn unlease(&self, id: i64) -> Result<()> {
         match self {
             Store::Sqlite(s) => s.unlease(id).await,
-            Store::Postgres(p) => postgres::ops::unlease(&mut *p.pool.acquire().await?, id).await,
+            Store::Postgres(p) => p.unlease(id).await,
         }
     }
 

@@ -4,47 +4,33 @@
 //! FOR UPDATE and re-checks for children committed while it ran.
 
 mod deliveries;
+mod records;
 mod sessions;
 
+use futures::future::BoxFuture;
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::connectors::UploadRow;
 use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
-use crate::domain::{DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session};
+use crate::domain::{
+    AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
+};
 
-pub(super) mod ops {
-    use crate::store::{Result, StoreError};
+/// The shared sqlx statements, on PostgreSQL.
+pub(super) type Ops = super::ops::Shared<sqlx::Postgres>;
 
-    mod reads {
-        crate::store::ops::session_reads!(db = sqlx::Postgres, conn = sqlx::postgres::PgConnection);
-    }
-    pub(crate) use reads::*;
-    crate::store::deliveries::delivery_reads!(
-        db = sqlx::Postgres,
-        conn = sqlx::postgres::PgConnection,
-        ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
-    );
-    crate::store::connectors::connector_ops!(
-        db = sqlx::Postgres,
-        conn = sqlx::postgres::PgConnection,
-    );
-    crate::store::audit::audit_ops!(db = sqlx::Postgres, conn = sqlx::postgres::PgConnection,);
-
-    /// Announces a connector change to every instance (delivered when the transaction commits).
-    pub(crate) async fn announce(
-        conn: &mut sqlx::postgres::PgConnection,
-        name: &str,
-    ) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::store::connectors::CHANGES_CHANNEL)
-            .bind(name)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
+/// Announces a connector change to every instance (delivered when the transaction commits).
+async fn announce(conn: &mut PgConnection, name: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::store::connectors::CHANGES_CHANNEL)
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Deadlocks and serialisation failures between concurrent cascades are retried this often.
@@ -72,7 +58,7 @@ fn is_retryable(e: &StoreError) -> bool {
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs a statement that commits on its own (autocommit), retrying on deadlock or
-/// serialisation failure as [`in_tx!`] does.
+/// serialisation failure as [`in_tx`] does.
 async fn retrying<T, F, Fut>(mut run: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -90,34 +76,38 @@ where
     }
 }
 
-/// Runs `$body` (an expression using `$conn: &mut PgConnection`) in a transaction, retrying
-/// on deadlock or serialisation failure.
-macro_rules! in_tx {
-    ($pool:expr, |$conn:ident| $body:expr) => {{
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut tx = $pool.begin().await?;
-            let result = {
-                let $conn: &mut sqlx::PgConnection = &mut tx;
-                $body.await
-            };
-            match result {
-                Ok(v) => {
-                    tx.commit().await?;
-                    break Ok(v);
+/// Runs `body` in a transaction, retrying on deadlock or serialisation failure: each
+/// attempt gets a fresh transaction, and a failed one is rolled back before the next.
+///
+/// `body` gets the connection and `ctx` (what it reads of the caller's) and returns a boxed
+/// future. Not an async closure: the future of one borrows the connection for a lifetime
+/// the compiler cannot prove `Send` for in general, and the API's handlers need it `Send`.
+/// `ctx` is passed rather than captured so that its borrow may be as short as the
+/// connection's.
+async fn in_tx<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
+where
+    C: ?Sized + Sync,
+    F: for<'c> FnMut(&'c mut PgConnection, &'c C) -> BoxFuture<'c, Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut tx = pool.begin().await?;
+        match body(&mut tx, ctx).await {
+            Ok(v) => {
+                tx.commit().await?;
+                break Ok(v);
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) {
+                    tracing::debug!(attempt, error = %e, "retrying transaction");
+                    continue;
                 }
-                Err(e) => {
-                    tx.rollback().await?;
-                    if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) {
-                        tracing::debug!(attempt, error = %e, "retrying transaction");
-                        continue;
-                    }
-                    break Err(e);
-                }
+                break Err(e);
             }
         }
-    }};
+    }
 }
 
 impl PgStore {
@@ -153,16 +143,86 @@ impl PgStore {
         Ok(())
     }
 
-    /// Runs a connector control-plane change and announces it in the same transaction.
-    pub(super) async fn connector_change<T, F>(&self, name: &str, f: F) -> Result<T>
-    where
-        F: for<'c> Fn(&'c mut sqlx::PgConnection) -> futures::future::BoxFuture<'c, Result<T>>,
-    {
-        in_tx!(self.pool, |conn| async {
-            let out = f(&mut *conn).await?;
-            ops::announce(conn, name).await?;
-            Ok(out)
+    /// Stores (or replaces) an upload, with its audit record, and announces the change in
+    /// the same transaction.
+    pub(super) async fn put_upload(
+        &self,
+        row: &UploadRow,
+        audit: Option<&AuditEntry>,
+    ) -> Result<()> {
+        in_tx(&self.pool, &(row, audit), |conn, &(row, audit)| {
+            Box::pin(async move {
+                records::put_upload(&mut *conn, row).await?;
+                if let Some(entry) = audit {
+                    records::insert_audit(conn, entry, AuditOutcome::Ok(1), now_millis()).await?;
+                }
+                announce(conn, &row.name).await
+            })
         })
+        .await
+    }
+
+    /// Removes an upload (the audit record only when there was one) and announces the
+    /// change in the same transaction.
+    pub(super) async fn delete_upload(
+        &self,
+        name: &str,
+        audit: Option<&AuditEntry>,
+    ) -> Result<bool> {
+        in_tx(&self.pool, &(name, audit), |conn, &(name, audit)| {
+            Box::pin(async move {
+                let gone = records::delete_upload(&mut *conn, name).await?;
+                if gone && let Some(entry) = audit {
+                    records::insert_audit(conn, entry, AuditOutcome::Ok(1), now_millis()).await?;
+                }
+                announce(conn, name).await?;
+                Ok(gone)
+            })
+        })
+        .await
+    }
+
+    /// Sets a connector's enabled flag, with its audit record, and announces the change in
+    /// the same transaction.
+    pub(super) async fn set_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        audit: Option<&AuditEntry>,
+    ) -> Result<()> {
+        in_tx(&self.pool, &(name, audit), |conn, &(name, audit)| {
+            Box::pin(async move {
+                let now = now_millis();
+                records::set_enabled(&mut *conn, name, enabled, now).await?;
+                if let Some(entry) = audit {
+                    records::insert_audit(conn, entry, AuditOutcome::Ok(1), now).await?;
+                }
+                announce(conn, name).await
+            })
+        })
+        .await
+    }
+
+    /// Writes one audit record on its own (autocommit).
+    pub(super) async fn record_audit(
+        &self,
+        entry: &AuditEntry,
+        outcome: AuditOutcome,
+    ) -> Result<()> {
+        records::insert_audit(&mut *self.conn().await?, entry, outcome, now_millis()).await
+    }
+
+    pub(super) async fn purge_audit(&self, before_ms: i64, limit: i64) -> Result<u64> {
+        records::purge_audit(&mut *self.conn().await?, before_ms, limit).await
+    }
+
+    pub(super) async fn unlease(&self, id: i64) -> Result<()> {
+        records::unlease(&mut *self.conn().await?, id).await
+    }
+
+    /// A pooled connection, for the shared reads.
+    pub(super) async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        Ok(self.pool.acquire().await?)
     }
 
     /// A listener on the connector-changes channel.
@@ -183,7 +243,10 @@ impl PgStore {
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
         let now = now_millis();
-        let changed = in_tx!(self.pool, |conn| sessions::destroy(conn, &cmd, now))?;
+        let changed = in_tx(&self.pool, &cmd, |conn, cmd| {
+            Box::pin(sessions::destroy(conn, cmd, now))
+        })
+        .await?;
         if !changed.is_empty() {
             self.committed.notify_one();
         }
@@ -192,14 +255,17 @@ impl PgStore {
 
     pub(super) async fn apply_idp(&self, cmd: IdpCommand) -> Result<IdpOutcome> {
         let now = now_millis();
-        let out = in_tx!(self.pool, |conn| sessions::apply_idp(conn, &cmd, now))?;
+        let out = in_tx(&self.pool, &cmd, |conn, cmd| {
+            Box::pin(sessions::apply_idp(conn, cmd, now))
+        })
+        .await?;
         self.committed.notify_one();
         Ok(out)
     }
 
     pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
         let mut conn = self.pool.acquire().await?;
-        ops::expired(&mut conn, now, limit).await
+        Ops::expired(&mut conn, now, limit).await
     }
 
     pub(super) async fn live_idp_parents(
@@ -209,7 +275,7 @@ impl PgStore {
         limit: i64,
     ) -> Result<Vec<Session>> {
         let mut conn = self.pool.acquire().await?;
-        ops::live_idp_parents(&mut conn, realm, after, limit).await
+        Ops::live_idp_parents(&mut conn, realm, after, limit).await
     }
 
     /// Signalled after commits that wrote outbox events on this instance.
@@ -223,9 +289,10 @@ impl PgStore {
         gate: &super::GateFn,
     ) -> Result<Option<super::deliveries::FanOut>> {
         let now = now_millis();
-        in_tx!(self.pool, |conn| deliveries::fan_out(
-            conn, route, gate, now
-        ))
+        in_tx(&self.pool, &(route, gate), |conn, &(route, gate)| {
+            Box::pin(deliveries::fan_out(conn, route, gate, now))
+        })
+        .await
     }
 
     pub(super) async fn claim(
@@ -240,8 +307,49 @@ impl PgStore {
         retrying(|| deliveries::record(&self.pool, records)).await
     }
 
+    /// Signals `wake` for every delivery announced by an instance, until `shutdown`; see
+    /// [`super::Store::watch_deliveries`].
+    pub(super) async fn watch_deliveries(
+        &self,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut backoff = std::time::Duration::from_millis(100);
+        while !*shutdown.borrow() {
+            let mut listener = match self.listen_deliveries().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for delivery announcements; polling");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = std::time::Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    got = listener.try_recv() => match got {
+                        Ok(Some(_)) => wake.notify_one(),
+                        // The connection dropped; announcements in between are lost, so
+                        // look for work once now.
+                        Ok(None) => wake.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "delivery announcements interrupted");
+                            wake.notify_one();
+                            break;
+                        }
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+
     /// A listener on the channel fan-outs announce new deliveries on.
-    pub(super) async fn listen_deliveries(&self) -> Result<sqlx::postgres::PgListener> {
+    async fn listen_deliveries(&self) -> Result<sqlx::postgres::PgListener> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
         listener.listen(deliveries::DELIVERIES_CHANNEL).await?;
         Ok(listener)
@@ -253,21 +361,24 @@ impl PgStore {
         audit: Option<&crate::domain::AuditEntry>,
     ) -> Result<u64> {
         let now = now_millis();
-        let n = in_tx!(self.pool, |conn| async {
-            let n = deliveries::replay(&mut *conn, target, now).await?;
-            if let Some(entry) = audit {
-                let outcome = crate::domain::AuditOutcome::Ok(n as i64);
-                ops::insert_audit(conn, entry, outcome, now).await?;
-            }
-            Ok(n)
-        })?;
+        let n = in_tx(&self.pool, &(target, audit), |conn, &(target, audit)| {
+            Box::pin(async move {
+                let n = deliveries::replay(&mut *conn, target, now).await?;
+                if let Some(entry) = audit {
+                    let outcome = AuditOutcome::Ok(n as i64);
+                    records::insert_audit(conn, entry, outcome, now).await?;
+                }
+                Ok(n)
+            })
+        })
+        .await?;
         self.committed.notify_one();
         Ok(n)
     }
 
     pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
         let mut conn = self.pool.acquire().await?;
-        ops::get(&mut conn, realm, id).await
+        Ops::get(&mut conn, realm, id).await
     }
 
     pub(super) async fn tree(
@@ -281,14 +392,14 @@ impl PgStore {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let tree = ops::tree(&mut tx, realm, id, max).await?;
+        let tree = Ops::tree(&mut tx, realm, id, max).await?;
         tx.commit().await?;
         Ok(tree)
     }
 
     pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
         let mut conn = self.pool.acquire().await?;
-        ops::query(&mut conn, realm, q).await
+        Ops::query(&mut conn, realm, q).await
     }
 
     pub(super) async fn ping(&self) -> Result<()> {

@@ -3,7 +3,13 @@
 //! snapshot per call. Only SQL and rows here; which state counts as confirmed, and when a
 //! receipt is complete, is decided in `sync::receipts`.
 
+use sqlx::{Connection, Database, Encode, Executor, FromRow, IntoArguments, Type};
+
 use super::deliveries::DeliveryRow;
+use crate::domain::Session;
+use crate::store::ops::{Dialect, Shared};
+use crate::store::row::SessionRow;
+use crate::store::{Page, Result, SessionQuery, StoreError};
 
 /// A `logout` outbox event of a session.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -57,186 +63,183 @@ pub struct UserTotals {
     pub ended_without_event: i64,
 }
 
-/// Generates the receipt reads for one backend (instantiated below).
-///
-/// - `ids`: a subquery expanding the JSON array of external ids bound at `$2`.
-/// - `snapshot`: the statement that makes a read transaction one snapshot (empty for SQLite,
-///   whose read transactions are snapshots in WAL mode).
-macro_rules! receipt_ops {
-    (
-        conn = $conn:ty,
-        sessions = $sessions:path,
-        ids = $ids:literal,
-        snapshot = $snapshot:literal $(,)?
-    ) => {
-        use sqlx::Connection;
+/// The receipt reads, each from one snapshot: a read transaction, which is one on SQLite
+/// (WAL) and is made REPEATABLE READ on PostgreSQL, where READ COMMITTED would give each
+/// statement its own ([`Dialect::SNAPSHOT`]).
+impl<DB> Shared<DB>
+where
+    DB: Database + Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'r> SessionRow: FromRow<'r, DB::Row>,
+    for<'r> LogoutEventRow: FromRow<'r, DB::Row>,
+    for<'r> DeliveryRow: FromRow<'r, DB::Row>,
+    for<'r> ConfirmationRow: FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
+    for<'r> (String, String): FromRow<'r, DB::Row>,
+    for<'r> (String, i64): FromRow<'r, DB::Row>,
+    for<'r> (String, i32, i64): FromRow<'r, DB::Row>,
+{
+    async fn begin_snapshot(conn: &mut DB::Connection) -> Result<sqlx::Transaction<'_, DB>> {
+        let mut tx = conn.begin().await?;
+        if !DB::SNAPSHOT.is_empty() {
+            sqlx::query(DB::SNAPSHOT).execute(&mut *tx).await?;
+        }
+        Ok(tx)
+    }
 
-        use crate::store::receipts::{
-            LogoutEventRow, LogoutRecords, UserTotals,
+    /// One session and its logout records, from one snapshot.
+    pub(crate) async fn session_receipt(
+        conn: &mut DB::Connection,
+        realm: &str,
+        external_id: &str,
+    ) -> Result<Option<(Session, LogoutRecords)>> {
+        let mut tx = Self::begin_snapshot(conn).await?;
+        let Some(session) = Shared::<DB>::get(&mut tx, realm, external_id).await? else {
+            tx.commit().await?;
+            return Ok(None);
         };
-        use crate::store::{Page, Result, SessionQuery, StoreError};
-        use crate::domain::Session;
-        use $sessions as sessions;
+        let records = Self::logout_records(&mut tx, realm, &[external_id.to_owned()]).await?;
+        tx.commit().await?;
+        Ok(Some((session, records)))
+    }
 
-        async fn begin(conn: &mut $conn) -> Result<sqlx::Transaction<'_, <$conn as Connection>::Database>> {
-            let mut tx = conn.begin().await?;
-            if !$snapshot.is_empty() {
-                sqlx::query($snapshot).execute(&mut *tx).await?;
-            }
-            Ok(tx)
+    /// One page of a user's sessions (`q.user_id` set), their logout records and the
+    /// totals over all the user's sessions, from one snapshot.
+    pub(crate) async fn user_receipts(
+        conn: &mut DB::Connection,
+        realm: &str,
+        q: &SessionQuery,
+    ) -> Result<(Page, LogoutRecords, UserTotals)> {
+        let user_id = q
+            .user_id
+            .clone()
+            .ok_or_else(|| StoreError::Corrupt("a user's receipts need a user id".into()))?;
+        let mut tx = Self::begin_snapshot(conn).await?;
+        let page = Shared::<DB>::query(&mut tx, realm, q).await?;
+        let ids: Vec<String> = page.items.iter().map(|s| s.external_id.clone()).collect();
+        let records = Self::logout_records(&mut tx, realm, &ids).await?;
+        let totals = Self::user_totals(&mut tx, realm, &user_id).await?;
+        tx.commit().await?;
+        Ok((page, records, totals))
+    }
+
+    async fn logout_records(
+        conn: &mut DB::Connection,
+        realm: &str,
+        external_ids: &[String],
+    ) -> Result<LogoutRecords> {
+        if external_ids.is_empty() {
+            return Ok(LogoutRecords::default());
         }
-
-        /// One session and its logout records, from one snapshot.
-        pub(crate) async fn session(
-            conn: &mut $conn,
-            realm: &str,
-            external_id: &str,
-        ) -> Result<Option<(Session, LogoutRecords)>> {
-            let mut tx = begin(conn).await?;
-            let Some(session) = sessions::get(&mut tx, realm, external_id).await? else {
-                tx.commit().await?;
-                return Ok(None);
-            };
-            let records = logout_records(&mut tx, realm, &[external_id.to_owned()]).await?;
-            tx.commit().await?;
-            Ok(Some((session, records)))
-        }
-
-        /// One page of a user's sessions (`q.user_id` set), their logout records and the
-        /// totals over all the user's sessions, from one snapshot.
-        pub(crate) async fn user(
-            conn: &mut $conn,
-            realm: &str,
-            q: &SessionQuery,
-        ) -> Result<(Page, LogoutRecords, UserTotals)> {
-            let user_id = q.user_id.clone().ok_or_else(|| {
-                StoreError::Corrupt("a user's receipts need a user id".into())
-            })?;
-            let mut tx = begin(conn).await?;
-            let page = sessions::query(&mut tx, realm, q).await?;
-            let ids: Vec<String> = page.items.iter().map(|s| s.external_id.clone()).collect();
-            let records = logout_records(&mut tx, realm, &ids).await?;
-            let totals = user_totals(&mut tx, realm, &user_id).await?;
-            tx.commit().await?;
-            Ok((page, records, totals))
-        }
-
-        async fn logout_records(
-            conn: &mut $conn,
-            realm: &str,
-            external_ids: &[String],
-        ) -> Result<LogoutRecords> {
-            if external_ids.is_empty() {
-                return Ok(LogoutRecords::default());
-            }
-            let ids = serde_json::to_string(external_ids)
-                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-            // Each statement walks an index on (realm, external_id, ...).
-            let events: Vec<LogoutEventRow> = sqlx::query_as(concat!(
+        let ids = serde_json::to_string(external_ids)
+            .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+        // Each statement walks an index on (realm, external_id, ...).
+        let events: Vec<LogoutEventRow> = sqlx::query_as(&format!(
+            concat!(
                 "SELECT id AS outbox_id, event_id, external_id, origin_system, created_at, \
-                 fanned_out FROM outbox WHERE realm = $1 AND external_id IN (",
-                $ids,
+             fanned_out FROM outbox WHERE realm = $1 AND external_id IN (",
+                "{json_ids}",
                 ") AND event_type = 'logout' ORDER BY id"
-            ))
-            .bind(realm)
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            if events.is_empty() {
-                return Ok(LogoutRecords::default());
-            }
-            let deliveries = sqlx::query_as(concat!(
+            ),
+            json_ids = DB::JSON_IDS
+        ))
+        .bind(realm)
+        .bind(ids.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        if events.is_empty() {
+            return Ok(LogoutRecords::default());
+        }
+        let deliveries = sqlx::query_as(&format!(
+            concat!(
                 "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
-                $ids,
+             next_attempt_at, last_error, connector_version, created_at, updated_at, \
+             delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
+                "{json_ids}",
                 ") AND event_type = 'logout' ORDER BY id"
-            ))
-            .bind(realm)
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            let confirmations = sqlx::query_as(concat!(
+            ),
+            json_ids = DB::JSON_IDS
+        ))
+        .bind(realm)
+        .bind(ids.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        let confirmations = sqlx::query_as(&format!(
+            concat!(
                 "SELECT a.delivery_id, a.connector_version, a.finished_at \
-                 FROM deliveries d CROSS JOIN delivery_attempts a \
-                 WHERE d.realm = $1 AND d.external_id IN (",
-                $ids,
+             FROM deliveries d CROSS JOIN delivery_attempts a \
+             WHERE d.realm = $1 AND d.external_id IN (",
+                "{json_ids}",
                 ") AND d.event_type = 'logout' AND d.status = 'delivered' \
-                   AND a.delivery_id = d.id AND a.outcome = 'delivered' ORDER BY a.id"
-            ))
-            .bind(realm)
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            Ok(LogoutRecords { events, deliveries, confirmations })
-        }
+               AND a.delivery_id = d.id AND a.outcome = 'delivered' ORDER BY a.id"
+            ),
+            json_ids = DB::JSON_IDS
+        ))
+        .bind(realm)
+        .bind(ids.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(LogoutRecords {
+            events,
+            deliveries,
+            confirmations,
+        })
+    }
 
-        async fn user_totals(conn: &mut $conn, realm: &str, user_id: &str) -> Result<UserTotals> {
-            let sessions_by_status = sqlx::query_as(
-                "SELECT status, COUNT(*) FROM sessions WHERE realm = $1 AND user_id = $2 \
-                 GROUP BY status ORDER BY status",
-            )
-            .bind(realm)
-            .bind(user_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            let deliveries_by_status = sqlx::query_as(
-                "SELECT d.status, CAST(CASE WHEN d.attempts > 0 THEN 1 ELSE 0 END AS INTEGER), \
-                 COUNT(*) FROM deliveries d \
-                 WHERE d.realm = $1 AND d.event_type = 'logout' AND d.external_id IN ( \
-                     SELECT s.external_id FROM sessions s WHERE s.realm = $1 AND s.user_id = $2) \
-                 GROUP BY 1, 2 ORDER BY 1, 2",
-            )
-            .bind(realm)
-            .bind(user_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            let unrouted_events = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM outbox o \
-                 WHERE o.realm = $1 AND o.event_type = 'logout' AND o.fanned_out = 0 \
-                   AND o.external_id IN ( \
-                     SELECT s.external_id FROM sessions s WHERE s.realm = $1 AND s.user_id = $2)",
-            )
-            .bind(realm)
-            .bind(user_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            let ended_without_event = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM sessions s \
-                 WHERE s.realm = $1 AND s.user_id = $2 AND s.status = 'DESTROYED' \
-                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.realm = s.realm \
-                       AND o.external_id = s.external_id AND o.event_type = 'logout')",
-            )
-            .bind(realm)
-            .bind(user_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            Ok(UserTotals {
-                sessions_by_status,
-                deliveries_by_status,
-                unrouted_events,
-                ended_without_event,
-            })
-        }
-    };
-}
-
-/// SQLite: a read transaction on a WAL database is one snapshot.
-pub(super) mod sqlite {
-    receipt_ops!(
-        conn = sqlx::sqlite::SqliteConnection,
-        sessions = crate::store::sqlite::ops,
-        ids = "SELECT value FROM json_each($2)",
-        snapshot = "",
-    );
-}
-
-/// PostgreSQL: READ COMMITTED would give each statement its own snapshot.
-pub(super) mod postgres {
-    receipt_ops!(
-        conn = sqlx::postgres::PgConnection,
-        sessions = crate::store::postgres::ops,
-        ids = "SELECT jsonb_array_elements_text(CAST($2 AS jsonb))",
-        snapshot = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-    );
+    async fn user_totals(
+        conn: &mut DB::Connection,
+        realm: &str,
+        user_id: &str,
+    ) -> Result<UserTotals> {
+        let sessions_by_status = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM sessions WHERE realm = $1 AND user_id = $2 \
+             GROUP BY status ORDER BY status",
+        )
+        .bind(realm)
+        .bind(user_id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let deliveries_by_status = sqlx::query_as(
+            "SELECT d.status, CAST(CASE WHEN d.attempts > 0 THEN 1 ELSE 0 END AS INTEGER), \
+             COUNT(*) FROM deliveries d \
+             WHERE d.realm = $1 AND d.event_type = 'logout' AND d.external_id IN ( \
+                 SELECT s.external_id FROM sessions s WHERE s.realm = $1 AND s.user_id = $2) \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(realm)
+        .bind(user_id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let unrouted_events = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox o \
+             WHERE o.realm = $1 AND o.event_type = 'logout' AND o.fanned_out = 0 \
+               AND o.external_id IN ( \
+                 SELECT s.external_id FROM sessions s WHERE s.realm = $1 AND s.user_id = $2)",
+        )
+        .bind(realm)
+        .bind(user_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let ended_without_event = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sessions s \
+             WHERE s.realm = $1 AND s.user_id = $2 AND s.status = 'DESTROYED' \
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.realm = s.realm \
+                   AND o.external_id = s.external_id AND o.event_type = 'logout')",
+        )
+        .bind(realm)
+        .bind(user_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(UserTotals {
+            sessions_by_status,
+            deliveries_by_status,
+            unrouted_events,
+            ended_without_event,
+        })
+    }
 }

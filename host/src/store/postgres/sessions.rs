@@ -8,6 +8,8 @@
 //! audit record. Arrays are bound as PostgreSQL arrays, so every statement text is fixed and
 //! prepared once per connection whatever the number of rows.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{FromRow, PgExecutor, Row};
@@ -20,7 +22,7 @@ use crate::domain::{
 use crate::store::row::{SessionRow, into_sessions, millis_to_time, session_columns};
 use crate::store::{Result, StoreError};
 
-use super::ops::insert_audit;
+use super::records::insert_audit;
 
 /// Bound on straggler passes after a cascade (each pass is one level of concurrent inserts).
 const MAX_CASCADE_PASSES: usize = 32;
@@ -28,43 +30,43 @@ const MAX_CASCADE_PASSES: usize = 32;
 /// The columns a new session is inserted with, `$1`..`$12`; `$13`..`$15` are its `login`
 /// event (id, origin system, payload) and `$16`..`$20` its audit record (actor, realm,
 /// action, target, detail), written only when the actor is not NULL.
-macro_rules! insert_columns {
-    () => {
-        "INSERT INTO sessions (realm, external_id, kind, parent_id, idp_session_id, \
-         idp_client_session_id, user_id, system, delegated_by, status, end_reason, \
-         attributes, expires_at, created_at, updated_at) "
-    };
-}
+const INSERT_COLUMNS: &str = "INSERT INTO sessions (realm, external_id, kind, parent_id, \
+     idp_session_id, idp_client_session_id, user_id, system, delegated_by, status, end_reason, \
+     attributes, expires_at, created_at, updated_at) ";
 
-macro_rules! login_and_audit {
-    ($payload:literal) => {
-        concat!(
-            " ), event AS ( \
-               INSERT INTO outbox (event_id, realm, event_type, external_id, origin_system, \
-                 payload, created_at) \
-               SELECT $13, realm, 'login', external_id, $14, ",
-            $payload,
-            ", $12 FROM ins \
-             ), audit AS ( \
-               INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
-               SELECT $12, $17, $16, $18, $19, 'ok', 1, $20 FROM ins WHERE $16 IS NOT NULL \
-             ) "
-        )
-    };
+/// The CTEs that follow the insert `ins`: its `login` event (`payload`: the expression of
+/// the event's payload) and its audit record.
+fn login_and_audit(payload: &str) -> String {
+    [
+        " ), event AS ( \
+           INSERT INTO outbox (event_id, realm, event_type, external_id, origin_system, \
+             payload, created_at) \
+           SELECT $13, realm, 'login', external_id, $14, ",
+        payload,
+        ", $12 FROM ins \
+         ), audit AS ( \
+           INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
+           SELECT $12, $17, $16, $18, $19, 'ok', 1, $20 FROM ins WHERE $16 IS NOT NULL \
+         ) ",
+    ]
+    .concat()
 }
 
 /// A PARENT or FIXED session. The unique constraint decides a conflict: no row comes back.
-const INSERT_ROOT: &str = concat!(
-    "WITH ins AS ( ",
-    insert_columns!(),
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', NULL, $10, $11, $12, $12) \
-     ON CONFLICT (realm, external_id) DO NOTHING RETURNING ",
-    session_columns!(),
-    login_and_audit!("$15"),
-    "SELECT ",
-    session_columns!(),
-    " FROM ins"
-);
+static INSERT_ROOT: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH ins AS ( ",
+        INSERT_COLUMNS,
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'ACTIVE', NULL, $10, $11, $12, $12) \
+         ON CONFLICT (realm, external_id) DO NOTHING RETURNING ",
+        session_columns!(),
+        &login_and_audit("$15"),
+        "SELECT ",
+        session_columns!(),
+        " FROM ins",
+    ]
+    .concat()
+});
 
 /// A CHILD, inserted only under a parent that is ACTIVE, which it holds FOR SHARE until the
 /// commit: a destroy of the parent either waits for this insert and then finds the child, or
@@ -76,24 +78,27 @@ const INSERT_ROOT: &str = concat!(
 /// The status is tested after the lookup, not in it: `status = 'ACTIVE'` beside
 /// `realm = $1` lets the planner take the `(realm, status, id)` index while the table's
 /// statistics are young, and scan every live session of the realm for each insert.
-const INSERT_CHILD: &str = concat!(
-    "WITH parent AS ( \
-       SELECT status, idp_session_id, user_id FROM sessions \
-       WHERE realm = $1 AND external_id = $4 FOR SHARE \
-     ), ins AS ( ",
-    insert_columns!(),
-    "SELECT $1, $2, $3, $4, COALESCE($5, parent.idp_session_id), $6, \
-       COALESCE($7, parent.user_id), $8, $9, 'ACTIVE', NULL, $10, $11, $12, $12 FROM parent \
-     WHERE parent.status = 'ACTIVE' \
-     ON CONFLICT (realm, external_id) DO NOTHING RETURNING ",
-    session_columns!(),
-    login_and_audit!(
-        "CASE WHEN $21 THEN CAST(CAST($15 AS jsonb) || jsonb_build_object('idpSessionId', \
-         idp_session_id, 'userId', user_id) AS text) ELSE $15 END"
-    ),
-    "SELECT (SELECT status FROM parent) AS parent_status, ins.* \
-     FROM (SELECT 1) AS one LEFT JOIN ins ON true"
-);
+static INSERT_CHILD: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH parent AS ( \
+           SELECT status, idp_session_id, user_id FROM sessions \
+           WHERE realm = $1 AND external_id = $4 FOR SHARE \
+         ), ins AS ( ",
+        INSERT_COLUMNS,
+        "SELECT $1, $2, $3, $4, COALESCE($5, parent.idp_session_id), $6, \
+           COALESCE($7, parent.user_id), $8, $9, 'ACTIVE', NULL, $10, $11, $12, $12 FROM parent \
+         WHERE parent.status = 'ACTIVE' \
+         ON CONFLICT (realm, external_id) DO NOTHING RETURNING ",
+        session_columns!(),
+        &login_and_audit(
+            "CASE WHEN $21 THEN CAST(CAST($15 AS jsonb) || jsonb_build_object('idpSessionId', \
+             idp_session_id, 'userId', user_id) AS text) ELSE $15 END",
+        ),
+        "SELECT (SELECT status FROM parent) AS parent_status, ins.* \
+         FROM (SELECT 1) AS one LEFT JOIN ins ON true",
+    ]
+    .concat()
+});
 
 /// The recursive step and the update of a cascade over `tree(id, external_id, via)`, whose
 /// seeds the statement starts with: children via `parent_id` (`via` 1) get `$7` (or
@@ -107,36 +112,32 @@ const INSERT_CHILD: &str = concat!(
 /// full leaf page by deleting old row versions there ("bottom-up" deletion), which cannot
 /// succeed while this transaction still holds them, and that failed pass over the heap was
 /// a sixth of a 1,000-session cascade. The pages split at once instead; vacuum tidies them.
-macro_rules! cascade_tail {
-    () => {
-        concat!(
-            " UNION \
-               SELECT x.id, x.external_id, x.via FROM tree t CROSS JOIN LATERAL ( \
-                 SELECT c.id, c.external_id, 1 AS via FROM sessions c \
-                 WHERE c.realm = $1 AND c.parent_id = t.external_id \
-                 UNION ALL SELECT c.id, c.external_id, 2 AS via FROM sessions c \
-                 WHERE c.realm = $1 AND c.delegated_by = t.external_id) x \
-             ), marked AS ( \
-               SELECT id AS m_id, MIN(via) AS via FROM tree GROUP BY id \
-             ), ended AS ( \
-               UPDATE sessions SET \
-                 status = CASE WHEN marked.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
-                 end_reason = CASE WHEN marked.via = 0 THEN $5 \
-                                   WHEN marked.via = 1 AND $4 THEN NULL \
-                                   WHEN marked.via = 1 THEN $7 \
-                                   ELSE 'delegation_ended' END, \
-                 updated_at = $6, realm = sessions.realm \
-               FROM marked \
-               WHERE sessions.id = ANY(ARRAY(SELECT m_id FROM marked)) \
-                 AND sessions.id = marked.m_id \
-                 AND (sessions.status = 'ACTIVE' \
-                      OR (sessions.status = 'ORPHANED' AND NOT (marked.via = 1 AND $4))) \
-               RETURNING ",
-            session_columns!(),
-            " ) "
-        )
-    };
-}
+const CASCADE_TAIL: &str = concat!(
+    " UNION \
+           SELECT x.id, x.external_id, x.via FROM tree t CROSS JOIN LATERAL ( \
+             SELECT c.id, c.external_id, 1 AS via FROM sessions c \
+             WHERE c.realm = $1 AND c.parent_id = t.external_id \
+             UNION ALL SELECT c.id, c.external_id, 2 AS via FROM sessions c \
+             WHERE c.realm = $1 AND c.delegated_by = t.external_id) x \
+         ), marked AS ( \
+           SELECT id AS m_id, MIN(via) AS via FROM tree GROUP BY id \
+         ), ended AS ( \
+           UPDATE sessions SET \
+             status = CASE WHEN marked.via = 1 AND $4 THEN 'ORPHANED' ELSE 'DESTROYED' END, \
+             end_reason = CASE WHEN marked.via = 0 THEN $5 \
+                               WHEN marked.via = 1 AND $4 THEN NULL \
+                               WHEN marked.via = 1 THEN $7 \
+                               ELSE 'delegation_ended' END, \
+             updated_at = $6, realm = sessions.realm \
+           FROM marked \
+           WHERE sessions.id = ANY(ARRAY(SELECT m_id FROM marked)) \
+             AND sessions.id = marked.m_id \
+             AND (sessions.status = 'ACTIVE' \
+                  OR (sessions.status = 'ORPHANED' AND NOT (marked.via = 1 AND $4))) \
+           RETURNING ",
+    session_columns!(),
+    " ) "
+);
 
 /// Live (ACTIVE or ORPHANED) sessions of the trees below the seeds `$2` of the kinds `$4`,
 /// reached through live sessions, counted up to `$3`: the walk is lazy, so the LIMIT stops
@@ -157,44 +158,49 @@ const COUNT_LIVE_TREE: &str = "WITH RECURSIVE tree(external_id) AS ( \
 /// has one of the kinds `$3` and has not ended. One row per changed session, or one with
 /// NULL session columns when nothing changed; none when it does not exist. Every row
 /// carries the target's kind and status, which decide the refusal.
-const CASCADE_FROM_TARGET: &str = concat!(
-    "WITH RECURSIVE target AS ( \
-       SELECT id, external_id, kind, status FROM sessions \
-       WHERE realm = $1 AND external_id = $2 FOR UPDATE \
-     ), tree(id, external_id, via) AS ( \
-       SELECT id, external_id, 0 FROM target \
-       WHERE status <> 'DESTROYED' AND kind = ANY($3)",
-    cascade_tail!(),
-    "SELECT target.kind AS target_kind, target.status AS target_status, ended.* \
-     FROM target LEFT JOIN ended ON true"
-);
+static CASCADE_FROM_TARGET: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH RECURSIVE target AS ( \
+           SELECT id, external_id, kind, status FROM sessions \
+           WHERE realm = $1 AND external_id = $2 FOR UPDATE \
+         ), tree(id, external_id, via) AS ( \
+           SELECT id, external_id, 0 FROM target \
+           WHERE status <> 'DESTROYED' AND kind = ANY($3)",
+        CASCADE_TAIL,
+        "SELECT target.kind AS target_kind, target.status AS target_status, ended.* \
+         FROM target LEFT JOIN ended ON true",
+    ]
+    .concat()
+});
 
 /// A cascade from the sessions named in `$2`, which get `via` `$3`.
-const CASCADE_FROM_SEEDS: &str = concat!(
-    "WITH RECURSIVE tree(id, external_id, via) AS ( \
-       SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND external_id = ANY($2)",
-    cascade_tail!(),
-    "SELECT * FROM ended"
-);
+static CASCADE_FROM_SEEDS: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH RECURSIVE tree(id, external_id, via) AS ( \
+           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND external_id = ANY($2)",
+        CASCADE_TAIL,
+        "SELECT * FROM ended",
+    ]
+    .concat()
+});
 
 /// Outbox rows of one realm from parallel arrays (event ids, types, sessions, payloads), in
 /// array order; the arguments name the placeholders.
-macro_rules! insert_events {
-    (realm = $realm:literal, origin = $origin:literal, now = $now:literal, arrays = $arrays:literal) => {
-        concat!(
-            "INSERT INTO outbox (event_id, realm, event_type, external_id, origin_system, \
-               payload, created_at) \
-             SELECT e.event_id, ",
-            $realm,
-            ", e.event_type, e.external_id, ",
-            $origin,
-            ", e.payload, ",
-            $now,
-            " FROM unnest(",
-            $arrays,
-            ") WITH ORDINALITY AS e(event_id, event_type, external_id, payload, n) ORDER BY e.n"
-        )
-    };
+fn insert_events_sql(realm: &str, origin: &str, now: &str, arrays: &str) -> String {
+    [
+        "INSERT INTO outbox (event_id, realm, event_type, external_id, origin_system, \
+           payload, created_at) \
+         SELECT e.event_id, ",
+        realm,
+        ", e.event_type, e.external_id, ",
+        origin,
+        ", e.payload, ",
+        now,
+        " FROM unnest(",
+        arrays,
+        ") WITH ORDINALITY AS e(event_id, event_type, external_id, payload, n) ORDER BY e.n",
+    ]
+    .concat()
 }
 
 /// What follows a cascade pass, in one statement: its `logout` events; the live children of
@@ -204,15 +210,16 @@ macro_rules! insert_events {
 /// count). Two index lookups rather than one OR, which the planner turns into a scan; the
 /// status is tested outside them (`below` is materialised), so the edge indexes are the
 /// only ones that fit (see [`INSERT_CHILD`]).
-const EVENTS_AND_RECHECK: &str = concat!(
-    "WITH event AS ( ",
-    insert_events!(
-        realm = "$1",
-        origin = "$3",
-        now = "$4",
-        arrays = "CAST($5 AS text[]), CAST($6 AS text[]), CAST($7 AS text[]), CAST($8 AS text[])"
-    ),
-    " ), below AS MATERIALIZED ( \
+static EVENTS_AND_RECHECK: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH event AS ( ",
+        &insert_events_sql(
+            "$1",
+            "$3",
+            "$4",
+            "CAST($5 AS text[]), CAST($6 AS text[]), CAST($7 AS text[]), CAST($8 AS text[])",
+        ),
+        " ), below AS MATERIALIZED ( \
        SELECT external_id, status FROM sessions \
        WHERE realm = $1 AND parent_id IS NOT NULL AND parent_id = ANY($2) \
        UNION ALL SELECT external_id, status FROM sessions \
@@ -223,16 +230,20 @@ const EVENTS_AND_RECHECK: &str = concat!(
        INSERT INTO audit (at_ms, realm, actor, action, target, result, changed, detail) \
        SELECT $4, $10, $9, $11, $12, 'ok', $14, $13 \
        WHERE $9 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM straggler) \
-     ) SELECT external_id FROM straggler"
-);
+     ) SELECT external_id FROM straggler",
+    ]
+    .concat()
+});
 
 /// Outbox rows alone (refresh and revoke events).
-const INSERT_EVENTS: &str = insert_events!(
-    realm = "$1",
-    origin = "$2",
-    now = "$3",
-    arrays = "CAST($4 AS text[]), CAST($5 AS text[]), CAST($6 AS text[]), CAST($7 AS text[])"
-);
+static INSERT_EVENTS: LazyLock<String> = LazyLock::new(|| {
+    insert_events_sql(
+        "$1",
+        "$2",
+        "$3",
+        "CAST($4 AS text[]), CAST($5 AS text[]), CAST($6 AS text[]), CAST($7 AS text[])",
+    )
+});
 
 /// An audit entry as the statement parameters that carry it (all NULL without one).
 struct AuditBinds {
@@ -255,7 +266,7 @@ impl AuditBinds {
     }
 }
 
-/// Parallel arrays of outbox rows, as [`insert_events!`] binds them.
+/// Parallel arrays of outbox rows, as [`insert_events_sql`] binds them.
 #[derive(Default)]
 struct EventArrays {
     ids: Vec<String>,
@@ -314,9 +325,9 @@ fn bind_insert<'q>(
     now: i64,
 ) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
     let sql = if new.parent_id.is_some() {
-        INSERT_CHILD
+        INSERT_CHILD.as_str()
     } else {
-        INSERT_ROOT
+        INSERT_ROOT.as_str()
     };
     let attributes = serde_json::to_string(&new.attributes)
         .map_err(|e| StoreError::Corrupt(format!("attributes: {e}")))?;
@@ -709,7 +720,7 @@ async fn destroy_unguarded(
                 _ => &["PARENT", "FIXED"],
             };
             refuse_oversized(conn, cmd, std::slice::from_ref(id), kinds).await?;
-            let rows: Vec<PgRow> = sqlx::query(CASCADE_FROM_TARGET)
+            let rows: Vec<PgRow> = sqlx::query(&CASCADE_FROM_TARGET)
                 .bind(&cmd.realm)
                 .bind(id)
                 .bind(kinds)
@@ -874,7 +885,7 @@ async fn cascade(
     seed_via: i32,
     now: i64,
 ) -> Result<Vec<Session>> {
-    let rows: Vec<SessionRow> = sqlx::query_as(CASCADE_FROM_SEEDS)
+    let rows: Vec<SessionRow> = sqlx::query_as(&CASCADE_FROM_SEEDS)
         .bind(&cmd.realm)
         .bind(seeds)
         .bind(seed_via)
@@ -903,7 +914,7 @@ async fn events_and_recheck(
     let events = EventArrays::of(&events)?;
     let ids: Vec<&str> = pass.iter().map(|s| s.external_id.as_str()).collect();
     let audit = AuditBinds::of(audit);
-    Ok(sqlx::query_scalar(EVENTS_AND_RECHECK)
+    Ok(sqlx::query_scalar(&EVENTS_AND_RECHECK)
         .bind(&cmd.realm)
         .bind(ids)
         .bind(origin)
@@ -934,7 +945,7 @@ async fn insert_events(
         return Ok(());
     }
     let events = EventArrays::of(events)?;
-    sqlx::query(INSERT_EVENTS)
+    sqlx::query(&INSERT_EVENTS)
         .bind(realm)
         .bind(origin)
         .bind(now)

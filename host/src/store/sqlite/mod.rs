@@ -25,28 +25,8 @@ use crate::store::connectors::UploadRow;
 use crate::store::deliveries::{AttemptRecord, ClaimedDelivery, FanOut, LaneClaim, ReplayTarget};
 use writer::Writer;
 
-/// The read side: sqlx statements on the read-only pool. The connector and audit macros
-/// generate their writes too (PostgreSQL runs those); on SQLite only the writer thread
-/// writes, so they stay unused here.
-#[allow(dead_code)]
-pub(super) mod ops {
-    use crate::store::{Result, StoreError};
-
-    mod reads {
-        crate::store::ops::session_reads!(db = sqlx::Sqlite, conn = sqlx::sqlite::SqliteConnection);
-    }
-    pub(crate) use reads::*;
-    crate::store::deliveries::delivery_reads!(
-        db = sqlx::Sqlite,
-        conn = sqlx::sqlite::SqliteConnection,
-        ids = "SELECT value FROM json_each($2)",
-    );
-    crate::store::connectors::connector_ops!(
-        db = sqlx::Sqlite,
-        conn = sqlx::sqlite::SqliteConnection,
-    );
-    crate::store::audit::audit_ops!(db = sqlx::Sqlite, conn = sqlx::sqlite::SqliteConnection,);
-}
+/// The read side: the shared sqlx statements on the read-only pool .
+pub(super) type Ops = super::ops::Shared<sqlx::Sqlite>;
 
 /// How hard a commit is pushed to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -262,7 +242,7 @@ impl SqliteStore {
 
     pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
         let mut conn = self.read.acquire().await?;
-        ops::expired(&mut conn, now, limit).await
+        Ops::expired(&mut conn, now, limit).await
     }
 
     pub(super) async fn live_idp_parents(
@@ -272,7 +252,7 @@ impl SqliteStore {
         limit: i64,
     ) -> Result<Vec<Session>> {
         let mut conn = self.read.acquire().await?;
-        ops::live_idp_parents(&mut conn, realm, after, limit).await
+        Ops::live_idp_parents(&mut conn, realm, after, limit).await
     }
 
     /// A read-only connection.
@@ -282,7 +262,7 @@ impl SqliteStore {
 
     pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
         let mut conn = self.read.acquire().await?;
-        ops::get(&mut conn, realm, id).await
+        Ops::get(&mut conn, realm, id).await
     }
 
     pub(super) async fn tree(
@@ -292,12 +272,12 @@ impl SqliteStore {
         max: Option<usize>,
     ) -> Result<Option<Vec<Session>>> {
         let mut conn = self.read.acquire().await?;
-        ops::tree(&mut conn, realm, id, max).await
+        Ops::tree(&mut conn, realm, id, max).await
     }
 
     pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
         let mut conn = self.read.acquire().await?;
-        ops::query(&mut conn, realm, q).await
+        Ops::query(&mut conn, realm, q).await
     }
 
     pub(super) async fn ping(&self) -> Result<()> {
