@@ -73,6 +73,22 @@ pub struct FileConfig {
     /// the URLs Lockstep publishes about itself (the global token revocation endpoint in its
     /// metadata) and of the audience an IdP's revocation token must name.
     pub public_url: Option<String>,
+    /// `[ssf_transmitter]`: Lockstep as a Shared Signals transmitter (on with `public_url`).
+    #[serde(default)]
+    pub ssf_transmitter: SsfTransmitterConfig,
+}
+
+/// `[ssf_transmitter]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfTransmitterConfig {
+    /// Algorithm of the SETs' signatures: `RS256` (default) or `ES256`. Keys of both are
+    /// generated and published.
+    pub signing_alg: Option<String>,
+    /// Days a signing key signs before a new one replaces it (default 90).
+    pub rotate_after_days: Option<u64>,
+    /// Days a replaced key stays in the JWKS (default 7).
+    pub key_overlap_days: Option<u64>,
 }
 
 /// `[tls]`.

@@ -154,7 +154,7 @@ impl Modify for PathRules {
                 }
                 let schema = match p.name.as_str() {
                     "realm" => realm(),
-                    "externalId" => id(),
+                    "externalId" | "stream_id" => id(),
                     "name" => connector_name(),
                     "id" => ObjectBuilder::new()
                         .schema_type(Type::Integer)

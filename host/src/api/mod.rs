@@ -20,6 +20,7 @@ pub mod revocation;
 pub mod serve;
 mod sessions;
 pub mod ssf_push;
+pub mod ssf_transmitter;
 
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub struct AppState {
     pub console: Option<std::sync::Arc<crate::console::Console>>,
     /// The realms' Shared Signals receiver streams (push endpoint, admin view, metrics).
     pub ssf: std::sync::Arc<crate::sync::ssf_streams::SsfReceiver>,
+    /// Lockstep as a Shared Signals transmitter: keys, the realms' streams, polls.
+    pub ssf_transmitter: std::sync::Arc<crate::sync::ssf_transmit::SsfTransmitter>,
 }
 
 /// The whole HTTP application.
@@ -75,6 +78,7 @@ pub fn app(state: AppState) -> Router {
         .merge(backchannel::router())
         .merge(revocation::router())
         .merge(ssf_push::router())
+        .merge(ssf_transmitter::router())
         .merge(events::router())
         .merge(health::router())
         .merge(openapi::router())

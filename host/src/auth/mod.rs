@@ -21,6 +21,8 @@ pub enum Permission {
     ConnectorsManage,
     /// Read the audit log.
     AuditRead,
+    /// Manage the realm's Shared Signals streams (Lockstep as a transmitter) and poll them.
+    SsfManage,
 }
 
 impl Permission {
@@ -30,6 +32,7 @@ impl Permission {
             Permission::UsersManage => "users:manage",
             Permission::ConnectorsManage => "connectors:manage",
             Permission::AuditRead => "audit:read",
+            Permission::SsfManage => "ssf:manage",
         }
     }
 }
@@ -47,8 +50,10 @@ impl FromStr for Permission {
             "users:manage" => Ok(Permission::UsersManage),
             "connectors:manage" => Ok(Permission::ConnectorsManage),
             "audit:read" => Ok(Permission::AuditRead),
+            "ssf:manage" => Ok(Permission::SsfManage),
             other => Err(format!(
-                "unknown permission {other:?} (users:manage, connectors:manage, audit:read)"
+                "unknown permission {other:?} (users:manage, connectors:manage, audit:read, \
+                 ssf:manage)"
             )),
         }
     }

@@ -219,6 +219,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| file.tls.ca_file.clone());
     let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
+    let idp_issuers: std::collections::HashMap<String, String> = idps
+        .iter()
+        .map(|idp| (idp.realm.clone(), idp.issuer.clone()))
+        .collect();
     if let Some(u) = &file.public_url
         && !(u.starts_with("https://") || u.starts_with("http://"))
     {
@@ -282,6 +286,18 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.store.options(&file)?;
     let limits = file.limits.resolve(args.requests_per_second)?;
     let store = open_store(&opts).await?;
+    let ssf_transmitter = Arc::new(crate::sync::ssf_transmit::SsfTransmitter::new(
+        store.clone(),
+        transmitter_settings(&file, idp_issuers)?,
+        roots
+            .apply(reqwest::Client::builder())
+            .build()
+            .context("cannot set up the SSF transmitter's HTTP client")?,
+    ));
+    ssf_transmitter
+        .start()
+        .await
+        .context("cannot load or generate the SSF transmitter's signing keys")?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -337,7 +353,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         DispatcherConfig::default(),
         admission.clone(),
-    );
+    )
+    .with_ssf(ssf_transmitter.clone());
+    if ssf_transmitter.is_on() {
+        tokio::spawn(ssf_transmitter.clone().run(stopping.clone()));
+    }
     let dispatcher = tokio::spawn(dispatcher.run(stopping.clone()));
     let sessions = SessionService::new(store.clone(), policies)
         .with_max_cascade(limits.max_cascade)
@@ -397,6 +417,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .map(|(per_minute, burst)| Arc::new(api::limits::AuthFailures::new(per_minute, burst))),
         console,
         ssf,
+        ssf_transmitter,
     };
     let app = api::app(state);
     match limits.max_client_connections {
@@ -412,6 +433,40 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
     Ok(())
+}
+
+/// `[ssf_transmitter]` and `public_url` as the transmitter's settings.
+fn transmitter_settings(
+    file: &crate::config::FileConfig,
+    idp_issuers: std::collections::HashMap<String, String>,
+) -> anyhow::Result<crate::sync::ssf_transmit::TransmitterSettings> {
+    use crate::oidc::signing_keys::KeyAlg;
+    let c = &file.ssf_transmitter;
+    let defaults = crate::sync::ssf_transmit::TransmitterSettings::default();
+    let signing_alg = match c.signing_alg.as_deref() {
+        None => defaults.signing_alg,
+        Some(a) => KeyAlg::parse(a).ok_or_else(|| {
+            anyhow::anyhow!("config: [ssf_transmitter] signing_alg {a:?} must be RS256 or ES256")
+        })?,
+    };
+    let days = |d: Option<u64>, default: Duration, name: &str| match d {
+        Some(0) => Err(anyhow::anyhow!(
+            "config: [ssf_transmitter] {name} must be at least 1"
+        )),
+        Some(d) => Ok(Duration::from_secs(d.saturating_mul(86_400))),
+        None => Ok(default),
+    };
+    Ok(crate::sync::ssf_transmit::TransmitterSettings {
+        public_url: file.public_url.clone(),
+        signing_alg,
+        rotate_after: days(
+            c.rotate_after_days,
+            defaults.rotate_after,
+            "rotate_after_days",
+        )?,
+        overlap: days(c.key_overlap_days, defaults.overlap, "key_overlap_days")?,
+        idp_issuers,
+    })
 }
 
 /// The tasks `serve` starts beside the API, held so that each one's end is seen.

@@ -8,6 +8,7 @@
 pub mod jwks;
 pub mod keycloak_admin;
 pub mod revocation;
+pub mod signing_keys;
 pub mod ssf_client;
 pub mod ssf_receiver;
 pub mod tls;
@@ -308,22 +309,27 @@ impl Verifier {
             .verify(idp, token, true)
             .await
             .map_err(|e| AuthError::Unauthenticated(format!("access token: {e}")))?;
-        let role = idp.permission_role.as_str();
-        let by_scope = claims
-            .scope
-            .as_deref()
-            .is_some_and(|s| s.split(' ').any(|w| w == role));
-        let by_role = idp.audiences.iter().any(|aud| {
+        // A scope, or a client role of an audience client, grants a permission.
+        let grants = |role: &str| {
             claims
-                .resource_access
-                .get(aud)
-                .is_some_and(|r| r.roles.iter().any(|x| x == role))
-        });
-        let permissions = if by_scope || by_role {
-            vec![Permission::UsersManage]
-        } else {
-            Vec::new()
+                .scope
+                .as_deref()
+                .is_some_and(|s| s.split(' ').any(|w| w == role))
+                || idp.audiences.iter().any(|aud| {
+                    claims
+                        .resource_access
+                        .get(aud)
+                        .is_some_and(|r| r.roles.iter().any(|x| x == role))
+                })
         };
+        let mut permissions = Vec::new();
+        if grants(idp.permission_role.as_str()) {
+            permissions.push(Permission::UsersManage);
+        }
+        // Shared Signals receivers (Lockstep as transmitter) are granted by `ssf:manage`.
+        if grants(Permission::SsfManage.as_str()) {
+            permissions.push(Permission::SsfManage);
+        }
         Ok(Some(Principal::Token {
             subject: claims
                 .sub

@@ -11,6 +11,7 @@ mod postgres;
 pub mod receipts;
 mod row;
 mod sqlite;
+pub mod ssf;
 
 use std::str::FromStr;
 use std::time::Duration;

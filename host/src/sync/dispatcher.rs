@@ -25,6 +25,7 @@ use crate::runtime::{HookFailure, Runtime};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, ClaimedDelivery, LaneClaim};
 use crate::store::{Gate, Route, Store, now_millis};
 use crate::sync::admission::{Admission, LagSource};
+use crate::sync::ssf_transmit::{self, SsfTransmitter};
 use crate::telemetry::metrics::Metrics;
 
 /// Dispatcher settings.
@@ -70,6 +71,8 @@ pub struct Dispatcher {
     admission: Arc<Admission>,
     /// Since when fan-out has waited for connector uploads to load here (for the warning).
     behind_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// The Shared Signals streams: delivery targets named `ssf:<id>` beside the connectors.
+    ssf: Option<Arc<SsfTransmitter>>,
 }
 
 /// Fan-out waiting this long for this instance to load the stored uploads is logged.
@@ -138,7 +141,14 @@ impl Dispatcher {
             calls,
             admission,
             behind_since: Arc::default(),
+            ssf: None,
         }
+    }
+
+    /// Routes events to the transmitter's streams too, and delivers its push streams.
+    pub fn with_ssf(mut self, ssf: Arc<SsfTransmitter>) -> Self {
+        self.ssf = Some(ssf);
+        self
     }
 
     /// Runs until `shutdown` turns true, then waits for calls in flight (each bounded by its
@@ -228,8 +238,19 @@ impl Dispatcher {
         shutdown: &watch::Receiver<bool>,
     ) {
         lanes.retain(|_, lane| !lane.task.is_finished());
-        for (name, entry) in self.registry.snapshot().iter() {
-            if !entry.enabled || lanes.contains_key(name) {
+        let streams = self
+            .ssf
+            .as_ref()
+            .map(|s| s.push_targets())
+            .unwrap_or_default();
+        let connectors = self.registry.snapshot();
+        let enabled = connectors
+            .iter()
+            .filter(|(_, entry)| entry.enabled)
+            .map(|(name, _)| name)
+            .chain(streams.iter());
+        for name in enabled {
+            if lanes.contains_key(name) {
                 continue;
             }
             let wake = Arc::new(Notify::new());
@@ -249,12 +270,20 @@ impl Dispatcher {
     /// Fans out one batch of committed events not yet routed.
     async fn fan_out(&self) -> crate::store::Result<Option<crate::store::deliveries::FanOut>> {
         let registry = self.registry.clone();
+        let ssf = self.ssf.clone();
         let route = route_on_first_use(
-            move || registry.snapshot(),
-            |connectors, event| {
+            move || {
+                (
+                    registry.snapshot(),
+                    ssf.as_ref().map(|s| s.routes_snapshot()),
+                )
+            },
+            |(connectors, streams), event| {
                 // Disabled connectors are routed to as well: their deliveries are held. A
                 // connector only gets events its world has a hook for (refresh needs 0.2.0);
-                // loading already refuses a 0.1.0 component subscribed to refresh.
+                // loading already refuses a 0.1.0 component subscribed to refresh. Paused
+                // streams likewise hold theirs.
+                let to_streams = streams.as_ref().map(|r| r(event)).unwrap_or_default();
                 connectors
                     .values()
                     .map(|e| &e.connector)
@@ -267,6 +296,7 @@ impl Dispatcher {
                             )
                     })
                     .map(|c| c.manifest.name.clone())
+                    .chain(to_streams)
                     .collect()
             },
         );
@@ -307,6 +337,9 @@ impl Dispatcher {
             .unwrap_or(0)
             .saturating_add(1);
         let started_at = now_millis();
+        if delivery.connector.starts_with(ssf_transmit::TARGET_PREFIX) {
+            return self.attempt_stream(delivery, attempt, started_at).await;
+        }
         // Resolve the connector now: a replacement loaded since the claim serves the attempt.
         let connector = match self.registry.get(&delivery.connector) {
             Some(entry) if entry.enabled => entry.connector.clone(),
@@ -391,6 +424,99 @@ impl Dispatcher {
     }
 }
 
+impl Dispatcher {
+    /// One push of a Shared Signals stream's SET (same records and policy decisions as a
+    /// hook call; the receiver's answer stands in for the hook's result).
+    async fn attempt_stream(
+        &self,
+        delivery: ClaimedDelivery,
+        attempt: u32,
+        started_at: i64,
+    ) -> Option<AttemptRecord> {
+        let stream = self
+            .ssf
+            .as_ref()
+            .and_then(|s| Some((s, s.push_stream(&delivery.connector)?)));
+        let Some((ssf, stream)) = stream else {
+            // Paused, disabled or deleted since the claim: the delivery waits (or is dropped
+            // with the stream).
+            if let Err(e) = self.store.unlease(delivery.id).await {
+                tracing::warn!(error = %e, "cannot release the lease; it expires instead");
+            }
+            return None;
+        };
+        let span = tracing::info_span!(
+            "delivery",
+            delivery = delivery.id,
+            connector = %delivery.connector,
+            event_id = %delivery.event.event_id,
+            realm = %delivery.event.realm,
+            external_id = %delivery.event.external_id,
+            attempt,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let clock = std::time::Instant::now();
+        let outcome = ssf
+            .push(&stream, &delivery.event)
+            .instrument(span.clone())
+            .await;
+        let took = clock.elapsed();
+        let _enter = span.enter();
+        let finished_at = now_millis();
+        let metrics = self.metrics.connector(&delivery.connector);
+        let (result, label, error) = match &outcome {
+            Ok(()) => (AttemptResult::Delivered, "delivered".to_owned(), None),
+            Err(failure) => {
+                let result = decide(&ssf_transmit::PUSH_POLICY, failure, attempt, finished_at);
+                match result {
+                    AttemptResult::Dead => {
+                        tracing::warn!(reason = %failure.reason(), "ssf push dead-lettered")
+                    }
+                    _ => tracing::info!(reason = %failure.reason(), "ssf push failed; will retry"),
+                }
+                (result, failure.kind().to_owned(), Some(failure.reason()))
+            }
+        };
+        span.record("outcome", label.as_str());
+        if outcome.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        metrics.hook_call(&label, took);
+        if result == AttemptResult::Dead {
+            metrics.dead_letter();
+        }
+        Some(AttemptRecord {
+            delivery_id: delivery.id,
+            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+            result,
+            outcome: label,
+            error,
+            version: "ssf-push".to_owned(),
+            started_at,
+            finished_at,
+        })
+    }
+
+    /// A lane's width and call deadline (ms): its connector's manifest, or the fixed ones of
+    /// a push stream; `None` when the target is gone, disabled or paused (the lane ends).
+    fn lane_settings(&self, target: &str) -> Option<(usize, u64)> {
+        if target.starts_with(ssf_transmit::TARGET_PREFIX) {
+            self.ssf
+                .as_ref()?
+                .push_stream(target)
+                .map(|_| (ssf_transmit::PUSH_WIDTH, ssf_transmit::PUSH_TIMEOUT_MS))
+        } else {
+            let entry = self.registry.get(target).filter(|e| e.enabled)?;
+            let manifest = &entry.connector.manifest;
+            Some((
+                usize::try_from(manifest.concurrency).unwrap_or(1).max(1),
+                manifest.timeout_ms,
+            ))
+        }
+    }
+}
+
 /// One connector's delivery lane: claims its due deliveries (never more than its
 /// `concurrency` in flight) and runs them, independently of every other lane, so a slow or
 /// failing connector holds only its own deliveries. It ends when its connector is unloaded
@@ -424,11 +550,9 @@ impl Lane {
             if *shutdown.borrow() {
                 break;
             }
-            let Some(entry) = d.registry.get(&self.connector).filter(|e| e.enabled) else {
+            let Some((width, timeout_ms)) = d.lane_settings(&self.connector) else {
                 break;
             };
-            let manifest = &entry.connector.manifest;
-            let width = usize::try_from(manifest.concurrency).unwrap_or(1).max(1);
             let free = width
                 .saturating_sub(in_flight.len())
                 .min(d.calls.available_permits());
@@ -436,7 +560,7 @@ impl Lane {
             // claim is a database transaction.
             if due && free > 0 && (free * 2 >= width || in_flight.is_empty()) {
                 let lease_until = now_millis()
-                    + i64::try_from(manifest.timeout_ms).unwrap_or(i64::MAX / 4)
+                    + i64::try_from(timeout_ms).unwrap_or(i64::MAX / 4)
                     + i64::try_from(d.config.lease_margin.as_millis()).unwrap_or(5_000);
                 let asked = i64::try_from(free).unwrap_or(i64::MAX);
                 let lane = LaneClaim {

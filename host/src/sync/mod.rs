@@ -12,3 +12,4 @@ pub mod receipts;
 pub mod reconcile;
 pub mod sessions;
 pub mod ssf_streams;
+pub mod ssf_transmit;

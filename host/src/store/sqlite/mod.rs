@@ -112,7 +112,7 @@ impl SqliteStore {
     }
 
     /// A write whose commit does not wake the dispatcher (see [`Writer::submit`]).
-    async fn write_quiet<T, F>(&self, f: F) -> Result<T>
+    pub(super) async fn write_quiet<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection, i64) -> Result<T> + Send + 'static,
