@@ -16,6 +16,8 @@
 //!   connectors, and the hook-call micro-benchmark, each beside its ceiling.
 //! - `bench-crash`: SIGKILL a release build at random points under map/destroy load with two
 //!   webhook connectors, restart it, and check that nothing committed or routed was lost.
+//! - `bench-ssf`: Lockstep as a Shared Signals transmitter: time from a `destroy-parent` to
+//!   its `session-revoked` SET at a push receiver on 127.0.0.1 (p50/p99, idle).
 //! - `bench`: mixed-load curves (map, query, destroy) of a release build at increasing offered
 //!   rates (open loop) on SQLite and PostgreSQL, the server's memory with `--rows` rows, and
 //!   a PNG plot of throughput and p99 latency (`docs/bench-curves.png`).
@@ -30,6 +32,7 @@ mod bench_events;
 mod bench_hostile;
 mod bench_logout;
 mod bench_mixed;
+mod bench_ssf;
 mod bench_swap;
 mod build_connectors;
 mod keycloak;
@@ -73,6 +76,9 @@ enum Command {
     /// Operator console: overview and 1,000-session tree page server time (p50/p99) with a
     /// million sessions in the store.
     BenchConsole(bench_console::Args),
+    /// Shared Signals transmitter: destroy-parent to the session-revoked SET at a push
+    /// receiver on 127.0.0.1, p50/p99, idle.
+    BenchSsf(bench_ssf::Args),
     /// Mixed-load curves: map/query/destroy at increasing offered rates (open loop) on SQLite
     /// and PostgreSQL, server memory with `--rows` rows, and a PNG plot of the curves.
     Bench(bench_mixed::Args),
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
         Command::BenchCrash(args) => bench_crash::main(args),
         Command::BenchHostile(args) => bench_hostile::main(args),
         Command::BenchConsole(args) => bench_console::main(args),
+        Command::BenchSsf(args) => bench_ssf::main(args),
         Command::Bench(args) => bench_mixed::main(args),
         Command::Keycloak(args) => keycloak::main(args),
     };
