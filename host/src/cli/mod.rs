@@ -1,5 +1,6 @@
-//! Command line and start-up: parses flags (each with a `LOCKSTEP_*` env var), merges the
-//! optional TOML file, opens and migrates the store, and runs the command: `serve`
+//! Command line and start-up: parses flags (each with a `LOCKSTEP_*` env var), resolves them
+//! with the optional TOML file (`settings.rs`: flag, else env, else file, else default), opens
+//! and migrates the store, and runs the command: `serve`
 //! (`serve.rs`), `reconcile` (`reconcile.rs`), `migrate`, `openapi` and `hash-key` here;
 //! `connectors` is [`crate::admin_client`] and `connector` [`crate::devkit`].
 
@@ -18,6 +19,7 @@ use crate::telemetry::{self, LogFormat};
 
 mod reconcile;
 mod serve;
+mod settings;
 
 pub use reconcile::ReconcileArgs;
 pub use serve::{BOOTSTRAP_TOKEN_FILE, DEFAULT_LISTEN, ServeArgs, default_compile_cache};
@@ -92,25 +94,6 @@ impl StoreArgs {
             None => Ok(FileConfig::default()),
         }
     }
-
-    fn options(&self, file: &FileConfig) -> anyhow::Result<StoreOptions> {
-        let url = self
-            .database_url
-            .clone()
-            .or_else(|| file.database_url.clone())
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        let durability = match (self.durability, &file.durability) {
-            (Some(d), _) => d,
-            (None, Some(text)) => text
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("config durability: {e}"))?,
-            (None, None) => Durability::Normal,
-        };
-        let mut opts = StoreOptions::new(url);
-        opts.durability = durability;
-        opts.max_connections = self.max_connections;
-        Ok(opts)
-    }
 }
 
 async fn open_store(opts: &StoreOptions) -> anyhow::Result<Store> {
@@ -155,7 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             let file = args.file()?;
-            let store = open_store(&args.options(&file)?).await?;
+            let store = open_store(&settings::store(&args, &file)?).await?;
             tracing::info!(backend = store.backend(), "migrations applied");
             store.close().await;
             Ok(())

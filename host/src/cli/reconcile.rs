@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use super::{StoreArgs, open_store, realm_policies};
+use super::{StoreArgs, open_store, realm_policies, settings};
 use crate::oidc::keycloak_admin::{AdminSettings, KeycloakAdmin};
 use crate::oidc::tls::TrustRoots;
 use crate::sync::reconcile::Reconciler;
@@ -45,13 +45,10 @@ pub(super) async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
                 args.realm
             )
         })?;
-    let ca_file = args
-        .tls_ca_file
-        .clone()
-        .or_else(|| file.tls.ca_file.clone());
+    let ca_file = settings::tls_ca_file(args.tls_ca_file.as_ref(), &file);
     let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
     let admin = Arc::new(KeycloakAdmin::new(settings, &roots)?);
-    let store = open_store(&args.store.options(&file)?).await?;
+    let store = open_store(&settings::store(&args.store, &file)?).await?;
     let sessions = SessionService::new(store.clone(), realm_policies(&file)?);
     let result = Reconciler::new(sessions, admin).pass(args.dry_run).await;
     store.close().await;

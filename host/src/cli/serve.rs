@@ -1,7 +1,9 @@
-//! `lockstep serve`: resolves the settings, opens the store, loads the connectors, starts the
-//! background tasks and the API, and on a shutdown signal stops them in order.
+//! `lockstep serve`: resolves the settings (`settings.rs`), builds the server (identity,
+//! store, listener, connectors, the tasks beside the API, the router), runs it until a
+//! shutdown signal, then drains: the API's requests in flight, the tasks in order, the store.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +13,11 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::settings::{self, ServeSettings};
 use super::{StoreArgs, open_store, realm_policies, shutdown_signal};
 use crate::api::{self, AppState};
 use crate::auth::Authenticator;
-use crate::config::FileConfig;
+use crate::config::{FileConfig, Limits};
 use crate::lifecycle::{self, Connectors};
 use crate::oidc::keycloak_admin::{AdminSettings, KeycloakAdmin};
 use crate::oidc::revocation::RealmRevocation;
@@ -22,12 +25,14 @@ use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::registry::Registry;
+use crate::store::Store;
 use crate::sync::admission::Admission;
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::sync::expiry::{self, ExpiryConfig};
 use crate::sync::reconcile::{self, Reconciler};
 use crate::sync::sessions::SessionService;
 use crate::sync::ssf_streams::{SsfReceiver, TransmitterSettings};
+use crate::sync::ssf_transmit::{SsfTransmitter, TransmitterSettings as TransmitterConfig};
 use crate::telemetry::audit::{self, RetentionConfig};
 use crate::telemetry::metrics::Metrics;
 
@@ -205,7 +210,185 @@ fn reconcilers(file: &FileConfig, roots: &TrustRoots) -> anyhow::Result<Vec<Arc<
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = args.store.file()?;
-    let policies = realm_policies(&file)?;
+    let settings = settings::serve(&args, &file)?;
+    let server = Server::build(settings, &file).await?;
+    server.run(shutdown_signal()).await
+}
+
+/// The service, built and bound: the API's listener and router, the tasks beside it, and
+/// the store they share. [`Server::run`] serves until the signal, then drains.
+struct Server {
+    listener: TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    background: Background,
+    store: Store,
+}
+
+/// Who may call: the realms' token verifier, the SSF receiver, the API's authenticator,
+/// the console and the Keycloak event keys, all from the file.
+struct Identity {
+    oidc: Arc<Verifier>,
+    /// Each realm's issuer (realm → issuer URL).
+    idp_issuers: HashMap<String, String>,
+    ssf: Arc<SsfReceiver>,
+    admins: Vec<Arc<KeycloakAdmin>>,
+    console: Option<Arc<crate::console::Console>>,
+    events: Arc<crate::auth::webhook::EventKeys>,
+    auth: Authenticator,
+}
+
+impl Server {
+    /// Sets everything up in the order a start needs: identity (a bootstrap token handed
+    /// out if nothing else could authenticate), the store (migrated), the listener, the
+    /// connectors, the tasks beside the API, then the readiness line and the router.
+    async fn build(settings: ServeSettings, file: &FileConfig) -> anyhow::Result<Self> {
+        let policies = realm_policies(file)?;
+        let roots =
+            TrustRoots::load(settings.tls_ca_file.as_deref()).context("config: [tls] ca_file")?;
+        let identity = Identity::from_file(file, &roots, &settings)?;
+        let store = open_store(&settings.store).await?;
+        let ssf_transmitter = Arc::new(SsfTransmitter::new(
+            store.clone(),
+            transmitter_settings(file, identity.idp_issuers.clone())?,
+            roots
+                .apply(reqwest::Client::builder())
+                .build()
+                .context("cannot set up the SSF transmitter's HTTP client")?,
+        ));
+        ssf_transmitter
+            .start()
+            .await
+            .context("cannot load or generate the SSF transmitter's signing keys")?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let local = listener.local_addr()?;
+        let metrics = Arc::new(Metrics::new());
+        let (runtime, registry, connectors) = load_connectors(&settings, &store, &metrics).await?;
+        let limits = settings.limits;
+        let admission = Arc::new(Admission::new(limits.admission, metrics.clone()));
+        let sessions = SessionService::new(store.clone(), policies)
+            .with_max_cascade(limits.max_cascade)
+            .with_max_tree(limits.max_tree)
+            .with_admission(admission.clone());
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            runtime,
+            registry,
+            metrics.clone(),
+            DispatcherConfig::default(),
+            admission,
+        )
+        .with_ssf(ssf_transmitter.clone());
+        let background = Background::spawn(Tasks {
+            settings: &settings,
+            store: &store,
+            dispatcher,
+            ssf_transmitter: &ssf_transmitter,
+            sessions: &sessions,
+            connectors: &connectors,
+            identity: &identity,
+            metrics: &metrics,
+        });
+        tracing::info!(%local, backend = store.backend(), durability = ?settings.store.durability, ?limits, "lockstep serving");
+        // Machine-readable readiness line for scripts and black-box tests: printed only once the
+        // store is migrated and every connector has been loaded or reported as failed.
+        println!("listening on {local}");
+        let state = AppState {
+            sessions,
+            auth: identity.auth,
+            connectors,
+            oidc: identity.oidc,
+            events: identity.events,
+            rate_limit: limits
+                .rate
+                .map(|(rate, burst)| Arc::new(api::limits::RateLimiter::new(rate, burst))),
+            auth_failures: limits.failed_auth.map(|(per_minute, burst)| {
+                Arc::new(api::limits::AuthFailures::new(per_minute, burst))
+            }),
+            console: identity.console,
+            ssf: identity.ssf,
+            ssf_transmitter,
+        };
+        Ok(Server {
+            listener,
+            app: api::app(state),
+            limits,
+            background,
+            store,
+        })
+    }
+
+    /// Serves until `signal`, lets the requests in flight finish, then stops the background
+    /// tasks and closes the store.
+    async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Server {
+            listener,
+            app,
+            limits,
+            background,
+            store,
+        } = self;
+        match limits.max_client_connections {
+            Some(max) => {
+                let listener = api::limits::LimitedListener::new(listener, max);
+                api::serve::serve(listener, app, limits.timeouts, signal).await
+            }
+            None => api::serve::serve(listener, app, limits.timeouts, signal).await,
+        }
+        background.stop().await;
+        tracing::info!("shutting down: draining the store");
+        tokio::time::timeout(Duration::from_secs(10), store.close())
+            .await
+            .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
+        Ok(())
+    }
+}
+
+impl Identity {
+    fn from_file(
+        file: &FileConfig,
+        roots: &TrustRoots,
+        settings: &ServeSettings,
+    ) -> anyhow::Result<Self> {
+        let (oidc, idp_issuers) = verifier(file, roots)?;
+        let ssf = ssf_receiver(file, roots)?;
+        let admins = reconcilers(file, roots)?;
+        let console = console(file, &oidc, roots)?;
+        let events = Arc::new(file.event_keys()?);
+        let keys = file.api_keys()?;
+        let mut admin_token = settings.admin_token.clone();
+        if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {
+            // Nothing could ever authenticate; mint a one-off bootstrap token so a first run works.
+            let token = format!("lst_{}", uuid::Uuid::new_v4().simple());
+            let data_dir = data_dir(&settings.store.url);
+            if hand_out_bootstrap_token(&token, data_dir.as_deref()) {
+                admin_token = Some(token);
+            }
+        }
+        let mut auth = Authenticator::new(admin_token.as_deref(), keys);
+        if !oidc.is_empty() {
+            auth = auth.with_verifier(Arc::new(AccessTokens(oidc.clone())));
+        }
+        Ok(Identity {
+            oidc,
+            idp_issuers,
+            ssf,
+            admins,
+            console,
+            events,
+            auth,
+        })
+    }
+}
+
+/// The verifier of every realm's tokens (and each realm's issuer, for the SSF transmitter): its issuer's, and the global token revocation
+/// orders of its `token_revocation_callers` (audience: the endpoint under `public_url`).
+fn verifier(
+    file: &FileConfig,
+    roots: &TrustRoots,
+) -> anyhow::Result<(Arc<Verifier>, HashMap<String, String>)> {
     let idps = file
         .realm_policies()?
         .iter()
@@ -214,12 +397,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .collect::<Vec<_>>();
-    let ca_file = args
-        .tls_ca_file
-        .clone()
-        .or_else(|| file.tls.ca_file.clone());
-    let roots = TrustRoots::load(ca_file.as_deref()).context("config: [tls] ca_file")?;
-    let idp_issuers: std::collections::HashMap<String, String> = idps
+    let issuers = idps
         .iter()
         .map(|idp| (idp.realm.clone(), idp.issuer.clone()))
         .collect();
@@ -236,8 +414,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("config: {e}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let oidc = Arc::new(
-        Verifier::new(idps, &roots)
+    let verifier = Arc::new(
+        Verifier::new(idps, roots)
             .context("cannot set up token verification")?
             .with_revocation(
                 file.public_url
@@ -246,6 +424,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 revocation,
             ),
     );
+    Ok((verifier, issuers))
+}
+
+/// The SSF receiver with every realm's `[[realms.NAME.ssf_transmitters]]`.
+fn ssf_receiver(file: &FileConfig, roots: &TrustRoots) -> anyhow::Result<Arc<SsfReceiver>> {
     let mut transmitters = Vec::new();
     for (name, r) in file.realm_policies()? {
         transmitters.extend(
@@ -253,196 +436,66 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("config: {e}"))?,
         );
     }
-    let ssf = Arc::new(
-        SsfReceiver::new(transmitters, &roots)
-            .map_err(|e| anyhow::anyhow!("cannot set up the SSF receiver: {e}"))?,
-    );
-    let admins = reconcilers(&file, &roots)?;
-    let console = console(&file, &oidc, &roots)?;
-    let events = Arc::new(file.event_keys()?);
-    let keys = file.api_keys()?;
-    let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
-    if admin_token.is_none() && keys.is_empty() && oidc.is_empty() {
-        // Nothing could ever authenticate; mint a one-off bootstrap token so a first run works.
-        let token = format!("lst_{}", uuid::Uuid::new_v4().simple());
-        let data_dir = data_dir(&args.store.options(&file)?.url);
-        if hand_out_bootstrap_token(&token, data_dir.as_deref()) {
-            admin_token = Some(token);
-        }
-    }
-    let mut auth = Authenticator::new(admin_token.as_deref(), keys);
-    if !oidc.is_empty() {
-        auth = auth.with_verifier(Arc::new(AccessTokens(oidc.clone())));
-    }
+    Ok(Arc::new(SsfReceiver::new(transmitters, roots).map_err(
+        |e| anyhow::anyhow!("cannot set up the SSF receiver: {e}"),
+    )?))
+}
 
-    let listen = args
-        .listen
-        .clone()
-        .or_else(|| file.listen.clone())
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let addr: SocketAddr = listen
-        .parse()
-        .with_context(|| format!("invalid listen address {listen:?}"))?;
-    let opts = args.store.options(&file)?;
-    let limits = file.limits.resolve(args.requests_per_second)?;
-    let store = open_store(&opts).await?;
-    let ssf_transmitter = Arc::new(crate::sync::ssf_transmit::SsfTransmitter::new(
-        store.clone(),
-        transmitter_settings(&file, idp_issuers)?,
-        roots
-            .apply(reqwest::Client::builder())
-            .build()
-            .context("cannot set up the SSF transmitter's HTTP client")?,
-    ));
-    ssf_transmitter
-        .start()
-        .await
-        .context("cannot load or generate the SSF transmitter's signing keys")?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-
-    let cache_dir = args
-        .compile_cache
-        .clone()
-        .or_else(|| file.compile_cache.clone())
-        .or_else(default_compile_cache);
-    if cache_dir.is_none() {
+/// The connector runtime and registry, with the connectors of the directory and the
+/// database loaded (or reported as failed).
+async fn load_connectors(
+    settings: &ServeSettings,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Runtime, Arc<Registry>, Connectors)> {
+    if settings.compile_cache.is_none() {
         tracing::info!(
             "no compile cache (no --compile-cache, CACHE_DIRECTORY, XDG_CACHE_HOME or HOME): \
              connectors are compiled at every start"
         );
     }
-    let runtime = Runtime::new(cache_dir).context("cannot start the connector runtime")?;
+    let runtime = Runtime::new(settings.compile_cache.clone())
+        .context("cannot start the connector runtime")?;
     crate::runtime::check_hook_priority().await;
     let registry = Arc::new(Registry::new());
-    let metrics = Arc::new(Metrics::new());
     let connectors = Connectors::new(
         runtime.clone(),
         registry.clone(),
         store.clone(),
         metrics.clone(),
     );
-    let dir = args
-        .connectors_dir
-        .clone()
-        .or_else(|| file.connectors_dir.clone());
-    let strict = args.strict_connectors || file.strict_connectors.unwrap_or(false);
+    let dir = &settings.connectors_dir;
     let n = connectors
-        .start(dir.as_deref(), strict)
+        .start(dir.as_deref(), settings.strict_connectors)
         .await
-        .with_context(|| match &dir {
+        .with_context(|| match dir {
             Some(d) => format!("cannot load connectors from {}", d.display()),
             None => "cannot load the stored connectors".to_owned(),
         })?;
     tracing::info!(connectors = n, failed = connectors.failed().len(), dir = ?dir, "connectors loaded");
-    let (stop, stopping) = watch::channel(false);
-    let watcher =
-        dir.map(|dir| lifecycle::spawn_watcher(connectors.clone(), dir, stopping.clone()));
-    let cluster_sync = lifecycle::spawn_cluster_sync(connectors.clone(), stopping.clone());
-    tracing::info!(%local, backend = store.backend(), durability = ?opts.durability, ?limits, "lockstep serving");
-    // Machine-readable readiness line for scripts and black-box tests: printed only once the
-    // store is migrated and every connector has been loaded or reported as failed.
-    println!("listening on {local}");
-    let admission = Arc::new(Admission::new(limits.admission, metrics.clone()));
-    let dispatcher = Dispatcher::new(
-        store.clone(),
-        runtime.clone(),
-        registry.clone(),
-        metrics.clone(),
-        DispatcherConfig::default(),
-        admission.clone(),
-    )
-    .with_ssf(ssf_transmitter.clone());
-    if ssf_transmitter.is_on() {
-        tokio::spawn(ssf_transmitter.clone().run(stopping.clone()));
-    }
-    let dispatcher = tokio::spawn(dispatcher.run(stopping.clone()));
-    let sessions = SessionService::new(store.clone(), policies)
-        .with_max_cascade(limits.max_cascade)
-        .with_max_tree(limits.max_tree)
-        .with_admission(admission);
-    let sweeper = tokio::spawn(expiry::run(
-        sessions.clone(),
-        ExpiryConfig::default(),
-        stopping,
-    ));
-    let reconciling: Vec<_> = admins
-        .into_iter()
-        .filter_map(|admin| {
-            let interval = admin.settings().interval?;
-            let r = Reconciler::new(sessions.clone(), admin.clone())
-                .with_metrics(metrics.reconcile(&admin.settings().realm));
-            Some(tokio::spawn(reconcile::run(r, interval, stop.subscribe())))
-        })
-        .collect();
+    Ok((runtime, registry, connectors))
+}
 
-    let retention = RetentionConfig {
-        retention_days: args
-            .audit_retention_days
-            .or(file.audit.retention_days)
-            .unwrap_or(audit::DEFAULT_RETENTION_DAYS),
-        ..RetentionConfig::default()
-    };
-    let audit_sweeper = tokio::spawn(audit::run(store.clone(), retention, stop.subscribe()));
-    let ssf_streams = (!ssf.is_empty()).then(|| {
-        tokio::spawn(
-            ssf.clone()
-                .run(oidc.clone(), sessions.clone(), stop.subscribe()),
-        )
-    });
-    let background = Background {
-        stop,
-        dispatcher,
-        sweeper,
-        audit_sweeper,
-        reconciling,
-        ssf_streams,
-        watcher,
-        cluster_sync,
-    };
-
-    let state = AppState {
-        sessions,
-        auth,
-        connectors,
-        oidc,
-        events,
-        rate_limit: limits
-            .rate
-            .map(|(rate, burst)| Arc::new(api::limits::RateLimiter::new(rate, burst))),
-        auth_failures: limits
-            .failed_auth
-            .map(|(per_minute, burst)| Arc::new(api::limits::AuthFailures::new(per_minute, burst))),
-        console,
-        ssf,
-        ssf_transmitter,
-    };
-    let app = api::app(state);
-    match limits.max_client_connections {
-        Some(max) => {
-            let listener = api::limits::LimitedListener::new(listener, max);
-            api::serve::serve(listener, app, limits.timeouts, shutdown_signal()).await
-        }
-        None => api::serve::serve(listener, app, limits.timeouts, shutdown_signal()).await,
-    }
-    background.stop().await;
-    tracing::info!("shutting down: draining the store");
-    tokio::time::timeout(Duration::from_secs(10), store.close())
-        .await
-        .unwrap_or_else(|_| tracing::warn!("store did not close within 10 s"));
-    Ok(())
+/// What the background tasks are started with.
+struct Tasks<'a> {
+    settings: &'a ServeSettings,
+    store: &'a Store,
+    dispatcher: Dispatcher,
+    ssf_transmitter: &'a Arc<SsfTransmitter>,
+    sessions: &'a SessionService,
+    connectors: &'a Connectors,
+    identity: &'a Identity,
+    metrics: &'a Metrics,
 }
 
 /// `[ssf_transmitter]` and `public_url` as the transmitter's settings.
 fn transmitter_settings(
-    file: &crate::config::FileConfig,
-    idp_issuers: std::collections::HashMap<String, String>,
-) -> anyhow::Result<crate::sync::ssf_transmit::TransmitterSettings> {
+    file: &FileConfig,
+    idp_issuers: HashMap<String, String>,
+) -> anyhow::Result<TransmitterConfig> {
     use crate::oidc::signing_keys::KeyAlg;
     let c = &file.ssf_transmitter;
-    let defaults = crate::sync::ssf_transmit::TransmitterSettings::default();
+    let defaults = TransmitterConfig::default();
     let signing_alg = match c.signing_alg.as_deref() {
         None => defaults.signing_alg,
         Some(a) => KeyAlg::parse(a).ok_or_else(|| {
@@ -456,7 +509,7 @@ fn transmitter_settings(
         Some(d) => Ok(Duration::from_secs(d.saturating_mul(86_400))),
         None => Ok(default),
     };
-    Ok(crate::sync::ssf_transmit::TransmitterSettings {
+    Ok(TransmitterConfig {
         public_url: file.public_url.clone(),
         signing_alg,
         rotate_after: days(
@@ -485,6 +538,63 @@ struct Background {
 }
 
 impl Background {
+    /// Starts the tasks beside the API: the connectors directory's watcher and the cluster
+    /// sync, the dispatcher, the expiry and audit sweepers, the reconcilers of the realms
+    /// with an interval, and the SSF receiver's streams.
+    fn spawn(t: Tasks<'_>) -> Self {
+        let (stop, stopping) = watch::channel(false);
+        let watcher = t
+            .settings
+            .connectors_dir
+            .clone()
+            .map(|dir| lifecycle::spawn_watcher(t.connectors.clone(), dir, stopping.clone()));
+        let cluster_sync = lifecycle::spawn_cluster_sync(t.connectors.clone(), stopping.clone());
+        if t.ssf_transmitter.is_on() {
+            // Not held: its signing-key rotation has nothing a shutdown must finish.
+            tokio::spawn(t.ssf_transmitter.clone().run(stopping.clone()));
+        }
+        let dispatcher = tokio::spawn(t.dispatcher.run(stopping.clone()));
+        let sweeper = tokio::spawn(expiry::run(
+            t.sessions.clone(),
+            ExpiryConfig::default(),
+            stopping,
+        ));
+        let reconciling = t
+            .identity
+            .admins
+            .iter()
+            .filter_map(|admin| {
+                let interval = admin.settings().interval?;
+                let r = Reconciler::new(t.sessions.clone(), admin.clone())
+                    .with_metrics(t.metrics.reconcile(&admin.settings().realm));
+                Some(tokio::spawn(reconcile::run(r, interval, stop.subscribe())))
+            })
+            .collect();
+        let retention = RetentionConfig {
+            retention_days: t.settings.audit_retention_days,
+            ..RetentionConfig::default()
+        };
+        let audit_sweeper = tokio::spawn(audit::run(t.store.clone(), retention, stop.subscribe()));
+        let ssf = &t.identity.ssf;
+        let ssf_streams = (!ssf.is_empty()).then(|| {
+            tokio::spawn(ssf.clone().run(
+                t.identity.oidc.clone(),
+                t.sessions.clone(),
+                stop.subscribe(),
+            ))
+        });
+        Background {
+            stop,
+            dispatcher,
+            sweeper,
+            audit_sweeper,
+            reconciling,
+            ssf_streams,
+            watcher,
+            cluster_sync,
+        }
+    }
+
     /// Stops the tasks once the API has drained: the sweepers and reconcilers first, then
     /// the dispatcher, which finishes the hook calls in flight (70 s at most). The directory
     /// watcher and the cluster sync, which the stop signal also ends, are cancelled rather
