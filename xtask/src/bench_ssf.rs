@@ -10,9 +10,9 @@
 //! Per sample, one at a time: map a parent (with a unique `keycloakSessionId`), pause, then
 //! time from the `destroy-parent` call to its `session-revoked` SET arriving.
 //!
-//! The other half of the SSF figures, pushed SETs per second accepted by Lockstep's own SSF
-//! receiver (`POST /realms/{realm}/ssf/push`), belongs to the receiver: see
-//! [`receiver_rate`], where it is to be measured.
+//! Then the receiver half (see [`receiver`]): pushed SETs per second that Lockstep's own SSF
+//! receiver (`POST /realms/{realm}/ssf/push`) verifies and applies, beside the ceiling of the
+//! same client on the same server.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -33,6 +33,8 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, user_id};
 use crate::bench_swap::{Loopback, lock, ms, percentile_ms};
+
+mod receiver;
 
 const TOKEN: &str = "bench-ssf-token";
 const REALM: &str = "bench";
@@ -61,6 +63,19 @@ pub struct Args {
     /// Server binary to run instead of building `target/release/lockstep` first.
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Receiver half: SETs to push (one PARENT session each); 0 skips the receiver half.
+    #[arg(long, default_value_t = 20_000)]
+    sets: usize,
+    /// Receiver half: SETs in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Receiver half: an empty database for its server (say, a fresh PostgreSQL database)
+    /// instead of SQLite in the temp directory.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Only the receiver half.
+    #[arg(long)]
+    receiver_only: bool,
     /// Keep the temp directory (database, config, server log); its path is printed.
     #[arg(long)]
     keep: bool,
@@ -68,16 +83,37 @@ pub struct Args {
 
 /// Entry point: builds the server and runs the benchmark on a Tokio runtime.
 pub fn main(args: Args) -> Result<ExitCode> {
-    if args.samples == 0 {
+    if args.samples == 0 && !args.receiver_only {
         bail!("--samples must be positive");
     }
+    if args.concurrency == 0 {
+        bail!("--concurrency must be positive");
+    }
+    let fixtures = crate::workspace_root()?.join("tests/fixtures/oidc");
+    let read = |name: &str| {
+        let path = fixtures.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let keys = Keys {
+        jwk: serde_json::from_str(&read("test-rsa-a.jwk.json")?)
+            .context("parsing test-rsa-a.jwk.json")?,
+        key: jsonwebtoken::EncodingKey::from_rsa_pem(read("test-rsa-a.pem")?.as_bytes())
+            .context("parsing test-rsa-a.pem")?,
+    };
     let command_line = bench_api::command_line();
     let bin = bench_api::server_bin(args.server_bin.as_deref())?;
     bench_api::block_on(bench_api::until_interrupted(run(
         &args,
         &bin,
+        &keys,
         &command_line,
     )))
+}
+
+/// The transmitter key of the receiver half (`tests/fixtures/oidc/test-rsa-a`).
+struct Keys {
+    jwk: Value,
+    key: jsonwebtoken::EncodingKey,
 }
 
 /// When each session's `session-revoked` SET arrived.
@@ -123,17 +159,52 @@ impl Inbox {
     }
 }
 
-async fn run(args: &Args, bin: &Path, command_line: &str) -> Result<ExitCode> {
+async fn run(args: &Args, bin: &Path, keys: &Keys, command_line: &str) -> Result<ExitCode> {
     let dir = tempfile::Builder::new()
         .prefix("lockstep-bench-ssf-")
         .tempdir()
         .context("creating a temp dir")?;
-    let result = bench(args, bin, dir.path()).await;
+    let result = both(args, bin, keys, dir.path()).await;
     if args.keep {
         eprintln!("kept {}", dir.keep().display());
     }
-    let samples = result?;
-    Ok(print(args, command_line, &samples))
+    let (samples, figures) = result?;
+    Ok(print(
+        args,
+        command_line,
+        samples.as_ref(),
+        figures.as_ref(),
+    ))
+}
+
+async fn both(
+    args: &Args,
+    bin: &Path,
+    keys: &Keys,
+    dir: &Path,
+) -> Result<(Option<Samples>, Option<receiver::Figures>)> {
+    let samples = if args.receiver_only {
+        None
+    } else {
+        Some(bench(args, bin, dir).await?)
+    };
+    let figures = if args.sets == 0 {
+        None
+    } else {
+        Some(
+            receiver::bench(
+                bin,
+                dir,
+                args.database_url.as_deref(),
+                args.sets,
+                args.concurrency,
+                keys.jwk.clone(),
+                &keys.key,
+            )
+            .await?,
+        )
+    };
+    Ok((samples, figures))
 }
 
 struct Samples {
@@ -219,37 +290,71 @@ async fn bench(args: &Args, bin: &Path, dir: &Path) -> Result<Samples> {
     Ok(out)
 }
 
-/// Pushed SETs per second that Lockstep's own SSF receiver accepts: measured by the
-/// receiver's harness, not here (this one times Lockstep as a transmitter).
-fn receiver_rate() -> &'static str {
-    "not measured by bench-ssf yet (Lockstep's SSF receiver, `POST /realms/{realm}/ssf/push`)"
-}
+/// Pushed SETs per second accepted by the receiver, when measured.
+const RECEIVER_TARGET: f64 = 2000.0;
 
-fn print(args: &Args, command_line: &str, s: &Samples) -> ExitCode {
-    let p = |q| percentile_ms(&s.times, q);
+fn print(
+    args: &Args,
+    command_line: &str,
+    s: Option<&Samples>,
+    r: Option<&receiver::Figures>,
+) -> ExitCode {
     println!("# bench-ssf");
     println!("command: {command_line}");
     println!("revision: {}", bench_api::revision());
-    println!(
-        "transmitter, idle: destroy-parent -> session-revoked SET at a receiver on 127.0.0.1 \
-         ({} samples after {} warm-up, SQLite, push)",
-        s.times.len(),
-        args.warmup
-    );
-    println!(
-        "  p50 {} ms  p90 {} ms  p99 {} ms  max {} ms  (target p99 <= {} ms)",
-        ms(p(50.0)),
-        ms(p(90.0)),
-        ms(p(99.0)),
-        ms(s.times.last().map(|d| d.as_secs_f64() * 1e3)),
-        TARGET.as_millis()
-    );
-    println!("receiver, pushed SETs/s accepted: {}", receiver_rate());
-    for e in s.errors.iter().take(5) {
-        println!("error: {e}");
+    let mut failed = false;
+    if let Some(s) = s {
+        let p = |q| percentile_ms(&s.times, q);
+        println!(
+            "transmitter, idle: destroy-parent -> session-revoked SET at a receiver on 127.0.0.1 \
+             ({} samples after {} warm-up, SQLite, push)",
+            s.times.len(),
+            args.warmup
+        );
+        println!(
+            "  p50 {} ms  p90 {} ms  p99 {} ms  max {} ms  (target p99 <= {} ms)",
+            ms(p(50.0)),
+            ms(p(90.0)),
+            ms(p(99.0)),
+            ms(s.times.last().map(|d| d.as_secs_f64() * 1e3)),
+            TARGET.as_millis()
+        );
+        for e in s.errors.iter().take(5) {
+            println!("error: {e}");
+        }
+        let over = p(99.0).is_none_or(|v| v > TARGET.as_secs_f64() * 1e3);
+        failed |= !s.errors.is_empty() || over;
     }
-    let over = p(99.0).is_none_or(|v| v > TARGET.as_secs_f64() * 1e3);
-    if !s.errors.is_empty() || over {
+    if let Some(r) = r {
+        println!(
+            "receiver: {} session-revoked SETs pushed to POST /realms/{REALM}/ssf/push, \
+             {} in flight, RS256, each ending one PARENT ({})",
+            r.sets, r.concurrency, r.database
+        );
+        println!(
+            "  {:.0} SETs/s accepted (202: {}, refused or failed: {}) in {:.2} s  \
+             p50 {} ms  p99 {} ms  (target >= {RECEIVER_TARGET:.0}/s)",
+            r.rate(),
+            r.accepted,
+            r.refused,
+            r.elapsed.as_secs_f64(),
+            ms(r.p(50.0)),
+            ms(r.p(99.0)),
+        );
+        println!(
+            "  ceiling: {:.0} GET /healthz per second, same client, concurrency and server",
+            r.ceiling
+        );
+        println!(
+            "  sessions DESTROYED afterwards: {}/{} read back",
+            r.destroyed, r.checked
+        );
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+        failed |= r.refused > 0 || r.destroyed != r.checked || r.rate() < RECEIVER_TARGET;
+    }
+    if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
