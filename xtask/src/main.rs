@@ -17,7 +17,8 @@
 //! - `bench-crash`: SIGKILL a release build at random points under map/destroy load with two
 //!   webhook connectors, restart it, and check that nothing committed or routed was lost.
 //! - `bench-ssf`: Lockstep as a Shared Signals transmitter: time from a `destroy-parent` to
-//!   its `session-revoked` SET at a push receiver on 127.0.0.1 (p50/p99, idle).
+//!   its `session-revoked` SET at a push receiver on 127.0.0.1 (p50/p99, idle); and as a
+//!   receiver: pushed SETs per second verified and applied, beside `GET /healthz`'s rate.
 //! - `bench`: mixed-load curves (map, query, destroy) of a release build at increasing offered
 //!   rates (open loop) on SQLite and PostgreSQL, the server's memory with `--rows` rows, and
 //!   a PNG plot of throughput and p99 latency (`docs/bench-curves.png`).

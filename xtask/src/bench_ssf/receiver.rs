@@ -240,7 +240,6 @@ async fn mint(key: &EncodingKey, issuer: &str, n: usize) -> Result<Vec<String>> 
     Ok(sets)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn bench(
     bin: &Path,
     dir: &Path,
