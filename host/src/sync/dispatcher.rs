@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::domain::SyncEvent;
+use crate::runtime::LoadedConnector;
 use crate::runtime::manifest::{OnFailure, Policy};
 use crate::runtime::registry::Registry;
 use crate::runtime::{HookFailure, Runtime};
@@ -337,26 +338,19 @@ impl Dispatcher {
             .unwrap_or(0)
             .saturating_add(1);
         let started_at = now_millis();
-        if delivery.connector.starts_with(ssf_transmit::TARGET_PREFIX) {
-            return self.attempt_stream(delivery, attempt, started_at).await;
-        }
-        // Resolve the connector now: a replacement loaded since the claim serves the attempt.
-        let connector = match self.registry.get(&delivery.connector) {
-            Some(entry) if entry.enabled => entry.connector.clone(),
-            gone_or_off => {
-                // Unloaded or disabled after the claim: give the delivery back untouched; it
-                // waits for the connector to return or be enabled.
-                tracing::info!(
-                    connector = %delivery.connector,
-                    delivery = delivery.id,
-                    state = if gone_or_off.is_some() { "disabled" } else { "unloaded" },
-                    "delivery held"
-                );
-                if let Err(e) = self.store.unlease(delivery.id).await {
-                    tracing::warn!(error = %e, "cannot release the lease; it expires instead");
-                }
-                return None;
+        // Resolve the target now: a replacement loaded since the claim serves the attempt.
+        let Some(target) = self.target_of(&delivery.connector) else {
+            // Unloaded, disabled, paused or deleted after the claim: give the delivery back
+            // untouched; it waits for its target to return (or is dropped with a stream).
+            tracing::info!(
+                connector = %delivery.connector,
+                delivery = delivery.id,
+                "delivery held"
+            );
+            if let Err(e) = self.store.unlease(delivery.id).await {
+                tracing::warn!(error = %e, "cannot release the lease; it expires instead");
             }
+            return None;
         };
         let span = tracing::info_span!(
             "delivery",
@@ -370,16 +364,28 @@ impl Dispatcher {
             otel.status_code = tracing::field::Empty,
         );
         let clock = std::time::Instant::now();
-        let outcome = self
-            .runtime
-            .call(&connector, &delivery.event)
-            .instrument(span.clone())
-            .await;
+        let outcome = match &target {
+            Target::Hook(connector) => {
+                self.runtime
+                    .call(connector, &delivery.event)
+                    .instrument(span.clone())
+                    .await
+            }
+            Target::Push(ssf, stream) => {
+                ssf.push(stream, &delivery.event)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         let took = clock.elapsed();
         let _enter = span.enter();
         let finished_at = now_millis();
         let metrics = self.metrics.connector(&delivery.connector);
-        let policy = &connector.manifest.policy;
+        let (policy, version) = match &target {
+            Target::Hook(connector) => (&connector.manifest.policy, connector.version.clone()),
+            // The receiver's answer stands in for a hook's result, under a fixed policy.
+            Target::Push(..) => (&ssf_transmit::PUSH_POLICY, "ssf-push".to_owned()),
+        };
         let (result, outcome_label, error) = match &outcome {
             Ok(()) => (AttemptResult::Delivered, "delivered".to_owned(), None),
             Err(failure) => {
@@ -417,87 +423,31 @@ impl Dispatcher {
             result,
             outcome: outcome_label,
             error,
-            version: connector.version.clone(),
+            version,
             started_at,
             finished_at,
         })
+    }
+
+    /// The connector or push stream a delivery goes to, if it can take one now.
+    fn target_of(&self, name: &str) -> Option<Target<'_>> {
+        if name.starts_with(ssf_transmit::TARGET_PREFIX) {
+            let ssf = self.ssf.as_deref()?;
+            Some(Target::Push(ssf, ssf.push_stream(name)?))
+        } else {
+            let entry = self.registry.get(name).filter(|e| e.enabled)?;
+            Some(Target::Hook(entry.connector.clone()))
+        }
     }
 }
 
-impl Dispatcher {
-    /// One push of a Shared Signals stream's SET (same records and policy decisions as a
-    /// hook call; the receiver's answer stands in for the hook's result).
-    async fn attempt_stream(
-        &self,
-        delivery: ClaimedDelivery,
-        attempt: u32,
-        started_at: i64,
-    ) -> Option<AttemptRecord> {
-        let stream = self
-            .ssf
-            .as_ref()
-            .and_then(|s| Some((s, s.push_stream(&delivery.connector)?)));
-        let Some((ssf, stream)) = stream else {
-            // Paused, disabled or deleted since the claim: the delivery waits (or is dropped
-            // with the stream).
-            if let Err(e) = self.store.unlease(delivery.id).await {
-                tracing::warn!(error = %e, "cannot release the lease; it expires instead");
-            }
-            return None;
-        };
-        let span = tracing::info_span!(
-            "delivery",
-            delivery = delivery.id,
-            connector = %delivery.connector,
-            event_id = %delivery.event.event_id,
-            realm = %delivery.event.realm,
-            external_id = %delivery.event.external_id,
-            attempt,
-            outcome = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        let clock = std::time::Instant::now();
-        let outcome = ssf
-            .push(&stream, &delivery.event)
-            .instrument(span.clone())
-            .await;
-        let took = clock.elapsed();
-        let _enter = span.enter();
-        let finished_at = now_millis();
-        let metrics = self.metrics.connector(&delivery.connector);
-        let (result, label, error) = match &outcome {
-            Ok(()) => (AttemptResult::Delivered, "delivered".to_owned(), None),
-            Err(failure) => {
-                let result = decide(&ssf_transmit::PUSH_POLICY, failure, attempt, finished_at);
-                match result {
-                    AttemptResult::Dead => {
-                        tracing::warn!(reason = %failure.reason(), "ssf push dead-lettered")
-                    }
-                    _ => tracing::info!(reason = %failure.reason(), "ssf push failed; will retry"),
-                }
-                (result, failure.kind().to_owned(), Some(failure.reason()))
-            }
-        };
-        span.record("outcome", label.as_str());
-        if outcome.is_err() {
-            span.record("otel.status_code", "ERROR");
-        }
-        metrics.hook_call(&label, took);
-        if result == AttemptResult::Dead {
-            metrics.dead_letter();
-        }
-        Some(AttemptRecord {
-            delivery_id: delivery.id,
-            attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
-            result,
-            outcome: label,
-            error,
-            version: "ssf-push".to_owned(),
-            started_at,
-            finished_at,
-        })
-    }
+/// Where one attempt goes: a connector's hook, or a Shared Signals stream's receiver.
+enum Target<'a> {
+    Hook(Arc<LoadedConnector>),
+    Push(&'a SsfTransmitter, Arc<ssf_transmit::Stream>),
+}
 
+impl Dispatcher {
     /// A lane's width and call deadline (ms): its connector's manifest, or the fixed ones of
     /// a push stream; `None` when the target is gone, disabled or paused (the lane ends).
     fn lane_settings(&self, target: &str) -> Option<(usize, u64)> {
