@@ -92,7 +92,7 @@ fn no_store(value: Value) -> Response {
 #[utoipa::path(get, path = "/.well-known/ssf-configuration", operation_id = "ssf_configuration", tag = "shared-signals",
     responses(
         (status = 200, description = "SSF 1.0 transmitter metadata", body = Object),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem),
+        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(state.ssf_transmitter.metadata(None)?))
@@ -103,8 +103,8 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     params(("realm" = String, Path, description = "Realm")),
     responses(
         (status = 200, description = "SSF 1.0 transmitter metadata of the realm (also at `/.well-known/ssf-configuration/realms/{realm}`)", body = Object),
-        (status = 400, description = "VALIDATION_FAILED: bad realm name", body = Problem),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem),
+        (status = 400, description = "VALIDATION: bad realm name", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn realm_metadata(
     State(state): State<AppState>,
@@ -131,9 +131,9 @@ async fn jwks(State(state): State<AppState>) -> Response {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new keys' ids", body = Object),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in every realm", body = Problem),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in every realm", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn rotate(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.0.authorize_global(Permission::SsfManage)?;
@@ -160,10 +160,12 @@ pub struct StreamIdQuery {
     request_body = StreamRequest,
     responses(
         (status = 201, description = "The stream's configuration", body = StreamView),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in the realm", body = Problem),
-        (status = 409, description = "ALREADY_EXISTS: a stream of the realm already pushes to that URL", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in the realm", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS: a stream of the realm already pushes to that URL", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create(
     State(state): State<AppState>,
@@ -184,9 +186,10 @@ async fn create(
     params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
     responses(
         (status = 200, description = "The stream, or an array of the realm's streams", body = StreamView),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION: bad realm name or stream_id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn read(
     State(state): State<AppState>,
@@ -216,11 +219,13 @@ async fn read(
     request_body = StreamRequest,
     responses(
         (status = 200, description = "The stream", body = StreamView),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
-        (status = 409, description = "ALREADY_EXISTS", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn update(
     State(state): State<AppState>,
@@ -240,11 +245,13 @@ async fn update(
     request_body = StreamRequest,
     responses(
         (status = 200, description = "The stream", body = StreamView),
-        (status = 400, description = "VALIDATION_FAILED: delivery and events_requested are required", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
-        (status = 409, description = "ALREADY_EXISTS", body = Problem),
+        (status = 400, description = "VALIDATION: delivery and events_requested are required", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn replace(
     State(state): State<AppState>,
@@ -263,10 +270,10 @@ async fn replace(
     params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "VALIDATION_FAILED: stream_id is required", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION: stream_id is required", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn remove(
     State(state): State<AppState>,
@@ -296,10 +303,10 @@ fn status_body(id: &str, status: StreamStatus, reason: Option<&str>) -> Value {
     params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
     responses(
         (status = 200, description = "`stream_id`, `status` (enabled, paused, disabled), `reason`", body = Object),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn status(
     State(state): State<AppState>,
@@ -335,10 +342,12 @@ pub struct StatusRequest {
     request_body = StatusRequest,
     responses(
         (status = 200, description = "The new status", body = Object),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn set_status(
     State(state): State<AppState>,
@@ -381,10 +390,12 @@ pub struct SubjectRequest {
     request_body = SubjectRequest,
     responses(
         (status = 200, description = "Added"),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn add_subject(
     State(state): State<AppState>,
@@ -407,10 +418,12 @@ async fn add_subject(
     request_body = SubjectRequest,
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn remove_subject(
     State(state): State<AppState>,
@@ -444,10 +457,12 @@ pub struct VerifyRequest {
     request_body = VerifyRequest,
     responses(
         (status = 204, description = "The verification SET is on its way"),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn verify(
     State(state): State<AppState>,
@@ -473,10 +488,12 @@ async fn verify(
     request_body = PollRequest,
     responses(
         (status = 200, description = "`sets` (jti → SET) and `moreAvailable`; a SET not acknowledged within 30 s is offered again", body = PollResponse),
-        (status = 400, description = "VALIDATION_FAILED", body = Problem),
-        (status = 401, description = "UNAUTHORIZED", body = Problem),
-        (status = 403, description = "FORBIDDEN", body = Problem),
-        (status = 404, description = "NOT_FOUND", body = Problem),
+        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn poll(
     State(state): State<AppState>,
