@@ -102,10 +102,10 @@ realms = ["*"]
 permissions = ["users:manage", "connectors:manage", "audit:read"]
 
 [limits]
-# The per-caller rate limit is tested by host/tests/limits.rs; here a 429 in the middle of a
+# The per-caller rate limit is tested by host/tests/all/limits.rs; here a 429 in the middle of a
 # run would only hide what the request after it would have found.
 requests_per_second = 0
-# The same for the throttle of failed authentications (tested in host/tests/limits.rs): the
+# The same for the throttle of failed authentications (tested in host/tests/all/limits.rs): the
 # fuzzer sends hundreds of requests without or with bad credentials on purpose, and each must
 # be answered 401, not 429.
 failed_auth_per_minute = 0

@@ -5,7 +5,7 @@
 //! and for a login that POSTs to the legacy simulator on 127.0.0.1.
 //!
 //! Run: build the examples (`lockstep connector build connectors/legacy-<lang>` for each, or
-//! `cargo test -p lockstep --test languages`, which does), then
+//! `cargo test -p lockstep --test all languages::`, which does), then
 //! `cargo bench -p lockstep --bench languages` (`-- --calls N`). Prints medians and p99;
 //! figures go to docs/benchmarks.md. Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

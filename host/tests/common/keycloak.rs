@@ -60,6 +60,58 @@ pub fn keycloak_url() -> Option<String> {
     }
 }
 
+/// Which test file's tests are using the shared Keycloak now, and how many of them.
+static ROOM: std::sync::Mutex<(Option<&'static str>, usize)> = std::sync::Mutex::new((None, 0));
+/// Woken when the last test of a file leaves the room.
+static ROOM_FREED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Held by a test while it uses Keycloak; see [`room`].
+pub struct Room;
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let mut room = ROOM
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        room.1 -= 1;
+        if room.1 == 0 {
+            room.0 = None;
+            ROOM_FREED.notify_waiters();
+        }
+    }
+}
+
+/// Waits until no test of another file uses Keycloak, then lets this one in (`file` is the
+/// caller's `file!()`). Tests of one file share Keycloak as they always did; the files differ
+/// in what they change on it (realm keys, a client's back-channel logout URL, alice's
+/// sessions, a Keycloak crash), so two files never use it at once. The wait is as long as the
+/// other file's tests that are already running.
+pub async fn room(file: &'static str) -> Room {
+    loop {
+        let freed = ROOM_FREED.notified();
+        tokio::pin!(freed);
+        // Registered before the check, so a leave between the check and the wait still wakes.
+        freed.as_mut().enable();
+        {
+            let mut room = ROOM
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match room.0 {
+                None => {
+                    *room = (Some(file), 1);
+                    return Room;
+                }
+                Some(holder) if holder == file => {
+                    room.1 += 1;
+                    return Room;
+                }
+                Some(_) => {}
+            }
+        }
+        freed.await;
+    }
+}
+
 /// The test Keycloak's HTTPS listener and the CA its certificate chains to.
 #[derive(Clone, Debug)]
 pub struct KeycloakHttps {

@@ -8,7 +8,7 @@
 //! (its second listener, with the xtask's test CA) is believed only through `--tls-ca-file`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,7 @@ async fn map_tree(api: &Api, root: &str, sid: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_calls() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = keycloak::keycloak_url() else {
         eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
         return;
@@ -336,6 +337,7 @@ async fn captured_logout_token(recorder: &Receiver) -> String {
 /// refused and nothing ends; the token itself is sound, as the trusting server shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_over_https_logs_out_with_the_ca_file_and_is_refused_without_it() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = keycloak::keycloak_url() else {
         eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
         return;
@@ -499,6 +501,7 @@ async fn session(api: &Api, id: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_only() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = keycloak::keycloak_url() else {
         eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
         return;
@@ -896,6 +899,7 @@ async fn wait_stream(server: &Server, what: &str, f: impl Fn(&Value) -> bool) ->
 /// likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_shared_signals_reach_lockstep_by_push_and_poll() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = keycloak::keycloak_url() else {
         eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping");
         return;

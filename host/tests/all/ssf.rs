@@ -4,7 +4,7 @@
 //! every SET with `jsonwebtoken` (`typ`, `iss`, `aud`, `jti`, the event's claims).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU16, Ordering};

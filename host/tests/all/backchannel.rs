@@ -9,7 +9,7 @@
 //! does not send: RISC events, poll acknowledgements and `setErrs`, and forged SETs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

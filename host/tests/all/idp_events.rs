@@ -4,7 +4,7 @@
 //! `keycloak_events.rs` runs the same flows with a real Keycloak and the real extension.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

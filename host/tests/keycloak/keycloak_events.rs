@@ -6,7 +6,7 @@
 //! `LOCKSTEP_SKIP_KEYCLOAK=1` says so; `scripts/test.sh` always provides Keycloak.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,9 @@ use serde_json::Value;
 /// What the test Keycloak signs with unless a realm has its own secret in the vault.
 const SECRET: &str = keycloak::EVENTS_SECRET;
 
-/// Taken shared by every test, exclusively by the one that kills and restarts Keycloak, so no
-/// test talks to Keycloak while it is down.
+/// Taken shared by every test of this file, exclusively by the one that kills and restarts
+/// Keycloak, so none of them talks to Keycloak while it is down (the other files' tests are
+/// kept off it by `keycloak::room`).
 static KEYCLOAK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A Lockstep with the webhook connector (login, logout, revoke, refresh) posting to
@@ -140,6 +141,7 @@ fn millis(rfc3339: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_refreshes_and_expiry_follow_keycloak() {
+    let _room = keycloak::room(file!()).await;
     let _shared = KEYCLOAK.read().await;
     let Some((_, realm, server, receiver, _dir)) = setup(4).await else {
         return;
@@ -204,6 +206,7 @@ async fn logins_refreshes_and_expiry_follow_keycloak() {
 /// Keycloak through the real extension (the signed-event path is covered in idp_events.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_grant_reaches_every_legacy_session_of_the_user() {
+    let _room = keycloak::room(file!()).await;
     let _shared = KEYCLOAK.read().await;
     let Some((_, realm, server, receiver, _dir)) = setup(1800).await else {
         return;
@@ -236,6 +239,7 @@ async fn a_revoked_grant_reaches_every_legacy_session_of_the_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_admin_actions_end_every_mapped_session() {
+    let _room = keycloak::room(file!()).await;
     let _shared = KEYCLOAK.read().await;
     let Some((base, realm, server, receiver, _dir)) = setup(1800).await else {
         return;
@@ -347,6 +351,7 @@ async fn keycloak_admin_actions_end_every_mapped_session() {
 /// arrives, once, and logins never waited on Lockstep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lockstep_down_and_a_keycloak_crash_lose_no_event() {
+    let _room = keycloak::room(file!()).await;
     let _exclusive = KEYCLOAK.write().await;
     let Some((_, realm, server, _receiver, dir)) = setup(1800).await else {
         return;
@@ -473,6 +478,7 @@ async fn lockstep_down_and_a_keycloak_crash_lose_no_event() {
 /// from the realm attribute `lockstep.secret`, which realm exports show to their readers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_signed_with_the_vault_secret_never_a_realm_attribute() {
+    let _room = keycloak::room(file!()).await;
     let _shared = KEYCLOAK.read().await;
     let Some(base) = keycloak::keycloak_url() else {
         return;
@@ -512,6 +518,7 @@ async fn events_are_signed_with_the_vault_secret_never_a_realm_attribute() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impersonation_ends_when_the_administrators_session_ends() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = keycloak::keycloak_url() else {
         return;
     };

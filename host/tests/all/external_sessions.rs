@@ -2,7 +2,7 @@
 //! scenarios the API promises. Every scenario runs once per backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 

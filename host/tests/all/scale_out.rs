@@ -11,7 +11,7 @@
 //! delete) is `hot_loading.rs`'s `a_change_on_one_instance_reaches_every_instance`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};

@@ -34,7 +34,7 @@ fn oidc_fixture(name: &str) -> String {
     std::fs::read_to_string(format!("{dir}/{name}")).unwrap()
 }
 
-/// One IdP and one verifier for every case of every test in this binary (the verifier caches
+/// One IdP and one verifier for every case of every test in this file (the verifier caches
 /// the keys as it does in the server).
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();

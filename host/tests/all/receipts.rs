@@ -2,7 +2,7 @@
 //! receivers on 127.0.0.1 (one healthy, one answering 503), on SQLite and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! login, the Admin API calls and key rotation that product tests build on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::keycloak::{
     self, ALICE, ALICE_PASSWORD, LOCKSTEP_CLIENT, NO_PERM_CLIENT, OPS_CLIENT, PORTAL_CLIENT, REALM,
@@ -38,9 +38,11 @@ fn lockstep_roles(claims: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The only test of this binary that touches alice's sessions, so the count is exact.
+/// The only test of this file that touches alice's sessions (`keycloak::room` keeps the other
+/// files' tests off Keycloak meanwhile), so the count is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_lists_a_session_that_the_lockstep_service_account_can_delete() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) =
         base_or_skip("login_lists_a_session_that_the_lockstep_service_account_can_delete")
     else {
@@ -76,6 +78,7 @@ async fn login_lists_a_session_that_the_lockstep_service_account_can_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_account_tokens_carry_the_lockstep_audience_and_only_granted_roles() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) =
         base_or_skip("service_account_tokens_carry_the_lockstep_audience_and_only_granted_roles")
     else {
@@ -115,6 +118,7 @@ async fn service_account_tokens_carry_the_lockstep_audience_and_only_granted_rol
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotated_keys_sign_new_tokens_and_both_stay_in_the_jwks() {
+    let _room = keycloak::room(file!()).await;
     let Some(base) = base_or_skip("rotated_keys_sign_new_tokens_and_both_stay_in_the_jwks") else {
         return;
     };

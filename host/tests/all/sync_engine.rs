@@ -2,7 +2,7 @@
 //! hostile fixtures) and real HTTP receivers on 127.0.0.1, on SQLite and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -8,7 +8,7 @@
 //! `LOCKSTEP_CONSOLE_SCREENSHOTS=docs/console` saves a screenshot of each page there.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -747,6 +747,7 @@ async fn keycloak_login(b: &Browser, server: &Server, realm: &str, kc: &str, use
 /// for the test: the console client is public (PKCE), its redirect URI is this server's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keycloak_sign_in_grants_what_the_api_would() {
+    let _room = common::keycloak::room(file!()).await;
     let Some(kc) = std::env::var("LOCKSTEP_TEST_KEYCLOAK_URL")
         .ok()
         .map(|u| u.trim().trim_end_matches('/').to_owned())

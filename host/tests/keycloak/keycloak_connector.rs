@@ -6,7 +6,7 @@
 //! this file run in parallel.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -143,6 +143,7 @@ fn delivery_of<'a>(items: &'a [Value], external_id: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroying_a_parent_in_lockstep_ends_its_keycloak_session() {
+    let _room = keycloak::room(file!()).await;
     let Some(kc) = keycloak::keycloak_url() else {
         eprintln!("LOCKSTEP_SKIP_KEYCLOAK=1: skipping the Keycloak connector end-to-end test");
         return;

@@ -12,7 +12,7 @@
 //! One test per language, so the three toolchains install and build side by side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

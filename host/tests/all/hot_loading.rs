@@ -4,7 +4,7 @@
 //! backends (PostgreSQL for the multi-instance case).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! `tests/fixtures/`) and a real HTTP receiver on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
