@@ -50,7 +50,7 @@ use tokio::task::JoinSet;
 use crate::bench_api::db::{self, Target};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability};
-use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
+use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-crash-token";
 const REALM: &str = "crash";
@@ -519,32 +519,20 @@ async fn receive(
     StatusCode::OK
 }
 
-/// The manifest of webhook connector `hook`: login and logout events of the realm, posted to
+/// The manifest of webhook connector `hook`, posting [login, logout] events of the realm to
 /// `<origin>/<hook>`.
 fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    format!(
-        r#"name = {}
-component = {}
-realms = [{}]
-events = ["login", "logout"]
-allowed_hosts = [{}]
-timeout_ms = 2000
-
-[policy]
-on_failure = "retry"
-max_attempts = 10
-backoff_ms = 50
-max_backoff_ms = 1000
-
-[config]
-url = {}
-"#,
-        toml_str(hook),
-        toml_str(&component.display().to_string()),
-        toml_str(REALM),
-        toml_str(origin),
-        toml_str(&format!("{origin}/{hook}")),
-    )
+    testkit::manifest::Webhook {
+        name: hook,
+        component: Some(component),
+        realms: &[REALM],
+        events: &["login", "logout"],
+        allowed_hosts: &[origin],
+        timeout_ms: 2000,
+        url: &format!("{origin}/{hook}"),
+        config: &[],
+    }
+    .to_toml()
 }
 
 /// The server's database, read directly.
@@ -694,7 +682,7 @@ async fn crash(
             log: Arc::clone(&arrivals),
             generation: Arc::clone(&generation),
         });
-    let receiver = Loopback::serve("the webhook receiver", app).await?;
+    let receiver = Loopback::bind(app).await.context("the webhook receiver")?;
 
     // Small files: blocking std::fs calls are fine here.
     let connectors_dir = dir.join("connectors");

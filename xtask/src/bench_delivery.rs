@@ -673,31 +673,18 @@ fn lag_str(l: Lag) -> String {
 fn webhook_manifest(name: &str, component: &Path, origin: &str, url: &str, slow: bool) -> String {
     // The hook's deadline must outlast the slow receiver's answer; the fast ones keep the
     // usual bound.
-    let timeout_ms = if slow { 30_000 } else { 2_000 };
-    format!(
-        r#"name = {}
-component = {}
-realms = [{}]
-events = ["login", "logout"]
-allowed_hosts = [{}]
-timeout_ms = {timeout_ms}
-
-[policy]
-on_failure = "retry"
-max_attempts = 10
-backoff_ms = 50
-max_backoff_ms = 1000
-
-[config]
-url = {}
-timeout_ms = "{timeout_ms}"
-"#,
-        toml_str(name),
-        toml_str(&component.display().to_string()),
-        toml_str(REALM),
-        toml_str(origin),
-        toml_str(url),
-    )
+    let timeout_ms: u64 = if slow { 30_000 } else { 2_000 };
+    testkit::manifest::Webhook {
+        name,
+        component: Some(component),
+        realms: &[REALM],
+        events: &["login", "logout"],
+        allowed_hosts: &[origin],
+        timeout_ms,
+        url,
+        config: &[("timeout_ms", &timeout_ms.to_string())],
+    }
+    .to_toml()
 }
 
 async fn scenario(env: &Env<'_>, target: Target, with_slow: bool) -> Result<Scenario> {
@@ -1007,7 +994,7 @@ impl Receiver {
                 slow,
                 delay,
             });
-        let server = Loopback::serve("the webhook receiver", app).await?;
+        let server = Loopback::bind(app).await.context("the webhook receiver")?;
         Ok(Receiver { server, log })
     }
 

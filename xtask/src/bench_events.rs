@@ -33,9 +33,8 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use sqlx::{Connection, Executor};
 use tokio::task::JoinSet;
 
 use crate::bench_api::load::{Api, Outcome};
@@ -112,7 +111,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
             bench_api::until_interrupted(run(&args, &bin, &wasm, &command_line, &pg_db)).await;
         // Dropping `run` killed the server; the scratch database needs an explicit drop.
         if let (Some(url), false) = (&args.postgres_url, args.keep)
-            && let Err(e) = drop_pg_database(url, &pg_db).await
+            && let Err(e) = testkit::postgres::drop_database(url, &pg_db).await
         {
             eprintln!("warning: could not drop database {pg_db}: {e:#}");
         }
@@ -133,7 +132,7 @@ async fn run(
         .context("creating a temp dir")?;
     let target = match &args.postgres_url {
         None => Target::Sqlite(dir.path().join("bench.db")),
-        Some(url) => Target::Postgres(create_pg_database(url, pg_db).await?),
+        Some(url) => Target::Postgres(testkit::postgres::create_database(url, pg_db).await?),
     };
     let result = bench(args, bin, wasm, &target, dir.path()).await;
     if args.keep {
@@ -172,28 +171,6 @@ impl Target {
             Target::Postgres(url) => url.clone(),
         }
     }
-}
-
-async fn create_pg_database(admin_url: &str, name: &str) -> Result<String> {
-    let mut conn = PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await
-        .with_context(|| format!("CREATE DATABASE {name}"))?;
-    let mut url = reqwest::Url::parse(admin_url).context("parsing the PostgreSQL URL")?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
-
-async fn drop_pg_database(admin_url: &str, name: &str) -> Result<()> {
-    let mut conn = PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await
-        .with_context(|| format!("DROP DATABASE {name}"))?;
-    Ok(())
 }
 
 /// Read-only counts straight from the server's database (it runs meanwhile: SQLite in WAL
@@ -456,7 +433,7 @@ impl Receiver {
         let app = axum::Router::new()
             .fallback(receive)
             .with_state(Arc::clone(&log));
-        let server = Loopback::serve("the webhook receiver", app).await?;
+        let server = Loopback::bind(app).await.context("the webhook receiver")?;
         Ok(Receiver { server, log })
     }
 
@@ -882,32 +859,20 @@ async fn measure(
     Ok(report)
 }
 
-/// The manifest of webhook connector `hook`, posting login, logout and refresh events of
-/// the realm to `<origin>/<hook>`.
+/// The manifest of webhook connector `hook`, posting [login, logout, refresh] events of the realm to
+/// `<origin>/<hook>`.
 fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    format!(
-        r#"name = {}
-component = {}
-realms = [{}]
-events = ["login", "logout", "refresh"]
-allowed_hosts = [{}]
-timeout_ms = 2000
-
-[policy]
-on_failure = "retry"
-max_attempts = 10
-backoff_ms = 50
-max_backoff_ms = 1000
-
-[config]
-url = {}
-"#,
-        toml_str(hook),
-        toml_str(&component.display().to_string()),
-        toml_str(REALM),
-        toml_str(origin),
-        toml_str(&format!("{origin}/{hook}")),
-    )
+    testkit::manifest::Webhook {
+        name: hook,
+        component: Some(component),
+        realms: &[REALM],
+        events: &["login", "logout", "refresh"],
+        allowed_hosts: &[origin],
+        timeout_ms: 2000,
+        url: &format!("{origin}/{hook}"),
+        config: &[],
+    }
+    .to_toml()
 }
 
 /// One row of a latency table: n, p50, p90, p99, max.

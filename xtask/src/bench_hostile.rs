@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 
+use testkit::procfs::rss_kib;
+
 use crate::bench_api::load::{Api, Outcome, PhaseStats, run_phase};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, idp_session_id, user_id};
@@ -170,18 +172,6 @@ fn sample_rss(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 struct Phase {

@@ -431,7 +431,7 @@ impl Idp {
             )
             .route(&format!("/realms/{REALM}/certs"), get(certs))
             .with_state(state.clone());
-        let server = Loopback::serve("the identity provider", app).await?;
+        let server = Loopback::bind(app).await.context("the identity provider")?;
         let issuer = format!("{}/realms/{REALM}", server.origin());
         state
             .issuer
@@ -467,32 +467,20 @@ fn realm_config(issuer: &str) -> String {
     )
 }
 
-/// The manifest of webhook connector `hook`, posting every event of the realm to
+/// The manifest of webhook connector `hook`, posting [login, logout, revoke] events of the realm to
 /// `<origin>/<hook>`.
 fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    format!(
-        r#"name = {}
-component = {}
-realms = [{}]
-events = ["login", "logout", "revoke"]
-allowed_hosts = [{}]
-timeout_ms = 2000
-
-[policy]
-on_failure = "retry"
-max_attempts = 10
-backoff_ms = 50
-max_backoff_ms = 1000
-
-[config]
-url = {}
-"#,
-        toml_str(hook),
-        toml_str(&component.display().to_string()),
-        toml_str(REALM),
-        toml_str(origin),
-        toml_str(&format!("{origin}/{hook}")),
-    )
+    testkit::manifest::Webhook {
+        name: hook,
+        component: Some(component),
+        realms: &[REALM],
+        events: &["login", "logout", "revoke"],
+        allowed_hosts: &[origin],
+        timeout_ms: 2000,
+        url: &format!("{origin}/{hook}"),
+        config: &[],
+    }
+    .to_toml()
 }
 
 /// (connector, external id, event type) of one webhook.
@@ -547,7 +535,7 @@ impl Receiver {
         let app = axum::Router::new()
             .fallback(receive)
             .with_state(Arc::clone(&state));
-        let server = Loopback::serve("the webhook receiver", app).await?;
+        let server = Loopback::bind(app).await.context("the webhook receiver")?;
         Ok(Receiver { server, state })
     }
 

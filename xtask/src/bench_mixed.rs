@@ -37,6 +37,8 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use testkit::procfs::{self, rss_kib};
+
 use crate::bench_api::db::{self, DbSize, Target};
 use crate::bench_api::load::{Api, run_phase};
 use crate::bench_api::server::Server;
@@ -847,15 +849,6 @@ async fn sample_rss(pid: u32, peak: Arc<AtomicU64>) {
     }
 }
 
-/// Resident set size of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// CPU ticks of the processes a step involves, read at one moment.
 struct CpuTicks {
     server: Option<u64>,
@@ -909,30 +902,18 @@ impl CpuTicks {
 /// CPU ticks of every process named `postgres`: backends that exit within a window take
 /// their ticks with them, but the server's pooled connections live through the run.
 fn postgres_ticks() -> Option<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let is_postgres = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|comm| comm.trim() == "postgres");
-        if is_postgres {
-            total += process_ticks(pid).unwrap_or(0);
-        }
-    }
+    let total = procfs::pids()
+        .into_iter()
+        .filter_map(procfs::stat)
+        .filter(|s| s.comm == "postgres")
+        .map(|s| s.own)
+        .sum();
     Some(total)
 }
 
-/// User + system CPU time of a process, in clock ticks (`/proc/<pid>/stat` fields 14, 15).
+/// User + system CPU time of a process, in clock ticks.
 fn process_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are plain.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    procfs::stat(pid).map(|s| s.own)
 }
 
 /// The machine's (busy, total) CPU ticks from `/proc/stat`; idle and iowait are not busy.
@@ -950,15 +931,9 @@ fn machine_ticks() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
-/// `getconf CLK_TCK` (100 on every Linux this runs on, but asked rather than assumed).
+/// Clock ticks per second, as `f64` for the rates.
 fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    procfs::clock_ticks_per_sec() as f64
 }
 
 fn mib(kib: Option<u64>) -> String {

@@ -217,7 +217,7 @@ async fn bench(args: &Args, bin: &Path, dir: &Path) -> Result<Samples> {
     let app = axum::Router::new()
         .route("/events", axum::routing::post(receive))
         .with_state(inbox.clone());
-    let receiver = Loopback::serve("SET receiver", app).await?;
+    let receiver = Loopback::bind(app).await.context("SET receiver")?;
     let config = dir.join("lockstep.toml");
     // The issuer and advertised URLs are not used by the receiver here.
     std::fs::write(&config, "public_url = \"http://127.0.0.1\"\n")

@@ -26,7 +26,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use serde_json::Value;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::bench_api::load::{Api, Outcome, PhaseStats};
@@ -454,42 +454,20 @@ fn manifest(
     to: usize,
     seq: u32,
 ) -> String {
-    let mut text = format!("name = {}\n", toml_str(hook.name()));
-    if let Some(c) = component {
-        text.push_str(&format!(
-            "component = {}\n",
-            toml_str(&c.display().to_string())
-        ));
+    testkit::manifest::Webhook {
+        name: hook.name(),
+        component,
+        realms: &["*"],
+        events: &["login", "logout", "revoke"],
+        allowed_hosts: &[&receivers.origin(0), &receivers.origin(1)],
+        timeout_ms: 2000,
+        url: &format!("{}/{}?v={seq}", receivers.origin(to), hook.name()),
+        config: &[("secret", SECRET)],
     }
-    text.push_str(&format!(
-        r#"realms = ["*"]
-events = ["login", "logout", "revoke"]
-allowed_hosts = [{}, {}]
-timeout_ms = 2000
-
-[policy]
-on_failure = "retry"
-max_attempts = 10
-backoff_ms = 50
-max_backoff_ms = 1000
-
-[config]
-url = {}
-secret = {}
-"#,
-        toml_str(&receivers.origin(0)),
-        toml_str(&receivers.origin(1)),
-        toml_str(&format!("{}/{}?v={seq}", receivers.origin(to), hook.name())),
-        toml_str(SECRET),
-    ));
-    text
+    .to_toml()
 }
 
-/// A TOML basic string. A JSON string literal is one: serde_json escapes only `"`, `\` and
-/// control characters, with escapes TOML shares (it never writes `\/`).
-pub(crate) fn toml_str(s: &str) -> String {
-    Value::from(s).to_string()
-}
+pub(crate) use testkit::manifest::toml_str;
 
 /// How the wait for the deliveries ended.
 struct Drain {
@@ -750,42 +728,9 @@ struct DeliveryLog {
     first: HashMap<(Hook, u32, usize), Instant>,
 }
 
-/// An axum app served on 127.0.0.1 (ephemeral port) by a task that is aborted when this is
-/// dropped, so a loopback peer of a benchmark never outlives it.
-pub(crate) struct Loopback {
-    pub(crate) addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Loopback {
-    /// Binds 127.0.0.1:0 and serves `app`; `what` names it in errors.
-    pub(crate) async fn serve(what: &str, app: axum::Router) -> Result<Loopback> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .with_context(|| format!("binding {what}"))?;
-        let addr = listener
-            .local_addr()
-            .with_context(|| format!("reading the address of {what}"))?;
-        let name = what.to_owned();
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("warning: {name} on {addr} stopped: {e}");
-            }
-        });
-        Ok(Loopback { addr, task })
-    }
-
-    /// `http://127.0.0.1:PORT`.
-    pub(crate) fn origin(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for Loopback {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// An axum app served on 127.0.0.1 (ephemeral port) until this is dropped, so a loopback
+/// peer of a benchmark never outlives it.
+pub(crate) use testkit::Loopback;
 
 /// Two HTTP servers on 127.0.0.1 (receiver 0 = A, 1 = B) that answer 200 to every request
 /// and log each webhook. They stop when this is dropped.
@@ -811,7 +756,7 @@ impl Receivers {
                     receiver,
                     log: Arc::clone(&log),
                 });
-            servers.push(Loopback::serve("a receiver", app).await?);
+            servers.push(Loopback::bind(app).await.context("a receiver")?);
         }
         let servers: [Loopback; 2] = servers
             .try_into()

@@ -28,11 +28,5 @@ pub fn write_manifest(
     component_name: &str,
     extra: &str,
 ) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    let text = format!(
-        "name = \"{name}\"\ncomponent = \"{}\"\n{extra}\n",
-        component(component_name).display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    testkit::manifest::write_manifest(dir, name, &component(component_name), extra).unwrap()
 }

@@ -1,5 +1,7 @@
 //! Black-box harness: starts the real `lockstep` binary on 127.0.0.1:0 against a fresh
-//! SQLite file or a fresh PostgreSQL database, and talks to it over HTTP.
+//! SQLite file or a fresh PostgreSQL database, and talks to it over HTTP. Starting and
+//! stopping the process, the databases, receivers and manifests are `testkit`'s (shared with
+//! the xtask load harnesses); this module sets them up the way every test wants them.
 //! PostgreSQL comes from `LOCKSTEP_TEST_DATABASE_URL` (an admin URL; `scripts/test.sh` starts
 //! a throwaway cluster and sets it). Without it the PostgreSQL tests fail, unless
 //! `LOCKSTEP_SKIP_POSTGRES=1` says to skip them on purpose.
@@ -9,13 +11,10 @@ pub mod components;
 pub mod keycloak;
 pub mod receiver;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 pub const TOKEN: &str = "test-admin-token";
 
@@ -52,29 +51,17 @@ macro_rules! on_both_backends {
     };
 }
 
-/// An axum app served on a loopback listener until this is dropped (dropping the sender
-/// starts the graceful shutdown). Receivers, the local IdP and fakes share it.
-pub struct Loopback {
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+/// An axum app served on a loopback listener until this is dropped. Receivers, the local
+/// IdP and fakes share it.
+pub use testkit::Loopback;
 
 /// Serves `app` on `listener` (bound by the caller, who may need its address first; a TLS
 /// listener for an HTTPS peer).
 pub fn serve<L>(listener: L, app: axum::Router) -> Loopback
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-            .ok();
-    });
-    Loopback { _stop: tx }
+    Loopback::serve(listener, app).unwrap()
 }
 
 /// Base64url without padding (JWT segments).
@@ -105,23 +92,17 @@ pub async fn fresh_database(backend: Backend) -> (String, Option<tempfile::TempD
             (url, Some(dir))
         }
         Backend::Postgres => {
-            use sqlx::Connection;
-            let admin = postgres_admin_url();
-            let name = format!("lockstep_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut conn)
+            let name = testkit::postgres::unique_name("lockstep_test_");
+            let url = testkit::postgres::create_database(&postgres_admin_url(), &name)
                 .await
                 .unwrap();
-            conn.close().await.ok();
-            let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-            (format!("{base}/{name}"), None)
+            (url, None)
         }
     }
 }
 
 pub struct Server {
-    child: Child,
+    process: testkit::Lockstep,
     pub base: String,
     pub database_url: String,
     pub backend: Backend,
@@ -191,69 +172,53 @@ impl Server {
             f.write_all(text.as_bytes()).unwrap();
             f
         });
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
-            .arg("--database-url")
-            .arg(&database_url)
-            .arg("--durability")
-            .arg(opts.durability)
-            .env_remove("LOCKSTEP_ADMIN_TOKEN")
-            .env_remove("LOCKSTEP_CONFIG")
-            .arg("--compile-cache")
-            .arg(
-                opts.compile_cache
-                    .clone()
-                    .unwrap_or_else(|| components::workspace().join("target/test-compile-cache")),
-            )
-            // LOCKSTEP_TEST_LOG (e.g. `lockstep=debug`) overrides every server's level when chasing a failure.
-            .env(
-                "RUST_LOG",
-                std::env::var("LOCKSTEP_TEST_LOG").unwrap_or_else(|_| opts.log.to_owned()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        cmd.env_remove("LOCKSTEP_REQUESTS_PER_SECOND");
-        if let Some(rps) = opts.requests_per_second {
-            cmd.arg("--requests-per-second").arg(rps.to_string());
+        let mut launch = testkit::Launch::new(env!("CARGO_BIN_EXE_lockstep"), &database_url);
+        launch.durability = opts.durability.to_owned();
+        if let Some(listen) = &opts.listen {
+            launch.listen = listen.clone();
         }
-        if let Some(token) = opts.admin_token {
-            cmd.env("LOCKSTEP_ADMIN_TOKEN", token);
+        let compile_cache = opts
+            .compile_cache
+            .clone()
+            .unwrap_or_else(|| components::workspace().join("target/test-compile-cache"));
+        launch = launch.arg("--compile-cache").arg(compile_cache);
+        if let Some(rps) = opts.requests_per_second {
+            launch = launch.arg("--requests-per-second").arg(rps.to_string());
         }
         if let Some(f) = &config {
-            cmd.arg("--config").arg(f.path());
+            launch = launch.arg("--config").arg(f.path());
         }
         if let Some(d) = &opts.connectors_dir {
-            cmd.arg("--connectors-dir").arg(d);
+            launch = launch.arg("--connectors-dir").arg(d);
         }
-        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            // No server trusts a CA its test did not give it.
-            .env_remove("LOCKSTEP_TLS_CA_FILE")
-            .args(&opts.args);
+        launch.args.extend(opts.args.iter().map(Into::into));
+        // Nothing of the caller's shell reaches a server: no token, config file or rate limit
+        // but the test's, no OTLP export unless it asks, no CA it did not give.
+        for var in [
+            "LOCKSTEP_ADMIN_TOKEN",
+            "LOCKSTEP_CONFIG",
+            "LOCKSTEP_REQUESTS_PER_SECOND",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "LOCKSTEP_TLS_CA_FILE",
+        ] {
+            launch = launch.env_remove(var);
+        }
+        // LOCKSTEP_TEST_LOG (e.g. `lockstep=debug`) overrides every server's level when chasing a failure.
+        launch = launch.env(
+            "RUST_LOG",
+            std::env::var("LOCKSTEP_TEST_LOG").unwrap_or_else(|_| opts.log.to_owned()),
+        );
+        if let Some(token) = opts.admin_token {
+            launch = launch.env("LOCKSTEP_ADMIN_TOKEN", token);
+        }
         for (k, v) in &opts.env {
-            cmd.env(k, v);
+            launch = launch.env(k, v);
         }
-        let mut child = cmd.spawn().expect("start lockstep");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    return addr.to_owned();
-                }
-            }
-            panic!("lockstep exited before it was ready");
-        })
-        .await
-        .expect("lockstep did not become ready within 30 s");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let process = launch.start().await.expect("start lockstep");
         Server {
-            child,
-            base: format!("http://{addr}"),
+            base: process.base_url(),
+            process,
             database_url,
             backend,
             client: reqwest::Client::new(),
@@ -264,18 +229,12 @@ impl Server {
 
     /// Process id (for memory readings).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Resident memory of the server process in KiB (Linux).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.pid().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        testkit::procfs::rss_kib(self.pid().unwrap()).unwrap()
     }
 
     /// An admin client for operator endpoints (`/admin/deliveries`...).
@@ -411,23 +370,17 @@ impl Server {
 
     /// Sends SIGTERM (the graceful shutdown an orchestrator asks for) and waits, bounded,
     /// for the process to exit; returns its exit status.
-    pub async fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
-        let pid = self.pid().expect("server already exited");
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        tokio::time::timeout(timeout, self.child.wait())
+    pub async fn terminate(self, timeout: Duration) -> std::process::ExitStatus {
+        self.process
+            .terminate(timeout)
             .await
-            .unwrap_or_else(|_| panic!("lockstep did not exit within {timeout:?} of SIGTERM"))
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Stops the process (SIGKILL) and returns the database so it can be reopened.
-    pub async fn kill(mut self) -> (String, Option<tempfile::TempDir>) {
-        self.child.kill().await.ok();
-        (self.database_url.clone(), self._dir.take())
+    pub async fn kill(self) -> (String, Option<tempfile::TempDir>) {
+        self.process.kill().await.ok();
+        (self.database_url, self._dir)
     }
 
     pub fn sessions_url(&self, realm: &str) -> String {

@@ -4,52 +4,7 @@
 
 use std::time::Duration;
 
-/// Kernel clock ticks per second, the unit of the times in `/proc/<pid>/stat`.
-fn clock_ticks_per_sec() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // `getconf` rather than `sysconf(3)`: the workspace forbids unsafe code. 100 is what
-    // Linux reports on every common architecture.
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .filter(|&t: &u64| t > 0)
-            .unwrap_or(100)
-    })
-}
-
-/// The fields of `/proc/<pid>/stat` this module needs.
-struct Stat {
-    comm: String,
-    ppid: u32,
-    /// utime + stime: the process's own CPU, all its threads, exited ones included.
-    own: u64,
-    /// cutime + cstime: CPU of children it has waited for.
-    children: u64,
-}
-
-fn stat(pid: u32) -> Option<Stat> {
-    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn parse_stat(text: &str) -> Option<Stat> {
-    // comm is in parentheses and may itself contain spaces or ')'; the last ')' ends it.
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    // Fields after comm, numbered from 3 (state) as in proc(5).
-    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    let field = |n: usize| -> Option<u64> { rest.get(n - 3)?.parse().ok() };
-    Some(Stat {
-        comm,
-        ppid: u32::try_from(field(4)?).ok()?,
-        own: field(14)? + field(15)?,
-        children: field(16)? + field(17)?,
-    })
-}
+use testkit::procfs::{clock_ticks_per_sec, pids, stat};
 
 /// The PostgreSQL cluster's CPU: the postmaster's own and that of the backends it has
 /// reaped, plus every live child's (backends, walwriter, checkpointer, autovacuum). Counting
@@ -57,14 +12,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
 fn cluster_ticks(postmaster: u32) -> Option<u64> {
     let pm = stat(postmaster)?;
     let mut total = pm.own + pm.children;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         if let Some(s) = stat(pid).filter(|s| s.ppid == postmaster) {
             total += s.own;
         }
@@ -162,17 +110,6 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_a_stat_line_whose_comm_has_spaces_and_parens() {
-        let line = "4242 (postgres: a) b) S 17 4242 4242 0 -1 4194560 100 0 0 0 \
-                    250 30 7 2 20 0 1 0 100 1000 10";
-        let s = parse_stat(line).unwrap();
-        assert_eq!(s.comm, "postgres: a) b");
-        assert_eq!(s.ppid, 17);
-        assert_eq!(s.own, 280);
-        assert_eq!(s.children, 9);
-    }
 
     #[test]
     fn reads_this_process_and_thread() {

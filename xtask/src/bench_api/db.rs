@@ -41,18 +41,10 @@ impl Target {
     }
 }
 
-/// Creates a fresh database on the PostgreSQL server at `admin_url`; returns its URL.
-pub async fn create_pg_database(admin_url: &str, name: &str) -> Result<String> {
-    let mut conn = PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await
-        .with_context(|| format!("CREATE DATABASE {name}"))?;
-    let mut url = reqwest::Url::parse(admin_url).context("parsing the PostgreSQL URL")?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
+/// Scratch databases on the PostgreSQL server at an admin URL.
+pub use testkit::postgres::{
+    create_database as create_pg_database, drop_database as drop_pg_database,
+};
 
 /// The PostgreSQL server's postmaster process, when it runs on this machine (for reading
 /// the cluster's CPU time); `None` when it cannot be found.
@@ -66,16 +58,6 @@ pub async fn postmaster_pid(url: &str) -> Option<u32> {
     let pid = super::cpu::postmaster_of(u32::try_from(backend).ok()?);
     let _ = conn.close().await;
     pid
-}
-
-pub async fn drop_pg_database(admin_url: &str, name: &str) -> Result<()> {
-    let mut conn = PgConnection::connect(admin_url)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-        .await
-        .with_context(|| format!("DROP DATABASE {name}"))?;
-    Ok(())
 }
 
 fn sqlite_options(path: &PathBuf, durability: Durability) -> SqliteConnectOptions {

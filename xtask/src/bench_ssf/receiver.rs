@@ -251,7 +251,9 @@ pub(super) async fn bench(
 ) -> Result<Figures> {
     let tx = Arc::new(Tx::default());
     let _ = tx.keys.set(jwk);
-    let peer = Loopback::serve("SSF transmitter", transmitter(tx.clone())).await?;
+    let peer = Loopback::bind(transmitter(tx.clone()))
+        .await
+        .context("SSF transmitter")?;
     let issuer = format!("http://{}/tx", peer.addr);
     let _ = tx.issuer.set(issuer.clone());
 

@@ -1,0 +1,93 @@
+//! Scratch databases on a PostgreSQL server, from its admin URL
+//! (`postgres://user@host:port/postgres`).
+
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::Error;
+
+/// `prefix` followed by a random suffix: unique among the tests and runs sharing a server.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `admin_url` with its database replaced by `name` (user, host, port and parameters kept).
+pub fn database_url(admin_url: &str, name: &str) -> Result<String, Error> {
+    let bad = || Error::PostgresUrl(admin_url.to_owned());
+    let (url, query) = match admin_url.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (admin_url, None),
+    };
+    let authority_start = url.find("://").ok_or_else(bad)? + 3;
+    let base = match url[authority_start..].find('/') {
+        Some(slash) => &url[..authority_start + slash],
+        None => url,
+    };
+    Ok(match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    })
+}
+
+/// Creates the empty database `name`; returns its URL.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Error> {
+    let url = database_url(admin_url, name)?;
+    let mut conn = connect(admin_url).await?;
+    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+        .await
+        .map_err(|source| Error::Postgres {
+            what: format!("CREATE DATABASE {name}"),
+            source,
+        })?;
+    let _ = conn.close().await;
+    Ok(url)
+}
+
+/// Drops the database `name` if it exists, ending its connections first.
+pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    let mut conn = connect(admin_url).await?;
+    conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+        .await
+        .map_err(|source| Error::Postgres {
+            what: format!("DROP DATABASE {name}"),
+            source,
+        })?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+async fn connect(admin_url: &str) -> Result<PgConnection, Error> {
+    PgConnection::connect(admin_url)
+        .await
+        .map_err(|source| Error::Postgres {
+            what: format!("connecting to {admin_url}"),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced_and_the_rest_kept() {
+        let cases = [
+            (
+                "postgres://postgres@127.0.0.1:55432/postgres",
+                "postgres://postgres@127.0.0.1:55432/x",
+            ),
+            (
+                "postgres://u:p@h/postgres?sslmode=disable",
+                "postgres://u:p@h/x?sslmode=disable",
+            ),
+            ("postgres://u@h:5432", "postgres://u@h:5432/x"),
+        ];
+        for (admin, want) in cases {
+            assert_eq!(
+                database_url(admin, "x").ok().as_deref(),
+                Some(want),
+                "{admin}"
+            );
+        }
+        assert!(database_url("not a url", "x").is_err());
+    }
+}
