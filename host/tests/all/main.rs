@@ -16,6 +16,7 @@ mod common;
 mod audit;
 mod backchannel;
 mod external_sessions;
+mod handlers;
 mod hot_loading;
 mod idp_events;
 mod languages;
