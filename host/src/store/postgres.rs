@@ -115,7 +115,14 @@ impl PgStore {
         // JIT off: every statement here is a short OLTP one, but with a million rows the
         // planner's estimate for the cascade passes jit_above_cost and each destroy paid a
         // 70-290 ms compile for a 0.55 ms statement (xtask bench --rows 1000000).
-        let connect = PgConnectOptions::from_str(&opts.url)?.options([("jit", "off")]);
+        //
+        // Generic plans: left to choose, PostgreSQL kept planning the cascade and event
+        // statements afresh on every call (custom plans), a fifth of its CPU under a stream of
+        // pushed SETs (perf, bench-ssf receiver). Every statement here reaches its rows through
+        // an index it names by equality or walks in index order under a LIMIT, so the plan
+        // does not depend on the values bound.
+        let connect = PgConnectOptions::from_str(&opts.url)?
+            .options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)

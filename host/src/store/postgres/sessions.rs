@@ -184,6 +184,32 @@ static CASCADE_FROM_SEEDS: LazyLock<String> = LazyLock::new(|| {
     .concat()
 });
 
+/// A cascade from the live PARENTs mapped to the IdP session `$2` (seeds, `via` `$3`): the
+/// seeds are found in the cascade's own statement, a round trip less than reading them first.
+static CASCADE_FROM_IDP_SESSION: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH RECURSIVE tree(id, external_id, via) AS ( \
+           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
+             AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+        CASCADE_TAIL,
+        "SELECT * FROM ended",
+    ]
+    .concat()
+});
+
+/// A cascade from every live session of the user `$2` (seeds, `via` `$3`), as
+/// [`CASCADE_FROM_IDP_SESSION`].
+static CASCADE_FROM_USER: LazyLock<String> = LazyLock::new(|| {
+    [
+        "WITH RECURSIVE tree(id, external_id, via) AS ( \
+           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND user_id = $2 \
+             AND status IN ('ACTIVE', 'ORPHANED')",
+        CASCADE_TAIL,
+        "SELECT * FROM ended",
+    ]
+    .concat()
+});
+
 /// Outbox rows of one realm from parallel arrays (event ids, types, sessions, payloads), in
 /// array order; the arguments name the placeholders.
 fn insert_events_sql(realm: &str, origin: &str, now: &str, arrays: &str) -> String {
@@ -460,30 +486,27 @@ pub(crate) async fn map<'c>(
     }
 }
 
-/// Remembers `guard`'s id for its window; refuses an id seen before.
+/// Remembers `guard`'s id for its window; refuses an id seen before, in one round trip. An
+/// expired row of the same id is taken over (the `WHERE` of the upsert), as if it had been
+/// purged first. The purge of other expired ids rides along, bounded and skipping rows a
+/// concurrent transaction is purging, so no two callers wait on each other's deletes; it
+/// leaves this id's row to the upsert (one statement must not change a row twice).
 async fn check_replay(
     conn: &mut PgConnection,
     realm: &str,
     guard: &ReplayGuard,
     now: i64,
 ) -> Result<()> {
-    let (purge, insert) = match guard.kind {
-        ReplayKind::LogoutToken => (
-            "DELETE FROM logout_tokens WHERE until_ms < $1",
-            "INSERT INTO logout_tokens (realm, jti, until_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (realm, jti) DO NOTHING",
-        ),
-        ReplayKind::IdpEvent => (
-            "DELETE FROM idp_events WHERE until_ms < $1",
-            "INSERT INTO idp_events (realm, event_id, until_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (realm, event_id) DO NOTHING",
-        ),
+    let sql = match guard.kind {
+        ReplayKind::LogoutToken => &*GUARD_LOGOUT_TOKEN,
+        ReplayKind::IdpEvent => &*GUARD_IDP_EVENT,
     };
-    sqlx::query(purge).bind(now).execute(&mut *conn).await?;
-    let fresh = sqlx::query(insert)
+    let fresh = sqlx::query(sql)
         .bind(realm)
         .bind(&guard.jti)
         .bind(guard.until_ms)
+        .bind(now)
+        .bind(REPLAY_PURGE_BATCH)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -492,6 +515,30 @@ async fn check_replay(
     }
     Ok(())
 }
+
+/// Expired replay-guard rows purged per guarded write: more than one, so the table shrinks
+/// faster than it grows at any write rate; few, so a backlog never makes one write slow.
+const REPLAY_PURGE_BATCH: i64 = 16;
+
+/// [`check_replay`]'s statement for a replay table keyed `(realm, <id column>)`:
+/// `$1` realm, `$2` id, `$3` its window's end, `$4` now, `$5` the purge batch.
+fn replay_guard_sql(table: &str, id: &str) -> String {
+    format!(
+        "WITH purged AS ( \
+           DELETE FROM {table} WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM {table} WHERE until_ms < $4 \
+               AND NOT (realm = $1 AND {id} = $2) \
+             ORDER BY until_ms LIMIT $5 FOR UPDATE SKIP LOCKED)) \
+         ) INSERT INTO {table} (realm, {id}, until_ms) VALUES ($1, $2, $3) \
+         ON CONFLICT (realm, {id}) DO UPDATE SET until_ms = EXCLUDED.until_ms \
+         WHERE {table}.until_ms < $4"
+    )
+}
+
+static GUARD_LOGOUT_TOKEN: LazyLock<String> =
+    LazyLock::new(|| replay_guard_sql("logout_tokens", "jti"));
+static GUARD_IDP_EVENT: LazyLock<String> =
+    LazyLock::new(|| replay_guard_sql("idp_events", "event_id"));
 
 /// Applies an identity-provider event and stores its id (and its audit record), in the
 /// caller's transaction.
@@ -746,6 +793,15 @@ async fn destroy_unguarded(
             }
             return finish_destroy(conn, cmd, audit, changed, now).await;
         }
+        // Unlimited, nothing to count first: seeds and cascade in one statement.
+        DestroyTarget::IdpSession(key) | DestroyTarget::User(key) if cmd.max_sessions.is_none() => {
+            let sql = match &cmd.target {
+                DestroyTarget::IdpSession(_) => &*CASCADE_FROM_IDP_SESSION,
+                _ => &*CASCADE_FROM_USER,
+            };
+            let changed = cascade_with(conn, cmd, sql, key.as_str(), now, 0).await?;
+            return finish_destroy(conn, cmd, audit, changed, now).await;
+        }
         DestroyTarget::IdpSession(sid) => {
             sqlx::query_scalar(
                 "SELECT external_id FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
@@ -885,7 +941,22 @@ async fn cascade(
     seed_via: i32,
     now: i64,
 ) -> Result<Vec<Session>> {
-    let rows: Vec<SessionRow> = sqlx::query_as(&CASCADE_FROM_SEEDS)
+    cascade_with(conn, cmd, &CASCADE_FROM_SEEDS, seeds, now, seed_via).await
+}
+
+/// Runs one of the cascade statements, whose seeds `$2` names (`via` `$3`).
+async fn cascade_with<'q, S>(
+    conn: &mut PgConnection,
+    cmd: &'q DestroyCommand,
+    sql: &'q str,
+    seeds: S,
+    now: i64,
+    seed_via: i32,
+) -> Result<Vec<Session>>
+where
+    S: sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + 'q,
+{
+    let rows: Vec<SessionRow> = sqlx::query_as(sql)
         .bind(&cmd.realm)
         .bind(seeds)
         .bind(seed_via)
