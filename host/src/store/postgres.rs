@@ -116,13 +116,9 @@ impl PgStore {
         // planner's estimate for the cascade passes jit_above_cost and each destroy paid a
         // 70-290 ms compile for a 0.55 ms statement (xtask bench --rows 1000000).
         //
-        // Generic plans: left to choose, PostgreSQL kept planning the cascade and event
-        // statements afresh on every call (custom plans), a fifth of its CPU under a stream of
-        // pushed SETs (perf, bench-ssf receiver). Every statement here reaches its rows through
-        // an index it names by equality or walks in index order under a LIMIT, so the plan
-        // does not depend on the values bound.
-        let connect = PgConnectOptions::from_str(&opts.url)?
-            .options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+        // Plans stay custom (PostgreSQL's default): a generic plan is fixed at a connection's
+        // first call, and one made while a table was small kept scanning it whole later.
+        let connect = PgConnectOptions::from_str(&opts.url)?.options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)

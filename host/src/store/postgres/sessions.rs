@@ -525,10 +525,10 @@ const REPLAY_PURGE_BATCH: i64 = 16;
 fn replay_guard_sql(table: &str, id: &str) -> String {
     format!(
         "WITH purged AS ( \
-           DELETE FROM {table} WHERE ctid = ANY(ARRAY( \
-             SELECT ctid FROM {table} WHERE until_ms < $4 \
+           DELETE FROM {table} WHERE (realm, {id}) IN ( \
+             SELECT realm, {id} FROM {table} WHERE until_ms < $4 \
                AND NOT (realm = $1 AND {id} = $2) \
-             ORDER BY until_ms LIMIT $5 FOR UPDATE SKIP LOCKED)) \
+             ORDER BY until_ms LIMIT $5 FOR UPDATE SKIP LOCKED) \
          ) INSERT INTO {table} (realm, {id}, until_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (realm, {id}) DO UPDATE SET until_ms = EXCLUDED.until_ms \
          WHERE {table}.until_ms < $4"
