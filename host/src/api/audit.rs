@@ -5,24 +5,26 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::cursor;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiQuery, Caller};
+use super::spec::Unauthorized;
 use crate::auth::Permission;
 use crate::domain::rules;
 use crate::domain::{AuditAction, AuditEntry, AuditOutcome};
 use crate::store::audit::{AuditQuery, AuditRow, AuditScope};
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new().route("/admin/audit", get(list))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
 }
 
 /// The record of `action` by the caller in `realm` (`None`: an action across realms).
@@ -152,9 +154,9 @@ pub struct AuditPage {
 #[utoipa::path(get, path = "/admin/audit", operation_id = "list_audit", tag = "audit", security(("bearer" = [])),
     params(AuditParams),
     responses((status = 200, description = "One page, newest first", body = AuditPage),
-              (status = 400, description = "VALIDATION: bad realm, filter, time, cursor or limit", body = Problem, content_type = "application/problem+json"),
-              (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-              (status = 403, description = "FORBIDDEN: no audit:read in that realm (or, without realm, in every realm)", body = Problem, content_type = "application/problem+json")))]
+              (status = 400, description = "VALIDATION: bad realm, filter, time, cursor or limit", body = Problem, content_type = PROBLEM_JSON),
+              Unauthorized,
+              (status = 403, description = "FORBIDDEN: no audit:read in that realm (or, without realm, in every realm)", body = Problem, content_type = PROBLEM_JSON)))]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,

@@ -10,8 +10,9 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{ApiPath, MAX_BODY_BYTES};
@@ -20,9 +21,9 @@ use crate::oidc::OidcError;
 use crate::store::StoreError;
 use crate::sync::sessions::SessionError;
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new().route("/realms/{realm}/backchannel-logout", post(logout))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(logout))
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {

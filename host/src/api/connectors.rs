@@ -6,14 +6,16 @@ use axum::Json;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiPath, Caller};
+use super::spec::{ConnectorName, Forbidden, Invalid, NotFound, Unauthorized};
 use crate::auth::Permission;
 use crate::domain::ProblemCode;
 use crate::domain::{AuditAction, AuditOutcome};
@@ -27,20 +29,14 @@ use crate::runtime::registry::Source;
 /// Largest upload body: both parts plus room for the multipart framing.
 pub const MAX_UPLOAD_BYTES: usize = MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES + 64 * 1024;
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/admin/connectors", get(list))
-        .route(
-            "/admin/connectors/{name}",
-            get(one)
-                .put(put)
-                .delete(remove)
-                .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
-        )
-        .route("/admin/connectors/{name}/disable", post(disable))
-        .route("/admin/connectors/{name}/enable", post(enable))
-        .route("/metrics", get(metrics))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(one, put, remove).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
+        .routes(routes!(disable))
+        .routes(routes!(enable))
+        .routes(routes!(metrics))
 }
 
 /// Failure policy of a connector.
@@ -291,8 +287,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 /// configured ones that failed to load (`failed`).
 #[utoipa::path(get, path = "/admin/connectors", operation_id = "list_connectors", tag = "connectors", security(("bearer" = [])),
     responses((status = 200, body = ConnectorList),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json")))]
+              Unauthorized,
+              Forbidden))]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -306,12 +302,12 @@ async fn list(
 
 /// One connector: its manifest, state, version, deliveries and hook latency.
 #[utoipa::path(get, path = "/admin/connectors/{name}", operation_id = "get_connector", tag = "connectors", security(("bearer" = [])),
-    params(("name" = String, Path, description = "Connector name")),
+    params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              NotFound))]
 async fn one(
     State(state): State<AppState>,
     caller: Caller,
@@ -326,17 +322,17 @@ async fn one(
 /// version is validated, compiled and pre-instantiated before it is stored and swapped in;
 /// calls in flight finish on the old one. Identical bytes and manifest change nothing.
 #[utoipa::path(put, path = "/admin/connectors/{name}", operation_id = "put_connector", tag = "connectors", security(("bearer" = [])),
-    params(("name" = String, Path, description = "Connector name")),
+    params(ConnectorName),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, description = "Created", body = PutResponse),
               (status = 200, description = "Replaced or unchanged", body = PutResponse),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = "application/problem+json"),
-              (status = 413, body = Problem, content_type = "application/problem+json"),
-              (status = 415, body = Problem, content_type = "application/problem+json"),
-              (status = 422, description = "The component does not load", body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = PROBLEM_JSON),
+              (status = 413, description = "PAYLOAD_TOO_LARGE: upload larger than the limit", body = Problem, content_type = PROBLEM_JSON),
+              (status = 415, description = "VALIDATION: body is not multipart/form-data", body = Problem, content_type = PROBLEM_JSON),
+              (status = 422, description = "The component does not load", body = Problem, content_type = PROBLEM_JSON)))]
 async fn put(
     State(state): State<AppState>,
     caller: Caller,
@@ -477,13 +473,13 @@ async fn read_upload(
 
 /// Unloads and forgets an uploaded connector; its pending deliveries are held.
 #[utoipa::path(delete, path = "/admin/connectors/{name}", operation_id = "remove_connector", tag = "connectors", security(("bearer" = [])),
-    params(("name" = String, Path, description = "Connector name")),
+    params(ConnectorName),
     responses((status = 204, description = "Removed"),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              NotFound,
+              (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = PROBLEM_JSON)))]
 async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -504,12 +500,12 @@ async fn remove(
 
 /// Stops calling a connector: its events are held as pending deliveries until it is enabled.
 #[utoipa::path(post, path = "/admin/connectors/{name}/disable", operation_id = "disable_connector", tag = "connectors", security(("bearer" = [])),
-    params(("name" = String, Path, description = "Connector name")),
+    params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              NotFound))]
 async fn disable(
     State(state): State<AppState>,
     caller: Caller,
@@ -520,12 +516,12 @@ async fn disable(
 
 /// Calls a connector again; deliveries held while it was disabled go out.
 #[utoipa::path(post, path = "/admin/connectors/{name}/enable", operation_id = "enable_connector", tag = "connectors", security(("bearer" = [])),
-    params(("name" = String, Path, description = "Connector name")),
+    params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              NotFound))]
 async fn enable(
     State(state): State<AppState>,
     caller: Caller,

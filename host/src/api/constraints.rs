@@ -7,8 +7,8 @@
 //! 255, pattern = ..)]`: utoipa drops a field's doc comment when `schema_with` is used, and
 //! takes only literals there), checked against the constants by the tests below. Attribute
 //! maps, end reasons, cursors and page sizes use the functions here through `schema_with`;
-//! path parameters, declared inline in every `#[utoipa::path]`, get theirs from
-//! [`PathRules`] by name.
+//! path parameters (the shared ones in `api::spec`, the few route-specific ones inline in
+//! their `#[utoipa::path]`) get theirs from [`PathRules`] by name.
 
 use utoipa::Modify;
 use utoipa::openapi::path::ParameterIn;
@@ -141,8 +141,9 @@ pub fn receipts_page_limit() -> Object {
 }
 
 /// Gives the path parameters their rules by name: `realm`, `externalId` (an id), `name` (a
-/// connector) and `id` (a delivery, int64). Path parameters are declared inline in each
-/// route's annotation; this keeps the rule in one place, as `RateLimited` does for 429.
+/// connector) and `id` (a delivery, int64). By name, so that a parameter declared inline in
+/// a route's annotation gets the same rule as the shared ones of `api::spec`; the rule is in
+/// one place, as `RateLimited` keeps 429.
 pub struct PathRules;
 
 impl Modify for PathRules {

@@ -3,15 +3,17 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::cursor;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::spec::{Forbidden, Invalid, JsonBody, NotFound, Unauthorized};
 use crate::auth::Permission;
 use crate::domain::AuditAction;
 use crate::domain::ProblemCode;
@@ -20,12 +22,12 @@ use crate::store::deliveries::{
 };
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/admin/deliveries", get(list))
-        .route("/admin/deliveries/replay", post(replay))
-        .route("/admin/deliveries/{id}", get(one))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(replay))
+        .routes(routes!(one))
 }
 
 fn time(ms: i64) -> DateTime<Utc> {
@@ -188,9 +190,9 @@ pub struct ReplayResponse {
 #[utoipa::path(get, path = "/admin/deliveries", operation_id = "list_deliveries", tag = "deliveries", security(("bearer" = [])),
     params(ListParams),
     responses((status = 200, body = DeliveryPage),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden))]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -231,10 +233,10 @@ async fn list(
 #[utoipa::path(get, path = "/admin/deliveries/{id}", operation_id = "get_delivery", tag = "deliveries", security(("bearer" = [])),
     params(("id" = i64, Path, description = "Delivery id")),
     responses((status = 200, body = DeliveryDetail),
-              (status = 400, description = "VALIDATION: the id is not an integer (int64)", body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json")))]
+              (status = 400, description = "VALIDATION: the id is not an integer (int64)", body = Problem, content_type = PROBLEM_JSON),
+              Unauthorized,
+              Forbidden,
+              NotFound))]
 async fn one(
     State(state): State<AppState>,
     caller: Caller,
@@ -259,13 +261,12 @@ async fn one(
 #[utoipa::path(post, path = "/admin/deliveries/replay", operation_id = "replay_deliveries", tag = "deliveries", security(("bearer" = [])),
     request_body = ReplayRequest,
     responses((status = 200, body = ReplayResponse),
-              (status = 400, body = Problem, content_type = "application/problem+json"),
-              (status = 401, body = Problem, content_type = "application/problem+json"),
-              (status = 403, body = Problem, content_type = "application/problem+json"),
-              (status = 404, body = Problem, content_type = "application/problem+json"),
-              (status = 409, body = Problem, content_type = "application/problem+json"),
-              (status = 413, description = "PAYLOAD_TOO_LARGE: body over 64 KiB", body = Problem, content_type = "application/problem+json"),
-              (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json")))]
+              Invalid,
+              Unauthorized,
+              Forbidden,
+              NotFound,
+              (status = 409, description = "CONFLICT: only a dead or dropped delivery can be replayed", body = Problem, content_type = PROBLEM_JSON),
+              JsonBody))]
 async fn replay(
     State(state): State<AppState>,
     caller: Caller,

@@ -75,6 +75,10 @@ pub enum ApiError {
     Internal,
 }
 
+/// The media type of every [`Problem`] answer (RFC 9457), on the wire and in the OpenAPI
+/// document.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
 /// RFC 9457 problem document with Lockstep's stable `code`.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Problem {
@@ -188,10 +192,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body was not read, so this connection cannot carry another
             // request; tell the client instead of letting it reuse a dead connection.

@@ -6,11 +6,12 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::routing::post;
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, PROBLEM_JSON};
 use super::extract::{ApiPath, JsonBytes};
 use crate::auth::webhook::SignatureError;
 use crate::domain::ProblemCode;
@@ -21,9 +22,9 @@ use crate::sync::sessions::SessionError;
 /// (its `max-age-ms`, 24 h by default), so a late resend is still recognised.
 pub const REMEMBER_EVENTS_MS: i64 = 48 * 3600 * 1000;
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new().route("/realms/{realm}/events", post(receive))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(receive))
 }
 
 /// What an applied event changed.
@@ -58,12 +59,12 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
             description = "v1,<base64 HMAC-SHA256 of id.timestamp.body>; several space-separated")),
     request_body(content = KeycloakEvent, content_type = "application/json"),
     responses((status = 200, description = "Applied", body = EventOutcome),
-              (status = 400, description = "Malformed or unsupported event", body = crate::api::error::Problem, content_type = "application/problem+json"),
-              (status = 401, description = "Bad or missing signature, or stale timestamp", body = crate::api::error::Problem, content_type = "application/problem+json"),
-              (status = 404, description = "The realm does not accept events", body = crate::api::error::Problem, content_type = "application/problem+json"),
-              (status = 409, description = "This event id was applied before", body = crate::api::error::Problem, content_type = "application/problem+json"),
-              (status = 413, description = "Body over 64 KiB", body = crate::api::error::Problem, content_type = "application/problem+json"),
-              (status = 415, description = "Not application/json", body = crate::api::error::Problem, content_type = "application/problem+json")))]
+              (status = 400, description = "Malformed or unsupported event", body = crate::api::error::Problem, content_type = PROBLEM_JSON),
+              (status = 401, description = "Bad or missing signature, or stale timestamp", body = crate::api::error::Problem, content_type = PROBLEM_JSON),
+              (status = 404, description = "The realm does not accept events", body = crate::api::error::Problem, content_type = PROBLEM_JSON),
+              (status = 409, description = "This event id was applied before", body = crate::api::error::Problem, content_type = PROBLEM_JSON),
+              (status = 413, description = "Body over 64 KiB", body = crate::api::error::Problem, content_type = PROBLEM_JSON),
+              (status = 415, description = "Not application/json", body = crate::api::error::Problem, content_type = PROBLEM_JSON)))]
 pub(super) async fn receive(
     State(state): State<AppState>,
     ApiPath(realm): ApiPath<String>,

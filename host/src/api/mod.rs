@@ -19,6 +19,7 @@ mod receipts;
 pub mod revocation;
 pub mod serve;
 mod sessions;
+mod spec;
 pub mod ssf_push;
 pub mod ssf_transmitter;
 
@@ -34,6 +35,7 @@ use crate::domain::ProblemCode;
 use crate::lifecycle::Connectors;
 use crate::sync::sessions::SessionService;
 use error::ApiError;
+use utoipa_axum::router::OpenApiRouter;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -60,16 +62,12 @@ pub struct AppState {
     pub ssf_transmitter: std::sync::Arc<crate::sync::ssf_transmit::SsfTransmitter>,
 }
 
-/// The whole HTTP application.
-pub fn app(state: AppState) -> Router {
-    let metrics = state.connectors.metrics().clone();
-    let console = if state.console.is_some() {
-        crate::console::router()
-    } else {
-        Router::new()
-    };
-    Router::new()
-        .merge(console)
+/// The documented routes: each module's `router()` registers every handler and its
+/// `#[utoipa::path]` together (`utoipa_axum::routes!`), so what is served and what
+/// `/openapi.json` lists cannot drift apart. The console's pages and `/openapi.json` itself
+/// are not part of the API document and are merged as plain axum routes in [`app`].
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(sessions::router())
         .merge(audit::router())
         .merge(receipts::router())
@@ -81,6 +79,20 @@ pub fn app(state: AppState) -> Router {
         .merge(ssf_transmitter::router())
         .merge(events::router())
         .merge(health::router())
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let metrics = state.connectors.metrics().clone();
+    let console = if state.console.is_some() {
+        crate::console::router()
+    } else {
+        Router::new()
+    };
+    let (api, _) = routes().split_for_parts();
+    Router::new()
+        .merge(console)
+        .merge(api)
         .merge(openapi::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

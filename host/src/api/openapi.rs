@@ -1,5 +1,8 @@
-//! The OpenAPI 3.1 document, generated from the handlers and DTOs and served at
-//! `/openapi.json`; `docs/openapi.json` is a checked-in copy kept equal by a test.
+//! The OpenAPI 3.1 document, served at `/openapi.json`; `docs/openapi.json` is a checked-in
+//! copy kept equal by a test. The operations come from the routers (`api::routes`, where each
+//! handler is registered with its `#[utoipa::path]`); this module adds what belongs to the
+//! document as a whole: info, tags, the security scheme, and the modifiers that apply one
+//! rule to many operations.
 
 use axum::Json;
 use axum::routing::get;
@@ -9,6 +12,8 @@ use utoipa::{Modify, OpenApi};
 use super::AppState;
 use super::constraints::PathRules;
 
+/// The document-level parts; the operations and the schemas they use are added by
+/// [`document`].
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -17,55 +22,6 @@ use super::constraints::PathRules;
                        The external-sessions API is compatible with Keymate's.",
         license(name = "Apache-2.0")
     ),
-    paths(
-        super::sessions::map_parent,
-        super::sessions::map_child,
-        super::sessions::map_fixed,
-        super::sessions::destroy_parent,
-        super::sessions::destroy_child,
-        super::sessions::destroy_user,
-        super::sessions::session_tree,
-        super::sessions::get_session,
-        super::sessions::list_sessions,
-        super::receipts::session_receipt,
-        super::receipts::user_receipts,
-        super::deliveries::list,
-        super::deliveries::one,
-        super::deliveries::replay,
-        super::connectors::list,
-        super::connectors::one,
-        super::connectors::put,
-        super::connectors::remove,
-        super::connectors::disable,
-        super::connectors::enable,
-        super::connectors::metrics,
-        super::backchannel::logout,
-        super::revocation::revoke,
-        super::revocation::metadata,
-        super::ssf_push::push,
-        super::ssf_push::streams,
-        super::ssf_push::refresh,
-        super::ssf_transmitter::metadata,
-        super::ssf_transmitter::realm_metadata,
-        super::ssf_transmitter::jwks,
-        super::ssf_transmitter::rotate,
-        super::ssf_transmitter::create,
-        super::ssf_transmitter::read,
-        super::ssf_transmitter::update,
-        super::ssf_transmitter::replace,
-        super::ssf_transmitter::remove,
-        super::ssf_transmitter::status,
-        super::ssf_transmitter::set_status,
-        super::ssf_transmitter::add_subject,
-        super::ssf_transmitter::remove_subject,
-        super::ssf_transmitter::verify,
-        super::ssf_transmitter::poll,
-        super::events::receive,
-        super::health::healthz,
-        super::health::readyz,
-        super::audit::list,
-    ),
-    modifiers(&BearerAuth, &RateLimited, &PathRules, &SessionLinks, &SessionsNamedLikeActions),
     tags((name = "external-sessions", description = "Map and destroy external sessions"),
          (name = "receipts", description = "Termination receipts: which connectors confirmed a logout, when, with which version"),
          (name = "deliveries", description = "Outbox deliveries to connectors, dead letters, replay"),
@@ -280,9 +236,28 @@ impl Modify for SessionsNamedLikeActions {
     }
 }
 
+/// The whole document: [`ApiDoc`], the operations of every router, then the modifiers (in
+/// this order: [`SessionsNamedLikeActions`] copies an operation that [`PathRules`] has
+/// already given its rules).
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(super::routes().into_openapi());
+    let modifiers: [&dyn Modify; 5] = [
+        &BearerAuth,
+        &RateLimited,
+        &PathRules,
+        &SessionLinks,
+        &SessionsNamedLikeActions,
+    ];
+    for modifier in modifiers {
+        modifier.modify(&mut doc);
+    }
+    doc
+}
+
 /// The document as pretty JSON (what `docs/openapi.json` holds, plus a trailing newline).
 pub fn document_json() -> String {
-    let mut doc = ApiDoc::openapi();
+    let mut doc = document();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let mut text = doc.to_pretty_json().unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot render the OpenAPI document");
@@ -292,7 +267,7 @@ pub fn document_json() -> String {
     text
 }
 
-/// Routes of this resource.
+/// The document's own route, a plain axum route: the document does not list itself.
 pub fn router() -> axum::Router<AppState> {
     axum::Router::new().route("/openapi.json", get(serve))
 }

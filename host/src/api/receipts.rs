@@ -5,15 +5,17 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::cursor;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiPath, ApiQuery, Caller};
+use super::spec::{ExternalId, Invalid, NotFound, Realm, Unauthorized};
 use crate::auth::Permission;
 use crate::domain::ProblemCode;
 use crate::domain::rules;
@@ -25,13 +27,10 @@ use crate::sync::receipts::{
 
 /// Routes of this resource. The per-user receipt is not under `external-sessions/`, where
 /// any segment after the base is a session's external id.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route(
-            "/admin/realms/{realm}/external-sessions/{externalId}/receipt",
-            get(session_receipt),
-        )
-        .route("/admin/realms/{realm}/receipts", get(user_receipts))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(session_receipt))
+        .routes(routes!(user_receipts))
 }
 
 /// Where one connector stands with a logout.
@@ -378,14 +377,14 @@ fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
 /// (`ended: false`).
 #[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions/{externalId}/receipt",
     tag = "receipts", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name"),
-           ("externalId" = String, Path, description = "External id")),
+    params(Realm,
+           ExternalId),
     responses(
         (status = 200, description = "The receipt", body = SessionReceiptResponse),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = PROBLEM_JSON),
+        NotFound,
     ))]
 async fn session_receipt(
     State(state): State<AppState>,
@@ -413,12 +412,12 @@ async fn session_receipt(
 /// up to 500, with `complete` and totals over all of them.
 #[utoipa::path(get, path = "/admin/realms/{realm}/receipts",
     tag = "receipts", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name"), UserReceiptParams),
+    params(Realm, UserReceiptParams),
     responses(
         (status = 200, description = "One page of receipts", body = UserReceiptsResponse),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn user_receipts(
     State(state): State<AppState>,

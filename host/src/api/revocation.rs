@@ -11,13 +11,15 @@ use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::{ApiPath, Caller, JsonBytes};
+use super::spec::Realm;
 use crate::auth::Permission;
 use crate::domain::rules;
 use crate::domain::{AuditAction, AuditEntry, EndReason, ProblemCode, ReplayGuard, ReplayKind};
@@ -29,14 +31,11 @@ use crate::sync::sessions::{Revoker, SessionError};
 /// The subject identifier formats this endpoint resolves (RFC 9493 names).
 pub const SUBJECT_FORMATS: [&str; 3] = ["email", "iss_sub", "opaque"];
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/realms/{realm}/global-token-revocation", post(revoke))
-        .route(
-            "/.well-known/oauth-authorization-server/realms/{realm}",
-            get(metadata),
-        )
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(revoke))
+        .routes(routes!(metadata))
 }
 
 /// A Security Event Token subject identifier (RFC 9493) of a format this endpoint resolves
@@ -280,7 +279,7 @@ enum Revoking {
 
 /// Orders the end of every session of a user in the realm.
 #[utoipa::path(post, path = "/realms/{realm}/global-token-revocation", operation_id = "global_token_revocation", tag = "identity-provider",
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body(content = RevocationRequest, content_type = "application/json",
                  description = "The user, as `sub_id` or `subject`: an RFC 9493 subject identifier of format email, iss_sub or opaque"),
     responses(
@@ -505,7 +504,7 @@ pub struct RevocationMetadata {
 /// The realm's metadata document (RFC 8414 path form: the well-known prefix before the
 /// realm's path).
 #[utoipa::path(get, path = "/.well-known/oauth-authorization-server/realms/{realm}", operation_id = "revocation_metadata", tag = "identity-provider",
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     responses(
         (status = 200, description = "The realm's global token revocation endpoint and what it takes", body = RevocationMetadata),
         (status = 400, description = "invalid_request: bad realm name", body = RevocationError),

@@ -3,13 +3,16 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::get;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::cursor;
 use super::dto::*;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::spec::{AlreadyExists, CascadeTooLarge, ExternalId, JsonBody, NotFound, Realm};
 use crate::auth::Permission;
 use crate::domain::ProblemCode;
 use crate::domain::rules;
@@ -37,13 +40,13 @@ impl From<SessionError> for ApiError {
 #[allow(dead_code)] // only describes responses for the OpenAPI document
 enum AccessProblems {
     /// VALIDATION: bad realm name, path, query or body.
-    #[response(status = 400, content_type = "application/problem+json")]
+    #[response(status = 400, content_type = PROBLEM_JSON)]
     Invalid(Problem),
     /// UNAUTHORIZED: missing or invalid bearer token.
-    #[response(status = 401, content_type = "application/problem+json")]
+    #[response(status = 401, content_type = PROBLEM_JSON)]
     Unauthenticated(Problem),
     /// FORBIDDEN: no `users:manage` in this realm.
-    #[response(status = 403, content_type = "application/problem+json")]
+    #[response(status = 403, content_type = PROBLEM_JSON)]
     Forbidden(Problem),
 }
 
@@ -52,27 +55,15 @@ enum AccessProblems {
 #[allow(dead_code)] // only describes responses for the OpenAPI document
 enum WriteAccessProblems {
     /// VALIDATION: bad realm name, path or body.
-    #[response(status = 400, content_type = "application/problem+json")]
+    #[response(status = 400, content_type = PROBLEM_JSON)]
     Invalid(Problem),
     /// UNAUTHORIZED: missing or invalid bearer token.
-    #[response(status = 401, content_type = "application/problem+json")]
+    #[response(status = 401, content_type = PROBLEM_JSON)]
     Unauthenticated(Problem),
     /// FORBIDDEN: no `users:manage` in this realm, or an `originSystem` other than the
     /// caller's own system (an API key's `system`, else its id); nothing changed.
-    #[response(status = 403, content_type = "application/problem+json")]
+    #[response(status = 403, content_type = PROBLEM_JSON)]
     Forbidden(Problem),
-}
-
-/// Problems of routes that take a JSON body.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)] // only describes responses for the OpenAPI document
-enum BodyProblems {
-    /// PAYLOAD_TOO_LARGE: body over 64 KiB.
-    #[response(status = 413, content_type = "application/problem+json")]
-    TooLarge(Problem),
-    /// VALIDATION: body is not application/json.
-    #[response(status = 415, content_type = "application/problem+json")]
-    NotJson(Problem),
 }
 
 /// Problems of the routes that create a session.
@@ -84,49 +75,36 @@ enum AdmissionProblems {
     /// nothing changed; retry after `Retry-After` seconds.
     #[response(
         status = 503,
-        content_type = "application/problem+json",
+        content_type = PROBLEM_JSON,
         headers(("Retry-After" = u64, description = "Seconds before trying again"))
     )]
     Backlogged(Problem),
 }
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    let base = "/admin/realms/{realm}/external-sessions";
-    axum::Router::new()
-        // GET on an action's path is the session of that name (ids are free text); without
-        // it, `GET .../map-parent` was the action's 405 and such a session unreadable.
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    // GET on an action's path is the session of that name (ids are free text); without it,
+    // `GET .../map-parent` was the action's 405 and such a session unreadable. A plain method
+    // beside the action: `openapi::SessionsNamedLikeActions` documents it as a copy of
+    // `get_session`, since one handler serves six paths.
+    let named = |action: UtoipaMethodRouter<AppState>| {
+        action.map(|method| method.get(get_session_named_like_an_action))
+    };
+    OpenApiRouter::new()
+        .routes(named(routes!(map_parent)))
+        .routes(named(routes!(map_child)))
+        .routes(named(routes!(map_fixed)))
+        .routes(named(routes!(destroy_parent)))
+        .routes(named(routes!(destroy_child)))
+        .routes(named(routes!(destroy_user)))
+        .routes(routes!(session_tree))
+        .routes(routes!(get_session))
+        .routes(routes!(list_sessions))
+        // The listing with a trailing slash: an alias, not an operation of its own.
         .route(
-            &format!("{base}/map-parent"),
-            post(map_parent).get(get_session_named_like_an_action),
+            "/admin/realms/{realm}/external-sessions/",
+            get(list_sessions),
         )
-        .route(
-            &format!("{base}/map-child"),
-            post(map_child).get(get_session_named_like_an_action),
-        )
-        .route(
-            &format!("{base}/map-fixed"),
-            post(map_fixed).get(get_session_named_like_an_action),
-        )
-        .route(
-            &format!("{base}/destroy-parent"),
-            post(destroy_parent).get(get_session_named_like_an_action),
-        )
-        .route(
-            &format!("{base}/destroy-child"),
-            post(destroy_child).get(get_session_named_like_an_action),
-        )
-        .route(
-            &format!("{base}/destroy-user"),
-            post(destroy_user).get(get_session_named_like_an_action),
-        )
-        .route(
-            &format!("{base}/session-tree/{{externalId}}"),
-            get(session_tree),
-        )
-        .route(&format!("{base}/{{externalId}}"), get(get_session))
-        .route(base, get(list_sessions))
-        .route(&format!("{base}/"), get(list_sessions))
 }
 
 /// Authorises the caller for `users:manage` in `realm` (403 before any input is examined,
@@ -179,13 +157,13 @@ async fn do_map(
 /// Register a PARENT session mapped to a Keycloak user session.
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-parent",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = MapParentRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
         WriteAccessProblems,
-        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
-        BodyProblems,
+        AlreadyExists,
+        JsonBody,
         AdmissionProblems,
     ))]
 async fn map_parent(
@@ -215,14 +193,14 @@ async fn map_parent(
 /// Register a CHILD session under an ACTIVE parent of the same realm.
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-child",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = MapChildRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
         WriteAccessProblems,
-        (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = "application/problem+json"),
-        BodyProblems,
+        (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = PROBLEM_JSON),
+        JsonBody,
         AdmissionProblems,
     ))]
 async fn map_child(
@@ -252,13 +230,13 @@ async fn map_child(
 /// Register a FIXED (standalone) session.
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/map-fixed",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = MapFixedRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
         WriteAccessProblems,
-        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
-        BodyProblems,
+        AlreadyExists,
+        JsonBody,
         AdmissionProblems,
     ))]
 async fn map_fixed(
@@ -328,15 +306,15 @@ async fn do_destroy(
 /// Idempotent: an already-ended session gives `changed: []`.
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-parent",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
         WriteAccessProblems,
-        BodyProblems,
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
+        JsonBody,
+        NotFound,
+        (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = PROBLEM_JSON),
+        CascadeTooLarge,
     ))]
 async fn destroy_parent(
     State(state): State<AppState>,
@@ -358,15 +336,15 @@ async fn destroy_parent(
 /// End one CHILD session and its own descendants; its parent and siblings stay.
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-child",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
         WriteAccessProblems,
-        BodyProblems,
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
+        JsonBody,
+        NotFound,
+        (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = PROBLEM_JSON),
+        CascadeTooLarge,
     ))]
 async fn destroy_child(
     State(state): State<AppState>,
@@ -388,13 +366,13 @@ async fn destroy_child(
 /// End every live session of a user in the realm, each with its tree (logout everywhere).
 #[utoipa::path(post, path = "/admin/realms/{realm}/external-sessions/destroy-user",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name")),
+    params(Realm),
     request_body = DestroyUserRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        (status = 422, description = "CASCADE_TOO_LARGE: the destroy would end more sessions than `[limits] max_cascade`; nothing changed", body = Problem, content_type = "application/problem+json"),
+        CascadeTooLarge,
         WriteAccessProblems,
-        BodyProblems,
+        JsonBody,
     ))]
 async fn destroy_user(
     State(state): State<AppState>,
@@ -416,13 +394,13 @@ async fn destroy_user(
 /// The whole tree that contains this session, from its root.
 #[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions/session-tree/{externalId}",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name"),
+    params(Realm,
            ("externalId" = String, Path, description = "Any session of the tree")),
     responses(
         (status = 200, description = "The tree", body = TreeResponse),
         AccessProblems,
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "TREE_TOO_LARGE: the tree holds more sessions than `[limits] max_tree` lets one read return; list them page by page", body = Problem, content_type = "application/problem+json"),
+        NotFound,
+        (status = 422, description = "TREE_TOO_LARGE: the tree holds more sessions than `[limits] max_tree` lets one read return; list them page by page", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn session_tree(
     State(state): State<AppState>,
@@ -491,12 +469,12 @@ async fn session_tree(
 /// One session.
 #[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions/{externalId}",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name"),
-           ("externalId" = String, Path, description = "External id")),
+    params(Realm,
+           ExternalId),
     responses(
         (status = 200, description = "The session", body = SessionDto),
         AccessProblems,
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        NotFound,
     ))]
 async fn get_session(
     State(state): State<AppState>,
@@ -533,7 +511,7 @@ async fn get_session_named_like_an_action(
 /// Sessions of the realm, filtered, in creation order, cursor-paginated.
 #[utoipa::path(get, path = "/admin/realms/{realm}/external-sessions",
     tag = "external-sessions", security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm name"), ListParams),
+    params(Realm, ListParams),
     responses(
         (status = 200, description = "One page", body = ListResponse),
         AccessProblems,

@@ -14,23 +14,25 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiPath, Caller, MAX_BODY_BYTES};
+use super::spec::{BadRealm, Realm, Unauthorized};
 use crate::auth::Permission;
 use crate::domain::rules;
 use crate::sync::ssf_streams::{ReceiveError, Received};
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route("/realms/{realm}/ssf/push", post(push))
-        .route("/admin/realms/{realm}/ssf/streams", get(streams))
-        .route("/admin/realms/{realm}/ssf/streams/refresh", post(refresh))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(push))
+        .routes(routes!(streams))
+        .routes(routes!(refresh))
 }
 
 /// A refusal of a pushed SET (RFC 8935 section 2.3).
@@ -209,12 +211,12 @@ pub struct SsfStreamDto {
 
 /// The realm's SSF receiver streams.
 #[utoipa::path(get, path = "/admin/realms/{realm}/ssf/streams", operation_id = "ssf_streams", tag = "identity-provider",
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     responses(
         (status = 200, description = "The realm's receiver streams (empty without `ssf_transmitters`)", body = Vec<SsfStreamDto>),
-        (status = 400, description = "VALIDATION: bad realm name", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = "application/problem+json"),
+        BadRealm,
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = [])))]
 async fn streams(
@@ -262,13 +264,13 @@ pub struct SsfRefreshDto {
 /// fetched anew, the stream adopted (or replaced), its status read and a new verification
 /// asked for (`verified` is false until it arrives). For after a change at the transmitter.
 #[utoipa::path(post, path = "/admin/realms/{realm}/ssf/streams/refresh", operation_id = "ssf_streams_refresh", tag = "identity-provider",
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     responses(
         (status = 202, description = "The streams are being set up again; `GET /admin/realms/{realm}/ssf/streams` shows how it went", body = SsfRefreshDto),
-        (status = 400, description = "VALIDATION: bad realm name", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND: the realm has no `ssf_transmitters`", body = Problem, content_type = "application/problem+json"),
+        BadRealm,
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "NOT_FOUND: the realm has no `ssf_transmitters`", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = [])))]
 async fn refresh(

@@ -9,48 +9,45 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use super::spec::{
+    AlreadyExists, BadRealm, Forbidden, Invalid, JsonBody, NoPublicUrl, NotFound, Realm,
+    Unauthorized,
+};
 use crate::auth::Permission;
 use crate::domain::{ProblemCode, rules};
 use crate::sync::ssf_transmit::{
     PollRequest, PollResponse, SsfError, StreamRequest, StreamStatus, StreamView,
 };
 
-/// Routes of this resource.
-pub fn router() -> axum::Router<AppState> {
-    const BASE: &str = "/realms/{realm}/ssf/transmitter";
-    axum::Router::new()
-        .route("/.well-known/ssf-configuration", get(metadata))
+/// Routes of this resource, each registered and documented by `routes!`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metadata))
+        .routes(routes!(realm_metadata))
+        // The realm's metadata at the RFC 8414 style location as well: the same operation,
+        // documented once (its description names this path).
         .route(
             "/.well-known/ssf-configuration/realms/{realm}",
             get(realm_metadata),
         )
-        .route(
-            "/realms/{realm}/.well-known/ssf-configuration",
-            get(realm_metadata),
-        )
-        .route("/ssf/jwks.json", get(jwks))
-        .route("/admin/ssf/signing-keys/rotate", post(rotate))
-        .route(
-            &format!("{BASE}/stream"),
-            post(create)
-                .get(read)
-                .patch(update)
-                .put(replace)
-                .delete(remove),
-        )
-        .route(&format!("{BASE}/status"), get(status).post(set_status))
-        .route(&format!("{BASE}/add-subject"), post(add_subject))
-        .route(&format!("{BASE}/remove-subject"), post(remove_subject))
-        .route(&format!("{BASE}/verify"), post(verify))
-        .route(&format!("{BASE}/poll/{{stream_id}}"), post(poll))
+        .routes(routes!(jwks))
+        .routes(routes!(rotate))
+        .routes(routes!(create, read, update, replace, remove))
+        .routes(routes!(status, set_status))
+        .routes(routes!(add_subject))
+        .routes(routes!(remove_subject))
+        .routes(routes!(verify))
+        .routes(routes!(poll))
 }
 
 impl From<SsfError> for ApiError {
@@ -92,7 +89,7 @@ fn no_store(value: Value) -> Response {
 #[utoipa::path(get, path = "/.well-known/ssf-configuration", operation_id = "ssf_configuration", tag = "shared-signals",
     responses(
         (status = 200, description = "SSF 1.0 transmitter metadata", body = Object),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
+        NoPublicUrl,
     ))]
 async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(state.ssf_transmitter.metadata(None)?))
@@ -100,11 +97,11 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 
 /// A realm's transmitter metadata, with its stream management endpoints.
 #[utoipa::path(get, path = "/realms/{realm}/.well-known/ssf-configuration", operation_id = "ssf_realm_configuration", tag = "shared-signals",
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     responses(
         (status = 200, description = "SSF 1.0 transmitter metadata of the realm (also at `/.well-known/ssf-configuration/realms/{realm}`)", body = Object),
-        (status = 400, description = "VALIDATION: bad realm name", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
+        BadRealm,
+        NoPublicUrl,
     ))]
 async fn realm_metadata(
     State(state): State<AppState>,
@@ -131,9 +128,9 @@ async fn jwks(State(state): State<AppState>) -> Response {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The new keys' ids", body = Object),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in every realm", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND: no `public_url` is configured", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in every realm", body = Problem, content_type = PROBLEM_JSON),
+        NoPublicUrl,
     ))]
 async fn rotate(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.0.authorize_global(Permission::SsfManage)?;
@@ -156,16 +153,15 @@ pub struct StreamIdQuery {
 /// Creates a stream (SSF 1.0 section 8.1.1.1).
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/stream", operation_id = "ssf_stream_create", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = StreamRequest,
     responses(
         (status = 201, description = "The stream's configuration", body = StreamView),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in the realm", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "ALREADY_EXISTS: a stream of the realm already pushes to that URL", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        (status = 403, description = "FORBIDDEN: needs `ssf:manage` in the realm", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "ALREADY_EXISTS: a stream of the realm already pushes to that URL", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn create(
     State(state): State<AppState>,
@@ -183,13 +179,13 @@ async fn create(
 /// One stream (`stream_id`) or every stream of the realm.
 #[utoipa::path(get, path = "/realms/{realm}/ssf/transmitter/stream", operation_id = "ssf_stream_read", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
+    params(Realm, StreamIdQuery),
     responses(
         (status = 200, description = "The stream, or an array of the realm's streams", body = StreamView),
-        (status = 400, description = "VALIDATION: bad realm name or stream_id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "VALIDATION: bad realm name or stream_id", body = Problem, content_type = PROBLEM_JSON),
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn read(
     State(state): State<AppState>,
@@ -215,17 +211,16 @@ async fn read(
 /// Changes the given receiver-supplied fields.
 #[utoipa::path(patch, path = "/realms/{realm}/ssf/transmitter/stream", operation_id = "ssf_stream_update", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = StreamRequest,
     responses(
         (status = 200, description = "The stream", body = StreamView),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        AlreadyExists,
     ))]
 async fn update(
     State(state): State<AppState>,
@@ -241,17 +236,16 @@ async fn update(
 /// Replaces every receiver-supplied field.
 #[utoipa::path(put, path = "/realms/{realm}/ssf/transmitter/stream", operation_id = "ssf_stream_replace", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = StreamRequest,
     responses(
         (status = 200, description = "The stream", body = StreamView),
-        (status = 400, description = "VALIDATION: delivery and events_requested are required", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "ALREADY_EXISTS", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "VALIDATION: delivery and events_requested are required", body = Problem, content_type = PROBLEM_JSON),
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        AlreadyExists,
     ))]
 async fn replace(
     State(state): State<AppState>,
@@ -267,13 +261,13 @@ async fn replace(
 /// Deletes a stream; its undelivered events are dropped.
 #[utoipa::path(delete, path = "/realms/{realm}/ssf/transmitter/stream", operation_id = "ssf_stream_delete", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
+    params(Realm, StreamIdQuery),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "VALIDATION: stream_id is required", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "VALIDATION: stream_id is required", body = Problem, content_type = PROBLEM_JSON),
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn remove(
     State(state): State<AppState>,
@@ -300,13 +294,13 @@ fn status_body(id: &str, status: StreamStatus, reason: Option<&str>) -> Value {
 /// A stream's status.
 #[utoipa::path(get, path = "/realms/{realm}/ssf/transmitter/status", operation_id = "ssf_stream_status", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm"), StreamIdQuery),
+    params(Realm, StreamIdQuery),
     responses(
         (status = 200, description = "`stream_id`, `status` (enabled, paused, disabled), `reason`", body = Object),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn status(
     State(state): State<AppState>,
@@ -338,16 +332,15 @@ pub struct StatusRequest {
 /// Enables, pauses (events are held) or disables (events are not kept) a stream.
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/status", operation_id = "ssf_stream_set_status", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = StatusRequest,
     responses(
         (status = 200, description = "The new status", body = Object),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn set_status(
     State(state): State<AppState>,
@@ -386,16 +379,15 @@ pub struct SubjectRequest {
 /// Puts a removed subject back (every subject of the realm is in a stream by default).
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/add-subject", operation_id = "ssf_add_subject", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = SubjectRequest,
     responses(
         (status = 200, description = "Added"),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn add_subject(
     State(state): State<AppState>,
@@ -414,16 +406,15 @@ async fn add_subject(
 /// Removes a subject: its sessions' events are no longer sent on the stream.
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/remove-subject", operation_id = "ssf_remove_subject", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = SubjectRequest,
     responses(
         (status = 204, description = "Removed"),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn remove_subject(
     State(state): State<AppState>,
@@ -453,16 +444,15 @@ pub struct VerifyRequest {
 /// poll).
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/verify", operation_id = "ssf_verify", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm")),
+    params(Realm),
     request_body = VerifyRequest,
     responses(
         (status = 204, description = "The verification SET is on its way"),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn verify(
     State(state): State<AppState>,
@@ -484,16 +474,15 @@ async fn verify(
 /// RFC 8936 poll of a poll stream: acknowledges (`ack`, `setErrs`) and returns waiting SETs.
 #[utoipa::path(post, path = "/realms/{realm}/ssf/transmitter/poll/{stream_id}", operation_id = "ssf_poll", tag = "shared-signals",
     security(("bearer" = [])),
-    params(("realm" = String, Path, description = "Realm"), ("stream_id" = String, Path, description = "Stream")),
+    params(Realm, ("stream_id" = String, Path, description = "Stream")),
     request_body = PollRequest,
     responses(
         (status = 200, description = "`sets` (jti → SET) and `moreAvailable`; a SET not acknowledged within 30 s is offered again", body = PollResponse),
-        (status = 400, description = "VALIDATION", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "VALIDATION: body larger than the limit", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "VALIDATION: body is not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "UNAUTHORIZED", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "FORBIDDEN", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+        Invalid,
+        JsonBody,
+        Unauthorized,
+        Forbidden,
+        NotFound,
     ))]
 async fn poll(
     State(state): State<AppState>,
