@@ -287,8 +287,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 /// configured ones that failed to load (`failed`).
 #[utoipa::path(get, path = "/admin/connectors", operation_id = "list_connectors", tag = "connectors", security(("bearer" = [])),
     responses((status = 200, body = ConnectorList),
-              Unauthorized,
-              Forbidden))]
+              Unauthorized, Forbidden))]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -304,10 +303,7 @@ async fn list(
 #[utoipa::path(get, path = "/admin/connectors/{name}", operation_id = "get_connector", tag = "connectors", security(("bearer" = [])),
     params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              Invalid,
-              Unauthorized,
-              Forbidden,
-              NotFound))]
+              Invalid, Unauthorized, Forbidden, NotFound))]
 async fn one(
     State(state): State<AppState>,
     caller: Caller,
@@ -326,9 +322,7 @@ async fn one(
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, description = "Created", body = PutResponse),
               (status = 200, description = "Replaced or unchanged", body = PutResponse),
-              Invalid,
-              Unauthorized,
-              Forbidden,
+              Invalid, Unauthorized, Forbidden,
               (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = PROBLEM_JSON),
               (status = 413, description = "PAYLOAD_TOO_LARGE: upload larger than the limit", body = Problem, content_type = PROBLEM_JSON),
               (status = 415, description = "VALIDATION: body is not multipart/form-data", body = Problem, content_type = PROBLEM_JSON),
@@ -475,10 +469,7 @@ async fn read_upload(
 #[utoipa::path(delete, path = "/admin/connectors/{name}", operation_id = "remove_connector", tag = "connectors", security(("bearer" = [])),
     params(ConnectorName),
     responses((status = 204, description = "Removed"),
-              Invalid,
-              Unauthorized,
-              Forbidden,
-              NotFound,
+              Invalid, Unauthorized, Forbidden, NotFound,
               (status = 409, description = "The name belongs to a directory manifest", body = Problem, content_type = PROBLEM_JSON)))]
 async fn remove(
     State(state): State<AppState>,
@@ -502,10 +493,7 @@ async fn remove(
 #[utoipa::path(post, path = "/admin/connectors/{name}/disable", operation_id = "disable_connector", tag = "connectors", security(("bearer" = [])),
     params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              Invalid,
-              Unauthorized,
-              Forbidden,
-              NotFound))]
+              Invalid, Unauthorized, Forbidden, NotFound))]
 async fn disable(
     State(state): State<AppState>,
     caller: Caller,
@@ -518,10 +506,7 @@ async fn disable(
 #[utoipa::path(post, path = "/admin/connectors/{name}/enable", operation_id = "enable_connector", tag = "connectors", security(("bearer" = [])),
     params(ConnectorName),
     responses((status = 200, body = ConnectorDto),
-              Invalid,
-              Unauthorized,
-              Forbidden,
-              NotFound))]
+              Invalid, Unauthorized, Forbidden, NotFound))]
 async fn enable(
     State(state): State<AppState>,
     caller: Caller,

@@ -190,9 +190,7 @@ pub struct ReplayResponse {
 #[utoipa::path(get, path = "/admin/deliveries", operation_id = "list_deliveries", tag = "deliveries", security(("bearer" = [])),
     params(ListParams),
     responses((status = 200, body = DeliveryPage),
-              Invalid,
-              Unauthorized,
-              Forbidden))]
+              Invalid, Unauthorized, Forbidden))]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -234,9 +232,7 @@ async fn list(
     params(("id" = i64, Path, description = "Delivery id")),
     responses((status = 200, body = DeliveryDetail),
               (status = 400, description = "VALIDATION: the id is not an integer (int64)", body = Problem, content_type = PROBLEM_JSON),
-              Unauthorized,
-              Forbidden,
-              NotFound))]
+              Unauthorized, Forbidden, NotFound))]
 async fn one(
     State(state): State<AppState>,
     caller: Caller,
@@ -261,10 +257,7 @@ async fn one(
 #[utoipa::path(post, path = "/admin/deliveries/replay", operation_id = "replay_deliveries", tag = "deliveries", security(("bearer" = [])),
     request_body = ReplayRequest,
     responses((status = 200, body = ReplayResponse),
-              Invalid,
-              Unauthorized,
-              Forbidden,
-              NotFound,
+              Invalid, Unauthorized, Forbidden, NotFound,
               (status = 409, description = "CONFLICT: only a dead or dropped delivery can be replayed", body = Problem, content_type = PROBLEM_JSON),
               JsonBody))]
 async fn replay(

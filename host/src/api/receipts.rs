@@ -381,8 +381,7 @@ fn authorize(caller: &Caller, realm: &str) -> Result<(), ApiError> {
            ExternalId),
     responses(
         (status = 200, description = "The receipt", body = SessionReceiptResponse),
-        Invalid,
-        Unauthorized,
+        Invalid, Unauthorized,
         (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = PROBLEM_JSON),
         NotFound,
     ))]
@@ -415,8 +414,7 @@ async fn session_receipt(
     params(Realm, UserReceiptParams),
     responses(
         (status = 200, description = "One page of receipts", body = UserReceiptsResponse),
-        Invalid,
-        Unauthorized,
+        Invalid, Unauthorized,
         (status = 403, description = "FORBIDDEN: neither users:manage nor audit:read in this realm", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn user_receipts(

@@ -161,10 +161,7 @@ async fn do_map(
     request_body = MapParentRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        WriteAccessProblems,
-        AlreadyExists,
-        JsonBody,
-        AdmissionProblems,
+        WriteAccessProblems, AlreadyExists, JsonBody, AdmissionProblems,
     ))]
 async fn map_parent(
     State(state): State<AppState>,
@@ -200,8 +197,7 @@ async fn map_parent(
         WriteAccessProblems,
         (status = 404, description = "PARENT_NOT_FOUND", body = Problem, content_type = PROBLEM_JSON),
         (status = 409, description = "ALREADY_EXISTS or PARENT_NOT_ACTIVE", body = Problem, content_type = PROBLEM_JSON),
-        JsonBody,
-        AdmissionProblems,
+        JsonBody, AdmissionProblems,
     ))]
 async fn map_child(
     State(state): State<AppState>,
@@ -234,10 +230,7 @@ async fn map_child(
     request_body = MapFixedRequest,
     responses(
         (status = 201, description = "Registered", body = SessionDto),
-        WriteAccessProblems,
-        AlreadyExists,
-        JsonBody,
-        AdmissionProblems,
+        WriteAccessProblems, AlreadyExists, JsonBody, AdmissionProblems,
     ))]
 async fn map_fixed(
     State(state): State<AppState>,
@@ -310,9 +303,7 @@ async fn do_destroy(
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        WriteAccessProblems,
-        JsonBody,
-        NotFound,
+        WriteAccessProblems, JsonBody, NotFound,
         (status = 409, description = "WRONG_KIND (a CHILD)", body = Problem, content_type = PROBLEM_JSON),
         CascadeTooLarge,
     ))]
@@ -340,9 +331,7 @@ async fn destroy_parent(
     request_body = DestroyRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        WriteAccessProblems,
-        JsonBody,
-        NotFound,
+        WriteAccessProblems, JsonBody, NotFound,
         (status = 409, description = "WRONG_KIND (not a CHILD)", body = Problem, content_type = PROBLEM_JSON),
         CascadeTooLarge,
     ))]
@@ -370,9 +359,7 @@ async fn destroy_child(
     request_body = DestroyUserRequest,
     responses(
         (status = 200, description = "Every session that changed", body = DestroyResponse),
-        CascadeTooLarge,
-        WriteAccessProblems,
-        JsonBody,
+        CascadeTooLarge, WriteAccessProblems, JsonBody,
     ))]
 async fn destroy_user(
     State(state): State<AppState>,
@@ -398,8 +385,7 @@ async fn destroy_user(
            ("externalId" = String, Path, description = "Any session of the tree")),
     responses(
         (status = 200, description = "The tree", body = TreeResponse),
-        AccessProblems,
-        NotFound,
+        AccessProblems, NotFound,
         (status = 422, description = "TREE_TOO_LARGE: the tree holds more sessions than `[limits] max_tree` lets one read return; list them page by page", body = Problem, content_type = PROBLEM_JSON),
     ))]
 async fn session_tree(
@@ -473,8 +459,7 @@ async fn session_tree(
            ExternalId),
     responses(
         (status = 200, description = "The session", body = SessionDto),
-        AccessProblems,
-        NotFound,
+        AccessProblems, NotFound,
     ))]
 async fn get_session(
     State(state): State<AppState>,

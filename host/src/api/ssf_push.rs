@@ -214,8 +214,7 @@ pub struct SsfStreamDto {
     params(Realm),
     responses(
         (status = 200, description = "The realm's receiver streams (empty without `ssf_transmitters`)", body = Vec<SsfStreamDto>),
-        BadRealm,
-        Unauthorized,
+        BadRealm, Unauthorized,
         (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = [])))]
@@ -267,8 +266,7 @@ pub struct SsfRefreshDto {
     params(Realm),
     responses(
         (status = 202, description = "The streams are being set up again; `GET /admin/realms/{realm}/ssf/streams` shows how it went", body = SsfRefreshDto),
-        BadRealm,
-        Unauthorized,
+        BadRealm, Unauthorized,
         (status = 403, description = "FORBIDDEN: no `users:manage` in this realm", body = Problem, content_type = PROBLEM_JSON),
         (status = 404, description = "NOT_FOUND: the realm has no `ssf_transmitters`", body = Problem, content_type = PROBLEM_JSON),
     ),

@@ -100,8 +100,7 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     params(Realm),
     responses(
         (status = 200, description = "SSF 1.0 transmitter metadata of the realm (also at `/.well-known/ssf-configuration/realms/{realm}`)", body = Object),
-        BadRealm,
-        NoPublicUrl,
+        BadRealm, NoPublicUrl,
     ))]
 async fn realm_metadata(
     State(state): State<AppState>,
@@ -157,9 +156,7 @@ pub struct StreamIdQuery {
     request_body = StreamRequest,
     responses(
         (status = 201, description = "The stream's configuration", body = StreamView),
-        Invalid,
-        JsonBody,
-        Unauthorized,
+        Invalid, JsonBody, Unauthorized,
         (status = 403, description = "FORBIDDEN: needs `ssf:manage` in the realm", body = Problem, content_type = PROBLEM_JSON),
         (status = 409, description = "ALREADY_EXISTS: a stream of the realm already pushes to that URL", body = Problem, content_type = PROBLEM_JSON),
     ))]
@@ -183,9 +180,7 @@ async fn create(
     responses(
         (status = 200, description = "The stream, or an array of the realm's streams", body = StreamView),
         (status = 400, description = "VALIDATION: bad realm name or stream_id", body = Problem, content_type = PROBLEM_JSON),
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Unauthorized, Forbidden, NotFound,
     ))]
 async fn read(
     State(state): State<AppState>,
@@ -215,12 +210,7 @@ async fn read(
     request_body = StreamRequest,
     responses(
         (status = 200, description = "The stream", body = StreamView),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        AlreadyExists,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound, AlreadyExists,
     ))]
 async fn update(
     State(state): State<AppState>,
@@ -241,11 +231,7 @@ async fn update(
     responses(
         (status = 200, description = "The stream", body = StreamView),
         (status = 400, description = "VALIDATION: delivery and events_requested are required", body = Problem, content_type = PROBLEM_JSON),
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        AlreadyExists,
+        JsonBody, Unauthorized, Forbidden, NotFound, AlreadyExists,
     ))]
 async fn replace(
     State(state): State<AppState>,
@@ -265,9 +251,7 @@ async fn replace(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "VALIDATION: stream_id is required", body = Problem, content_type = PROBLEM_JSON),
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Unauthorized, Forbidden, NotFound,
     ))]
 async fn remove(
     State(state): State<AppState>,
@@ -297,10 +281,7 @@ fn status_body(id: &str, status: StreamStatus, reason: Option<&str>) -> Value {
     params(Realm, StreamIdQuery),
     responses(
         (status = 200, description = "`stream_id`, `status` (enabled, paused, disabled), `reason`", body = Object),
-        Invalid,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, Unauthorized, Forbidden, NotFound,
     ))]
 async fn status(
     State(state): State<AppState>,
@@ -336,11 +317,7 @@ pub struct StatusRequest {
     request_body = StatusRequest,
     responses(
         (status = 200, description = "The new status", body = Object),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound,
     ))]
 async fn set_status(
     State(state): State<AppState>,
@@ -383,11 +360,7 @@ pub struct SubjectRequest {
     request_body = SubjectRequest,
     responses(
         (status = 200, description = "Added"),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound,
     ))]
 async fn add_subject(
     State(state): State<AppState>,
@@ -410,11 +383,7 @@ async fn add_subject(
     request_body = SubjectRequest,
     responses(
         (status = 204, description = "Removed"),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound,
     ))]
 async fn remove_subject(
     State(state): State<AppState>,
@@ -448,11 +417,7 @@ pub struct VerifyRequest {
     request_body = VerifyRequest,
     responses(
         (status = 204, description = "The verification SET is on its way"),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound,
     ))]
 async fn verify(
     State(state): State<AppState>,
@@ -478,11 +443,7 @@ async fn verify(
     request_body = PollRequest,
     responses(
         (status = 200, description = "`sets` (jti → SET) and `moreAvailable`; a SET not acknowledged within 30 s is offered again", body = PollResponse),
-        Invalid,
-        JsonBody,
-        Unauthorized,
-        Forbidden,
-        NotFound,
+        Invalid, JsonBody, Unauthorized, Forbidden, NotFound,
     ))]
 async fn poll(
     State(state): State<AppState>,
