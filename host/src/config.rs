@@ -89,6 +89,10 @@ pub struct SsfTransmitterConfig {
     pub rotate_after_days: Option<u64>,
     /// Days a replaced key stays in the JWKS (default 7).
     pub key_overlap_days: Option<u64>,
+    /// Destinations push streams may deliver to, as `scheme://host[:port]` (the form of a
+    /// connector's `allowed_hosts`). Empty (default): only poll streams can be made.
+    #[serde(default)]
+    pub push_allowed_hosts: Vec<String>,
 }
 
 /// `[tls]`.

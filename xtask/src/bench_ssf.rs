@@ -220,8 +220,12 @@ async fn bench(args: &Args, bin: &Path, dir: &Path) -> Result<Samples> {
     let receiver = Loopback::bind(app).await.context("SET receiver")?;
     let config = dir.join("lockstep.toml");
     // The issuer and advertised URLs are not used by the receiver here.
-    std::fs::write(&config, "public_url = \"http://127.0.0.1\"\n")
-        .with_context(|| format!("writing {}", config.display()))?;
+    let text = format!(
+        "public_url = \"http://127.0.0.1\"\n\
+         [ssf_transmitter]\npush_allowed_hosts = [\"http://{}\"]\n",
+        receiver.addr
+    );
+    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
     let db = format!("sqlite://{}", dir.join("lockstep.db").display());
     let server = Server::start(
         bin,

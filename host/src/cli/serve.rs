@@ -24,6 +24,7 @@ use crate::oidc::revocation::RealmRevocation;
 use crate::oidc::tls::TrustRoots;
 use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
+use crate::runtime::manifest::AllowedHost;
 use crate::runtime::registry::Registry;
 use crate::store::Store;
 use crate::sync::admission::Admission;
@@ -253,6 +254,8 @@ impl Server {
             transmitter_settings(file, identity.idp_issuers.clone())?,
             roots
                 .apply(reqwest::Client::builder())
+                // A receiver must not send a push on to a host push_allowed_hosts leaves out.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .context("cannot set up the SSF transmitter's HTTP client")?,
         ));
@@ -519,6 +522,15 @@ fn transmitter_settings(
         )?,
         overlap: days(c.key_overlap_days, defaults.overlap, "key_overlap_days")?,
         idp_issuers,
+        push_allowed_hosts: c
+            .push_allowed_hosts
+            .iter()
+            .map(|h| {
+                AllowedHost::parse(h).map_err(|e| {
+                    anyhow::anyhow!("config: [ssf_transmitter] push_allowed_hosts: {e}")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
     })
 }
 

@@ -86,17 +86,39 @@ fn with_query(url: &str, name: &str, value: &str) -> String {
     }
 }
 
+/// Why [`read_capped`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The connection failed.
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    /// The body is longer than allowed.
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Reads a response body of at most `max` bytes, chunk by chunk: a peer announcing or
+/// sending more is cut off there rather than buffered.
+pub async fn read_capped(mut res: reqwest::Response, max: usize) -> Result<Vec<u8>, ReadError> {
+    if res.content_length().is_some_and(|n| n > max as u64) {
+        return Err(ReadError::TooLarge(max));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = res.chunk().await? {
+        if out.len() + chunk.len() > max {
+            return Err(ReadError::TooLarge(max));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 async fn read_json(res: reqwest::Response, url: &str) -> Result<Value, ClientError> {
     let status = res.status();
-    let bytes = res
-        .bytes()
-        .await
-        .map_err(|e| ClientError::Transport(format!("{url}: {e}")))?;
-    if bytes.len() > MAX_BODY {
-        return Err(ClientError::Protocol(format!(
-            "{url}: the answer is too large"
-        )));
-    }
+    let bytes = read_capped(res, MAX_BODY).await.map_err(|e| match e {
+        ReadError::Transport(e) => ClientError::Transport(format!("{url}: {e}")),
+        ReadError::TooLarge(_) => ClientError::Protocol(format!("{url}: {e}")),
+    })?;
     if status == reqwest::StatusCode::NOT_FOUND {
         return Err(ClientError::NotFound(format!("{url} answered {status}")));
     }

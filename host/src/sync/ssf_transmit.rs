@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::domain::{EndReason, EventType, SyncEvent};
 use crate::oidc::signing_keys::{KeyAlg, SigningError, SigningKey};
 use crate::runtime::HookFailure;
-use crate::runtime::manifest::{OnFailure, Policy};
+use crate::runtime::manifest::{AllowedHost, OnFailure, Policy};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, LaneClaim};
 use crate::store::ssf::{KeyRow, StreamRow};
 use crate::store::{Store, StoreError, now_millis};
@@ -48,6 +48,9 @@ pub const EVENTS_SUPPORTED: [&str; 2] = [SESSION_REVOKED, SESSION_ESTABLISHED];
 pub const PUSH_WIDTH: usize = 8;
 /// Deadline of one push.
 pub const PUSH_TIMEOUT_MS: u64 = 10_000;
+
+/// The most of a receiver's refusal body read.
+const MAX_REFUSAL_BYTES: usize = 16 * 1024;
 /// How long a polled SET stays leased to the poll that returned it before it is offered again.
 const POLL_LEASE_MS: i64 = 30_000;
 /// Most SETs one poll returns.
@@ -78,6 +81,10 @@ pub struct TransmitterSettings {
     pub overlap: Duration,
     /// `iss` of each realm's IdP (for `iss_sub` subjects); realms without one get `opaque`.
     pub idp_issuers: HashMap<String, String>,
+    /// Where push streams may deliver: a stream's `endpoint_url` names one of these
+    /// (scheme, host and port), or it is refused. None: push streams are refused, so a
+    /// holder of `ssf:manage` cannot make Lockstep send requests into its own network.
+    pub push_allowed_hosts: Vec<AllowedHost>,
 }
 
 impl Default for TransmitterSettings {
@@ -88,6 +95,7 @@ impl Default for TransmitterSettings {
             rotate_after: Duration::from_secs(90 * 86_400),
             overlap: Duration::from_secs(7 * 86_400),
             idp_issuers: HashMap::new(),
+            push_allowed_hosts: Vec::new(),
         }
     }
 }
@@ -589,6 +597,7 @@ impl SsfTransmitter {
                         "delivery.endpoint_url is too long".into(),
                     ));
                 }
+                self.check_push_host(url).map_err(SsfError::Invalid)?;
                 if d.authorization_header
                     .as_ref()
                     .is_some_and(|h| h.len() > 4_096)
@@ -613,6 +622,29 @@ impl SsfTransmitter {
             other => Err(SsfError::Invalid(format!(
                 "delivery.method {other:?} is not supported ({PUSH}, {POLL})"
             ))),
+        }
+    }
+
+    /// Whether `url`'s scheme, host and port are one of `push_allowed_hosts`.
+    fn check_push_host(&self, url: &str) -> Result<(), String> {
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| format!("delivery.endpoint_url {url:?}: {e}"))?;
+        let host = parsed.host_str().unwrap_or_default();
+        let port = parsed.port_or_known_default().unwrap_or_default();
+        let allowed = self.settings.push_allowed_hosts.iter().any(|a| {
+            a.scheme == parsed.scheme()
+                && a.host
+                    .eq_ignore_ascii_case(host.trim_start_matches('[').trim_end_matches(']'))
+                && a.port == port
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "delivery.endpoint_url: {}://{host}:{port} is not in the operator's \
+                 [ssf_transmitter] push_allowed_hosts",
+                parsed.scheme()
+            ))
         }
     }
 
@@ -931,6 +963,9 @@ impl SsfTransmitter {
             .endpoint_url
             .as_deref()
             .ok_or_else(|| HookFailure::Fail("the stream has no endpoint_url".into()))?;
+        // Checked again on every push: the operator may have withdrawn the host since the
+        // stream was made.
+        self.check_push_host(url).map_err(HookFailure::Fail)?;
         let mut req = self
             .http
             .post(url)
@@ -949,7 +984,12 @@ impl SsfTransmitter {
         if status.is_success() {
             return Ok(());
         }
-        let body: Value = res.json().await.unwrap_or(Value::Null);
+        // A refusal is a small JSON object; a receiver cannot make Lockstep buffer more.
+        let body: Value = crate::oidc::ssf_client::read_capped(res, MAX_REFUSAL_BYTES)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
         let err = body["err"].as_str().unwrap_or("").to_owned();
         let what = format!(
             "receiver answered {status}{}{}",

@@ -31,16 +31,24 @@ fn hex_sha256(s: &str) -> String {
 /// A server whose `public_url` is its own address, with keys: `rx-acme` (`ssf:manage` in
 /// acme), `rx-other` (`ssf:manage` in other), `portal` (`users:manage` in acme).
 async fn transmitter(backend: Backend) -> Server {
+    transmitter_allowing(backend, &[]).await
+}
+
+/// [`transmitter`] whose push streams may deliver to `push_hosts` (`scheme://host:port`).
+async fn transmitter_allowing(backend: Backend, push_hosts: &[&str]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let hosts: Vec<String> = push_hosts.iter().map(|h| format!("{h:?}")).collect();
     let config = format!(
         "public_url = \"http://127.0.0.1:{port}\"\n\
+         [ssf_transmitter]\npush_allowed_hosts = [{}]\n\
          [[api_keys]]\nid = \"rx-acme\"\nsha256 = \"{}\"\nrealms = [\"acme\"]\npermissions = [\"ssf:manage\"]\n\
          [[api_keys]]\nid = \"rx-other\"\nsha256 = \"{}\"\nrealms = [\"other\"]\npermissions = [\"ssf:manage\"]\n\
          [[api_keys]]\nid = \"portal\"\nsha256 = \"{}\"\nrealms = [\"acme\"]\npermissions = [\"users:manage\"]\n",
+        hosts.join(", "),
         hex_sha256("rx-acme-key"),
         hex_sha256("rx-other-key"),
         hex_sha256("portal-key"),
@@ -66,6 +74,8 @@ struct Inbox {
 }
 
 struct PushReceiver {
+    /// `http://127.0.0.1:port`.
+    origin: String,
     url: String,
     inbox: Arc<Inbox>,
     _server: common::Loopback,
@@ -115,6 +125,7 @@ async fn push_receiver() -> PushReceiver {
         .route("/events", axum::routing::post(push_endpoint))
         .with_state(inbox.clone());
     PushReceiver {
+        origin: format!("http://{addr}"),
         url: format!("http://{addr}/events"),
         inbox,
         _server: common::serve(listener, app),
@@ -223,8 +234,8 @@ async fn map_parent(server: &Server, id: &str, kc: &str, user: &str) {
 // ---- tests ------------------------------------------------------------------------------
 
 async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backend: Backend) {
-    let server = transmitter(backend).await;
     let rx = push_receiver().await;
+    let server = transmitter_allowing(backend, &[&rx.origin]).await;
     let iss = format!("{}/realms/acme", server.base);
 
     // Discovery: both well-known forms name the realm's endpoints.
@@ -306,6 +317,19 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
+    // A host the operator did not allow is refused, loopback included.
+    let (status, refused) = call(
+        reqwest::Method::POST,
+        config_ep.clone(),
+        Some("rx-acme-key"),
+        Some(json!({"delivery": {"method": PUSH, "endpoint_url": "http://127.0.0.1:9/events"}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(
+        refused.to_string().contains("push_allowed_hosts"),
+        "{refused}"
+    );
     let (status, _) = call(
         reqwest::Method::POST,
         config_ep.clone(),
