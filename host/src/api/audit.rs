@@ -105,7 +105,8 @@ pub struct AuditRecordDto {
     pub actor: String,
     /// What: map-parent, map-child, map-fixed, destroy-parent, destroy-child, destroy-user,
     /// backchannel-logout, idp-event:<TYPE>, ssf:<event>, expire, connector-put, connector-delete,
-    /// connector-enable, connector-disable, delivery-replay.
+    /// connector-enable, connector-disable, delivery-replay, ssf-stream-create,
+    /// ssf-stream-update, ssf-stream-delete.
     pub action: String,
     /// To what: external id, user id, IdP session id, connector name or delivery id.
     pub target: Option<String>,

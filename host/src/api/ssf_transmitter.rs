@@ -24,7 +24,7 @@ use super::spec::{
     Unauthorized,
 };
 use crate::auth::Permission;
-use crate::domain::{ProblemCode, rules};
+use crate::domain::{AuditAction, AuditEntry, ProblemCode, rules};
 use crate::sync::ssf_transmit::{
     PollRequest, PollResponse, SsfError, StreamRequest, StreamStatus, StreamView,
 };
@@ -68,6 +68,39 @@ impl From<SsfError> for ApiError {
             }
         }
     }
+}
+
+/// The audit record of a receiver's change to its streams, in the realm.
+fn entry(caller: &Caller, action: AuditAction, realm: &str, detail: Value) -> AuditEntry {
+    let e = super::audit::entry(caller, action, Some(realm));
+    if detail.as_object().is_some_and(|d| d.is_empty()) {
+        e
+    } else {
+        e.detail(detail)
+    }
+}
+
+/// `ssf-stream-update` of stream `id` (`change`: what the call changes).
+fn stream_entry(caller: &Caller, realm: &str, id: Option<&str>, change: &str) -> AuditEntry {
+    let e = entry(
+        caller,
+        AuditAction::SsfStreamUpdate,
+        realm,
+        json!({ "change": change }),
+    );
+    match id {
+        Some(id) => e.target(id),
+        None => e,
+    }
+}
+
+/// Passes a transmitter result on, recording a refusal in the audit log first.
+async fn refused<T>(
+    state: &AppState,
+    audit: AuditEntry,
+    result: Result<T, SsfError>,
+) -> Result<T, ApiError> {
+    super::audit::refused(state, audit, result.map_err(ApiError::from)).await
 }
 
 /// Checks the realm's name and the caller's `ssf:manage` there.
@@ -168,7 +201,9 @@ async fn create(
 ) -> Result<Response, ApiError> {
     allowed(&caller, &realm)?;
     let t = &state.ssf_transmitter;
-    let stream = t.create(&realm, caller.0.name(), req).await?;
+    let audit = entry(&caller, AuditAction::SsfStreamCreate, &realm, json!({}));
+    let made = t.create(&realm, caller.0.name(), req, audit.clone()).await;
+    let stream = refused(&state, audit, made).await?;
     let view = t.view(&stream)?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -220,7 +255,9 @@ async fn update(
 ) -> Result<Json<StreamView>, ApiError> {
     allowed(&caller, &realm)?;
     let t = &state.ssf_transmitter;
-    Ok(Json(t.view(&*t.update(&realm, req, false).await?)?))
+    let audit = stream_entry(&caller, &realm, req.stream_id.as_deref(), "update");
+    let changed = t.update(&realm, req, false, audit.clone()).await;
+    Ok(Json(t.view(&*refused(&state, audit, changed).await?)?))
 }
 
 /// Replaces every receiver-supplied field.
@@ -241,7 +278,9 @@ async fn replace(
 ) -> Result<Json<StreamView>, ApiError> {
     allowed(&caller, &realm)?;
     let t = &state.ssf_transmitter;
-    Ok(Json(t.view(&*t.update(&realm, req, true).await?)?))
+    let audit = stream_entry(&caller, &realm, req.stream_id.as_deref(), "replace");
+    let changed = t.update(&realm, req, true, audit.clone()).await;
+    Ok(Json(t.view(&*refused(&state, audit, changed).await?)?))
 }
 
 /// Deletes a stream; its undelivered events are dropped.
@@ -263,7 +302,12 @@ async fn remove(
     let id = q
         .stream_id
         .ok_or_else(|| ApiError::Validation("stream_id is required".into()))?;
-    state.ssf_transmitter.delete(&realm, &id).await?;
+    let audit = entry(&caller, AuditAction::SsfStreamDelete, &realm, json!({})).target(id.as_str());
+    let gone = state
+        .ssf_transmitter
+        .delete(&realm, &id, audit.clone())
+        .await;
+    refused(&state, audit, gone).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -329,10 +373,19 @@ async fn set_status(
     if req.reason.as_ref().is_some_and(|r| r.len() > 1_024) {
         return Err(ApiError::Validation("reason is too long".into()));
     }
-    let s = state
+    let audit = stream_entry(&caller, &realm, Some(&req.stream_id), "status")
+        .detail(json!({"change": "status", "status": req.status, "reason": req.reason}));
+    let set = state
         .ssf_transmitter
-        .set_status(&realm, &req.stream_id, req.status, req.reason)
-        .await?;
+        .set_status(
+            &realm,
+            &req.stream_id,
+            req.status,
+            req.reason,
+            audit.clone(),
+        )
+        .await;
+    let s = refused(&state, audit, set).await?;
     Ok(Json(status_body(
         &s.stream_id,
         s.status,
@@ -369,10 +422,13 @@ async fn add_subject(
     ApiJson(req): ApiJson<SubjectRequest>,
 ) -> Result<StatusCode, ApiError> {
     allowed(&caller, &realm)?;
-    state
+    let audit = stream_entry(&caller, &realm, Some(&req.stream_id), "add-subject")
+        .detail(json!({"change": "add-subject", "subject": req.subject}));
+    let added = state
         .ssf_transmitter
-        .add_subject(&realm, &req.stream_id, req.subject)
-        .await?;
+        .add_subject(&realm, &req.stream_id, req.subject, audit.clone())
+        .await;
+    refused(&state, audit, added).await?;
     Ok(StatusCode::OK)
 }
 
@@ -392,10 +448,13 @@ async fn remove_subject(
     ApiJson(req): ApiJson<SubjectRequest>,
 ) -> Result<StatusCode, ApiError> {
     allowed(&caller, &realm)?;
-    state
+    let audit = stream_entry(&caller, &realm, Some(&req.stream_id), "remove-subject")
+        .detail(json!({"change": "remove-subject", "subject": req.subject}));
+    let removed = state
         .ssf_transmitter
-        .remove_subject(&realm, &req.stream_id, req.subject)
-        .await?;
+        .remove_subject(&realm, &req.stream_id, req.subject, audit.clone())
+        .await;
+    refused(&state, audit, removed).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

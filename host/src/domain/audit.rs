@@ -43,6 +43,13 @@ pub enum AuditAction {
     ConnectorDisable,
     /// `delivery-replay`: dead letters queued again.
     DeliveryReplay,
+    /// `ssf-stream-create`: a receiver made a stream on Lockstep's transmitter.
+    SsfStreamCreate,
+    /// `ssf-stream-update`: a stream's configuration, status or subjects changed (`detail`
+    /// says which).
+    SsfStreamUpdate,
+    /// `ssf-stream-delete`.
+    SsfStreamDelete,
 }
 
 impl fmt::Display for AuditAction {
@@ -65,6 +72,9 @@ impl fmt::Display for AuditAction {
             AuditAction::ConnectorEnable => "connector-enable",
             AuditAction::ConnectorDisable => "connector-disable",
             AuditAction::DeliveryReplay => "delivery-replay",
+            AuditAction::SsfStreamCreate => "ssf-stream-create",
+            AuditAction::SsfStreamUpdate => "ssf-stream-update",
+            AuditAction::SsfStreamDelete => "ssf-stream-delete",
         })
     }
 }

@@ -5,6 +5,7 @@
 
 mod deliveries;
 mod records;
+pub(super) use records::insert_audit;
 mod sessions;
 
 use futures::future::BoxFuture;

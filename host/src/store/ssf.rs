@@ -6,6 +6,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{Result, Store, StoreError};
+use crate::domain::{AuditEntry, AuditOutcome};
 
 /// A signing key as stored. The private half is only ever handed to the signer.
 #[derive(Clone, sqlx::FromRow)]
@@ -259,19 +260,21 @@ impl Store {
         }
     }
 
-    /// Stores a new stream.
-    pub async fn ssf_insert_stream(&self, row: StreamRow) -> Result<()> {
+    /// Stores a new stream, with its audit record in the same transaction.
+    pub async fn ssf_insert_stream(&self, row: StreamRow, audit: Option<AuditEntry>) -> Result<()> {
         match self {
             Store::Sqlite(s) => {
-                s.write_quiet(move |conn, _| {
+                s.write_quiet(move |conn, now| {
                     if sqlite::stream_exists(conn, &row.stream_id)? {
                         return Err(StoreError::AlreadyExists(row.stream_id.clone()));
                     }
-                    sqlite::insert_stream(conn, &row)
+                    sqlite::insert_stream(conn, &row)?;
+                    audited_sqlite(conn, audit.as_ref(), now)
                 })
                 .await
             }
             Store::Postgres(p) => {
+                let mut tx = p.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO ssf_streams (stream_id, realm, config, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5)",
@@ -281,47 +284,83 @@ impl Store {
                 .bind(&row.config)
                 .bind(row.created_at)
                 .bind(row.updated_at)
-                .execute(&p.pool)
+                .execute(&mut *tx)
                 .await?;
+                audited_pg(&mut tx, audit.as_ref(), row.updated_at).await?;
+                tx.commit().await?;
                 Ok(())
             }
         }
     }
 
-    /// Replaces a stream's configuration; whether it exists in that realm.
-    pub async fn ssf_update_stream(&self, row: StreamRow) -> Result<bool> {
+    /// Replaces a stream's configuration; whether it exists in that realm. The audit record,
+    /// if any, is written with the change (none when the stream is gone).
+    pub async fn ssf_update_stream(
+        &self,
+        row: StreamRow,
+        audit: Option<AuditEntry>,
+    ) -> Result<bool> {
         match self {
             Store::Sqlite(s) => {
-                s.write_quiet(move |conn, _| sqlite::update_stream(conn, &row))
-                    .await
+                s.write_quiet(move |conn, now| {
+                    let found = sqlite::update_stream(conn, &row)?;
+                    if found {
+                        audited_sqlite(conn, audit.as_ref(), now)?;
+                    }
+                    Ok(found)
+                })
+                .await
             }
-            Store::Postgres(p) => Ok(sqlx::query(
-                "UPDATE ssf_streams SET config = $3, updated_at = $4 \
-                 WHERE stream_id = $1 AND realm = $2",
-            )
-            .bind(&row.stream_id)
-            .bind(&row.realm)
-            .bind(&row.config)
-            .bind(row.updated_at)
-            .execute(&p.pool)
-            .await?
-            .rows_affected()
-                > 0),
+            Store::Postgres(p) => {
+                let mut tx = p.pool.begin().await?;
+                let found = sqlx::query(
+                    "UPDATE ssf_streams SET config = $3, updated_at = $4 \
+                     WHERE stream_id = $1 AND realm = $2",
+                )
+                .bind(&row.stream_id)
+                .bind(&row.realm)
+                .bind(&row.config)
+                .bind(row.updated_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    > 0;
+                if found {
+                    audited_pg(&mut tx, audit.as_ref(), row.updated_at).await?;
+                }
+                tx.commit().await?;
+                Ok(found)
+            }
         }
     }
 
     /// Deletes a stream of a realm and drops its pending deliveries (to `target`); whether
-    /// it existed.
-    pub async fn ssf_delete_stream(&self, realm: &str, id: &str, target: &str) -> Result<bool> {
+    /// it existed. The audit record, if any, is written with the change.
+    pub async fn ssf_delete_stream(
+        &self,
+        realm: &str,
+        id: &str,
+        target: &str,
+        audit: Option<AuditEntry>,
+    ) -> Result<bool> {
         let (realm, id, target) = (realm.to_owned(), id.to_owned(), target.to_owned());
         match self {
             Store::Sqlite(s) => {
-                s.write_quiet(move |conn, _| sqlite::delete_stream(conn, &realm, &id, &target))
-                    .await
+                s.write_quiet(move |conn, now| {
+                    let gone = sqlite::delete_stream(conn, &realm, &id, &target)?;
+                    if gone {
+                        audited_sqlite(conn, audit.as_ref(), now)?;
+                    }
+                    Ok(gone)
+                })
+                .await
             }
             Store::Postgres(p) => {
                 let mut tx = p.pool.begin().await?;
                 let gone = postgres::delete_stream(&mut tx, &realm, &id, &target).await?;
+                if gone {
+                    audited_pg(&mut tx, audit.as_ref(), super::now_millis()).await?;
+                }
                 tx.commit().await?;
                 Ok(gone)
             }
@@ -353,5 +392,25 @@ impl Store {
             .fetch_all(&p.pool)
             .await?),
         }
+    }
+}
+
+/// A stream change's audit record (one stream changed), in the change's transaction.
+fn audited_sqlite(conn: &rusqlite::Connection, audit: Option<&AuditEntry>, now: i64) -> Result<()> {
+    match audit {
+        Some(entry) => super::sqlite::insert_audit(conn, entry, AuditOutcome::Ok(1), now),
+        None => Ok(()),
+    }
+}
+
+/// [`audited_sqlite`] on PostgreSQL.
+async fn audited_pg(
+    conn: &mut sqlx::PgConnection,
+    audit: Option<&AuditEntry>,
+    now: i64,
+) -> Result<()> {
+    match audit {
+        Some(entry) => super::postgres::insert_audit(conn, entry, AuditOutcome::Ok(1), now).await,
+        None => Ok(()),
     }
 }

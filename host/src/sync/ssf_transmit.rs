@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::domain::{EndReason, EventType, SyncEvent};
+use crate::domain::{AuditEntry, EndReason, EventType, SyncEvent};
 use crate::oidc::signing_keys::{KeyAlg, SigningError, SigningKey};
 use crate::runtime::HookFailure;
 use crate::runtime::manifest::{AllowedHost, OnFailure, Policy};
@@ -661,6 +661,7 @@ impl SsfTransmitter {
         realm: &str,
         aud: &str,
         req: StreamRequest,
+        audit: AuditEntry,
     ) -> Result<Arc<Stream>, SsfError> {
         self.base()?;
         let delivery = req.delivery.unwrap_or(DeliveryConfig {
@@ -685,29 +686,38 @@ impl SsfTransmitter {
         };
         let now = now_millis();
         self.store
-            .ssf_insert_stream(StreamRow {
-                stream_id: stream.stream_id.clone(),
-                realm: realm.to_owned(),
-                config: to_json(&stream)?,
-                created_at: now,
-                updated_at: now,
-            })
+            .ssf_insert_stream(
+                StreamRow {
+                    stream_id: stream.stream_id.clone(),
+                    realm: realm.to_owned(),
+                    config: to_json(&stream)?,
+                    created_at: now,
+                    updated_at: now,
+                },
+                Some(audit.target(stream.stream_id.as_str())),
+            )
             .await?;
         self.reload().await?;
         tracing::info!(%realm, stream = %stream.stream_id, method = %stream.delivery.method, "ssf stream created");
         Ok(Arc::new(stream))
     }
 
-    async fn save(&self, stream: &Stream) -> Result<(), SsfError> {
+    /// Stores `stream`'s new state; `audit` records a receiver's change (none for
+    /// Lockstep's own bookkeeping, such as a verification held for the next poll).
+    async fn save(&self, stream: &Stream, audit: Option<AuditEntry>) -> Result<(), SsfError> {
+        let audit = audit.map(|a| a.target(stream.stream_id.as_str()));
         let found = self
             .store
-            .ssf_update_stream(StreamRow {
-                stream_id: stream.stream_id.clone(),
-                realm: stream.realm.clone(),
-                config: to_json(stream)?,
-                created_at: 0,
-                updated_at: now_millis(),
-            })
+            .ssf_update_stream(
+                StreamRow {
+                    stream_id: stream.stream_id.clone(),
+                    realm: stream.realm.clone(),
+                    config: to_json(stream)?,
+                    created_at: 0,
+                    updated_at: now_millis(),
+                },
+                audit,
+            )
             .await?;
         self.reload().await?;
         if found {
@@ -724,6 +734,7 @@ impl SsfTransmitter {
         realm: &str,
         req: StreamRequest,
         replace: bool,
+        audit: AuditEntry,
     ) -> Result<Arc<Stream>, SsfError> {
         let id = req
             .stream_id
@@ -751,16 +762,16 @@ impl SsfTransmitter {
         if replace || req.description.is_some() {
             stream.description = req.description;
         }
-        self.save(&stream).await?;
+        self.save(&stream, Some(audit)).await?;
         Ok(Arc::new(stream))
     }
 
     /// Deletes a stream; its undelivered events are dropped.
-    pub async fn delete(&self, realm: &str, id: &str) -> Result<(), SsfError> {
+    pub async fn delete(&self, realm: &str, id: &str, audit: AuditEntry) -> Result<(), SsfError> {
         let stream = self.get(realm, id)?;
         if !self
             .store
-            .ssf_delete_stream(realm, id, &stream.target())
+            .ssf_delete_stream(realm, id, &stream.target(), Some(audit.target(id)))
             .await?
         {
             return Err(SsfError::NotFound(id.to_owned()));
@@ -777,20 +788,27 @@ impl SsfTransmitter {
         id: &str,
         status: StreamStatus,
         reason: Option<String>,
+        audit: AuditEntry,
     ) -> Result<Arc<Stream>, SsfError> {
         let mut stream = (*self.get(realm, id)?).clone();
         stream.status = status;
         stream.reason = reason;
-        self.save(&stream).await?;
+        self.save(&stream, Some(audit)).await?;
         Ok(Arc::new(stream))
     }
 
     /// Adds a subject back (every subject is in a stream unless removed).
-    pub async fn add_subject(&self, realm: &str, id: &str, subject: Value) -> Result<(), SsfError> {
+    pub async fn add_subject(
+        &self,
+        realm: &str,
+        id: &str,
+        subject: Value,
+        audit: AuditEntry,
+    ) -> Result<(), SsfError> {
         check_subject(&subject)?;
         let mut stream = (*self.get(realm, id)?).clone();
         stream.removed_subjects.retain(|s| *s != subject);
-        self.save(&stream).await
+        self.save(&stream, Some(audit)).await
     }
 
     /// Removes a subject: its events are no longer sent on this stream.
@@ -799,6 +817,7 @@ impl SsfTransmitter {
         realm: &str,
         id: &str,
         subject: Value,
+        audit: AuditEntry,
     ) -> Result<(), SsfError> {
         check_subject(&subject)?;
         let mut stream = (*self.get(realm, id)?).clone();
@@ -808,7 +827,7 @@ impl SsfTransmitter {
         if !stream.removed_subjects.contains(&subject) {
             stream.removed_subjects.push(subject);
         }
-        self.save(&stream).await
+        self.save(&stream, Some(audit)).await
     }
 
     /// Sends a verification SET with the receiver's `state`: pushed now, or held for the
@@ -851,7 +870,7 @@ impl SsfTransmitter {
         } else {
             let mut stream = (*stream).clone();
             stream.pending_verification = Some((jti, jwt));
-            self.save(&stream).await
+            self.save(&stream, None).await
         }
     }
 
@@ -1072,7 +1091,7 @@ impl SsfTransmitter {
         if verified {
             let mut s = (*stream).clone();
             s.pending_verification = None;
-            self.save(&s).await?;
+            self.save(&s, None).await?;
         }
         // SETs.
         let max = req.max_events.unwrap_or(100).clamp(0, POLL_MAX);

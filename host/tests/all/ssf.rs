@@ -857,6 +857,72 @@ async fn stream_management_is_authorised_per_realm(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Every change a receiver makes is in the audit log, with its actor and stream; a refused
+    // one too.
+    let id = id.to_owned();
+    let (status, _) = call(
+        reqwest::Method::POST,
+        format!("{}/status", base(&server, "acme")),
+        Some("rx-acme-key"),
+        Some(json!({"stream_id": id, "status": "paused", "reason": "maintenance"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    for stream in [id.as_str(), "nope"] {
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            format!("{ep}?stream_id={stream}"),
+            Some("rx-acme-key"),
+            None,
+        )
+        .await;
+        let want = if stream == "nope" {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::NO_CONTENT
+        };
+        assert_eq!(status, want, "{stream}");
+    }
+    let (status, audit) = call(
+        reqwest::Method::GET,
+        format!("{}/admin/audit?realm=acme&limit=100", server.base),
+        Some(common::TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let records: Vec<(String, String, String, String)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"].as_str().unwrap().starts_with("ssf-stream-"))
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (
+                text("action"),
+                text("actor"),
+                text("target"),
+                text("result"),
+            )
+        })
+        .collect();
+    let has = |action: &str, target: &str, result: &str| {
+        records.iter().any(|(a, who, t, res)| {
+            a == action && who == "key:rx-acme" && t == target && res == result
+        })
+    };
+    assert!(has("ssf-stream-create", &id, "ok"), "{records:?}");
+    assert!(has("ssf-stream-update", &id, "ok"), "{records:?}");
+    assert!(has("ssf-stream-delete", &id, "ok"), "{records:?}");
+    assert!(has("ssf-stream-delete", "nope", "NOT_FOUND"), "{records:?}");
+    let paused = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "ssf-stream-update")
+        .unwrap();
+    assert_eq!(paused["detail"]["status"], "paused", "{paused}");
 }
 
 /// Without `public_url` there is no transmitter: its documents and routes answer 404.

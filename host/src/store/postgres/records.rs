@@ -69,7 +69,7 @@ pub(super) async fn unlease(conn: &mut PgConnection, id: i64) -> Result<()> {
 }
 
 /// Writes one audit record, in the caller's transaction (or on its own).
-pub(super) async fn insert_audit(
+pub(in crate::store) async fn insert_audit(
     conn: &mut PgConnection,
     entry: &AuditEntry,
     outcome: AuditOutcome,

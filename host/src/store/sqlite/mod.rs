@@ -5,6 +5,7 @@
 //! connections (WAL lets them run beside the writer).
 
 mod write;
+pub(super) use write::insert_audit;
 mod writer;
 
 use std::str::FromStr;

@@ -616,7 +616,7 @@ fn insert_event_rows(conn: &Connection, chunk: &[SyncEvent], now: i64) -> Result
 // ---- audit ----------------------------------------------------------------------------
 
 /// Writes one audit record. Part of the caller's transaction.
-pub(super) fn insert_audit(
+pub(in crate::store) fn insert_audit(
     conn: &Connection,
     entry: &AuditEntry,
     outcome: AuditOutcome,
