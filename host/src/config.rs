@@ -89,10 +89,27 @@ pub struct SsfTransmitterConfig {
     pub rotate_after_days: Option<u64>,
     /// Days a replaced key stays in the JWKS (default 7).
     pub key_overlap_days: Option<u64>,
+    /// The signing keys, when the operator supplies them (files outside the database, e.g.
+    /// from a secrets manager); then none are generated or rotated: the first key of each
+    /// algorithm signs, the others are only published (list the next key first and keep the
+    /// old one until receivers' caches let go of it).
+    #[serde(default)]
+    pub keys: Vec<SsfKeyConfig>,
     /// Destinations push streams may deliver to, as `scheme://host[:port]` (the form of a
     /// connector's `allowed_hosts`). Empty (default): only poll streams can be made.
     #[serde(default)]
     pub push_allowed_hosts: Vec<String>,
+}
+
+/// One `[[ssf_transmitter.keys]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfKeyConfig {
+    /// The key id published in the JWKS and set in each SET's header.
+    pub kid: String,
+    /// A PEM file with the private key: PKCS#8 EC P-256 (ES256) or RSA ≥ 2048 bits (RS256,
+    /// PKCS#8 or PKCS#1).
+    pub file: std::path::PathBuf,
 }
 
 /// `[tls]`.

@@ -522,6 +522,7 @@ fn transmitter_settings(
         )?,
         overlap: days(c.key_overlap_days, defaults.overlap, "key_overlap_days")?,
         idp_issuers,
+        configured_keys: configured_keys(&c.keys, signing_alg)?,
         push_allowed_hosts: c
             .push_allowed_hosts
             .iter()
@@ -532,6 +533,41 @@ fn transmitter_settings(
             })
             .collect::<anyhow::Result<_>>()?,
     })
+}
+
+/// `[[ssf_transmitter.keys]]` read from their files: the first key of each algorithm signs.
+fn configured_keys(
+    entries: &[crate::config::SsfKeyConfig],
+    signing_alg: crate::oidc::signing_keys::KeyAlg,
+) -> anyhow::Result<Vec<crate::oidc::signing_keys::SigningKey>> {
+    use crate::oidc::signing_keys::SigningKey;
+    let mut keys: Vec<SigningKey> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let at = format!("config: [ssf_transmitter] keys[{i}]");
+        let kid = entry.kid.as_str();
+        if kid.is_empty() || kid.len() > 128 || !kid.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!("{at}: kid must be 1-128 printable ASCII characters");
+        }
+        if keys.iter().any(|k| k.kid == kid) {
+            anyhow::bail!("{at}: kid {kid:?} is listed twice");
+        }
+        let pem = std::fs::read_to_string(&entry.file)
+            .with_context(|| format!("{at}: cannot read {}", entry.file.display()))?;
+        let mut key = SigningKey::from_pem(kid.to_owned(), &pem)
+            .with_context(|| format!("{at}: {}", entry.file.display()))?;
+        if keys.iter().any(|k| k.alg == key.alg) {
+            // Published for the receivers that still hold SETs it signed; never signs.
+            key.retired_at = Some(0);
+        }
+        keys.push(key);
+    }
+    if !keys.is_empty() && !keys.iter().any(|k| k.alg == signing_alg) {
+        anyhow::bail!(
+            "config: [ssf_transmitter] keys has no {} key, the signing_alg",
+            signing_alg.as_str()
+        );
+    }
+    Ok(keys)
 }
 
 /// The tasks `serve` starts beside the API, held so that each one's end is seen.

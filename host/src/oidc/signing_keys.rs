@@ -158,6 +158,114 @@ impl SigningKey {
     }
 }
 
+impl SigningKey {
+    /// A key the operator supplies as a PEM file: PKCS#8 (`PRIVATE KEY`, EC P-256 or RSA) or
+    /// PKCS#1 (`RSA PRIVATE KEY`); the algorithm follows from the key (ES256 or RS256, RSA of
+    /// at least 2048 bits).
+    pub fn from_pem(kid: String, pem: &str) -> Result<Self, SigningError> {
+        let bad = |reason: String| SigningError::BadKey {
+            kid: kid.clone(),
+            reason,
+        };
+        let (label, der) = pem_block(pem).map_err(bad)?;
+        let (alg, private_der, jwk) = match label.as_str() {
+            "PRIVATE KEY" => match es256_from_pkcs8(&der) {
+                Some(jwk) => (KeyAlg::Es256, der, jwk),
+                None => {
+                    use rsa::pkcs8::DecodePrivateKey;
+                    let key = rsa::RsaPrivateKey::from_pkcs8_der(&der)
+                        .map_err(|_| bad("a PKCS#8 key that is neither EC P-256 nor RSA".into()))?;
+                    rs256_parts(&key).map_err(bad)?
+                }
+            },
+            "RSA PRIVATE KEY" => {
+                use rsa::pkcs1::DecodeRsaPrivateKey;
+                let key = rsa::RsaPrivateKey::from_pkcs1_der(&der)
+                    .map_err(|e| bad(format!("not a PKCS#1 RSA key: {e}")))?;
+                rs256_parts(&key).map_err(bad)?
+            }
+            "EC PRIVATE KEY" => {
+                return Err(bad("SEC1 EC keys are not read; convert it to PKCS#8 \
+                     (openssl pkcs8 -topk8 -nocrypt -in key.pem -out key.p8.pem)"
+                    .into()));
+            }
+            "ENCRYPTED PRIVATE KEY" => {
+                return Err(bad(
+                    "the key is encrypted; give it unencrypted (mode 0600)".into()
+                ));
+            }
+            other => return Err(bad(format!("a PEM {other:?} block is not a private key"))),
+        };
+        Self::from_parts(kid, alg, private_der, jwk, 0, None)
+    }
+}
+
+/// The first PEM block of `text`: its label and decoded body.
+fn pem_block(text: &str) -> Result<(String, Vec<u8>), String> {
+    use base64::engine::general_purpose::STANDARD;
+    let start = text
+        .find("-----BEGIN ")
+        .ok_or_else(|| "no PEM block (-----BEGIN ...-----)".to_owned())?;
+    let rest = &text[start + "-----BEGIN ".len()..];
+    let (label, rest) = rest
+        .split_once("-----")
+        .ok_or_else(|| "a malformed PEM header".to_owned())?;
+    let end = format!("-----END {label}-----");
+    let body = rest
+        .find(&end)
+        .map(|i| &rest[..i])
+        .ok_or_else(|| format!("no {end} line"))?;
+    let b64: String = body.split_whitespace().collect();
+    let der = STANDARD
+        .decode(b64)
+        .map_err(|e| format!("the PEM body is not base64: {e}"))?;
+    Ok((label.to_owned(), der))
+}
+
+/// The public JWK of a PKCS#8 EC P-256 key, or None if `der` is not one.
+fn es256_from_pkcs8(der: &[u8]) -> Option<Value> {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng).ok()?;
+    ec_jwk(pair.public_key().as_ref()).ok()
+}
+
+/// An RSA key as RS256 parts: PKCS#1 DER (what the signer takes) and the public JWK.
+fn rs256_parts(key: &rsa::RsaPrivateKey) -> Result<(KeyAlg, Vec<u8>, Value), String> {
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::traits::PublicKeyParts;
+    if key.size() < 256 {
+        return Err(format!(
+            "an RSA key of {} bits; at least 2048 are required",
+            key.size() * 8
+        ));
+    }
+    let der = key.to_pkcs1_der().map_err(|e| e.to_string())?;
+    Ok((KeyAlg::Rs256, der.as_bytes().to_vec(), rsa_jwk(key)))
+}
+
+fn rsa_jwk(key: &rsa::RsaPrivateKey) -> Value {
+    use rsa::traits::PublicKeyParts;
+    json!({
+        "kty": "RSA",
+        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+    })
+}
+
+/// The JWK of an uncompressed P-256 point (0x04 || x || y).
+fn ec_jwk(point: &[u8]) -> Result<Value, &'static str> {
+    if point.len() != 65 {
+        return Err("unexpected public key length");
+    }
+    Ok(json!({
+        "kty": "EC",
+        "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+    }))
+}
+
 fn generate_es256() -> Result<(Vec<u8>, Value), SigningError> {
     use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
     let rng = ring::rand::SystemRandom::new();
@@ -166,31 +274,16 @@ fn generate_es256() -> Result<(Vec<u8>, Value), SigningError> {
         .map_err(|e| fail(&e))?;
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
         .map_err(|e| fail(&e))?;
-    // Uncompressed point: 0x04 || x || y.
-    let point = pair.public_key().as_ref();
-    if point.len() != 65 {
-        return Err(fail(&"unexpected public key length"));
-    }
-    let jwk = json!({
-        "kty": "EC",
-        "crv": "P-256",
-        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-        "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-    });
+    let jwk = ec_jwk(pair.public_key().as_ref()).map_err(|e| fail(&e))?;
     Ok((pkcs8.as_ref().to_vec(), jwk))
 }
 
 fn generate_rs256() -> Result<(Vec<u8>, Value), SigningError> {
     use rsa::pkcs1::EncodeRsaPrivateKey;
-    use rsa::traits::PublicKeyParts;
     let fail = |e: &dyn std::fmt::Display| SigningError::Generate("RS256", e.to_string());
     let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).map_err(|e| fail(&e))?;
     let der = key.to_pkcs1_der().map_err(|e| fail(&e))?;
-    let jwk = json!({
-        "kty": "RSA",
-        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
-        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
-    });
+    let jwk = rsa_jwk(&key);
     Ok((der.as_bytes().to_vec(), jwk))
 }
 
@@ -228,5 +321,78 @@ mod tests {
             .unwrap();
             assert_eq!(again.public_jwk, key.public_jwk);
         }
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = format!(
+            "{}/../tests/fixtures/oidc/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    /// A configured key signs SETs that its own public PEM verifies (read by jsonwebtoken,
+    /// not by the JWK derived here), and that the published JWK verifies too.
+    #[test]
+    fn configured_pem_keys_sign_what_their_public_keys_verify() {
+        for (name, alg) in [("test-ec-a", KeyAlg::Es256), ("test-rsa-a", KeyAlg::Rs256)] {
+            let key = SigningKey::from_pem(format!("kid-{name}"), &fixture(&format!("{name}.pem")))
+                .unwrap();
+            assert_eq!(key.alg, alg, "{name}");
+            let jwt = key.sign("secevent+jwt", &json!({"iss": "x"})).unwrap();
+            let public = fixture(&format!("{name}.pub.pem"));
+            let by_pem = match alg {
+                KeyAlg::Es256 => jsonwebtoken::DecodingKey::from_ec_pem(public.as_bytes()),
+                KeyAlg::Rs256 => jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()),
+            }
+            .unwrap();
+            let jwk: jsonwebtoken::jwk::Jwk =
+                serde_json::from_value(key.public_jwk.clone()).unwrap();
+            let by_jwk = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+            let mut v = jsonwebtoken::Validation::new(alg.jwt());
+            v.required_spec_claims.clear();
+            v.validate_exp = false;
+            for decoding in [&by_pem, &by_jwk] {
+                let data = jsonwebtoken::decode::<Value>(&jwt, decoding, &v).unwrap();
+                assert_eq!(
+                    data.header.kid.as_deref(),
+                    Some(format!("kid-{name}").as_str())
+                );
+            }
+            assert!(!format!("{key:?}").contains(&fixture(&format!("{name}.pem"))[30..60]));
+        }
+    }
+
+    #[test]
+    fn unusable_pem_files_are_refused_with_the_reason() {
+        let refused = |pem: &str| match SigningKey::from_pem("k".into(), pem) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted {pem:?}"),
+        };
+        assert!(refused("").contains("no PEM block"));
+        assert!(refused(&fixture("test-rsa-a.pub.pem")).contains("not a private key"));
+        assert!(
+            refused("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n")
+                .contains("PKCS#8")
+        );
+        assert!(
+            refused("-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n")
+                .contains("base64")
+        );
+        assert!(
+            refused("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .contains("neither EC P-256 nor RSA")
+        );
+        let small = {
+            use rsa::pkcs8::EncodePrivateKey;
+            let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1024).unwrap();
+            use base64::engine::general_purpose::STANDARD;
+            let der = key.to_pkcs8_der().unwrap();
+            format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                STANDARD.encode(der.as_bytes())
+            )
+        };
+        assert!(refused(&small).contains("at least 2048"));
     }
 }

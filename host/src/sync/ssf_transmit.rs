@@ -81,6 +81,9 @@ pub struct TransmitterSettings {
     pub overlap: Duration,
     /// `iss` of each realm's IdP (for `iss_sub` subjects); realms without one get `opaque`.
     pub idp_issuers: HashMap<String, String>,
+    /// Keys the operator supplied (`[[ssf_transmitter.keys]]`): when any, they are the only
+    /// keys, never generated, stored or rotated here.
+    pub configured_keys: Vec<SigningKey>,
     /// Where push streams may deliver: a stream's `endpoint_url` names one of these
     /// (scheme, host and port), or it is refused. None: push streams are refused, so a
     /// holder of `ssf:manage` cannot make Lockstep send requests into its own network.
@@ -96,6 +99,7 @@ impl Default for TransmitterSettings {
             overlap: Duration::from_secs(7 * 86_400),
             idp_issuers: HashMap::new(),
             push_allowed_hosts: Vec::new(),
+            configured_keys: Vec::new(),
         }
     }
 }
@@ -356,6 +360,9 @@ impl SsfTransmitter {
             return Ok(());
         }
         self.reload().await?;
+        if !self.settings.configured_keys.is_empty() {
+            return Ok(());
+        }
         let now = now_millis();
         let due = i64::try_from(self.settings.rotate_after.as_millis()).unwrap_or(i64::MAX);
         for alg in [KeyAlg::Es256, KeyAlg::Rs256] {
@@ -369,6 +376,11 @@ impl SsfTransmitter {
 
     /// Generates a new key of every algorithm; the old ones keep verifying during the overlap.
     pub async fn rotate(&self) -> Result<Vec<String>, SsfError> {
+        if !self.settings.configured_keys.is_empty() {
+            return Err(SsfError::Conflict(
+                "the signing keys come from [ssf_transmitter] keys: rotate them there".into(),
+            ));
+        }
         let mut kids = Vec::new();
         for alg in [KeyAlg::Es256, KeyAlg::Rs256] {
             kids.push(self.add_key(alg).await?);
@@ -401,6 +413,27 @@ impl SsfTransmitter {
 
     /// Reads keys and streams again (changes made by other instances).
     pub async fn reload(&self) -> Result<(), SsfError> {
+        if self.settings.configured_keys.is_empty() {
+            self.reload_keys().await?;
+        } else if self.keys.load().is_empty() {
+            self.keys
+                .store(Arc::new(self.settings.configured_keys.clone()));
+        }
+        let mut streams = Vec::new();
+        for row in self.store.ssf_streams().await? {
+            match serde_json::from_str::<Stream>(&row.config) {
+                Ok(s) => streams.push(Arc::new(s)),
+                Err(e) => {
+                    tracing::error!(stream = %row.stream_id, error = %e, "unreadable ssf stream")
+                }
+            }
+        }
+        self.streams.store(Arc::new(streams));
+        Ok(())
+    }
+
+    /// The generated keys, as stored (other instances may have rotated them).
+    async fn reload_keys(&self) -> Result<(), SsfError> {
         let mut keys = Vec::new();
         for row in self.store.ssf_keys().await? {
             let Some(alg) = KeyAlg::parse(&row.alg) else {
@@ -421,16 +454,6 @@ impl SsfTransmitter {
             )?);
         }
         self.keys.store(Arc::new(keys));
-        let mut streams = Vec::new();
-        for row in self.store.ssf_streams().await? {
-            match serde_json::from_str::<Stream>(&row.config) {
-                Ok(s) => streams.push(Arc::new(s)),
-                Err(e) => {
-                    tracing::error!(stream = %row.stream_id, error = %e, "unreadable ssf stream")
-                }
-            }
-        }
-        self.streams.store(Arc::new(streams));
         Ok(())
     }
 
@@ -473,7 +496,11 @@ impl SsfTransmitter {
             .keys
             .load()
             .iter()
-            .filter(|k| k.retired_at.is_none_or(|r| r.saturating_add(overlap) > now))
+            // A configured key is published as long as it is listed.
+            .filter(|k| {
+                !self.settings.configured_keys.is_empty()
+                    || k.retired_at.is_none_or(|r| r.saturating_add(overlap) > now)
+            })
             .map(|k| k.public_jwk.clone())
             .collect();
         json!({ "keys": keys })

@@ -36,19 +36,29 @@ async fn transmitter(backend: Backend) -> Server {
 
 /// [`transmitter`] whose push streams may deliver to `push_hosts` (`scheme://host:port`).
 async fn transmitter_allowing(backend: Backend, push_hosts: &[&str]) -> Server {
+    let hosts: Vec<String> = push_hosts.iter().map(|h| format!("{h:?}")).collect();
+    transmitter_with(
+        backend,
+        &format!(
+            "[ssf_transmitter]\npush_allowed_hosts = [{}]\n",
+            hosts.join(", ")
+        ),
+    )
+    .await
+}
+
+/// [`transmitter`] with `extra` (TOML tables) in its configuration.
+async fn transmitter_with(backend: Backend, extra: &str) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let hosts: Vec<String> = push_hosts.iter().map(|h| format!("{h:?}")).collect();
     let config = format!(
-        "public_url = \"http://127.0.0.1:{port}\"\n\
-         [ssf_transmitter]\npush_allowed_hosts = [{}]\n\
+        "public_url = \"http://127.0.0.1:{port}\"\n{extra}\
          [[api_keys]]\nid = \"rx-acme\"\nsha256 = \"{}\"\nrealms = [\"acme\"]\npermissions = [\"ssf:manage\"]\n\
          [[api_keys]]\nid = \"rx-other\"\nsha256 = \"{}\"\nrealms = [\"other\"]\npermissions = [\"ssf:manage\"]\n\
          [[api_keys]]\nid = \"portal\"\nsha256 = \"{}\"\nrealms = [\"acme\"]\npermissions = [\"users:manage\"]\n",
-        hosts.join(", "),
         hex_sha256("rx-acme-key"),
         hex_sha256("rx-other-key"),
         hex_sha256("portal-key"),
@@ -952,8 +962,150 @@ async fn without_a_public_url_the_transmitter_is_off() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// Keys the operator configures are the only ones: published (the listed-later one of an
+/// algorithm too), the first of the signing algorithm signs, none is generated, and rotation
+/// is refused (it is done in the file).
+async fn configured_signing_keys_are_the_only_keys(backend: Backend) {
+    let fixture = |name: &str| {
+        common::components::workspace()
+            .join("tests/fixtures/oidc")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let server = transmitter_with(
+        backend,
+        &format!(
+            "[ssf_transmitter]\nsigning_alg = \"ES256\"\n\
+             [[ssf_transmitter.keys]]\nkid = \"ec-2026\"\nfile = {:?}\n\
+             [[ssf_transmitter.keys]]\nkid = \"rsa-2026\"\nfile = {:?}\n\
+             [[ssf_transmitter.keys]]\nkid = \"rsa-2025\"\nfile = {:?}\n",
+            fixture("test-ec-a.pem"),
+            fixture("test-rsa-a.pem"),
+            fixture("test-rsa-b.pem"),
+        ),
+    )
+    .await;
+    let keys = jwks(&server).await;
+    let mut kids: Vec<String> = keys
+        .keys
+        .iter()
+        .filter_map(|k| k.common.key_id.clone())
+        .collect();
+    kids.sort();
+    assert_eq!(kids, ["ec-2026", "rsa-2025", "rsa-2026"]);
+    let served = reqwest::get(format!("{}/ssf/jwks.json", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!served.contains("\"d\""), "no private parts");
+
+    // A verification SET is signed by the configured ES256 key, which its own public PEM
+    // verifies (not only the JWK Lockstep derived from it).
+    let (status, stream) = call(
+        reqwest::Method::POST,
+        format!("{}/stream", base(&server, "acme")),
+        Some("rx-acme-key"),
+        Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{stream}");
+    let id = stream["stream_id"].as_str().unwrap().to_owned();
+    let (status, _) = call(
+        reqwest::Method::POST,
+        format!("{}/verify", base(&server, "acme")),
+        Some("rx-acme-key"),
+        Some(json!({"stream_id": id, "state": "k"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, got) = call(
+        reqwest::Method::POST,
+        stream["delivery"]["endpoint_url"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        Some("rx-acme-key"),
+        Some(json!({"returnImmediately": true})),
+    )
+    .await;
+    let sets: BTreeMap<String, String> = serde_json::from_value(got["sets"].clone()).unwrap();
+    let set = sets.values().next().expect("a verification SET");
+    let header = jsonwebtoken::decode_header(set).unwrap();
+    assert_eq!(header.kid.as_deref(), Some("ec-2026"));
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    verify_set(
+        set,
+        &keys,
+        &format!("{}/realms/acme", server.base),
+        "rx-acme",
+    );
+    let pem = std::fs::read(fixture("test-ec-a.pub.pem")).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.validate_exp = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(
+        set,
+        &jsonwebtoken::DecodingKey::from_ec_pem(&pem).unwrap(),
+        &v,
+    )
+    .unwrap();
+
+    let (status, problem) = call(
+        reqwest::Method::POST,
+        format!("{}/admin/ssf/signing-keys/rotate", server.base),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(jwks(&server).await.keys.len(), 3, "nothing generated");
+}
+
+/// A key file that cannot serve stops the start with a message naming the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_configured_key_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lockstep.toml");
+    let public = common::components::workspace().join("tests/fixtures/oidc/test-rsa-a.pub.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "public_url = \"http://127.0.0.1:1\"\n\
+             [[ssf_transmitter.keys]]\nkid = \"k1\"\nfile = {:?}\n",
+            public.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--database-url")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("db.sqlite").display()
+        ))
+        .env("LOCKSTEP_ADMIN_TOKEN", TOKEN)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("the server gives up at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("keys[0]") && err.contains("not a private key"),
+        "{err}"
+    );
+}
+
 on_both_backends!(
     push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf,
     poll_stream_serves_sets_until_they_are_acknowledged,
     stream_management_is_authorised_per_realm,
+    configured_signing_keys_are_the_only_keys,
 );
