@@ -80,6 +80,19 @@ npm --version
 python3 --version
 chromedriver --version
 
+step "jwcrypto for the SSF receiver's tests (a repo-local venv)"
+# The receiver's tests verify SETs minted by a JOSE implementation that shares nothing with
+# Lockstep's (Python's jwcrypto, pinned); kept under target/ between runs.
+JOSE_VENV=target/jose-venv
+if ! "$JOSE_VENV/bin/python" -c 'import jwcrypto' >/dev/null 2>&1; then
+    python3 -m venv "$JOSE_VENV"
+    "$JOSE_VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "jwcrypto==1.6.1" "cryptography==50.0.2"
+fi
+LOCKSTEP_TEST_PYTHON="$(pwd)/$JOSE_VENV/bin/python"
+export LOCKSTEP_TEST_PYTHON
+"$LOCKSTEP_TEST_PYTHON" -c 'import jwcrypto; print("jwcrypto", jwcrypto.__version__ if hasattr(jwcrypto, "__version__") else "")'
+
 step "PostgreSQL"
 if [[ -n "${LOCKSTEP_TEST_DATABASE_URL:-}" ]]; then
     echo "using LOCKSTEP_TEST_DATABASE_URL from the caller"

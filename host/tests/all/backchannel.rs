@@ -1478,6 +1478,46 @@ fn sign_raw(header: &Value, claims: &Value) -> String {
     format!("{input}.{signature}")
 }
 
+/// SETs minted by `tests/fixtures/ssf/mint_sets.py` with jwcrypto, in order. The Python
+/// with jwcrypto is `LOCKSTEP_TEST_PYTHON`, which `scripts/test.sh` sets up.
+fn mint_with_jwcrypto(items: &[Value]) -> Vec<String> {
+    use std::io::Write;
+    let python = std::env::var("LOCKSTEP_TEST_PYTHON").expect(
+        "LOCKSTEP_TEST_PYTHON names a Python with jwcrypto: run scripts/test.sh, which makes one",
+    );
+    let root = common::components::workspace();
+    let spec = json!({
+        "fixtures": root.join("tests/fixtures/oidc"),
+        "items": items,
+    });
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("tests/fixtures/ssf/mint_sets.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "mint_sets.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sets: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(sets.len(), items.len());
+    sets
+}
+
 fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
@@ -1731,6 +1771,46 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         "a refused SET wrote events"
     );
 
+    // SETs minted by another JOSE implementation (Python's jwcrypto): its forgeries are
+    // refused the same way, its genuine SET is applied.
+    map_user(&api, "carol-1", "kc-4", "carol").await;
+    let outbox = server.outbox_total().await;
+    let carol = || {
+        tx.claims(
+            SESSION_REVOKED,
+            json!({}),
+            Some(complex("carol", "kc-4", &tx.issuer)),
+        )
+    };
+    let item = |key: &str, alg: &str, kid: &str| json!({"key": key, "alg": alg, "kid": kid, "claims": carol()});
+    let minted = mint_with_jwcrypto(&[
+        item("test-rsa-b", "RS256", "test-a"),
+        item("hmac:test-rsa-a.pub.pem", "HS256", "test-a"),
+        item("test-rsa-a", "PS256", "test-a"),
+        item("test-ec-a", "ES256", "test-ec"),
+        item("test-rsa-a", "RS256", "test-a"),
+    ]);
+    let (genuine, forgeries) = minted.split_last().unwrap();
+    for (i, set) in forgeries.iter().enumerate() {
+        let (code, body) = push_set(&stream, set, None).await;
+        assert_eq!(
+            (code, body["err"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_key")),
+            "jwcrypto forgery {i}: {body}"
+        );
+    }
+    assert_eq!(api.status_of("carol-1").await, "ACTIVE");
+    assert_eq!(
+        server.outbox_total().await,
+        outbox,
+        "a refused SET wrote events"
+    );
+    assert_eq!(
+        push_set(&stream, genuine, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(api.status_of("carol-1").await, "DESTROYED");
+
     // CAEP session-revoked with a session: the PARENTs of that Keycloak session id, and
     // their tree, end; the user's other session stays.
     assert_eq!(push_set(&stream, &good, None).await.0, StatusCode::ACCEPTED);
@@ -1812,7 +1892,7 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
     );
     assert_eq!(
         view["setsRefused"].as_u64(),
-        Some(forged.len() as u64),
+        Some((forged.len() + forgeries.len()) as u64),
         "{view}"
     );
     assert_eq!(view["setsReplayed"].as_u64(), Some(1), "{view}");
@@ -1824,7 +1904,7 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         format!("lockstep_ssf_stream_verified{{{label}}} 1"),
         format!(
             "lockstep_ssf_sets_total{{{label},outcome=\"refused\"}} {}",
-            forged.len()
+            forged.len() + forgeries.len()
         ),
         format!("lockstep_ssf_sets_total{{{label},outcome=\"replayed\"}} 1"),
     ] {
@@ -1879,9 +1959,14 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         .rev()
         .map(|r| (r["actor"].as_str().unwrap(), r["result"].as_str().unwrap()))
         .collect();
+    // carol's (minted by jwcrypto), alice's, alice's again.
     assert_eq!(
         results,
-        [("idp:ssf-tx", "ok"), ("idp:ssf-tx", "DUPLICATE_EVENT")]
+        [
+            ("idp:ssf-tx", "ok"),
+            ("idp:ssf-tx", "ok"),
+            ("idp:ssf-tx", "DUPLICATE_EVENT")
+        ]
     );
 }
 
