@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod outgoing;
 pub mod registry;
 mod sandbox;
+pub mod signer;
 pub mod world;
 
 use std::path::PathBuf;

@@ -23,6 +23,7 @@ use crate::domain::{AuditEntry, EndReason, EventType, SyncEvent};
 use crate::oidc::signing_keys::{KeyAlg, SigningError, SigningKey};
 use crate::runtime::HookFailure;
 use crate::runtime::manifest::{AllowedHost, OnFailure, Policy};
+use crate::runtime::signer::{EventSigner, SignRefusal, check_audience};
 use crate::store::deliveries::{AttemptRecord, AttemptResult, LaneClaim};
 use crate::store::ssf::{KeyRow, StreamRow};
 use crate::store::{Store, StoreError, now_millis};
@@ -40,6 +41,10 @@ pub const SESSION_REVOKED: &str =
 /// CAEP session established.
 pub const SESSION_ESTABLISHED: &str =
     "https://schemas.openid.net/secevent/caep/event-type/session-established";
+/// Lockstep's event type of a revoke (a user's grants withdrawn) in a connector's SET.
+pub const GRANTS_REVOKED: &str = "urn:lockstep:secevent:grants-revoked";
+/// Lockstep's event type of a refresh (a session's lifetime extended) in a connector's SET.
+pub const SESSION_REFRESHED: &str = "urn:lockstep:secevent:session-refreshed";
 /// SSF verification.
 pub const VERIFICATION: &str = "https://schemas.openid.net/secevent/ssf/event-type/verification";
 /// Events a stream can carry.
@@ -199,6 +204,27 @@ fn event_uri(event: &SyncEvent) -> Option<&'static str> {
         EventType::Login => Some(SESSION_ESTABLISHED),
         EventType::Revoke | EventType::Refresh => None,
     }
+}
+
+/// The event type of a connector's SET: the streams' CAEP types for login and logout; a
+/// revoke (a user's grants withdrawn, sessions kept) and a refresh (a lifetime extended) have
+/// no CAEP type that says the same, so they get Lockstep's own URIs rather than a CAEP type
+/// a receiver would act on wrongly.
+fn connector_event_uri(event: &SyncEvent) -> &'static str {
+    match event.event_type {
+        EventType::Logout => SESSION_REVOKED,
+        EventType::Login => SESSION_ESTABLISHED,
+        EventType::Revoke => GRANTS_REVOKED,
+        EventType::Refresh => SESSION_REFRESHED,
+    }
+}
+
+/// A connector SET's `jti`: the event's id and a digest of the audience, so a redelivery
+/// repeats it and two audiences' copies differ.
+fn connector_jti(event_id: &str, audience: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(audience.as_bytes());
+    format!("{event_id}.{}", hex::encode(&digest[..8]))
 }
 
 /// Whether a subject (RFC 9493 identifier, simple or complex) names the event's user or
@@ -955,6 +981,20 @@ impl SsfTransmitter {
             SsfError::Invalid(format!("{} events are not sent", event.event_type))
         })?;
         let jti = jti(stream, &event.event_id);
+        let jwt = self.build_set(&stream.realm, &stream.aud, &jti, uri, event)?;
+        Ok((jti, jwt))
+    }
+
+    /// The one SET builder of streams and connectors: the claims of `event` under the event
+    /// type `uri`, signed with the current key.
+    fn build_set(
+        &self,
+        realm: &str,
+        aud: &str,
+        jti: &str,
+        uri: &str,
+        event: &SyncEvent,
+    ) -> Result<String, SsfError> {
         let mut body = serde_json::Map::new();
         body.insert(
             "event_timestamp".into(),
@@ -967,6 +1007,11 @@ impl SsfTransmitter {
                 "reason_admin".into(),
                 json!({"en": format!("session {} ended: {reason}", event.external_id)}),
             );
+        }
+        if event.event_type == EventType::Refresh
+            && let Some(expires) = event.expires_at
+        {
+            body.insert("expires_at".into(), json!(expires.timestamp()));
         }
         let mut subject = serde_json::Map::new();
         subject.insert("format".into(), json!("complex"));
@@ -983,15 +1028,28 @@ impl SsfTransmitter {
             .unwrap_or(&event.external_id);
         subject.insert("session".into(), json!({"format": "opaque", "id": session}));
         let claims = json!({
-            "iss": self.issuer(&stream.realm)?,
-            "aud": stream.aud,
+            "iss": self.issuer(realm)?,
+            "aud": aud,
             "jti": jti,
             "iat": chrono::Utc::now().timestamp(),
             "txn": event.event_id,
             "sub_id": Value::Object(subject),
             "events": { uri: Value::Object(body) },
         });
-        Ok((jti, self.sign(&claims)?))
+        self.sign(&claims)
+    }
+
+    /// The SET a connector delivers for `event` to `audience` (see [`EventSigner`]).
+    fn set_for_connector(&self, event: &SyncEvent, audience: &str) -> Result<String, SsfError> {
+        self.base()?;
+        let jti = connector_jti(&event.event_id, audience);
+        self.build_set(
+            &event.realm,
+            audience,
+            &jti,
+            connector_event_uri(event),
+            event,
+        )
     }
 
     /// One push attempt of an event (RFC 8935): 202 (or any 2xx) delivers; a 400 with an
@@ -1174,6 +1232,20 @@ impl SsfTransmitter {
     }
 }
 
+impl EventSigner for SsfTransmitter {
+    fn sign_event(&self, event: &SyncEvent, audience: &str) -> Result<String, SignRefusal> {
+        check_audience(audience)?;
+        if self.current_key(self.settings.signing_alg).is_none() {
+            return Err(SignRefusal::Unavailable);
+        }
+        self.set_for_connector(event, audience)
+            .map_err(|e| match e {
+                SsfError::Off => SignRefusal::Unavailable,
+                e => SignRefusal::Failed(e.to_string()),
+            })
+    }
+}
+
 /// A SET's `jti`: the event's id and the stream's, so that the copies of one event on two
 /// streams differ.
 fn jti(stream: &Stream, event_id: &str) -> String {
@@ -1285,5 +1357,88 @@ mod tests {
         assert_eq!(event_of(&s, "e-1.abd"), None);
         assert!(s.wants(&event("logout")));
         assert!(!s.wants(&event("login")));
+    }
+
+    async fn transmitter(
+        public_url: Option<&str>,
+        alg: KeyAlg,
+    ) -> (SsfTransmitter, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::connect(&crate::store::StoreOptions::new(url))
+            .await
+            .unwrap();
+        let key = SigningKey::generate(alg, now_millis()).unwrap();
+        let settings = TransmitterSettings {
+            public_url: public_url.map(str::to_owned),
+            signing_alg: alg,
+            configured_keys: vec![key.clone()],
+            ..TransmitterSettings::default()
+        };
+        let t = SsfTransmitter::new(store, settings, reqwest::Client::new());
+        t.keys.store(Arc::new(vec![key]));
+        (t, dir)
+    }
+
+    #[tokio::test]
+    async fn a_connector_set_is_built_by_the_host_and_verifies() {
+        for alg in [KeyAlg::Es256, KeyAlg::Rs256] {
+            let (t, _dir) = transmitter(Some("https://ls.example/"), alg).await;
+            let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(t.jwks()).unwrap();
+            for (kind, uri) in [
+                ("logout", SESSION_REVOKED),
+                ("login", SESSION_ESTABLISHED),
+                ("revoke", GRANTS_REVOKED),
+                ("refresh", SESSION_REFRESHED),
+            ] {
+                let e = event(kind);
+                let jwt = t.sign_event(&e, "https://rp.example").unwrap();
+                let header = jsonwebtoken::decode_header(&jwt).unwrap();
+                assert_eq!(header.typ.as_deref(), Some("secevent+jwt"));
+                let kid = header.kid.clone().unwrap();
+                let jwk = jwks.find(&kid).unwrap();
+                let mut v = jsonwebtoken::Validation::new(header.alg);
+                v.set_audience(&["https://rp.example"]);
+                v.set_issuer(&["https://ls.example/realms/acme"]);
+                v.required_spec_claims.clear();
+                let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+                let claims = jsonwebtoken::decode::<Value>(&jwt, &key, &v)
+                    .unwrap()
+                    .claims;
+                assert_eq!(claims["txn"], "e1");
+                assert!(claims["events"][uri].is_object(), "{kind}: {claims}");
+                assert_eq!(claims["sub_id"]["session"]["id"], "kc1");
+                // The same event and audience give the same jti; another audience another.
+                let again = jsonwebtoken::decode::<Value>(
+                    &t.sign_event(&e, "https://rp.example").unwrap(),
+                    &key,
+                    &v,
+                )
+                .unwrap()
+                .claims;
+                assert_eq!(claims["jti"], again["jti"]);
+                assert_ne!(claims["jti"], connector_jti("e1", "https://other.example"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn no_transmitter_no_signed_events() {
+        let (t, _dir) = transmitter(None, KeyAlg::Es256).await;
+        assert_eq!(
+            t.sign_event(&event("logout"), "https://rp.example"),
+            Err(SignRefusal::Unavailable)
+        );
+        let (t, _dir) = transmitter(Some("https://ls.example"), KeyAlg::Es256).await;
+        t.keys.store(Arc::new(Vec::new()));
+        assert_eq!(
+            t.sign_event(&event("logout"), "https://rp.example"),
+            Err(SignRefusal::Unavailable)
+        );
+        let (t, _dir) = transmitter(Some("https://ls.example"), KeyAlg::Es256).await;
+        assert!(matches!(
+            t.sign_event(&event("logout"), ""),
+            Err(SignRefusal::Audience(_))
+        ));
     }
 }
