@@ -26,6 +26,7 @@ use crate::oidc::{AccessTokens, RealmIdp, Verifier};
 use crate::runtime::Runtime;
 use crate::runtime::manifest::AllowedHost;
 use crate::runtime::registry::Registry;
+use crate::runtime::signer::EventSigner;
 use crate::store::Store;
 use crate::sync::admission::Admission;
 use crate::sync::dispatcher::{Dispatcher, DispatcherConfig};
@@ -268,7 +269,12 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let local = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
-        let (runtime, registry, connectors) = load_connectors(&settings, &store, &metrics).await?;
+        // The transmitter's keys sign connectors' events (`sign-event`) when it is on.
+        let signer = ssf_transmitter
+            .is_on()
+            .then(|| ssf_transmitter.clone() as Arc<dyn EventSigner>);
+        let (runtime, registry, connectors) =
+            load_connectors(&settings, &store, &metrics, signer).await?;
         let limits = settings.limits;
         let admission = Arc::new(Admission::new(limits.admission, metrics.clone()));
         let sessions = SessionService::new(store.clone(), policies)
@@ -450,6 +456,7 @@ async fn load_connectors(
     settings: &ServeSettings,
     store: &Store,
     metrics: &Arc<Metrics>,
+    signer: Option<Arc<dyn EventSigner>>,
 ) -> anyhow::Result<(Runtime, Arc<Registry>, Connectors)> {
     if settings.compile_cache.is_none() {
         tracing::info!(
@@ -459,6 +466,10 @@ async fn load_connectors(
     }
     let runtime = Runtime::new(settings.compile_cache.clone())
         .context("cannot start the connector runtime")?;
+    // Before any connector loads, so every instance (a warm one too) sees it.
+    if let Some(signer) = signer {
+        runtime.set_signer(signer);
+    }
     crate::runtime::check_hook_priority().await;
     let registry = Arc::new(Registry::new());
     let connectors = Connectors::new(

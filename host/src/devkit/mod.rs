@@ -300,6 +300,10 @@ pub const WIT: &[TemplateFile] = &[
         include_str!("../../../sdk/rust/wit/deps/lockstep-connector@0.1.0/connector.wit"),
     ),
     (
+        "wit/deps/lockstep-connector@0.2.0/connector.wit",
+        include_str!("../../../sdk/rust/wit/deps/lockstep-connector@0.2.0/connector.wit"),
+    ),
+    (
         "wit/deps/cli/cli.wit",
         include_str!("../../../sdk/rust/wit/deps/cli/cli.wit"),
     ),

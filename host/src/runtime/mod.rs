@@ -23,7 +23,7 @@ use tracing::Instrument;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use bindings::{v0_1_0, v0_2_0};
+use bindings::{v0_1_0, v0_2_0, v0_3_0};
 use cache::{CacheOutcome, CompileCache};
 use manifest::Manifest;
 use sandbox::{CallState, Recorder};
@@ -379,6 +379,8 @@ pub struct Runtime {
     kv: kv::Kv,
     slots: Arc<tokio::sync::Semaphore>,
     warm_total: Arc<std::sync::atomic::AtomicUsize>,
+    /// Who signs connectors' events, once the server builder has set it.
+    signer: Arc<std::sync::OnceLock<Arc<dyn signer::EventSigner>>>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -424,6 +426,13 @@ fn engine_config() -> Result<Config, RuntimeError> {
 }
 
 impl Runtime {
+    /// Sets who signs connectors' events (the SSF transmitter, which holds the keys); a
+    /// runtime without one answers `sign-event` with "not configured". Set once, before
+    /// connectors run; a later call changes nothing and returns false.
+    pub fn set_signer(&self, signer: Arc<dyn signer::EventSigner>) -> bool {
+        self.signer.set(signer).is_ok()
+    }
+
     /// Builds the engine and linker; `cache_dir` keeps compiled components across restarts.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, RuntimeError> {
         let engine =
@@ -436,7 +445,12 @@ impl Runtime {
         link(wasmtime_wasi_http::p2::add_only_http_to_linker_async(
             &mut linker,
         ))?;
-        // Both versions' `host` interfaces, so components of either version link.
+        // Every version's `host` interface (and 0.3.0's `signing`), so components of any
+        // supported version link.
+        link(v0_3_0::ConnectorCore::add_to_linker::<
+            CallState,
+            HasSelf<CallState>,
+        >(&mut linker, |s| s))?;
         link(v0_2_0::ConnectorCore::add_to_linker::<
             CallState,
             HasSelf<CallState>,
@@ -466,6 +480,7 @@ impl Runtime {
             kv: kv::Kv::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS)),
             warm_total: Arc::default(),
+            signer: Arc::default(),
             _ticker: Arc::new(EpochTicker { stop }),
         })
     }
@@ -517,8 +532,10 @@ impl Runtime {
             return Err(invalid(format!(
                 "its manifest subscribes to {t} events, but the component targets {world}: \
                  {t} needs {}",
+                // The oldest version that has it.
                 World::SUPPORTED
                     .into_iter()
+                    .rev()
                     .find(|w| w.has_hook(*t))
                     .unwrap_or(World::V0_2_0)
             )));
@@ -597,6 +614,7 @@ impl Runtime {
                 self.kv.clone(),
                 kv_scope.clone(),
                 pool.clone(),
+                self.signer.get().cloned(),
             ),
         );
         store.limiter(|s| &mut s.limiter);
@@ -735,7 +753,7 @@ impl Runtime {
                 (store, None, 0)
             }
         };
-        store.data_mut().begin_call(&event.event_id, recorder);
+        store.data_mut().begin_call(event, recorder);
         // Outside the store, which a timeout drops: a call cut short after its cap refused
         // memory still ends as out of memory.
         let budget = store.data().budget();

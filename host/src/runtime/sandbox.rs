@@ -13,10 +13,12 @@ use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
 
-use super::bindings::{v0_1_0, v0_2_0};
+use super::bindings::{v0_1_0, v0_2_0, v0_3_0};
 use super::kv::Kv;
 use super::manifest::{Manifest, split_host_port};
 use super::outgoing::{CONNECTION_BUFFER, ConnectionPool, Timeouts};
+use super::signer::{EventSigner, MAX_SIGNATURES_PER_CALL, SignRefusal};
+use crate::domain::SyncEvent;
 
 /// Most log lines one hook call may write; the rest are counted and summarised.
 pub const MAX_LOG_LINES: u32 = 100;
@@ -60,6 +62,12 @@ pub struct CallState {
     /// Epoch ticks the current call has run (its deadline is a number of ticks).
     pub(super) ticks: u64,
     pub(super) recorder: Option<Recorder>,
+    /// Who signs events (`None`: signing is not configured).
+    signer: Option<Arc<dyn EventSigner>>,
+    /// The event of the current call: the only thing `sign-event` signs.
+    event: Option<SyncEvent>,
+    /// Signatures made in the current call.
+    signatures: u32,
 }
 
 /// What one hook call did, for `lockstep connector test`: its log lines (before the host's
@@ -103,6 +111,7 @@ impl CallState {
         kv: Kv,
         kv_scope: Arc<str>,
         pool: ConnectionPool,
+        signer: Option<Arc<dyn EventSigner>>,
     ) -> Self {
         // Nothing is inherited or granted: no args, env, preopens, stdin; sockets denied.
         let wasi = WasiCtxBuilder::new()
@@ -135,6 +144,9 @@ impl CallState {
             kv_scope,
             ticks: 0,
             recorder: None,
+            signer,
+            event: None,
+            signatures: 0,
         }
     }
 
@@ -148,7 +160,10 @@ impl CallState {
 
     /// Readies the state for the next call (of a fresh instance, or of a reused one): the
     /// per-call budgets start again and the call is tagged with its event.
-    pub(super) fn begin_call(&mut self, event_id: &str, recorder: Option<Recorder>) {
+    pub(super) fn begin_call(&mut self, event: &SyncEvent, recorder: Option<Recorder>) {
+        let event_id = event.event_id.as_str();
+        self.event = Some(event.clone());
+        self.signatures = 0;
         event_id.clone_into(&mut self.event_id);
         event_id.clone_into(&mut self.gate.event_id);
         self.logs = LogBudget::default();
@@ -565,6 +580,7 @@ pub(super) struct LogBudget {
     pub(super) dropped: u64,
 }
 
+impl v0_3_0::lockstep::connector0_3_0::session::Host for CallState {}
 impl v0_2_0::lockstep::connector0_2_0::session::Host for CallState {}
 impl v0_1_0::lockstep::connector0_1_0::session::Host for CallState {}
 
@@ -623,6 +639,59 @@ impl v0_2_0::Host for CallState {
         {
             tracing::debug!(connector = %self.manifest.name, "cache-set refused: entry too large");
         }
+    }
+}
+
+/// 0.3.0's `host` interface is the same as 0.2.0's (0.3.0 adds `signing` beside it), so each
+/// function forwards to the 0.2.0 one.
+impl v0_3_0::Host for CallState {
+    fn log(&mut self, level: v0_3_0::Level, message: String) {
+        let level = match level {
+            v0_3_0::Level::Trace => v0_2_0::Level::Trace,
+            v0_3_0::Level::Debug => v0_2_0::Level::Debug,
+            v0_3_0::Level::Info => v0_2_0::Level::Info,
+            v0_3_0::Level::Warn => v0_2_0::Level::Warn,
+            v0_3_0::Level::Error => v0_2_0::Level::Error,
+        };
+        v0_2_0::Host::log(self, level, message)
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        v0_2_0::Host::config_get(self, key)
+    }
+
+    fn cache_get(&mut self, key: String) -> Option<String> {
+        v0_2_0::Host::cache_get(self, key)
+    }
+
+    fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
+        v0_2_0::Host::cache_set(self, key, value, ttl_ms)
+    }
+}
+
+/// `signing`: the host signs a SET it builds from the current call's event; the component
+/// names only the audience.
+impl v0_3_0::SigningHost for CallState {
+    fn sign_event(&mut self, audience: String) -> Result<String, String> {
+        let signer = self
+            .signer
+            .clone()
+            .ok_or_else(|| SignRefusal::Unavailable.to_string())?;
+        let Some(event) = &self.event else {
+            return Err("no event: sign-event is called from a hook".into());
+        };
+        // Counted before signing, so failed attempts use the budget too.
+        if self.signatures >= MAX_SIGNATURES_PER_CALL {
+            return Err(SignRefusal::TooMany.to_string());
+        }
+        self.signatures += 1;
+        let answer = signer
+            .sign_event(event, &audience)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &answer {
+            tracing::debug!(connector = %self.manifest.name, event_id = %self.event_id, "sign-event refused: {e}");
+        }
+        answer
     }
 }
 

@@ -7,7 +7,7 @@ use wasmtime::component::{Component, InstancePre};
 use wasmtime::{Result as WasmResult, Store};
 
 use super::HookFailure;
-use super::bindings::{v0_1_0, v0_2_0};
+use super::bindings::{v0_1_0, v0_2_0, v0_3_0};
 use super::sandbox::CallState;
 use crate::domain::{EventType, SessionKind, SyncEvent};
 
@@ -18,18 +18,21 @@ pub enum World {
     V0_1_0,
     /// `lockstep:connector@0.2.0`: 0.1.0 plus on-refresh and `expires-at`.
     V0_2_0,
+    /// `lockstep:connector@0.3.0`: 0.2.0 plus the `signing` interface (signed events).
+    V0_3_0,
 }
 
 impl World {
     /// Every version the host loads, newest first (the order in which a component's exports
     /// are matched).
-    pub const SUPPORTED: [World; 2] = [World::V0_2_0, World::V0_1_0];
+    pub const SUPPORTED: [World; 3] = [World::V0_3_0, World::V0_2_0, World::V0_1_0];
 
     /// The package with its version, e.g. `lockstep:connector@0.2.0`.
     pub fn package(self) -> &'static str {
         match self {
             World::V0_1_0 => "lockstep:connector@0.1.0",
             World::V0_2_0 => "lockstep:connector@0.2.0",
+            World::V0_3_0 => "lockstep:connector@0.3.0",
         }
     }
 
@@ -38,6 +41,7 @@ impl World {
         match self {
             World::V0_1_0 => "lockstep:connector/hooks@0.1.0",
             World::V0_2_0 => "lockstep:connector/hooks@0.2.0",
+            World::V0_3_0 => "lockstep:connector/hooks@0.3.0",
         }
     }
 
@@ -45,7 +49,7 @@ impl World {
     pub fn has_hook(self, event_type: EventType) -> bool {
         match event_type {
             EventType::Login | EventType::Logout | EventType::Revoke => true,
-            EventType::Refresh => self == World::V0_2_0,
+            EventType::Refresh => self != World::V0_1_0,
         }
     }
 
@@ -84,6 +88,7 @@ impl std::fmt::Display for World {
 pub(super) enum Hooks {
     V0_1_0(v0_1_0::ConnectorCorePre<CallState>),
     V0_2_0(v0_2_0::ConnectorCorePre<CallState>),
+    V0_3_0(v0_3_0::ConnectorCorePre<CallState>),
 }
 
 impl Hooks {
@@ -92,6 +97,7 @@ impl Hooks {
         Ok(match world {
             World::V0_1_0 => Hooks::V0_1_0(v0_1_0::ConnectorCorePre::new(pre)?),
             World::V0_2_0 => Hooks::V0_2_0(v0_2_0::ConnectorCorePre::new(pre)?),
+            World::V0_3_0 => Hooks::V0_3_0(v0_3_0::ConnectorCorePre::new(pre)?),
         })
     }
 
@@ -101,6 +107,7 @@ impl Hooks {
         Ok(match self {
             Hooks::V0_1_0(pre) => Instance::V0_1_0(pre.instantiate_async(store).await?),
             Hooks::V0_2_0(pre) => Instance::V0_2_0(pre.instantiate_async(store).await?),
+            Hooks::V0_3_0(pre) => Instance::V0_3_0(pre.instantiate_async(store).await?),
         })
     }
 }
@@ -109,6 +116,7 @@ impl Hooks {
 pub(super) enum Instance {
     V0_1_0(v0_1_0::ConnectorCore),
     V0_2_0(v0_2_0::ConnectorCore),
+    V0_3_0(v0_3_0::ConnectorCore),
 }
 
 impl Instance {
@@ -146,6 +154,21 @@ impl Instance {
                 use v0_2_0::HookError;
                 let wit_event = to_wit_v0_2_0(event);
                 let hooks = instance.lockstep_connector0_2_0_hooks();
+                let answer = match event.event_type {
+                    EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
+                    EventType::Logout => hooks.call_on_logout(&mut *store, &wit_event).await?,
+                    EventType::Revoke => hooks.call_revoke(&mut *store, &wit_event).await?,
+                    EventType::Refresh => hooks.call_on_refresh(&mut *store, &wit_event).await?,
+                };
+                Ok(answer.map_err(|e| match e {
+                    HookError::Retry(m) => HookFailure::Retry(m),
+                    HookError::Fail(m) => HookFailure::Fail(m),
+                }))
+            }
+            Instance::V0_3_0(instance) => {
+                use v0_3_0::HookError;
+                let wit_event = to_wit_v0_3_0(event);
+                let hooks = instance.lockstep_connector0_3_0_hooks();
                 let answer = match event.event_type {
                     EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
                     EventType::Logout => hooks.call_on_logout(&mut *store, &wit_event).await?,
@@ -210,20 +233,25 @@ fn to_wit_v0_2_0(e: &SyncEvent) -> v0_2_0::SessionEvent {
     session_event!(v0_2_0, e, expires_at: e.expires_at.as_ref().map(rfc3339))
 }
 
+fn to_wit_v0_3_0(e: &SyncEvent) -> v0_3_0::SessionEvent {
+    session_event!(v0_3_0, e, expires_at: e.expires_at.as_ref().map(rfc3339))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn refresh_has_a_hook_only_in_0_2_0() {
+    fn refresh_has_a_hook_from_0_2_0_on() {
         for t in [EventType::Login, EventType::Logout, EventType::Revoke] {
             assert!(World::V0_1_0.has_hook(t) && World::V0_2_0.has_hook(t));
         }
         assert!(!World::V0_1_0.has_hook(EventType::Refresh));
         assert!(World::V0_2_0.has_hook(EventType::Refresh));
+        assert!(World::V0_3_0.has_hook(EventType::Refresh));
         assert_eq!(
             World::supported_list(),
-            "lockstep:connector@0.2.0 or lockstep:connector@0.1.0"
+            "lockstep:connector@0.3.0 or lockstep:connector@0.2.0 or lockstep:connector@0.1.0"
         );
     }
 }
