@@ -101,7 +101,7 @@ pub struct ConnectorDto {
     /// Version serving: content hash of component and manifest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// The WIT world the component targets (`lockstep:connector@0.2.0` or `@0.1.0`).
+    /// The WIT world the component targets (`lockstep:connector@0.3.0`, `@0.2.0` or `@0.1.0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub world: Option<String>,
     /// `directory` (a manifest in the watched directory) or `api` (uploaded).

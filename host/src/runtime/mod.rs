@@ -487,7 +487,7 @@ impl Runtime {
 
     /// Reads the manifest's component, compiles it (or takes it from the cache) off the async
     /// threads, and pre-instantiates it, which checks it against the `lockstep:connector`
-    /// version whose hooks it exports (0.2.0 or 0.1.0): a component importing anything the
+    /// version whose hooks it exports (0.3.0, 0.2.0 or 0.1.0): a component importing anything the
     /// host does not offer, exporting neither version's hooks, or subscribing to events its
     /// version has no hook for is refused here.
     pub async fn load(&self, manifest: Manifest) -> Result<Arc<LoadedConnector>, RuntimeError> {
