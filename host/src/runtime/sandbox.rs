@@ -642,33 +642,6 @@ impl v0_2_0::Host for CallState {
     }
 }
 
-/// 0.3.0's `host` interface is the same as 0.2.0's (0.3.0 adds `signing` beside it), so each
-/// function forwards to the 0.2.0 one.
-impl v0_3_0::Host for CallState {
-    fn log(&mut self, level: v0_3_0::Level, message: String) {
-        let level = match level {
-            v0_3_0::Level::Trace => v0_2_0::Level::Trace,
-            v0_3_0::Level::Debug => v0_2_0::Level::Debug,
-            v0_3_0::Level::Info => v0_2_0::Level::Info,
-            v0_3_0::Level::Warn => v0_2_0::Level::Warn,
-            v0_3_0::Level::Error => v0_2_0::Level::Error,
-        };
-        v0_2_0::Host::log(self, level, message)
-    }
-
-    fn config_get(&mut self, key: String) -> Option<String> {
-        v0_2_0::Host::config_get(self, key)
-    }
-
-    fn cache_get(&mut self, key: String) -> Option<String> {
-        v0_2_0::Host::cache_get(self, key)
-    }
-
-    fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
-        v0_2_0::Host::cache_set(self, key, value, ttl_ms)
-    }
-}
-
 /// `signing`: the host signs a SET it builds from the current call's event; the component
 /// names only the audience.
 impl v0_3_0::SigningHost for CallState {
@@ -695,29 +668,37 @@ impl v0_3_0::SigningHost for CallState {
     }
 }
 
-/// 0.1.0's `host` interface is the same as 0.2.0's (the versions differ only in the hooks and
-/// the event record), so each function forwards to the 0.2.0 one.
-impl v0_1_0::Host for CallState {
-    fn log(&mut self, level: v0_1_0::Level, message: String) {
-        let level = match level {
-            v0_1_0::Level::Trace => v0_2_0::Level::Trace,
-            v0_1_0::Level::Debug => v0_2_0::Level::Debug,
-            v0_1_0::Level::Info => v0_2_0::Level::Info,
-            v0_1_0::Level::Warn => v0_2_0::Level::Warn,
-            v0_1_0::Level::Error => v0_2_0::Level::Error,
-        };
-        v0_2_0::Host::log(self, level, message)
-    }
+/// The `host` interfaces of 0.1.0 and 0.3.0 are 0.2.0's (the versions differ in the hooks,
+/// the event record and 0.3.0's `signing`), so each function forwards to the 0.2.0 one; the
+/// macro only writes the same forwarding for each generated module.
+macro_rules! host_as_in_0_2_0 {
+    ($v:ident) => {
+        impl $v::Host for CallState {
+            fn log(&mut self, level: $v::Level, message: String) {
+                let level = match level {
+                    $v::Level::Trace => v0_2_0::Level::Trace,
+                    $v::Level::Debug => v0_2_0::Level::Debug,
+                    $v::Level::Info => v0_2_0::Level::Info,
+                    $v::Level::Warn => v0_2_0::Level::Warn,
+                    $v::Level::Error => v0_2_0::Level::Error,
+                };
+                v0_2_0::Host::log(self, level, message)
+            }
 
-    fn config_get(&mut self, key: String) -> Option<String> {
-        v0_2_0::Host::config_get(self, key)
-    }
+            fn config_get(&mut self, key: String) -> Option<String> {
+                v0_2_0::Host::config_get(self, key)
+            }
 
-    fn cache_get(&mut self, key: String) -> Option<String> {
-        v0_2_0::Host::cache_get(self, key)
-    }
+            fn cache_get(&mut self, key: String) -> Option<String> {
+                v0_2_0::Host::cache_get(self, key)
+            }
 
-    fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
-        v0_2_0::Host::cache_set(self, key, value, ttl_ms)
-    }
+            fn cache_set(&mut self, key: String, value: String, ttl_ms: u64) {
+                v0_2_0::Host::cache_set(self, key, value, ttl_ms)
+            }
+        }
+    };
 }
+
+host_as_in_0_2_0!(v0_1_0);
+host_as_in_0_2_0!(v0_3_0);

@@ -184,31 +184,29 @@ static CASCADE_FROM_SEEDS: LazyLock<String> = LazyLock::new(|| {
     .concat()
 });
 
-/// A cascade from the live PARENTs mapped to the IdP session `$2` (seeds, `via` `$3`): the
-/// seeds are found in the cascade's own statement, a round trip less than reading them first.
-static CASCADE_FROM_IDP_SESSION: LazyLock<String> = LazyLock::new(|| {
+/// A cascade whose seeds (`via` `$3`) are the live sessions `seeds` selects by `$2`: found
+/// in the cascade's own statement, a round trip less than reading them first.
+fn cascade_from_match(seeds: &str) -> String {
     [
         "WITH RECURSIVE tree(id, external_id, via) AS ( \
-           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
-             AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND ",
+        seeds,
         CASCADE_TAIL,
         "SELECT * FROM ended",
     ]
     .concat()
+}
+
+/// A cascade from the live PARENTs mapped to the IdP session `$2`.
+static CASCADE_FROM_IDP_SESSION: LazyLock<String> = LazyLock::new(|| {
+    cascade_from_match(
+        "idp_session_id = $2 AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+    )
 });
 
-/// A cascade from every live session of the user `$2` (seeds, `via` `$3`), as
-/// [`CASCADE_FROM_IDP_SESSION`].
-static CASCADE_FROM_USER: LazyLock<String> = LazyLock::new(|| {
-    [
-        "WITH RECURSIVE tree(id, external_id, via) AS ( \
-           SELECT id, external_id, $3 FROM sessions WHERE realm = $1 AND user_id = $2 \
-             AND status IN ('ACTIVE', 'ORPHANED')",
-        CASCADE_TAIL,
-        "SELECT * FROM ended",
-    ]
-    .concat()
-});
+/// A cascade from every live session of the user `$2`.
+static CASCADE_FROM_USER: LazyLock<String> =
+    LazyLock::new(|| cascade_from_match("user_id = $2 AND status IN ('ACTIVE', 'ORPHANED')"));
 
 /// Outbox rows of one realm from parallel arrays (event ids, types, sessions, payloads), in
 /// array order; the arguments name the placeholders.
