@@ -553,141 +553,245 @@ pub(crate) async fn apply_idp(
     Ok(out)
 }
 
+/// One function per kind of event, so each reads on its own; all of them write in the
+/// caller's transaction.
 async fn apply_idp_change(
     conn: &mut PgConnection,
     cmd: &IdpCommand,
     now: i64,
 ) -> Result<IdpOutcome> {
-    let origin = Some(cmd.origin_system.as_str());
-    let mut out = IdpOutcome::default();
     match &cmd.change {
         IdpChange::Alive {
             mirror,
             actor,
             ended,
-        } => {
-            if let Some(sid) = ended {
-                let destroy = idp_destroy(cmd, DestroyTarget::IdpSession(sid.clone()), None);
-                out.ended = destroy_unguarded(conn, &destroy, None, now).await?;
-            }
-            if let Some((actor, actor_realm)) = actor {
-                out.created
-                    .extend(insert_root(&mut *conn, actor, origin, None, now).await?);
-                if let Some(actor_sid) = actor.idp_session_id.as_deref() {
-                    sqlx::query(
-                        "INSERT INTO idp_delegations (actor_realm, actor_sid, realm) \
-                         VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(actor_realm)
-                    .bind(actor_sid)
-                    .bind(&cmd.realm)
-                    .execute(&mut *conn)
-                    .await?;
-                }
-            }
-            let created = insert_root(&mut *conn, mirror, origin, None, now).await?;
-            if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
-                // The mirror was registered by an earlier event: it becomes delegated.
-                let rows: Vec<SessionRow> = sqlx::query_as(concat!(
-                    "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
-                     WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE' \
-                     AND delegated_by IS NULL RETURNING ",
-                    session_columns!()
-                ))
-                .bind(&cmd.realm)
-                .bind(&mirror.external_id)
-                .bind(actor)
-                .bind(now)
-                .fetch_all(&mut *conn)
-                .await?;
-                out.updated.extend(into_sessions(rows)?);
-            }
-            out.created.extend(created);
-            let Some(sid) = mirror.idp_session_id.as_deref() else {
-                return Ok(out);
-            };
-            if let Some(user_id) = &mirror.user_id {
-                // Sessions mapped before the event arrived, without a user.
-                sqlx::query(
-                    "UPDATE sessions SET user_id = $3, updated_at = $4 \
-                     WHERE realm = $1 AND idp_session_id = $2 AND user_id IS NULL \
-                     AND status = 'ACTIVE'",
-                )
-                .bind(&cmd.realm)
-                .bind(sid)
-                .bind(user_id)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
-            }
-            if let Some(expires_at) = mirror.expires_at {
-                let rows: Vec<SessionRow> = sqlx::query_as(concat!(
-                    "UPDATE sessions SET expires_at = $3, updated_at = $4 \
-                     WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
-                     AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> $3) \
-                     RETURNING ",
-                    session_columns!()
-                ))
-                .bind(&cmd.realm)
-                .bind(sid)
-                .bind(expires_at.timestamp_millis())
-                .bind(now)
-                .fetch_all(&mut *conn)
-                .await?;
-                let mut refreshed = into_sessions(rows)?;
-                refreshed.sort_by_key(|s| s.seq);
-                let occurred_at = millis_to_time(now)?;
-                let events: Vec<SyncEvent> = refreshed
-                    .iter()
-                    .map(|s| SyncEvent::for_session(EventType::Refresh, s, origin, occurred_at))
-                    .collect();
-                insert_events(conn, &cmd.realm, origin, &events, now).await?;
-                out.updated.extend(refreshed);
-            }
-            if mirror.delegated_by.is_some() {
-                // PARENTs mapped before the impersonation event arrived.
-                let rows: Vec<SessionRow> = sqlx::query_as(concat!(
-                    "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
-                     WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
-                     AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> $3 \
-                     RETURNING ",
-                    session_columns!()
-                ))
-                .bind(&cmd.realm)
-                .bind(sid)
-                .bind(&mirror.external_id)
-                .bind(now)
-                .fetch_all(&mut *conn)
-                .await?;
-                out.updated.extend(into_sessions(rows)?);
-            }
-        }
-        IdpChange::Revoke { user_id } => {
-            let rows: Vec<SessionRow> = sqlx::query_as(concat!(
-                "SELECT ",
-                session_columns!(),
-                " FROM sessions WHERE realm = $1 AND user_id = $2 AND status = 'ACTIVE' \
-                 ORDER BY id"
-            ))
-            .bind(&cmd.realm)
-            .bind(user_id)
-            .fetch_all(&mut *conn)
-            .await?;
-            let occurred_at = millis_to_time(now)?;
-            let events: Vec<SyncEvent> = into_sessions(rows)?
-                .iter()
-                .map(|s| SyncEvent::for_session(EventType::Revoke, s, origin, occurred_at))
-                .collect();
-            insert_events(conn, &cmd.realm, origin, &events, now).await?;
-            out.revoked = events.len();
-        }
-        IdpChange::End { target, reason } => {
-            let destroy = idp_destroy(cmd, target.clone(), Some(*reason));
-            out.ended = destroy_unguarded(conn, &destroy, None, now).await?;
-            if let DestroyTarget::IdpSession(sid) = target {
-                out.ended_elsewhere = end_delegations(conn, cmd, sid, *reason, now).await?;
-            }
-        }
+        } => idp_alive(conn, cmd, mirror, actor.as_ref(), ended.as_deref(), now).await,
+        IdpChange::Revoke { user_id } => idp_revoke(conn, cmd, user_id, now).await,
+        IdpChange::End { target, reason } => idp_end(conn, cmd, target, *reason, now).await,
+    }
+}
+
+/// The IdP session behind `mirror` is alive. The order of the writes is that of the locks
+/// taken: the session the IdP ended in the same request first, then the actor, the mirror,
+/// and last the sessions mapped to the IdP session before the event arrived.
+async fn idp_alive(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    mirror: &NewSession,
+    actor: Option<&(Box<NewSession>, String)>,
+    ended: Option<&str>,
+    now: i64,
+) -> Result<IdpOutcome> {
+    let origin = Some(cmd.origin_system.as_str());
+    let mut out = IdpOutcome::default();
+    if let Some(sid) = ended {
+        let destroy = idp_destroy(cmd, DestroyTarget::IdpSession(sid.to_owned()), None);
+        out.ended = destroy_unguarded(conn, &destroy, None, now).await?;
+    }
+    if let Some((actor, actor_realm)) = actor {
+        out.created
+            .extend(register_actor(conn, cmd, actor, actor_realm, now).await?);
+    }
+    let created = insert_root(&mut *conn, mirror, origin, None, now).await?;
+    if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
+        out.updated
+            .extend(adopt_mirror(conn, cmd, mirror, actor, now).await?);
+    }
+    out.created.extend(created);
+    let Some(sid) = mirror.idp_session_id.as_deref() else {
+        return Ok(out);
+    };
+    if let Some(user_id) = &mirror.user_id {
+        set_mapped_user(conn, cmd, sid, user_id, now).await?;
+    }
+    if let Some(expires_at) = mirror.expires_at {
+        let expiry = expires_at.timestamp_millis();
+        out.updated
+            .extend(refresh_mapped(conn, cmd, sid, expiry, now).await?);
+    }
+    if mirror.delegated_by.is_some() {
+        out.updated
+            .extend(delegate_mapped(conn, cmd, sid, &mirror.external_id, now).await?);
+    }
+    Ok(out)
+}
+
+/// Registers the impersonating administrator's mirror and remembers which realm its IdP
+/// session impersonates in, so the end of that session reaches this realm too.
+async fn register_actor(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    actor: &NewSession,
+    actor_realm: &str,
+    now: i64,
+) -> Result<Option<Session>> {
+    let origin = Some(cmd.origin_system.as_str());
+    let created = insert_root(&mut *conn, actor, origin, None, now).await?;
+    if let Some(actor_sid) = actor.idp_session_id.as_deref() {
+        sqlx::query(
+            "INSERT INTO idp_delegations (actor_realm, actor_sid, realm) \
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(actor_realm)
+        .bind(actor_sid)
+        .bind(&cmd.realm)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(created)
+}
+
+/// The mirror was registered by an earlier event, before the impersonation: it becomes
+/// delegated by `actor`.
+async fn adopt_mirror(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    mirror: &NewSession,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+        "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
+         WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE' \
+         AND delegated_by IS NULL RETURNING ",
+        session_columns!()
+    ))
+    .bind(&cmd.realm)
+    .bind(&mirror.external_id)
+    .bind(actor)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    into_sessions(rows)
+}
+
+/// Sessions mapped to the IdP session `sid` before the event arrived had no user yet; the
+/// event names it.
+async fn set_mapped_user(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    sid: &str,
+    user_id: &str,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE sessions SET user_id = $3, updated_at = $4 \
+         WHERE realm = $1 AND idp_session_id = $2 AND user_id IS NULL \
+         AND status = 'ACTIVE'",
+    )
+    .bind(&cmd.realm)
+    .bind(sid)
+    .bind(user_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The live PARENTs mapped to `sid` take the IdP session's expiry (`expiry`, ms); those
+/// whose expiry changed get a `refresh` event, in creation order.
+async fn refresh_mapped(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    sid: &str,
+    expiry: i64,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let origin = Some(cmd.origin_system.as_str());
+    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+        "UPDATE sessions SET expires_at = $3, updated_at = $4 \
+         WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
+         AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> $3) \
+         RETURNING ",
+        session_columns!()
+    ))
+    .bind(&cmd.realm)
+    .bind(sid)
+    .bind(expiry)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut refreshed = into_sessions(rows)?;
+    refreshed.sort_by_key(|s| s.seq);
+    let occurred_at = millis_to_time(now)?;
+    let events: Vec<SyncEvent> = refreshed
+        .iter()
+        .map(|s| SyncEvent::for_session(EventType::Refresh, s, origin, occurred_at))
+        .collect();
+    insert_events(conn, &cmd.realm, origin, &events, now).await?;
+    Ok(refreshed)
+}
+
+/// PARENTs mapped to `sid` before the impersonation event arrived become delegated by the
+/// mirror (`mirror_id`), so they end with it.
+async fn delegate_mapped(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    sid: &str,
+    mirror_id: &str,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+        "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
+         WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
+         AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> $3 \
+         RETURNING ",
+        session_columns!()
+    ))
+    .bind(&cmd.realm)
+    .bind(sid)
+    .bind(mirror_id)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    into_sessions(rows)
+}
+
+/// The user's grants were revoked: their sessions stay live, and the connectors learn of
+/// it through a `revoke` event per session.
+async fn idp_revoke(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    user_id: &str,
+    now: i64,
+) -> Result<IdpOutcome> {
+    let origin = Some(cmd.origin_system.as_str());
+    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE realm = $1 AND user_id = $2 AND status = 'ACTIVE' \
+         ORDER BY id"
+    ))
+    .bind(&cmd.realm)
+    .bind(user_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let occurred_at = millis_to_time(now)?;
+    let events: Vec<SyncEvent> = into_sessions(rows)?
+        .iter()
+        .map(|s| SyncEvent::for_session(EventType::Revoke, s, origin, occurred_at))
+        .collect();
+    insert_events(conn, &cmd.realm, origin, &events, now).await?;
+    Ok(IdpOutcome {
+        revoked: events.len(),
+        ..IdpOutcome::default()
+    })
+}
+
+/// Sessions end; when an IdP session ended, so do its mirrors in the realms where it
+/// impersonated someone.
+async fn idp_end(
+    conn: &mut PgConnection,
+    cmd: &IdpCommand,
+    target: &DestroyTarget,
+    reason: EndReason,
+    now: i64,
+) -> Result<IdpOutcome> {
+    let mut out = IdpOutcome::default();
+    let destroy = idp_destroy(cmd, target.clone(), Some(reason));
+    out.ended = destroy_unguarded(conn, &destroy, None, now).await?;
+    if let DestroyTarget::IdpSession(sid) = target {
+        out.ended_elsewhere = end_delegations(conn, cmd, sid, reason, now).await?;
     }
     Ok(out)
 }
@@ -751,44 +855,18 @@ pub(crate) async fn destroy(
     destroy_unguarded(conn, cmd, cmd.audit.as_ref(), now).await
 }
 
+/// Finds the sessions `cmd` starts from and cascades from them. A root or child target, and
+/// an unlimited IdP-session or user target, need no lookup of their own: the cascade
+/// statement finds its seeds, saving a round trip.
 async fn destroy_unguarded(
     conn: &mut PgConnection,
     cmd: &DestroyCommand,
     audit: Option<&AuditEntry>,
     now: i64,
 ) -> Result<Vec<Session>> {
-    let reasons = (cmd.reason, cmd.reason.for_descendants());
     let seeds: Vec<String> = match &cmd.target {
         DestroyTarget::Parent(id) | DestroyTarget::Child(id) => {
-            let kinds: &[&str] = match &cmd.target {
-                DestroyTarget::Child(_) => &["CHILD"],
-                _ => &["PARENT", "FIXED"],
-            };
-            refuse_oversized(conn, cmd, std::slice::from_ref(id), kinds).await?;
-            let rows: Vec<PgRow> = sqlx::query(&CASCADE_FROM_TARGET)
-                .bind(&cmd.realm)
-                .bind(id)
-                .bind(kinds)
-                .bind(cmd.orphan_children)
-                .bind(reasons.0.as_str())
-                .bind(now)
-                .bind(reasons.1.as_str())
-                .fetch_all(&mut *conn)
-                .await?;
-            let Some(first) = rows.first() else {
-                return Err(StoreError::NotFound(id.clone()));
-            };
-            let kind: SessionKind = first
-                .try_get::<String, _>("target_kind")?
-                .parse()
-                .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-            crate::store::check_kind(&cmd.target, id, kind)?;
-            let mut changed = Vec::with_capacity(rows.len());
-            for row in &rows {
-                if row.try_get::<Option<i64>, _>("id")?.is_some() {
-                    changed.push(session_of(row)?);
-                }
-            }
+            let changed = cascade_from_target(conn, cmd, id, now).await?;
             return finish_destroy(conn, cmd, audit, changed, now).await;
         }
         // Unlimited, nothing to count first: seeds and cascade in one statement.
@@ -800,49 +878,10 @@ async fn destroy_unguarded(
             let changed = cascade_with(conn, cmd, sql, key.as_str(), now, 0).await?;
             return finish_destroy(conn, cmd, audit, changed, now).await;
         }
-        DestroyTarget::IdpSession(sid) => {
-            sqlx::query_scalar(
-                "SELECT external_id FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
-                 AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
-            )
-            .bind(&cmd.realm)
-            .bind(sid)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        DestroyTarget::AllIdpSessions => {
-            sqlx::query_scalar(
-                "SELECT external_id FROM sessions WHERE realm = $1 \
-                 AND idp_session_id IS NOT NULL AND kind = 'PARENT' \
-                 AND status IN ('ACTIVE', 'ORPHANED')",
-            )
-            .bind(&cmd.realm)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        DestroyTarget::Expired(ids) => {
-            // Looked at again here: a refresh may have moved the expiry since the sweeper
-            // read it.
-            sqlx::query_scalar(
-                "SELECT external_id FROM sessions WHERE realm = $1 AND external_id = ANY($2) \
-                 AND status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $3",
-            )
-            .bind(&cmd.realm)
-            .bind(ids)
-            .bind(now)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-        DestroyTarget::User(user_id) => {
-            sqlx::query_scalar(
-                "SELECT external_id FROM sessions WHERE realm = $1 AND user_id = $2 \
-                 AND status IN ('ACTIVE', 'ORPHANED')",
-            )
-            .bind(&cmd.realm)
-            .bind(user_id)
-            .fetch_all(&mut *conn)
-            .await?
-        }
+        DestroyTarget::IdpSession(sid) => idp_session_seeds(conn, &cmd.realm, sid).await?,
+        DestroyTarget::AllIdpSessions => all_idp_session_seeds(conn, &cmd.realm).await?,
+        DestroyTarget::Expired(ids) => expired_seeds(conn, &cmd.realm, ids, now).await?,
+        DestroyTarget::User(user_id) => user_seeds(conn, &cmd.realm, user_id).await?,
     };
     let changed = if seeds.is_empty() {
         Vec::new()
@@ -851,6 +890,104 @@ async fn destroy_unguarded(
         cascade(conn, cmd, &seeds, 0, now).await?
     };
     finish_destroy(conn, cmd, audit, changed, now).await
+}
+
+/// The first cascade pass from one root or child `id`, which the statement checks is of the
+/// target's kind; the sessions it changed.
+async fn cascade_from_target(
+    conn: &mut PgConnection,
+    cmd: &DestroyCommand,
+    id: &String,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let reasons = (cmd.reason, cmd.reason.for_descendants());
+    let kinds: &[&str] = match &cmd.target {
+        DestroyTarget::Child(_) => &["CHILD"],
+        _ => &["PARENT", "FIXED"],
+    };
+    refuse_oversized(conn, cmd, std::slice::from_ref(id), kinds).await?;
+    let rows: Vec<PgRow> = sqlx::query(&CASCADE_FROM_TARGET)
+        .bind(&cmd.realm)
+        .bind(id)
+        .bind(kinds)
+        .bind(cmd.orphan_children)
+        .bind(reasons.0.as_str())
+        .bind(now)
+        .bind(reasons.1.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(first) = rows.first() else {
+        return Err(StoreError::NotFound(id.clone()));
+    };
+    let kind: SessionKind = first
+        .try_get::<String, _>("target_kind")?
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+    crate::store::check_kind(&cmd.target, id, kind)?;
+    let mut changed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<i64>, _>("id")?.is_some() {
+            changed.push(session_of(row)?);
+        }
+    }
+    Ok(changed)
+}
+
+/// Seeds of a limited destroy of the IdP session `sid`: its live PARENTs, looked up apart
+/// from the cascade so they can be counted first.
+async fn idp_session_seeds(conn: &mut PgConnection, realm: &str, sid: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT external_id FROM sessions WHERE realm = $1 AND idp_session_id = $2 \
+         AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+    )
+    .bind(realm)
+    .bind(sid)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Seeds of the IdP logging everyone out: the live PARENTs mapped to any IdP session.
+async fn all_idp_session_seeds(conn: &mut PgConnection, realm: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT external_id FROM sessions WHERE realm = $1 \
+         AND idp_session_id IS NOT NULL AND kind = 'PARENT' \
+         AND status IN ('ACTIVE', 'ORPHANED')",
+    )
+    .bind(realm)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Seeds of a sweep: those of `ids` still expired. Looked at again here: a refresh may have
+/// moved the expiry since the sweeper read it.
+async fn expired_seeds(
+    conn: &mut PgConnection,
+    realm: &str,
+    ids: &[String],
+    now: i64,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT external_id FROM sessions WHERE realm = $1 AND external_id = ANY($2) \
+         AND status = 'ACTIVE' AND expires_at IS NOT NULL AND expires_at <= $3",
+    )
+    .bind(realm)
+    .bind(ids)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// Seeds of a limited destroy of a user's sessions, looked up apart from the cascade so
+/// they can be counted first.
+async fn user_seeds(conn: &mut PgConnection, realm: &str, user_id: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT external_id FROM sessions WHERE realm = $1 AND user_id = $2 \
+         AND status IN ('ACTIVE', 'ORPHANED')",
+    )
+    .bind(realm)
+    .bind(user_id)
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 /// Refuses a limited destroy whose trees hold more live sessions than its limit, counted

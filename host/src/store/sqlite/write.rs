@@ -237,121 +237,210 @@ fn idp_destroy(
     }
 }
 
+/// One function per kind of event, so each reads on its own.
 fn apply_idp_change(conn: &Connection, cmd: &IdpCommand, now: i64) -> Result<IdpOutcome> {
-    let origin = Some(cmd.origin_system.as_str());
-    let mut out = IdpOutcome::default();
     match &cmd.change {
         IdpChange::Alive {
             mirror,
             actor,
             ended,
-        } => {
-            if let Some(sid) = ended {
-                let destroy = idp_destroy(
-                    cmd,
-                    &cmd.realm,
-                    DestroyTarget::IdpSession(sid.clone()),
-                    EndReason::IdpLogout,
-                );
-                out.ended = destroy_unguarded(conn, &destroy, now)?;
-            }
-            if let Some((actor, actor_realm)) = actor {
-                out.created
-                    .extend(insert_session(conn, actor, origin, now)?);
-                if let Some(actor_sid) = actor.idp_session_id.as_deref() {
-                    conn.prepare_cached(
-                        "INSERT OR FAIL INTO idp_delegations (actor_realm, actor_sid, realm) \
-                         VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                    )?
-                    .execute(params![actor_realm, actor_sid, cmd.realm])?;
-                }
-            }
-            let created = insert_session(conn, mirror, origin, now)?;
-            if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
-                // The mirror was registered by an earlier event: it becomes delegated.
-                let stmt = conn.prepare_cached(concat!(
-                    "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
-                     WHERE realm = ?1 AND external_id = ?2 AND status = 'ACTIVE' \
-                     AND delegated_by IS NULL RETURNING ",
-                    session_columns!()
-                ))?;
-                out.updated.extend(sessions(
-                    stmt,
-                    params![cmd.realm, mirror.external_id, actor, now],
-                )?);
-            }
-            out.created.extend(created);
-            let Some(sid) = mirror.idp_session_id.as_deref() else {
-                return Ok(out);
-            };
-            if let Some(user_id) = &mirror.user_id {
-                // Sessions mapped before the event arrived, without a user.
-                conn.prepare_cached(
-                    "UPDATE OR FAIL sessions SET user_id = ?3, updated_at = ?4 \
-                     WHERE realm = ?1 AND idp_session_id = ?2 AND user_id IS NULL \
-                     AND status = 'ACTIVE'",
-                )?
-                .execute(params![cmd.realm, sid, user_id, now])?;
-            }
-            if let Some(expires_at) = mirror.expires_at {
-                let stmt = conn.prepare_cached(concat!(
-                    "UPDATE OR FAIL sessions SET expires_at = ?3, updated_at = ?4 \
-                     WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
-                     AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> ?3) \
-                     RETURNING ",
-                    session_columns!()
-                ))?;
-                let mut refreshed = sessions(
-                    stmt,
-                    params![cmd.realm, sid, expires_at.timestamp_millis(), now],
-                )?;
-                refreshed.sort_by_key(|s| s.seq);
-                let occurred_at = millis_to_time(now)?;
-                let events: Vec<SyncEvent> = refreshed
-                    .iter()
-                    .map(|s| SyncEvent::for_session(EventType::Refresh, s, origin, occurred_at))
-                    .collect();
-                insert_events(conn, &events, now)?;
-                out.updated.extend(refreshed);
-            }
-            if mirror.delegated_by.is_some() {
-                // PARENTs mapped before the impersonation event arrived.
-                let stmt = conn.prepare_cached(concat!(
-                    "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
-                     WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
-                     AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> ?3 \
-                     RETURNING ",
-                    session_columns!()
-                ))?;
-                out.updated.extend(sessions(
-                    stmt,
-                    params![cmd.realm, sid, mirror.external_id, now],
-                )?);
-            }
-        }
-        IdpChange::Revoke { user_id } => {
-            let stmt = conn.prepare_cached(concat!(
-                "SELECT ",
-                session_columns!(),
-                " FROM sessions WHERE realm = ?1 AND user_id = ?2 AND status = 'ACTIVE' \
-                 ORDER BY id"
-            ))?;
-            let live = sessions(stmt, params![cmd.realm, user_id])?;
-            let occurred_at = millis_to_time(now)?;
-            let events: Vec<SyncEvent> = live
-                .iter()
-                .map(|s| SyncEvent::for_session(EventType::Revoke, s, origin, occurred_at))
-                .collect();
-            insert_events(conn, &events, now)?;
-            out.revoked = events.len();
-        }
-        IdpChange::End { target, reason } => {
-            let destroy = idp_destroy(cmd, &cmd.realm, target.clone(), *reason);
-            out.ended = destroy_unguarded(conn, &destroy, now)?;
-            if let DestroyTarget::IdpSession(sid) = target {
-                out.ended_elsewhere = end_delegations(conn, cmd, sid, *reason, now)?;
-            }
-        }
+        } => idp_alive(conn, cmd, mirror, actor.as_ref(), ended.as_deref(), now),
+        IdpChange::Revoke { user_id } => idp_revoke(conn, cmd, user_id, now),
+        IdpChange::End { target, reason } => idp_end(conn, cmd, target, *reason, now),
+    }
+}
+
+/// The IdP session behind `mirror` is alive. The writes come in the order PostgreSQL runs
+/// them: the session the IdP ended in the same request first, then the actor, the mirror,
+/// and last the sessions mapped to the IdP session before the event arrived.
+fn idp_alive(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    mirror: &NewSession,
+    actor: Option<&(Box<NewSession>, String)>,
+    ended: Option<&str>,
+    now: i64,
+) -> Result<IdpOutcome> {
+    let origin = Some(cmd.origin_system.as_str());
+    let mut out = IdpOutcome::default();
+    if let Some(sid) = ended {
+        let destroy = idp_destroy(
+            cmd,
+            &cmd.realm,
+            DestroyTarget::IdpSession(sid.to_owned()),
+            EndReason::IdpLogout,
+        );
+        out.ended = destroy_unguarded(conn, &destroy, now)?;
+    }
+    if let Some((actor, actor_realm)) = actor {
+        out.created
+            .extend(register_actor(conn, cmd, actor, actor_realm, now)?);
+    }
+    let created = insert_session(conn, mirror, origin, now)?;
+    if let (None, Some(actor)) = (&created, &mirror.delegated_by) {
+        out.updated
+            .extend(adopt_mirror(conn, cmd, mirror, actor, now)?);
+    }
+    out.created.extend(created);
+    let Some(sid) = mirror.idp_session_id.as_deref() else {
+        return Ok(out);
+    };
+    if let Some(user_id) = &mirror.user_id {
+        set_mapped_user(conn, cmd, sid, user_id, now)?;
+    }
+    if let Some(expires_at) = mirror.expires_at {
+        let expiry = expires_at.timestamp_millis();
+        out.updated
+            .extend(refresh_mapped(conn, cmd, sid, expiry, now)?);
+    }
+    if mirror.delegated_by.is_some() {
+        out.updated
+            .extend(delegate_mapped(conn, cmd, sid, &mirror.external_id, now)?);
+    }
+    Ok(out)
+}
+
+/// Registers the impersonating administrator's mirror and remembers which realm its IdP
+/// session impersonates in, so the end of that session reaches this realm too.
+fn register_actor(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    actor: &NewSession,
+    actor_realm: &str,
+    now: i64,
+) -> Result<Option<Session>> {
+    let origin = Some(cmd.origin_system.as_str());
+    let created = insert_session(conn, actor, origin, now)?;
+    if let Some(actor_sid) = actor.idp_session_id.as_deref() {
+        conn.prepare_cached(
+            "INSERT OR FAIL INTO idp_delegations (actor_realm, actor_sid, realm) \
+             VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![actor_realm, actor_sid, cmd.realm])?;
+    }
+    Ok(created)
+}
+
+/// The mirror was registered by an earlier event, before the impersonation: it becomes
+/// delegated by `actor`.
+fn adopt_mirror(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    mirror: &NewSession,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let stmt = conn.prepare_cached(concat!(
+        "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
+         WHERE realm = ?1 AND external_id = ?2 AND status = 'ACTIVE' \
+         AND delegated_by IS NULL RETURNING ",
+        session_columns!()
+    ))?;
+    sessions(stmt, params![cmd.realm, mirror.external_id, actor, now])
+}
+
+/// Sessions mapped to the IdP session `sid` before the event arrived had no user yet; the
+/// event names it.
+fn set_mapped_user(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    sid: &str,
+    user_id: &str,
+    now: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE OR FAIL sessions SET user_id = ?3, updated_at = ?4 \
+         WHERE realm = ?1 AND idp_session_id = ?2 AND user_id IS NULL \
+         AND status = 'ACTIVE'",
+    )?
+    .execute(params![cmd.realm, sid, user_id, now])?;
+    Ok(())
+}
+
+/// The live PARENTs mapped to `sid` take the IdP session's expiry (`expiry`, ms); those
+/// whose expiry changed get a `refresh` event, in creation order.
+fn refresh_mapped(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    sid: &str,
+    expiry: i64,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let origin = Some(cmd.origin_system.as_str());
+    let stmt = conn.prepare_cached(concat!(
+        "UPDATE OR FAIL sessions SET expires_at = ?3, updated_at = ?4 \
+         WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
+         AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> ?3) \
+         RETURNING ",
+        session_columns!()
+    ))?;
+    let mut refreshed = sessions(stmt, params![cmd.realm, sid, expiry, now])?;
+    refreshed.sort_by_key(|s| s.seq);
+    let occurred_at = millis_to_time(now)?;
+    let events: Vec<SyncEvent> = refreshed
+        .iter()
+        .map(|s| SyncEvent::for_session(EventType::Refresh, s, origin, occurred_at))
+        .collect();
+    insert_events(conn, &events, now)?;
+    Ok(refreshed)
+}
+
+/// PARENTs mapped to `sid` before the impersonation event arrived become delegated by the
+/// mirror (`mirror_id`), so they end with it.
+fn delegate_mapped(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    sid: &str,
+    mirror_id: &str,
+    now: i64,
+) -> Result<Vec<Session>> {
+    let stmt = conn.prepare_cached(concat!(
+        "UPDATE OR FAIL sessions SET delegated_by = ?3, updated_at = ?4 \
+         WHERE realm = ?1 AND idp_session_id = ?2 AND kind = 'PARENT' \
+         AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> ?3 \
+         RETURNING ",
+        session_columns!()
+    ))?;
+    sessions(stmt, params![cmd.realm, sid, mirror_id, now])
+}
+
+/// The user's grants were revoked: their sessions stay live, and the connectors learn of
+/// it through a `revoke` event per session.
+fn idp_revoke(conn: &Connection, cmd: &IdpCommand, user_id: &str, now: i64) -> Result<IdpOutcome> {
+    let origin = Some(cmd.origin_system.as_str());
+    let stmt = conn.prepare_cached(concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE realm = ?1 AND user_id = ?2 AND status = 'ACTIVE' \
+         ORDER BY id"
+    ))?;
+    let live = sessions(stmt, params![cmd.realm, user_id])?;
+    let occurred_at = millis_to_time(now)?;
+    let events: Vec<SyncEvent> = live
+        .iter()
+        .map(|s| SyncEvent::for_session(EventType::Revoke, s, origin, occurred_at))
+        .collect();
+    insert_events(conn, &events, now)?;
+    Ok(IdpOutcome {
+        revoked: events.len(),
+        ..IdpOutcome::default()
+    })
+}
+
+/// Sessions end; when an IdP session ended, so do its mirrors in the realms where it
+/// impersonated someone.
+fn idp_end(
+    conn: &Connection,
+    cmd: &IdpCommand,
+    target: &DestroyTarget,
+    reason: EndReason,
+    now: i64,
+) -> Result<IdpOutcome> {
+    let mut out = IdpOutcome::default();
+    let destroy = idp_destroy(cmd, &cmd.realm, target.clone(), reason);
+    out.ended = destroy_unguarded(conn, &destroy, now)?;
+    if let DestroyTarget::IdpSession(sid) = target {
+        out.ended_elsewhere = end_delegations(conn, cmd, sid, reason, now)?;
     }
     Ok(out)
 }
@@ -398,67 +487,101 @@ pub(super) fn destroy(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resu
     Ok(changed)
 }
 
+/// Finds the sessions `cmd` starts from, then hands them to [`end_trees`]. No seeds, no
+/// work: a target already gone or nothing matching changes nothing.
 fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Result<Vec<Session>> {
     let seeds: Vec<String> = match &cmd.target {
-        DestroyTarget::Parent(id) | DestroyTarget::Child(id) => {
-            let found = conn
-                .prepare_cached(
-                    "SELECT kind, status FROM sessions WHERE realm = ?1 AND external_id = ?2",
-                )?
-                .query_row(params![cmd.realm, id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .optional()?;
-            let Some((kind, status)) = found else {
-                return Err(StoreError::NotFound(id.clone()));
-            };
-            let kind: SessionKind = kind.parse().map_err(|e| corrupt("kind", e))?;
-            crate::store::check_kind(&cmd.target, id, kind)?;
-            if status == SessionStatus::Destroyed.as_str() {
-                return Ok(Vec::new());
-            }
-            vec![id.clone()]
-        }
-        DestroyTarget::IdpSession(sid) => strings(
-            conn.prepare_cached(
-                "SELECT external_id FROM sessions WHERE realm = ?1 AND idp_session_id = ?2 \
-                 AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
-            )?,
-            params![cmd.realm, sid],
-        )?,
-        DestroyTarget::AllIdpSessions => strings(
-            conn.prepare_cached(
-                "SELECT external_id FROM sessions WHERE realm = ?1 \
-                 AND idp_session_id IS NOT NULL AND kind = 'PARENT' \
-                 AND status IN ('ACTIVE', 'ORPHANED')",
-            )?,
-            params![cmd.realm],
-        )?,
-        DestroyTarget::Expired(ids) => strings(
-            // Looked at again here: a refresh may have moved the expiry since the sweeper
-            // read it.
-            conn.prepare_cached(
-                "SELECT external_id FROM sessions WHERE realm = ?1 AND external_id IN \
-                 (SELECT value FROM json_each(?2)) AND status = 'ACTIVE' \
-                 AND expires_at IS NOT NULL AND expires_at <= ?3",
-            )?,
-            params![cmd.realm, json("ids", ids)?, now],
-        )?,
-        DestroyTarget::User(user_id) => strings(
-            conn.prepare_cached(
-                "SELECT external_id FROM sessions WHERE realm = ?1 AND user_id = ?2 \
-                 AND status IN ('ACTIVE', 'ORPHANED')",
-            )?,
-            params![cmd.realm, user_id],
-        )?,
+        DestroyTarget::Parent(id) | DestroyTarget::Child(id) => target_seed(conn, cmd, id)?,
+        DestroyTarget::IdpSession(sid) => idp_session_seeds(conn, &cmd.realm, sid)?,
+        DestroyTarget::AllIdpSessions => all_idp_session_seeds(conn, &cmd.realm)?,
+        DestroyTarget::Expired(ids) => expired_seeds(conn, &cmd.realm, ids, now)?,
+        DestroyTarget::User(user_id) => user_seeds(conn, &cmd.realm, user_id)?,
     };
     if seeds.is_empty() {
         return Ok(Vec::new());
     }
+    end_trees(conn, cmd, &seeds, now)
+}
+
+/// The one root or child `id`, which must exist and be of the target's kind; none when it
+/// already ended (destroying twice is not an error).
+fn target_seed(conn: &Connection, cmd: &DestroyCommand, id: &String) -> Result<Vec<String>> {
+    let found = conn
+        .prepare_cached("SELECT kind, status FROM sessions WHERE realm = ?1 AND external_id = ?2")?
+        .query_row(params![cmd.realm, id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?;
+    let Some((kind, status)) = found else {
+        return Err(StoreError::NotFound(id.clone()));
+    };
+    let kind: SessionKind = kind.parse().map_err(|e| corrupt("kind", e))?;
+    crate::store::check_kind(&cmd.target, id, kind)?;
+    if status == SessionStatus::Destroyed.as_str() {
+        return Ok(Vec::new());
+    }
+    Ok(vec![id.clone()])
+}
+
+/// Seeds of the IdP session `sid` ending: its live PARENTs.
+fn idp_session_seeds(conn: &Connection, realm: &str, sid: &str) -> Result<Vec<String>> {
+    strings(
+        conn.prepare_cached(
+            "SELECT external_id FROM sessions WHERE realm = ?1 AND idp_session_id = ?2 \
+             AND kind = 'PARENT' AND status IN ('ACTIVE', 'ORPHANED')",
+        )?,
+        params![realm, sid],
+    )
+}
+
+/// Seeds of the IdP logging everyone out: the live PARENTs mapped to any IdP session.
+fn all_idp_session_seeds(conn: &Connection, realm: &str) -> Result<Vec<String>> {
+    strings(
+        conn.prepare_cached(
+            "SELECT external_id FROM sessions WHERE realm = ?1 \
+             AND idp_session_id IS NOT NULL AND kind = 'PARENT' \
+             AND status IN ('ACTIVE', 'ORPHANED')",
+        )?,
+        params![realm],
+    )
+}
+
+/// Seeds of a sweep: those of `ids` still expired. Looked at again here: a refresh may have
+/// moved the expiry since the sweeper read it.
+fn expired_seeds(conn: &Connection, realm: &str, ids: &[String], now: i64) -> Result<Vec<String>> {
+    strings(
+        conn.prepare_cached(
+            "SELECT external_id FROM sessions WHERE realm = ?1 AND external_id IN \
+             (SELECT value FROM json_each(?2)) AND status = 'ACTIVE' \
+             AND expires_at IS NOT NULL AND expires_at <= ?3",
+        )?,
+        params![realm, json("ids", ids)?, now],
+    )
+}
+
+/// Seeds of a user's sessions ending: all of their live sessions.
+fn user_seeds(conn: &Connection, realm: &str, user_id: &str) -> Result<Vec<String>> {
+    strings(
+        conn.prepare_cached(
+            "SELECT external_id FROM sessions WHERE realm = ?1 AND user_id = ?2 \
+             AND status IN ('ACTIVE', 'ORPHANED')",
+        )?,
+        params![realm, user_id],
+    )
+}
+
+/// Ends the trees below `seeds` and writes a `logout` event per ended session; refuses a
+/// limited destroy over its limit.
+fn end_trees(
+    conn: &Connection,
+    cmd: &DestroyCommand,
+    seeds: &[String],
+    now: i64,
+) -> Result<Vec<Session>> {
     if let Some(limit) = cmd.max_sessions {
         // Counted before the work, the walk stopping one past the limit: an oversized
         // destroy must not hold the writer for its whole tree only to be rolled back.
-        let live = count_live_tree(conn, &cmd.realm, &seeds, limit.saturating_add(1))?;
+        let live = count_live_tree(conn, &cmd.realm, seeds, limit.saturating_add(1))?;
         if live > limit {
             return Err(StoreError::CascadeTooLarge {
                 target: cmd.target.label(),
@@ -467,7 +590,7 @@ fn destroy_unguarded(conn: &Connection, cmd: &DestroyCommand, now: i64) -> Resul
             });
         }
     }
-    let mut changed = cascade(conn, cmd, &seeds, now)?;
+    let mut changed = cascade(conn, cmd, seeds, now)?;
     if let Some(limit) = cmd.max_sessions
         && changed.len() > limit
     {
