@@ -6,10 +6,9 @@
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -27,10 +26,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut response = (status, Json(body)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    let mut response = super::error::no_store_json(status, body);
+    response
+        .headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     response
 }
 

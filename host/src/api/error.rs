@@ -246,6 +246,21 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// A JSON answer that no cache may keep (`Cache-Control: no-store`): the shape every
+/// token- and event-carrying route answers with (RFC 6749 §5.1, RFC 8935, RFC 8936).
+pub(crate) fn no_store_json(
+    status: axum::http::StatusCode,
+    body: impl serde::Serialize,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

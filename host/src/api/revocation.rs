@@ -226,18 +226,15 @@ pub fn parse_body(bytes: &[u8]) -> Result<SubjectId, BodyError> {
 }
 
 fn refuse(status: StatusCode, error: &str, description: impl Into<String>) -> Response {
-    let mut response = (
+    let mut response = super::error::no_store_json(
         status,
-        Json(RevocationError {
+        RevocationError {
             error: error.to_owned(),
             error_description: description.into(),
-        }),
-    )
-        .into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        },
+    );
     if status == StatusCode::UNAUTHORIZED {
-        headers.insert(
+        response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer error=\"invalid_token\""),
         );

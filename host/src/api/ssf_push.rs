@@ -46,18 +46,13 @@ pub struct PushError {
 }
 
 fn refuse(status: StatusCode, err: &str, description: impl Into<String>) -> Response {
-    let mut response = (
+    super::error::no_store_json(
         status,
-        Json(PushError {
+        PushError {
             err: err.to_owned(),
             description: description.into(),
-        }),
+        },
     )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 /// Receives one SET from a transmitter of the realm.

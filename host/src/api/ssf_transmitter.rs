@@ -111,10 +111,7 @@ fn allowed(caller: &Caller, realm: &str) -> Result<(), ApiError> {
 }
 
 fn no_store(value: Value) -> Response {
-    let mut r = Json(value).into_response();
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    super::error::no_store_json(StatusCode::OK, value)
 }
 
 /// The service's transmitter metadata (issuer, keys, delivery methods; stream management is
