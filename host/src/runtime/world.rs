@@ -112,6 +112,26 @@ impl Hooks {
     }
 }
 
+/// The hook call of a version that has every hook (0.2.0 on): the generated modules differ
+/// in their types only, so the macro writes the same call for each.
+macro_rules! call_every_hook {
+    ($v:ident, $to_wit:ident, $hooks:ident, $instance:expr, $store:expr, $event:expr) => {{
+        use $v::HookError;
+        let wit_event = $to_wit($event);
+        let hooks = $instance.$hooks();
+        let answer = match $event.event_type {
+            EventType::Login => hooks.call_on_login(&mut *$store, &wit_event).await?,
+            EventType::Logout => hooks.call_on_logout(&mut *$store, &wit_event).await?,
+            EventType::Revoke => hooks.call_revoke(&mut *$store, &wit_event).await?,
+            EventType::Refresh => hooks.call_on_refresh(&mut *$store, &wit_event).await?,
+        };
+        Ok(answer.map_err(|e| match e {
+            HookError::Retry(m) => HookFailure::Retry(m),
+            HookError::Fail(m) => HookFailure::Fail(m),
+        }))
+    }};
+}
+
 /// An instance of a connector, of the version it targets.
 pub(super) enum Instance {
     V0_1_0(v0_1_0::ConnectorCore),
@@ -151,34 +171,24 @@ impl Instance {
                 }))
             }
             Instance::V0_2_0(instance) => {
-                use v0_2_0::HookError;
-                let wit_event = to_wit_v0_2_0(event);
-                let hooks = instance.lockstep_connector0_2_0_hooks();
-                let answer = match event.event_type {
-                    EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
-                    EventType::Logout => hooks.call_on_logout(&mut *store, &wit_event).await?,
-                    EventType::Revoke => hooks.call_revoke(&mut *store, &wit_event).await?,
-                    EventType::Refresh => hooks.call_on_refresh(&mut *store, &wit_event).await?,
-                };
-                Ok(answer.map_err(|e| match e {
-                    HookError::Retry(m) => HookFailure::Retry(m),
-                    HookError::Fail(m) => HookFailure::Fail(m),
-                }))
+                call_every_hook!(
+                    v0_2_0,
+                    to_wit_v0_2_0,
+                    lockstep_connector0_2_0_hooks,
+                    instance,
+                    store,
+                    event
+                )
             }
             Instance::V0_3_0(instance) => {
-                use v0_3_0::HookError;
-                let wit_event = to_wit_v0_3_0(event);
-                let hooks = instance.lockstep_connector0_3_0_hooks();
-                let answer = match event.event_type {
-                    EventType::Login => hooks.call_on_login(&mut *store, &wit_event).await?,
-                    EventType::Logout => hooks.call_on_logout(&mut *store, &wit_event).await?,
-                    EventType::Revoke => hooks.call_revoke(&mut *store, &wit_event).await?,
-                    EventType::Refresh => hooks.call_on_refresh(&mut *store, &wit_event).await?,
-                };
-                Ok(answer.map_err(|e| match e {
-                    HookError::Retry(m) => HookFailure::Retry(m),
-                    HookError::Fail(m) => HookFailure::Fail(m),
-                }))
+                call_every_hook!(
+                    v0_3_0,
+                    to_wit_v0_3_0,
+                    lockstep_connector0_3_0_hooks,
+                    instance,
+                    store,
+                    event
+                )
             }
         }
     }
