@@ -70,24 +70,10 @@ impl From<SsfError> for ApiError {
     }
 }
 
-/// The audit record of a receiver's change to its streams, in the realm.
-fn entry(caller: &Caller, action: AuditAction, realm: &str, detail: Value) -> AuditEntry {
-    let e = super::audit::entry(caller, action, Some(realm));
-    if detail.as_object().is_some_and(|d| d.is_empty()) {
-        e
-    } else {
-        e.detail(detail)
-    }
-}
-
 /// `ssf-stream-update` of stream `id` (`change`: what the call changes).
 fn stream_entry(caller: &Caller, realm: &str, id: Option<&str>, change: &str) -> AuditEntry {
-    let e = entry(
-        caller,
-        AuditAction::SsfStreamUpdate,
-        realm,
-        json!({ "change": change }),
-    );
+    let e = super::audit::entry(caller, AuditAction::SsfStreamUpdate, Some(realm))
+        .detail(json!({ "change": change }));
     match id {
         Some(id) => e.target(id),
         None => e,
@@ -198,7 +184,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     allowed(&caller, &realm)?;
     let t = &state.ssf_transmitter;
-    let audit = entry(&caller, AuditAction::SsfStreamCreate, &realm, json!({}));
+    let audit = super::audit::entry(&caller, AuditAction::SsfStreamCreate, Some(&realm));
     let made = t.create(&realm, caller.0.name(), req, audit.clone()).await;
     let stream = refused(&state, audit, made).await?;
     let view = t.view(&stream)?;
@@ -299,7 +285,8 @@ async fn remove(
     let id = q
         .stream_id
         .ok_or_else(|| ApiError::Validation("stream_id is required".into()))?;
-    let audit = entry(&caller, AuditAction::SsfStreamDelete, &realm, json!({})).target(id.as_str());
+    let audit = super::audit::entry(&caller, AuditAction::SsfStreamDelete, Some(&realm))
+        .target(id.as_str());
     let gone = state
         .ssf_transmitter
         .delete(&realm, &id, audit.clone())
