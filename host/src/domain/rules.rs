@@ -26,8 +26,8 @@ pub fn realm(name: &str) -> Result<(), ValidationError> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if name.is_empty() || name.len() > MAX_REALM_LEN || !ok_chars {
         return Err(ValidationError(format!(
-            "realm must be 1-{MAX_REALM_LEN} characters from [A-Za-z0-9._-], got {:?}",
-            truncate(name)
+            "realm must be 1-{MAX_REALM_LEN} characters from [A-Za-z0-9._-], got {}",
+            quoted(name)
         )));
     }
     Ok(())
@@ -72,14 +72,14 @@ pub fn attributes(attrs: &Attributes) -> Result<(), ValidationError> {
         }
         if key.chars().count() > MAX_ATTRIBUTE_KEY_LEN {
             return Err(ValidationError(format!(
-                "attribute key {:?} is longer than {MAX_ATTRIBUTE_KEY_LEN} characters",
-                truncate(key)
+                "attribute key {} is longer than {MAX_ATTRIBUTE_KEY_LEN} characters",
+                quoted(key)
             )));
         }
         if key.chars().any(char::is_control) {
             return Err(ValidationError(format!(
-                "attribute key {:?} contains control characters",
-                truncate(key)
+                "attribute key {} contains control characters",
+                quoted(key)
             )));
         }
         total += key.len() + value.len();
@@ -92,15 +92,16 @@ pub fn attributes(attrs: &Attributes) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Keeps echoed input short in error messages.
-fn truncate(s: &str) -> String {
-    const SHOWN: usize = 40;
-    if s.chars().count() <= SHOWN {
-        s.to_owned()
-    } else {
-        let head: String = s.chars().take(SHOWN).collect();
-        format!("{head}…")
+/// Quotes echoed input for an error message, escaped and bounded after escaping: one
+/// character can escape to eleven (`\u{100000}`), so bounding before would not bound.
+fn quoted(s: &str) -> String {
+    const SHOWN: usize = 60;
+    let mut escaped: String = s.escape_debug().take(SHOWN + 1).collect();
+    if escaped.chars().count() > SHOWN {
+        escaped = escaped.chars().take(SHOWN).collect();
+        escaped.push('…');
     }
+    format!("\"{escaped}\"")
 }
 
 #[cfg(test)]
@@ -116,6 +117,23 @@ mod tests {
         assert!(realm(&"x".repeat(65)).is_err());
         assert!(realm("a b").is_err());
         assert!(realm("ä").is_err());
+    }
+
+    #[test]
+    fn echoed_input_is_bounded_after_escaping() {
+        // Escaping first made a 40-character echo of `\u{100000}` 440 characters long.
+        let wide = "\u{100000}\u{10}".repeat(40);
+        for message in [
+            realm(&wide).unwrap_err().0,
+            attributes(&Attributes::from([(wide.clone(), String::new())]))
+                .unwrap_err()
+                .0,
+        ] {
+            assert!(message.chars().count() < 200, "{message}");
+            assert!(message.contains("\\u{100000}\\u{10}"), "{message}");
+            assert!(message.contains('…'), "{message}");
+        }
+        assert!(realm("a b").unwrap_err().0.ends_with("got \"a b\""));
     }
 
     #[test]
