@@ -9,6 +9,13 @@
 //! - `authorization` (optional): sent as the `Authorization` header (legacy endpoints with
 //!   their own auth).
 //! - `timeout_ms` (optional, default 5000): connect and first-byte timeout.
+//! - `format` (optional, default `json`): `json` posts the event as JSON; `set` posts it as a
+//!   Security Event Token signed by Lockstep (RFC 8417, pushed as RFC 8935 describes:
+//!   `content-type: application/secevent+jwt`, the compact JWS as the body), which the
+//!   receiver verifies with Lockstep's public JWKS. The HMAC of `secret` still applies, to
+//!   the token. Signing needs Lockstep's `[ssf_transmitter]` with a `public_url`; without it
+//!   every event fails with the reason.
+//! - `set_audience` (optional, default `url`): the token's `aud`, for `format = "set"`.
 //!
 //! 2xx is success; 5xx, 408, 429 and network failures ask for a retry; other statuses and a
 //! destination outside `allowed_hosts` fail permanently.
@@ -18,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
-use lockstep_connector::{Connector, HookError, SessionEvent, config, http, json, log};
+use lockstep_connector::{Connector, HookError, SessionEvent, config, http, json, log, signing};
 use sha2::Sha256;
 
 struct Webhook;
@@ -43,11 +50,47 @@ impl Connector for Webhook {
 
 lockstep_connector::export_connector!(Webhook);
 
+/// What the body of a delivery is.
+enum Format {
+    /// The event as JSON.
+    Json,
+    /// The event as a SET signed by Lockstep, for this audience.
+    Set { audience: String },
+}
+
+impl Format {
+    fn from_config(url: &str) -> Result<Self, HookError> {
+        match config::get("format").as_deref() {
+            None | Some("json") => Ok(Format::Json),
+            Some("set") => Ok(Format::Set {
+                audience: config::get("set_audience").unwrap_or_else(|| url.to_owned()),
+            }),
+            Some(other) => Err(HookError::Fail(format!(
+                "config `format` is {other:?}; expected \"json\" or \"set\""
+            ))),
+        }
+    }
+}
+
 fn deliver(event: &SessionEvent) -> Result<(), HookError> {
     let url = config::require("url")?;
     let timeout = Duration::from_millis(config::get_u64("timeout_ms", 5000)?);
-    let body = json::event_bytes(event);
     let mut request = http::Request::post(&url).timeout(timeout);
+    let body = match Format::from_config(&url)? {
+        Format::Json => {
+            let body = json::event_bytes(event);
+            request = request.header("content-type", "application/json");
+            body
+        }
+        Format::Set { audience } => {
+            let token = signing::sign_event(&audience)?;
+            // RFC 8935: a receiver that refuses the token explains why in JSON.
+            request = request
+                .header("content-type", signing::CONTENT_TYPE)
+                .header("accept", "application/json");
+            token.into_bytes()
+        }
+    };
     if let Some(secret) = config::get("secret") {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -63,7 +106,7 @@ fn deliver(event: &SessionEvent) -> Result<(), HookError> {
     if let Some(auth) = config::get("authorization") {
         request = request.header("authorization", &auth);
     }
-    let response = request.json(body).send()?;
+    let response = request.body(body).send()?;
     if (200..300).contains(&response.status) {
         Ok(())
     } else {

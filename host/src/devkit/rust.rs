@@ -52,6 +52,10 @@ const SDK_SOURCES: &[TemplateFile] = &[
     ("src/http.rs", include_str!("../../../sdk/rust/src/http.rs")),
     ("src/json.rs", include_str!("../../../sdk/rust/src/json.rs")),
     ("src/log.rs", include_str!("../../../sdk/rust/src/log.rs")),
+    (
+        "src/signing.rs",
+        include_str!("../../../sdk/rust/src/signing.rs"),
+    ),
 ];
 
 /// The crate's manifest inherits from the workspace, which a vendored copy does not have.

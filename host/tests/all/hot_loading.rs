@@ -716,7 +716,7 @@ async fn uploads_and_states_survive_a_restart_without_recompiling() {
         .await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
     assert_eq!(body["connector"]["compiledFrom"], "compiler");
-    assert_eq!(body["connector"]["world"], "lockstep:connector@0.2.0");
+    assert_eq!(body["connector"]["world"], "lockstep:connector@0.3.0");
     let version = body["connector"]["version"].clone();
     // Identical bytes and manifest: a no-op.
     let (code, body) = server

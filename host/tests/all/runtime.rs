@@ -324,7 +324,7 @@ async fn webhook_posts_refresh_events_with_the_new_expiry() {
         ))
         .await
         .unwrap();
-    assert_eq!(webhook.world, World::V0_2_0);
+    assert_eq!(webhook.world, World::V0_3_0);
     let mut ev = event(EventType::Refresh);
     ev.expires_at = Some("2030-01-02T03:04:05.678Z".parse().unwrap());
     runtime.call(&webhook, &ev).await.unwrap();
@@ -392,12 +392,12 @@ async fn a_0_1_0_component_subscribed_to_refresh_is_refused() {
             if message.contains("refresh needs lockstep:connector@0.2.0")),
         "{refused:?}"
     );
-    // The same subscription is fine for a 0.2.0 component.
+    // The same subscription is fine for a later component.
     let hostile = runtime
         .load(hostile("ok", "events = [\"login\", \"refresh\"]"))
         .await
         .unwrap();
-    assert_eq!(hostile.world, World::V0_2_0);
+    assert_eq!(hostile.world, World::V0_3_0);
     assert_eq!(
         runtime.call(&hostile, &event(EventType::Refresh)).await,
         Ok(())

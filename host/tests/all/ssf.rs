@@ -76,7 +76,7 @@ async fn transmitter_with(backend: Backend, extra: &str) -> Server {
 
 // ---- the receiver ----------------------------------------------------------------------
 
-/// What the receiver was sent, and how it answers (202, or 400 with an `err`).
+/// What the receiver was sent, and how it answers (202, or `refuse` with an `err`).
 #[derive(Default)]
 struct Inbox {
     sets: Mutex<Vec<(String, Option<String>)>>,
@@ -117,9 +117,10 @@ async fn push_endpoint(
         .lock()
         .unwrap()
         .push((String::from_utf8(body.to_vec()).unwrap(), auth));
-    if inbox.refuse.load(Ordering::SeqCst) == 400 {
+    let refuse = inbox.refuse.load(Ordering::SeqCst);
+    if refuse != 0 {
         return (
-            StatusCode::BAD_REQUEST,
+            StatusCode::from_u16(refuse).unwrap(),
             axum::Json(json!({"err": "invalid_key", "description": "test refuses"})),
         )
             .into_response();
@@ -156,6 +157,39 @@ impl PushReceiver {
             "expected {n} SETs, got {:?}",
             self.inbox.sets.lock().unwrap().len()
         );
+    }
+}
+
+/// The event type and session id of a SET, read without verifying it (to find it; tests
+/// verify what they then check).
+fn unverified_event(jwt: &str) -> (String, String) {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let event = claims["events"].as_object().unwrap().keys().next().unwrap();
+    let session = claims["sub_id"]["session"]["id"].as_str().unwrap_or("");
+    (event.clone(), session.to_owned())
+}
+
+impl PushReceiver {
+    /// Waits (at most 15 s) for a SET of `event` about session `sid`; returns it.
+    async fn wait_for_event(&self, event: &str, sid: &str) -> String {
+        for _ in 0..300 {
+            let got = self.inbox.sets.lock().unwrap().clone();
+            if let Some((jwt, _)) = got
+                .into_iter()
+                .find(|(jwt, _)| unverified_event(jwt) == (event.to_owned(), sid.to_owned()))
+            {
+                return jwt;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {event} SET about {sid}");
     }
 }
 
@@ -1103,8 +1137,154 @@ async fn an_unusable_configured_key_stops_the_start() {
     );
 }
 
+/// The bundled webhook connector with `format = "set"`: every event reaches the legacy
+/// receiver as a SET that Lockstep signed (the component never holds the key), verifiable
+/// with the public JWKS; a redelivery repeats the `jti`; after a key rotation the new key
+/// signs; without a transmitter the event is a dead letter that says why.
+async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
+    const AUDIENCE: &str = "urn:legacy:portal";
+    let rx = push_receiver().await;
+    let manifest = |format: &str| {
+        format!(
+            "name = \"signed\"\nrealms = [\"acme\"]\n\
+             allowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n\
+             [policy]\non_failure = \"retry\"\nmax_attempts = 20\nbackoff_ms = 20\nmax_backoff_ms = 100\n\
+             [config]\nurl = \"{}\"\nformat = \"{format}\"\nset_audience = \"{AUDIENCE}\"\n\
+             authorization = \"Bearer legacy-token\"\n",
+            rx.origin, rx.url
+        )
+    };
+    let webhook = || std::fs::read(common::components::component("webhook")).unwrap();
+    let server = transmitter(backend).await;
+    let iss = format!("{}/realms/acme", server.base);
+    let (status, body) = server
+        .put_connector("signed", &manifest("set"), Some(webhook()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["connector"]["world"], "lockstep:connector@0.3.0");
+
+    // The receiver is down at first: the login's SET is retried with the same jti.
+    rx.inbox.refuse.store(503, Ordering::SeqCst);
+    map_parent(&server, "legacy-1", "kc-sid-1", "user-1").await;
+    rx.wait_for(2).await;
+    rx.inbox.refuse.store(0, Ordering::SeqCst);
+    destroy_parent(&server, "legacy-1").await;
+    let logout_jwt = rx.wait_for_event(REVOKED, "kc-sid-1").await;
+    let keys = jwks(&server).await;
+    let got = rx.inbox.sets.lock().unwrap().clone();
+    let logins: Vec<Value> = got
+        .iter()
+        .filter(|(jwt, _)| unverified_event(jwt) == (ESTABLISHED.into(), "kc-sid-1".into()))
+        .map(|(jwt, auth)| {
+            assert_eq!(auth.as_deref(), Some("Bearer legacy-token"));
+            verify_set(jwt, &keys, &iss, AUDIENCE)
+        })
+        .collect();
+    assert!(logins.len() >= 2, "refused, then sent again: {logins:?}");
+    assert!(
+        logins
+            .iter()
+            .all(|c| c["jti"] == logins[0]["jti"] && c["txn"] == logins[0]["txn"]),
+        "every attempt at the login carries one jti: {logins:?}"
+    );
+    let logout = verify_set(&logout_jwt, &keys, &iss, AUDIENCE);
+    assert_eq!(
+        logout["events"][REVOKED]["initiating_entity"], "user",
+        "{logout}"
+    );
+    assert_ne!(logout["jti"], logins[0]["jti"]);
+    assert_eq!(logout["sub_id"]["session"]["id"], "kc-sid-1");
+    assert_eq!(logout["sub_id"]["user"]["id"], "user-1");
+
+    // After a rotation the new key signs; the receiver finds it in the JWKS.
+    let old_kid = jsonwebtoken::decode_header(&logout_jwt)
+        .unwrap()
+        .kid
+        .unwrap();
+    let (status, rotated) = call(
+        reqwest::Method::POST,
+        format!("{}/admin/ssf/signing-keys/rotate", server.base),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    map_parent(&server, "legacy-2", "kc-sid-2", "user-2").await;
+    let jwt = rx.wait_for_event(ESTABLISHED, "kc-sid-2").await;
+    let kid = jsonwebtoken::decode_header(&jwt).unwrap().kid.unwrap();
+    assert_ne!(kid, old_kid);
+    assert!(rotated["kids"].as_array().unwrap().contains(&json!(kid)));
+    verify_set(&jwt, &jwks(&server).await, &iss, AUDIENCE);
+    drop(server);
+
+    // No transmitter, no key: nothing is sent, and the dead letter says what to configure.
+    let server = Server::start(backend).await;
+    let sent = rx.inbox.sets.lock().unwrap().len();
+    let (status, body) = server
+        .put_connector("signed", &manifest("set"), Some(webhook()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    map_parent(&server, "legacy-3", "kc-sid-3", "user-3").await;
+    let dead = dead_letter(&server, "signed").await;
+    assert!(
+        dead["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("signed events are not available"),
+        "{dead}"
+    );
+    // A format the connector does not know is refused the same way.
+    let (status, body) = server
+        .put_connector("signed", &manifest("xml"), Some(webhook()))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    map_parent(&server, "legacy-4", "kc-sid-4", "user-4").await;
+    let mut dead = Value::Null;
+    for _ in 0..200 {
+        let (_, page) = server
+            .admin_get("/admin/deliveries?connector=signed&status=dead")
+            .await;
+        if let Some(d) = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["lastError"].as_str().unwrap_or("").contains("format"))
+        {
+            dead = d.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        dead["lastError"].as_str().unwrap().contains("\"xml\""),
+        "{dead}"
+    );
+    assert_eq!(
+        rx.inbox.sets.lock().unwrap().len(),
+        sent,
+        "nothing was sent"
+    );
+}
+
+/// The first dead letter of `connector` (waits at most 10 s).
+async fn dead_letter(server: &Server, connector: &str) -> Value {
+    for _ in 0..200 {
+        let (_, page) = server
+            .admin_get(&format!(
+                "/admin/deliveries?connector={connector}&status=dead"
+            ))
+            .await;
+        if let Some(first) = page["items"].as_array().and_then(|a| a.first()) {
+            return first.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no dead letter for {connector}");
+}
+
 on_both_backends!(
     push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf,
+    the_webhook_connector_sends_sets_lockstep_signed,
     poll_stream_serves_sets_until_they_are_acknowledged,
     stream_management_is_authorised_per_realm,
     configured_signing_keys_are_the_only_keys,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::wit::lockstep::connector0_2_0::host;
+use crate::wit::lockstep::connector0_3_0::host;
 
 /// The value stored under `key`, unless it expired or was never stored.
 pub fn get(key: &str) -> Option<String> {

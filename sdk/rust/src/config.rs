@@ -1,7 +1,7 @@
 //! The connector's `[config]` table from its manifest.
 
 use crate::HookError;
-use crate::wit::lockstep::connector0_2_0::host;
+use crate::wit::lockstep::connector0_3_0::host;
 
 /// A config value, if the manifest sets it.
 pub fn get(key: &str) -> Option<String> {

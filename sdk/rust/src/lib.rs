@@ -1,10 +1,11 @@
 //! Write [Lockstep](https://example.invalid/lockstep) connectors in Rust.
 //!
-//! A connector is a WebAssembly component targeting the `lockstep:connector@0.2.0` world: the
+//! A connector is a WebAssembly component targeting the `lockstep:connector@0.3.0` world: the
 //! host calls its hooks whenever a session begins, ends or is extended, and the connector
-//! tells a legacy system about it. This crate gives you the bindings, a [`Connector`] trait whose hooks default to
-//! "nothing to do", typed access to the connector's `[config]`, logging, and an HTTP client
-//! over `wasi:http` that maps failures to the right [`HookError`].
+//! tells a legacy system about it. This crate gives you the bindings, a [`Connector`] trait
+//! whose hooks default to "nothing to do", typed access to the connector's `[config]`,
+//! logging, an HTTP client over `wasi:http` that maps failures to the right [`HookError`], and
+//! [`signing`]: the current event as a Security Event Token signed by Lockstep.
 //!
 //! ```no_run
 //! use lockstep_connector::{Connector, HookError, SessionEvent, config, http};
@@ -35,16 +36,17 @@ pub mod config;
 pub mod http;
 pub mod json;
 pub mod log;
+pub mod signing;
 
-/// Generated bindings of the `connector-core` world of `lockstep:connector@0.2.0`. Use the
-/// re-exports instead. (`wit/` also holds the frozen 0.1.0 package, so generated module paths
-/// carry the version.)
+/// Generated bindings of the `connector-core` world of `lockstep:connector@0.3.0`. Use the
+/// re-exports instead. (`wit/` also holds the frozen 0.1.0 and 0.2.0 packages, so generated
+/// module paths carry the version.)
 #[doc(hidden)]
 #[allow(missing_docs, clippy::all, unsafe_code)]
 pub mod wit {
     wit_bindgen::generate!({
         path: "wit",
-        world: "lockstep:connector/connector-core@0.2.0",
+        world: "lockstep:connector/connector-core@0.3.0",
         pub_export_macro: true,
         export_macro_name: "export",
         default_bindings_module: "lockstep_connector::wit",
@@ -52,7 +54,7 @@ pub mod wit {
     });
 }
 
-pub use wit::lockstep::connector0_2_0::session::{EventType, HookError, SessionEvent, SessionKind};
+pub use wit::lockstep::connector0_3_0::session::{EventType, HookError, SessionEvent, SessionKind};
 
 /// A connector's hooks. Each defaults to doing nothing, so implement only what the legacy
 /// system needs. Return [`HookError::Retry`] when trying again can help (the peer is down,
@@ -85,7 +87,7 @@ pub trait Connector {
     }
 }
 
-impl<T: Connector> wit::exports::lockstep::connector0_2_0::hooks::Guest for T {
+impl<T: Connector> wit::exports::lockstep::connector0_3_0::hooks::Guest for T {
     fn on_login(event: SessionEvent) -> Result<(), HookError> {
         <T as Connector>::on_login(event)
     }

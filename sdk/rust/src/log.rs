@@ -1,7 +1,7 @@
 //! Logging through the host (tagged there with the connector and event; length- and
 //! count-capped per call).
 
-use crate::wit::lockstep::connector0_2_0::host::{self, Level};
+use crate::wit::lockstep::connector0_3_0::host::{self, Level};
 
 /// Debug detail.
 pub fn debug(message: &str) {
