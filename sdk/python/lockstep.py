@@ -1,4 +1,4 @@
-"""Lockstep connector SDK for Python (lockstep:connector@0.2.0).
+"""Lockstep connector SDK for Python (lockstep:connector@0.3.0).
 
 `lockstep connector new --lang python` copies this file into your project beside app.py;
 `lockstep connector build` turns app.py into a WebAssembly component with componentize-py.
@@ -19,13 +19,13 @@ from typing import Dict, Optional
 
 from componentize_py_types import Err, Ok
 from wit_world import exports
-from wit_world.imports import host, outgoing_handler, streams
+from wit_world.imports import host, outgoing_handler, signing, streams
 from wit_world.imports import types as _http
 from wit_world.imports.session import HookError_Fail, HookError_Retry, SessionEvent
 
 __all__ = [
     "Connector", "Retry", "Fail", "SessionEvent", "config", "log", "cache", "http",
-    "basic_auth", "path_segment",
+    "basic_auth", "path_segment", "sign_event", "SET_CONTENT_TYPE",
 ]
 
 HOOKS = ("on_login", "on_logout", "revoke", "on_refresh")
@@ -232,6 +232,23 @@ def _transport_error(where: str, code) -> Exception:
 
 
 http = _Http()
+
+
+SET_CONTENT_TYPE = "application/secevent+jwt"
+"""The media type of a SET in an HTTP body."""
+
+
+def sign_event(audience: str) -> str:
+    """The event of the current hook call as a Security Event Token (RFC 8417, compact JWS)
+    for `audience` (its `aud`), signed by Lockstep with its Shared Signals transmitter key;
+    receivers verify it with Lockstep's public JWKS. The key never enters the component and
+    the host builds the token from the event being delivered. The `jti` is the same on every
+    redelivery. Raises `Fail` when the host signs nothing (no transmitter configured, a bad
+    audience, more than four calls in one hook)."""
+    try:
+        return signing.sign_event(audience)
+    except Err as e:
+        raise Fail(f"signing the event failed: {e.value}")
 
 
 def basic_auth(user: str, password: str) -> str:

@@ -1,7 +1,7 @@
 //! JavaScript/TypeScript connectors: the template (`sdk/js/template/` plus the vendored SDK,
 //! `sdk/js/src/`) and the build: esbuild bundles `src/connector.ts` (or `.js`) into one ES
 //! module, and componentize-js (the Bytecode Alliance's SpiderMonkey-based toolchain) turns
-//! it into a component of the `lockstep:connector/connector@0.2.0` world.
+//! it into a component of the `lockstep:connector/connector@0.3.0` world.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,7 +97,7 @@ pub fn build(project: &Project, tools: &Tools) -> Result<(), DevkitError> {
         .arg(&wit)
         .args([
             "--world-name",
-            "lockstep:connector/connector@0.2.0",
+            "lockstep:connector/connector@0.3.0",
             "--disable",
         ])
         .args(DISABLED_FEATURES)

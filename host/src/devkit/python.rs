@@ -1,7 +1,7 @@
 //! Python connectors: the template (`sdk/python/template/` plus the vendored SDK,
 //! `sdk/python/lockstep.py`) and the build: componentize-py (the Bytecode Alliance's
 //! CPython-based toolchain) turns `app.py` into a component of the
-//! `lockstep:connector/connector@0.2.0` world.
+//! `lockstep:connector/connector@0.3.0` world.
 //!
 //! The component is built without `--stub-wasi`: that flag also stubs wasi:http, which the
 //! SDK's `http` needs. CPython then imports wasi:filesystem, wasi:cli/environment and
@@ -59,7 +59,7 @@ pub fn build(project: &Project, tools: &Tools) -> Result<(), DevkitError> {
         .arg(&wit)
         .args([
             "--world",
-            "lockstep:connector/connector@0.2.0",
+            "lockstep:connector/connector@0.3.0",
             "componentize",
             "app",
         ])

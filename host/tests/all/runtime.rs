@@ -382,7 +382,7 @@ async fn a_0_1_0_component_loads_and_its_three_hooks_are_called() {
 }
 
 #[tokio::test]
-async fn a_0_1_0_component_subscribed_to_refresh_is_refused() {
+async fn refresh_needs_a_0_2_0_component_or_later() {
     let runtime = Runtime::new(None).unwrap();
     let refused = runtime
         .load(connector_v0_1_0("events = [\"login\", \"refresh\"]"))
@@ -392,14 +392,37 @@ async fn a_0_1_0_component_subscribed_to_refresh_is_refused() {
             if message.contains("refresh needs lockstep:connector@0.2.0")),
         "{refused:?}"
     );
-    // The same subscription is fine for a later component.
-    let hostile = runtime
+    // A component built against the frozen 0.2.0 gets refreshes through its own hook, with
+    // the 0.2.0 host interface.
+    let frozen = runtime
+        .load(manifest(
+            "legacy",
+            "connector_v0_2_0",
+            "events = [\"login\", \"refresh\"]\n[config]\nanswer = \"echo\"\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(frozen.world, World::V0_2_0);
+    assert_eq!(
+        runtime.call(&frozen, &event(EventType::Login)).await,
+        Err(HookFailure::Fail(
+            "on-login login portal-session-001 previous=-".into()
+        ))
+    );
+    assert_eq!(
+        runtime.call(&frozen, &event(EventType::Refresh)).await,
+        Err(HookFailure::Fail(
+            "on-refresh refresh portal-session-001 previous=on-login".into()
+        ))
+    );
+    // And so does one of today's version.
+    let current = runtime
         .load(hostile("ok", "events = [\"login\", \"refresh\"]"))
         .await
         .unwrap();
-    assert_eq!(hostile.world, World::V0_3_0);
+    assert_eq!(current.world, World::V0_3_0);
     assert_eq!(
-        runtime.call(&hostile, &event(EventType::Refresh)).await,
+        runtime.call(&current, &event(EventType::Refresh)).await,
         Ok(())
     );
 }

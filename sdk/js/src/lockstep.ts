@@ -1,4 +1,4 @@
-// Lockstep connector SDK for JavaScript and TypeScript (lockstep:connector@0.2.0).
+// Lockstep connector SDK for JavaScript and TypeScript (lockstep:connector@0.3.0).
 //
 // `lockstep connector new --lang js` copies this file into your project as src/lockstep.ts;
 // `lockstep connector build` bundles it with your code (esbuild) and turns the bundle into a
@@ -13,7 +13,8 @@ import {
   cacheSet,
   configGet,
   log as hostLog,
-} from "lockstep:connector/host@0.2.0";
+} from "lockstep:connector/host@0.3.0";
+import { signEvent as hostSignEvent } from "lockstep:connector/signing@0.3.0";
 
 /** What happened to the session. */
 export type EventType = "login" | "logout" | "revoke" | "refresh";
@@ -126,6 +127,27 @@ export const log = {
   info: (message: string) => hostLog("info", message),
   warn: (message: string) => hostLog("warn", message),
   error: (message: string) => hostLog("error", message),
+};
+
+/** Signed events: the event of the current hook call as a Security Event Token (RFC 8417)
+ * that Lockstep signs with its Shared Signals transmitter key; receivers verify it with
+ * Lockstep's public JWKS. The key never enters the component, and the host builds the token
+ * from the event being delivered: you choose only the audience (`aud`). */
+export const signing = {
+  /** The media type of a SET in an HTTP body. */
+  contentType: "application/secevent+jwt",
+  /** The compact JWS of the SET about the current event for `audience`; the same `jti` on
+   * every redelivery. Throws `Fail` when the host signs nothing (no transmitter configured,
+   * a bad audience, more than four calls in one hook). */
+  signEvent(audience: string): string {
+    try {
+      return hostSignEvent(audience);
+    } catch (e) {
+      const reason =
+        typeof e === "object" && e !== null && "payload" in e ? String(e.payload) : String(e);
+      throw new Fail(`signing the event failed: ${reason}`);
+    }
+  },
 };
 
 /** A small in-memory store per connector version that outlives one call (an access token):
