@@ -5,7 +5,10 @@
 //!
 //! Run: `cargo xtask build-connectors && cargo bench -p lockstep --bench hooks`
 //! (`-- --calls N` to change the sample size; `-- --only fresh` or `-- --only webhook` runs
-//! only the fresh-instance or the pooled-webhook loop, for a profiler). Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
+//! only the fresh-instance or the pooled-webhook loops, for a profiler). The fresh-instance and
+//! pooled-webhook calls are timed twice: from a Tokio worker of the bench (a hop to a hook
+//! thread and back per call) and on a hook thread, as the dispatcher calls (in place).
+//! Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
 //! Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -153,12 +156,43 @@ fn webhook_manifest(addr: std::net::SocketAddr, pool: &str) -> Manifest {
     Manifest::parse(&text, Path::new("."), "webhook").unwrap()
 }
 
+const FRESH_IN_PLACE: &str =
+    "hook call, fresh instance, on a hook thread as deliveries call (no-op connector)";
+const WEBHOOK_IN_PLACE: &str =
+    "webhook connector → loopback receiver, pooled, on a hook thread as deliveries call";
+
+/// One table row: median, p99 and host CPU per call.
+fn row(figure: &str, s: &Stats) {
+    println!(
+        "| {figure} | {:.1} µs | {:.1} µs | {} |",
+        s.median_us,
+        s.p99_us,
+        cpu(s)
+    );
+}
+
 fn noop_manifest(extra: &str) -> Manifest {
     let text = format!(
         "name = \"noop\"\ncomponent = \"{}\"\n{extra}\n[config]\nmode = \"ok\"\n",
         component("hostile").display()
     );
     Manifest::parse(&text, Path::new("."), "noop").unwrap()
+}
+
+/// [`sequential`] run on a hook thread, as the dispatcher makes its calls (each delivery is a
+/// task there, so the call runs in place): no hop from the caller's thread and back.
+async fn sequential_in_place(
+    runtime: &Runtime,
+    connector: &Arc<lockstep::runtime::LoadedConnector>,
+    ev: &SyncEvent,
+    calls: usize,
+) -> Stats {
+    let threads = lockstep::runtime::delivery_threads().expect("hook threads");
+    let (runtime, connector, ev) = (runtime.clone(), connector.clone(), ev.clone());
+    threads
+        .spawn(async move { sequential(&runtime, &connector, &ev, calls).await })
+        .await
+        .unwrap()
 }
 
 /// Sequential calls of `connector`, each timed.
@@ -194,25 +228,22 @@ async fn run(calls: usize, only: Option<&str>) {
     let ev = event();
     // 1. Sequential: fresh store + instantiate + on-login + drop.
     let hook = sequential(&runtime, &noop, &ev, calls).await;
+    let hook_in_place = sequential_in_place(&runtime, &noop, &ev, calls).await;
     if only == Some("webhook") {
         let (waddr, _) = receiver().await;
         let pooled = runtime.load(webhook_manifest(waddr, "")).await.unwrap();
         let s = sequential(&runtime, &pooled, &ev, calls).await;
-        println!(
-            "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs | {} |",
-            s.median_us,
-            s.p99_us,
-            cpu(&s)
+        let in_place = sequential_in_place(&runtime, &pooled, &ev, calls).await;
+        row(
+            "webhook connector → loopback receiver, pooled keep-alive connection",
+            &s,
         );
+        row(WEBHOOK_IN_PLACE, &in_place);
         return;
     }
     if only == Some("fresh") {
-        println!(
-            "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs | {} |",
-            hook.median_us,
-            hook.p99_us,
-            cpu(&hook)
-        );
+        row("hook call, fresh instance (no-op connector)", &hook);
+        row(FRESH_IN_PLACE, &hook_in_place);
         return;
     }
     // 1b. The same with `reuse_instance`: a warm instance serves the call.
@@ -269,6 +300,7 @@ async fn run(calls: usize, only: Option<&str>) {
     let webhook = |pool: &'static str| webhook_manifest(waddr, pool);
     let pooled = runtime.load(webhook("")).await.unwrap();
     let webhook_pooled = sequential(&runtime, &pooled, &ev, calls.min(5_000)).await;
+    let webhook_in_place = sequential_in_place(&runtime, &pooled, &ev, calls.min(5_000)).await;
     let unpooled = runtime
         .load(webhook("max_idle_per_host = 0"))
         .await
@@ -277,7 +309,7 @@ async fn run(calls: usize, only: Option<&str>) {
     println!(
         "# webhook connections opened: pooled {} for {} calls, unpooled {}",
         pooled.connections().opened(),
-        calls.min(5_000) + calls.min(5_000).min(500),
+        2 * (calls.min(5_000) + calls.min(5_000).min(500)),
         unpooled.connections().opened()
     );
 
@@ -285,17 +317,11 @@ async fn run(calls: usize, only: Option<&str>) {
 
     println!("| figure | median | p99 | host CPU per call (all threads but the receiver's) |");
     println!("|---|---|---|---|");
-    println!(
-        "| hook call, fresh instance (no-op connector) | {:.1} µs | {:.1} µs | {} |",
-        hook.median_us,
-        hook.p99_us,
-        cpu(&hook)
-    );
-    println!(
-        "| hook call, warm instance (`reuse_instance`, no-op connector) | {:.1} µs | {:.1} µs | {} |",
-        warm.median_us,
-        warm.p99_us,
-        cpu(&warm)
+    row("hook call, fresh instance (no-op connector)", &hook);
+    row(FRESH_IN_PLACE, &hook_in_place);
+    row(
+        "hook call, warm instance (`reuse_instance`, no-op connector)",
+        &warm,
     );
     println!(
         "| loopback HTTP POST, keep-alive | {:.1} µs | {:.1} µs | - |",
@@ -305,17 +331,14 @@ async fn run(calls: usize, only: Option<&str>) {
         "| loopback HTTP POST, new connection | {:.1} µs | {:.1} µs | - |",
         newconn.median_us, newconn.p99_us
     );
-    println!(
-        "| webhook connector → loopback receiver, pooled keep-alive connection | {:.1} µs | {:.1} µs | {} |",
-        webhook_pooled.median_us,
-        webhook_pooled.p99_us,
-        cpu(&webhook_pooled)
+    row(
+        "webhook connector → loopback receiver, pooled keep-alive connection",
+        &webhook_pooled,
     );
-    println!(
-        "| webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`) | {:.1} µs | {:.1} µs | {} |",
-        webhook_unpooled.median_us,
-        webhook_unpooled.p99_us,
-        cpu(&webhook_unpooled)
+    row(WEBHOOK_IN_PLACE, &webhook_in_place);
+    row(
+        "webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`)",
+        &webhook_unpooled,
     );
     println!(
         "| destroy-parent (3 sessions) → 2 webhook connectors called 3 times each | {:.1} µs | {:.1} µs | - |",
