@@ -545,21 +545,9 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
 
     // Key rotation: a new kid signs; the old one stays published and verifies old SETs.
     let old_kid = jsonwebtoken::decode_header(&got[4].0).unwrap().kid.unwrap();
-    let (status, rotated) = call(
-        reqwest::Method::POST,
-        format!("{}/admin/ssf/signing-keys/rotate", server.base),
-        Some(TOKEN),
-        None,
-    )
-    .await;
+    let (status, rotated) = rotate(&server, TOKEN).await;
     assert_eq!(status, StatusCode::OK, "{rotated}");
-    let (status, _) = call(
-        reqwest::Method::POST,
-        format!("{}/admin/ssf/signing-keys/rotate", server.base),
-        Some("rx-acme-key"),
-        None,
-    )
-    .await;
+    let (status, _) = rotate(&server, "rx-acme-key").await;
     assert_eq!(
         status,
         StatusCode::FORBIDDEN,
@@ -590,17 +578,7 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     map_parent(&server, "legacy-6", "kc-sid-6", "user-6").await;
     destroy_parent(&server, "legacy-6").await;
     let target = format!("ssf:{id}");
-    let mut dead = Value::Null;
-    for _ in 0..200 {
-        let (_, page) = server
-            .admin_get(&format!("/admin/deliveries?connector={target}&status=dead"))
-            .await;
-        if page["items"].as_array().is_some_and(|i| !i.is_empty()) {
-            dead = page["items"][0].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = dead_letter(&server, &target, "").await;
     assert_eq!(dead["status"], "dead", "{dead}");
     assert!(
         dead["lastError"].as_str().unwrap().contains("invalid_key"),
@@ -1088,13 +1066,7 @@ async fn configured_signing_keys_are_the_only_keys(backend: Backend) {
     )
     .unwrap();
 
-    let (status, problem) = call(
-        reqwest::Method::POST,
-        format!("{}/admin/ssf/signing-keys/rotate", server.base),
-        Some(TOKEN),
-        None,
-    )
-    .await;
+    let (status, problem) = rotate(&server, TOKEN).await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
     assert_eq!(jwks(&server).await.keys.len(), 3, "nothing generated");
 }
@@ -1201,13 +1173,7 @@ async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
         .unwrap()
         .kid
         .unwrap();
-    let (status, rotated) = call(
-        reqwest::Method::POST,
-        format!("{}/admin/ssf/signing-keys/rotate", server.base),
-        Some(TOKEN),
-        None,
-    )
-    .await;
+    let (status, rotated) = rotate(&server, TOKEN).await;
     assert_eq!(status, StatusCode::OK, "{rotated}");
     map_parent(&server, "legacy-2", "kc-sid-2", "user-2").await;
     let jwt = rx.wait_for_event(ESTABLISHED, "kc-sid-2").await;
@@ -1225,36 +1191,14 @@ async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     map_parent(&server, "legacy-3", "kc-sid-3", "user-3").await;
-    let dead = dead_letter(&server, "signed").await;
-    assert!(
-        dead["lastError"]
-            .as_str()
-            .unwrap()
-            .contains("signed events are not available"),
-        "{dead}"
-    );
+    dead_letter(&server, "signed", "signed events are not available").await;
     // A format the connector does not know is refused the same way.
     let (status, body) = server
         .put_connector("signed", &manifest("xml"), Some(webhook()))
         .await;
     assert!(status.is_success(), "{status} {body}");
     map_parent(&server, "legacy-4", "kc-sid-4", "user-4").await;
-    let mut dead = Value::Null;
-    for _ in 0..200 {
-        let (_, page) = server
-            .admin_get("/admin/deliveries?connector=signed&status=dead")
-            .await;
-        if let Some(d) = page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["lastError"].as_str().unwrap_or("").contains("format"))
-        {
-            dead = d.clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let dead = dead_letter(&server, "signed", "format").await;
     assert!(
         dead["lastError"].as_str().unwrap().contains("\"xml\""),
         "{dead}"
@@ -1266,20 +1210,34 @@ async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
     );
 }
 
-/// The first dead letter of `connector` (waits at most 10 s).
-async fn dead_letter(server: &Server, connector: &str) -> Value {
+/// The first dead letter of `connector` whose error holds `error` (waits at most 10 s).
+async fn dead_letter(server: &Server, connector: &str, error: &str) -> Value {
     for _ in 0..200 {
         let (_, page) = server
             .admin_get(&format!(
                 "/admin/deliveries?connector={connector}&status=dead"
             ))
             .await;
-        if let Some(first) = page["items"].as_array().and_then(|a| a.first()) {
-            return first.clone();
+        if let Some(dead) = page["items"].as_array().and_then(|a| {
+            a.iter()
+                .find(|d| d["lastError"].as_str().unwrap_or("").contains(error))
+        }) {
+            return dead.clone();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no dead letter for {connector}");
+    panic!("no dead letter of {connector} saying {error:?}");
+}
+
+/// `POST /admin/ssf/signing-keys/rotate` with `token`.
+async fn rotate(server: &Server, token: &str) -> (StatusCode, Value) {
+    call(
+        reqwest::Method::POST,
+        format!("{}/admin/ssf/signing-keys/rotate", server.base),
+        Some(token),
+        None,
+    )
+    .await
 }
 
 on_both_backends!(
