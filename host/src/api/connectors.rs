@@ -123,6 +123,9 @@ pub struct ConnectorDto {
     /// Outgoing HTTP allowlist.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_hosts: Option<Vec<String>>,
+    /// Audiences its events may be signed for (`signing_audiences`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_audiences: Option<Vec<String>>,
     /// Deadline per hook call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -190,6 +193,7 @@ impl From<ConnectorInfo> for ConnectorDto {
                     .map(|h| format!("{}://{}:{}", h.scheme, h.host, h.port))
                     .collect()
             }),
+            signing_audiences: m.map(|m| m.signing_audiences.clone()),
             timeout_ms: m.map(|m| m.timeout_ms),
             memory_mb: m.map(|m| m.memory_mb),
             reuse_instance: m.map(|m| m.reuse_instance),

@@ -1183,7 +1183,7 @@ pub async fn connector(
         "<dl class=\"facts\"><div><dt>State</dt><dd>{}</dd></div><div><dt>Version</dt><dd><code>{}</code></dd></div>\
          <div><dt>Source</dt><dd>{}{}</dd></div><div><dt>World</dt><dd>{}</dd></div>\
          <div><dt>Realms</dt><dd>{}</dd></div><div><dt>Events</dt><dd>{}</dd></div><div><dt>Mode</dt><dd>{}</dd></div>\
-         <div><dt>Allowed hosts</dt><dd>{}</dd></div><div><dt>Limits</dt><dd>{}</dd></div>\
+         <div><dt>Allowed hosts</dt><dd>{}</dd></div><div><dt>Signs events for</dt><dd>{}</dd></div><div><dt>Limits</dt><dd>{}</dd></div>\
          <div><dt>Failure policy</dt><dd>{}</dd></div><div><dt>Loaded</dt><dd>{}</dd></div>\
          <div><dt>Last error</dt><dd>{}</dd></div><div><dt>Backlog</dt><dd>{} pending, {} dead, {} dropped</dd></div>\
          <div><dt>Hook latency</dt><dd>p50 {}, p99 {} over {} calls</dd></div></dl>",
@@ -1199,6 +1199,11 @@ pub async fn connector(
         esc(&c.events.clone().unwrap_or_default().join(", ")),
         esc(c.mode.as_deref().unwrap_or("–")),
         esc(&c.allowed_hosts.clone().unwrap_or_default().join(", ")),
+        esc(&c
+            .signing_audiences
+            .clone()
+            .filter(|a| !a.is_empty())
+            .map_or_else(|| "–".to_owned(), |a| a.join(", "))),
         esc(&limits(&c)),
         esc(&c
             .policy

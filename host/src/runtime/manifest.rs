@@ -19,6 +19,8 @@ pub const MAX_ATTEMPTS: u32 = 100;
 pub const MAX_CALLS_PER_INSTANCE: u32 = 1_000_000;
 /// Highest `concurrency`: the runtime runs at most this many hook calls at once in all.
 pub const MAX_CONCURRENCY: u32 = 64;
+/// Most audiences a manifest may let its connector sign events for.
+pub const MAX_SIGNING_AUDIENCES: usize = 16;
 /// Highest `[http] max_idle_per_host`.
 pub const MAX_IDLE_PER_HOST: u32 = 64;
 /// Highest `[http] idle_timeout_ms`.
@@ -153,6 +155,8 @@ struct RawManifest {
     mode: SyncMode,
     #[serde(default)]
     allowed_hosts: Vec<String>,
+    #[serde(default)]
+    signing_audiences: Vec<String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default = "default_memory_mb")]
@@ -279,6 +283,10 @@ pub struct Manifest {
     pub mode: SyncMode,
     /// Outgoing HTTP allowlist.
     pub allowed_hosts: Vec<AllowedHost>,
+    /// The audiences the connector may have events signed for (0.3.0's `sign-event`); none
+    /// by default. Like `allowed_hosts`, the operator's grant: a connector cannot have
+    /// Lockstep vouch for its events to a receiver the operator did not name.
+    pub signing_audiences: Vec<String>,
     /// Deadline per hook call.
     pub timeout_ms: u64,
     /// Linear memory cap.
@@ -350,6 +358,15 @@ impl Manifest {
             .iter()
             .map(|h| AllowedHost::parse(h).map_err(|e| invalid(format!("allowed_hosts: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
+        if raw.signing_audiences.len() > MAX_SIGNING_AUDIENCES {
+            return Err(invalid(format!(
+                "signing_audiences lists more than {MAX_SIGNING_AUDIENCES}"
+            )));
+        }
+        for audience in &raw.signing_audiences {
+            super::signer::check_audience(audience)
+                .map_err(|e| invalid(format!("signing_audiences: {e}")))?;
+        }
         if raw.timeout_ms == 0 || raw.timeout_ms > MAX_TIMEOUT_MS {
             return Err(invalid(format!("timeout_ms must be 1-{MAX_TIMEOUT_MS}")));
         }
@@ -403,6 +420,7 @@ impl Manifest {
             events: raw.events,
             mode: raw.mode,
             allowed_hosts,
+            signing_audiences: raw.signing_audiences,
             timeout_ms: raw.timeout_ms,
             memory_mb: raw.memory_mb,
             reuse_instance: raw.reuse_instance,
@@ -522,6 +540,16 @@ url = "http://127.0.0.1:9000/sessions"
                 "\"http://127.0.0.1:9000\"]",
                 "\"ftp://x\"]",
                 "allowed_hosts",
+            ),
+            (
+                "memory_mb = 32",
+                "memory_mb = 32\nsigning_audiences = [\"\"]",
+                "signing_audiences",
+            ),
+            (
+                "memory_mb = 32",
+                "memory_mb = 32\nsigning_audiences = [\"a\\u0001b\"]",
+                "signing_audiences",
             ),
             (
                 "\"http://127.0.0.1:9000\"]",

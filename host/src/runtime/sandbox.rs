@@ -653,6 +653,11 @@ impl v0_3_0::SigningHost for CallState {
         let Some(event) = &self.event else {
             return Err("no event: sign-event is called from a hook".into());
         };
+        if !self.manifest.signing_audiences.contains(&audience) {
+            let refusal = SignRefusal::NotGranted(audience).to_string();
+            tracing::debug!(connector = %self.manifest.name, event_id = %self.event_id, "sign-event refused: {refusal}");
+            return Err(refusal);
+        }
         // Counted before signing, so failed attempts use the budget too.
         if self.signatures >= MAX_SIGNATURES_PER_CALL {
             return Err(SignRefusal::TooMany.to_string());

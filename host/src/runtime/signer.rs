@@ -27,6 +27,12 @@ pub enum SignRefusal {
     /// The audience is empty, too long or holds control characters.
     #[error("invalid audience: {0}")]
     Audience(String),
+    /// The connector's manifest does not list the audience in `signing_audiences`.
+    #[error(
+        "audience {0:?} is not granted: the connector's manifest lists the audiences it may \
+         have events signed for in signing_audiences"
+    )]
+    NotGranted(String),
     /// The call already had its share of signatures.
     #[error("at most {MAX_SIGNATURES_PER_CALL} signed events per hook call")]
     TooMany,

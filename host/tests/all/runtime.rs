@@ -427,6 +427,74 @@ async fn refresh_needs_a_0_2_0_component_or_later() {
     );
 }
 
+/// Signs nothing real: the seam between the runtime and Lockstep's transmitter, whose real
+/// signatures the SSF tests verify end to end; here what counts is what the runtime lets a
+/// component ask for.
+struct CountingSigner(std::sync::atomic::AtomicU32);
+
+impl lockstep::runtime::signer::EventSigner for CountingSigner {
+    fn sign_event(
+        &self,
+        event: &SyncEvent,
+        audience: &str,
+    ) -> Result<String, lockstep::runtime::signer::SignRefusal> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(format!("{}.{audience}", event.event_id))
+    }
+}
+
+fn signing(audience: &str, times: u32) -> Manifest {
+    manifest(
+        "signing",
+        "hostile",
+        &format!(
+            "signing_audiences = [\"urn:granted\"]\n[config]\nmode = \"sign\"\n\
+             audience = \"{audience}\"\ntimes = \"{times}\"\n"
+        ),
+    )
+}
+
+/// The answers a `sign` call got, one per line.
+async fn sign_answers(runtime: &Runtime, manifest: Manifest, ev: &SyncEvent) -> Vec<String> {
+    let connector = runtime.load(manifest).await.unwrap();
+    match runtime.call(&connector, ev).await {
+        Err(HookFailure::Fail(answers)) => answers.lines().map(str::to_owned).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_component_gets_signed_events_only_as_granted_and_within_the_cap() {
+    let ev = event(EventType::Logout);
+    // No signer: the host says what to configure.
+    let runtime = Runtime::new(None).unwrap();
+    let answers = sign_answers(&runtime, signing("urn:granted", 1), &ev).await;
+    assert!(
+        answers[0].starts_with("refused signed events are not available"),
+        "{answers:?}"
+    );
+
+    let runtime = Runtime::new(None).unwrap();
+    let signer = Arc::new(CountingSigner(Default::default()));
+    assert!(runtime.set_signer(signer.clone()));
+    // Four per call, the fifth refused; the signer is asked four times.
+    let answers = sign_answers(&runtime, signing("urn:granted", 5), &ev).await;
+    let signed = format!("ok {}.urn:granted", ev.event_id);
+    assert_eq!(answers[..4], vec![signed.clone(); 4][..], "{answers:?}");
+    assert!(answers[4].contains("at most 4"), "{answers:?}");
+    assert_eq!(signer.0.load(std::sync::atomic::Ordering::SeqCst), 4);
+    // The next call has its own four.
+    let answers = sign_answers(&runtime, signing("urn:granted", 1), &ev).await;
+    assert_eq!(answers, [signed]);
+    // An audience the manifest does not grant is refused before the signer is asked.
+    let answers = sign_answers(&runtime, signing("urn:other", 1), &ev).await;
+    assert!(
+        answers[0].starts_with("refused audience \"urn:other\" is not granted"),
+        "{answers:?}"
+    );
+    assert_eq!(signer.0.load(std::sync::atomic::Ordering::SeqCst), 5);
+}
+
 /// What `count` mode logged: the instance's call number.
 fn call_number(transcript: &lockstep::runtime::Transcript) -> u32 {
     let (_, line) = transcript

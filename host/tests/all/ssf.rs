@@ -1116,10 +1116,11 @@ async fn an_unusable_configured_key_stops_the_start() {
 async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
     const AUDIENCE: &str = "urn:legacy:portal";
     let rx = push_receiver().await;
-    let manifest = |format: &str| {
+    // `granted`: the audience the operator lets the connector sign for.
+    let manifest = |format: &str, granted: &str| {
         format!(
             "name = \"signed\"\nrealms = [\"acme\"]\n\
-             allowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n\
+             allowed_hosts = [\"{}\"]\nsigning_audiences = [\"{granted}\"]\ntimeout_ms = 2000\n\
              [policy]\non_failure = \"retry\"\nmax_attempts = 20\nbackoff_ms = 20\nmax_backoff_ms = 100\n\
              [config]\nurl = \"{}\"\nformat = \"{format}\"\nset_audience = \"{AUDIENCE}\"\n\
              authorization = \"Bearer legacy-token\"\n",
@@ -1130,7 +1131,7 @@ async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
     let server = transmitter(backend).await;
     let iss = format!("{}/realms/acme", server.base);
     let (status, body) = server
-        .put_connector("signed", &manifest("set"), Some(webhook()))
+        .put_connector("signed", &manifest("set", AUDIENCE), Some(webhook()))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["connector"]["world"], "lockstep:connector@0.3.0");
@@ -1181,20 +1182,34 @@ async fn the_webhook_connector_sends_sets_lockstep_signed(backend: Backend) {
     assert_ne!(kid, old_kid);
     assert!(rotated["kids"].as_array().unwrap().contains(&json!(kid)));
     verify_set(&jwt, &jwks(&server).await, &iss, AUDIENCE);
+
+    // An audience the manifest does not grant is not signed for: nothing is sent.
+    let sent = rx.inbox.sets.lock().unwrap().len();
+    let (status, body) = server
+        .put_connector("signed", &manifest("set", "urn:another"), Some(webhook()))
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    map_parent(&server, "legacy-9", "kc-sid-9", "user-9").await;
+    let dead = dead_letter(&server, "signed", "not granted").await;
+    assert!(
+        dead["lastError"].as_str().unwrap().contains(AUDIENCE),
+        "{dead}"
+    );
+    assert_eq!(rx.inbox.sets.lock().unwrap().len(), sent);
     drop(server);
 
     // No transmitter, no key: nothing is sent, and the dead letter says what to configure.
     let server = Server::start(backend).await;
     let sent = rx.inbox.sets.lock().unwrap().len();
     let (status, body) = server
-        .put_connector("signed", &manifest("set"), Some(webhook()))
+        .put_connector("signed", &manifest("set", AUDIENCE), Some(webhook()))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     map_parent(&server, "legacy-3", "kc-sid-3", "user-3").await;
     dead_letter(&server, "signed", "signed events are not available").await;
     // A format the connector does not know is refused the same way.
     let (status, body) = server
-        .put_connector("signed", &manifest("xml"), Some(webhook()))
+        .put_connector("signed", &manifest("xml", AUDIENCE), Some(webhook()))
         .await;
     assert!(status.is_success(), "{status} {body}");
     map_parent(&server, "legacy-4", "kc-sid-4", "user-4").await;
