@@ -1095,24 +1095,8 @@ impl Report {
         for w in self.replay_wrong.iter().take(5) {
             println!("  {w}");
         }
-        println!(
-            "errors:      {} of {} sessions{}",
-            self.errors.len(),
-            self.attempted,
-            if self.aborted { " (stopped early)" } else { "" },
-        );
-        for e in self.errors.iter().take(5) {
-            println!("  {e}");
-        }
-        for note in &self.notes {
-            println!("note:        {note}");
-        }
-        let failures = self.failures();
-        if failures.is_empty() {
-            println!("result:      PASS");
-        } else {
-            println!("result:      FAIL: {}", failures.join("; "));
-        }
+        crate::verdict::print_errors(&self.errors, self.attempted, "sessions", self.aborted);
+        crate::verdict::print_verdict(&self.notes, &self.failures());
     }
 }
 

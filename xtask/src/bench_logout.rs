@@ -704,23 +704,7 @@ impl Report {
             a.unrecognised,
             self.idp_requests,
         );
-        println!(
-            "errors:      {} of {} logouts{}",
-            self.errors.len(),
-            self.attempted,
-            if self.aborted { " (stopped early)" } else { "" },
-        );
-        for e in self.errors.iter().take(5) {
-            println!("  {e}");
-        }
-        for note in &self.notes {
-            println!("note:        {note}");
-        }
-        let failures = self.failures();
-        if failures.is_empty() {
-            println!("result:      PASS");
-        } else {
-            println!("result:      FAIL: {}", failures.join("; "));
-        }
+        crate::verdict::print_errors(&self.errors, self.attempted, "logouts", self.aborted);
+        crate::verdict::print_verdict(&self.notes, &self.failures());
     }
 }

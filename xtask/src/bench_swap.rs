@@ -985,14 +985,6 @@ impl Report {
         );
         println!("between:     {}", self.settle.summary());
         println!("at the end:  {}", self.final_drain.summary());
-        for note in &self.notes {
-            println!("note:        {note}");
-        }
-        let failures = self.failures();
-        if failures.is_empty() {
-            println!("result:      PASS");
-        } else {
-            println!("result:      FAIL: {}", failures.join("; "));
-        }
+        crate::verdict::print_verdict(&self.notes, &self.failures());
     }
 }

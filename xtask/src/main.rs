@@ -37,6 +37,7 @@ mod bench_ssf;
 mod bench_swap;
 mod build_connectors;
 mod keycloak;
+mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
