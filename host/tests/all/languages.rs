@@ -459,6 +459,72 @@ async fn new_build_test(lang: &str) {
             ("on-logout".to_owned(), HOOK_RUNS),
         ])
     );
+
+    signing_is_reached_from(lang, &project, &wasm).await;
+}
+
+/// The SDK's signing call reaches the host: `connector test` has no transmitter, so the
+/// host refuses with its reason, which the SDK turns into a permanent failure.
+async fn signing_is_reached_from(lang: &str, project: &Path, wasm: &str) {
+    let (file, source) = match lang {
+        "rust" => (
+            "src/lib.rs",
+            "use lockstep_connector::{Connector, HookError, SessionEvent, signing};\n\
+             struct Signs;\n\
+             impl Connector for Signs {\n\
+                 fn on_login(_event: SessionEvent) -> Result<(), HookError> {\n\
+                     signing::sign_event(\"urn:test\")?;\n\
+                     Ok(())\n\
+                 }\n\
+             }\n\
+             lockstep_connector::export_connector!(Signs);\n",
+        ),
+        "js" => (
+            "src/connector.ts",
+            "import { connector, signing } from \"./lockstep\";\n\
+             export const hooks = connector({\n\
+               async onLogin(_event) {\n\
+                 signing.signEvent(\"urn:test\");\n\
+               },\n\
+             });\n",
+        ),
+        _ => (
+            "app.py",
+            "from lockstep import Connector, sign_event\n\n\n\
+             class Hooks(Connector):\n\
+             \x20   def on_login(self, event):\n\
+             \x20       sign_event(\"urn:test\")\n",
+        ),
+    };
+    std::fs::write(project.join(file), source).unwrap();
+    let out = lockstep(project, &["connector", "build"]).await;
+    must_succeed("lockstep connector build (signing)", &out);
+    let out = lockstep(
+        project,
+        &[
+            "connector",
+            "test",
+            wasm,
+            "--events",
+            "events.json",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "an unsigned login must fail the run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let login = json_lines(&stdout)
+        .into_iter()
+        .find(|c| c["hook"] == "on-login")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(login["outcome"], "fail", "{lang}: {login}");
+    assert!(
+        login["error"]
+            .as_str()
+            .unwrap()
+            .contains("signing the event failed: signed events are not available"),
+        "{lang}: {login}"
+    );
 }
 
 /// `lockstep connector test` of `wasm` with the project's sample events, `config` (a
