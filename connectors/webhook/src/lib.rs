@@ -13,8 +13,9 @@
 //!   Security Event Token signed by Lockstep (RFC 8417, pushed as RFC 8935 describes:
 //!   `content-type: application/secevent+jwt`, the compact JWS as the body), which the
 //!   receiver verifies with Lockstep's public JWKS. The HMAC of `secret` still applies, to
-//!   the token. Signing needs Lockstep's `[ssf_transmitter]` with a `public_url`; without it
-//!   every event fails with the reason.
+//!   the token. Signing needs Lockstep's `[ssf_transmitter]` with a `public_url`, and the
+//!   audience in the manifest's `signing_audiences`; without either every event fails with
+//!   the reason.
 //! - `set_audience` (optional, default `url`): the token's `aud`, for `format = "set"`.
 //!
 //! 2xx is success; 5xx, 408, 429 and network failures ask for a retry; other statuses and a
