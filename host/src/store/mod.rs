@@ -98,7 +98,8 @@ pub enum StoreError {
     /// A row holds a value the code cannot interpret.
     #[error("corrupt row: {0}")]
     Corrupt(String),
-    /// The SQLite writer is gone (shutting down or crashed).
+    /// A writer is gone (shutting down or crashed): the SQLite writer thread, or the tasks
+    /// committing guarded destroys together on PostgreSQL.
     #[error("the store is shutting down")]
     Unavailable,
     /// Any database failure.

@@ -4,6 +4,7 @@
 //! FOR UPDATE and re-checks for children committed while it ran.
 
 mod deliveries;
+mod group;
 mod records;
 pub(super) use records::insert_audit;
 mod sessions;
@@ -37,11 +38,17 @@ async fn announce(conn: &mut PgConnection, name: &str) -> Result<()> {
 /// Deadlocks and serialisation failures between concurrent cascades are retried this often.
 const MAX_TX_ATTEMPTS: usize = 5;
 
+/// Writer tasks committing guarded destroys together, at most: on two cores, four batches in
+/// flight keep PostgreSQL busy while each writer waits for its round trips.
+const MAX_GROUP_WRITERS: usize = 4;
+
 /// Handle to the PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
     pub(super) pool: PgPool,
     committed: std::sync::Arc<tokio::sync::Notify>,
+    /// Where guarded destroys queue to be committed together.
+    group: group::GroupCommit,
 }
 
 /// Whether the database asked us to run the transaction again.
@@ -134,9 +141,15 @@ impl PgStore {
             })
             .connect_with(connect)
             .await?;
+        let committed = std::sync::Arc::new(tokio::sync::Notify::new());
+        // A writer holds one connection while it applies a batch: a quarter of the pool at
+        // most, so the other operations keep theirs.
+        let writers = (opts.max_connections as usize / 4).clamp(1, MAX_GROUP_WRITERS);
+        let group = group::GroupCommit::start(pool.clone(), writers, committed.clone());
         Ok(PgStore {
             pool,
-            committed: std::sync::Arc::new(tokio::sync::Notify::new()),
+            committed,
+            group,
         })
     }
 
@@ -246,6 +259,11 @@ impl PgStore {
     }
 
     pub(super) async fn destroy(&self, cmd: DestroyCommand) -> Result<Vec<Session>> {
+        // A guarded, unlimited destroy (a pushed SET, a logout token) cannot be refused for
+        // its size: it is committed together with the others queued meanwhile.
+        if cmd.replay_guard.is_some() && cmd.max_sessions.is_none() {
+            return self.group.destroy(cmd).await;
+        }
         let now = now_millis();
         let changed = in_tx(&self.pool, &cmd, |conn, cmd| {
             Box::pin(sessions::destroy(conn, cmd, now))

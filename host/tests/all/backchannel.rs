@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 on_both_backends!(
     an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets,
     an_ssf_poll_stream_acknowledges_sets_and_reports_refusals,
+    concurrent_ssf_pushes_each_get_their_own_outcome,
     a_verified_logout_token_ends_the_mapped_tree_once,
     global_token_revocation_by_an_api_key_ends_every_session_of_the_user,
     global_token_revocation_by_a_signed_jwt_is_accepted_once,
@@ -1968,6 +1969,131 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
             ("idp:ssf-tx", "DUPLICATE_EVENT")
         ]
     );
+}
+
+/// Runs `sql` on the server's database, beside the server.
+async fn exec_sql(server: &Server, sql: &str) {
+    use sqlx::Connection;
+    match server.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&server.database_url)
+                .await
+                .unwrap();
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&server.database_url)
+                .await
+                .unwrap();
+            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+        }
+    }
+}
+
+/// SETs pushed at once (on PostgreSQL, committed together in batches) each get their own
+/// outcome: every good one applied, a redelivered one acknowledged once more without a
+/// second change, a forged one refused, and one the database fails to apply (a trigger
+/// refuses its update) answered 503 without taking the others down with it; delivered
+/// again once the database takes it, it is applied.
+async fn concurrent_ssf_pushes_each_get_their_own_outcome(backend: Backend) {
+    const GOOD: usize = 24;
+    let tx = Tx::start().await;
+    let server = ssf_server(backend, &tx, "push").await;
+    let (stream, state) = tx.wait_stream().await;
+    let verification = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(VERIFICATION, json!({"state": state}), None),
+    );
+    assert_eq!(
+        push_set(&stream, &verification, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    let api = server.api("acme");
+    for i in 0..GOOD {
+        map_user(&api, &format!("p{i}"), &format!("kc-{i}"), &format!("u{i}")).await;
+    }
+    map_user(&api, "poison", "kc-poison", "upoison").await;
+    let trigger = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER poison BEFORE UPDATE ON sessions FOR EACH ROW \
+             WHEN OLD.external_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'poisoned'; END $$; \
+             CREATE TRIGGER poison BEFORE UPDATE ON sessions FOR EACH ROW \
+             WHEN (OLD.external_id = 'poison') EXECUTE FUNCTION poison();"
+        }
+    };
+    exec_sql(&server, trigger).await;
+
+    let revoke = |sid: &str, user: &str| {
+        sign_set(
+            "a",
+            "test-a",
+            &tx.claims(
+                SESSION_REVOKED,
+                json!({}),
+                Some(complex(user, sid, &tx.issuer)),
+            ),
+        )
+    };
+    let good: Vec<String> = (0..GOOD)
+        .map(|i| revoke(&format!("kc-{i}"), &format!("u{i}")))
+        .collect();
+    let poison = revoke("kc-poison", "upoison");
+    let forged = sign_set("b", "test-a", &tx.claims(SESSION_REVOKED, json!({}), None));
+    // The first good SET twice, the poisoned one and the forged one in the middle.
+    let mut sets: Vec<&str> = good.iter().map(String::as_str).collect();
+    sets.insert(GOOD / 2, &poison);
+    sets.insert(GOOD / 2, &forged);
+    sets.push(&good[0]);
+    let codes: Vec<StatusCode> =
+        futures::future::join_all(sets.iter().map(|set| push_set(&stream, set, None)))
+            .await
+            .into_iter()
+            .map(|(code, _)| code)
+            .collect();
+    for (set, code) in sets.iter().zip(&codes) {
+        let expected = if *set == poison {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if *set == forged {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::ACCEPTED
+        };
+        assert_eq!(*code, expected, "{codes:?}");
+    }
+    for i in 0..GOOD {
+        let (_, s) = api.get(&format!("p{i}")).await;
+        assert_eq!(s["status"], "DESTROYED", "p{i}: {s}");
+    }
+    assert_eq!(api.get("poison").await.1["status"], "ACTIVE");
+    let view = ssf_stream_view(&server).await;
+    assert_eq!(
+        (
+            view["setsAccepted"].as_u64(),
+            view["setsReplayed"].as_u64(),
+            view["setsRefused"].as_u64()
+        ),
+        (Some(GOOD as u64 + 1), Some(1), Some(1)),
+        "{view}"
+    );
+    // Its mapping's event and one logout: the redelivery changed nothing.
+    assert_eq!(server.outbox("acme", "p0").await.len(), 2);
+
+    // The transmitter delivers the refused-for-now SET again once the database takes it.
+    let drop = match backend {
+        Backend::Sqlite => "DROP TRIGGER poison",
+        Backend::Postgres => "DROP TRIGGER poison ON sessions",
+    };
+    exec_sql(&server, drop).await;
+    assert_eq!(
+        push_set(&stream, &poison, None).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(api.get("poison").await.1["status"], "DESTROYED");
 }
 
 async fn an_ssf_poll_stream_acknowledges_sets_and_reports_refusals(backend: Backend) {
