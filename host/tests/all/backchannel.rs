@@ -1537,6 +1537,19 @@ async fn ssf_server(backend: Backend, tx: &Tx, delivery: &str) -> Server {
     .await
 }
 
+/// Answers the stream's verification request (its `state`) with a verification SET: 202.
+async fn push_verification(tx: &Tx, stream: &Value, state: &str) {
+    let verification = sign_set(
+        "a",
+        "test-a",
+        &tx.claims(VERIFICATION, json!({"state": state}), None),
+    );
+    assert_eq!(
+        push_set(stream, &verification, None).await.0,
+        StatusCode::ACCEPTED
+    );
+}
+
 async fn push_set(stream: &Value, set: &str, authorization: Option<&str>) -> (StatusCode, Value) {
     let url = stream["delivery"]["endpoint_url"].as_str().unwrap();
     let mut req = reqwest::Client::new()
@@ -1580,15 +1593,7 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         stream["delivery"]["authorization_header"],
         format!("Bearer {TX_PUSH_SECRET}")
     );
-    let verification = sign_set(
-        "a",
-        "test-a",
-        &tx.claims(VERIFICATION, json!({"state": state}), None),
-    );
-    assert_eq!(
-        push_set(&stream, &verification, None).await.0,
-        StatusCode::ACCEPTED
-    );
+    push_verification(&tx, &stream, &state).await;
     let view = ssf_stream_view(&server).await;
     assert_eq!(
         (
@@ -1938,16 +1943,8 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
         renewed["delivery"]["authorization_header"],
         stream["delivery"]["authorization_header"]
     );
-    let verification = sign_set(
-        "a",
-        "test-a",
-        &tx.claims(VERIFICATION, json!({"state": state}), None),
-    );
     assert_eq!(ssf_stream_view(&server).await["verified"], false);
-    assert_eq!(
-        push_set(&renewed, &verification, None).await.0,
-        StatusCode::ACCEPTED
-    );
+    push_verification(&tx, &renewed, &state).await;
     assert_eq!(ssf_stream_view(&server).await["verified"], true);
 
     let (_, audit) = server
@@ -2000,15 +1997,7 @@ async fn concurrent_ssf_pushes_each_get_their_own_outcome(backend: Backend) {
     let tx = Tx::start().await;
     let server = ssf_server(backend, &tx, "push").await;
     let (stream, state) = tx.wait_stream().await;
-    let verification = sign_set(
-        "a",
-        "test-a",
-        &tx.claims(VERIFICATION, json!({"state": state}), None),
-    );
-    assert_eq!(
-        push_set(&stream, &verification, None).await.0,
-        StatusCode::ACCEPTED
-    );
+    push_verification(&tx, &stream, &state).await;
     let api = server.api("acme");
     for i in 0..GOOD {
         map_user(&api, &format!("p{i}"), &format!("kc-{i}"), &format!("u{i}")).await;
