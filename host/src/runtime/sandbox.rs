@@ -646,30 +646,28 @@ impl v0_2_0::Host for CallState {
 /// names only the audience.
 impl v0_3_0::SigningHost for CallState {
     fn sign_event(&mut self, audience: String) -> Result<String, String> {
-        let signer = self
-            .signer
-            .clone()
-            .ok_or_else(|| SignRefusal::Unavailable.to_string())?;
-        let Some(event) = &self.event else {
-            return Err("no event: sign-event is called from a hook".into());
-        };
-        if !self.manifest.signing_audiences.contains(&audience) {
-            let refusal = SignRefusal::NotGranted(audience).to_string();
+        self.sign(audience).map_err(|refusal| {
             tracing::debug!(connector = %self.manifest.name, event_id = %self.event_id, "sign-event refused: {refusal}");
-            return Err(refusal);
+            refusal.to_string()
+        })
+    }
+}
+
+impl CallState {
+    /// The checks before signing, in order: signing configured, inside a hook, the audience
+    /// granted, the call's budget left.
+    fn sign(&mut self, audience: String) -> Result<String, SignRefusal> {
+        let signer = self.signer.clone().ok_or(SignRefusal::Unavailable)?;
+        let event = self.event.as_ref().ok_or(SignRefusal::OutsideHook)?;
+        if !self.manifest.signing_audiences.contains(&audience) {
+            return Err(SignRefusal::NotGranted(audience));
         }
         // Counted before signing, so failed attempts use the budget too.
         if self.signatures >= MAX_SIGNATURES_PER_CALL {
-            return Err(SignRefusal::TooMany.to_string());
+            return Err(SignRefusal::TooMany);
         }
         self.signatures += 1;
-        let answer = signer
-            .sign_event(event, &audience)
-            .map_err(|e| e.to_string());
-        if let Err(e) = &answer {
-            tracing::debug!(connector = %self.manifest.name, event_id = %self.event_id, "sign-event refused: {e}");
-        }
-        answer
+        signer.sign_event(event, &audience)
     }
 }
 

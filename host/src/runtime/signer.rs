@@ -27,6 +27,9 @@ pub enum SignRefusal {
     /// The audience is empty, too long or holds control characters.
     #[error("invalid audience: {0}")]
     Audience(String),
+    /// Asked for outside a hook call: there is no event to sign.
+    #[error("no event: sign-event is called from a hook")]
+    OutsideHook,
     /// The connector's manifest does not list the audience in `signing_audiences`.
     #[error(
         "audience {0:?} is not granted: the connector's manifest lists the audiences it may \

@@ -42,6 +42,16 @@ const MAX_TX_ATTEMPTS: usize = 5;
 /// flight keep PostgreSQL busy while each writer waits for its round trips.
 const MAX_GROUP_WRITERS: usize = 4;
 
+/// Applies one destroy in a transaction of its own, retried on deadlock or serialisation
+/// failure.
+async fn destroy_alone(pool: &PgPool, cmd: &DestroyCommand) -> Result<Vec<Session>> {
+    let now = now_millis();
+    in_tx(pool, cmd, |conn, cmd| {
+        Box::pin(sessions::destroy(conn, cmd, now))
+    })
+    .await
+}
+
 /// Handle to the PostgreSQL store.
 #[derive(Clone)]
 pub struct PgStore {
@@ -264,11 +274,7 @@ impl PgStore {
         if cmd.replay_guard.is_some() && cmd.max_sessions.is_none() {
             return self.group.destroy(cmd).await;
         }
-        let now = now_millis();
-        let changed = in_tx(&self.pool, &cmd, |conn, cmd| {
-            Box::pin(sessions::destroy(conn, cmd, now))
-        })
-        .await?;
+        let changed = destroy_alone(&self.pool, &cmd).await?;
         if !changed.is_empty() {
             self.committed.notify_one();
         }

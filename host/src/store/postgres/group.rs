@@ -19,7 +19,7 @@ use std::sync::Arc;
 use sqlx::postgres::PgPool;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
-use super::{in_tx, sessions};
+use super::{destroy_alone, sessions};
 use crate::domain::{DestroyCommand, Session};
 use crate::store::{Result, StoreError, now_millis};
 
@@ -112,12 +112,7 @@ async fn apply(pool: &PgPool, cmds: &[DestroyCommand]) -> Vec<Result<Vec<Session
     }
     let mut outcomes = Vec::with_capacity(cmds.len());
     for cmd in cmds {
-        outcomes.push(
-            in_tx(pool, cmd, |conn, cmd| {
-                Box::pin(sessions::destroy(conn, cmd, now_millis()))
-            })
-            .await,
-        );
+        outcomes.push(destroy_alone(pool, cmd).await);
     }
     outcomes
 }
