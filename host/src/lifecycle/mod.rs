@@ -386,7 +386,7 @@ impl Connectors {
         let queue = self
             .inner
             .store
-            .queue_counts()
+            .queue_counts(Some(name))
             .await?
             .remove(name)
             .unwrap_or_default();
@@ -395,7 +395,7 @@ impl Connectors {
 
     /// Every loaded connector and every configured one that failed to load, by name.
     pub async fn list(&self) -> Result<Vec<ConnectorInfo>, ManageError> {
-        let mut queues = self.inner.store.queue_counts().await?;
+        let mut queues = self.inner.store.queue_counts(None).await?;
         let registry = self.inner.registry.snapshot();
         let mut all: BTreeMap<String, (Source, Option<Arc<Entry>>)> = self
             .failed_map()
@@ -416,7 +416,7 @@ impl Connectors {
 
     /// The Prometheus exposition (queue gauges are omitted when the database cannot answer).
     pub async fn render_metrics(&self) -> String {
-        let queues = match self.inner.store.queue_counts().await {
+        let queues = match self.inner.store.queue_counts(None).await {
             Ok(q) => Some(q),
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: cannot read delivery queue counts");

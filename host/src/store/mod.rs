@@ -538,13 +538,14 @@ impl Store {
         }
     }
 
-    /// Undelivered deliveries per connector and status.
+    /// Undelivered deliveries per connector and status, of every connector or of `only`.
     pub async fn queue_counts(
         &self,
+        only: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, connectors::QueueCounts>> {
         match self {
-            Store::Sqlite(s) => SqliteOps::queue_counts(&mut *s.reader().await?).await,
-            Store::Postgres(p) => PgOps::queue_counts(&mut *p.conn().await?).await,
+            Store::Sqlite(s) => SqliteOps::queue_counts(&mut *s.reader().await?, only).await,
+            Store::Postgres(p) => PgOps::queue_counts(&mut *p.conn().await?, only).await,
         }
     }
 
