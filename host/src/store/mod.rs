@@ -258,8 +258,8 @@ impl Store {
     /// soonest first.
     pub async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
         match self {
-            Store::Sqlite(s) => s.expired(now, limit).await,
-            Store::Postgres(p) => p.expired(now, limit).await,
+            Store::Sqlite(s) => SqliteOps::expired(&mut *s.reader().await?, now, limit).await,
+            Store::Postgres(p) => PgOps::expired(&mut *p.conn().await?, now, limit).await,
         }
     }
 
@@ -272,16 +272,20 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Session>> {
         match self {
-            Store::Sqlite(s) => s.live_idp_parents(realm, after, limit).await,
-            Store::Postgres(p) => p.live_idp_parents(realm, after, limit).await,
+            Store::Sqlite(s) => {
+                SqliteOps::live_idp_parents(&mut *s.reader().await?, realm, after, limit).await
+            }
+            Store::Postgres(p) => {
+                PgOps::live_idp_parents(&mut *p.conn().await?, realm, after, limit).await
+            }
         }
     }
 
     /// One session.
     pub async fn get(&self, realm: &str, external_id: &str) -> Result<Option<Session>> {
         match self {
-            Store::Sqlite(s) => s.get(realm, external_id).await,
-            Store::Postgres(p) => p.get(realm, external_id).await,
+            Store::Sqlite(s) => SqliteOps::get(&mut *s.reader().await?, realm, external_id).await,
+            Store::Postgres(p) => PgOps::get(&mut *p.conn().await?, realm, external_id).await,
         }
     }
 
@@ -294,7 +298,9 @@ impl Store {
         max: Option<usize>,
     ) -> Result<Option<Vec<Session>>> {
         match self {
-            Store::Sqlite(s) => s.tree(realm, external_id, max).await,
+            Store::Sqlite(s) => {
+                SqliteOps::tree(&mut *s.reader().await?, realm, external_id, max).await
+            }
             Store::Postgres(p) => p.tree(realm, external_id, max).await,
         }
     }
@@ -302,8 +308,8 @@ impl Store {
     /// Filtered, cursor-paginated listing.
     pub async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
         match self {
-            Store::Sqlite(s) => s.query(realm, q).await,
-            Store::Postgres(p) => p.query(realm, q).await,
+            Store::Sqlite(s) => SqliteOps::query(&mut *s.reader().await?, realm, q).await,
+            Store::Postgres(p) => PgOps::query(&mut *p.conn().await?, realm, q).await,
         }
     }
 

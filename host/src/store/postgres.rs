@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::connectors::UploadRow;
-use super::{Page, Result, SessionQuery, StoreError, StoreOptions, now_millis};
+use super::{Result, StoreError, StoreOptions, now_millis};
 use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
 };
@@ -291,21 +291,6 @@ impl PgStore {
         Ok(out)
     }
 
-    pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
-        let mut conn = self.pool.acquire().await?;
-        Ops::expired(&mut conn, now, limit).await
-    }
-
-    pub(super) async fn live_idp_parents(
-        &self,
-        realm: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<Session>> {
-        let mut conn = self.pool.acquire().await?;
-        Ops::live_idp_parents(&mut conn, realm, after, limit).await
-    }
-
     /// Signalled after commits that wrote outbox events on this instance.
     pub(super) fn committed(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.committed.clone()
@@ -404,11 +389,6 @@ impl PgStore {
         Ok(n)
     }
 
-    pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
-        let mut conn = self.pool.acquire().await?;
-        Ops::get(&mut conn, realm, id).await
-    }
-
     pub(super) async fn tree(
         &self,
         realm: &str,
@@ -423,11 +403,6 @@ impl PgStore {
         let tree = Ops::tree(&mut tx, realm, id, max).await?;
         tx.commit().await?;
         Ok(tree)
-    }
-
-    pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
-        let mut conn = self.pool.acquire().await?;
-        Ops::query(&mut conn, realm, q).await
     }
 
     pub(super) async fn ping(&self) -> Result<()> {

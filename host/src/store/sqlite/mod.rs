@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 };
 use tokio::sync::{Mutex, Notify};
 
-use super::{Page, Result, SessionQuery, StoreError, StoreOptions};
+use super::{Result, StoreError, StoreOptions};
 use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, IdpCommand, IdpOutcome, MapCommand, Session,
 };
@@ -241,44 +241,9 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn expired(&self, now: i64, limit: i64) -> Result<Vec<(String, String)>> {
-        let mut conn = self.read.acquire().await?;
-        Ops::expired(&mut conn, now, limit).await
-    }
-
-    pub(super) async fn live_idp_parents(
-        &self,
-        realm: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<Session>> {
-        let mut conn = self.read.acquire().await?;
-        Ops::live_idp_parents(&mut conn, realm, after, limit).await
-    }
-
     /// A read-only connection.
     pub(super) async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
         Ok(self.read.acquire().await?)
-    }
-
-    pub(super) async fn get(&self, realm: &str, id: &str) -> Result<Option<Session>> {
-        let mut conn = self.read.acquire().await?;
-        Ops::get(&mut conn, realm, id).await
-    }
-
-    pub(super) async fn tree(
-        &self,
-        realm: &str,
-        id: &str,
-        max: Option<usize>,
-    ) -> Result<Option<Vec<Session>>> {
-        let mut conn = self.read.acquire().await?;
-        Ops::tree(&mut conn, realm, id, max).await
-    }
-
-    pub(super) async fn query(&self, realm: &str, q: &SessionQuery) -> Result<Page> {
-        let mut conn = self.read.acquire().await?;
-        Ops::query(&mut conn, realm, q).await
     }
 
     pub(super) async fn ping(&self) -> Result<()> {
