@@ -8,7 +8,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::domain::SyncEvent;
 use crate::store::ops::{Dialect, Filtered, Shared};
-use crate::store::{Result, StoreError};
+use crate::store::Result;
 
 /// A delivery's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -107,6 +107,15 @@ pub struct AttemptRecord {
     /// End (epoch ms).
     pub finished_at: i64,
 }
+
+/// The columns of a [`DeliveryRow`], in its order.
+macro_rules! delivery_columns {
+    () => {
+        "id, event_id, event_type, connector, realm, external_id, status, attempts, \
+         next_attempt_at, last_error, connector_version, created_at, updated_at, delivered_at"
+    };
+}
+pub(crate) use delivery_columns;
 
 /// A delivery as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -241,11 +250,11 @@ where
         conn: &mut DB::Connection,
         q: &DeliveryQuery,
     ) -> Result<Vec<DeliveryRow>> {
-        let mut qb = Filtered::<DB>::new(
-            "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-             next_attempt_at, last_error, connector_version, created_at, updated_at, \
-             delivered_at FROM deliveries WHERE 1 = 1",
-        );
+        let mut qb = Filtered::<DB>::new(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE 1 = 1"
+        ));
         if let Some(s) = q.status {
             qb.push(" AND status = ").push_bind(s.as_str());
         }
@@ -270,11 +279,11 @@ where
         conn: &mut DB::Connection,
         id: i64,
     ) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
-        let row: Option<DeliveryRow> = sqlx::query_as(
-            "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-             next_attempt_at, last_error, connector_version, created_at, updated_at, \
-             delivered_at FROM deliveries WHERE id = $1",
-        )
+        let row: Option<DeliveryRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -300,22 +309,12 @@ where
         if external_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let ids = serde_json::to_string(external_ids)
-            .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-        let sql = format!(
-            concat!(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-                 next_attempt_at, last_error, connector_version, created_at, updated_at, \
-                 delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
-                "{json_ids}",
-                ") ORDER BY id"
-            ),
-            json_ids = DB::JSON_IDS
+        let ids = Self::json_ids(external_ids)?;
+        let sql = concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE realm = $1 AND external_id IN ({ids}) ORDER BY id"
         );
-        Ok(sqlx::query_as(&sql)
-            .bind(realm)
-            .bind(ids.as_str())
-            .fetch_all(&mut *conn)
-            .await?)
+        Self::fetch_for_ids(conn, sql, realm, &ids).await
     }
 }

@@ -10,7 +10,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::domain::Session;
 use crate::store::row::{SessionRow, into_sessions, session_columns};
-use crate::store::{Page, Result, SessionQuery};
+use crate::store::{Page, Result, SessionQuery, StoreError};
 
 /// The shared statements of backend `DB`, called as `Shared::<Postgres>::get(..)`. A type
 /// rather than free functions so that sqlx's bounds are stated once per group of
@@ -123,6 +123,40 @@ where
             };
         }
         Ok(query.fetch_all(conn).await?)
+    }
+}
+
+/// The statements over some sessions of a realm named by external id.
+impl<DB> Shared<DB>
+where
+    DB: Database + Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+{
+    /// The external ids as the JSON array [`Shared::fetch_for_ids`] binds: one statement,
+    /// prepared once, serves any number of them.
+    pub(crate) fn json_ids(external_ids: &[String]) -> Result<String> {
+        serde_json::to_string(external_ids).map_err(|e| StoreError::Corrupt(format!("ids: {e}")))
+    }
+
+    /// The rows of `sql`, in which `{ids}` stands for a subquery over the external ids
+    /// `ids` (from [`Shared::json_ids`], bound at `$2`) and the realm is bound at `$1`.
+    pub(crate) async fn fetch_for_ids<O>(
+        conn: &mut DB::Connection,
+        sql: &str,
+        realm: &str,
+        ids: &str,
+    ) -> Result<Vec<O>>
+    where
+        O: Send + Unpin + for<'r> FromRow<'r, DB::Row>,
+    {
+        let sql = sql.replace("{ids}", DB::JSON_IDS);
+        Ok(sqlx::query_as(&sql)
+            .bind(realm)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use sqlx::{Connection, Database, Encode, Executor, FromRow, IntoArguments, Type};
 
-use super::deliveries::DeliveryRow;
+use super::deliveries::{DeliveryRow, delivery_columns};
 use crate::domain::Session;
 use crate::store::ops::{Dialect, Shared};
 use crate::store::row::SessionRow;
@@ -136,53 +136,42 @@ where
         if external_ids.is_empty() {
             return Ok(LogoutRecords::default());
         }
-        let ids = serde_json::to_string(external_ids)
-            .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
+        let ids = Self::json_ids(external_ids)?;
         // Each statement walks an index on (realm, external_id, ...).
-        let events: Vec<LogoutEventRow> = sqlx::query_as(&format!(
-            concat!(
-                "SELECT id AS outbox_id, event_id, external_id, origin_system, created_at, \
-             fanned_out FROM outbox WHERE realm = $1 AND external_id IN (",
-                "{json_ids}",
-                ") AND event_type = 'logout' ORDER BY id"
-            ),
-            json_ids = DB::JSON_IDS
-        ))
-        .bind(realm)
-        .bind(ids.as_str())
-        .fetch_all(&mut *conn)
+        let events: Vec<LogoutEventRow> = Self::fetch_for_ids(
+            conn,
+            "SELECT id AS outbox_id, event_id, external_id, origin_system, created_at, \
+             fanned_out FROM outbox WHERE realm = $1 AND external_id IN ({ids}) \
+             AND event_type = 'logout' ORDER BY id",
+            realm,
+            &ids,
+        )
         .await?;
         if events.is_empty() {
             return Ok(LogoutRecords::default());
         }
-        let deliveries = sqlx::query_as(&format!(
+        let deliveries = Self::fetch_for_ids(
+            conn,
             concat!(
-                "SELECT id, event_id, event_type, connector, realm, external_id, status, attempts, \
-             next_attempt_at, last_error, connector_version, created_at, updated_at, \
-             delivered_at FROM deliveries WHERE realm = $1 AND external_id IN (",
-                "{json_ids}",
-                ") AND event_type = 'logout' ORDER BY id"
+                "SELECT ",
+                delivery_columns!(),
+                " FROM deliveries WHERE realm = $1 AND external_id IN ({ids}) \
+                 AND event_type = 'logout' ORDER BY id"
             ),
-            json_ids = DB::JSON_IDS
-        ))
-        .bind(realm)
-        .bind(ids.as_str())
-        .fetch_all(&mut *conn)
+            realm,
+            &ids,
+        )
         .await?;
-        let confirmations = sqlx::query_as(&format!(
-            concat!(
-                "SELECT a.delivery_id, a.connector_version, a.finished_at \
+        let confirmations = Self::fetch_for_ids(
+            conn,
+            "SELECT a.delivery_id, a.connector_version, a.finished_at \
              FROM deliveries d CROSS JOIN delivery_attempts a \
-             WHERE d.realm = $1 AND d.external_id IN (",
-                "{json_ids}",
-                ") AND d.event_type = 'logout' AND d.status = 'delivered' \
-               AND a.delivery_id = d.id AND a.outcome = 'delivered' ORDER BY a.id"
-            ),
-            json_ids = DB::JSON_IDS
-        ))
-        .bind(realm)
-        .bind(ids.as_str())
-        .fetch_all(&mut *conn)
+             WHERE d.realm = $1 AND d.external_id IN ({ids}) AND d.event_type = 'logout' \
+             AND d.status = 'delivered' AND a.delivery_id = d.id AND a.outcome = 'delivered' \
+             ORDER BY a.id",
+            realm,
+            &ids,
+        )
         .await?;
         Ok(LogoutRecords {
             events,
