@@ -650,19 +650,13 @@ async fn adopt_mirror(
     actor: &str,
     now: i64,
 ) -> Result<Vec<Session>> {
-    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+    let sql = concat!(
         "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
          WHERE realm = $1 AND external_id = $2 AND status = 'ACTIVE' \
          AND delegated_by IS NULL RETURNING ",
         session_columns!()
-    ))
-    .bind(&cmd.realm)
-    .bind(&mirror.external_id)
-    .bind(actor)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    into_sessions(rows)
+    );
+    update_returning(conn, sql, cmd, &mirror.external_id, actor, now).await
 }
 
 /// Sessions mapped to the IdP session `sid` before the event arrived had no user yet; the
@@ -698,20 +692,14 @@ async fn refresh_mapped(
     now: i64,
 ) -> Result<Vec<Session>> {
     let origin = Some(cmd.origin_system.as_str());
-    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+    let sql = concat!(
         "UPDATE sessions SET expires_at = $3, updated_at = $4 \
          WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
          AND status = 'ACTIVE' AND (expires_at IS NULL OR expires_at <> $3) \
          RETURNING ",
         session_columns!()
-    ))
-    .bind(&cmd.realm)
-    .bind(sid)
-    .bind(expiry)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut refreshed = into_sessions(rows)?;
+    );
+    let mut refreshed = update_returning(conn, sql, cmd, sid, expiry, now).await?;
     refreshed.sort_by_key(|s| s.seq);
     let occurred_at = millis_to_time(now)?;
     let events: Vec<SyncEvent> = refreshed
@@ -731,19 +719,36 @@ async fn delegate_mapped(
     mirror_id: &str,
     now: i64,
 ) -> Result<Vec<Session>> {
-    let rows: Vec<SessionRow> = sqlx::query_as(concat!(
+    let sql = concat!(
         "UPDATE sessions SET delegated_by = $3, updated_at = $4 \
          WHERE realm = $1 AND idp_session_id = $2 AND kind = 'PARENT' \
          AND status = 'ACTIVE' AND delegated_by IS NULL AND external_id <> $3 \
          RETURNING ",
         session_columns!()
-    ))
-    .bind(&cmd.realm)
-    .bind(sid)
-    .bind(mirror_id)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
+    );
+    update_returning(conn, sql, cmd, sid, mirror_id, now).await
+}
+
+/// Runs one of the updates an IdP event makes, `sql`: in the event's realm (`$1`), the
+/// sessions `key` names (`$2`) take `value` (`$3`) at `now` (`$4`); the sessions changed.
+async fn update_returning<'q, T>(
+    conn: &mut PgConnection,
+    sql: &'q str,
+    cmd: &'q IdpCommand,
+    key: &'q str,
+    value: T,
+    now: i64,
+) -> Result<Vec<Session>>
+where
+    T: 'q + Send + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    let rows: Vec<SessionRow> = sqlx::query_as(sql)
+        .bind(&cmd.realm)
+        .bind(key)
+        .bind(value)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
     into_sessions(rows)
 }
 
