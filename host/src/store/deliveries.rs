@@ -7,8 +7,8 @@ use serde::Serialize;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Type};
 
 use crate::domain::SyncEvent;
-use crate::store::ops::{Dialect, Filtered, Shared};
 use crate::store::Result;
+use crate::store::ops::{Dialect, Filtered, Shared};
 
 /// A delivery's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]

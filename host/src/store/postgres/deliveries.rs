@@ -252,29 +252,19 @@ pub(crate) async fn replay(
     target: &ReplayTarget,
     now: i64,
 ) -> Result<u64> {
-    let done = match target {
-        ReplayTarget::Connector(name) => {
-            sqlx::query(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, \
-                 lease_until = NULL, updated_at = $2 \
-                 WHERE connector = $1 AND status IN ('dead', 'dropped')",
-            )
-            .bind(name)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?
-        }
-        ReplayTarget::Delivery(id) => {
-            sqlx::query(
-                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, \
-                 lease_until = NULL, updated_at = $2 \
-                 WHERE id = $1 AND status IN ('dead', 'dropped')",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?
-        }
+    let query = match target {
+        ReplayTarget::Connector(name) => sqlx::query(
+            "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             lease_until = NULL, updated_at = $2 \
+             WHERE connector = $1 AND status IN ('dead', 'dropped')",
+        )
+        .bind(name),
+        ReplayTarget::Delivery(id) => sqlx::query(
+            "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+             lease_until = NULL, updated_at = $2 \
+             WHERE id = $1 AND status IN ('dead', 'dropped')",
+        )
+        .bind(id),
     };
-    Ok(done.rows_affected())
+    Ok(query.bind(now).execute(&mut *conn).await?.rows_affected())
 }

@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 
-use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Params, ToSql, params};
 
 use crate::domain::{
     AuditEntry, AuditOutcome, DestroyCommand, DestroyTarget, EndReason, EventType, IdpChange,
@@ -944,22 +944,21 @@ pub(super) fn unlease(conn: &Connection, id: i64) -> Result<()> {
 
 /// Puts dead (and dropped) deliveries back in the queue with fresh attempts.
 pub(super) fn replay(conn: &Connection, target: &ReplayTarget, now: i64) -> Result<u64> {
-    let n = match target {
-        ReplayTarget::Connector(name) => conn
-            .prepare_cached(
-                "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
-                 lease_until = NULL, updated_at = ?2 \
-                 WHERE connector = ?1 AND status IN ('dead', 'dropped')",
-            )?
-            .execute(params![name, now])?,
-        ReplayTarget::Delivery(id) => conn
-            .prepare_cached(
-                "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
-                 lease_until = NULL, updated_at = ?2 \
-                 WHERE id = ?1 AND status IN ('dead', 'dropped')",
-            )?
-            .execute(params![id, now])?,
+    let (sql, key): (&str, &dyn ToSql) = match target {
+        ReplayTarget::Connector(name) => (
+            "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
+             lease_until = NULL, updated_at = ?2 \
+             WHERE connector = ?1 AND status IN ('dead', 'dropped')",
+            name,
+        ),
+        ReplayTarget::Delivery(id) => (
+            "UPDATE OR FAIL deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, \
+             lease_until = NULL, updated_at = ?2 \
+             WHERE id = ?1 AND status IN ('dead', 'dropped')",
+            id,
+        ),
     };
+    let n = conn.prepare_cached(sql)?.execute(params![key, now])?;
     Ok(n as u64)
 }
 
