@@ -181,13 +181,7 @@ impl Connectors {
     /// never does: only the running service's API could remove it). Returns how many
     /// connectors are loaded.
     pub async fn start(&self, dir: Option<&Path>, strict: bool) -> Result<usize, ManageError> {
-        let disabled: HashSet<String> = self
-            .inner
-            .store
-            .disabled_connectors()
-            .await?
-            .into_iter()
-            .collect();
+        let disabled = self.disabled_in_store().await?;
         let mut control = self.inner.control.lock().await;
         for (name, version) in self.inner.store.upload_versions().await? {
             if let Err(e) = self
@@ -609,6 +603,17 @@ impl Connectors {
         }
     }
 
+    /// The names of the connectors switched off in the database (by any instance).
+    async fn disabled_in_store(&self) -> Result<HashSet<String>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .disabled_connectors()
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     async fn is_disabled_in_store(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self
             .inner
@@ -784,8 +789,8 @@ impl Connectors {
         if actions.is_empty() {
             return unsettled;
         }
-        let disabled: HashSet<String> = match self.inner.store.disabled_connectors().await {
-            Ok(d) => d.into_iter().collect(),
+        let disabled = match self.disabled_in_store().await {
+            Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read connector states; will retry");
                 state.forget_observations();
@@ -846,13 +851,7 @@ impl Connectors {
             .await?
             .into_iter()
             .collect();
-        let disabled: HashSet<String> = self
-            .inner
-            .store
-            .disabled_connectors()
-            .await?
-            .into_iter()
-            .collect();
+        let disabled = self.disabled_in_store().await?;
         for (name, version) in &versions {
             let current = self.inner.registry.get(name);
             if current
