@@ -331,37 +331,15 @@ mod tests {
 
     #[test]
     fn ends_carry_the_right_reason() {
+        let sid = || DestroyTarget::IdpSession("sid-1".into());
+        let user = || DestroyTarget::User("u-1".into());
         let cases = [
-            (
-                "LOGOUT",
-                DestroyTarget::IdpSession("sid-1".into()),
-                EndReason::IdpLogout,
-            ),
-            (
-                "SESSION_EXPIRED",
-                DestroyTarget::IdpSession("sid-1".into()),
-                EndReason::Expired,
-            ),
-            (
-                "SESSION_DELETED",
-                DestroyTarget::IdpSession("sid-1".into()),
-                EndReason::Admin,
-            ),
-            (
-                "USER_LOGOUT_ALL",
-                DestroyTarget::User("u-1".into()),
-                EndReason::Admin,
-            ),
-            (
-                "USER_DELETED",
-                DestroyTarget::User("u-1".into()),
-                EndReason::Admin,
-            ),
-            (
-                "USER_DISABLED",
-                DestroyTarget::User("u-1".into()),
-                EndReason::Revoked,
-            ),
+            ("LOGOUT", sid(), EndReason::IdpLogout),
+            ("SESSION_EXPIRED", sid(), EndReason::Expired),
+            ("SESSION_DELETED", sid(), EndReason::Admin),
+            ("USER_LOGOUT_ALL", user(), EndReason::Admin),
+            ("USER_DELETED", user(), EndReason::Admin),
+            ("USER_DISABLED", user(), EndReason::Revoked),
             (
                 "REALM_LOGOUT_ALL",
                 DestroyTarget::AllIdpSessions,
