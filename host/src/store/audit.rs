@@ -77,28 +77,16 @@ where
             "SELECT id, at_ms, realm, actor, action, target, result, changed, detail \
              FROM audit WHERE ",
         );
-        // Only the filters present go into the SQL, so each can use its index.
         match &q.scope {
-            AuditScope::Realm(realm) => {
-                qb.push("realm = ").push_bind(realm.clone());
-            }
-            AuditScope::All => {
-                qb.push("1 = 1");
-            }
-        }
-        if let Some(actor) = &q.actor {
-            qb.push(" AND actor = ").push_bind(actor.clone());
-        }
-        if let Some(action) = &q.action {
-            qb.push(" AND action = ").push_bind(action.clone());
-        }
-        if let Some(since) = q.since_ms {
-            qb.push(" AND at_ms >= ").push_bind(since);
-        }
-        if let Some(before) = q.before {
-            qb.push(" AND id < ").push_bind(before);
-        }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(q.limit);
+            AuditScope::Realm(realm) => qb.push("realm = ").push_bind(realm.as_str()),
+            AuditScope::All => qb.push("1 = 1"),
+        };
+        qb.and("actor = ", q.actor.as_deref())
+            .and("action = ", q.action.as_deref())
+            .and("at_ms >= ", q.since_ms)
+            .and("id < ", q.before)
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(q.limit);
         let rows = qb.fetch_all(&mut *conn).await?;
         Ok(rows)
     }

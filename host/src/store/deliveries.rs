@@ -255,22 +255,13 @@ where
             delivery_columns!(),
             " FROM deliveries WHERE 1 = 1"
         ));
-        if let Some(s) = q.status {
-            qb.push(" AND status = ").push_bind(s.as_str());
-        }
-        if let Some(c) = &q.connector {
-            qb.push(" AND connector = ").push_bind(c.clone());
-        }
-        if let Some(r) = &q.realm {
-            qb.push(" AND realm = ").push_bind(r.clone());
-        }
-        if let Some(s) = &q.session {
-            qb.push(" AND external_id = ").push_bind(s.clone());
-        }
-        if let Some(a) = q.after {
-            qb.push(" AND id > ").push_bind(a);
-        }
-        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(q.limit));
+        qb.and("status = ", q.status.map(|s| s.as_str()))
+            .and("connector = ", q.connector.as_deref())
+            .and("realm = ", q.realm.as_deref())
+            .and("external_id = ", q.session.as_deref())
+            .and("id > ", q.after)
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(q.limit));
         let rows = qb.fetch_all(&mut *conn).await?;
         Ok(rows)
     }

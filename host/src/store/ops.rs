@@ -101,6 +101,16 @@ impl<DB: Dialect> Filtered<DB> {
         DB::placeholder(&mut self.sql, self.values.len());
         self
     }
+
+    /// Adds ` AND {condition}` and its value (`condition` ends with the operator, as in
+    /// `"user_id = "`) when the filter was given: only the filters present go into the
+    /// SQL, so each query can use its index.
+    pub(crate) fn and(&mut self, condition: &str, value: Option<impl Into<Value>>) -> &mut Self {
+        if let Some(value) = value {
+            self.push(" AND ").push(condition).push_bind(value);
+        }
+        self
+    }
 }
 
 impl<DB> Filtered<DB>
@@ -298,23 +308,16 @@ where
             session_columns!(),
             " FROM sessions WHERE realm = "
         ));
-        qb.push_bind(realm.to_owned());
-        // Only the filters present go into the SQL, so each query can use its index.
-        let filters = [
-            ("idp_session_id", q.idp_session_id.clone()),
-            ("idp_client_session_id", q.idp_client_session_id.clone()),
-            ("user_id", q.user_id.clone()),
-            ("status", q.status.map(|s| s.as_str().to_owned())),
-            ("system", q.system.clone()),
-        ];
-        for (column, value) in filters {
-            if let Some(value) = value {
-                qb.push(" AND ").push(column).push(" = ").push_bind(value);
-            }
-        }
-        if let Some(after) = q.after {
-            qb.push(" AND id > ").push_bind(after);
-        }
+        qb.push_bind(realm)
+            .and("idp_session_id = ", q.idp_session_id.as_deref())
+            .and(
+                "idp_client_session_id = ",
+                q.idp_client_session_id.as_deref(),
+            )
+            .and("user_id = ", q.user_id.as_deref())
+            .and("status = ", q.status.map(|s| s.as_str()))
+            .and("system = ", q.system.as_deref())
+            .and("id > ", q.after);
         // One extra row tells whether another page follows.
         qb.push(" ORDER BY id LIMIT ")
             .push_bind(i64::from(q.limit) + 1);
