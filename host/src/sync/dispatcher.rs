@@ -79,6 +79,10 @@ pub struct Dispatcher {
 /// Fan-out waiting this long for this instance to load the stored uploads is logged.
 const BEHIND_WARN_AFTER: Duration = Duration::from_secs(10);
 
+/// A lane claims up to this many times its connector's concurrency: one part runs while the
+/// next waits, so the hook threads have work while a claim waits for the writer.
+const CLAIM_AHEAD: usize = 2;
+
 /// Most attempts written in one transaction.
 const RECORD_BATCH: usize = 512;
 
@@ -491,6 +495,10 @@ impl Lane {
         // Whether the queue may hold due deliveries: set by wake-ups and the poll, cleared
         // when a claim finds fewer than it asked for.
         let mut due = true;
+        // The calls that may run at once: the manifest's concurrency. Claimed deliveries
+        // beyond it wait here for a slot, so the next batch is claimed while one runs.
+        let running = Arc::new(Semaphore::new(0));
+        let mut granted = 0usize;
         loop {
             while let Some(res) = in_flight.try_join_next() {
                 if let Err(e) = res {
@@ -503,14 +511,26 @@ impl Lane {
             let Some((width, timeout_ms)) = d.lane_settings(&self.connector) else {
                 break;
             };
-            let free = width
+            if width > granted {
+                running.add_permits(width - granted);
+                granted = width;
+            } else if width < granted {
+                granted -= running.forget_permits(granted - width);
+            }
+            let depth = width.saturating_mul(CLAIM_AHEAD);
+            let free = depth
                 .saturating_sub(in_flight.len())
-                .min(d.calls.available_permits());
-            // Claim in batches (half the lane or more), not one per finished call: each
-            // claim is a database transaction.
-            if due && free > 0 && (free * 2 >= width || in_flight.is_empty()) {
+                .min(d.calls.available_permits().saturating_add(width));
+            // Claim in batches (half the depth or more), not one per finished call: each
+            // claim is a database transaction, and on a busy writer it waits behind other
+            // transactions while the claimed half still runs.
+            if due && free > 0 && (free * 2 >= depth || in_flight.is_empty()) {
+                // A delivery claimed ahead waits for at most one call of this lane before
+                // its own.
                 let lease_until = now_millis()
-                    + i64::try_from(timeout_ms).unwrap_or(i64::MAX / 4)
+                    + i64::try_from(timeout_ms)
+                        .unwrap_or(i64::MAX / 8)
+                        .saturating_mul(CLAIM_AHEAD as i64)
                     + i64::try_from(d.config.lease_margin.as_millis()).unwrap_or(5_000);
                 let asked = i64::try_from(free).unwrap_or(i64::MAX);
                 let lane = LaneClaim {
@@ -523,7 +543,7 @@ impl Lane {
                         due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
                         self.publish_lag(&claimed);
                         for delivery in claimed {
-                            self.spawn(&mut in_flight, delivery);
+                            self.spawn(&mut in_flight, &running, &shutdown, delivery);
                         }
                     }
                     Err(e) => {
@@ -568,14 +588,34 @@ impl Lane {
     }
 
     /// Runs one claimed delivery under a call slot and hands its record to the recorder.
-    fn spawn(&self, in_flight: &mut JoinSet<()>, delivery: ClaimedDelivery) {
-        let (d, finished, wake, call_us) = (
+    fn spawn(
+        &self,
+        in_flight: &mut JoinSet<()>,
+        running: &Arc<Semaphore>,
+        shutdown: &watch::Receiver<bool>,
+        delivery: ClaimedDelivery,
+    ) {
+        let (d, finished, wake, call_us, running, shutdown) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
             self.call_us.clone(),
+            running.clone(),
+            shutdown.clone(),
         );
         let task = async move {
+            // Deliveries are claimed in order and wait for a lane slot in order (the
+            // semaphore is fair).
+            let Ok(_running) = running.acquire_owned().await else {
+                return;
+            };
+            if *shutdown.borrow() {
+                // Claimed ahead and not started: give it back rather than hold the stop.
+                if let Err(e) = d.store.unlease(delivery.id).await {
+                    tracing::warn!(error = %e, "cannot release the lease; it expires instead");
+                }
+                return;
+            }
             // Free slots were counted before the claim; another lane may have taken one
             // since, and then this call waits for the next (each ends by its deadline).
             let Ok(_slot) = d.calls.clone().acquire_owned().await else {
