@@ -21,6 +21,7 @@ on_both_backends!(
     events_are_not_echoed_to_their_origin_system,
     hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working,
     sigkill_with_pending_events_loses_nothing,
+    a_graceful_stop_finishes_calls_and_gives_back_what_it_claimed_ahead,
     deliveries_api_is_for_operators_only_and_validates_input,
     refresh_events_reach_only_connectors_that_subscribe_to_them,
     a_slow_connector_holds_only_its_own_lane,
@@ -519,6 +520,61 @@ async fn hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_work
     assert!(
         rss_after < rss_before + 512 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+/// A lane claims up to twice its connector's concurrency, so at a graceful stop it can hold
+/// deliveries it has not started. The call in flight is finished and recorded; the ones
+/// claimed ahead are given back (no lease left), so another instance sharing the outbox, or
+/// this one restarted, takes them at once instead of after the lease.
+async fn a_graceful_stop_finishes_calls_and_gives_back_what_it_claimed_ahead(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(1_500));
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(
+        dir.path(),
+        "legacy",
+        &receiver,
+        "concurrency = 1",
+        FAST_RETRY,
+    );
+    let server = start(backend, dir.path()).await;
+    let api = server.api("acme");
+    for i in 0..4 {
+        let (status, _) = api
+            .post("map-fixed", json!({"externalId": format!("ahead-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // The receiver records a call when it answers it: by then the lane has started the
+    // next one and claimed the one after it ahead.
+    let before = receiver.wait_for(1, Duration::from_secs(10)).await.len() as i64;
+    let (status, url, _db) = server.terminate_keeping(Duration::from_secs(15)).await;
+    assert!(status.success(), "graceful stop: {status}");
+    let answered = receiver.requests().len() as i64;
+    assert!(
+        answered <= before + 1,
+        "{answered} calls answered, {before} before the stop: one call (the lane's width) may \
+         finish after it, none may start"
+    );
+    let count = |sql| common::count_rows(backend, &url, sql);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'").await,
+        answered,
+        "every call started was finished and recorded"
+    );
+    assert!(answered < 4, "the stop left deliveries to give back");
+    assert_eq!(
+        count("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'").await,
+        4 - answered
+    );
+    assert_eq!(
+        count(
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'pending' AND lease_until IS NOT NULL"
+        )
+        .await,
+        0,
+        "a delivery claimed ahead is given back, not left leased"
     );
 }
 

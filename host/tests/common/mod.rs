@@ -377,6 +377,19 @@ impl Server {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Like [`Server::terminate`], and returns the database so it can be read or reopened.
+    pub async fn terminate_keeping(
+        self,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String, Option<tempfile::TempDir>) {
+        let status = self
+            .process
+            .terminate(timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (status, self.database_url, self._dir)
+    }
+
     /// Stops the process (SIGKILL) and returns the database so it can be reopened.
     pub async fn kill(self) -> (String, Option<tempfile::TempDir>) {
         self.process.kill().await.ok();
@@ -476,21 +489,27 @@ impl Server {
 
     /// Total outbox rows.
     pub async fn outbox_total(&self) -> i64 {
-        use sqlx::Connection;
-        let sql = "SELECT COUNT(*) FROM outbox";
-        match self.backend {
-            Backend::Sqlite => {
-                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
-            }
-            Backend::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&self.database_url)
-                    .await
-                    .unwrap();
-                sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
-            }
+        count_rows(
+            self.backend,
+            &self.database_url,
+            "SELECT COUNT(*) FROM outbox",
+        )
+        .await
+    }
+}
+
+/// The one number `sql` selects, read straight from a database (say, one whose server has
+/// stopped: [`Server::terminate_keeping`]).
+pub async fn count_rows(backend: Backend, database_url: &str, sql: &str) -> i64 {
+    use sqlx::Connection;
+    match backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(database_url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(database_url).await.unwrap();
+            sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap()
         }
     }
 }
