@@ -252,6 +252,11 @@ async fn call(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// A call by acme's SSF receiver, with its key.
+async fn acme_rx(method: reqwest::Method, url: String, body: Option<Value>) -> (StatusCode, Value) {
+    call(method, url, Some("rx-acme-key"), body).await
+}
+
 fn base(server: &Server, realm: &str) -> String {
     format!("{}/realms/{realm}/ssf/transmitter", server.base)
 }
@@ -273,6 +278,13 @@ async fn map_parent(server: &Server, id: &str, kc: &str, user: &str) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// A legacy login and logout mapped to a Keycloak session: one session-established and one
+/// session-revoked event for `user`.
+async fn log_in_and_out(server: &Server, id: &str, kc: &str, user: &str) {
+    map_parent(server, id, kc, user).await;
+    destroy_parent(server, id).await;
 }
 
 // ---- tests ------------------------------------------------------------------------------
@@ -335,10 +347,9 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     );
 
     // Create a push stream.
-    let (status, stream) = call(
+    let (status, stream) = acme_rx(
         reqwest::Method::POST,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({
             "delivery": {"method": PUSH, "endpoint_url": rx.url, "authorization_header": "Bearer rx-secret"},
             "events_requested": [REVOKED, ESTABLISHED, "urn:example:unknown"],
@@ -353,19 +364,17 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert_eq!(stream["events_delivered"], json!([REVOKED, ESTABLISHED]));
     assert!(stream["delivery"].get("authorization_header").is_none());
     // The same endpoint twice is a conflict.
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"delivery": {"method": PUSH, "endpoint_url": rx.url}, "events_requested": [REVOKED]})),
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
     // A host the operator did not allow is refused, loopback included.
-    let (status, refused) = call(
+    let (status, refused) = acme_rx(
         reqwest::Method::POST,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"delivery": {"method": PUSH, "endpoint_url": "http://127.0.0.1:9/events"}})),
     )
     .await;
@@ -374,20 +383,18 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
         refused.to_string().contains("push_allowed_hosts"),
         "{refused}"
     );
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"delivery": {"method": "urn:example:carrier-pigeon"}})),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Verification: a SET carrying the receiver's state.
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         format!("{}/verify", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "state": "xyz"})),
     )
     .await;
@@ -399,8 +406,7 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert_eq!(claims["sub_id"], json!({"format": "opaque", "id": id}));
 
     // A legacy login and logout become session-established and session-revoked.
-    map_parent(&server, "legacy-1", "kc-sid-1", "user-1").await;
-    destroy_parent(&server, "legacy-1").await;
+    log_in_and_out(&server, "legacy-1", "kc-sid-1", "user-1").await;
     let got = rx.wait_for(3).await;
     let established = verify_set(&got[1].0, &keys, &iss, "rx-acme");
     let revoked = verify_set(&got[2].0, &keys, &iss, "rx-acme");
@@ -426,46 +432,36 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert_ne!(established["jti"], revoked["jti"]);
 
     // Read, update, replace.
-    let (status, one) = call(
+    let (status, one) = acme_rx(
         reqwest::Method::GET,
         format!("{config_ep}?stream_id={id}"),
-        Some("rx-acme-key"),
         None,
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one["description"], "test receiver");
-    let (status, all) = call(
-        reqwest::Method::GET,
-        config_ep.clone(),
-        Some("rx-acme-key"),
-        None,
-    )
-    .await;
+    let (status, all) = acme_rx(reqwest::Method::GET, config_ep.clone(), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(all.as_array().unwrap().len(), 1);
-    let (status, patched) = call(
+    let (status, patched) = acme_rx(
         reqwest::Method::PATCH,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "description": "renamed"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(patched["description"], "renamed");
     assert_eq!(patched["events_requested"].as_array().unwrap().len(), 3);
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::PUT,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "description": "no delivery"})),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, replaced) = call(
+    let (status, replaced) = acme_rx(
         reqwest::Method::PUT,
         config_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "delivery": {"method": PUSH, "endpoint_url": rx.url, "authorization_header": "Bearer rx-secret"}, "events_requested": [REVOKED]})),
     )
     .await;
@@ -475,19 +471,17 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
 
     // Status: paused holds events; enabled again delivers them.
     let status_ep = format!("{}/status", base(&server, "acme"));
-    let (status, body) = call(
+    let (status, body) = acme_rx(
         reqwest::Method::POST,
         status_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "status": "paused", "reason": "maintenance"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "paused");
-    let (_, body) = call(
+    let (_, body) = acme_rx(
         reqwest::Method::GET,
         format!("{status_ep}?stream_id={id}"),
-        Some("rx-acme-key"),
         None,
     )
     .await;
@@ -497,14 +491,12 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     );
     // Give every instance's copy of the streams time to see the change (reloads every 5 s;
     // this instance reloaded at once).
-    map_parent(&server, "legacy-2", "kc-sid-2", "user-2").await;
-    destroy_parent(&server, "legacy-2").await;
+    log_in_and_out(&server, "legacy-2", "kc-sid-2", "user-2").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rx.inbox.sets.lock().unwrap().len(), 3, "held while paused");
-    call(
+    acme_rx(
         reqwest::Method::POST,
         status_ep.clone(),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "status": "enabled"})),
     )
     .await;
@@ -513,29 +505,25 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert_eq!(held["sub_id"]["session"]["id"], "kc-sid-2");
 
     // Subjects: a removed user's events are not sent; added back, they are.
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         format!("{}/remove-subject", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "subject": {"format": "opaque", "id": "user-3"}})),
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    map_parent(&server, "legacy-3", "kc-sid-3", "user-3").await;
-    destroy_parent(&server, "legacy-3").await;
+    log_in_and_out(&server, "legacy-3", "kc-sid-3", "user-3").await;
     // Streams are matched when the outbox is fanned out (at most 200 ms after a commit):
     // let that happen before the subject is added back.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         format!("{}/add-subject", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "subject": {"format": "opaque", "id": "user-3"}})),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    map_parent(&server, "legacy-4", "kc-sid-4", "user-3").await;
-    destroy_parent(&server, "legacy-4").await;
+    log_in_and_out(&server, "legacy-4", "kc-sid-4", "user-3").await;
     let got = rx.wait_for(5).await;
     let last = verify_set(&got[4].0, &keys, &iss, "rx-acme");
     assert_eq!(
@@ -560,8 +548,7 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     );
     assert_eq!(after.keys.len(), keys.keys.len() * 2);
     verify_set(&got[4].0, &after, &iss, "rx-acme");
-    map_parent(&server, "legacy-5", "kc-sid-5", "user-5").await;
-    destroy_parent(&server, "legacy-5").await;
+    log_in_and_out(&server, "legacy-5", "kc-sid-5", "user-5").await;
     let got = rx.wait_for(6).await;
     let new_kid = jsonwebtoken::decode_header(&got[5].0).unwrap().kid.unwrap();
     assert_ne!(new_kid, old_kid);
@@ -575,8 +562,7 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
 
     // A refused SET (400 with err) is a dead letter at once; replayed, it is delivered.
     rx.inbox.refuse.store(400, Ordering::SeqCst);
-    map_parent(&server, "legacy-6", "kc-sid-6", "user-6").await;
-    destroy_parent(&server, "legacy-6").await;
+    log_in_and_out(&server, "legacy-6", "kc-sid-6", "user-6").await;
     let target = format!("ssf:{id}");
     let dead = dead_letter(&server, &target, "").await;
     assert_eq!(dead["status"], "dead", "{dead}");
@@ -610,18 +596,16 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert!(delivered);
 
     // Delete.
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::DELETE,
         format!("{config_ep}?stream_id={id}"),
-        Some("rx-acme-key"),
         None,
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::GET,
         format!("{config_ep}?stream_id={id}"),
-        Some("rx-acme-key"),
         None,
     )
     .await;
@@ -632,10 +616,9 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
     let server = transmitter(backend).await;
     let iss = format!("{}/realms/acme", server.base);
     let keys = jwks(&server).await;
-    let (status, stream) = call(
+    let (status, stream) = acme_rx(
         reqwest::Method::POST,
         format!("{}/stream", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
     )
     .await;
@@ -646,14 +629,7 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
         .unwrap()
         .to_owned();
     assert_eq!(poll_url, format!("{}/poll/{id}", base(&server, "acme")));
-    let poll = |body: Value| {
-        call(
-            reqwest::Method::POST,
-            poll_url.clone(),
-            Some("rx-acme-key"),
-            Some(body),
-        )
-    };
+    let poll = |body: Value| acme_rx(reqwest::Method::POST, poll_url.clone(), Some(body));
 
     // Nothing yet.
     let (status, empty) = poll(json!({"returnImmediately": true})).await;
@@ -661,10 +637,9 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
     assert_eq!(empty, json!({"sets": {}, "moreAvailable": false}));
 
     // Verification is served by the poll.
-    call(
+    acme_rx(
         reqwest::Method::POST,
         format!("{}/verify", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "state": "s-1"})),
     )
     .await;
@@ -688,10 +663,9 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
     let waiting = {
         let poll_url = poll_url.clone();
         tokio::spawn(async move {
-            call(
+            acme_rx(
                 reqwest::Method::POST,
                 poll_url,
-                Some("rx-acme-key"),
                 Some(json!({"ack": [], "maxEvents": 2})),
             )
             .await
@@ -769,133 +743,121 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
 }
 
 async fn stream_management_is_authorised_per_realm(backend: Backend) {
+    use reqwest::Method;
     let server = transmitter(backend).await;
     let ep = format!("{}/stream", base(&server, "acme"));
     let body = json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]});
-    let (status, problem) = call(reqwest::Method::POST, ep.clone(), None, Some(body.clone())).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
-    let (status, _) = call(
-        reqwest::Method::POST,
-        ep.clone(),
-        Some("portal-key"),
-        Some(body.clone()),
-    )
-    .await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "users:manage is not ssf:manage"
-    );
-    let (status, _) = call(
-        reqwest::Method::POST,
-        ep.clone(),
-        Some("rx-other-key"),
-        Some(body.clone()),
-    )
-    .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "another realm's key");
-    let (status, created) = call(
-        reqwest::Method::POST,
-        ep.clone(),
-        Some("rx-acme-key"),
-        Some(body.clone()),
-    )
-    .await;
+    // Creating a stream: (key, the status it gets, why).
+    let creators = [
+        (None, StatusCode::UNAUTHORIZED, "no key"),
+        (
+            Some("portal-key"),
+            StatusCode::FORBIDDEN,
+            "users:manage is not ssf:manage",
+        ),
+        (
+            Some("rx-other-key"),
+            StatusCode::FORBIDDEN,
+            "another realm's key",
+        ),
+    ];
+    for (key, want, why) in creators {
+        let (status, problem) = call(Method::POST, ep.clone(), key, Some(body.clone())).await;
+        assert_eq!(status, want, "{why}: {problem}");
+    }
+    let (status, created) = acme_rx(Method::POST, ep.clone(), Some(body.clone())).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = created["stream_id"].as_str().unwrap();
     // The other realm's receiver sees none of acme's streams, by list or by id.
     let other = format!("{}/stream", base(&server, "other"));
-    let (status, list) = call(
-        reqwest::Method::GET,
-        other.clone(),
-        Some("rx-other-key"),
-        None,
-    )
-    .await;
+    let (status, list) = call(Method::GET, other.clone(), Some("rx-other-key"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list, json!([]));
-    for path in ["stream", "status"] {
-        let (status, _) = call(
-            reqwest::Method::GET,
-            format!("{}/{path}?stream_id={id}", base(&server, "other")),
-            Some("rx-other-key"),
+    let acme = base(&server, "acme");
+    let other_base = base(&server, "other");
+    // Requests refused, in this order: (method, url, key, body, the status it gets).
+    let refused = [
+        (
+            Method::GET,
+            format!("{other_base}/stream?stream_id={id}"),
+            "rx-other-key",
             None,
-        )
-        .await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
-    }
-    let (status, _) = call(
-        reqwest::Method::DELETE,
-        format!("{other}?stream_id={id}"),
-        Some("rx-other-key"),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = call(
-        reqwest::Method::POST,
-        format!("{}/poll/{id}", base(&server, "acme")),
-        Some("rx-other-key"),
-        Some(json!({})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    // Malformed requests.
-    let (status, _) = call(
-        reqwest::Method::POST,
-        format!("{}/status", base(&server, "acme")),
-        Some("rx-acme-key"),
-        Some(json!({"stream_id": id, "status": "sleeping"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = call(
-        reqwest::Method::POST,
-        format!("{}/remove-subject", base(&server, "acme")),
-        Some("rx-acme-key"),
-        Some(json!({"stream_id": id, "subject": "user-1"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = call(
-        reqwest::Method::POST,
-        ep.clone(),
-        Some("rx-acme-key"),
-        Some(
-            json!({"delivery": {"method": PUSH, "endpoint_url": "http://receiver.example/events"}}),
+            StatusCode::NOT_FOUND,
         ),
-    )
-    .await;
-    assert_eq!(
-        status,
-        StatusCode::BAD_REQUEST,
-        "plain HTTP only to loopback"
-    );
-    let (status, _) = call(
-        reqwest::Method::GET,
-        format!("{ep}?stream_id=nope"),
-        Some("rx-acme-key"),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+        (
+            Method::GET,
+            format!("{other_base}/status?stream_id={id}"),
+            "rx-other-key",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            format!("{other}?stream_id={id}"),
+            "rx-other-key",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            format!("{acme}/poll/{id}"),
+            "rx-other-key",
+            Some(json!({})),
+            StatusCode::FORBIDDEN,
+        ),
+        // Malformed requests.
+        (
+            Method::POST,
+            format!("{acme}/status"),
+            "rx-acme-key",
+            Some(json!({"stream_id": id, "status": "sleeping"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            format!("{acme}/remove-subject"),
+            "rx-acme-key",
+            Some(json!({"stream_id": id, "subject": "user-1"})),
+            StatusCode::BAD_REQUEST,
+        ),
+        // Plain HTTP only to loopback.
+        (
+            Method::POST,
+            ep.clone(),
+            "rx-acme-key",
+            Some(
+                json!({"delivery": {"method": PUSH, "endpoint_url": "http://receiver.example/events"}}),
+            ),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::GET,
+            format!("{ep}?stream_id=nope"),
+            "rx-acme-key",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (method, url, key, body, want) in refused {
+        let what = format!("{method} {url} as {key}");
+        let (status, problem) = call(method, url, Some(key), body).await;
+        assert_eq!(status, want, "{what}: {problem}");
+    }
 
     // Every change a receiver makes is in the audit log, with its actor and stream; a refused
     // one too.
     let id = id.to_owned();
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         format!("{}/status", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "status": "paused", "reason": "maintenance"})),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     for stream in [id.as_str(), "nope"] {
-        let (status, _) = call(
+        let (status, _) = acme_rx(
             reqwest::Method::DELETE,
             format!("{ep}?stream_id={stream}"),
-            Some("rx-acme-key"),
             None,
         )
         .await;
@@ -1016,30 +978,27 @@ async fn configured_signing_keys_are_the_only_keys(backend: Backend) {
 
     // A verification SET is signed by the configured ES256 key, which its own public PEM
     // verifies (not only the JWK Lockstep derived from it).
-    let (status, stream) = call(
+    let (status, stream) = acme_rx(
         reqwest::Method::POST,
         format!("{}/stream", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{stream}");
     let id = stream["stream_id"].as_str().unwrap().to_owned();
-    let (status, _) = call(
+    let (status, _) = acme_rx(
         reqwest::Method::POST,
         format!("{}/verify", base(&server, "acme")),
-        Some("rx-acme-key"),
         Some(json!({"stream_id": id, "state": "k"})),
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, got) = call(
+    let (_, got) = acme_rx(
         reqwest::Method::POST,
         stream["delivery"]["endpoint_url"]
             .as_str()
             .unwrap()
             .to_owned(),
-        Some("rx-acme-key"),
         Some(json!({"returnImmediately": true})),
     )
     .await;
