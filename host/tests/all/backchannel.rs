@@ -342,23 +342,10 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     );
 
     // The audit log names the IdP as the actor, with what each logout did.
-    let (code, audit) = server
-        .admin_get("/admin/audit?realm=acme&action=backchannel-logout")
-        .await;
-    assert_eq!(code, StatusCode::OK, "{audit}");
-    let got: Vec<(String, String, String, Option<i64>)> = audit["items"]
-        .as_array()
-        .unwrap()
+    let got: Vec<_> = acme_audit(&server, "backchannel-logout")
+        .await
         .iter()
-        .rev()
-        .map(|r| {
-            (
-                r["actor"].as_str().unwrap().to_owned(),
-                r["target"].as_str().unwrap().to_owned(),
-                r["result"].as_str().unwrap().to_owned(),
-                r["changed"].as_i64(),
-            )
-        })
+        .map(outcome)
         .collect();
     let row = |target: &str, result: &str, changed: Option<i64>| {
         (
@@ -870,23 +857,10 @@ async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(ba
     assert_eq!(server.outbox_total().await, outbox);
 
     // The audit log names the caller, the user and what each call did.
-    let (code, audit) = server
-        .admin_get("/admin/audit?realm=acme&action=global-token-revocation")
-        .await;
-    assert_eq!(code, StatusCode::OK, "{audit}");
-    let got: Vec<(String, String, String, Option<i64>)> = audit["items"]
-        .as_array()
-        .unwrap()
+    let got: Vec<_> = acme_audit(&server, "global-token-revocation")
+        .await
         .iter()
-        .rev()
-        .map(|r| {
-            (
-                r["actor"].as_str().unwrap().to_owned(),
-                r["target"].as_str().unwrap().to_owned(),
-                r["result"].as_str().unwrap().to_owned(),
-                r["changed"].as_i64(),
-            )
-        })
+        .map(outcome)
         .collect();
     let row = |target: &str, result: &str, changed: Option<i64>| {
         (
@@ -969,14 +943,9 @@ async fn global_token_revocation_by_a_signed_jwt_is_accepted_once(backend: Backe
     );
     assert_eq!(api.status_of("p2").await, "DESTROYED");
 
-    let (_, audit) = server
-        .admin_get("/admin/audit?realm=acme&action=global-token-revocation")
-        .await;
-    let results: Vec<(&str, &str)> = audit["items"]
-        .as_array()
-        .unwrap()
+    let audit = acme_audit(&server, "global-token-revocation").await;
+    let results: Vec<(&str, &str)> = audit
         .iter()
-        .rev()
         .map(|r| (r["actor"].as_str().unwrap(), r["result"].as_str().unwrap()))
         .collect();
     assert_eq!(
@@ -1947,14 +1916,9 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
     push_verification(&tx, &renewed, &state).await;
     assert_eq!(ssf_stream_view(&server).await["verified"], true);
 
-    let (_, audit) = server
-        .admin_get("/admin/audit?realm=acme&action=ssf:session-revoked")
-        .await;
-    let results: Vec<(&str, &str)> = audit["items"]
-        .as_array()
-        .unwrap()
+    let audit = acme_audit(&server, "ssf:session-revoked").await;
+    let results: Vec<(&str, &str)> = audit
         .iter()
-        .rev()
         .map(|r| (r["actor"].as_str().unwrap(), r["result"].as_str().unwrap()))
         .collect();
     // carol's (minted by jwcrypto), alice's, alice's again.
@@ -1966,6 +1930,28 @@ async fn an_ssf_push_stream_is_set_up_verified_and_refuses_forged_sets(backend: 
             ("idp:ssf-tx", "DUPLICATE_EVENT")
         ]
     );
+}
+
+/// Realm acme's audit records of `action`, oldest first.
+async fn acme_audit(server: &Server, action: &str) -> Vec<Value> {
+    let (code, audit) = server
+        .admin_get(&format!("/admin/audit?realm=acme&action={action}"))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{audit}");
+    let mut items = audit["items"].as_array().unwrap().clone();
+    items.reverse();
+    items
+}
+
+/// What one audit record says: (actor, target, result, rows changed).
+fn outcome(record: &Value) -> (String, String, String, Option<i64>) {
+    let text = |k: &str| record[k].as_str().unwrap().to_owned();
+    (
+        text("actor"),
+        text("target"),
+        text("result"),
+        record["changed"].as_i64(),
+    )
 }
 
 /// Runs `sql` on the server's database, beside the server.
