@@ -12,44 +12,29 @@
 //! Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/components.rs"]
+mod components;
+#[path = "../tests/common/events.rs"]
+mod events;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lockstep::domain::{EventType, SessionKind, SyncEvent};
+use lockstep::domain::{EventType, SyncEvent};
 use lockstep::runtime::Runtime;
 use lockstep::runtime::manifest::Manifest;
 
-fn component(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/connector")
-        .join(format!("{name}.wasm"));
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo xtask build-connectors`",
-        p.display()
-    );
-    p
-}
+use components::component;
+use events::portal_event;
 
 fn event() -> SyncEvent {
-    SyncEvent {
-        event_id: "01a20897-7a57-7512-bb52-195b95bc028a".into(),
-        event_type: EventType::Login,
-        realm: "acme".into(),
-        external_id: "portal-session-001".into(),
-        kind: SessionKind::Parent,
-        idp_session_id: Some("kc-user-123".into()),
-        idp_client_session_id: None,
-        user_id: Some("alice".into()),
-        system: Some("portal".into()),
-        origin_system: Some("portal".into()),
-        end_reason: None,
-        attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
-        expires_at: None,
-        occurred_at: chrono::Utc::now(),
-    }
+    portal_event(
+        EventType::Login,
+        "01a20897-7a57-7512-bb52-195b95bc028a",
+        "portal-session-001",
+    )
 }
 
 struct Stats {

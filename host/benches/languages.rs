@@ -10,13 +10,18 @@
 //! figures go to docs/benchmarks.md. Not a test: nothing here asserts a time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/events.rs"]
+mod events;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockstep::domain::{EventType, SessionKind, SyncEvent};
+use lockstep::domain::{EventType, SyncEvent};
 use lockstep::runtime::manifest::Manifest;
 use lockstep::runtime::{LoadedConnector, Runtime};
+
+use events::portal_event;
 
 const LANGS: [&str; 3] = ["rust", "js", "python"];
 
@@ -27,22 +32,11 @@ fn example_dir(lang: &str) -> PathBuf {
 }
 
 fn event(event_type: EventType, n: usize) -> SyncEvent {
-    SyncEvent {
-        event_id: format!("bench-{n}"),
+    portal_event(
         event_type,
-        realm: "acme".into(),
-        external_id: format!("portal-session-{n}"),
-        kind: SessionKind::Parent,
-        idp_session_id: Some("kc-user-123".into()),
-        idp_client_session_id: None,
-        user_id: Some("alice".into()),
-        system: Some("portal".into()),
-        origin_system: Some("portal".into()),
-        end_reason: None,
-        attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
-        expires_at: None,
-        occurred_at: chrono::Utc::now(),
-    }
+        format!("bench-{n}"),
+        format!("portal-session-{n}"),
+    )
 }
 
 /// The example's manifest, pointed at `base_url`, with its own `reuse_instance` line dropped

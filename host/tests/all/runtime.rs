@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::components::component;
+use common::events::portal_event;
 use common::receiver::Receiver;
 use hmac::{Hmac, Mac};
-use lockstep::domain::{EventType, SessionKind, SyncEvent};
+use lockstep::domain::{EventType, SyncEvent};
 use lockstep::runtime::cache::CacheOutcome;
 use lockstep::runtime::manifest::Manifest;
 use lockstep::runtime::world::World;
@@ -28,22 +29,11 @@ fn manifest(name: &str, component_name: &str, extra: &str) -> Manifest {
 }
 
 fn event(event_type: EventType) -> SyncEvent {
-    SyncEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
+    portal_event(
         event_type,
-        realm: "acme".into(),
-        external_id: "portal-session-001".into(),
-        kind: SessionKind::Parent,
-        idp_session_id: Some("kc-user-123".into()),
-        idp_client_session_id: None,
-        user_id: Some("alice".into()),
-        system: Some("portal".into()),
-        origin_system: Some("portal".into()),
-        end_reason: None,
-        attributes: [("ip".to_owned(), "10.1.2.3".to_owned())].into(),
-        expires_at: None,
-        occurred_at: chrono::Utc::now(),
-    }
+        uuid::Uuid::now_v7().to_string(),
+        "portal-session-001",
+    )
 }
 
 fn hostile(mode: &str, extra: &str) -> Manifest {

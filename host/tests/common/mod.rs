@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod components;
+pub mod events;
 pub mod keycloak;
 pub mod receiver;
 
