@@ -62,7 +62,8 @@ fn fresh_realm() -> String {
     format!("prop-{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-fn config(cases: u32) -> ProptestConfig {
+/// `cases` cases, none written to disk.
+pub(crate) fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
         failure_persistence: None,
@@ -102,6 +103,11 @@ fn parsed_or_400<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, TestCase
 
 /// Arbitrary JSON (any shape, small).
 fn json_value() -> impl Strategy<Value = Value> {
+    json_with_keys("\\PC{0,8}")
+}
+
+/// Arbitrary JSON (any shape, small) whose object keys match the regex `keys`.
+pub(crate) fn json_with_keys(keys: &'static str) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
@@ -111,10 +117,10 @@ fn json_value() -> impl Strategy<Value = Value> {
             .prop_map(Value::from),
         "\\PC{0,12}".prop_map(Value::from),
     ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
+    leaf.prop_recursive(3, 24, 4, move |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            proptest::collection::btree_map("\\PC{0,8}", inner, 0..4)
+            proptest::collection::btree_map(keys, inner, 0..4)
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })

@@ -7,6 +7,8 @@
 //! one example at a time through the HTTP endpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::proptest_api::{config, json_with_keys};
+
 use std::sync::OnceLock;
 
 use axum::Json;
@@ -103,32 +105,9 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-/// Arbitrary JSON (any shape, small).
+/// Arbitrary JSON (any shape, small), with claim-like object keys.
 fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(Value::from),
-        "\\PC{0,12}".prop_map(Value::from),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            proptest::collection::btree_map("[a-z]{1,6}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    json_with_keys("[a-z]{1,6}")
 }
 
 /// A valid id (what `sid`, `sub` and `jti` must be).
