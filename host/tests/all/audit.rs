@@ -51,14 +51,7 @@ fn keys_config() -> String {
 }
 
 async fn start(backend: Backend) -> Server {
-    Server::start_with(
-        backend,
-        ServerOptions {
-            config: Some(keys_config()),
-            ..Default::default()
-        },
-    )
-    .await
+    Server::start_with(backend, ServerOptions::with_config(keys_config())).await
 }
 
 /// `GET path` with this bearer token (None: no Authorization header).
@@ -550,10 +543,8 @@ async fn execute(server: &Server, sql: &str) {
 }
 
 async fn retention_deletes_old_records_and_keeps_recent_ones(backend: Backend) {
-    let options = ServerOptions {
-        config: Some(format!("{}[audit]\nretention_days = 2\n", keys_config())),
-        ..Default::default()
-    };
+    let options =
+        ServerOptions::with_config(format!("{}[audit]\nretention_days = 2\n", keys_config()));
     let server = Server::start_with(backend, options.clone()).await;
     let api = server.api("acme");
     assert_eq!(api.map_parent("p", "kc").await.0, StatusCode::CREATED);

@@ -42,14 +42,7 @@ async fn logout_tokens_verify_against_an_https_idp_trusted_through_the_ca_file()
         idp.config(),
         ca.pem_path().display().to_string()
     );
-    let server = Server::start_with(
-        Backend::Sqlite,
-        ServerOptions {
-            config: Some(with_ca),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let server = Server::start_with(Backend::Sqlite, ServerOptions::with_config(with_ca)).await;
     let api = server.api("acme");
     assert_eq!(
         api.map_parent("portal-1", "kc-sid-1").await.0,
@@ -255,14 +248,7 @@ fn logout_claims(idp: &Idp, sid: Option<&str>, sub: Option<&str>) -> Value {
 }
 
 async fn server_with(backend: Backend, idp: &Idp) -> Server {
-    Server::start_with(
-        backend,
-        ServerOptions {
-            config: Some(idp.config()),
-            ..ServerOptions::default()
-        },
-    )
-    .await
+    Server::start_with(backend, ServerOptions::with_config(idp.config())).await
 }
 
 async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
@@ -901,14 +887,7 @@ async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(ba
 
 async fn global_token_revocation_by_a_signed_jwt_is_accepted_once(backend: Backend) {
     let idp = Idp::start().await;
-    let server = Server::start_with(
-        backend,
-        ServerOptions {
-            config: Some(gtr_config(&idp)),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let server = Server::start_with(backend, ServerOptions::with_config(gtr_config(&idp))).await;
     let api = server.api("acme");
     map_user(&api, "p1", "kc-1", "alice").await;
     assert_eq!(api.map_child("c1", "p1").await.0, StatusCode::CREATED);
@@ -963,10 +942,7 @@ async fn forged_global_token_revocation_tokens_are_refused_and_change_nothing() 
     let idp = Idp::start().await;
     let server = Server::start_with(
         Backend::Sqlite,
-        ServerOptions {
-            config: Some(gtr_config(&idp)),
-            ..ServerOptions::default()
-        },
+        ServerOptions::with_config(gtr_config(&idp)),
     )
     .await;
     let api = server.api("acme");
@@ -1099,10 +1075,7 @@ async fn an_api_clients_revocation_beyond_max_cascade_is_refused_whole() {
     let idp = Idp::start().await;
     let server = Server::start_with(
         Backend::Sqlite,
-        ServerOptions {
-            config: Some(format!("{}max_cascade = 2\n", gtr_config(&idp))),
-            ..ServerOptions::default()
-        },
+        ServerOptions::with_config(format!("{}max_cascade = 2\n", gtr_config(&idp))),
     )
     .await;
     let api = server.api("acme");

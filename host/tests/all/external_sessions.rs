@@ -506,10 +506,7 @@ async fn four_level_tree_of_1000_is_destroyed_in_one_transaction(backend: Backen
 async fn orphan_children_policy_orphans_on_idp_logout(backend: Backend) {
     let server = Server::start_with(
         backend,
-        ServerOptions {
-            config: Some("[realms.acme]\norphan_children = true\n".into()),
-            ..Default::default()
-        },
+        ServerOptions::with_config("[realms.acme]\norphan_children = true\n".into()),
     )
     .await;
     let api = server.api("acme");
@@ -946,10 +943,7 @@ async fn a_key_names_only_its_own_system_as_origin(backend: Backend) {
 async fn a_tree_larger_than_max_tree_is_refused_not_read(backend: Backend) {
     let server = Server::start_with(
         backend,
-        ServerOptions {
-            config: Some("[limits]\nmax_tree = 3\n".into()),
-            ..Default::default()
-        },
+        ServerOptions::with_config("[limits]\nmax_tree = 3\n".into()),
     )
     .await;
     let api = server.api("acme");
@@ -977,10 +971,9 @@ async fn a_tree_larger_than_max_tree_is_refused_not_read(backend: Backend) {
 async fn failed_authentications_are_throttled_per_address(backend: Backend) {
     let server = Server::start_with(
         backend,
-        ServerOptions {
-            config: Some("[limits]\nfailed_auth_burst = 3\nfailed_auth_per_minute = 1\n".into()),
-            ..Default::default()
-        },
+        ServerOptions::with_config(
+            "[limits]\nfailed_auth_burst = 3\nfailed_auth_per_minute = 1\n".into(),
+        ),
     )
     .await;
     let guess = server.api_as("acme", "guess");

@@ -29,14 +29,7 @@ fn config() -> String {
 }
 
 async fn server(backend: Backend) -> Server {
-    Server::start_with(
-        backend,
-        ServerOptions {
-            config: Some(config()),
-            ..Default::default()
-        },
-    )
-    .await
+    Server::start_with(backend, ServerOptions::with_config(config())).await
 }
 
 fn event(kind: &str, extra: Value) -> Value {
@@ -566,10 +559,7 @@ async fn tampered_stale_replayed_and_malformed_posts_change_nothing() {
         Backend::Sqlite,
         url,
         dir,
-        ServerOptions {
-            config: Some(config()),
-            ..Default::default()
-        },
+        ServerOptions::with_config(config()),
     )
     .await;
     assert_problem(

@@ -227,10 +227,7 @@ async fn health_on(stream: &mut TcpStream, wait: Duration) -> Option<String> {
 async fn connections_beyond_max_client_connections_wait_until_one_closes() {
     let server = Server::start_with(
         Backend::Sqlite,
-        ServerOptions {
-            config: Some("[limits]\nmax_client_connections = 2\n".into()),
-            ..ServerOptions::default()
-        },
+        ServerOptions::with_config("[limits]\nmax_client_connections = 2\n".into()),
     )
     .await;
     let addr = server.base.trim_start_matches("http://").to_owned();

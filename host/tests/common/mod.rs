@@ -134,6 +134,16 @@ pub struct ServerOptions {
     pub args: Vec<String>,
 }
 
+impl ServerOptions {
+    /// The defaults, with `config` as the config file.
+    pub fn with_config(config: String) -> Self {
+        ServerOptions {
+            config: Some(config),
+            ..ServerOptions::default()
+        }
+    }
+}
+
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {

@@ -767,14 +767,7 @@ async fn keycloak_sign_in_grants_what_the_api_would() {
         "[realms.{realm}]\nissuer = \"{}\"\naudiences = [\"lockstep\"]\nconsole_client_id = \"lockstep-console\"\n",
         common::keycloak::issuer(&kc, &realm)
     );
-    let server = Server::start_with(
-        Backend::Sqlite,
-        ServerOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-    )
-    .await;
+    let server = Server::start_with(Backend::Sqlite, ServerOptions::with_config(config)).await;
     reference_tree(&server, &realm, "").await;
     reference_tree(&server, "acme", "").await;
     let user = |name: &str, roles: Value| {

@@ -368,14 +368,7 @@ async fn keycloak_over_https_logs_out_with_the_ca_file_and_is_refused_without_it
         },
     )
     .await;
-    let untrusting = Server::start_with(
-        Backend::Sqlite,
-        ServerOptions {
-            config: Some(config),
-            ..ServerOptions::default()
-        },
-    )
-    .await;
+    let untrusting = Server::start_with(Backend::Sqlite, ServerOptions::with_config(config)).await;
     let api = trusting.api(&name);
     let stranger = untrusting.api(&name);
 
@@ -534,10 +527,7 @@ async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_
     };
     let server = Server::start_with(
         Backend::Sqlite,
-        ServerOptions {
-            config: Some(config(secret, 0)),
-            ..ServerOptions::default()
-        },
+        ServerOptions::with_config(config(secret, 0)),
     )
     .await;
     let api = server.api(&name);
@@ -688,10 +678,7 @@ async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_
         Backend::Sqlite,
         url,
         dir,
-        ServerOptions {
-            config: Some(config(secret, 1)),
-            ..ServerOptions::default()
-        },
+        ServerOptions::with_config(config(secret, 1)),
     )
     .await;
     let api = server.api(&name);
