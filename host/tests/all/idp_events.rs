@@ -32,6 +32,11 @@ async fn server(backend: Backend) -> Server {
     Server::start_with(backend, ServerOptions::with_config(config())).await
 }
 
+/// Posts one Keycloak event of `kind` to realm acme, signed with the realm's secret.
+async fn post(server: &Server, kind: &str, extra: Value) -> (StatusCode, Value) {
+    server.post_event("acme", SECRET, &event(kind, extra)).await
+}
+
 fn event(kind: &str, extra: Value) -> Value {
     let mut e = json!({
         "id": uuid::Uuid::new_v4().to_string(),
@@ -75,16 +80,10 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
 
     // LOGIN: the Keycloak session is mirrored as a PARENT owned by `keycloak`.
     let expires = in_ms(3_600_000);
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "LOGIN",
-                json!({"userId": "u-1", "sessionId": "sid-1", "clientId": "portal", "sessionExpiresAt": expires}),
-            ),
-        )
-        .await;
+    let login = json!({
+        "userId": "u-1", "sessionId": "sid-1", "clientId": "portal", "sessionExpiresAt": expires
+    });
+    let (code, body) = post(&s, "LOGIN", login).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(ids(&body["created"]), vec!["keycloak:sid-1"]);
     let (_, mirror) = api.get("keycloak:sid-1").await;
@@ -107,16 +106,12 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
 
     // REFRESH_TOKEN moves every mapped PARENT's expiry and emits `refresh` with the new value.
     let later = in_ms(7_200_000);
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "REFRESH_TOKEN",
-                json!({"userId": "u-1", "sessionId": "sid-1", "sessionExpiresAt": later}),
-            ),
-        )
-        .await;
+    let (code, body) = post(
+        &s,
+        "REFRESH_TOKEN",
+        json!({"userId": "u-1", "sessionId": "sid-1", "sessionExpiresAt": later}),
+    )
+    .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(ids(&body["updated"]), vec!["keycloak:sid-1", "portal-1"]);
     let (_, portal) = api.get("portal-1").await;
@@ -136,29 +131,21 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
         later
     );
     // The same expiry again changes nothing and emits nothing.
-    let (_, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "REFRESH_TOKEN",
-                json!({"sessionId": "sid-1", "sessionExpiresAt": later}),
-            ),
-        )
-        .await;
+    let (_, body) = post(
+        &s,
+        "REFRESH_TOKEN",
+        json!({"sessionId": "sid-1", "sessionExpiresAt": later}),
+    )
+    .await;
     assert_eq!(ids(&body["updated"]), Vec::<String>::new());
 
     // REVOKE_GRANT: every live session of the user hears `revoke`; none ends.
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "REVOKE_GRANT",
-                json!({"userId": "u-1", "clientId": "portal"}),
-            ),
-        )
-        .await;
+    let (code, body) = post(
+        &s,
+        "REVOKE_GRANT",
+        json!({"userId": "u-1", "clientId": "portal"}),
+    )
+    .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["revoked"], 3);
     assert_eq!(
@@ -170,32 +157,24 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
     // IMPERSONATE within the realm: Keycloak ends the administrator's own session in that
     // request (without an event), so what was mapped to it ends now; the impersonated
     // session stands on its own and records who impersonated.
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "LOGIN",
-                json!({"userId": "admin-1", "sessionId": "sid-admin"}),
-            ),
-        )
-        .await;
+    let (code, body) = post(
+        &s,
+        "LOGIN",
+        json!({"userId": "admin-1", "sessionId": "sid-admin"}),
+    )
+    .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(
         api.map_parent("admin-app", "sid-admin").await.0,
         StatusCode::CREATED
     );
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "IMPERSONATE",
-                json!({"userId": "u-1", "sessionId": "sid-imp", "impersonatorId": "admin-1",
+    let (code, body) = post(
+        &s,
+        "IMPERSONATE",
+        json!({"userId": "u-1", "sessionId": "sid-imp", "impersonatorId": "admin-1",
                        "impersonatorSessionId": "sid-admin", "impersonatorRealm": "acme"}),
-            ),
-        )
-        .await;
+    )
+    .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(ids(&body["created"]), vec!["keycloak:sid-imp"]);
     assert_eq!(ids(&body["ended"]), vec!["admin-app", "keycloak:sid-admin"]);
@@ -244,13 +223,7 @@ async fn keycloak_events_drive_the_session_lifecycle(backend: Backend) {
     assert_eq!(body["endedElsewhere"], 0);
 
     // LOGOUT of the user's session: the same path as a back-channel logout.
-    let (code, body) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event("LOGOUT", json!({"userId": "u-1", "sessionId": "sid-1"})),
-        )
-        .await;
+    let (code, body) = post(&s, "LOGOUT", json!({"userId": "u-1", "sessionId": "sid-1"})).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(
         ids(&body["ended"]),
@@ -284,16 +257,12 @@ async fn admin_events_end_sessions_with_the_right_reason(backend: Backend) {
         ),
     ];
     for (_, _, n, _) in &cases {
-        let (code, body) = s
-            .post_event(
-                "acme",
-                SECRET,
-                &event(
-                    "LOGIN",
-                    json!({"userId": format!("user-{n}"), "sessionId": format!("sid-{n}")}),
-                ),
-            )
-            .await;
+        let (code, body) = post(
+            &s,
+            "LOGIN",
+            json!({"userId": format!("user-{n}"), "sessionId": format!("sid-{n}")}),
+        )
+        .await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert_eq!(
             api.map_parent(&format!("app-{n}"), &format!("sid-{n}"))
@@ -309,9 +278,7 @@ async fn admin_events_end_sessions_with_the_right_reason(backend: Backend) {
         );
     }
     for (kind, extra, n, reason) in &cases {
-        let (code, body) = s
-            .post_event("acme", SECRET, &event(kind, extra.clone()))
-            .await;
+        let (code, body) = post(&s, kind, extra.clone()).await;
         assert_eq!(code, StatusCode::OK, "{kind}: {body}");
         assert_eq!(
             ids(&body["ended"]),
@@ -339,12 +306,7 @@ async fn admin_events_end_sessions_with_the_right_reason(backend: Backend) {
 
     // REALM_LOGOUT_ALL ends every PARENT mapped to an IdP session, and nothing else.
     for n in ["x", "y"] {
-        s.post_event(
-            "acme",
-            SECRET,
-            &event("LOGIN", json!({"sessionId": format!("sid-{n}")})),
-        )
-        .await;
+        post(&s, "LOGIN", json!({"sessionId": format!("sid-{n}")})).await;
         api.map_parent(&format!("app-{n}"), &format!("sid-{n}"))
             .await;
     }
@@ -352,9 +314,7 @@ async fn admin_events_end_sessions_with_the_right_reason(backend: Backend) {
         .post("map-fixed", json!({"externalId": "standalone"}))
         .await;
     assert_eq!(code, StatusCode::CREATED);
-    let (code, body) = s
-        .post_event("acme", SECRET, &event("REALM_LOGOUT_ALL", json!({})))
-        .await;
+    let (code, body) = post(&s, "REALM_LOGOUT_ALL", json!({})).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(
         ids(&body["ended"]),
@@ -369,16 +329,12 @@ async fn expired_sessions_end_with_their_tree(backend: Backend) {
     // A Keycloak session that runs out (no refresh), one that is refreshed in time, and a
     // session without an expiry.
     for (sid, ms) in [("sid-short", 1_500), ("sid-kept", 1_500)] {
-        let (code, body) = s
-            .post_event(
-                "acme",
-                SECRET,
-                &event(
-                    "LOGIN",
-                    json!({"sessionId": sid, "sessionExpiresAt": in_ms(ms)}),
-                ),
-            )
-            .await;
+        let (code, body) = post(
+            &s,
+            "LOGIN",
+            json!({"sessionId": sid, "sessionExpiresAt": in_ms(ms)}),
+        )
+        .await;
         assert_eq!(code, StatusCode::OK, "{body}");
     }
     api.map_parent("app-short", "sid-short").await;
@@ -387,16 +343,12 @@ async fn expired_sessions_end_with_their_tree(backend: Backend) {
     api.map_parent("app-kept", "sid-kept").await;
     api.post("map-fixed", json!({"externalId": "forever"}))
         .await;
-    let (code, _) = s
-        .post_event(
-            "acme",
-            SECRET,
-            &event(
-                "REFRESH_TOKEN",
-                json!({"sessionId": "sid-kept", "sessionExpiresAt": in_ms(3_600_000)}),
-            ),
-        )
-        .await;
+    let (code, _) = post(
+        &s,
+        "REFRESH_TOKEN",
+        json!({"sessionId": "sid-kept", "sessionExpiresAt": in_ms(3_600_000)}),
+    )
+    .await;
     assert_eq!(code, StatusCode::OK);
     // Orphan policy: children of an expired parent are ORPHANED, not destroyed.
     let orphans = s.api("orphans");
