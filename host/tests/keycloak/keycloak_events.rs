@@ -245,12 +245,17 @@ async fn keycloak_admin_actions_end_every_mapped_session() {
         return;
     };
     let api = server.api(&realm.name);
-    let login = |who: (&'static str, &'static str)| {
-        let realm = realm.clone();
+    // A fresh password login whose mirror's `login` has reached the legacy system, with the
+    // legacy tree `id` mapped to it.
+    let mapped_login = |who: (&'static str, &'static str), id: &'static str| {
+        let (realm, receiver, api) = (realm.clone(), &receiver, &api);
         async move {
-            realm
+            let s = realm
                 .password_login(PORTAL_CLIENT.0, PORTAL_CLIENT.1, who.0, who.1)
-                .await
+                .await;
+            let mirror = format!("keycloak:{}", s.sid);
+            wait_received(receiver, "login", &mirror, Duration::from_secs(2)).await;
+            map_legacy(api, id, &s.sid).await;
         }
     };
     // Each admin action against a fresh Keycloak session with a mapped legacy tree. The first
@@ -284,45 +289,13 @@ async fn keycloak_admin_actions_end_every_mapped_session() {
         1
     );
     realm.delete_session(&code_login.sid).await;
-    let s = login(EV_ALICE).await;
-    wait_received(
-        &receiver,
-        "login",
-        &format!("keycloak:{}", s.sid),
-        Duration::from_secs(2),
-    )
-    .await;
-    map_legacy(&api, "by-sign-out-all", &s.sid).await;
+    mapped_login(EV_ALICE, "by-sign-out-all").await;
     realm.logout_user(EV_ALICE.0).await;
-    let s = login(EV_ALICE).await;
-    wait_received(
-        &receiver,
-        "login",
-        &format!("keycloak:{}", s.sid),
-        Duration::from_secs(2),
-    )
-    .await;
-    map_legacy(&api, "by-realm-logout-all", &s.sid).await;
+    mapped_login(EV_ALICE, "by-realm-logout-all").await;
     realm.logout_all().await;
-    let s = login(EV_ALICE).await;
-    wait_received(
-        &receiver,
-        "login",
-        &format!("keycloak:{}", s.sid),
-        Duration::from_secs(2),
-    )
-    .await;
-    map_legacy(&api, "by-user-disabled", &s.sid).await;
+    mapped_login(EV_ALICE, "by-user-disabled").await;
     realm.disable_user(EV_ALICE.0).await;
-    let s = login(EV_ANN).await;
-    wait_received(
-        &receiver,
-        "login",
-        &format!("keycloak:{}", s.sid),
-        Duration::from_secs(2),
-    )
-    .await;
-    map_legacy(&api, "by-user-deleted", &s.sid).await;
+    mapped_login(EV_ANN, "by-user-deleted").await;
     realm.delete_user(EV_ANN.0).await;
 
     for (id, reason, child_reason) in [
