@@ -448,6 +448,23 @@ async fn used_logout_tokens(server: &Server) -> i64 {
         .unwrap()
 }
 
+/// `lockstep reconcile` that succeeds: its stdout, and how long it took.
+async fn reconcile_ok(
+    server: &Server,
+    config: &str,
+    realm: &str,
+    dry_run: bool,
+) -> (String, Duration) {
+    let (out, took) = reconcile_cli(server, config, realm, dry_run).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, took)
+}
+
 /// `lockstep reconcile` against this server's database; returns its output and how long it
 /// took.
 async fn reconcile_cli(
@@ -584,13 +601,7 @@ async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_
     assert_eq!(session(&api, "app-gone").await.0, "ACTIVE");
 
     // Dry run: says what it would end, changes nothing.
-    let (out, _) = reconcile_cli(&server, &config(secret, 0), &name, true).await;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = reconcile_ok(&server, &config(secret, 0), &name, true).await;
     assert!(
         stdout.contains(&format!(
             "keycloak session {} is gone: would end app-gone",
@@ -616,13 +627,7 @@ async fn reconcile_ends_trees_of_sessions_keycloak_ended_behind_lockstep_s_back_
     }
 
     // For real: the two gone trees end, the live one and the unsure one stay.
-    let (out, took) = reconcile_cli(&server, &config(secret, 0), &name, false).await;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, took) = reconcile_ok(&server, &config(secret, 0), &name, false).await;
     assert!(
         stdout.contains("3 PARENTs checked, 2 Keycloak sessions gone, 4 sessions ended, 1 left alone, 0 failed calls"),
         "{stdout}"
