@@ -328,28 +328,18 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     );
 
     // The audit log names the IdP as the actor, with what each logout did.
-    let got: Vec<_> = acme_audit(&server, "backchannel-logout")
-        .await
-        .iter()
-        .map(outcome)
-        .collect();
-    let row = |target: &str, result: &str, changed: Option<i64>| {
-        (
-            "idp:keycloak".to_owned(),
-            target.to_owned(),
-            result.to_owned(),
-            changed,
-        )
-    };
-    assert_eq!(
-        got,
-        vec![
-            row("kc-sid-1", "ok", Some(3)),
-            row("kc-sid-1", "DUPLICATE_EVENT", None),
-            row("kc-sid-1", "ok", Some(0)),
-            row("alice", "ok", Some(1)),
-        ]
-    );
+    assert_acme_audit(
+        &server,
+        "backchannel-logout",
+        "idp:keycloak",
+        &[
+            ("kc-sid-1", "ok", Some(3)),
+            ("kc-sid-1", "DUPLICATE_EVENT", None),
+            ("kc-sid-1", "ok", Some(0)),
+            ("alice", "ok", Some(1)),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -843,30 +833,20 @@ async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(ba
     assert_eq!(server.outbox_total().await, outbox);
 
     // The audit log names the caller, the user and what each call did.
-    let got: Vec<_> = acme_audit(&server, "global-token-revocation")
-        .await
-        .iter()
-        .map(outcome)
-        .collect();
-    let row = |target: &str, result: &str, changed: Option<i64>| {
-        (
-            "key:siem".to_owned(),
-            target.to_owned(),
-            result.to_owned(),
-            changed,
-        )
-    };
-    assert_eq!(
-        got,
-        vec![
-            row("alice", "ok", Some(4)),
-            row("alice", "ok", Some(0)),
-            row("carol@example.com", "ok", Some(1)),
-            row("dave", "NOT_FOUND", None),
-            row("dave", "ok", Some(1)),
-            row("nobody", "NOT_FOUND", None),
-        ]
-    );
+    assert_acme_audit(
+        &server,
+        "global-token-revocation",
+        "key:siem",
+        &[
+            ("alice", "ok", Some(4)),
+            ("alice", "ok", Some(0)),
+            ("carol@example.com", "ok", Some(1)),
+            ("dave", "NOT_FOUND", None),
+            ("dave", "ok", Some(1)),
+            ("nobody", "NOT_FOUND", None),
+        ],
+    )
+    .await;
 
     // The metadata document advertises the endpoint.
     let res = reqwest::get(format!(
@@ -1914,6 +1894,33 @@ async fn acme_audit(server: &Server, action: &str) -> Vec<Value> {
     let mut items = audit["items"].as_array().unwrap().clone();
     items.reverse();
     items
+}
+
+/// Asserts realm acme's audit records of `action`, oldest first: each by `actor`, with
+/// (target, result, rows changed).
+async fn assert_acme_audit(
+    server: &Server,
+    action: &str,
+    actor: &str,
+    want: &[(&str, &str, Option<i64>)],
+) {
+    let got: Vec<_> = acme_audit(server, action)
+        .await
+        .iter()
+        .map(outcome)
+        .collect();
+    let want: Vec<_> = want
+        .iter()
+        .map(|(target, result, changed)| {
+            (
+                actor.to_owned(),
+                (*target).to_owned(),
+                (*result).to_owned(),
+                *changed,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
 }
 
 /// What one audit record says: (actor, target, result, rows changed).
