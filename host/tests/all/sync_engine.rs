@@ -45,6 +45,22 @@ fn webhook_manifest(dir: &Path, name: &str, receiver: &Receiver, extra: &str, po
     );
 }
 
+/// A legacy system that answers each call after `delay`, and a webhook connector `legacy`
+/// that calls it one call at a time (its manifest in the returned directory).
+async fn one_call_at_a_time(delay: Duration) -> (Receiver, tempfile::TempDir) {
+    let receiver = Receiver::start().await;
+    receiver.set_delay(delay);
+    let dir = tempfile::tempdir().unwrap();
+    webhook_manifest(
+        dir.path(),
+        "legacy",
+        &receiver,
+        "concurrency = 1",
+        FAST_RETRY,
+    );
+    (receiver, dir)
+}
+
 async fn start(backend: Backend, dir: &Path) -> Server {
     Server::start_with(
         backend,
@@ -351,16 +367,7 @@ async fn a_slow_connector_holds_only_its_own_lane(backend: Backend) {
 /// DELIVERY_BACKLOG (nothing written); a logout is never held; once the backlog is delivered
 /// new sessions are admitted again; every admitted login is delivered.
 async fn new_sessions_wait_for_a_delivery_backlog_and_logouts_never_do(backend: Backend) {
-    let receiver = Receiver::start().await;
-    receiver.set_delay(Duration::from_millis(20));
-    let dir = tempfile::tempdir().unwrap();
-    webhook_manifest(
-        dir.path(),
-        "legacy",
-        &receiver,
-        "concurrency = 1",
-        FAST_RETRY,
-    );
+    let (receiver, dir) = one_call_at_a_time(Duration::from_millis(20)).await;
     let server = Server::start_with(
         backend,
         ServerOptions {
@@ -528,16 +535,7 @@ async fn hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_work
 /// claimed ahead are given back (no lease left), so another instance sharing the outbox, or
 /// this one restarted, takes them at once instead of after the lease.
 async fn a_graceful_stop_finishes_calls_and_gives_back_what_it_claimed_ahead(backend: Backend) {
-    let receiver = Receiver::start().await;
-    receiver.set_delay(Duration::from_millis(1_500));
-    let dir = tempfile::tempdir().unwrap();
-    webhook_manifest(
-        dir.path(),
-        "legacy",
-        &receiver,
-        "concurrency = 1",
-        FAST_RETRY,
-    );
+    let (receiver, dir) = one_call_at_a_time(Duration::from_millis(1_500)).await;
     let server = start(backend, dir.path()).await;
     let api = server.api("acme");
     for i in 0..4 {
