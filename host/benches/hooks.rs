@@ -209,11 +209,7 @@ async fn sequential(
 async fn run(calls: usize, only: Option<&str>) {
     println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
     let runtime = Runtime::new(None).unwrap();
-    let noop = runtime.load(noop_manifest("")).await.unwrap();
     let ev = event();
-    // 1. Sequential: fresh store + instantiate + on-login + drop.
-    let hook = sequential(&runtime, &noop, &ev, calls).await;
-    let hook_in_place = sequential_in_place(&runtime, &noop, &ev, calls).await;
     if only == Some("webhook") {
         let (waddr, _) = receiver().await;
         let pooled = runtime.load(webhook_manifest(waddr, "")).await.unwrap();
@@ -226,6 +222,10 @@ async fn run(calls: usize, only: Option<&str>) {
         row(WEBHOOK_IN_PLACE, &in_place);
         return;
     }
+    let noop = runtime.load(noop_manifest("")).await.unwrap();
+    // 1. Sequential: fresh store + instantiate + on-login + drop.
+    let hook = sequential(&runtime, &noop, &ev, calls).await;
+    let hook_in_place = sequential_in_place(&runtime, &noop, &ev, calls).await;
     if only == Some("fresh") {
         row("hook call, fresh instance (no-op connector)", &hook);
         row(FRESH_IN_PLACE, &hook_in_place);

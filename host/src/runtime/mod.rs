@@ -11,6 +11,7 @@ pub mod outgoing;
 pub mod registry;
 mod sandbox;
 pub mod signer;
+mod threads;
 pub mod world;
 
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use sandbox::{CallState, Recorder};
 use world::{Hooks, Instance, World};
 
 pub use sandbox::{HttpExchange, Transcript};
+pub use threads::HookThreads;
 
 use crate::domain::SyncEvent;
 
@@ -255,11 +257,11 @@ pub enum HookPriority {
     Low,
 }
 
-/// The threads guest code runs on: per priority a separate Tokio runtime (a thread per core
-/// at the API's priority, half as many at low priority), created once per process and never
-/// dropped (a runtime cannot be dropped from async code). `None` if it cannot be built; calls then run on the caller's runtime.
-fn hook_threads(priority: HookPriority) -> Option<&'static tokio::runtime::Handle> {
-    type Threads = std::sync::OnceLock<Option<tokio::runtime::Runtime>>;
+/// The threads guest code runs on, per priority (a thread per core at the API's priority,
+/// half as many at low priority; see [`threads`]), started at first use. `None` if they
+/// cannot be started; calls then run on the caller's runtime.
+fn hook_threads(priority: HookPriority) -> Option<&'static HookThreads> {
+    type Threads = std::sync::OnceLock<Option<HookThreads>>;
     static NORMAL: Threads = std::sync::OnceLock::new();
     static LOW: Threads = std::sync::OnceLock::new();
     // Deliveries get as many threads as there are cores (one was saturated under load while
@@ -272,25 +274,19 @@ fn hook_threads(priority: HookPriority) -> Option<&'static tokio::runtime::Handl
         // Read once: it parses the cgroup files under /proc, and asked on every call it cost
         // 13 % of the server's CPU while no-op deliveries drained.
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads((cores / share).max(1))
-            .thread_name(name)
-            .on_thread_start(on_start)
-            .enable_all()
-            .build()
+        HookThreads::start(name, (cores / share).max(1), on_start)
             .inspect_err(|e| {
                 tracing::error!(error = %e, "cannot start the hook threads; hooks run on the API's threads")
             })
             .ok()
     })
     .as_ref()
-    .map(tokio::runtime::Runtime::handle)
 }
 
-/// The hook threads at the API's priority, for tasks that mostly make hook calls (a delivery:
+/// A hook thread at the API's priority for a task that mostly makes hook calls (a delivery:
 /// the call, and around it a few channel sends): spawned there, each call runs in place
 /// instead of hopping to a hook thread and back. `None` when they could not be started.
-pub fn delivery_threads() -> Option<&'static tokio::runtime::Handle> {
+pub fn delivery_threads() -> Option<&'static HookThreads> {
     hook_threads(HookPriority::Normal)
 }
 

@@ -1,6 +1,6 @@
 //! Outgoing wasi:http requests of one connector version over keep-alive connections: a
-//! bounded pool of idle HTTP/1.1 connections per destination (scheme and `host:port`), with
-//! the limits of the manifest's `[http]` table. Each loaded version owns its pool, so a
+//! bounded pool of idle HTTP/1.1 connections per destination (scheme and `host:port`) and
+//! hook thread, with the limits of the manifest's `[http]` table. Each loaded version owns its pool, so a
 //! replacement never sends over its predecessor's connections, and dropping the version
 //! closes them. It does not decide where a connector may go: `sandbox::HttpGate` checks the
 //! allowlist before a request reaches this module.
@@ -25,8 +25,9 @@ use wasmtime_wasi_http::{Error, WasiBody};
 
 use super::manifest::HttpPool;
 
-/// Destinations one version keeps idle connections to; requests to further ones are served
-/// without pooling. An allowlist with wildcards could otherwise grow the pool without bound.
+/// Destinations one version keeps idle connections to (a destination reached from two hook
+/// threads counts twice); requests to further ones are served without pooling. An allowlist with wildcards could otherwise
+/// grow the pool without bound.
 pub const MAX_POOLED_DESTINATIONS: usize = 32;
 
 /// Read buffer of a connection, and its write buffer (which may take one body chunk more):
@@ -59,12 +60,16 @@ impl From<&wasmtime_wasi_http::RequestOptions> for Timeouts {
     }
 }
 
-/// Where a connection goes. The authority always carries its port, so `host` and
-/// `host:80` share connections.
+/// Where a connection goes, and the thread whose runtime drives it. The authority always
+/// carries its port, so `host` and `host:80` share connections. A connection is handed only
+/// to requests on the thread it was opened on: each hook thread runs a runtime of its own,
+/// the connection's task stays where it was spawned, and a request from another thread would
+/// wake it across threads twice per exchange.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Destination {
     tls: bool,
     authority: String,
+    home: std::thread::ThreadId,
 }
 
 struct Idle {
@@ -150,7 +155,11 @@ impl ConnectionPool {
         } else {
             format!("{authority}:{}", if tls { 443 } else { 80 })
         };
-        let destination = Destination { tls, authority };
+        let destination = Destination {
+            tls,
+            authority,
+            home: std::thread::current().id(),
+        };
         // The request line carries only the path: scheme and authority belong in it only
         // when talking to a proxy, and hyper sends the URI as it is.
         let path = uri.path_and_query().map_or("/", |p| p.as_str());

@@ -634,7 +634,10 @@ impl Lane {
         };
         // On a hook thread the call runs in place: no hop there and back per delivery.
         match crate::runtime::delivery_threads() {
-            Some(threads) => in_flight.spawn_on(task, threads),
+            Some(threads) => {
+                let (thread, task) = threads.place(task);
+                in_flight.spawn_on(task, thread)
+            }
             None => in_flight.spawn(task),
         };
     }
