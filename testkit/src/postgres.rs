@@ -31,26 +31,24 @@ pub fn database_url(admin_url: &str, name: &str) -> Result<String, Error> {
 /// Creates the empty database `name`; returns its URL.
 pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Error> {
     let url = database_url(admin_url, name)?;
-    let mut conn = connect(admin_url).await?;
-    conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
-        .await
-        .map_err(|source| Error::Postgres {
-            what: format!("CREATE DATABASE {name}"),
-            source,
-        })?;
-    let _ = conn.close().await;
+    let sql = format!("CREATE DATABASE \"{name}\"");
+    admin_statement(admin_url, &sql, format!("CREATE DATABASE {name}")).await?;
     Ok(url)
 }
 
 /// Drops the database `name` if it exists, ending its connections first.
 pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    admin_statement(admin_url, &sql, format!("DROP DATABASE {name}")).await
+}
+
+/// Runs `sql` on a connection of its own to the admin database, closed afterwards; `what`
+/// names the statement in the error.
+async fn admin_statement(admin_url: &str, sql: &str, what: String) -> Result<(), Error> {
     let mut conn = connect(admin_url).await?;
-    conn.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+    conn.execute(sql)
         .await
-        .map_err(|source| Error::Postgres {
-            what: format!("DROP DATABASE {name}"),
-            source,
-        })?;
+        .map_err(|source| Error::Postgres { what, source })?;
     let _ = conn.close().await;
     Ok(())
 }
