@@ -157,34 +157,7 @@ fn throughput(
             .label("offered (keeping up)")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.5)));
     }
-    for (i, curve) in curves.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let line = chart
-            .draw_series(
-                LineSeries::new(
-                    curve.points.iter().map(|p| (p.0, p.1)),
-                    colour.stroke_width(3),
-                )
-                .point_size(4),
-            )
-            .map_err(plot_error)?;
-        if text {
-            line.label(curve.name.as_str()).legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(3))
-            });
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()
-            .map_err(plot_error)?;
-    }
-    Ok(())
+    draw_curves(&mut chart, curves, text, |p| (p.0, p.1))
 }
 
 fn p99(area: &DrawingArea<BitMapBackend, Shift>, curves: &[Curve], text: bool) -> Result<()> {
@@ -224,15 +197,26 @@ fn p99(area: &DrawingArea<BitMapBackend, Shift>, curves: &[Curve], text: bool) -
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw().map_err(plot_error)?;
+    draw_curves(&mut chart, curves, text, |p| (p.0, p.2.max(bottom)))
+}
+
+/// One line per curve, its points taken by `xy` from the curve's steps, and with text the
+/// legend of every line drawn so far (the throughput chart's ideal line among them).
+fn draw_curves<'a, 'b: 'a, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, Cartesian2d<X, Y>>,
+    curves: &[Curve],
+    text: bool,
+    xy: impl Fn(&(f64, f64, f64)) -> (f64, f64),
+) -> Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     for (i, curve) in curves.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let line = chart
             .draw_series(
-                LineSeries::new(
-                    curve.points.iter().map(|p| (p.0, p.2.max(bottom))),
-                    colour.stroke_width(3),
-                )
-                .point_size(4),
+                LineSeries::new(curve.points.iter().map(&xy), colour.stroke_width(3)).point_size(4),
             )
             .map_err(plot_error)?;
         if text {
