@@ -34,6 +34,8 @@ use db::Target;
 use load::{Api, Outcome, PhaseStats, run_phase};
 use server::Server;
 
+use crate::harness;
+
 const TOKEN: &str = "bench-token";
 const REALM: &str = "bench";
 /// Sessions per level of a cascade tree: 1 + 10 + 100 + 889 = 1000.
@@ -229,18 +231,12 @@ pub(crate) fn webhook_component(root: &Path) -> Result<PathBuf> {
 /// Entry point: runs the benchmark on a Tokio runtime; Ctrl-C stops the servers and cleans up.
 pub fn main(args: Args) -> Result<ExitCode> {
     block_on(async {
-        let pg_db = format!(
-            "lockstep_bench_{}",
-            chrono::Utc::now().format("%Y%m%d_%H%M%S")
-        );
+        let pg_db = harness::scratch_db_name("lockstep_bench");
         let outcome = until_interrupted(run(&args, &pg_db)).await;
         // Dropping `run` killed the servers; the scratch databases need an explicit drop.
         if let (Some(url), false) = (&args.postgres_url, args.keep) {
-            for name in [pg_db.clone(), ceiling_db_name(&pg_db)] {
-                if let Err(e) = db::drop_pg_database(url, &name).await {
-                    eprintln!("warning: could not drop database {name}: {e:#}");
-                }
-            }
+            let names = [pg_db.clone(), ceiling_db_name(&pg_db)];
+            harness::drop_scratch_databases(url, &names).await;
         }
         outcome
     })
@@ -262,10 +258,7 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
     let bin = server_bin(args.server_bin.as_deref())?;
     let mut reports = Vec::new();
     if !args.skip_sqlite {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-")?;
         let target = Target::Sqlite {
             path: dir.path().join("bench.db"),
         };
@@ -278,10 +271,7 @@ async fn run(args: &Args, pg_db: &str) -> Result<ExitCode> {
         }
     }
     if let Some(admin_url) = &args.postgres_url {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-pg-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-pg-")?;
         let created = async {
             let url = db::create_pg_database(admin_url, pg_db).await?;
             let ceiling = db::create_pg_database(admin_url, &ceiling_db_name(pg_db)).await?;
@@ -326,11 +316,12 @@ async fn bench_backend(
     dir: &Path,
 ) -> BackendReport {
     let mut report = BackendReport::new(target.name());
-    eprintln!("\n=== {} ({})", target.name(), dir.display());
-    if let Err(e) = bench_backend_inner(args, bin, target, ceiling, dir, &mut report).await {
-        eprintln!("  [{}] aborted: {e:#}", target.name());
-        report.failure = Some(format!("{e:#}"));
-    }
+    report.failure = harness::run_backend(
+        target.name(),
+        dir,
+        bench_backend_inner(args, bin, target, ceiling, dir, &mut report),
+    )
+    .await;
     report
 }
 

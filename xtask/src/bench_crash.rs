@@ -30,7 +30,6 @@
 //! 5. no dead or dropped delivery (the receiver always answers 200).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +50,7 @@ use crate::bench_api::db::{self, Target};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability};
 use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms};
+use crate::harness::{self, ConnectorDirs};
 
 const TOKEN: &str = "bench-crash-token";
 const REALM: &str = "crash";
@@ -123,14 +123,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let command_line = bench_api::command_line();
     let revision = bench_api::revision();
     bench_api::block_on(async {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-crash-")
-            .tempdir()
-            .context("creating a temp dir")?;
-        let pg_db = format!(
-            "lockstep_crash_{}",
-            chrono::Utc::now().format("%Y%m%d_%H%M%S")
-        );
+        let dir = harness::temp_dir("lockstep-crash-")?;
+        let pg_db = harness::scratch_db_name("lockstep_crash");
         let target = match &args.database_url {
             None => Target::Sqlite {
                 path: dir.path().join("crash.db"),
@@ -144,8 +138,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         if let Some(admin) = &args.database_url {
             if args.keep {
                 eprintln!("kept database {pg_db}");
-            } else if let Err(e) = db::drop_pg_database(admin, &pg_db).await {
-                eprintln!("warning: could not drop database {pg_db}: {e:#}");
+            } else {
+                harness::drop_scratch_databases(admin, &[pg_db]).await;
             }
         }
         if args.keep {
@@ -519,22 +513,6 @@ async fn receive(
     StatusCode::OK
 }
 
-/// The manifest of webhook connector `hook`, posting [login, logout] events of the realm to
-/// `<origin>/<hook>`.
-fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    testkit::manifest::Webhook {
-        name: hook,
-        component: Some(component),
-        realms: &[REALM],
-        events: &["login", "logout"],
-        allowed_hosts: &[origin],
-        timeout_ms: 2000,
-        url: &format!("{origin}/{hook}"),
-        config: &[],
-    }
-    .to_toml()
-}
-
 /// The server's database, read directly.
 enum Db {
     Sqlite(SqlitePool),
@@ -684,24 +662,16 @@ async fn crash(
         });
     let receiver = Loopback::bind(app).await.context("the webhook receiver")?;
 
-    // Small files: blocking std::fs calls are fine here.
-    let connectors_dir = dir.join("connectors");
-    let cache_dir = dir.join("compile-cache");
-    for d in [&connectors_dir, &cache_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    for hook in HOOKS {
-        let path = connectors_dir.join(format!("{hook}.toml"));
-        std::fs::write(&path, manifest(hook, wasm, &receiver.origin()))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let dirs = ConnectorDirs::create(dir)?;
+    dirs.write_webhooks(
+        &HOOKS,
+        wasm,
+        REALM,
+        &["login", "logout"],
+        &receiver.origin(),
+    )?;
     let log = dir.join("server.log");
-    let extra: [&OsStr; 4] = [
-        "--connectors-dir".as_ref(),
-        connectors_dir.as_os_str(),
-        "--compile-cache".as_ref(),
-        cache_dir.as_os_str(),
-    ];
+    let extra = dirs.flags();
     let url = target.server_url();
     let start = || Server::start(bin, &url, args.durability.as_str(), TOKEN, &extra, &log);
 
@@ -1267,6 +1237,9 @@ mod tests {
     #[test]
     fn the_connector_named_as_origin_is_hook_1() {
         assert_eq!(HOOKS[0], "hook-1");
-        assert!(manifest(HOOKS[0], Path::new("w.wasm"), "http://127.0.0.1:1").contains("/hook-1"));
+        let origin = "http://127.0.0.1:1";
+        let manifest =
+            crate::harness::webhook_manifest(HOOKS[0], Path::new("w.wasm"), REALM, &[], origin);
+        assert!(manifest.contains("/hook-1"));
     }
 }

@@ -41,6 +41,7 @@ use crate::bench_api::report::thousands;
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, toml_str};
+use crate::harness;
 
 const TOKEN: &str = "bench-delivery-token";
 const REALM: &str = "bench";
@@ -125,10 +126,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let command_line = bench_api::command_line();
     let bin = bench_api::server_bin(args.server_bin.as_deref())?;
     let (receiver, backends) = bench_api::block_on(async {
-        let pg_prefix = format!(
-            "lockstep_delivery_{}",
-            chrono::Utc::now().format("%Y%m%d_%H%M%S")
-        );
+        let pg_prefix = harness::scratch_db_name("lockstep_delivery");
         let created = Arc::new(Mutex::new(Vec::new()));
         let components = Components {
             webhook: &webhook,
@@ -139,11 +137,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         // Dropping `run` killed the servers; the scratch databases need an explicit drop.
         if let (Some(url), false) = (&args.postgres_url, args.keep) {
             let names = lock(&created).clone();
-            for name in names {
-                if let Err(e) = db::drop_pg_database(url, &name).await {
-                    eprintln!("warning: could not drop database {name}: {e:#}");
-                }
-            }
+            harness::drop_scratch_databases(url, &names).await;
         }
         outcome
     })?;
@@ -199,10 +193,7 @@ async fn run(
     eprintln!("receiver ceiling: {}", receiver.summary());
     let mut backends = Vec::new();
     if !args.skip_sqlite {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-delivery-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-delivery-")?;
         let store = Store::Sqlite {
             dir: dir.path().to_owned(),
         };
@@ -212,10 +203,7 @@ async fn run(
         }
     }
     if let Some(admin_url) = &args.postgres_url {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-delivery-pg-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-delivery-pg-")?;
         let store = Store::Postgres {
             admin_url: admin_url.clone(),
             prefix: pg_prefix.to_owned(),
@@ -299,11 +287,12 @@ async fn backend(
         noop: None,
         failure: None,
     };
-    eprintln!("\n=== {} ({})", store.name(), dir.display());
-    if let Err(e) = backend_inner(args, bin, components, store, dir, &mut report).await {
-        eprintln!("  [{}] aborted: {e:#}", store.name());
-        report.failure = Some(format!("{e:#}"));
-    }
+    report.failure = harness::run_backend(
+        store.name(),
+        dir,
+        backend_inner(args, bin, components, store, dir, &mut report),
+    )
+    .await;
     report
 }
 

@@ -41,6 +41,7 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
+use crate::harness::{self, ConnectorDirs};
 
 const TOKEN: &str = "bench-events-token";
 const REALM: &str = "acme";
@@ -103,17 +104,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let command_line = bench_api::command_line();
     let bin = bench_api::server_bin(args.server_bin.as_deref())?;
     bench_api::block_on(async {
-        let pg_db = format!(
-            "lockstep_bench_events_{}",
-            chrono::Utc::now().format("%Y%m%d_%H%M%S")
-        );
+        let pg_db = harness::scratch_db_name("lockstep_bench_events");
         let outcome =
             bench_api::until_interrupted(run(&args, &bin, &wasm, &command_line, &pg_db)).await;
         // Dropping `run` killed the server; the scratch database needs an explicit drop.
-        if let (Some(url), false) = (&args.postgres_url, args.keep)
-            && let Err(e) = testkit::postgres::drop_database(url, &pg_db).await
-        {
-            eprintln!("warning: could not drop database {pg_db}: {e:#}");
+        if let (Some(url), false) = (&args.postgres_url, args.keep) {
+            harness::drop_scratch_databases(url, &[pg_db]).await;
         }
         outcome
     })
@@ -126,10 +122,7 @@ async fn run(
     command_line: &str,
     pg_db: &str,
 ) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new()
-        .prefix("lockstep-bench-events-")
-        .tempdir()
-        .context("creating a temp dir")?;
+    let dir = harness::temp_dir("lockstep-bench-events-")?;
     let target = match &args.postgres_url {
         None => Target::Sqlite(dir.path().join("bench.db")),
         Some(url) => Target::Postgres(testkit::postgres::create_database(url, pg_db).await?),
@@ -634,16 +627,14 @@ async fn bench(
     let receiver = Receiver::start().await?;
 
     // Small files: blocking std::fs calls are fine here.
-    let connectors_dir = dir.join("connectors");
-    let cache_dir = dir.join("compile-cache");
-    for d in [&connectors_dir, &cache_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    for hook in HOOKS {
-        let path = connectors_dir.join(format!("{hook}.toml"));
-        std::fs::write(&path, manifest(hook, wasm, &receiver.server.origin()))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let dirs = ConnectorDirs::create(dir)?;
+    dirs.write_webhooks(
+        &HOOKS,
+        wasm,
+        REALM,
+        &["login", "logout", "refresh"],
+        &receiver.server.origin(),
+    )?;
     let mut key = Vec::new();
     key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
     key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
@@ -659,14 +650,11 @@ async fn bench(
     .with_context(|| format!("writing {}", config.display()))?;
 
     let log = dir.join("server.log");
-    let extra: [&OsStr; 6] = [
-        "--config".as_ref(),
-        config.as_os_str(),
-        "--connectors-dir".as_ref(),
-        connectors_dir.as_os_str(),
-        "--compile-cache".as_ref(),
-        cache_dir.as_os_str(),
-    ];
+    let extra = [
+        [OsStr::new("--config"), config.as_os_str()].as_slice(),
+        &dirs.flags(),
+    ]
+    .concat();
     // The readiness line comes after every connector in the directory has loaded.
     let server = Server::start(
         bin,
@@ -857,22 +845,6 @@ async fn measure(
     report.requests_after_replay = receiver.requests() - requests;
     report.after_replay = db.snapshot(load.refresh_expiry_ms).await?;
     Ok(report)
-}
-
-/// The manifest of webhook connector `hook`, posting [login, logout, refresh] events of the realm to
-/// `<origin>/<hook>`.
-fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    testkit::manifest::Webhook {
-        name: hook,
-        component: Some(component),
-        realms: &[REALM],
-        events: &["login", "logout", "refresh"],
-        allowed_hosts: &[origin],
-        timeout_ms: 2000,
-        url: &format!("{origin}/{hook}"),
-        config: &[],
-    }
-    .to_toml()
 }
 
 /// One row of a latency table: n, p50, p90, p99, max.

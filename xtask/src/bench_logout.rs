@@ -37,6 +37,7 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, parent_id, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
+use crate::harness::{self, ConnectorDirs};
 
 const TOKEN: &str = "bench-logout-token";
 const REALM: &str = "acme";
@@ -114,10 +115,7 @@ async fn run(
     key: EncodingKey,
     command_line: &str,
 ) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new()
-        .prefix("lockstep-bench-logout-")
-        .tempdir()
-        .context("creating a temp dir")?;
+    let dir = harness::temp_dir("lockstep-bench-logout-")?;
     let result = bench(args, bin, wasm, jwk, key, dir.path()).await;
     if args.keep {
         eprintln!("kept {}", dir.keep().display());
@@ -171,30 +169,25 @@ async fn bench(
     let receiver = Receiver::start().await?;
 
     // Small files: blocking std::fs calls are fine here.
-    let connectors_dir = dir.join("connectors");
-    let cache_dir = dir.join("compile-cache");
-    for d in [&connectors_dir, &cache_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    for hook in HOOKS {
-        let path = connectors_dir.join(format!("{hook}.toml"));
-        std::fs::write(&path, manifest(hook, wasm, &receiver.server.origin()))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let dirs = ConnectorDirs::create(dir)?;
+    dirs.write_webhooks(
+        &HOOKS,
+        wasm,
+        REALM,
+        &["login", "logout", "revoke"],
+        &receiver.server.origin(),
+    )?;
     let config = dir.join("lockstep.toml");
     std::fs::write(&config, realm_config(&idp.issuer))
         .with_context(|| format!("writing {}", config.display()))?;
 
     let log = dir.join("server.log");
     let database_url = format!("sqlite://{}", dir.join("bench.db").display());
-    let extra: [&OsStr; 6] = [
-        "--config".as_ref(),
-        config.as_os_str(),
-        "--connectors-dir".as_ref(),
-        connectors_dir.as_os_str(),
-        "--compile-cache".as_ref(),
-        cache_dir.as_os_str(),
-    ];
+    let extra = [
+        [OsStr::new("--config"), config.as_os_str()].as_slice(),
+        &dirs.flags(),
+    ]
+    .concat();
     // The readiness line comes after every connector in the directory has loaded.
     let server = Server::start(
         bin,
@@ -465,22 +458,6 @@ fn realm_config(issuer: &str) -> String {
         toml_str(issuer),
         toml_str(AUDIENCE),
     )
-}
-
-/// The manifest of webhook connector `hook`, posting [login, logout, revoke] events of the realm to
-/// `<origin>/<hook>`.
-fn manifest(hook: &str, component: &Path, origin: &str) -> String {
-    testkit::manifest::Webhook {
-        name: hook,
-        component: Some(component),
-        realms: &[REALM],
-        events: &["login", "logout", "revoke"],
-        allowed_hosts: &[origin],
-        timeout_ms: 2000,
-        url: &format!("{origin}/{hook}"),
-        config: &[],
-    }
-    .to_toml()
 }
 
 /// (connector, external id, event type) of one webhook.

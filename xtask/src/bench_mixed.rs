@@ -44,6 +44,7 @@ use crate::bench_api::load::{Api, run_phase};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
 use crate::bench_swap::lock;
+use crate::harness;
 
 const TOKEN: &str = "bench-mixed-token";
 const REALM: &str = "bench";
@@ -164,18 +165,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let bin = bench_api::server_bin(args.server_bin.as_deref())?;
     let revision = bench_api::revision();
     bench_api::block_on(async {
-        let pg_db = format!(
-            "lockstep_bench_mixed_{}",
-            chrono::Utc::now().format("%Y%m%d_%H%M%S")
-        );
+        let pg_db = harness::scratch_db_name("lockstep_bench_mixed");
         let runs =
             bench_api::until_interrupted(run(&args, backend, pg_url.as_deref(), &bin, &pg_db))
                 .await;
         // Dropping `run` killed the servers; the scratch database needs an explicit drop.
-        if let (Some(url), false) = (&pg_url, args.keep)
-            && let Err(e) = db::drop_pg_database(url, &pg_db).await
-        {
-            eprintln!("warning: could not drop database {pg_db}: {e:#}");
+        if let (Some(url), false) = (&pg_url, args.keep) {
+            harness::drop_scratch_databases(url, &[pg_db]).await;
         }
         let runs = runs?;
         print_report(&runs, &args, &command_line, &revision);
@@ -217,10 +213,7 @@ async fn run(
 ) -> Result<Vec<BackendRun>> {
     let mut runs = Vec::new();
     if backend != Backend::Postgres {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-mixed-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-mixed-")?;
         let target = Target::Sqlite {
             path: dir.path().join("bench.db"),
         };
@@ -230,10 +223,7 @@ async fn run(
         }
     }
     if let Some(admin_url) = pg_url {
-        let dir = tempfile::Builder::new()
-            .prefix("lockstep-bench-mixed-pg-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir = harness::temp_dir("lockstep-bench-mixed-pg-")?;
         // A database that cannot be created fails this backend, not the SQLite figures.
         let run = match db::create_pg_database(admin_url, pg_db).await {
             Ok(url) => bench_backend(args, bin, &Target::Postgres { url }, dir.path()).await,
@@ -288,11 +278,12 @@ impl BackendRun {
 
 async fn bench_backend(args: &Args, bin: &Path, target: &Target, dir: &Path) -> BackendRun {
     let mut run = BackendRun::new(target.name());
-    eprintln!("\n=== {} ({})", target.name(), dir.display());
-    if let Err(e) = bench_backend_inner(args, bin, target, dir, &mut run).await {
-        eprintln!("  [{}] aborted: {e:#}", target.name());
-        run.failure = Some(format!("{e:#}"));
-    }
+    run.failure = harness::run_backend(
+        target.name(),
+        dir,
+        bench_backend_inner(args, bin, target, dir, &mut run),
+    )
+    .await;
     run
 }
 

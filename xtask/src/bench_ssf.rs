@@ -33,6 +33,7 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, user_id};
 use crate::bench_swap::{Loopback, lock, ms, percentile_ms};
+use crate::harness;
 
 mod receiver;
 
@@ -160,10 +161,7 @@ impl Inbox {
 }
 
 async fn run(args: &Args, bin: &Path, keys: &Keys, command_line: &str) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new()
-        .prefix("lockstep-bench-ssf-")
-        .tempdir()
-        .context("creating a temp dir")?;
+    let dir = harness::temp_dir("lockstep-bench-ssf-")?;
     let result = both(args, bin, keys, dir.path()).await;
     if args.keep {
         eprintln!("kept {}", dir.keep().display());

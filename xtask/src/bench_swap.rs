@@ -13,7 +13,6 @@
 //! have arrived at least once and no delivery may be pending or dead.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +31,7 @@ use tokio::time::MissedTickBehavior;
 use crate::bench_api::load::{Api, Outcome, PhaseStats};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, idp_session_id, parent_id, user_id};
+use crate::harness::{self, ConnectorDirs};
 
 const TOKEN: &str = "bench-swap-token";
 const REALM: &str = "bench";
@@ -129,10 +129,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
 }
 
 async fn run(args: &Args, bin: &Path, wasm: &Path, command_line: &str) -> Result<ExitCode> {
-    let dir = tempfile::Builder::new()
-        .prefix("lockstep-bench-swap-")
-        .tempdir()
-        .context("creating a temp dir")?;
+    let dir = harness::temp_dir("lockstep-bench-swap-")?;
     let result = bench(args, bin, wasm, dir.path()).await;
     if args.keep {
         eprintln!("kept {}", dir.keep().display());
@@ -173,11 +170,7 @@ struct Report {
 /// returns, whichever way.
 async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Report> {
     // Small files: blocking std::fs calls are fine here and below.
-    let connectors_dir = dir.join("connectors");
-    let cache_dir = dir.join("compile-cache");
-    for d in [&connectors_dir, &cache_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
+    let dirs = ConnectorDirs::create(dir)?;
     // A private copy, so a `build-connectors` run meanwhile cannot swap in another component.
     let component = dir.join("webhook.wasm");
     std::fs::copy(wasm, &component)
@@ -186,21 +179,14 @@ async fn bench(args: &Args, bin: &Path, wasm: &Path, dir: &Path) -> Result<Repor
         std::fs::read(&component).with_context(|| format!("reading {}", component.display()))?;
 
     let receivers = Receivers::start().await?;
-    let dir_manifest = connectors_dir.join(format!("{}.toml", Hook::Dir.name()));
-    std::fs::write(
-        &dir_manifest,
-        manifest(Hook::Dir, Some(&component), &receivers, 0, 0),
-    )
-    .with_context(|| format!("writing {}", dir_manifest.display()))?;
+    let dir_manifest = dirs.write_manifest(
+        Hook::Dir.name(),
+        &manifest(Hook::Dir, Some(&component), &receivers, 0, 0),
+    )?;
 
     let log = dir.join("server.log");
     let database_url = format!("sqlite://{}", dir.join("bench.db").display());
-    let extra: [&OsStr; 4] = [
-        "--connectors-dir".as_ref(),
-        connectors_dir.as_os_str(),
-        "--compile-cache".as_ref(),
-        cache_dir.as_os_str(),
-    ];
+    let extra = dirs.flags();
     let server = Server::start(bin, &database_url, DURABILITY, TOKEN, &extra, &log).await?;
     eprintln!("server on {} (log {})", server.addr, log.display());
     let admin = Admin::new(server.addr, TOKEN)?;

@@ -36,6 +36,7 @@ mod bench_mixed;
 mod bench_ssf;
 mod bench_swap;
 mod build_connectors;
+mod harness;
 mod keycloak;
 mod verdict;
 

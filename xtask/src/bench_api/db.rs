@@ -41,10 +41,8 @@ impl Target {
     }
 }
 
-/// Scratch databases on the PostgreSQL server at an admin URL.
-pub use testkit::postgres::{
-    create_database as create_pg_database, drop_database as drop_pg_database,
-};
+/// A scratch database on the PostgreSQL server at an admin URL.
+pub use testkit::postgres::create_database as create_pg_database;
 
 /// The PostgreSQL server's postmaster process, when it runs on this machine (for reading
 /// the cluster's CPU time); `None` when it cannot be found.

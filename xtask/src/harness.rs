@@ -1,0 +1,131 @@
+//! What the load harnesses set up the same way around the server they measure: its connector
+//! directory and compile cache, the webhook connectors that post to a loopback receiver, and
+//! the run of one backend that keeps its figures when it fails part-way.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tempfile::TempDir;
+
+/// `--connectors-dir` and `--compile-cache` of one server, both inside the run's directory.
+pub(crate) struct ConnectorDirs {
+    pub connectors: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl ConnectorDirs {
+    /// Creates `connectors/` and `compile-cache/` in `dir`.
+    pub(crate) fn create(dir: &Path) -> Result<Self> {
+        let dirs = ConnectorDirs {
+            connectors: dir.join("connectors"),
+            cache: dir.join("compile-cache"),
+        };
+        // Small files: blocking std::fs calls are fine here.
+        for d in [&dirs.connectors, &dirs.cache] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(dirs)
+    }
+
+    /// Writes connector `name`'s manifest as `<name>.toml` in the connectors directory and
+    /// returns its path.
+    pub(crate) fn write_manifest(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.connectors.join(format!("{name}.toml"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Writes one webhook connector per name in `hooks` (see [`webhook_manifest`]), all
+    /// posting to the one receiver at `origin`.
+    pub(crate) fn write_webhooks(
+        &self,
+        hooks: &[&str],
+        component: &Path,
+        realm: &str,
+        events: &[&str],
+        origin: &str,
+    ) -> Result<()> {
+        for hook in hooks {
+            let text = webhook_manifest(hook, component, realm, events, origin);
+            self.write_manifest(hook, &text)?;
+        }
+        Ok(())
+    }
+
+    /// The `serve` flags that point the server at both directories.
+    pub(crate) fn flags(&self) -> [&OsStr; 4] {
+        [
+            "--connectors-dir".as_ref(),
+            self.connectors.as_os_str(),
+            "--compile-cache".as_ref(),
+            self.cache.as_os_str(),
+        ]
+    }
+}
+
+/// The manifest of webhook connector `hook`, posting `events` of `realm` to `<origin>/<hook>`.
+pub(crate) fn webhook_manifest(
+    hook: &str,
+    component: &Path,
+    realm: &str,
+    events: &[&str],
+    origin: &str,
+) -> String {
+    testkit::manifest::Webhook {
+        name: hook,
+        component: Some(component),
+        realms: &[realm],
+        events,
+        allowed_hosts: &[origin],
+        timeout_ms: 2000,
+        url: &format!("{origin}/{hook}"),
+        config: &[],
+    }
+    .to_toml()
+}
+
+/// Runs one backend's phases under a `=== name (dir)` heading. A failure ends that backend's
+/// run, not the others', and what it measured so far stays in its report: the error comes
+/// back as the message to file as the report's failure.
+pub(crate) async fn run_backend(
+    name: &str,
+    dir: &Path,
+    phases: impl Future<Output = Result<()>>,
+) -> Option<String> {
+    eprintln!("\n=== {name} ({})", dir.display());
+    match phases.await {
+        Ok(()) => None,
+        Err(e) => {
+            eprintln!("  [{name}] aborted: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    }
+}
+
+/// A fresh temp directory for one run (database, config, manifests, server log), named
+/// `<prefix>…` so a kept one says which harness made it.
+pub(crate) fn temp_dir(prefix: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("creating a temp dir")
+}
+
+/// A scratch database name of this run: `<prefix>_<UTC start time>`, so runs one after
+/// another never meet an earlier run's database.
+pub(crate) fn scratch_db_name(prefix: &str) -> String {
+    format!("{prefix}_{}", chrono::Utc::now().format("%Y%m%d_%H%M%S"))
+}
+
+/// Drops the run's scratch databases on the PostgreSQL server at `admin_url`. Killing the
+/// servers leaves them behind, so this runs whichever way the run ended; a database that
+/// cannot be dropped is a warning, not a failed run.
+pub(crate) async fn drop_scratch_databases(admin_url: &str, names: &[String]) {
+    for name in names {
+        if let Err(e) = testkit::postgres::drop_database(admin_url, name).await {
+            eprintln!("warning: could not drop database {name}: {e:#}");
+        }
+    }
+}
