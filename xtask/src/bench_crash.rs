@@ -147,11 +147,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
         let report = outcome?;
         report.print(&args, &target, &command_line, &revision);
-        Ok(if report.failures().is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        Ok(crate::verdict::exit_code(&report.failures()))
     })
 }
 

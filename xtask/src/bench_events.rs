@@ -136,11 +136,7 @@ async fn run(
     }
     let report = result?;
     report.print(args, &target, command_line, &bench_api::revision());
-    Ok(if report.failures().is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::verdict::exit_code(&report.failures()))
 }
 
 /// Where the server keeps its data.

@@ -122,11 +122,7 @@ async fn run(
     }
     let report = result?;
     report.print(args, command_line, &bench_api::revision());
-    Ok(if report.failures().is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::verdict::exit_code(&report.failures()))
 }
 
 /// Everything measured.

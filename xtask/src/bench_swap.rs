@@ -136,11 +136,7 @@ async fn run(args: &Args, bin: &Path, wasm: &Path, command_line: &str) -> Result
     }
     let report = result?;
     report.print(args, command_line, &bench_api::revision());
-    Ok(if report.failures().is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::verdict::exit_code(&report.failures()))
 }
 
 /// Everything measured.

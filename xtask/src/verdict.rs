@@ -1,6 +1,8 @@
 //! The last lines every load harness prints: the first errors, the notes, and PASS or FAIL
 //! with the reasons, so that a run reads the same whichever harness made it.
 
+use std::process::ExitCode;
+
 /// `errors: N of M {what}`, then the first five errors.
 pub fn print_errors(errors: &[String], attempted: usize, what: &str, aborted: bool) {
     println!(
@@ -22,5 +24,14 @@ pub fn print_verdict(notes: &[String], failures: &[String]) {
         println!("result:      PASS");
     } else {
         println!("result:      FAIL: {}", failures.join("; "));
+    }
+}
+
+/// The exit status that goes with [`print_verdict`]: success exactly when it says PASS.
+pub fn exit_code(failures: &[String]) -> ExitCode {
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
