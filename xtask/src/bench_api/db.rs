@@ -119,27 +119,13 @@ pub async fn fill_sessions(target: &Target, to: i64, realm: &str) -> Result<i64>
     let want = (to - have).max(0);
     let now = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
-    let mut first = 0_i64;
     match target {
         Target::Sqlite { path } => {
             let opts = sqlite_options(path, Durability::Normal);
             let mut conn = sqlx::SqliteConnection::connect_with(&opts)
                 .await
                 .context("opening the SQLite database")?;
-            while first < want {
-                let last = (first + FILL_CHUNK).min(want) - 1;
-                let mut tx = conn.begin().await?;
-                sqlx::query(FILL_SQLITE)
-                    .bind(first)
-                    .bind(last)
-                    .bind(now)
-                    .bind(realm)
-                    .execute(&mut *tx)
-                    .await
-                    .context("inserting filler rows")?;
-                tx.commit().await?;
-                first = last + 1;
-            }
+            insert_fillers(&mut conn, FILL_SQLITE, want, now, realm).await?;
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(&mut conn)
                 .await
@@ -150,20 +136,7 @@ pub async fn fill_sessions(target: &Target, to: i64, realm: &str) -> Result<i64>
             let mut conn = PgConnection::connect(url)
                 .await
                 .context("connecting to PostgreSQL")?;
-            while first < want {
-                let last = (first + FILL_CHUNK).min(want) - 1;
-                let mut tx = conn.begin().await?;
-                sqlx::query(FILL_PG)
-                    .bind(first)
-                    .bind(last)
-                    .bind(now)
-                    .bind(realm)
-                    .execute(&mut *tx)
-                    .await
-                    .context("inserting filler rows")?;
-                tx.commit().await?;
-                first = last + 1;
-            }
+            insert_fillers(&mut conn, FILL_PG, want, now, realm).await?;
             // What autovacuum would soon do on its own; without it the planner still sees
             // the statistics of a nearly empty table.
             conn.execute("ANALYZE sessions")
@@ -178,6 +151,42 @@ pub async fn fill_sessions(target: &Target, to: i64, realm: &str) -> Result<i64>
         started.elapsed().as_secs_f64()
     );
     Ok(want)
+}
+
+/// Inserts the filler rows `0..want` with `sql` (bound: first row, last row, `now`, `realm`),
+/// one transaction per [`FILL_CHUNK`] rows. Generic so that both backends' connections run
+/// the same loop; only the statement differs.
+async fn insert_fillers<C>(
+    conn: &mut C,
+    sql: &'static str,
+    want: i64,
+    now: i64,
+    realm: &str,
+) -> Result<()>
+where
+    C: Connection,
+    for<'c> &'c mut <C::Database as sqlx::Database>::Connection:
+        Executor<'c, Database = C::Database>,
+    for<'q> i64: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+    for<'q> &'q str: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+{
+    let mut first = 0_i64;
+    while first < want {
+        let last = (first + FILL_CHUNK).min(want) - 1;
+        let mut tx = conn.begin().await?;
+        sqlx::query(sql)
+            .bind(first)
+            .bind(last)
+            .bind(now)
+            .bind(realm)
+            .execute(&mut *tx)
+            .await
+            .context("inserting filler rows")?;
+        tx.commit().await?;
+        first = last + 1;
+    }
+    Ok(())
 }
 
 /// The size of a backend's data on disk.
