@@ -41,7 +41,7 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
-use crate::harness::{self, ConnectorDirs};
+use crate::harness::{self, ConnectorDirs, LatencyTable};
 
 const TOKEN: &str = "bench-events-token";
 const REALM: &str = "acme";
@@ -843,20 +843,11 @@ async fn measure(
     Ok(report)
 }
 
-/// One row of a latency table: n, p50, p90, p99, max.
-fn row(label: &str, samples: &[Duration]) {
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    println!(
-        "{:<44} {:>6} {:>8} {:>8} {:>8} {:>8}",
-        label,
-        sorted.len(),
-        ms(percentile_ms(&sorted, 50.0)),
-        ms(percentile_ms(&sorted, 90.0)),
-        ms(percentile_ms(&sorted, 99.0)),
-        ms(percentile_ms(&sorted, 100.0)),
-    );
-}
+/// Both latency tables of the report.
+const TABLE: LatencyTable = LatencyTable {
+    label_width: 44,
+    n_width: 6,
+};
 
 impl Report {
     fn intake_events(&self) -> usize {
@@ -960,21 +951,18 @@ impl Report {
         );
 
         println!();
-        println!(
-            "{:<44} {:>6} {:>8} {:>8} {:>8} {:>8}",
-            "request answered (sent -> body read)", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"
-        );
+        TABLE.header("request answered (sent -> body read)");
         for k in Kind::ALL {
             let label = match k {
                 Kind::Login => "LOGIN (1 created)",
                 Kind::Refresh => "REFRESH_TOKEN (2 updated)",
                 Kind::Logout => "LOGOUT (2 ended)",
             };
-            row(label, &self.intake[k.index()]);
+            TABLE.row(label, &self.intake[k.index()]);
         }
         let all: Vec<Duration> = self.intake.iter().flatten().copied().collect();
-        row("all intake events", &all);
-        row("map-parent (external-sessions API)", &self.map);
+        TABLE.row("all intake events", &all);
+        TABLE.row("map-parent (external-sessions API)", &self.map);
         let secs = self.load_took.as_secs_f64();
         let rate = |n: usize| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         println!(
@@ -985,15 +973,12 @@ impl Report {
         );
 
         println!();
-        println!(
-            "{:<44} {:>6} {:>8} {:>8} {:>8} {:>8}",
-            "to the webhooks (at the receiver)", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"
-        );
-        row(
+        TABLE.header("to the webhooks (at the receiver)");
+        TABLE.row(
             "LOGIN sent -> first login of the mirror",
             &self.login_to_webhook,
         );
-        row(
+        TABLE.row(
             "LOGOUT sent -> logout of app-{sid} at both",
             &self.logout_to_webhooks,
         );

@@ -37,7 +37,7 @@ use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, parent_id, user_id};
 use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
-use crate::harness::{self, ConnectorDirs};
+use crate::harness::{self, ConnectorDirs, LatencyTable};
 
 const TOKEN: &str = "bench-logout-token";
 const REALM: &str = "acme";
@@ -616,10 +616,11 @@ impl Report {
         );
 
         println!();
-        println!(
-            "{:<52} {:>5} {:>8} {:>8} {:>8} {:>8}",
-            "from the logout token sent (t0) to", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"
-        );
+        let table = LatencyTable {
+            label_width: 52,
+            n_width: 5,
+        };
+        table.header("from the logout token sent (t0) to");
         for (label, samples) in [
             (
                 "logout answered (sessions ended, events committed)",
@@ -627,17 +628,7 @@ impl Report {
             ),
             ("every connector called for every session", &self.called),
         ] {
-            let mut sorted = samples.clone();
-            sorted.sort_unstable();
-            println!(
-                "{:<52} {:>5} {:>8} {:>8} {:>8} {:>8}",
-                label,
-                sorted.len(),
-                ms(percentile_ms(&sorted, 50.0)),
-                ms(percentile_ms(&sorted, 90.0)),
-                ms(percentile_ms(&sorted, 99.0)),
-                ms(percentile_ms(&sorted, 100.0)),
-            );
+            table.row(label, samples);
         }
         println!(
             "  answered: the 200 {{\"ended\": {TREE}}} read whole; called: the last of the {} logout webhooks ({TREE} sessions x {} connectors) at the receiver",

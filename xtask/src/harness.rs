@@ -5,9 +5,12 @@
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
+
+use crate::bench_swap::{ms, percentile_ms};
 
 /// `--connectors-dir` and `--compile-cache` of one server, both inside the run's directory.
 pub(crate) struct ConnectorDirs {
@@ -127,5 +130,57 @@ pub(crate) async fn drop_scratch_databases(admin_url: &str, names: &[String]) {
         if let Err(e) = testkit::postgres::drop_database(admin_url, name).await {
             eprintln!("warning: could not drop database {name}: {e:#}");
         }
+    }
+}
+
+/// A table of latencies in milliseconds, a row per sample set: its label, how many, p50,
+/// p90, p99 and max. Each harness keeps its own label and count widths.
+pub(crate) struct LatencyTable {
+    pub label_width: usize,
+    pub n_width: usize,
+}
+
+impl LatencyTable {
+    /// The heading line, `title` in the label column.
+    pub(crate) fn header(&self, title: &str) {
+        let heads = ["p50 ms", "p90 ms", "p99 ms", "max ms"].map(str::to_owned);
+        println!("{}", self.line(title, "n", heads));
+    }
+
+    /// The row of `samples` (in any order).
+    pub(crate) fn row(&self, label: &str, samples: &[Duration]) {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let figures = [50.0, 90.0, 99.0, 100.0].map(|q| ms(percentile_ms(&sorted, q)));
+        println!("{}", self.line(label, &sorted.len().to_string(), figures));
+    }
+
+    fn line(&self, label: &str, n: &str, [p50, p90, p99, max]: [String; 4]) -> String {
+        format!(
+            "{label:<lw$} {n:>nw$} {p50:>8} {p90:>8} {p99:>8} {max:>8}",
+            lw = self.label_width,
+            nw = self.n_width,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_latency_line_pads_the_label_left_and_the_figures_right() {
+        let table = LatencyTable {
+            label_width: 44,
+            n_width: 6,
+        };
+        let figures = ["1.0", "2.0", "3.0", "40.5"].map(str::to_owned);
+        assert_eq!(
+            table.line("LOGIN (1 created)", "1200", figures),
+            format!(
+                "{:<44} {:>6} {:>8} {:>8} {:>8} {:>8}",
+                "LOGIN (1 created)", 1200, "1.0", "2.0", "3.0", "40.5"
+            )
+        );
     }
 }
