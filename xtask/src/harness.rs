@@ -1,6 +1,7 @@
-//! What the load harnesses set up the same way around the server they measure: its connector
-//! directory and compile cache, the webhook connectors that post to a loopback receiver, and
-//! the run of one backend that keeps its figures when it fails part-way.
+//! What the load harnesses do the same way around the server they measure: the run's temp
+//! directory and scratch PostgreSQL databases, the server's connector directory and compile
+//! cache with the webhook connectors that post to a loopback receiver, the run of one backend
+//! that keeps its figures when it fails part-way, and the latency tables they print.
 
 use std::ffi::OsStr;
 use std::future::Future;
