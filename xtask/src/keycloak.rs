@@ -407,21 +407,13 @@ fn stop(paths: &Paths) -> Result<()> {
     }
     eprintln!("stopping Keycloak (process group {pid})");
     kill_group(pid, "-TERM");
-    let deadline = Instant::now() + STOP_GRACE;
-    while group_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if group_alive(pid) {
+    if !group_gone_within(pid, STOP_GRACE, Duration::from_millis(200)) {
         eprintln!(
             "Keycloak did not stop within {}s of SIGTERM; sending SIGKILL",
             STOP_GRACE.as_secs()
         );
         kill_group(pid, "-KILL");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while group_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if group_alive(pid) {
+        if !group_gone_within(pid, Duration::from_secs(5), Duration::from_millis(100)) {
             bail!("Keycloak process group {pid} survived SIGKILL");
         }
     }
@@ -438,11 +430,7 @@ fn kill(paths: &Paths) -> Result<()> {
     };
     eprintln!("killing Keycloak (process group {pid}) with SIGKILL");
     kill_group(pid, "-KILL");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while group_alive(pid) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if group_alive(pid) {
+    if !group_gone_within(pid, Duration::from_secs(10), Duration::from_millis(50)) {
         bail!("Keycloak process group {pid} survived SIGKILL");
     }
     remove_pid(paths)
@@ -932,6 +920,16 @@ fn group_alive(pid: u32) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Waits up to `within`, looking every `poll`, for the process group led by `pid` to be gone;
+/// whether it is.
+fn group_gone_within(pid: u32, within: Duration, poll: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while group_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(poll);
+    }
+    !group_alive(pid)
 }
 
 /// Sends `signal` (`-TERM`, `-KILL`) to the process group led by `pid`; failures (the group
