@@ -44,13 +44,14 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
+use testkit::Loopback;
 use tokio::task::JoinSet;
 
 use crate::bench_api::db::{self, Target};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability};
-use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms};
-use crate::harness::{self, ConnectorDirs};
+use crate::bench_swap::Admin;
+use crate::harness::{self, ConnectorDirs, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-crash-token";
 const REALM: &str = "crash";

@@ -32,6 +32,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use testkit::Loopback;
+use testkit::manifest::toml_str;
 use tokio::task::JoinSet;
 
 use crate::bench_api::cpu::{CpuUse, Meter, us_per_op};
@@ -40,8 +42,8 @@ use crate::bench_api::load::{Api, Outcome, PhaseStats, run_phase};
 use crate::bench_api::report::thousands;
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, user_id};
-use crate::bench_swap::{Admin, Loopback, lock, toml_str};
-use crate::harness;
+use crate::bench_swap::Admin;
+use crate::harness::{self, lock};
 
 const TOKEN: &str = "bench-delivery-token";
 const REALM: &str = "bench";

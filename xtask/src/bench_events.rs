@@ -35,13 +35,15 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use testkit::Loopback;
+use testkit::manifest::toml_str;
 use tokio::task::JoinSet;
 
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
-use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
-use crate::harness::{self, ConnectorDirs, LatencyTable};
+use crate::bench_swap::Admin;
+use crate::harness::{self, ConnectorDirs, LatencyTable, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-events-token";
 const REALM: &str = "acme";

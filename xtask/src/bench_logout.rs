@@ -31,13 +31,15 @@ use axum::http::{StatusCode, Uri};
 use axum::routing::get;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use testkit::Loopback;
+use testkit::manifest::toml_str;
 use tokio::sync::Notify;
 
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, parent_id, user_id};
-use crate::bench_swap::{Admin, Loopback, lock, ms, percentile_ms, toml_str};
-use crate::harness::{self, ConnectorDirs, LatencyTable};
+use crate::bench_swap::Admin;
+use crate::harness::{self, ConnectorDirs, LatencyTable, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-logout-token";
 const REALM: &str = "acme";

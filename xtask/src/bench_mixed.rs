@@ -43,8 +43,7 @@ use crate::bench_api::db::{self, DbSize, Target};
 use crate::bench_api::load::{Api, run_phase};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
-use crate::bench_swap::lock;
-use crate::harness;
+use crate::harness::{self, lock};
 
 const TOKEN: &str = "bench-mixed-token";
 const REALM: &str = "bench";
@@ -726,7 +725,7 @@ impl Step {
 
 /// Nearest-rank percentile of sorted durations, in milliseconds (0 when empty).
 fn bench_api_percentile(sorted: &[Duration], q: f64) -> f64 {
-    crate::bench_swap::percentile_ms(sorted, q).unwrap_or(0.0)
+    crate::harness::percentile_ms(sorted, q).unwrap_or(0.0)
 }
 
 /// Offers `rate` requests/s for `seconds` (open loop), then waits for the last answers

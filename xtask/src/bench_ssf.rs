@@ -27,13 +27,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine;
 use serde_json::{Value, json};
+use testkit::Loopback;
 use tokio::sync::Notify;
 
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, user_id};
-use crate::bench_swap::{Loopback, lock, ms, percentile_ms};
-use crate::harness;
+use crate::harness::{self, lock, ms, percentile_ms};
 
 mod receiver;
 

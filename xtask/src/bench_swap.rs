@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -25,13 +25,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use serde_json::Value;
+use testkit::Loopback;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::bench_api::load::{Api, Outcome, PhaseStats};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, idp_session_id, parent_id, user_id};
-use crate::harness::{self, ConnectorDirs};
+use crate::harness::{self, ConnectorDirs, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-swap-token";
 const REALM: &str = "bench";
@@ -449,8 +450,6 @@ fn manifest(
     .to_toml()
 }
 
-pub(crate) use testkit::manifest::toml_str;
-
 /// How the wait for the deliveries ended.
 struct Drain {
     /// Nothing pending and every event arrived at both connectors' receivers.
@@ -710,10 +709,6 @@ struct DeliveryLog {
     first: HashMap<(Hook, u32, usize), Instant>,
 }
 
-/// An axum app served on 127.0.0.1 (ephemeral port) until this is dropped, so a loopback
-/// peer of a benchmark never outlives it.
-pub(crate) use testkit::Loopback;
-
 /// Two HTTP servers on 127.0.0.1 (receiver 0 = A, 1 = B) that answer 200 to every request
 /// and log each webhook. They stop when this is dropped.
 struct Receivers {
@@ -756,12 +751,6 @@ impl Receivers {
     }
 }
 
-/// A receiver's log stays consistent even if a holder panicked (each update is a few plain
-/// inserts), so a poisoned lock is used as is.
-pub(crate) fn lock<T>(log: &Mutex<T>) -> MutexGuard<'_, T> {
-    log.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Logs one webhook. Taking the body reads it whole, so the connection can be reused.
 async fn receive(
     State(state): State<ReceiverState>,
@@ -787,21 +776,6 @@ async fn receive(
         _ => log.unrecognised += 1,
     }
     StatusCode::OK
-}
-
-/// Nearest-rank percentile of sorted durations, in milliseconds.
-pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
-    let n = sorted.len();
-    if n == 0 {
-        return None;
-    }
-    let rank = ((q / 100.0) * n as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1].as_secs_f64() * 1e3)
-}
-
-/// A figure from [`percentile_ms`], or `-` when there is none.
-pub(crate) fn ms(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
 }
 
 impl Report {

@@ -1,17 +1,17 @@
 //! What the load harnesses do the same way around the server they measure: the run's temp
 //! directory and scratch PostgreSQL databases, the server's connector directory and compile
 //! cache with the webhook connectors that post to a loopback receiver, the run of one backend
-//! that keeps its figures when it fails part-way, and the latency tables they print.
+//! that keeps its figures when it fails part-way, the percentiles and latency tables they
+//! print, and the lock of a log their loopback receivers share.
 
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
-
-use crate::bench_swap::{ms, percentile_ms};
 
 /// `--connectors-dir` and `--compile-cache` of one server, both inside the run's directory.
 pub(crate) struct ConnectorDirs {
@@ -132,6 +132,27 @@ pub(crate) async fn drop_scratch_databases(admin_url: &str, names: &[String]) {
             eprintln!("warning: could not drop database {name}: {e:#}");
         }
     }
+}
+
+/// A harness's shared log (a receiver's arrivals, say) stays consistent even if a holder
+/// panicked (each update is a few plain inserts), so a poisoned lock is used as is.
+pub(crate) fn lock<T>(log: &Mutex<T>) -> MutexGuard<'_, T> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Nearest-rank percentile of sorted durations, in milliseconds.
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let rank = ((q / 100.0) * n as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, n) - 1].as_secs_f64() * 1e3)
+}
+
+/// A figure from [`percentile_ms`], or `-` when there is none.
+pub(crate) fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
 }
 
 /// A table of latencies in milliseconds, a row per sample set: its label, how many, p50,

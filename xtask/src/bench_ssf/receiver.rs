@@ -28,11 +28,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use testkit::Loopback;
 
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::user_id;
-use crate::bench_swap::{Loopback, lock, percentile_ms};
+use crate::harness::{lock, percentile_ms};
 
 use super::{REALM, REQUEST_TIMEOUT, REVOKED, TOKEN};
 
