@@ -50,7 +50,7 @@ use tokio::task::JoinSet;
 use crate::bench_api::db::{self, Target};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability};
-use crate::bench_swap::Admin;
+use crate::harness::Admin;
 use crate::harness::{self, ConnectorDirs, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-crash-token";

@@ -42,7 +42,7 @@ use crate::bench_api::load::{Api, Outcome, PhaseStats, run_phase};
 use crate::bench_api::report::thousands;
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, user_id};
-use crate::bench_swap::Admin;
+use crate::harness::Admin;
 use crate::harness::{self, lock};
 
 const TOKEN: &str = "bench-delivery-token";

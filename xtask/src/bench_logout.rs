@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, parent_id, user_id};
-use crate::bench_swap::Admin;
+use crate::harness::Admin;
 use crate::harness::{self, ConnectorDirs, LatencyTable, lock, ms, percentile_ms};
 
 const TOKEN: &str = "bench-logout-token";

@@ -2,7 +2,8 @@
 //! directory and scratch PostgreSQL databases, the server's connector directory and compile
 //! cache with the webhook connectors that post to a loopback receiver, the run of one backend
 //! that keeps its figures when it fails part-way, the percentiles and latency tables they
-//! print, and the lock of a log their loopback receivers share.
+//! print, the lock of a log their loopback receivers share, and the client of the server's
+//! admin API (`admin.rs`).
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -12,6 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tempfile::TempDir;
+
+mod admin;
+
+pub(crate) use admin::{Admin, QueueCounts};
 
 /// `--connectors-dir` and `--compile-cache` of one server, both inside the run's directory.
 pub(crate) struct ConnectorDirs {
