@@ -780,12 +780,9 @@ async fn crash(
         anyhow::Ok(resolved)
     }
     .await;
-    // Stop the server on both paths; the checks then read a quiet database.
-    let stopped = server.stop().await;
-    let resolved = checked?;
-    if let Some(note) = stopped? {
-        report.notes.push(note);
-    }
+    // The checks then read a quiet database.
+    let (resolved, note) = server.stop_after(checked).await?;
+    report.notes.extend(note);
     verify(&mut report, &db, &calls, &resolved, &arrivals).await?;
     db.close().await;
     drop(receiver);

@@ -671,12 +671,8 @@ async fn bench(
         measured
     }
     .await;
-    // Stop the server on both paths: a measuring error must not leave it killed uncleanly.
-    let stopped = server.stop().await;
-    let mut report = measured?;
-    if let Some(note) = stopped? {
-        report.notes.push(note);
-    }
+    let (mut report, note) = server.stop_after(measured).await?;
+    report.notes.extend(note);
     Ok(report)
 }
 

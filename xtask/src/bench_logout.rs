@@ -202,12 +202,8 @@ async fn bench(
         issuer: idp.issuer.clone(),
     };
     let measured = measure(args, &server, &signer, &receiver).await;
-    // Stop the server on both paths: a measuring error must not leave it killed uncleanly.
-    let stopped = server.stop().await;
-    let mut report = measured?;
-    if let Some(note) = stopped? {
-        report.notes.push(note);
-    }
+    let (mut report, note) = server.stop_after(measured).await?;
+    report.notes.extend(note);
     report.arrivals = receiver.counts();
     report.idp_requests = idp.requests.load(Ordering::Relaxed);
     Ok(report)

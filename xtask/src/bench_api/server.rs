@@ -82,4 +82,12 @@ impl Server {
             Err(e) => Err(e).context("stopping the server"),
         }
     }
+
+    /// [`stop`](Self::stop) after a measurement, whichever way it went: the server is
+    /// stopped before the measurement's error is passed on, so an error never leaves it to be
+    /// killed uncleanly. Gives back what was measured and the note of an unclean stop.
+    pub async fn stop_after<T>(self, measured: Result<T>) -> Result<(T, Option<String>)> {
+        let stopped = self.stop().await;
+        Ok((measured?, stopped?))
+    }
 }
