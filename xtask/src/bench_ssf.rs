@@ -160,6 +160,13 @@ impl Inbox {
     }
 }
 
+/// Starts `lockstep serve` on `db` with the `--config` file `config`: the transmitter and
+/// the receiver measurement run the server alike and differ only in that file.
+async fn start_server(bin: &Path, db: &str, config: &Path, log: &Path) -> Result<Server> {
+    let extra = [OsStr::new("--config"), config.as_os_str()];
+    Server::start(bin, db, "normal", TOKEN, &extra, log).await
+}
+
 async fn run(args: &Args, bin: &Path, keys: &Keys, command_line: &str) -> Result<ExitCode> {
     let dir = harness::temp_dir("lockstep-bench-ssf-")?;
     let result = both(args, bin, keys, dir.path()).await;
@@ -225,15 +232,7 @@ async fn bench(args: &Args, bin: &Path, dir: &Path) -> Result<Samples> {
     );
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
     let db = format!("sqlite://{}", dir.join("lockstep.db").display());
-    let server = Server::start(
-        bin,
-        &db,
-        "normal",
-        TOKEN,
-        &[OsStr::new("--config"), config.as_os_str()],
-        &dir.join("server.log"),
-    )
-    .await?;
+    let server = start_server(bin, &db, &config, &dir.join("server.log")).await?;
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(REQUEST_TIMEOUT)

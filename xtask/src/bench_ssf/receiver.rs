@@ -16,7 +16,6 @@
 //! server), then every SET posted once with the same concurrency. A sample of the sessions
 //! must be DESTROYED afterwards.
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,7 +34,7 @@ use crate::bench_api::server::Server;
 use crate::bench_api::user_id;
 use crate::harness::{lock, percentile_ms};
 
-use super::{REALM, REQUEST_TIMEOUT, REVOKED, TOKEN};
+use super::{REALM, REQUEST_TIMEOUT, REVOKED, TOKEN, start_server};
 
 /// The stream's Authorization is `Bearer <this>` (32+ printable characters).
 const PUSH_SECRET: &str = "bench-ssf-push-secret-of-the-receiver-half";
@@ -277,15 +276,7 @@ pub(super) async fn bench(
             "SQLite",
         ),
     };
-    let server = Server::start(
-        bin,
-        &db,
-        "normal",
-        TOKEN,
-        &[OsStr::new("--config"), config.as_os_str()],
-        &dir.join("receiver-server.log"),
-    )
-    .await?;
+    let server = start_server(bin, &db, &config, &dir.join("receiver-server.log")).await?;
     let result = measure(&server, &tx, &issuer, sets, concurrency, key, database).await;
     server.stop().await?;
     drop(peer);
