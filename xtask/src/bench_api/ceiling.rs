@@ -161,6 +161,15 @@ fn round_order(round: usize, n: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (k + round) % n)
 }
 
+/// The progress line once a backend's index-cost rounds are done (SQLite and PostgreSQL alike).
+fn print_index_rounds(name: &str, variants: &[Variant], started: Instant) {
+    eprintln!(
+        "  [{name}] index costs: {} indexes × {INDEX_ROUNDS} rounds in {:.1} s",
+        variants.len() - 1,
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// Splits the measured variants (baseline first) into an [`IndexCosts`].
 fn index_costs(
     mut variants: Vec<Variant>,
@@ -506,11 +515,7 @@ fn sqlite_index_costs(
             variants[k].runs.push(Run::of(&stats, |c| c.harness));
         }
     }
-    eprintln!(
-        "  [{name}] index costs: {} indexes × {INDEX_ROUNDS} rounds in {:.1} s",
-        variants.len() - 1,
-        started.elapsed().as_secs_f64()
-    );
+    print_index_rounds(name, &variants, started);
     index_costs(
         variants,
         format!(
@@ -909,11 +914,7 @@ async fn pg_index_costs(
     for (v, w) in variants.iter_mut().zip(&wal) {
         v.wal = (!w.is_empty()).then(|| median(w));
     }
-    eprintln!(
-        "  [{name}] index costs: {} indexes × {INDEX_ROUNDS} rounds in {:.1} s",
-        variants.len() - 1,
-        started.elapsed().as_secs_f64()
-    );
+    print_index_rounds(name, &variants, started);
     index_costs(
         variants,
         format!("{how}, 1 request/tx, {n} requests per run, synchronous_commit on"),
