@@ -18,6 +18,7 @@ use serde_json::json;
 
 use crate::bench_api::db::{self, Target};
 use crate::bench_api::server::Server;
+use crate::harness;
 
 const TOKEN: &str = "bench-console-token";
 const REALM: &str = "acme";
@@ -141,13 +142,7 @@ async fn map(
         .json(&body)
         .send()
         .await?;
-    if res.status() != reqwest::StatusCode::CREATED {
-        bail!(
-            "{action}: {} {}",
-            res.status(),
-            res.text().await.unwrap_or_default()
-        );
-    }
+    harness::expect_status(res, reqwest::StatusCode::CREATED, action).await?;
     Ok(())
 }
 

@@ -250,13 +250,7 @@ async fn bench(args: &Args, bin: &Path, dir: &Path) -> Result<Samples> {
         }))
         .send()
         .await?;
-    if res.status() != reqwest::StatusCode::CREATED {
-        bail!(
-            "creating the stream: {} {}",
-            res.status(),
-            res.text().await.unwrap_or_default()
-        );
-    }
+    harness::expect_status(res, reqwest::StatusCode::CREATED, "creating the stream").await?;
     let api = Api::new(server.addr, REALM, TOKEN, 4, REQUEST_TIMEOUT)?;
     let mut out = Samples {
         times: Vec::new(),

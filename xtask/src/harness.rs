@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 
 mod admin;
@@ -158,6 +158,23 @@ pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> Option<f64> {
 /// A figure from [`percentile_ms`], or `-` when there is none.
 pub(crate) fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// `res` when its status is `want`; otherwise an error naming `what`, with the status and
+/// the body the server gave as its reason.
+pub(crate) async fn expect_status(
+    res: reqwest::Response,
+    want: reqwest::StatusCode,
+    what: &str,
+) -> Result<reqwest::Response> {
+    if res.status() != want {
+        bail!(
+            "{what}: {} {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        );
+    }
+    Ok(res)
 }
 
 /// A table of latencies in milliseconds, a row per sample set: its label, how many, p50,

@@ -32,7 +32,7 @@ use testkit::Loopback;
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::user_id;
-use crate::harness::{lock, percentile_ms};
+use crate::harness::{self, lock, percentile_ms};
 
 use super::{REALM, REQUEST_TIMEOUT, REVOKED, TOKEN, start_server};
 
@@ -323,13 +323,7 @@ async fn measure(
                 "events": {VERIFICATION: {"state": state}}}),
     )?;
     let res = push(&http, verification).await?;
-    if res.status() != reqwest::StatusCode::ACCEPTED {
-        bail!(
-            "the verification SET: {} {}",
-            res.status(),
-            res.text().await.unwrap_or_default()
-        );
-    }
+    harness::expect_status(res, reqwest::StatusCode::ACCEPTED, "the verification SET").await?;
 
     // One PARENT per SET, mapped through the API.
     let api = Arc::new(Api::new(
