@@ -39,6 +39,7 @@ use testkit::Loopback;
 use testkit::manifest::toml_str;
 use tokio::task::JoinSet;
 
+use crate::bench_api::db::{self, Target};
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
@@ -126,8 +127,12 @@ async fn run(
 ) -> Result<ExitCode> {
     let dir = harness::temp_dir("lockstep-bench-events-")?;
     let target = match &args.postgres_url {
-        None => Target::Sqlite(dir.path().join("bench.db")),
-        Some(url) => Target::Postgres(testkit::postgres::create_database(url, pg_db).await?),
+        None => Target::Sqlite {
+            path: dir.path().join("bench.db"),
+        },
+        Some(url) => Target::Postgres {
+            url: db::create_pg_database(url, pg_db).await?,
+        },
     };
     let result = bench(args, bin, wasm, &target, dir.path()).await;
     if args.keep {
@@ -139,29 +144,6 @@ async fn run(
     let report = result?;
     report.print(args, &target, command_line, &bench_api::revision());
     Ok(crate::verdict::exit_code(&report.failures()))
-}
-
-/// Where the server keeps its data.
-enum Target {
-    Sqlite(PathBuf),
-    /// URL of the scratch database.
-    Postgres(String),
-}
-
-impl Target {
-    fn name(&self) -> &'static str {
-        match self {
-            Target::Sqlite(_) => "SQLite",
-            Target::Postgres(_) => "PostgreSQL",
-        }
-    }
-
-    fn server_url(&self) -> String {
-        match self {
-            Target::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Target::Postgres(url) => url.clone(),
-        }
-    }
 }
 
 /// Read-only counts straight from the server's database (it runs meanwhile: SQLite in WAL
@@ -191,7 +173,7 @@ struct Snapshot {
 impl Db {
     async fn open(target: &Target) -> Result<Db> {
         Ok(match target {
-            Target::Sqlite(path) => Db::Sqlite(
+            Target::Sqlite { path } => Db::Sqlite(
                 SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(
@@ -202,7 +184,7 @@ impl Db {
                     .await
                     .with_context(|| format!("opening {}", path.display()))?,
             ),
-            Target::Postgres(url) => Db::Postgres(
+            Target::Postgres { url } => Db::Postgres(
                 PgPoolOptions::new()
                     .max_connections(1)
                     .connect(url)
@@ -944,7 +926,7 @@ impl Report {
             args.sessions,
             args.concurrency,
             args.durability.as_str(),
-            target.name(),
+            target.title(),
             HOOKS.len(),
         );
 

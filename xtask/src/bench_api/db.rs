@@ -32,6 +32,14 @@ impl Target {
         }
     }
 
+    /// The backend as a report's prose names it.
+    pub fn title(&self) -> &'static str {
+        match self {
+            Target::Sqlite { .. } => "SQLite",
+            Target::Postgres { .. } => "PostgreSQL",
+        }
+    }
+
     /// The `--database-url` the server gets.
     pub fn server_url(&self) -> String {
         match self {
