@@ -42,12 +42,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use serde_json::{Value, json};
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use testkit::Loopback;
 use tokio::task::JoinSet;
 
-use crate::bench_api::db::{self, Target};
+use crate::bench_api::db::{self, ServerDb, Target};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability};
 use crate::harness::Admin;
@@ -510,56 +508,8 @@ async fn receive(
     StatusCode::OK
 }
 
-/// The server's database, read directly.
-enum Db {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
-impl Db {
-    async fn open(target: &Target) -> Result<Db> {
-        Ok(match target {
-            Target::Sqlite { path } => Db::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(
-                        SqliteConnectOptions::new()
-                            .filename(path)
-                            .busy_timeout(Duration::from_secs(10)),
-                    )
-                    .await
-                    .with_context(|| format!("opening {}", path.display()))?,
-            ),
-            Target::Postgres { url } => Db::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(url)
-                    .await
-                    .with_context(|| format!("connecting to {url}"))?,
-            ),
-        })
-    }
-
-    /// Every row of `sql`, the same statement on both backends.
-    async fn rows<T>(&self, sql: &str) -> Result<Vec<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, SqliteRow> + for<'r> sqlx::FromRow<'r, PgRow>,
-        T: Send + Unpin,
-    {
-        match self {
-            Db::Sqlite(p) => sqlx::query_as::<_, T>(sql).fetch_all(p).await,
-            Db::Postgres(p) => sqlx::query_as::<_, T>(sql).fetch_all(p).await,
-        }
-        .with_context(|| format!("running {sql}"))
-    }
-
-    async fn scalar(&self, sql: &str) -> Result<i64> {
-        let rows: Vec<(i64,)> = self.rows(sql).await?;
-        rows.first()
-            .map(|r| r.0)
-            .with_context(|| format!("{sql} returned no row"))
-    }
-
+/// What the checks read.
+impl ServerDb {
     /// Outbox rows not fanned out yet plus pending deliveries: the work left.
     async fn backlog(&self) -> Result<(i64, i64)> {
         Ok((
@@ -568,13 +518,6 @@ impl Db {
             self.scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'")
                 .await?,
         ))
-    }
-
-    async fn close(self) {
-        match self {
-            Db::Sqlite(p) => p.close().await,
-            Db::Postgres(p) => p.close().await,
-        }
     }
 }
 
@@ -751,7 +694,7 @@ async fn crash(
         calls.calls
     );
 
-    let db = Db::open(target).await?;
+    let db = ServerDb::open(target).await?;
     let checked = async {
         // Drain: nothing left to fan out, nothing pending (the admin API says the same).
         let admin = Admin::new(server.addr, TOKEN)?;
@@ -805,7 +748,7 @@ async fn resolve(client: &Client, unsure: &[Unsure]) -> Result<Vec<bool>> {
 
 async fn verify(
     report: &mut Report,
-    db: &Db,
+    db: &ServerDb,
     calls: &CallLog,
     resolved: &[bool],
     arrivals: &Mutex<Arrivals>,

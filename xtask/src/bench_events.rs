@@ -33,13 +33,11 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use testkit::Loopback;
 use testkit::manifest::toml_str;
 use tokio::task::JoinSet;
 
-use crate::bench_api::db::{self, Target};
+use crate::bench_api::db::{self, ServerDb, Target};
 use crate::bench_api::load::{Api, Outcome};
 use crate::bench_api::server::Server;
 use crate::bench_api::{self, Durability, idp_session_id, user_id};
@@ -146,13 +144,6 @@ async fn run(
     Ok(crate::verdict::exit_code(&report.failures()))
 }
 
-/// Read-only counts straight from the server's database (it runs meanwhile: SQLite in WAL
-/// mode lets a reader in beside the writer).
-enum Db {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
-}
-
 /// What the database holds, for the checks and for "the replay changed nothing".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Snapshot {
@@ -170,38 +161,8 @@ struct Snapshot {
     last_update: i64,
 }
 
-impl Db {
-    async fn open(target: &Target) -> Result<Db> {
-        Ok(match target {
-            Target::Sqlite { path } => Db::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(
-                        SqliteConnectOptions::new()
-                            .filename(path)
-                            .busy_timeout(Duration::from_secs(10)),
-                    )
-                    .await
-                    .with_context(|| format!("opening {}", path.display()))?,
-            ),
-            Target::Postgres { url } => Db::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(url)
-                    .await
-                    .with_context(|| format!("connecting to {url}"))?,
-            ),
-        })
-    }
-
-    async fn scalar(&self, sql: &str) -> Result<i64> {
-        match self {
-            Db::Sqlite(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-            Db::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-        }
-        .with_context(|| format!("running {sql}"))
-    }
-
+/// Read-only counts for the checks.
+impl ServerDb {
     async fn snapshot(&self, refresh_expiry_ms: i64) -> Result<Snapshot> {
         let realm = format!("realm = '{REALM}'");
         let status = |s: &str| format!("SELECT COUNT(*) FROM deliveries WHERE status = '{s}'");
@@ -231,13 +192,6 @@ impl Db {
                 ))
                 .await?,
         })
-    }
-
-    async fn close(self) {
-        match self {
-            Db::Sqlite(p) => p.close().await,
-            Db::Postgres(p) => p.close().await,
-        }
     }
 }
 
@@ -647,7 +601,7 @@ async fn bench(
     .await?;
     eprintln!("server on {} (log {})", server.addr, log.display());
     let measured = async {
-        let db = Db::open(target).await?;
+        let db = ServerDb::open(target).await?;
         let measured = measure(args, &server, &secret, &receiver, &db).await;
         db.close().await;
         measured
@@ -663,7 +617,7 @@ async fn measure(
     server: &Server,
     secret: &str,
     receiver: &Receiver,
-    db: &Db,
+    db: &ServerDb,
 ) -> Result<Report> {
     let key = STANDARD
         .decode(secret.strip_prefix("whsec_").unwrap_or(secret))

@@ -1,13 +1,16 @@
-//! Direct database work for the benchmark: the scratch PostgreSQL databases, and growing the
-//! `sessions` table with filler rows while the server is stopped. (The write ceilings are in
-//! `ceiling.rs`.)
+//! Direct database work for the benchmarks: the scratch PostgreSQL databases, growing the
+//! `sessions` table with filler rows while the server is stopped, and reading the server's
+//! database while it runs (`ServerDb`). (The write ceilings are in `ceiling.rs`.)
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use sqlx::postgres::PgConnection;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 use sqlx::{Connection, Executor};
 
 use super::Durability;
@@ -45,6 +48,67 @@ impl Target {
         match self {
             Target::Sqlite { path } => format!("sqlite://{}", path.display()),
             Target::Postgres { url } => url.clone(),
+        }
+    }
+}
+
+/// The server's database, read straight while the server runs (SQLite in WAL mode lets a
+/// reader in beside the writer): one connection, and the same statement on both backends.
+pub enum ServerDb {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl ServerDb {
+    pub async fn open(target: &Target) -> Result<ServerDb> {
+        Ok(match target {
+            Target::Sqlite { path } => ServerDb::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(
+                        SqliteConnectOptions::new()
+                            .filename(path)
+                            .busy_timeout(Duration::from_secs(10)),
+                    )
+                    .await
+                    .with_context(|| format!("opening {}", path.display()))?,
+            ),
+            Target::Postgres { url } => ServerDb::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url)
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?,
+            ),
+        })
+    }
+
+    /// Every row of `sql`.
+    pub async fn rows<T>(&self, sql: &str) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, SqliteRow> + for<'r> sqlx::FromRow<'r, PgRow>,
+        T: Send + Unpin,
+    {
+        match self {
+            ServerDb::Sqlite(p) => sqlx::query_as::<_, T>(sql).fetch_all(p).await,
+            ServerDb::Postgres(p) => sqlx::query_as::<_, T>(sql).fetch_all(p).await,
+        }
+        .with_context(|| format!("running {sql}"))
+    }
+
+    /// The one number `sql` selects (a count, say).
+    pub async fn scalar(&self, sql: &str) -> Result<i64> {
+        match self {
+            ServerDb::Sqlite(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
+            ServerDb::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
+        }
+        .with_context(|| format!("running {sql}"))
+    }
+
+    pub async fn close(self) {
+        match self {
+            ServerDb::Sqlite(p) => p.close().await,
+            ServerDb::Postgres(p) => p.close().await,
         }
     }
 }
