@@ -523,25 +523,6 @@ fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
 
-/// Runs `sql` (with no parameters) against the server's database.
-async fn execute(server: &Server, sql: &str) {
-    use sqlx::Connection;
-    match server.backend {
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&server.database_url)
-                .await
-                .unwrap();
-            sqlx::query(sql).execute(&mut c).await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&server.database_url)
-                .await
-                .unwrap();
-            sqlx::query(sql).execute(&mut c).await.unwrap();
-        }
-    }
-}
-
 async fn retention_deletes_old_records_and_keeps_recent_ones(backend: Backend) {
     let options =
         ServerOptions::with_config(format!("{}[audit]\nretention_days = 2\n", keys_config()));
@@ -551,25 +532,21 @@ async fn retention_deletes_old_records_and_keeps_recent_ones(backend: Backend) {
     let day_ms: i64 = 24 * 3600 * 1000;
     let now = chrono::Utc::now().timestamp_millis();
     // 1,500 records three days old (more than one sweep batch) and one a day old.
-    execute(
-        &server,
-        &format!(
+    server
+        .exec_sql(&format!(
             "INSERT INTO audit (at_ms, realm, actor, action, target, result, changed) \
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1500) \
              SELECT {}, 'acme', 'admin', 'map-parent', 'old', 'ok', 1 FROM n",
             now - 3 * day_ms
-        ),
-    )
-    .await;
-    execute(
-        &server,
-        &format!(
+        ))
+        .await;
+    server
+        .exec_sql(&format!(
             "INSERT INTO audit (at_ms, realm, actor, action, target, result, changed) \
              VALUES ({}, 'acme', 'admin', 'map-parent', 'recent', 'ok', 1)",
             now - day_ms
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(audit_all(&server, TOKEN, "").await.len(), 1502);
     // The sweep runs at start (and then hourly): a restart applies it now.
     let (url, dir) = server.kill().await;

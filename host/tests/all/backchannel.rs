@@ -1917,25 +1917,6 @@ fn outcome(record: &Value) -> (String, String, String, Option<i64>) {
     )
 }
 
-/// Runs `sql` on the server's database, beside the server.
-async fn exec_sql(server: &Server, sql: &str) {
-    use sqlx::Connection;
-    match server.backend {
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&server.database_url)
-                .await
-                .unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&server.database_url)
-                .await
-                .unwrap();
-            sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-        }
-    }
-}
-
 /// SETs pushed at once (on PostgreSQL, committed together in batches) each get their own
 /// outcome: every good one applied, a redelivered one acknowledged once more without a
 /// second change, a forged one refused, and one the database fails to apply (a trigger
@@ -1964,7 +1945,7 @@ async fn concurrent_ssf_pushes_each_get_their_own_outcome(backend: Backend) {
              WHEN (OLD.external_id = 'poison') EXECUTE FUNCTION poison();"
         }
     };
-    exec_sql(&server, trigger).await;
+    server.exec_sql(trigger).await;
 
     let revoke = |sid: &str, user: &str| {
         sign_set(
@@ -2026,7 +2007,7 @@ async fn concurrent_ssf_pushes_each_get_their_own_outcome(backend: Backend) {
         Backend::Sqlite => "DROP TRIGGER poison",
         Backend::Postgres => "DROP TRIGGER poison ON sessions",
     };
-    exec_sql(&server, drop).await;
+    server.exec_sql(drop).await;
     assert_eq!(
         push_set(&stream, &poison, None).await.0,
         StatusCode::ACCEPTED

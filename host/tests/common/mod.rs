@@ -507,6 +507,26 @@ impl Server {
         )
         .await
     }
+
+    /// Runs `sql` (one or more statements, no parameters) on the server's database, beside
+    /// the server: to set up what the API cannot (old records, a failing trigger).
+    pub async fn exec_sql(&self, sql: &str) {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .unwrap();
+                sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+            }
+        }
+    }
 }
 
 /// The one number `sql` selects, read straight from a database (say, one whose server has
