@@ -497,33 +497,45 @@ async fn admin_get(base: &str, token: &str, path: &str) -> Value {
 
 /// The internal id of a user, looked up by exact username.
 async fn user_id(base: &str, token: &str, realm: &str, username: &str) -> String {
-    let resp = http()
-        .get(format!("{base}/admin/realms/{realm}/users"))
-        .query(&[("username", username), ("exact", "true")])
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("user lookup");
-    let users = json_of(resp, StatusCode::OK, "user lookup").await;
-    users[0]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no user {username} in realm {realm}: {users}"))
-        .to_owned()
+    let query = [("username", username), ("exact", "true")];
+    first_id(base, token, realm, "user", &query, username).await
 }
 
 /// The internal id of a client, looked up by its `clientId`.
 async fn client_uuid(base: &str, token: &str, realm: &str, client_id: &str) -> String {
+    first_id(
+        base,
+        token,
+        realm,
+        "client",
+        &[("clientId", client_id)],
+        client_id,
+    )
+    .await
+}
+
+/// The `id` of the first `kind` (user, client) the admin API lists for `query`; `name` is
+/// what was looked up, for the message when there is none.
+async fn first_id(
+    base: &str,
+    token: &str,
+    realm: &str,
+    kind: &str,
+    query: &[(&str, &str)],
+    name: &str,
+) -> String {
+    let lookup = format!("{kind} lookup");
     let resp = http()
-        .get(format!("{base}/admin/realms/{realm}/clients"))
-        .query(&[("clientId", client_id)])
+        .get(format!("{base}/admin/realms/{realm}/{kind}s"))
+        .query(query)
         .bearer_auth(token)
         .send()
         .await
-        .expect("client lookup");
-    let clients = json_of(resp, StatusCode::OK, "client lookup").await;
-    clients[0]["id"]
+        .expect(&lookup);
+    let found = json_of(resp, StatusCode::OK, &lookup).await;
+    found[0]["id"]
         .as_str()
-        .unwrap_or_else(|| panic!("no client {client_id} in realm {realm}: {clients}"))
+        .unwrap_or_else(|| panic!("no {kind} {name} in realm {realm}: {found}"))
         .to_owned()
 }
 
