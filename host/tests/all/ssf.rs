@@ -261,6 +261,14 @@ fn base(server: &Server, realm: &str) -> String {
     format!("{}/realms/{realm}/ssf/transmitter", server.base)
 }
 
+/// Adds or removes (`op` is `add-subject` or `remove-subject`) the user `user` on the acme
+/// receiver's stream `id`, as that receiver; returns the transmitter's status.
+async fn change_subject(server: &Server, id: &str, op: &str, user: &str) -> StatusCode {
+    let subject = json!({"stream_id": id, "subject": {"format": "opaque", "id": user}});
+    let url = format!("{}/{op}", base(server, "acme"));
+    acme_rx(reqwest::Method::POST, url, Some(subject)).await.0
+}
+
 async fn destroy_parent(server: &Server, id: &str) {
     let (status, body) = server
         .api("acme")
@@ -505,23 +513,13 @@ async fn push_stream_delivers_verifiable_caep_sets_and_is_managed_per_ssf(backen
     assert_eq!(held["sub_id"]["session"]["id"], "kc-sid-2");
 
     // Subjects: a removed user's events are not sent; added back, they are.
-    let (status, _) = acme_rx(
-        reqwest::Method::POST,
-        format!("{}/remove-subject", base(&server, "acme")),
-        Some(json!({"stream_id": id, "subject": {"format": "opaque", "id": "user-3"}})),
-    )
-    .await;
+    let status = change_subject(&server, &id, "remove-subject", "user-3").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     log_in_and_out(&server, "legacy-3", "kc-sid-3", "user-3").await;
     // Streams are matched when the outbox is fanned out (at most 200 ms after a commit):
     // let that happen before the subject is added back.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (status, _) = acme_rx(
-        reqwest::Method::POST,
-        format!("{}/add-subject", base(&server, "acme")),
-        Some(json!({"stream_id": id, "subject": {"format": "opaque", "id": "user-3"}})),
-    )
-    .await;
+    let status = change_subject(&server, &id, "add-subject", "user-3").await;
     assert_eq!(status, StatusCode::OK);
     log_in_and_out(&server, "legacy-4", "kc-sid-4", "user-3").await;
     let got = rx.wait_for(5).await;
