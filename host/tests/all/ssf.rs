@@ -261,6 +261,18 @@ fn base(server: &Server, realm: &str) -> String {
     format!("{}/realms/{realm}/ssf/transmitter", server.base)
 }
 
+/// Creates a poll stream of revocations for the acme receiver; returns its configuration.
+async fn create_poll_stream(server: &Server) -> Value {
+    let (status, stream) = acme_rx(
+        reqwest::Method::POST,
+        format!("{}/stream", base(server, "acme")),
+        Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{stream}");
+    stream
+}
+
 /// Adds or removes (`op` is `add-subject` or `remove-subject`) the user `user` on the acme
 /// receiver's stream `id`, as that receiver; returns the transmitter's status.
 async fn change_subject(server: &Server, id: &str, op: &str, user: &str) -> StatusCode {
@@ -614,13 +626,7 @@ async fn poll_stream_serves_sets_until_they_are_acknowledged(backend: Backend) {
     let server = transmitter(backend).await;
     let iss = format!("{}/realms/acme", server.base);
     let keys = jwks(&server).await;
-    let (status, stream) = acme_rx(
-        reqwest::Method::POST,
-        format!("{}/stream", base(&server, "acme")),
-        Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{stream}");
+    let stream = create_poll_stream(&server).await;
     let id = stream["stream_id"].as_str().unwrap().to_owned();
     let poll_url = stream["delivery"]["endpoint_url"]
         .as_str()
@@ -976,13 +982,7 @@ async fn configured_signing_keys_are_the_only_keys(backend: Backend) {
 
     // A verification SET is signed by the configured ES256 key, which its own public PEM
     // verifies (not only the JWK Lockstep derived from it).
-    let (status, stream) = acme_rx(
-        reqwest::Method::POST,
-        format!("{}/stream", base(&server, "acme")),
-        Some(json!({"delivery": {"method": POLL}, "events_requested": [REVOKED]})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{stream}");
+    let stream = create_poll_stream(&server).await;
     let id = stream["stream_id"].as_str().unwrap().to_owned();
     let (status, _) = acme_rx(
         reqwest::Method::POST,
