@@ -669,16 +669,7 @@ async fn global_token_revocation_by_an_api_key_ends_every_session_of_the_user(ba
     let idp = Idp::start().await;
     let receiver = common::receiver::Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    common::components::write_manifest(
-        dir.path(),
-        "billing",
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
-            receiver.origin(),
-            receiver.url("/billing")
-        ),
-    );
+    common::components::webhook_manifest(dir.path(), "billing", &receiver, "", "");
     let server = Server::start_with(
         backend,
         ServerOptions {

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use common::components::write_manifest;
+use common::components::webhook_manifest;
 use common::receiver::Receiver;
 use common::{Backend, Server, ServerOptions};
 use serde_json::Value;
@@ -176,16 +176,7 @@ fn otel_env(collector: &Collector, extra: &[(&str, &str)]) -> Vec<(String, Strin
 /// A webhook connector `billing` in realm `acme` that posts to `receiver`.
 fn billing_connector(receiver: &Receiver) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(
-        dir.path(),
-        "billing",
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
-            receiver.origin(),
-            receiver.url("/billing")
-        ),
-    );
+    webhook_manifest(dir.path(), "billing", receiver, "", "");
     dir
 }
 

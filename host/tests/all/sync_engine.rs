@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use common::components::write_manifest;
+use common::components::{webhook_manifest, write_manifest};
 use common::receiver::Receiver;
 use common::{Backend, Server, ServerOptions};
 use reqwest::StatusCode;
@@ -31,19 +31,6 @@ on_both_backends!(
 
 const FAST_RETRY: &str =
     "[policy]\non_failure = \"retry\"\nmax_attempts = 3\nbackoff_ms = 20\nmax_backoff_ms = 100\n";
-
-fn webhook_manifest(dir: &Path, name: &str, receiver: &Receiver, extra: &str, policy: &str) {
-    write_manifest(
-        dir,
-        name,
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n{extra}\n{policy}\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
-            receiver.origin(),
-            receiver.url(&format!("/{name}"))
-        ),
-    );
-}
 
 /// A legacy system that answers each call after `delay`, and a webhook connector `legacy`
 /// that calls it one call at a time (its manifest in the returned directory).

@@ -3,7 +3,9 @@
 //! `scripts/test.sh` runs first).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use super::receiver::Receiver;
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -29,4 +31,20 @@ pub fn write_manifest(
     extra: &str,
 ) -> PathBuf {
     testkit::manifest::write_manifest(dir, name, &component(component_name), extra).unwrap()
+}
+
+/// Writes a manifest for a webhook connector `name` in realm `acme` that posts to
+/// `receiver` at `/{name}` (signing with the secret `s3cret`), with `extra` settings and a
+/// `policy` table (either may be empty).
+pub fn webhook_manifest(dir: &Path, name: &str, receiver: &Receiver, extra: &str, policy: &str) {
+    write_manifest(
+        dir,
+        name,
+        "webhook",
+        &format!(
+            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n{extra}\n{policy}\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
+            receiver.origin(),
+            receiver.url(&format!("/{name}"))
+        ),
+    );
 }
