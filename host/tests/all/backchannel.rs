@@ -49,7 +49,7 @@ async fn logout_tokens_verify_against_an_https_idp_trusted_through_the_ca_file()
         StatusCode::CREATED
     );
     let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
-    assert_logout_ends(&server, &token, 1).await;
+    server.assert_logout_ends("acme", &token, 1).await;
 
     // Without the CA the same IdP is a stranger: the token cannot be checked, nothing ends.
     let untrusting = server_with(Backend::Sqlite, &idp).await;
@@ -246,19 +246,6 @@ async fn server_with(backend: Backend, idp: &Idp) -> Server {
     Server::start_with(backend, ServerOptions::with_config(idp.config())).await
 }
 
-/// Posts `token` to the acme realm's back-channel logout and checks that it is accepted and
-/// ends exactly `ended` sessions (the body is shown when it does not); returns the response's
-/// Cache-Control for the tests that also check it.
-async fn assert_logout_ends(server: &Server, token: &str, ended: u64) -> String {
-    let (code, body, cache) = server.backchannel_logout("acme", token).await;
-    assert_eq!(
-        (code, body["ended"].as_u64()),
-        (StatusCode::OK, Some(ended)),
-        "{body}"
-    );
-    cache
-}
-
 async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     let idp = Idp::start().await;
     let server = server_with(backend, &idp).await;
@@ -281,7 +268,7 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     );
 
     let token = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
-    let cache = assert_logout_ends(&server, &token, 3).await;
+    let cache = server.assert_logout_ends("acme", &token, 3).await;
     assert_eq!(cache, "no-store");
     for (id, reason) in [
         ("portal-1", "idp_logout"),
@@ -311,14 +298,14 @@ async fn a_verified_logout_token_ends_the_mapped_tree_once(backend: Backend) {
     assert_eq!(cache, "no-store");
     // A fresh token for the same session: accepted, changes nothing (idempotent).
     let again = sign("a", "test-a", &logout_claims(&idp, Some("kc-sid-1"), None));
-    assert_logout_ends(&server, &again, 0).await;
+    server.assert_logout_ends("acme", &again, 0).await;
     assert_eq!(server.outbox_total().await, outbox);
 
     // By `sub`: every session of the user.
     let body = json!({"externalId": "u1", "keycloakSessionId": "kc-sid-9", "userId": "alice"});
     assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
     let by_sub = sign("a", "test-a", &logout_claims(&idp, None, Some("alice")));
-    assert_logout_ends(&server, &by_sub, 1).await;
+    server.assert_logout_ends("acme", &by_sub, 1).await;
 
     // The audit log names the IdP as the actor, with what each logout did.
     assert_acme_audit(
@@ -471,7 +458,7 @@ async fn forged_and_malformed_logout_tokens_are_refused_and_change_nothing() {
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(api.status_of("p").await, "ACTIVE", "nothing changed");
     // The genuine token still works afterwards.
-    assert_logout_ends(&server, &valid, 1).await;
+    server.assert_logout_ends("acme", &valid, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,7 +479,7 @@ async fn rotated_keys_verify_after_a_refetch() {
     idp.keys.lock().unwrap().push(jwk("b"));
     tokio::time::sleep(lockstep::oidc::jwks::MIN_REFETCH).await;
     let rotated = sign("b", "test-b", &logout_claims(&idp, Some("sid-2"), None));
-    assert_logout_ends(&server, &rotated, 1).await;
+    server.assert_logout_ends("acme", &rotated, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,6 +311,19 @@ impl Server {
         (status, res.json().await.unwrap_or(Value::Null), cache)
     }
 
+    /// Posts `token` to `realm`'s back-channel logout and checks that it is accepted and ends
+    /// exactly `ended` sessions (the body is shown when it does not); returns the response's
+    /// Cache-Control for the tests that also check it.
+    pub async fn assert_logout_ends(&self, realm: &str, token: &str, ended: u64) -> String {
+        let (code, body, cache) = self.backchannel_logout(realm, token).await;
+        assert_eq!(
+            (code, body["ended"].as_u64()),
+            (StatusCode::OK, Some(ended)),
+            "{body}"
+        );
+        cache
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
         self.client
