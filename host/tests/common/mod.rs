@@ -324,6 +324,22 @@ impl Server {
         cache
     }
 
+    /// Posts `token` to `realm`'s back-channel logout and checks that it is refused (400) with
+    /// an `error_description` containing `reason`; returns that description, for further
+    /// checks, and the response's Cache-Control.
+    pub async fn assert_logout_refused(
+        &self,
+        realm: &str,
+        token: &str,
+        reason: &str,
+    ) -> (String, String) {
+        let (code, body, cache) = self.backchannel_logout(realm, token).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        let description = body["error_description"].as_str().unwrap_or("").to_owned();
+        assert!(description.contains(reason), "{body}");
+        (description, cache)
+    }
+
     /// `GET /metrics` as text.
     pub async fn metrics(&self) -> String {
         self.client
