@@ -156,9 +156,7 @@ async fn every_session_operation_leaves_one_record_with_actor_action_target_and_
         .await;
     assert_eq!(destroyed.1["changed"].as_array().unwrap().len(), 2);
     // Idempotent destroy: recorded, nothing changed.
-    portal
-        .post("destroy-parent", json!({"externalId": "p"}))
-        .await;
+    portal.destroy_parent("p").await;
     admin.post("destroy-user", json!({"userId": "u-1"})).await;
     // Reads are not audited.
     admin.get("p").await;
@@ -200,18 +198,14 @@ async fn refused_operations_leave_a_refusal_record_and_change_nothing(backend: B
         404,
         "PARENT_NOT_FOUND",
     );
-    assert_problem(
-        &api.post("destroy-parent", json!({"externalId": "c"})).await,
-        409,
-        "WRONG_KIND",
-    );
+    assert_problem(&api.destroy_parent("c").await, 409, "WRONG_KIND");
     assert_problem(
         &api.post("destroy-child", json!({"externalId": "nope"}))
             .await,
         404,
         "NOT_FOUND",
     );
-    api.post("destroy-parent", json!({"externalId": "p"})).await;
+    api.destroy_parent("p").await;
     assert_problem(&api.map_child("late", "p").await, 409, "PARENT_NOT_ACTIVE");
     // Bad input and missing permissions are not audited (nothing was attempted).
     assert_eq!(
@@ -421,11 +415,7 @@ async fn pages_filters_permissions_and_realm_isolation(backend: Backend) {
         );
     }
     assert_eq!(
-        server
-            .api("acme")
-            .post("destroy-parent", json!({"externalId": "a0"}))
-            .await
-            .0,
+        server.api("acme").destroy_parent("a0").await.0,
         StatusCode::OK
     );
 

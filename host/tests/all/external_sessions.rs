@@ -69,12 +69,7 @@ async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: B
     );
     assert_eq!(tree["sessions"][1]["depth"], 1);
 
-    let (code, res) = api
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-001"}),
-        )
-        .await;
+    let (code, res) = api.destroy_parent("portal-session-001").await;
     assert_eq!(code, StatusCode::OK, "{res}");
     let changed = res["changed"].as_array().unwrap();
     assert_eq!(changed.len(), 3);
@@ -99,12 +94,7 @@ async fn reference_scenario_destroy_parent_cascades_and_is_idempotent(backend: B
         assert_eq!(api.status_of(id).await, "DESTROYED");
     }
 
-    let again = api
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-001"}),
-        )
-        .await;
+    let again = api.destroy_parent("portal-session-001").await;
     assert_eq!(again.0, StatusCode::OK);
     assert_eq!(again.1, json!({"changed": []}));
 }
@@ -117,8 +107,7 @@ async fn mapping_an_existing_id_conflicts_whatever_its_status(backend: Backend) 
     // Same id through another route, and after the session ended: still taken.
     let fixed = api.post("map-fixed", json!({"externalId": "p1"})).await;
     assert_problem(&fixed, 409, "ALREADY_EXISTS");
-    api.post("destroy-parent", json!({"externalId": "p1"}))
-        .await;
+    api.destroy_parent("p1").await;
     assert_problem(&api.map_parent("p1", "sid-3").await, 409, "ALREADY_EXISTS");
     // The original row is untouched by the refused attempts.
     let (_, p1) = api.get("p1").await;
@@ -241,9 +230,7 @@ async fn realms_are_isolated(backend: Backend) {
     assert!(in_other.iter().all(|s| s["realm"] == "other"));
     assert_eq!(other.list_all("").await.len(), 1);
     // Destroying in one realm leaves the other alone.
-    other
-        .post("destroy-parent", json!({"externalId": "p"}))
-        .await;
+    other.destroy_parent("p").await;
     assert_eq!(acme.status_of("p").await, "ACTIVE");
     assert_problem(&server.api("third").get("p").await, 404, "NOT_FOUND");
     assert_problem(
@@ -278,8 +265,7 @@ async fn queries_filter_and_paginate_stably_under_inserts(backend: Backend) {
         });
         assert_eq!(api.post("map-parent", body).await.0, StatusCode::CREATED);
     }
-    api.post("destroy-parent", json!({"externalId": "p0"}))
-        .await;
+    api.destroy_parent("p0").await;
 
     assert_eq!(api.list_all("&keycloakSessionId=kc-1").await.len(), 10);
     assert_eq!(api.list_all("&keycloakClientSessionId=cs-4").await.len(), 6);
@@ -420,26 +406,17 @@ async fn wrong_kinds_and_missing_sessions_are_refused(backend: Backend) {
     api.map_parent("p", "kc").await;
     api.map_child("c", "p").await;
     api.post("map-fixed", json!({"externalId": "f"})).await;
-    assert_problem(
-        &api.post("destroy-parent", json!({"externalId": "c"})).await,
-        409,
-        "WRONG_KIND",
-    );
+    assert_problem(&api.destroy_parent("c").await, 409, "WRONG_KIND");
     assert_problem(
         &api.post("destroy-child", json!({"externalId": "p"})).await,
         409,
         "WRONG_KIND",
     );
-    assert_problem(
-        &api.post("destroy-parent", json!({"externalId": "ghost"}))
-            .await,
-        404,
-        "NOT_FOUND",
-    );
+    assert_problem(&api.destroy_parent("ghost").await, 404, "NOT_FOUND");
     assert_problem(&api.map_child("c2", "ghost").await, 404, "PARENT_NOT_FOUND");
     // FIXED sessions are roots: destroy-parent ends them, and they may have children.
     assert_eq!(api.map_child("f-child", "f").await.0, StatusCode::CREATED);
-    let res = api.post("destroy-parent", json!({"externalId": "f"})).await;
+    let res = api.destroy_parent("f").await;
     assert_eq!(res.1["changed"].as_array().unwrap().len(), 2);
     assert_problem(&api.map_child("c3", "f").await, 409, "PARENT_NOT_ACTIVE");
     assert_eq!(api.status_of("p").await, "ACTIVE");
@@ -480,9 +457,7 @@ async fn four_level_tree_of_1000_is_destroyed_in_one_transaction(backend: Backen
         3
     );
 
-    let (code, res) = api
-        .post("destroy-parent", json!({"externalId": "root"}))
-        .await;
+    let (code, res) = api.destroy_parent("root").await;
     assert_eq!(code, StatusCode::OK);
     let changed = res["changed"].as_array().unwrap();
     assert_eq!(changed.len(), 1000);
@@ -540,7 +515,7 @@ async fn orphan_children_policy_orphans_on_idp_logout(backend: Backend) {
     // Other reasons still cascade in this realm; other realms are not affected.
     api.map_parent("q", "kc2").await;
     api.map_child("qc", "q").await;
-    api.post("destroy-parent", json!({"externalId": "q"})).await;
+    api.destroy_parent("q").await;
     assert_eq!(api.status_of("qc").await, "DESTROYED");
     let other = server.api("other");
     other.map_parent("p", "kc").await;
@@ -580,10 +555,7 @@ async fn map_child_racing_destroy_parent_never_leaves_an_active_orphan(backend: 
         let destroy = {
             let api = api.clone();
             let root = root.clone();
-            tokio::spawn(async move {
-                api.post("destroy-parent", json!({"externalId": root}))
-                    .await
-            })
+            tokio::spawn(async move { api.destroy_parent(&root).await })
         };
         for t in tasks {
             let (code, body) = t.await.unwrap();
@@ -859,7 +831,7 @@ async fn outbox_records_one_event_per_change_in_the_same_transaction(backend: Ba
     assert_eq!(child[1]["endReason"], "cascade");
     // Refused and idempotent calls write no events.
     api.map_parent("p", "kc-9").await;
-    api.post("destroy-parent", json!({"externalId": "p"})).await;
+    api.destroy_parent("p").await;
     assert_eq!(server.outbox_total().await, 4);
 }
 
@@ -1097,8 +1069,7 @@ async fn committed_changes_survive_sigkill(backend: Backend) {
             StatusCode::CREATED
         );
     }
-    api.post("destroy-parent", json!({"externalId": "k0"}))
-        .await;
+    api.destroy_parent("k0").await;
     let backend = server.backend;
     let (url, dir) = server.kill().await;
     let server = Server::start_on(backend, url, dir, ServerOptions::default()).await;

@@ -203,7 +203,7 @@ async fn swapping_under_load_loses_nothing_and_serves_each_event_with_a_current_
                         .unwrap()
                         .push(format!("map {id}: {code} {body}"));
                 }
-                let (code, body) = api.post("destroy-parent", json!({"externalId": id})).await;
+                let (code, body) = api.destroy_parent(&id).await;
                 if code != StatusCode::OK {
                     errors
                         .lock()

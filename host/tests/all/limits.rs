@@ -139,7 +139,7 @@ async fn a_destroy_larger_than_max_cascade_is_refused_and_changes_nothing(backen
     tree(&server, "p", "sid-p", 4).await;
     let outbox_before = server.outbox("acme", "p").await.len();
 
-    let refused = api.post("destroy-parent", json!({"externalId": "p"})).await;
+    let refused = api.destroy_parent("p").await;
     assert_problem(&refused, 422, "CASCADE_TOO_LARGE");
     let detail = refused.1["detail"].as_str().unwrap();
     assert!(
@@ -169,9 +169,7 @@ async fn a_destroy_larger_than_max_cascade_is_refused_and_changes_nothing(backen
     // A much larger tree is refused after counting one past the limit, not after ending
     // all of it.
     tree(&server, "huge", "sid-huge", 40).await;
-    let refused = api
-        .post("destroy-parent", json!({"externalId": "huge"}))
-        .await;
+    let refused = api.destroy_parent("huge").await;
     assert_problem(&refused, 422, "CASCADE_TOO_LARGE");
     let detail = refused.1["detail"].as_str().unwrap();
     assert!(detail.contains("at least 5 sessions"), "{detail}");
@@ -182,7 +180,7 @@ async fn a_destroy_larger_than_max_cascade_is_refused_and_changes_nothing(backen
         .post("destroy-child", json!({"externalId": "p-c3"}))
         .await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    let (code, body) = api.post("destroy-parent", json!({"externalId": "p"})).await;
+    let (code, body) = api.destroy_parent("p").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     for id in ["p", "p-c0", "p-c1", "p-c2"] {
         assert_eq!(status_of(&server, id).await, "DESTROYED", "{id}");

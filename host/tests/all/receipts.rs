@@ -312,7 +312,7 @@ async fn user_receipt_covers_every_tree_and_is_complete_only_when_all_confirmed(
     assert!(live["nextCursor"].is_null());
 
     // One tree ended and confirmed; the other is still live.
-    api.post("destroy-parent", json!({"externalId": "a"})).await;
+    api.destroy_parent("a").await;
     for id in ["a", "a1"] {
         wait_receipt(&api, id, |r| r["complete"] == true).await;
     }
@@ -412,8 +412,7 @@ async fn the_origin_of_a_logout_is_named_and_not_expected_to_confirm(backend: Ba
     );
     // A logout from a system that has no connector passes over nobody.
     api.map_parent("from-admin", "kc-2").await;
-    api.post("destroy-parent", json!({"externalId": "from-admin"}))
-        .await;
+    api.destroy_parent("from-admin").await;
     let done = wait_receipt(&api, "from-admin", |r| r["complete"] == true).await;
     assert_eq!(done["logouts"][0]["skipped"], json!([]));
     assert_eq!(done["summary"]["connectors"], 2);

@@ -124,11 +124,7 @@ async fn identical_maps_and_destroys_spread_over_three_instances_succeed_exactly
     apis[0].map_child("tree-a-1", "tree-a").await;
     let results = all((0..30).map(|i| {
         let api = apis[i % 3].clone();
-        async move {
-            api.post("destroy-parent", json!({"externalId": root}))
-                .await
-        }
-        .boxed()
+        async move { api.destroy_parent(root).await }.boxed()
     }))
     .await;
     let mut sizes = Vec::new();
@@ -263,9 +259,7 @@ async fn map_child_racing_destroy_parent_on_other_instances_never_leaves_an_acti
         calls.insert(
             destroy_at,
             Box::pin(async move {
-                let (code, body) = api
-                    .post("destroy-parent", json!({"externalId": destroyed}))
-                    .await;
+                let (code, body) = api.destroy_parent(&destroyed).await;
                 (String::new(), code, body)
             }),
         );
@@ -367,9 +361,7 @@ async fn load(apis: &[Api], prefix: &str, count: usize) -> usize {
             let (code, body) = api.map_parent(&id, &format!("kc-{id}")).await;
             assert_eq!(code, StatusCode::CREATED, "{body}");
             if i % 2 == 0 {
-                let (code, body) = other
-                    .post("destroy-parent", json!({"externalId": id}))
-                    .await;
+                let (code, body) = other.destroy_parent(&id).await;
                 assert_eq!(code, StatusCode::OK, "{body}");
             }
         });

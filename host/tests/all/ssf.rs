@@ -282,10 +282,7 @@ async fn change_subject(server: &Server, id: &str, op: &str, user: &str) -> Stat
 }
 
 async fn destroy_parent(server: &Server, id: &str) {
-    let (status, body) = server
-        .api("acme")
-        .post("destroy-parent", json!({"externalId": id}))
-        .await;
+    let (status, body) = server.api("acme").destroy_parent(id).await;
     assert!(status.is_success(), "{status} {body}");
 }
 

@@ -91,12 +91,7 @@ async fn webhook_receives_login_and_one_logout_per_destroyed_session(backend: Ba
     api.map_child("service-b-session-001", "portal-session-001")
         .await;
     receiver.wait_for(3, Duration::from_secs(10)).await;
-    let (_, res) = api
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-001"}),
-        )
-        .await;
+    let (_, res) = api.destroy_parent("portal-session-001").await;
     assert_eq!(res["changed"].as_array().unwrap().len(), 3);
     let got = receiver.wait_for(6, Duration::from_secs(10)).await;
     // Give a duplicate the chance to show up before counting.
@@ -418,7 +413,7 @@ async fn new_sessions_wait_for_a_delivery_backlog_and_logouts_never_do(backend: 
         .parse()
         .unwrap();
     assert!(lag > 0.4, "lag {lag} s after a refusal");
-    let (status, body) = api.post("destroy-parent", json!({"externalId": "p"})).await;
+    let (status, body) = api.destroy_parent("p").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Every admitted login (and p's login and logout) arrives; a refused one wrote nothing.
@@ -588,7 +583,7 @@ async fn sigkill_with_pending_events_loses_nothing(backend: Backend) {
             for i in 0..50 {
                 let id = format!("k{chunk}-{i}");
                 assert_eq!(api.map_parent(&id, "kc").await.0, StatusCode::CREATED);
-                let (code, _) = api.post("destroy-parent", json!({"externalId": id})).await;
+                let (code, _) = api.destroy_parent(&id).await;
                 assert_eq!(code, StatusCode::OK);
             }
         }));

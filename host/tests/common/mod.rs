@@ -643,6 +643,11 @@ impl Api {
         .await
     }
 
+    /// Without a reason or origin: callers that set one post the body themselves.
+    pub async fn destroy_parent(&self, id: &str) -> (StatusCode, Value) {
+        self.post("destroy-parent", json!({"externalId": id})).await
+    }
+
     pub async fn status_of(&self, id: &str) -> String {
         let (code, body) = self.get(id).await;
         assert_eq!(code, StatusCode::OK, "GET {id}: {body}");

@@ -165,12 +165,7 @@ async fn destroying_a_parent_in_lockstep_ends_its_keycloak_session() {
     );
 
     // The portal logs her out: Lockstep ends the tree, the connector ends the Keycloak session.
-    let (code, body) = api
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-kc-1"}),
-        )
-        .await;
+    let (code, body) = api.destroy_parent("portal-session-kc-1").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["changed"].as_array().unwrap().len(), 3, "{body}");
     wait_sessions_gone(&kc, &[&sid]).await;
@@ -190,12 +185,7 @@ async fn destroying_a_parent_in_lockstep_ends_its_keycloak_session() {
     }
 
     // Destroying it again changes nothing and sends nothing.
-    let (code, body) = api
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-kc-1"}),
-        )
-        .await;
+    let (code, body) = api.destroy_parent("portal-session-kc-1").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["changed"], json!([]), "{body}");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -246,13 +236,7 @@ async fn destroying_a_parent_in_lockstep_ends_its_keycloak_session() {
         .await
         .sid;
     map_tree(&bad, "portal-session-kc-4", &sid).await;
-    let (code, body) = bad
-        .api(REALM)
-        .post(
-            "destroy-parent",
-            json!({"externalId": "portal-session-kc-4"}),
-        )
-        .await;
+    let (code, body) = bad.api(REALM).destroy_parent("portal-session-kc-4").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     for (connector, why) in [
         ("kc-wrong-secret", "client credentials"),

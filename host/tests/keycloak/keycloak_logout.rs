@@ -260,9 +260,7 @@ async fn keycloak_logouts_reach_lockstep_and_keycloak_tokens_authorise_admin_cal
         &keycloak::user_sessions(&base, REALM, USER).await
     ));
     let used_before = used_logout_tokens(&server).await;
-    let (code, body) = api
-        .post("destroy-parent", json!({"externalId": "portal-5"}))
-        .await;
+    let (code, body) = api.destroy_parent("portal-5").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(20);
