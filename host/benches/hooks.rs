@@ -16,6 +16,9 @@
 mod components;
 #[path = "../tests/common/events.rs"]
 mod events;
+// `components` names the receiver type the tests' webhook manifests point at.
+#[path = "../tests/common/receiver.rs"]
+mod receiver;
 
 use std::path::Path;
 use std::sync::Arc;
