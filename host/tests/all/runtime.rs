@@ -694,10 +694,12 @@ async fn webhook_calls_of_one_version_share_keep_alive_connections() {
             .unwrap();
     }
     assert_eq!(receiver.served(), 20);
+    // A pooled connection serves the hook thread that opened it; calls of other tests in
+    // this process can push a call onto the second thread, which then opens its own.
     let used = receiver.accepted();
     assert!(used <= 2, "20 sequential calls opened {used} connections");
     assert_eq!(pooled.connections().opened(), used as u64);
-    assert_eq!(pooled.connections().idle(), 1);
+    assert_eq!(pooled.connections().idle(), used);
 
     // `max_idle_per_host = 0`: a connection per request, as without a pool.
     let receiver = Counting::start().await;
@@ -740,21 +742,28 @@ async fn a_replaced_version_never_reuses_its_predecessors_connections() {
     for _ in 0..3 {
         runtime.call(&old, &event(EventType::Login)).await.unwrap();
     }
-    assert_eq!(receiver.accepted(), 1);
-    // Same component and destination, a new version: its first call opens its own.
+    // One connection per hook thread the calls ran on (other tests share the threads).
+    let old_opened = old.connections().opened();
+    assert!((1..=2).contains(&old_opened), "{old_opened}");
+    assert_eq!(receiver.accepted() as u64, old_opened);
+    // Same component and destination, a new version: it opens its own, never takes one of
+    // the old version's idle connections.
     let new = runtime.load(webhook_to(&receiver, "# v2")).await.unwrap();
     assert_ne!(new.version, old.version);
     for _ in 0..3 {
         runtime.call(&new, &event(EventType::Login)).await.unwrap();
     }
-    assert_eq!(receiver.accepted(), 2);
-    assert_eq!(new.connections().opened(), 1);
-    // Dropping the old version closes its idle connection with it.
+    let new_opened = new.connections().opened();
+    assert!((1..=2).contains(&new_opened), "{new_opened}");
+    assert_eq!(receiver.accepted() as u64, old_opened + new_opened);
+    assert_eq!(receiver.served(), 6);
+    assert_eq!(old.connections().idle() as u64, old_opened);
+    // Dropping the old version closes its idle connections with it.
     let old_pool = old.connections().clone();
     drop(old);
     assert_eq!(
-        old_pool.idle(),
-        1,
+        old_pool.idle() as u64,
+        old_opened,
         "the pool outlives only through this handle"
     );
 }
