@@ -137,8 +137,13 @@ fn main() {
 
 /// The webhook connector posting to `addr`, with `pool` as its `[http]` settings.
 fn webhook_manifest(addr: std::net::SocketAddr, pool: &str) -> Manifest {
+    webhook_manifest_with(addr, "", pool)
+}
+
+/// [`webhook_manifest`] with `top` among the manifest's top-level settings.
+fn webhook_manifest_with(addr: std::net::SocketAddr, top: &str, pool: &str) -> Manifest {
     let text = format!(
-        "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{addr}\"]\n[http]\n{pool}\n[config]\nurl = \"http://{addr}/s\"\n",
+        "name = \"webhook\"\ncomponent = \"{}\"\nallowed_hosts = [\"http://{addr}\"]\n{top}\n[http]\n{pool}\n[config]\nurl = \"http://{addr}/s\"\n",
         component("webhook").display()
     );
     Manifest::parse(&text, Path::new("."), "webhook").unwrap()
@@ -209,6 +214,51 @@ async fn sequential(
     }
 }
 
+/// The ceiling of a pooled webhook delivery: the same event POSTed as JSON by a plain HTTP
+/// client (reqwest over hyper, the client wasi-http's sender also uses) on a hook thread over one
+/// keep-alive connection, timed and CPU-counted as [`sequential_in_place`] is. No guest, no
+/// signature: what the host cannot go below.
+async fn post_in_place(addr: std::net::SocketAddr, ev: &SyncEvent, calls: usize) -> Stats {
+    let threads = lockstep::runtime::delivery_threads().expect("hook threads");
+    let body = serde_json::to_vec(ev).unwrap();
+    let url = format!("http://{addr}/s");
+    threads
+        .spawn(async move {
+            let client = reqwest::Client::new();
+            let post = || {
+                client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+            };
+            for _ in 0..calls.min(500) {
+                post().await.unwrap().bytes().await.unwrap();
+            }
+            let mut samples = Vec::with_capacity(calls);
+            let before = thread_cpu();
+            for _ in 0..calls {
+                let t = Instant::now();
+                post().await.unwrap().bytes().await.unwrap();
+                samples.push(t.elapsed());
+            }
+            let host = before.zip(thread_cpu()).map(|((_, a), (_, b))| {
+                b.saturating_sub(a).as_secs_f64() * 1e6 / calls.max(1) as f64
+            });
+            Stats {
+                host_cpu_us: host,
+                ..stats(samples)
+            }
+        })
+        .await
+        .unwrap()
+}
+
+const POST_IN_PLACE: &str =
+    "ceiling: the same event POSTed by reqwest on a hook thread, keep-alive (no guest)";
+const WARM_WEBHOOK_IN_PLACE: &str =
+    "webhook connector → loopback receiver, pooled, warm instance (`reuse_instance`), on a hook thread";
+
 async fn run(calls: usize, only: Option<&str>) {
     println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
     let runtime = Runtime::new(None).unwrap();
@@ -218,11 +268,19 @@ async fn run(calls: usize, only: Option<&str>) {
         let pooled = runtime.load(webhook_manifest(waddr, "")).await.unwrap();
         let s = sequential(&runtime, &pooled, &ev, calls).await;
         let in_place = sequential_in_place(&runtime, &pooled, &ev, calls).await;
+        let warm = runtime
+            .load(webhook_manifest_with(waddr, "reuse_instance = true", ""))
+            .await
+            .unwrap();
+        let warm = sequential_in_place(&runtime, &warm, &ev, calls).await;
+        let ceiling = post_in_place(waddr, &ev, calls).await;
         row(
             "webhook connector → loopback receiver, pooled keep-alive connection",
             &s,
         );
         row(WEBHOOK_IN_PLACE, &in_place);
+        row(WARM_WEBHOOK_IN_PLACE, &warm);
+        row(POST_IN_PLACE, &ceiling);
         return;
     }
     let noop = runtime.load(noop_manifest("")).await.unwrap();
@@ -289,6 +347,12 @@ async fn run(calls: usize, only: Option<&str>) {
     let pooled = runtime.load(webhook("")).await.unwrap();
     let webhook_pooled = sequential(&runtime, &pooled, &ev, calls.min(5_000)).await;
     let webhook_in_place = sequential_in_place(&runtime, &pooled, &ev, calls.min(5_000)).await;
+    let warm_webhook = runtime
+        .load(webhook_manifest_with(waddr, "reuse_instance = true", ""))
+        .await
+        .unwrap();
+    let warm_webhook = sequential_in_place(&runtime, &warm_webhook, &ev, calls.min(5_000)).await;
+    let post_ceiling = post_in_place(waddr, &ev, calls.min(5_000)).await;
     let unpooled = runtime
         .load(webhook("max_idle_per_host = 0"))
         .await
@@ -324,6 +388,15 @@ async fn run(calls: usize, only: Option<&str>) {
         &webhook_pooled,
     );
     row(WEBHOOK_IN_PLACE, &webhook_in_place);
+    row(WARM_WEBHOOK_IN_PLACE, &warm_webhook);
+    row(POST_IN_PLACE, &post_ceiling);
+    println!(
+        "pooled webhook on a hook thread / its ceiling, host CPU: {}",
+        webhook_in_place
+            .host_cpu_us
+            .zip(post_ceiling.host_cpu_us)
+            .map_or("-".to_owned(), |(w, c)| format!("{:.2}", w / c))
+    );
     row(
         "webhook connector → loopback receiver, new connection each (`max_idle_per_host = 0`)",
         &webhook_unpooled,

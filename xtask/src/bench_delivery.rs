@@ -1637,6 +1637,21 @@ fn print(
         opt(pooled_us, |(x, how)| format!("{x:.1} µs ({how})")),
         met(pooled_us.map(|(x, _)| x <= TARGET_POOLED_US))
     );
+    // The webhook connector keeps nothing between calls, so a warm instance may serve it;
+    // and what a plain HTTP client spends on the same POST is the floor beside both.
+    let warm_us = hooks.and_then(|h| h.host_cpu(&["pooled", "warm instance"]));
+    let ceiling_us = hooks.and_then(|h| h.host_cpu(&["ceiling"]));
+    if warm_us.is_some() || ceiling_us.is_some() {
+        println!(
+            "| the same with `reuse_instance = true` (a warm instance) | {}: {} |",
+            opt(warm_us, |x| format!("{x:.1} µs")),
+            met(warm_us.map(|x| x <= TARGET_POOLED_US))
+        );
+        println!(
+            "| ceiling: the same POST by a plain HTTP client on a hook thread, no guest | {} |",
+            opt(ceiling_us, |x| format!("{x:.1} µs"))
+        );
+    }
 }
 
 #[cfg(test)]
@@ -1683,6 +1698,18 @@ mod tests {
             error: None,
         };
         assert_eq!(h.host_cpu(&["pooled"]), Some(91.2));
+        // The rows of today's bench: fresh and warm instances and the plain-client ceiling
+        // are told apart.
+        let h = Hooks {
+            output: "| webhook connector → loopback receiver, pooled, on a hook thread as deliveries call | 158.1 µs | 403.8 µs | 110.7 µs |\n\
+                     | webhook connector → loopback receiver, pooled, warm instance (`reuse_instance`), on a hook thread | 130.4 µs | 213.8 µs | 83.0 µs |\n\
+                     | ceiling: the same event POSTed by reqwest on a hook thread, keep-alive (no guest) | 93.2 µs | 159.8 µs | 43.9 µs |\n"
+                .to_owned(),
+            error: None,
+        };
+        assert_eq!(h.host_cpu(&["pooled", IN_PLACE]), Some(110.7));
+        assert_eq!(h.host_cpu(&["pooled", "warm instance"]), Some(83.0));
+        assert_eq!(h.host_cpu(&["ceiling"]), Some(43.9));
     }
 
     #[test]

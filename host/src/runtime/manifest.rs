@@ -485,6 +485,18 @@ url = "http://127.0.0.1:9000/sessions"
     }
 
     #[test]
+    fn the_shipped_example_manifests_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/connectors.d");
+        let webhook = std::fs::read_to_string(dir.join("webhook.toml.example")).unwrap();
+        let m = Manifest::parse(&webhook, &dir, "webhook.toml").unwrap();
+        assert_eq!(m.name, "webhook");
+        assert!(m.reuse_instance, "the stateless webhook is served warm");
+        let keycloak = std::fs::read_to_string(dir.join("keycloak.toml.example")).unwrap();
+        let m = Manifest::parse(&keycloak, &dir, "keycloak.toml").unwrap();
+        assert!(!m.reuse_instance);
+    }
+
+    #[test]
     fn subscriptions_follow_realms_events_mode_and_origin() {
         let m = Manifest::parse(EXAMPLE, Path::new("."), "x.toml").unwrap();
         assert!(m.subscribes("acme", EventType::Login, Some("portal")));
