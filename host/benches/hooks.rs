@@ -256,8 +256,7 @@ async fn post_in_place(addr: std::net::SocketAddr, ev: &SyncEvent, calls: usize)
 
 const POST_IN_PLACE: &str =
     "ceiling: the same event POSTed by reqwest on a hook thread, keep-alive (no guest)";
-const WARM_WEBHOOK_IN_PLACE: &str =
-    "webhook connector → loopback receiver, pooled, warm instance (`reuse_instance`), on a hook thread";
+const WARM_WEBHOOK_IN_PLACE: &str = "webhook connector → loopback receiver, pooled, warm instance (`reuse_instance`), on a hook thread";
 
 async fn run(calls: usize, only: Option<&str>) {
     println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");

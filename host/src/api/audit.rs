@@ -20,6 +20,7 @@ use crate::auth::Permission;
 use crate::domain::rules;
 use crate::domain::{AuditAction, AuditEntry, AuditOutcome};
 use crate::store::audit::{AuditQuery, AuditRow, AuditScope};
+use crate::store::split_page;
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Routes of this resource, each registered and documented by `routes!`.
@@ -183,7 +184,7 @@ async fn list(
         return Err(ApiError::Validation(format!("limit must be 1-{MAX_PAGE}")));
     }
     let before = p.cursor.as_deref().map(cursor::decode).transpose()?;
-    let mut rows = state
+    let rows = state
         .sessions
         .store()
         .list_audit(&AuditQuery {
@@ -195,13 +196,8 @@ async fn list(
             limit: i64::from(limit) + 1,
         })
         .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let next_cursor = if more {
-        rows.last().map(|r| cursor::encode(r.id))
-    } else {
-        None
-    };
+    let (rows, next) = split_page(rows, limit as usize, |r| r.id);
+    let next_cursor = next.map(cursor::encode);
     Ok(Json(AuditPage {
         items: rows.into_iter().map(Into::into).collect(),
         next_cursor,

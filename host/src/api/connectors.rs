@@ -18,7 +18,7 @@ use super::extract::{ApiPath, Caller};
 use super::spec::{ConnectorName, Forbidden, Invalid, NotFound, Unauthorized};
 use crate::auth::Permission;
 use crate::domain::ProblemCode;
-use crate::domain::{AuditAction, AuditOutcome};
+use crate::domain::{AuditAction, AuditEntry, AuditOutcome};
 use crate::lifecycle::{
     ConnectorInfo, MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, ManageError, PutOutcome,
 };
@@ -318,6 +318,21 @@ async fn one(
     Ok(Json(state.connectors.describe(&name).await?.into()))
 }
 
+/// Records an upload that changed nothing (the API's and the console's): nothing was
+/// written, so nothing carried the audit record, and it is written on its own. A failure is
+/// logged, not answered: the upload itself succeeded.
+pub(crate) async fn record_unchanged(state: &AppState, audit: AuditEntry, name: &str) {
+    let audit = audit.detail(serde_json::json!({ "outcome": "unchanged" }));
+    if let Err(e) = state
+        .sessions
+        .store()
+        .record_audit(audit, AuditOutcome::Ok(0))
+        .await
+    {
+        tracing::warn!(error = %e, connector = %name, "audit record of an unchanged upload not written");
+    }
+}
+
 /// Adds or replaces an uploaded connector (multipart: `manifest`, `component`). The new
 /// version is validated, compiled and pre-instantiated before it is stored and swapped in;
 /// calls in flight finish on the old one. Identical bytes and manifest change nothing.
@@ -348,16 +363,7 @@ async fn put(
         .map_err(ApiError::from);
     let (outcome, entry) = super::audit::refused(&state, audit.clone(), put).await?;
     if matches!(outcome, PutOutcome::Unchanged) {
-        // Nothing was written, so nothing carried the record: it is written on its own.
-        let audit = audit.detail(serde_json::json!({ "outcome": "unchanged" }));
-        if let Err(e) = state
-            .sessions
-            .store()
-            .record_audit(audit, AuditOutcome::Ok(0))
-            .await
-        {
-            tracing::warn!(error = %e, connector = %name, "audit record of an unchanged upload not written");
-        }
+        record_unchanged(&state, audit, &name).await;
     }
     let info = state
         .connectors

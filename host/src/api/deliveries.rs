@@ -20,6 +20,7 @@ use crate::domain::ProblemCode;
 use crate::store::deliveries::{
     AttemptRow, DeliveryQuery, DeliveryRow, DeliveryStatus, ReplayTarget,
 };
+use crate::store::split_page;
 use crate::sync::sessions::{DEFAULT_PAGE, MAX_PAGE};
 
 /// Routes of this resource, each registered and documented by `routes!`.
@@ -202,7 +203,7 @@ async fn list(
         return Err(ApiError::Validation(format!("limit must be 1-{MAX_PAGE}")));
     }
     let after = p.cursor.as_deref().map(cursor::decode).transpose()?;
-    let mut rows = state
+    let rows = state
         .sessions
         .store()
         .list_deliveries(&DeliveryQuery {
@@ -214,16 +215,10 @@ async fn list(
             limit: limit + 1,
         })
         .await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let next_cursor = if more {
-        rows.last().map(|r| cursor::encode(r.id))
-    } else {
-        None
-    };
+    let (rows, next) = split_page(rows, limit as usize, |r| r.id);
     Ok(Json(DeliveryPage {
         items: rows.into_iter().map(Into::into).collect(),
-        next_cursor,
+        next_cursor: next.map(cursor::encode),
     }))
 }
 
@@ -239,18 +234,24 @@ async fn one(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<DeliveryDetail>, ApiError> {
     caller.0.authorize_global(Permission::ConnectorsManage)?;
-    let (row, attempts) = state
-        .sessions
-        .store()
-        .get_delivery(id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
-        })?;
+    let (row, attempts) = find(&state, id).await?;
     Ok(Json(DeliveryDetail {
         delivery: row.into(),
         history: attempts.into_iter().map(Into::into).collect(),
     }))
+}
+
+/// Delivery `id` with its attempts, or NOT_FOUND (the API's page and the console's).
+pub(crate) async fn find(
+    state: &AppState,
+    id: i64,
+) -> Result<(DeliveryRow, Vec<AttemptRow>), ApiError> {
+    state
+        .sessions
+        .store()
+        .get_delivery(id)
+        .await?
+        .ok_or_else(|| ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found")))
 }
 
 /// Queue dead (or dropped) deliveries again: all of a connector's, or one.
@@ -280,16 +281,13 @@ async fn replay(
 
 /// What a replay request names, refusing a delivery that is missing or not dead.
 async fn replay_target(state: &AppState, req: ReplayRequest) -> Result<ReplayTarget, ApiError> {
-    let store = state.sessions.store();
     let target = match (req.connector, req.delivery_id) {
         (Some(name), None) => {
             crate::domain::rules::id("connector", &name)?;
             ReplayTarget::Connector(name)
         }
         (None, Some(id)) => {
-            let (row, _) = store.get_delivery(id).await?.ok_or_else(|| {
-                ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
-            })?;
+            let (row, _) = find(state, id).await?;
             if !matches!(row.status.as_str(), "dead" | "dropped") {
                 return Err(ApiError::refused(
                     ProblemCode::Conflict,

@@ -341,7 +341,7 @@ pub struct UserReceiptParams {
 
 /// The loaded connectors that take the realm's logouts whatever their origin (what the
 /// fan-out routes to, before it leaves out the origin's own connector).
-fn logout_subscribers(state: &AppState, realm: &str) -> Vec<String> {
+pub(crate) fn logout_subscribers(state: &AppState, realm: &str) -> Vec<String> {
     state
         .connectors
         .registry()

@@ -18,7 +18,7 @@ use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::auth::{AuthError, Permission, Principal};
 use crate::domain::ProblemCode;
-use crate::domain::{AuditAction, AuditEntry, AuditOutcome, DestroyTarget, EndReason};
+use crate::domain::{AuditAction, AuditEntry, DestroyTarget, EndReason};
 use crate::lifecycle::{MAX_COMPONENT_BYTES, MAX_MANIFEST_BYTES, PutOutcome};
 use crate::store::deliveries::ReplayTarget;
 
@@ -452,16 +452,7 @@ pub async fn upload(
             previous.chars().take(12).collect::<String>()
         ),
         PutOutcome::Unchanged => {
-            // Nothing was written, so nothing carried the record: it is written on its own.
-            let audit = audit.detail(serde_json::json!({ "outcome": "unchanged" }));
-            if let Err(e) = state
-                .sessions
-                .store()
-                .record_audit(audit, AuditOutcome::Ok(0))
-                .await
-            {
-                tracing::warn!(error = %e, connector = %name, "audit record of an unchanged upload not written");
-            }
+            crate::api::connectors::record_unchanged(&state, audit, &name).await;
             "unchanged (same manifest and component)".to_owned()
         }
     };

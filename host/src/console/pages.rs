@@ -15,13 +15,14 @@ use super::{CPath, CQuery, ConsoleError, Transport, Viewer};
 use crate::api::AppState;
 use crate::api::connectors::ConnectorDto;
 use crate::api::error::ApiError;
+use crate::api::receipts::logout_subscribers;
 use crate::auth::{Permission, Principal};
 use crate::domain::ProblemCode;
 use crate::domain::rules;
-use crate::domain::{EventType, SessionKind, SessionStatus};
-use crate::store::SessionQuery;
+use crate::domain::{SessionKind, SessionStatus};
 use crate::store::deliveries::{DeliveryQuery, DeliveryStatus};
 use crate::store::overview::LiveCounts;
+use crate::store::{SessionQuery, split_page};
 use crate::sync::receipts::{self, Confirmation};
 
 /// Rows per page of every list.
@@ -805,22 +806,6 @@ pub async fn destroy_confirm(
 
 // ---------------------------------------------------------------- receipts
 
-/// Loaded connectors that take the realm's logouts (as `api::receipts` counts them).
-fn logout_subscribers(state: &AppState, realm: &str) -> Vec<String> {
-    state
-        .connectors
-        .registry()
-        .snapshot()
-        .values()
-        .map(|e| &e.connector)
-        .filter(|c| {
-            c.world.has_hook(EventType::Logout)
-                && c.manifest.subscribes(realm, EventType::Logout, None)
-        })
-        .map(|c| c.manifest.name.clone())
-        .collect()
-}
-
 fn confirmation(c: Confirmation) -> &'static str {
     match c {
         Confirmation::Delivered => "delivered",
@@ -1364,7 +1349,7 @@ pub async fn deliveries(
         rules::id("session", s)?;
     }
     let after = cursor(params.cursor.as_deref())?;
-    let mut rows = state
+    let rows = state
         .sessions
         .store()
         .list_deliveries(&DeliveryQuery {
@@ -1376,13 +1361,8 @@ pub async fn deliveries(
             limit: PAGE + 1,
         })
         .await?;
-    let more = rows.len() > PAGE as usize;
-    rows.truncate(PAGE as usize);
-    let next = if more {
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
+    let (rows, next) = split_page(rows, PAGE as usize, |r| r.id);
+    let next = next.map(|id| id.to_string());
     let mut body = String::from(
         "<form method=\"get\" action=\"/console/deliveries\" class=\"search\">\
          <div><label for=\"status\">Status</label><select id=\"status\" name=\"status\">",
@@ -1487,14 +1467,7 @@ pub async fn delivery(
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::Validation(format!("delivery id {id:?} is not a number")))?;
-    let (d, attempts) = state
-        .sessions
-        .store()
-        .get_delivery(id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::refused(ProblemCode::NotFound, format!("delivery {id} not found"))
-        })?;
+    let (d, attempts) = crate::api::deliveries::find(&state, id).await?;
     let mut body = format!(
         "<dl class=\"facts\"><div><dt>Connector</dt><dd><a href=\"/console/connectors/{}\">{}</a></dd></div>\
          <div><dt>Session</dt><dd><a href=\"/console/tree?realm={}&amp;id={}\">{}</a> ({})</dd></div>\
@@ -1607,7 +1580,7 @@ pub async fn audit(
     rules::optional_id("action", action.as_deref())?;
     let since = given(&params.since).map(|s| parse_since(&s)).transpose()?;
     let before = cursor(params.cursor.as_deref())?;
-    let mut rows = state
+    let rows = state
         .sessions
         .store()
         .list_audit(&AuditQuery {
@@ -1619,13 +1592,8 @@ pub async fn audit(
             limit: i64::from(PAGE) + 1,
         })
         .await?;
-    let more = rows.len() > PAGE as usize;
-    rows.truncate(PAGE as usize);
-    let next = if more {
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
+    let (rows, next) = split_page(rows, PAGE as usize, |r| r.id);
+    let next = next.map(|id| id.to_string());
     let mut body = format!(
         "<form method=\"get\" action=\"/console/audit\" class=\"search\">\
          <div><label for=\"arealm\">Realm</label><input id=\"arealm\" name=\"realm\" value=\"{}\"></div>\

@@ -173,6 +173,19 @@ pub struct Page {
     pub next_after: Option<i64>,
 }
 
+/// Cuts rows read with one more than a page (`limit + 1`) to the page, and answers the key of
+/// its last row when that extra row showed that another page follows.
+pub fn split_page<T>(
+    mut rows: Vec<T>,
+    limit: usize,
+    key: impl Fn(&T) -> i64,
+) -> (Vec<T>, Option<i64>) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more { rows.last().map(key) } else { None };
+    (rows, next)
+}
+
 /// Connection settings.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {

@@ -322,14 +322,8 @@ where
         qb.push(" ORDER BY id LIMIT ")
             .push_bind(i64::from(q.limit) + 1);
         let rows: Vec<SessionRow> = qb.fetch_all(&mut *conn).await?;
-        let mut items = into_sessions(rows)?;
-        let more = items.len() > q.limit as usize;
-        items.truncate(q.limit as usize);
-        let next_after = if more {
-            items.last().map(|s| s.seq)
-        } else {
-            None
-        };
+        let (items, next_after) =
+            super::split_page(into_sessions(rows)?, q.limit as usize, |s| s.seq);
         Ok(Page { items, next_after })
     }
 }
