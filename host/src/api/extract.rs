@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::AppState;
 use super::error::ApiError;
+use super::limits::FailureGate;
 use crate::auth::Principal;
 
 /// Largest accepted request body.
@@ -154,31 +155,15 @@ impl FromRequestParts<AppState> for Caller {
                 ApiError::Unauthorized("Authorization header is not valid text".into())
             })?),
         };
-        // Set by `serve` on every request; absent only where no socket exists (in-process tests).
-        let client = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
-        let failures = state.auth_failures.as_deref().zip(client);
-        if let Some((failures, addr)) = failures
-            && let Err(wait) = failures.check(addr, std::time::Instant::now())
-        {
-            return Err(ApiError::RateLimited {
-                detail: format!(
-                    "too many failed authentications from this address: the limit is {} \
-                     ([limits] failed_auth_burst, failed_auth_per_minute)",
-                    failures.describe()
-                ),
-                retry_after_secs: super::limits::retry_after_secs(wait),
-            });
+        let gate = FailureGate::of_request(state.auth_failures.as_deref(), &parts.extensions);
+        if let Some(gate) = gate {
+            gate.check()?;
         }
         let principal = match state.auth.authenticate(header).await {
             Ok(p) => p,
             Err(e) => {
-                if let (crate::auth::AuthError::Unauthenticated(_), Some((failures, addr))) =
-                    (&e, failures)
-                {
-                    failures.failed(addr, std::time::Instant::now());
+                if let (crate::auth::AuthError::Unauthenticated(_), Some(gate)) = (&e, gate) {
+                    gate.failed();
                 }
                 return Err(e.into());
             }

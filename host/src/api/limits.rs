@@ -162,6 +162,72 @@ impl AuthFailures {
     }
 }
 
+/// One client address's failed-authentication budget, as every route that takes a credential
+/// (the admin API, token revocation, SSF push, the console's sign-in) checks and spends it.
+#[derive(Clone, Copy)]
+pub struct FailureGate<'a> {
+    failures: &'a AuthFailures,
+    addr: IpAddr,
+}
+
+impl<'a> FailureGate<'a> {
+    /// The gate for `addr`; none when the server keeps no budget or the request came over no
+    /// socket (in-process tests).
+    pub fn new(failures: Option<&'a AuthFailures>, addr: Option<IpAddr>) -> Option<Self> {
+        failures
+            .zip(addr)
+            .map(|(failures, addr)| FailureGate { failures, addr })
+    }
+
+    /// The gate for the peer of a request that came through `serve` (which records it).
+    pub fn of_request(
+        failures: Option<&'a AuthFailures>,
+        extensions: &axum::http::Extensions,
+    ) -> Option<Self> {
+        let peer = extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        FailureGate::new(failures, peer)
+    }
+
+    /// Refuses the address while it has no failures left: before its credential is looked at.
+    pub fn check(&self) -> Result<(), OverBudget> {
+        self.failures
+            .check(self.addr, Instant::now())
+            .map_err(|wait| OverBudget {
+                detail: format!(
+                    "too many failed authentications from this address: the limit is {} \
+                     ([limits] failed_auth_burst, failed_auth_per_minute)",
+                    self.failures.describe()
+                ),
+                retry_after_secs: retry_after_secs(wait),
+            })
+    }
+
+    /// Spends one failure: the credential was refused.
+    pub fn failed(&self) {
+        self.failures.failed(self.addr, Instant::now());
+    }
+}
+
+/// An address out of failed authentications: why, and when to try again.
+#[derive(Debug)]
+pub struct OverBudget {
+    /// What to tell the caller (the limit and the settings behind it).
+    pub detail: String,
+    /// Seconds for `Retry-After`.
+    pub retry_after_secs: u64,
+}
+
+impl From<OverBudget> for super::error::ApiError {
+    fn from(o: OverBudget) -> Self {
+        super::error::ApiError::RateLimited {
+            detail: o.detail,
+            retry_after_secs: o.retry_after_secs,
+        }
+    }
+}
+
 /// The address failures are counted under: IPv4 as is (also when mapped into IPv6), IPv6 by
 /// its /64 prefix.
 fn client_key(addr: IpAddr) -> IpAddr {

@@ -433,22 +433,12 @@ async fn authenticate(
         })
         .map(str::trim);
     if let Some(token) = token {
-        let client = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
-        let failures = state.auth_failures.as_deref().zip(client);
-        if let Some((failures, addr)) = failures
-            && let Err(wait) = failures.check(addr, std::time::Instant::now())
-        {
-            return Err(refuse_api(ApiError::RateLimited {
-                detail: format!(
-                    "too many failed authentications from this address: the limit is {} \
-                     ([limits] failed_auth_burst, failed_auth_per_minute)",
-                    failures.describe()
-                ),
-                retry_after_secs: super::limits::retry_after_secs(wait),
-            }));
+        let gate = super::limits::FailureGate::of_request(
+            state.auth_failures.as_deref(),
+            &parts.extensions,
+        );
+        if let Some(gate) = gate {
+            gate.check().map_err(|o| refuse_api(o.into()))?;
         }
         match state.oidc.verify_revocation(realm, token).await {
             Ok(Some(token)) => return Ok(Revoking::Idp(token)),
@@ -464,8 +454,8 @@ async fn authenticate(
             }
             Err(e) => {
                 tracing::warn!(%realm, reason = %e, "global token revocation: token refused");
-                if let Some((failures, addr)) = failures {
-                    failures.failed(addr, std::time::Instant::now());
+                if let Some(gate) = gate {
+                    gate.failed();
                 }
                 return Err(refuse(
                     StatusCode::UNAUTHORIZED,

@@ -86,25 +86,19 @@ async fn push(
         );
     }
     // Guessing the stream's secret is throttled like any failed authentication.
-    let client = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    let failures = state.auth_failures.as_deref().zip(client);
-    if let Some((failures, addr)) = failures
-        && let Err(wait) = failures.check(addr, std::time::Instant::now())
-    {
+    let gate = super::limits::FailureGate::of_request(
+        state.auth_failures.as_deref(),
+        request.extensions(),
+    );
+    if let Some(Err(over)) = gate.map(|g| g.check()) {
         let mut response = refuse(
             StatusCode::TOO_MANY_REQUESTS,
             "authentication_failed",
-            format!(
-                "too many failed authentications from this address: the limit is {}",
-                failures.describe()
-            ),
+            over.detail,
         );
         response.headers_mut().insert(
             header::RETRY_AFTER,
-            HeaderValue::from(super::limits::retry_after_secs(wait)),
+            HeaderValue::from(over.retry_after_secs),
         );
         return response;
     }
@@ -115,8 +109,8 @@ async fn push(
         .unwrap_or("");
     let Some(transmitter) = state.ssf.push_transmitter(&realm, authorization) else {
         tracing::warn!(%realm, "ssf push without this realm's stream authorization");
-        if let Some((failures, addr)) = failures {
-            failures.failed(addr, std::time::Instant::now());
+        if let Some(gate) = gate {
+            gate.failed();
         }
         return refuse(
             StatusCode::UNAUTHORIZED,

@@ -16,6 +16,7 @@ use super::session::{self, PRE_COOKIE};
 use super::{CPath, ConsoleError, Transport, Viewer, read_form, see_other};
 use crate::api::AppState;
 use crate::api::error::ApiError;
+use crate::api::limits::FailureGate;
 use crate::auth::{AuthError, Permission, Principal};
 use crate::domain::ProblemCode;
 use crate::domain::{AuditAction, AuditEntry, DestroyTarget, EndReason};
@@ -58,19 +59,9 @@ pub async fn login(
             Some("The sign-in form expired or was not sent by this console; sign in again."),
         ));
     }
-    let failures = state.auth_failures.as_deref().zip(transport.peer);
-    if let Some((failures, addr)) = failures
-        && let Err(wait) = failures.check(addr, Instant::now())
-    {
-        return Err(ApiError::RateLimited {
-            detail: format!(
-                "too many failed authentications from this address: the limit is {} \
-                 ([limits] failed_auth_burst, failed_auth_per_minute)",
-                failures.describe()
-            ),
-            retry_after_secs: crate::api::limits::retry_after_secs(wait),
-        }
-        .into());
+    let gate = FailureGate::new(state.auth_failures.as_deref(), transport.peer);
+    if let Some(gate) = gate {
+        gate.check().map_err(ApiError::from)?;
     }
     let token = form.token.trim();
     let principal = match state
@@ -80,8 +71,8 @@ pub async fn login(
     {
         Ok(p) => p,
         Err(e) => {
-            if let (AuthError::Unauthenticated(_), Some((failures, addr))) = (&e, failures) {
-                failures.failed(addr, Instant::now());
+            if let (AuthError::Unauthenticated(_), Some(gate)) = (&e, gate) {
+                gate.failed();
             }
             tracing::info!(error = %e, "console sign-in refused");
             return Ok(super::pages::login_page(
