@@ -195,14 +195,27 @@ async fn sequential(
     ev: &SyncEvent,
     calls: usize,
 ) -> Stats {
+    timed(calls, || async move {
+        runtime.call(connector, ev).await.unwrap()
+    })
+    .await
+}
+
+/// `op` run `calls` times after a warm-up of up to 500, each run timed, with the CPU of every
+/// thread but the receivers' per run.
+async fn timed<F, Fut>(calls: usize, mut op: F) -> Stats
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     for _ in 0..calls.min(500) {
-        runtime.call(connector, ev).await.unwrap();
+        op().await;
     }
     let mut samples = Vec::with_capacity(calls);
     let before = thread_cpu();
     for _ in 0..calls {
         let t = Instant::now();
-        runtime.call(connector, ev).await.unwrap();
+        op().await;
         samples.push(t.elapsed());
     }
     let host = before
@@ -225,30 +238,18 @@ async fn post_in_place(addr: std::net::SocketAddr, ev: &SyncEvent, calls: usize)
     threads
         .spawn(async move {
             let client = reqwest::Client::new();
-            let post = || {
-                client
-                    .post(&url)
+            let (client, url, body) = (&client, &url, &body);
+            timed(calls, || async move {
+                let response = client
+                    .post(url)
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
-            };
-            for _ in 0..calls.min(500) {
-                post().await.unwrap().bytes().await.unwrap();
-            }
-            let mut samples = Vec::with_capacity(calls);
-            let before = thread_cpu();
-            for _ in 0..calls {
-                let t = Instant::now();
-                post().await.unwrap().bytes().await.unwrap();
-                samples.push(t.elapsed());
-            }
-            let host = before.zip(thread_cpu()).map(|((_, a), (_, b))| {
-                b.saturating_sub(a).as_secs_f64() * 1e6 / calls.max(1) as f64
-            });
-            Stats {
-                host_cpu_us: host,
-                ..stats(samples)
-            }
+                    .await
+                    .unwrap();
+                response.bytes().await.unwrap();
+            })
+            .await
         })
         .await
         .unwrap()
