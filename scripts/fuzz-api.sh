@@ -88,7 +88,7 @@ if [[ -n "${LOCKSTEP_BIN:-}" ]]; then
 else
     say "cargo build -p lockstep"
     cargo build -q -p lockstep
-    BIN=target/debug/lockstep
+    BIN="${CARGO_TARGET_DIR:-target}/debug/lockstep"
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/lockstep-fuzz.XXXXXX")"

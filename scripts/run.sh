@@ -17,4 +17,5 @@ fi
 # build-connectors adds the wasm32-wasip2 target with rustup when it is missing.
 cargo xtask build-connectors
 cargo build --release -p lockstep
-exec target/release/lockstep serve --connectors-dir examples/connectors.d "$@"
+# Where cargo put it: the target directory may be elsewhere (CARGO_TARGET_DIR).
+exec "${CARGO_TARGET_DIR:-target}/release/lockstep" serve --connectors-dir examples/connectors.d "$@"

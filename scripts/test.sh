@@ -167,7 +167,7 @@ step "API fuzzing: bash scripts/fuzz-api.sh (schemathesis against a real lockste
 # package, not the workspace, and could rebuild it.
 # A fixed seed by default, so the test command is reproducible (a time budget still decides how
 # far it gets); set LOCKSTEP_FUZZ_SEED to explore other inputs.
-LOCKSTEP_FUZZ_SEED="${LOCKSTEP_FUZZ_SEED:-20261123}" LOCKSTEP_BIN=target/debug/lockstep \
+LOCKSTEP_FUZZ_SEED="${LOCKSTEP_FUZZ_SEED:-20261123}" LOCKSTEP_BIN="${CARGO_TARGET_DIR:-target}/debug/lockstep" \
     bash scripts/fuzz-api.sh
 
 step "all checks passed"
