@@ -4,7 +4,7 @@
 //! batch size and is prepared once per connection.
 
 use sqlx::PgExecutor;
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgPool};
 
 use crate::domain::SyncEvent;
 use crate::store::deliveries::{
@@ -111,26 +111,19 @@ struct Targets {
     sessions: Vec<String>,
 }
 
-/// The claim (see [`claim`]): `$1` connectors, `$2` limits, `$3` lease ends (one per lane),
-/// `$4` now.
+/// One lane's claim (see [`claim`]): `$1` the connector, `$2` the limit, `$3` the lease's
+/// end, `$4` now.
 const CLAIM_SQL: &str = "WITH picked AS ( \
-       SELECT p.id, l.lease_until \
-       FROM unnest(CAST($1 AS text[]), CAST($2 AS bigint[]), CAST($3 AS bigint[])) \
-         AS l(connector, n, lease_until) \
-       CROSS JOIN LATERAL ( \
-         SELECT d.id FROM deliveries d \
-         WHERE d.status = 'pending' AND d.connector = l.connector \
-           AND d.next_attempt_at <= $4 \
-           AND (d.lease_until IS NULL OR d.lease_until <= $4) AND d.id = ( \
-             SELECT e.id FROM deliveries e \
-             WHERE e.connector = d.connector AND e.realm = d.realm \
-               AND e.external_id = d.external_id AND e.status = 'pending' \
-             ORDER BY e.id LIMIT 1) \
-         ORDER BY d.next_attempt_at, d.id LIMIT l.n FOR UPDATE SKIP LOCKED \
-       ) p \
+       SELECT d.id FROM deliveries d \
+       WHERE d.status = 'pending' AND d.connector = $1 AND d.next_attempt_at <= $4 \
+         AND (d.lease_until IS NULL OR d.lease_until <= $4) AND d.id = ( \
+           SELECT e.id FROM deliveries e \
+           WHERE e.connector = d.connector AND e.realm = d.realm \
+             AND e.external_id = d.external_id AND e.status = 'pending' \
+           ORDER BY e.id LIMIT 1) \
+       ORDER BY d.next_attempt_at, d.id LIMIT $2 FOR UPDATE SKIP LOCKED \
      ), claimed AS ( \
-       UPDATE deliveries SET updated_at = $4, \
-         lease_until = (SELECT p.lease_until FROM picked p WHERE p.id = deliveries.id) \
+       UPDATE deliveries SET updated_at = $4, lease_until = $3 \
        WHERE deliveries.id = ANY(ARRAY(SELECT id FROM picked)) \
        RETURNING deliveries.id, deliveries.outbox_id, deliveries.connector, \
          deliveries.attempts \
@@ -140,7 +133,7 @@ const CLAIM_SQL: &str = "WITH picked AS ( \
 
 /// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
 /// first, never one whose session has an earlier pending delivery to the same connector.
-/// One statement for every lane (the leases and the events' payloads), so it commits on its
+/// One statement per lane (the leases and the events' payloads), so each commits on its
 /// own; rows another instance is claiming are skipped, not waited for. The leased rows and
 /// their payloads are looked up by key (`= ANY`, a scalar subquery): written as joins, the
 /// planner hashed the whole outbox for every claim (30 ms at 80,000 events). The session
@@ -149,25 +142,27 @@ const CLAIM_SQL: &str = "WITH picked AS ( \
 /// EXISTS`, it became an anti-join, and with statistics taken while the table was small the
 /// planner compared every pending row of the connector with each candidate (26 ms per claim,
 /// 2,000 deliveries/s, in a backlog of 50,000).
-pub(crate) async fn claim<'c>(
-    conn: impl PgExecutor<'c>,
+pub(crate) async fn claim(
+    pool: &PgPool,
     lanes: &[LaneClaim],
     now: i64,
 ) -> Result<Vec<ClaimedDelivery>> {
-    let lanes: Vec<&LaneClaim> = lanes.iter().filter(|l| l.limit > 0).collect();
-    if lanes.is_empty() {
-        return Ok(Vec::new());
+    let mut claimed: Vec<(i64, i64, String, i32, Option<String>)> = Vec::new();
+    for lane in lanes.iter().filter(|l| l.limit > 0) {
+        claimed.extend(
+            sqlx::query_as::<_, (i64, i64, String, i32, Option<String>)>(CLAIM_SQL)
+                .bind(&lane.connector)
+                .bind(lane.limit)
+                .bind(lane.lease_until)
+                .bind(now)
+                // Planned with this call's values every time (an unnamed statement): a
+                // generic plan made while the table looked empty scans it whole, per
+                // candidate, until the next ANALYZE (3 s per claim at 6,000 rows).
+                .persistent(false)
+                .fetch_all(pool)
+                .await?,
+        );
     }
-    let connectors: Vec<&str> = lanes.iter().map(|l| l.connector.as_str()).collect();
-    let limits: Vec<i64> = lanes.iter().map(|l| l.limit).collect();
-    let leases: Vec<i64> = lanes.iter().map(|l| l.lease_until).collect();
-    let claimed: Vec<(i64, i64, String, i32, Option<String>)> = sqlx::query_as(CLAIM_SQL)
-        .bind(connectors)
-        .bind(limits)
-        .bind(leases)
-        .bind(now)
-        .fetch_all(conn)
-        .await?;
     claimed
         .into_iter()
         .map(|(id, outbox_id, connector, attempts, payload)| {
@@ -298,9 +293,9 @@ mod tests {
         let (plan,): (sqlx::types::Json<serde_json::Value>,) = sqlx::query_as(&format!(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CLAIM_SQL}"
         ))
-        .bind(vec!["noop"])
-        .bind(vec![limit])
-        .bind(vec![i64::MAX / 4])
+        .bind("noop")
+        .bind(limit)
+        .bind(i64::MAX / 4)
         .bind(i64::MAX / 8)
         .fetch_one(pool)
         .await
