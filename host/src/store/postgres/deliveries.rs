@@ -318,7 +318,7 @@ mod tests {
     /// The case that once made claims walk the whole backlog: statistics taken over a history
     /// of decided deliveries, then a backlog that builds up before the next ANALYZE. The
     /// planner then believes pending rows are rare, and a session check it may run as a join
-    /// compared every pending row with each candidate (1,267 buffers for a claim of 16 in a
+    /// compared every pending row with each candidate (1,367 buffers for a claim of 16 in a
     /// backlog of 3,000; it grows with the backlog). Counted in buffers, not timed.
     #[tokio::test]
     async fn a_claim_reads_a_few_pages_per_delivery_however_long_the_backlog() {
