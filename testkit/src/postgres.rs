@@ -5,6 +5,30 @@ use sqlx::{Connection, Executor, PgConnection};
 
 use crate::Error;
 
+/// Whether the tests of the PostgreSQL backend are skipped on purpose
+/// (`LOCKSTEP_SKIP_POSTGRES=1`).
+pub fn skipped() -> bool {
+    std::env::var("LOCKSTEP_SKIP_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+/// The admin URL of the PostgreSQL server tests run against (`LOCKSTEP_TEST_DATABASE_URL`,
+/// else `DATABASE_URL`), or `None` when they are [`skipped`]. Neither set and not skipped
+/// panics: a suite that quietly left out its PostgreSQL half would pass without testing it.
+pub fn test_server() -> Option<String> {
+    if skipped() {
+        return None;
+    }
+    let url =
+        std::env::var("LOCKSTEP_TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL"));
+    match url {
+        Ok(url) => Some(url),
+        Err(_) => panic!(
+            "PostgreSQL tests need LOCKSTEP_TEST_DATABASE_URL (bash scripts/test.sh starts a \
+             throwaway cluster and sets it); set LOCKSTEP_SKIP_POSTGRES=1 to skip them"
+        ),
+    }
+}
+
 /// `prefix` followed by a random suffix: unique among the tests and runs sharing a server.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())

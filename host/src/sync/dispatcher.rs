@@ -79,9 +79,43 @@ pub struct Dispatcher {
 /// Fan-out waiting this long for this instance to load the stored uploads is logged.
 const BEHIND_WARN_AFTER: Duration = Duration::from_secs(10);
 
-/// A lane claims up to this many times its connector's concurrency: one part runs while the
-/// next waits, so the hook threads have work while a claim waits for the writer.
+/// A lane claims at least this many times its connector's concurrency: one part runs while
+/// the next waits, so the hook threads have work while a claim waits for the writer.
 const CLAIM_AHEAD: usize = 2;
+
+/// A lane whose calls are quick holds as many deliveries as it gets through in about this
+/// long, so that each claim leases many rows: a claim costs the database a statement and
+/// its planning whatever its size (on PostgreSQL 0.2 ms, eleven times the cost of a leased
+/// row), and with claims of one concurrency's worth the no-op drain spent a third of its
+/// time claiming.
+const CLAIM_HORIZON: Duration = Duration::from_millis(50);
+
+/// Most deliveries a lane holds, claimed and not finished.
+const MAX_HELD: usize = 512;
+
+/// How many deliveries a lane of `width` concurrent calls holds when its calls take
+/// `call_us` on average (0: not measured yet): about [`CLAIM_HORIZON`]'s worth, never fewer
+/// than [`CLAIM_AHEAD`] rounds of calls nor more than [`MAX_HELD`] (unless one round is more).
+fn claim_depth(width: usize, call_us: u64) -> usize {
+    let rounds = usize::try_from(CLAIM_HORIZON.as_micros() / u128::from(call_us.max(1)))
+        .unwrap_or(usize::MAX);
+    let floor = width.saturating_mul(CLAIM_AHEAD);
+    if call_us == 0 {
+        return floor;
+    }
+    width
+        .saturating_mul(rounds)
+        .clamp(floor, MAX_HELD.max(floor))
+}
+
+/// Whether a call that starts now (`now_ms`) and may run `timeout_ms` ends inside a lease
+/// that ends at `lease_until` (with `margin_ms` to spare for recording it). A delivery held
+/// past that is not called: its lease lapses and it is claimed again, so it is never called
+/// twice at once, here or by another instance.
+fn fits_lease(now_ms: i64, timeout_ms: u64, margin_ms: i64, lease_until: i64) -> bool {
+    let timeout = i64::try_from(timeout_ms).unwrap_or(i64::MAX);
+    now_ms.saturating_add(timeout).saturating_add(margin_ms) <= lease_until
+}
 
 /// Most attempts written in one transaction.
 const RECORD_BATCH: usize = 512;
@@ -517,16 +551,16 @@ impl Lane {
             } else if width < granted {
                 granted -= running.forget_permits(granted - width);
             }
-            let depth = width.saturating_mul(CLAIM_AHEAD);
-            let free = depth
-                .saturating_sub(in_flight.len())
-                .min(d.calls.available_permits().saturating_add(width));
+            let call_us = self.call_us.load(std::sync::atomic::Ordering::Relaxed);
+            let depth = claim_depth(width, call_us);
+            let free = depth.saturating_sub(in_flight.len());
             // Claim in batches (half the depth or more), not one per finished call: each
             // claim is a database transaction, and on a busy writer it waits behind other
             // transactions while the claimed half still runs.
             if due && free > 0 && (free * 2 >= depth || in_flight.is_empty()) {
-                // A delivery claimed ahead waits for at most one call of this lane before
-                // its own.
+                // A delivery claimed ahead waits for about the claim horizon before its own
+                // call, far less than a timeout; one that waits longer (the connector
+                // slowed down) is not called once its lease could end before the call does.
                 let lease_until = now_millis()
                     + i64::try_from(timeout_ms)
                         .unwrap_or(i64::MAX / 8)
@@ -542,8 +576,12 @@ impl Lane {
                     Ok(claimed) => {
                         due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
                         self.publish_lag(&claimed);
+                        let lease = Lease {
+                            until: lease_until,
+                            timeout_ms,
+                        };
                         for delivery in claimed {
-                            self.spawn(&mut in_flight, &running, &shutdown, delivery);
+                            self.spawn(&mut in_flight, &running, &shutdown, delivery, lease);
                         }
                     }
                     Err(e) => {
@@ -594,6 +632,7 @@ impl Lane {
         running: &Arc<Semaphore>,
         shutdown: &watch::Receiver<bool>,
         delivery: ClaimedDelivery,
+        lease: Lease,
     ) {
         let (d, finished, wake, call_us, running, shutdown) = (
             self.dispatcher.clone(),
@@ -621,6 +660,16 @@ impl Lane {
             let Ok(_slot) = d.calls.clone().acquire_owned().await else {
                 return;
             };
+            let margin_ms = i64::try_from(d.config.lease_margin.as_millis() / 2).unwrap_or(0);
+            if !fits_lease(now_millis(), lease.timeout_ms, margin_ms, lease.until) {
+                tracing::info!(
+                    connector = %delivery.connector,
+                    delivery = delivery.id,
+                    "claimed delivery waited too long for its call; it is claimed again once \
+                     its lease ends"
+                );
+                return;
+            }
             let clock = std::time::Instant::now();
             let record = d.attempt(delivery).await;
             observe_call(&call_us, clock.elapsed());
@@ -641,6 +690,13 @@ impl Lane {
             None => in_flight.spawn(task),
         };
     }
+}
+
+/// The lease a claim took: when it ends, and the call deadline it was sized for.
+#[derive(Clone, Copy)]
+struct Lease {
+    until: i64,
+    timeout_ms: u64,
 }
 
 /// How long ago `at_ms` was (zero for `None` or a time in the future).
@@ -750,6 +806,30 @@ mod tests {
             backoff_ms: 100,
             max_backoff_ms: 1_000,
         }
+    }
+
+    #[test]
+    fn quick_lanes_claim_deep_and_slow_ones_two_rounds() {
+        // Not measured yet, or slow calls: two rounds of the lane's width.
+        assert_eq!(claim_depth(16, 0), 32);
+        assert_eq!(claim_depth(16, 2_000_000), 32);
+        assert_eq!(claim_depth(16, 30_000), 32);
+        // 50 ms of 1 ms calls, 16 at a time.
+        assert_eq!(claim_depth(16, 1_000), 800.min(MAX_HELD));
+        assert_eq!(claim_depth(4, 1_000), 200);
+        // No-op calls: capped.
+        assert_eq!(claim_depth(16, 12), MAX_HELD);
+        // A lane wider than the cap still runs two rounds.
+        assert_eq!(claim_depth(400, 12), 800);
+    }
+
+    #[test]
+    fn a_call_starts_only_if_it_ends_inside_its_lease() {
+        // Lease to 10,000 ms; calls of up to 2,000 ms with 500 ms to record.
+        assert!(fits_lease(7_500, 2_000, 500, 10_000));
+        assert!(!fits_lease(7_501, 2_000, 500, 10_000));
+        assert!(!fits_lease(12_000, 2_000, 500, 10_000));
+        assert!(!fits_lease(0, u64::MAX, 0, i64::MAX - 1));
     }
 
     #[test]

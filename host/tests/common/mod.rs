@@ -72,16 +72,11 @@ pub fn b64url(bytes: &[u8]) -> String {
 }
 
 pub fn skip_postgres() -> bool {
-    std::env::var("LOCKSTEP_SKIP_POSTGRES").is_ok_and(|v| v == "1")
+    testkit::postgres::skipped()
 }
 
 fn postgres_admin_url() -> String {
-    std::env::var("LOCKSTEP_TEST_DATABASE_URL")
-        .or_else(|_| std::env::var("DATABASE_URL"))
-        .expect(
-            "PostgreSQL tests need LOCKSTEP_TEST_DATABASE_URL (bash scripts/test.sh starts a \
-             throwaway cluster and sets it); set LOCKSTEP_SKIP_POSTGRES=1 to skip them",
-        )
+    testkit::postgres::test_server().expect("PostgreSQL tests are skipped")
 }
 
 /// A fresh, empty database of the backend; returns its URL (and keeps a temp dir alive).
