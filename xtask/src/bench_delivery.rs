@@ -870,7 +870,7 @@ async fn noop(env: &Env<'_>, target: Target) -> Result<Noop> {
     }
     let bound = Duration::from_secs(args.drain_seconds);
     let (delivered, drained) = loop {
-        let delivered = delivered_since_start(&admin, &names).await?;
+        let delivered = admin.delivered_calls(&names).await?;
         if delivered >= owed {
             break (delivered, true);
         }
@@ -891,23 +891,6 @@ async fn noop(env: &Env<'_>, target: Target) -> Result<Noop> {
         drained,
         cpu,
     })
-}
-
-/// The sum of the connectors' `deliveredSinceStart`.
-async fn delivered_since_start(admin: &Admin, names: &[String]) -> Result<usize> {
-    let mut sum = 0;
-    for n in names {
-        let c = admin
-            .connector(n)
-            .await?
-            .with_context(|| format!("connector {n} is not loaded"))?;
-        let delivered = c
-            .pointer("/deliveries/deliveredSinceStart")
-            .and_then(Value::as_u64)
-            .with_context(|| format!("connector {n} has no deliveries.deliveredSinceStart: {c}"))?;
-        sum += usize::try_from(delivered).unwrap_or(usize::MAX);
-    }
-    Ok(sum)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ pub struct AttemptRecord {
 macro_rules! delivery_columns {
     () => {
         "id, event_id, event_type, connector, realm, external_id, status, attempts, \
-         next_attempt_at, last_error, connector_version, created_at, updated_at, delivered_at"
+         next_attempt_at, last_error, connector_version, created_at, updated_at, delivered_at, \
+         delivered_started_at"
     };
 }
 pub(crate) use delivery_columns;
@@ -148,6 +149,28 @@ pub struct DeliveryRow {
     pub updated_at: i64,
     /// Confirmed (epoch ms).
     pub delivered_at: Option<i64>,
+    /// Start of the attempt that delivered it (epoch ms), when that attempt is kept on this
+    /// row rather than in the attempts table (see [`DeliveryRow::delivered_attempt`]).
+    pub delivered_started_at: Option<i64>,
+}
+
+impl DeliveryRow {
+    /// The attempt that delivered it, as the row keeps it: a delivered delivery's last
+    /// attempt is not written to the attempts table, which holds the failed ones (and, for
+    /// deliveries recorded before that, the delivering one too: then this is `None`).
+    pub fn delivered_attempt(&self) -> Option<AttemptRow> {
+        if self.status != "delivered" {
+            return None;
+        }
+        Some(AttemptRow {
+            attempt: self.attempts,
+            outcome: "delivered".to_owned(),
+            error: None,
+            connector_version: self.connector_version.clone(),
+            started_at: self.delivered_started_at?,
+            finished_at: self.delivered_at?,
+        })
+    }
 }
 
 /// An attempt as stored.
@@ -281,13 +304,15 @@ where
         let Some(row) = row else {
             return Ok(None);
         };
-        let attempts: Vec<AttemptRow> = sqlx::query_as(
+        let mut attempts: Vec<AttemptRow> = sqlx::query_as(
             "SELECT attempt, outcome, error, connector_version, started_at, finished_at \
              FROM delivery_attempts WHERE delivery_id = $1 ORDER BY id",
         )
         .bind(id)
         .fetch_all(&mut *conn)
         .await?;
+        // The delivering attempt came last.
+        attempts.extend(row.delivered_attempt());
         Ok(Some((row, attempts)))
     }
 

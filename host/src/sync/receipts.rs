@@ -406,6 +406,7 @@ mod tests {
             created_at: 2_000,
             updated_at: 2_500,
             delivered_at: (status == "delivered").then_some(2_400),
+            delivered_started_at: None,
         }
     }
 

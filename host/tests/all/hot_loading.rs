@@ -1161,6 +1161,15 @@ async fn in_flight_calls_finish_on_the_old_version_and_retries_move_to_the_new_o
         );
         assert_eq!(last["outcome"], "delivered");
         assert_eq!(last["connectorVersion"], new.as_str(), "{detail:#}");
+        // The delivering attempt is kept on the delivery row, the failed ones as rows of
+        // their own: the history still reads as one numbered sequence.
+        assert_eq!(last["attempt"], earlier.len() + 1, "{detail:#}");
+        assert_eq!(last["error"], serde_json::Value::Null, "{detail:#}");
+        let (started, finished) = (
+            last["startedAt"].as_str().unwrap(),
+            last["finishedAt"].as_str().unwrap(),
+        );
+        assert!(started <= finished, "{detail:#}");
     }
     assert_eq!(good.requests().len(), 2);
 }

@@ -41,6 +41,8 @@ impl QueueCounts {
 /// The admin API: connectors and deliveries.
 pub(crate) struct Admin {
     client: reqwest::Client,
+    /// `http://{addr}`.
+    root: String,
     base: String,
     token: String,
 }
@@ -54,9 +56,42 @@ impl Admin {
             .context("building the admin HTTP client")?;
         Ok(Admin {
             client,
+            root: format!("http://{addr}"),
             base: format!("http://{addr}/admin"),
             token: token.to_owned(),
         })
+    }
+
+    /// The hook calls that delivered since the server started, summed over `names`, from
+    /// `GET /metrics` (`lockstep_hook_calls_total{outcome="delivered"}`): one request, and
+    /// one count of the queue in the database for all of them, where each connector's page
+    /// counts its own (at a backlog of 80,000 rows, 17 ms of the database's time a page).
+    pub(crate) async fn delivered_calls(&self, names: &[String]) -> Result<usize> {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.root))
+            .send()
+            .await
+            .context("GET /metrics")?;
+        if !resp.status().is_success() {
+            bail!("GET /metrics answered {}", resp.status());
+        }
+        let text = resp.text().await.context("reading /metrics")?;
+        let mut sum = 0usize;
+        for name in names {
+            let series =
+                format!("lockstep_hook_calls_total{{connector=\"{name}\",outcome=\"delivered\"}} ");
+            // A connector that has delivered nothing yet has no series.
+            if let Some(value) = text.lines().find_map(|l| l.strip_prefix(series.as_str())) {
+                let n: f64 = value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("/metrics: {series}{value}"))?;
+                // Counters are whole numbers far below 2^53.
+                sum += n as usize;
+            }
+        }
+        Ok(sum)
     }
 
     /// `GET /admin/connectors/{name}`; `None` when it is not loaded.

@@ -194,7 +194,8 @@ pub(crate) async fn claim(
         .collect()
 }
 
-/// Records finished attempts and their decisions, in one statement (rows as arrays).
+/// Records finished attempts and their decisions, in one statement (rows as arrays): a
+/// failed attempt as a row of its own, the one that delivers on the delivery row.
 pub(crate) async fn record<'c>(conn: impl PgExecutor<'c>, records: &[AttemptRecord]) -> Result<()> {
     if records.is_empty() {
         return Ok(());
@@ -225,11 +226,14 @@ pub(crate) async fn record<'c>(conn: impl PgExecutor<'c>, records: &[AttemptReco
            UPDATE deliveries d SET status = r.status, attempts = r.attempt, \
              next_attempt_at = r.next, lease_until = NULL, last_error = r.error, \
              connector_version = r.version, updated_at = r.finished, \
-             delivered_at = COALESCE(r.delivered, d.delivered_at) \
+             delivered_at = COALESCE(r.delivered, d.delivered_at), \
+             delivered_started_at = CASE WHEN r.status = 'delivered' THEN r.started \
+               ELSE d.delivered_started_at END \
            FROM r WHERE d.id = r.id \
          ) INSERT INTO delivery_attempts (delivery_id, attempt, outcome, error, \
              connector_version, started_at, finished_at) \
-           SELECT id, attempt, outcome, error, version, started, finished FROM r",
+           SELECT id, attempt, outcome, error, version, started, finished FROM r \
+           WHERE r.status <> 'delivered'",
     )
     .bind(cols.ids)
     .bind(cols.statuses)
@@ -289,6 +293,87 @@ pub(crate) async fn replay(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::CLAIM_SQL;
+    use crate::store::deliveries::{AttemptRecord, AttemptResult};
+
+    /// A fresh database on the test server with the migrations applied, or `None` when the
+    /// PostgreSQL tests are skipped.
+    async fn scratch(prefix: &str) -> Option<(String, String, sqlx::PgPool)> {
+        let admin = testkit::postgres::test_server()?;
+        let name = testkit::postgres::unique_name(prefix);
+        let url = testkit::postgres::create_database(&admin, &name)
+            .await
+            .unwrap();
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .unwrap();
+        Some((admin, name, pool))
+    }
+
+    #[tokio::test]
+    async fn the_delivering_attempt_stays_on_the_row_and_failed_ones_get_rows() {
+        let Some((admin, name, pool)) = scratch("lockstep_record_").await else {
+            return;
+        };
+        sqlx::query(
+            "INSERT INTO deliveries (outbox_id, event_id, event_type, connector, realm, \
+               external_id, status, attempts, next_attempt_at, created_at, updated_at) \
+             SELECT g, 'e' || g, 'login', 'c', 'r', 's' || g, 'pending', 0, 1, 1, 1 \
+             FROM generate_series(1, 2) g",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let attempt = |id: i64, result: AttemptResult, outcome: &str| AttemptRecord {
+            delivery_id: id,
+            attempt: 1,
+            result,
+            outcome: outcome.to_owned(),
+            error: (outcome != "delivered").then(|| "HTTP 503".to_owned()),
+            version: "v1".to_owned(),
+            started_at: 100,
+            finished_at: 110,
+        };
+        super::record(
+            &pool,
+            &[
+                attempt(1, AttemptResult::Delivered, "delivered"),
+                attempt(
+                    2,
+                    AttemptResult::Retry {
+                        next_attempt_at: 500,
+                    },
+                    "retry",
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+        let rows: Vec<(i64, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT id, status, delivered_at, delivered_started_at FROM deliveries ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let attempts: Vec<(i64, String)> =
+            sqlx::query_as("SELECT delivery_id, outcome FROM delivery_attempts ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        testkit::postgres::drop_database(&admin, &name)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                (1, "delivered".to_owned(), Some(110), Some(100)),
+                (2, "pending".to_owned(), None, None),
+            ]
+        );
+        assert_eq!(attempts, [(2, "retry".to_owned())]);
+    }
 
     /// What a claim of `limit` costs: the shared buffers it touched and the rows it leased.
     async fn explain_claim(pool: &sqlx::PgPool, limit: i64) -> (u64, u64) {
@@ -318,18 +403,9 @@ mod tests {
     /// Four connectors share the table, as in a real outbox. Counted in buffers, not timed.
     #[tokio::test]
     async fn a_claim_reads_a_few_pages_per_delivery_however_long_the_backlog() {
-        let Some(admin) = testkit::postgres::test_server() else {
+        let Some((admin, name, pool)) = scratch("lockstep_claim_plan_").await else {
             return;
         };
-        let name = testkit::postgres::unique_name("lockstep_claim_plan_");
-        let url = testkit::postgres::create_database(&admin, &name)
-            .await
-            .unwrap();
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        sqlx::migrate!("./migrations/postgres")
-            .run(&pool)
-            .await
-            .unwrap();
         let rows = |status: &'static str, from: i64, to: i64| {
             sqlx::query(
                 "INSERT INTO deliveries (outbox_id, event_id, event_type, connector, realm, \

@@ -886,12 +886,15 @@ pub(super) fn claim(
     Ok(out)
 }
 
-/// Records finished attempts and their decisions.
+/// Records finished attempts and their decisions: a failed attempt as a row of its own, the
+/// one that delivers on the delivery row.
 pub(super) fn record(conn: &Connection, records: &[AttemptRecord]) -> Result<()> {
     let mut update = conn.prepare_cached(
         "UPDATE OR FAIL deliveries SET status = ?2, attempts = ?3, next_attempt_at = ?4, \
          lease_until = NULL, last_error = ?5, connector_version = ?6, updated_at = ?7, \
-         delivered_at = COALESCE(?8, delivered_at) WHERE id = ?1",
+         delivered_at = COALESCE(?8, delivered_at), \
+         delivered_started_at = CASE WHEN ?2 = 'delivered' THEN ?9 ELSE delivered_started_at END \
+         WHERE id = ?1",
     )?;
     let mut insert = conn.prepare_cached(
         "INSERT OR FAIL INTO delivery_attempts (delivery_id, attempt, outcome, error, \
@@ -908,7 +911,12 @@ pub(super) fn record(conn: &Connection, records: &[AttemptRecord]) -> Result<()>
             r.version,
             r.finished_at,
             delivered_at,
+            r.started_at,
         ])?;
+        // The delivering attempt stays on the delivery row.
+        if status == "delivered" {
+            continue;
+        }
         insert.execute(params![
             r.delivery_id,
             r.attempt,
