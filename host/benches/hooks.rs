@@ -30,7 +30,12 @@ use lockstep::runtime::Runtime;
 use lockstep::runtime::manifest::Manifest;
 
 use components::component;
+
 use events::portal_event;
+
+/// The server's allocator (see `src/main.rs`), so that the calls are timed as it makes them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn event() -> SyncEvent {
     portal_event(
