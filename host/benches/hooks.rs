@@ -30,7 +30,6 @@ use lockstep::runtime::Runtime;
 use lockstep::runtime::manifest::Manifest;
 
 use components::component;
-
 use events::portal_event;
 
 /// The server's allocator (see `src/main.rs`), so that the calls are timed as it makes them.

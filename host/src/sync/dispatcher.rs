@@ -108,13 +108,15 @@ fn claim_depth(width: usize, call_us: u64) -> usize {
         .clamp(floor, MAX_HELD.max(floor))
 }
 
-/// Whether a call that starts now (`now_ms`) and may run `timeout_ms` ends inside a lease
-/// that ends at `lease_until` (with `margin_ms` to spare for recording it). A delivery held
-/// past that is not called: its lease lapses and it is claimed again, so it is never called
-/// twice at once, here or by another instance.
-fn fits_lease(now_ms: i64, timeout_ms: u64, margin_ms: i64, lease_until: i64) -> bool {
+/// The latest time (epoch ms) a call that may run `timeout_ms` can start and still end
+/// inside a lease that ends at `lease_until`, with `margin_ms` to spare for recording it. A
+/// delivery held past that is not called: its lease lapses and it is claimed again, so it is
+/// never called twice at once, here or by another instance.
+fn latest_start(lease_until: i64, timeout_ms: u64, margin_ms: i64) -> i64 {
     let timeout = i64::try_from(timeout_ms).unwrap_or(i64::MAX);
-    now_ms.saturating_add(timeout).saturating_add(margin_ms) <= lease_until
+    lease_until
+        .saturating_sub(timeout)
+        .saturating_sub(margin_ms)
 }
 
 /// Most attempts written in one transaction.
@@ -576,12 +578,11 @@ impl Lane {
                     Ok(claimed) => {
                         due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
                         self.publish_lag(&claimed);
-                        let lease = Lease {
-                            until: lease_until,
-                            timeout_ms,
-                        };
+                        let margin_ms =
+                            i64::try_from(d.config.lease_margin.as_millis() / 2).unwrap_or(0);
+                        let call_by = latest_start(lease_until, timeout_ms, margin_ms);
                         for delivery in claimed {
-                            self.spawn(&mut in_flight, &running, &shutdown, delivery, lease);
+                            self.spawn(&mut in_flight, &running, &shutdown, delivery, call_by);
                         }
                     }
                     Err(e) => {
@@ -632,7 +633,7 @@ impl Lane {
         running: &Arc<Semaphore>,
         shutdown: &watch::Receiver<bool>,
         delivery: ClaimedDelivery,
-        lease: Lease,
+        call_by: i64,
     ) {
         let (d, finished, wake, call_us, running, shutdown) = (
             self.dispatcher.clone(),
@@ -660,8 +661,7 @@ impl Lane {
             let Ok(_slot) = d.calls.clone().acquire_owned().await else {
                 return;
             };
-            let margin_ms = i64::try_from(d.config.lease_margin.as_millis() / 2).unwrap_or(0);
-            if !fits_lease(now_millis(), lease.timeout_ms, margin_ms, lease.until) {
+            if now_millis() > call_by {
                 tracing::info!(
                     connector = %delivery.connector,
                     delivery = delivery.id,
@@ -690,13 +690,6 @@ impl Lane {
             None => in_flight.spawn(task),
         };
     }
-}
-
-/// The lease a claim took: when it ends, and the call deadline it was sized for.
-#[derive(Clone, Copy)]
-struct Lease {
-    until: i64,
-    timeout_ms: u64,
 }
 
 /// How long ago `at_ms` was (zero for `None` or a time in the future).
@@ -826,10 +819,12 @@ mod tests {
     #[test]
     fn a_call_starts_only_if_it_ends_inside_its_lease() {
         // Lease to 10,000 ms; calls of up to 2,000 ms with 500 ms to record.
-        assert!(fits_lease(7_500, 2_000, 500, 10_000));
-        assert!(!fits_lease(7_501, 2_000, 500, 10_000));
-        assert!(!fits_lease(12_000, 2_000, 500, 10_000));
-        assert!(!fits_lease(0, u64::MAX, 0, i64::MAX - 1));
+        let start_by = latest_start(10_000, 2_000, 500);
+        assert!(7_500 <= start_by);
+        assert!(7_501 > start_by);
+        assert!(12_000 > start_by);
+        // A deadline beyond any lease: never.
+        assert!(0 > latest_start(i64::MAX - 1, u64::MAX, 0));
     }
 
     #[test]
