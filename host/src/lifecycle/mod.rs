@@ -7,6 +7,7 @@
 
 mod cluster;
 pub mod dir;
+mod gauges;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,8 @@ struct Inner {
     /// upload), by name, with where they come from. Listed as `failed` while no version of
     /// that name serves; forgotten when one loads or their manifest or upload goes.
     failed: Mutex<BTreeMap<String, Source>>,
+    /// The database's gauges for `/metrics`, read at most once a second.
+    gauges: gauges::GaugeReadings,
 }
 
 /// State only the lock holder touches.
@@ -158,6 +161,7 @@ impl Connectors {
                 control: tokio::sync::Mutex::new(Control::default()),
                 errors: Mutex::new(BTreeMap::new()),
                 failed: Mutex::new(BTreeMap::new()),
+                gauges: gauges::GaugeReadings::default(),
             }),
         }
     }
@@ -408,15 +412,11 @@ impl Connectors {
             .collect())
     }
 
-    /// The Prometheus exposition (queue gauges are omitted when the database cannot answer).
+    /// The Prometheus exposition. The queue gauges and the backlog come from a reading of
+    /// the database at most a second old (see [`gauges`]) and are omitted when the database
+    /// cannot answer.
     pub async fn render_metrics(&self) -> String {
-        let queues = match self.inner.store.queue_counts(None).await {
-            Ok(q) => Some(q),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: cannot read delivery queue counts");
-                None
-            }
-        };
+        let (queues, backlog) = self.inner.gauges.read(&self.inner.store).await;
         let gauges: Vec<ConnectorGauge> = self
             .inner
             .registry
@@ -432,13 +432,6 @@ impl Connectors {
                     .map(|q| q.get(name).copied().unwrap_or_default()),
             })
             .collect();
-        let backlog = match self.inner.store.backlog().await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: cannot read the outbox backlog");
-                None
-            }
-        };
         let registry = self.inner.registry.snapshot();
         let failed: Vec<FailedGauge> = self
             .failed_map()
