@@ -72,42 +72,47 @@ impl Visit for EscapingVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
         let name = field.name();
         // The `log` crate's bridge metadata, which the default formatter leaves out too.
         if self.result.is_err() || name.starts_with("log.") {
             return;
         }
-        let text = format!("{value:?}");
         let separator = if std::mem::take(&mut self.first) {
             ""
         } else {
             " "
         };
+        // Streamed through the escaping writer, not formatted into a string first: the fmt
+        // layer formats every span's fields when the span opens, logged or not, and each
+        // delivery opens two.
         self.result = if name == "message" {
-            write!(self.writer, "{separator}{}", Escaped(&text))
+            self.writer.write_str(separator)
         } else {
             let name = name.strip_prefix("r#").unwrap_or(name);
-            write!(self.writer, "{separator}{name}={}", Escaped(&text))
-        };
+            write!(self.writer, "{separator}{name}=")
+        }
+        .and_then(|()| write!(Escaping(&mut self.writer), "{value:?}"));
     }
 }
 
-/// Text with the characters that could end, fake or hide a log line written as escapes.
-struct Escaped<'a>(&'a str);
+/// Writes what it is given on to the inner writer with the characters that could forge or
+/// hide a log line escaped ([`EscapedFields`]); runs of safe text pass through in one write.
+struct Escaping<'a, W: std::fmt::Write>(&'a mut W);
 
-impl std::fmt::Display for Escaped<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use std::fmt::Write as _;
-        for c in self.0.chars() {
+impl<W: std::fmt::Write> std::fmt::Write for Escaping<'_, W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let mut safe_from = 0;
+        for (at, c) in text.char_indices() {
             let risky = c.is_control()
                 || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
             if risky {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                f.write_char(c)?;
+                self.0.write_str(&text[safe_from..at])?;
+                write!(self.0, "{}", c.escape_default())?;
+                safe_from = at + c.len_utf8();
             }
         }
-        Ok(())
+        self.0.write_str(&text[safe_from..])
     }
 }
 
