@@ -576,11 +576,15 @@ impl Store {
         }
     }
 
-    /// Gives a claimed delivery back without an attempt.
-    pub async fn unlease(&self, id: i64) -> Result<()> {
+    /// Gives claimed deliveries back without an attempt, in one statement (PostgreSQL) or
+    /// one transaction (SQLite) however many there are.
+    pub async fn unlease(&self, ids: Vec<i64>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         match self {
-            Store::Sqlite(s) => s.unlease(id).await,
-            Store::Postgres(p) => p.unlease(id).await,
+            Store::Sqlite(s) => s.unlease(ids).await,
+            Store::Postgres(p) => p.unlease(&ids).await,
         }
     }
 

@@ -243,8 +243,8 @@ impl PgStore {
         records::purge_audit(&mut *self.conn().await?, before_ms, limit).await
     }
 
-    pub(super) async fn unlease(&self, id: i64) -> Result<()> {
-        records::unlease(&mut *self.conn().await?, id).await
+    pub(super) async fn unlease(&self, ids: &[i64]) -> Result<()> {
+        records::unlease(&mut *self.conn().await?, ids).await
     }
 
     /// A pooled connection, for the shared reads.

@@ -302,6 +302,7 @@ impl Dispatcher {
                 finished: finished.clone(),
                 lag: self.admission.source(),
                 call_us: Arc::default(),
+                given_back: Arc::default(),
             };
             let task = tokio::spawn(lane.run(shutdown.clone()));
             lanes.insert(name.clone(), LaneHandle { wake, task });
@@ -387,7 +388,7 @@ impl Dispatcher {
                 delivery = delivery.id,
                 "delivery held"
             );
-            if let Err(e) = self.store.unlease(delivery.id).await {
+            if let Err(e) = self.store.unlease(vec![delivery.id]).await {
                 tracing::warn!(error = %e, "cannot release the lease; it expires instead");
             }
             return None;
@@ -520,6 +521,9 @@ struct Lane {
     lag: LagSource,
     /// Moving average of its calls' duration in microseconds.
     call_us: Arc<std::sync::atomic::AtomicU64>,
+    /// Deliveries claimed ahead that a stop left uncalled, given back together once the
+    /// calls in flight have ended: up to a claim's depth (512) a lane, one statement.
+    given_back: Arc<std::sync::Mutex<Vec<i64>>>,
 }
 
 impl Lane {
@@ -609,6 +613,15 @@ impl Lane {
                 tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
             }
         }
+        let given_back = std::mem::take(
+            &mut *self
+                .given_back
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if let Err(e) = d.store.unlease(given_back).await {
+            tracing::warn!(connector = %self.connector, error = %e, "cannot release the leases of deliveries claimed ahead; they expire instead");
+        }
     }
 
     /// Publishes how long the oldest first attempt of a claim waited (claims take the most
@@ -635,13 +648,14 @@ impl Lane {
         delivery: ClaimedDelivery,
         call_by: i64,
     ) {
-        let (d, finished, wake, call_us, running, shutdown) = (
+        let (d, finished, wake, call_us, running, shutdown, given_back) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
             self.call_us.clone(),
             running.clone(),
             shutdown.clone(),
+            self.given_back.clone(),
         );
         let task = async move {
             // Deliveries are claimed in order and wait for a lane slot in order (the
@@ -650,10 +664,12 @@ impl Lane {
                 return;
             };
             if *shutdown.borrow() {
-                // Claimed ahead and not started: give it back rather than hold the stop.
-                if let Err(e) = d.store.unlease(delivery.id).await {
-                    tracing::warn!(error = %e, "cannot release the lease; it expires instead");
-                }
+                // Claimed ahead and not started: given back (by the lane, with the others)
+                // rather than holding the stop.
+                given_back
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(delivery.id);
                 return;
             }
             // Free slots were counted before the claim; another lane may have taken one

@@ -1209,7 +1209,7 @@ impl SsfTransmitter {
                         if i64::try_from(i).unwrap_or(i64::MAX) >= room {
                             // Claimed one more than fits, to know there is more: give it back.
                             more = true;
-                            self.store.unlease(d.id).await?;
+                            self.store.unlease(vec![d.id]).await?;
                             continue;
                         }
                         let (j, jwt) = self.set_for(&stream, &d.event)?;

@@ -59,12 +59,15 @@ pub(super) async fn set_enabled(
     Ok(())
 }
 
-/// Gives a claimed delivery back without an attempt (its connector is switched off).
-pub(super) async fn unlease(conn: &mut PgConnection, id: i64) -> Result<()> {
-    sqlx::query("UPDATE deliveries SET lease_until = NULL WHERE id = $1 AND status = 'pending'")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+/// Gives claimed deliveries back without an attempt (their connector is switched off, or the
+/// instance is stopping).
+pub(super) async fn unlease(conn: &mut PgConnection, ids: &[i64]) -> Result<()> {
+    sqlx::query(
+        "UPDATE deliveries SET lease_until = NULL WHERE id = ANY($1) AND status = 'pending'",
+    )
+    .bind(ids)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

@@ -165,8 +165,8 @@ impl SqliteStore {
             .await
     }
 
-    pub(super) async fn unlease(&self, id: i64) -> Result<()> {
-        self.write_quiet(move |conn, _| write::unlease(conn, id))
+    pub(super) async fn unlease(&self, ids: Vec<i64>) -> Result<()> {
+        self.write_quiet(move |conn, _| write::unlease(conn, &ids))
             .await
     }
 

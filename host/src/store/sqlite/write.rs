@@ -941,12 +941,15 @@ pub(super) fn release_leases(conn: &Connection) -> Result<u64> {
     Ok(n as u64)
 }
 
-/// Gives a claimed delivery back without an attempt (its connector is switched off).
-pub(super) fn unlease(conn: &Connection, id: i64) -> Result<()> {
-    conn.prepare_cached(
+/// Gives claimed deliveries back without an attempt (their connector is switched off, or the
+/// instance is stopping), in the writer's transaction.
+pub(super) fn unlease(conn: &Connection, ids: &[i64]) -> Result<()> {
+    let mut give_back = conn.prepare_cached(
         "UPDATE OR FAIL deliveries SET lease_until = NULL WHERE id = ?1 AND status = 'pending'",
-    )?
-    .execute([id])?;
+    )?;
+    for id in ids {
+        give_back.execute([id])?;
+    }
     Ok(())
 }
 
