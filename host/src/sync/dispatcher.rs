@@ -9,12 +9,12 @@
 //! ([`Lane`]), and one recorder ([`record_batches`]) that writes the attempts of every lane,
 //! as many per transaction as have finished while the previous batch was written.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
@@ -302,7 +302,6 @@ impl Dispatcher {
                 finished: finished.clone(),
                 lag: self.admission.source(),
                 call_us: Arc::default(),
-                given_back: Arc::default(),
             };
             let task = tokio::spawn(lane.run(shutdown.clone()));
             lanes.insert(name.clone(), LaneHandle { wake, task });
@@ -521,9 +520,6 @@ struct Lane {
     lag: LagSource,
     /// Moving average of its calls' duration in microseconds.
     call_us: Arc<std::sync::atomic::AtomicU64>,
-    /// Deliveries claimed ahead that a stop left uncalled, given back together once the
-    /// calls in flight have ended: up to a claim's depth (512) a lane, one statement.
-    given_back: Arc<std::sync::Mutex<Vec<i64>>>,
 }
 
 impl Lane {
@@ -535,10 +531,14 @@ impl Lane {
         // Whether the queue may hold due deliveries: set by wake-ups and the poll, cleared
         // when a claim finds fewer than it asked for.
         let mut due = true;
-        // The calls that may run at once: the manifest's concurrency. Claimed deliveries
-        // beyond it wait here for a slot, so the next batch is claimed while one runs.
+        // The calls that may run at once: the manifest's concurrency.
         let running = Arc::new(Semaphore::new(0));
         let mut granted = 0usize;
+        // Claimed deliveries waiting for a call slot, in claim order, each with the latest
+        // time its call may start. They are plain values, not parked tasks (a delivery's task
+        // is 3.5 KB before it runs), so the next batch is claimed while one runs at little
+        // cost in memory.
+        let mut held: VecDeque<(ClaimedDelivery, i64)> = VecDeque::new();
         loop {
             while let Some(res) = in_flight.try_join_next() {
                 if let Err(e) = res {
@@ -557,9 +557,17 @@ impl Lane {
             } else if width < granted {
                 granted -= running.forget_permits(granted - width);
             }
+            while !held.is_empty() {
+                let Ok(slot) = running.clone().try_acquire_owned() else {
+                    break;
+                };
+                if let Some((delivery, call_by)) = held.pop_front() {
+                    self.spawn(&mut in_flight, slot, delivery, call_by);
+                }
+            }
             let call_us = self.call_us.load(std::sync::atomic::Ordering::Relaxed);
             let depth = claim_depth(width, call_us);
-            let free = depth.saturating_sub(in_flight.len());
+            let free = depth.saturating_sub(in_flight.len() + held.len());
             // Claim in batches (half the depth or more), not one per finished call: each
             // claim is a database transaction, and on a busy writer it waits behind other
             // transactions while the claimed half still runs.
@@ -585,9 +593,7 @@ impl Lane {
                         let margin_ms =
                             i64::try_from(d.config.lease_margin.as_millis() / 2).unwrap_or(0);
                         let call_by = latest_start(lease_until, timeout_ms, margin_ms);
-                        for delivery in claimed {
-                            self.spawn(&mut in_flight, &running, &shutdown, delivery, call_by);
-                        }
+                        held.extend(claimed.into_iter().map(|delivery| (delivery, call_by)));
                     }
                     Err(e) => {
                         // Try again at the next poll, not in a tight loop.
@@ -613,13 +619,11 @@ impl Lane {
                 tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
             }
         }
-        let given_back = std::mem::take(
-            &mut *self
-                .given_back
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        if let Err(e) = d.store.unlease(given_back).await {
+        // Stopping, or the connector went away: what was claimed ahead and not started goes
+        // back in one statement, so another instance (or this one restarted) takes it at once
+        // instead of after its lease.
+        let ids = held.into_iter().map(|(delivery, _)| delivery.id).collect();
+        if let Err(e) = d.store.unlease(ids).await {
             tracing::warn!(connector = %self.connector, error = %e, "cannot release the leases of deliveries claimed ahead; they expire instead");
         }
     }
@@ -639,42 +643,26 @@ impl Lane {
             .publish(if counted { age(oldest) } else { Duration::ZERO });
     }
 
-    /// Runs one claimed delivery under a call slot and hands its record to the recorder.
+    /// Runs one claimed delivery in the lane's call `slot` and hands its record to the
+    /// recorder.
     fn spawn(
         &self,
         in_flight: &mut JoinSet<()>,
-        running: &Arc<Semaphore>,
-        shutdown: &watch::Receiver<bool>,
+        slot: OwnedSemaphorePermit,
         delivery: ClaimedDelivery,
         call_by: i64,
     ) {
-        let (d, finished, wake, call_us, running, shutdown, given_back) = (
+        let (d, finished, wake, call_us) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
             self.call_us.clone(),
-            running.clone(),
-            shutdown.clone(),
-            self.given_back.clone(),
         );
         let task = async move {
-            // Deliveries are claimed in order and wait for a lane slot in order (the
-            // semaphore is fair).
-            let Ok(_running) = running.acquire_owned().await else {
-                return;
-            };
-            if *shutdown.borrow() {
-                // Claimed ahead and not started: given back (by the lane, with the others)
-                // rather than holding the stop.
-                given_back
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(delivery.id);
-                return;
-            }
+            let _slot = slot;
             // Free slots were counted before the claim; another lane may have taken one
             // since, and then this call waits for the next (each ends by its deadline).
-            let Ok(_slot) = d.calls.clone().acquire_owned().await else {
+            let Ok(_call) = d.calls.clone().acquire_owned().await else {
                 return;
             };
             if now_millis() > call_by {
