@@ -361,11 +361,15 @@ impl Store {
         }
     }
 
-    /// Leases due deliveries, per lane (connector, limit, lease end), in one transaction.
-    pub async fn claim(&self, lanes: Vec<LaneClaim>) -> Result<Vec<ClaimedDelivery>> {
+    /// Leases up to `lane.limit` of its connector's due deliveries until `lane.lease_until`,
+    /// in one statement, in id order.
+    pub async fn claim(&self, lane: LaneClaim) -> Result<Vec<ClaimedDelivery>> {
+        if lane.limit <= 0 {
+            return Ok(Vec::new());
+        }
         match self {
-            Store::Sqlite(s) => s.claim(lanes).await,
-            Store::Postgres(p) => p.claim(&lanes).await,
+            Store::Sqlite(s) => s.claim(lane).await,
+            Store::Postgres(p) => p.claim(&lane).await,
         }
     }
 

@@ -310,10 +310,10 @@ impl PgStore {
 
     pub(super) async fn claim(
         &self,
-        lanes: &[super::deliveries::LaneClaim],
+        lane: &super::deliveries::LaneClaim,
     ) -> Result<Vec<super::deliveries::ClaimedDelivery>> {
         let now = now_millis();
-        retrying(|| deliveries::claim(&self.pool, lanes, now)).await
+        retrying(|| deliveries::claim(&self.pool, lane, now)).await
     }
 
     pub(super) async fn record(&self, records: &[super::deliveries::AttemptRecord]) -> Result<()> {

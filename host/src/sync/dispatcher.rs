@@ -586,7 +586,7 @@ impl Lane {
                     limit: asked,
                     lease_until,
                 };
-                match d.store.claim(vec![lane]).await {
+                match d.store.claim(lane).await {
                     Ok(claimed) => {
                         due = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= asked;
                         self.publish_lag(&claimed);

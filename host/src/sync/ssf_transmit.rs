@@ -1199,11 +1199,11 @@ impl SsfTransmitter {
                 if room > 0 {
                     let claimed = self
                         .store
-                        .claim(vec![LaneClaim {
+                        .claim(LaneClaim {
                             connector: target.clone(),
                             limit: room + 1,
                             lease_until: now_millis() + POLL_LEASE_MS,
-                        }])
+                        })
                         .await?;
                     for (i, d) in claimed.into_iter().enumerate() {
                         if i64::try_from(i).unwrap_or(i64::MAX) >= room {

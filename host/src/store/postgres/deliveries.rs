@@ -139,12 +139,11 @@ const CLAIM_SQL: &str = "WITH picked AS ( \
          (SELECT o.payload FROM outbox o WHERE o.id = c.outbox_id) \
        FROM claimed c ORDER BY c.id";
 
-/// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
-/// first, never one whose session has an earlier pending delivery to the same connector.
-/// One statement per lane (the leases and the events' payloads), so each commits on its
-/// own; rows another instance is claiming are skipped, not waited for. The leased rows and
-/// their payloads are looked up by key (`= ANY`, a scalar subquery): written as joins, the
-/// planner hashed the whole outbox for every claim (30 ms at 80,000 events). The session
+/// Leases up to the lane's limit of its connector's due deliveries, most overdue first,
+/// never one whose session has an earlier pending delivery to the same connector. One
+/// statement (the leases and the events' payloads) that commits on its own; rows another
+/// instance is claiming are skipped, not waited for. The leased rows and their payloads are
+/// looked up by key (`= ANY`, a scalar subquery): written as joins, the planner hashed the whole outbox for every claim (30 ms at 80,000 events). The session
 /// check is a scalar subquery too (the session's first pending delivery must be this one),
 /// which the planner runs per candidate on the pending-session index; written as `NOT
 /// EXISTS`, it became an anti-join, and with statistics taken while the table was small the
@@ -157,25 +156,20 @@ const CLAIM_SQL: &str = "WITH picked AS ( \
 /// of a backlog of 20,000).
 pub(crate) async fn claim(
     pool: &PgPool,
-    lanes: &[LaneClaim],
+    lane: &LaneClaim,
     now: i64,
 ) -> Result<Vec<ClaimedDelivery>> {
-    let mut claimed: Vec<(i64, i64, String, i32, Option<String>)> = Vec::new();
-    for lane in lanes.iter().filter(|l| l.limit > 0) {
-        claimed.extend(
-            sqlx::query_as::<_, (i64, i64, String, i32, Option<String>)>(CLAIM_SQL)
-                .bind(&lane.connector)
-                .bind(lane.limit)
-                .bind(lane.lease_until)
-                .bind(now)
-                // Planned with this call's values every time (an unnamed statement): a
-                // generic plan made while the table looked empty scans it whole, per
-                // candidate, until the next ANALYZE (3 s per claim at 6,000 rows).
-                .persistent(false)
-                .fetch_all(pool)
-                .await?,
-        );
-    }
+    let claimed: Vec<(i64, i64, String, i32, Option<String>)> = sqlx::query_as(CLAIM_SQL)
+        .bind(&lane.connector)
+        .bind(lane.limit)
+        .bind(lane.lease_until)
+        .bind(now)
+        // Planned with this call's values every time (an unnamed statement): a generic plan
+        // made while the table looked empty scans it whole, per candidate, until the next
+        // ANALYZE (3 s per claim at 6,000 rows).
+        .persistent(false)
+        .fetch_all(pool)
+        .await?;
     claimed
         .into_iter()
         .map(|(id, outbox_id, connector, attempts, payload)| {

@@ -150,8 +150,8 @@ impl SqliteStore {
             .await
     }
 
-    pub(super) async fn claim(&self, lanes: Vec<LaneClaim>) -> Result<Vec<ClaimedDelivery>> {
-        self.write_quiet(move |conn, now| write::claim(conn, &lanes, now))
+    pub(super) async fn claim(&self, lane: LaneClaim) -> Result<Vec<ClaimedDelivery>> {
+        self.write_quiet(move |conn, now| write::claim(conn, &lane, now))
             .await
     }
 

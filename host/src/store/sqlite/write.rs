@@ -839,13 +839,9 @@ fn upload_versions(conn: &Connection) -> Result<Vec<(String, String)>> {
         .collect::<rusqlite::Result<_>>()?)
 }
 
-/// Leases, for each lane, up to its limit of its connector's due deliveries, most overdue
-/// first, never one whose session has an earlier pending delivery to the same connector.
-pub(super) fn claim(
-    conn: &Connection,
-    lanes: &[LaneClaim],
-    now: i64,
-) -> Result<Vec<ClaimedDelivery>> {
+/// Leases up to the lane's limit of its connector's due deliveries, most overdue first,
+/// never one whose session has an earlier pending delivery to the same connector.
+pub(super) fn claim(conn: &Connection, lane: &LaneClaim, now: i64) -> Result<Vec<ClaimedDelivery>> {
     let mut lease = conn.prepare_cached(
         "UPDATE OR FAIL deliveries SET lease_until = ?3, updated_at = ?4 WHERE id IN ( \
            SELECT d.id FROM deliveries d INDEXED BY deliveries_lane_idx \
@@ -860,27 +856,25 @@ pub(super) fn claim(
     )?;
     let mut payload = conn.prepare_cached("SELECT payload FROM outbox WHERE id = ?1")?;
     let mut out = Vec::new();
-    for lane in lanes.iter().filter(|l| l.limit > 0) {
-        let claimed: Vec<(i64, i64, i32)> = lease
-            .query_map(
-                params![lane.limit, lane.connector, lane.lease_until, now],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?
-            .collect::<rusqlite::Result<_>>()?;
-        for (id, outbox_id, attempts) in claimed {
-            let text: Option<String> = payload.query_row([outbox_id], |r| r.get(0)).optional()?;
-            let text = text.ok_or_else(|| {
-                StoreError::Corrupt(format!("delivery {id}: outbox row {outbox_id} missing"))
-            })?;
-            let event: SyncEvent = serde_json::from_str(&text)
-                .map_err(|e| corrupt(&format!("outbox row {outbox_id}"), e))?;
-            out.push(ClaimedDelivery {
-                id,
-                connector: lane.connector.clone(),
-                attempts,
-                event,
-            });
-        }
+    let claimed: Vec<(i64, i64, i32)> = lease
+        .query_map(
+            params![lane.limit, lane.connector, lane.lease_until, now],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, outbox_id, attempts) in claimed {
+        let text: Option<String> = payload.query_row([outbox_id], |r| r.get(0)).optional()?;
+        let text = text.ok_or_else(|| {
+            StoreError::Corrupt(format!("delivery {id}: outbox row {outbox_id} missing"))
+        })?;
+        let event: SyncEvent = serde_json::from_str(&text)
+            .map_err(|e| corrupt(&format!("outbox row {outbox_id}"), e))?;
+        out.push(ClaimedDelivery {
+            id,
+            connector: lane.connector.clone(),
+            attempts,
+            event,
+        });
     }
     out.sort_by_key(|c| c.id);
     Ok(out)
