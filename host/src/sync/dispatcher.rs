@@ -537,8 +537,10 @@ impl Lane {
         // Claimed deliveries waiting for a call slot, in claim order, each with the latest
         // time its call may start. They are plain values, not parked tasks (a delivery's task
         // is 3.5 KB before it runs), so the next batch is claimed while one runs at little
-        // cost in memory.
-        let mut held: VecDeque<(ClaimedDelivery, i64)> = VecDeque::new();
+        // cost in memory. Each call slot is a worker that takes the next one as soon as its
+        // call ends, without a round trip through this loop.
+        let held: Held = Arc::default();
+        let progress = Arc::new(Notify::new());
         loop {
             while let Some(res) = in_flight.try_join_next() {
                 if let Err(e) = res {
@@ -557,17 +559,16 @@ impl Lane {
             } else if width < granted {
                 granted -= running.forget_permits(granted - width);
             }
-            while !held.is_empty() {
+            let waiting = lock(&held).len();
+            for _ in 0..waiting {
                 let Ok(slot) = running.clone().try_acquire_owned() else {
                     break;
                 };
-                if let Some((delivery, call_by)) = held.pop_front() {
-                    self.spawn(&mut in_flight, slot, delivery, call_by);
-                }
+                self.spawn(&mut in_flight, slot, &held, &progress, &shutdown);
             }
             let call_us = self.call_us.load(std::sync::atomic::Ordering::Relaxed);
             let depth = claim_depth(width, call_us);
-            let free = depth.saturating_sub(in_flight.len() + held.len());
+            let free = depth.saturating_sub(in_flight.len() + lock(&held).len());
             // Claim in batches (half the depth or more), not one per finished call: each
             // claim is a database transaction, and on a busy writer it waits behind other
             // transactions while the claimed half still runs.
@@ -593,7 +594,7 @@ impl Lane {
                         let margin_ms =
                             i64::try_from(d.config.lease_margin.as_millis() / 2).unwrap_or(0);
                         let call_by = latest_start(lease_until, timeout_ms, margin_ms);
-                        held.extend(claimed.into_iter().map(|delivery| (delivery, call_by)));
+                        lock(&held).extend(claimed.into_iter().map(|delivery| (delivery, call_by)));
                     }
                     Err(e) => {
                         // Try again at the next poll, not in a tight loop.
@@ -605,6 +606,8 @@ impl Lane {
             }
             tokio::select! {
                 _ = self.wake.notified() => due = true,
+                // A call ended: maybe time to claim the next batch.
+                _ = progress.notified() => {}
                 Some(res) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Err(e) = res {
                         tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
@@ -622,7 +625,10 @@ impl Lane {
         // Stopping, or the connector went away: what was claimed ahead and not started goes
         // back in one statement, so another instance (or this one restarted) takes it at once
         // instead of after its lease.
-        let ids = held.into_iter().map(|(delivery, _)| delivery.id).collect();
+        let ids = std::mem::take(&mut *lock(&held))
+            .into_iter()
+            .map(|(delivery, _)| delivery.id)
+            .collect();
         if let Err(e) = d.store.unlease(ids).await {
             tracing::warn!(connector = %self.connector, error = %e, "cannot release the leases of deliveries claimed ahead; they expire instead");
         }
@@ -643,49 +649,63 @@ impl Lane {
             .publish(if counted { age(oldest) } else { Duration::ZERO });
     }
 
-    /// Runs one claimed delivery in the lane's call `slot` and hands its record to the
-    /// recorder.
+    /// Starts a worker on the lane's call `slot`: it runs the held deliveries one after
+    /// another, in claim order, and hands each record to the recorder; it ends when none is
+    /// left or the dispatcher stops (what is left is given back by the lane).
     fn spawn(
         &self,
         in_flight: &mut JoinSet<()>,
         slot: OwnedSemaphorePermit,
-        delivery: ClaimedDelivery,
-        call_by: i64,
+        held: &Held,
+        progress: &Arc<Notify>,
+        shutdown: &watch::Receiver<bool>,
     ) {
-        let (d, finished, wake, call_us) = (
+        let (d, finished, wake, call_us, held, progress, shutdown) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
             self.call_us.clone(),
+            held.clone(),
+            progress.clone(),
+            shutdown.clone(),
         );
         let task = async move {
             let _slot = slot;
-            // Free slots were counted before the claim; another lane may have taken one
-            // since, and then this call waits for the next (each ends by its deadline).
-            let Ok(_call) = d.calls.clone().acquire_owned().await else {
-                return;
-            };
-            if now_millis() > call_by {
-                tracing::info!(
-                    connector = %delivery.connector,
-                    delivery = delivery.id,
-                    "claimed delivery waited too long for its call; it is claimed again once \
-                     its lease ends"
-                );
-                return;
-            }
-            let clock = std::time::Instant::now();
-            let record = d.attempt(delivery).await;
-            observe_call(&call_us, clock.elapsed());
-            if let Some(record) = record
-                && finished.send((record, wake)).await.is_err()
-            {
-                // Only at shutdown after the recorder stopped: the lease expires and the
-                // delivery is made again (at least once).
-                tracing::warn!("delivery attempt not recorded: the recorder has stopped");
+            loop {
+                if *shutdown.borrow() {
+                    return;
+                }
+                let Some((delivery, call_by)) = lock(&held).pop_front() else {
+                    return;
+                };
+                // Free slots were counted before the claim; another lane may have taken one
+                // since, and then this call waits for the next (each ends by its deadline).
+                let Ok(_call) = d.calls.clone().acquire_owned().await else {
+                    return;
+                };
+                if now_millis() > call_by {
+                    tracing::info!(
+                        connector = %delivery.connector,
+                        delivery = delivery.id,
+                        "claimed delivery waited too long for its call; it is claimed again \
+                         once its lease ends"
+                    );
+                    continue;
+                }
+                let clock = std::time::Instant::now();
+                let record = d.attempt(delivery).await;
+                observe_call(&call_us, clock.elapsed());
+                if let Some(record) = record
+                    && finished.send((record, wake.clone())).await.is_err()
+                {
+                    // Only at shutdown after the recorder stopped: the lease expires and the
+                    // delivery is made again (at least once).
+                    tracing::warn!("delivery attempt not recorded: the recorder has stopped");
+                }
+                progress.notify_one();
             }
         };
-        // On a hook thread the call runs in place: no hop there and back per delivery.
+        // On a hook thread the calls run in place: no hop there and back per delivery.
         match crate::runtime::delivery_threads() {
             Some(threads) => {
                 let (thread, task) = threads.place(task);
@@ -694,6 +714,15 @@ impl Lane {
             None => in_flight.spawn(task),
         };
     }
+}
+
+/// A lane's claimed deliveries not yet started, with the latest start of each call.
+type Held = Arc<std::sync::Mutex<VecDeque<(ClaimedDelivery, i64)>>>;
+
+/// The held queue, even if a worker panicked while holding it (a queue stays consistent).
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, VecDeque<(ClaimedDelivery, i64)>> {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How long ago `at_ms` was (zero for `None` or a time in the future).
