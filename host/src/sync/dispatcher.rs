@@ -11,10 +11,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
@@ -532,8 +533,7 @@ impl Lane {
         // when a claim finds fewer than it asked for.
         let mut due = true;
         // The calls that may run at once: the manifest's concurrency.
-        let running = Arc::new(Semaphore::new(0));
-        let mut granted = 0usize;
+        let slots = Arc::new(Slots::default());
         // Claimed deliveries waiting for a call slot, in claim order, each with the latest
         // time its call may start. They are plain values, not parked tasks (a delivery's task
         // is 3.5 KB before it runs), so the next batch is claimed while one runs at little
@@ -553,15 +553,10 @@ impl Lane {
             let Some((width, timeout_ms)) = d.lane_settings(&self.connector) else {
                 break;
             };
-            if width > granted {
-                running.add_permits(width - granted);
-                granted = width;
-            } else if width < granted {
-                granted -= running.forget_permits(granted - width);
-            }
+            slots.allowed.store(width, Ordering::SeqCst);
             let waiting = lock(&held).len();
             for _ in 0..waiting {
-                let Ok(slot) = running.clone().try_acquire_owned() else {
+                let Some(slot) = Slot::take(&slots) else {
                     break;
                 };
                 self.spawn(&mut in_flight, slot, &held, &progress, &shutdown);
@@ -651,11 +646,13 @@ impl Lane {
 
     /// Starts a worker on the lane's call `slot`: it runs the held deliveries one after
     /// another, in claim order, and hands each record to the recorder; it ends when none is
-    /// left or the dispatcher stops (what is left is given back by the lane).
+    /// left, when the lane has more workers than its connector's concurrency now allows (a
+    /// swap lowered it), or when the dispatcher stops (what is left is given back by the
+    /// lane).
     fn spawn(
         &self,
         in_flight: &mut JoinSet<()>,
-        slot: OwnedSemaphorePermit,
+        mut slot: Slot,
         held: &Held,
         progress: &Arc<Notify>,
         shutdown: &watch::Receiver<bool>,
@@ -670,9 +667,8 @@ impl Lane {
             shutdown.clone(),
         );
         let task = async move {
-            let _slot = slot;
             loop {
-                if *shutdown.borrow() {
+                if *shutdown.borrow() || slot.shed() {
                     return;
                 }
                 let Some((delivery, call_by)) = lock(&held).pop_front() else {
@@ -713,6 +709,61 @@ impl Lane {
             }
             None => in_flight.spawn(task),
         };
+    }
+}
+
+/// A lane's call slots: how many workers it may run (its connector's `concurrency`, which a
+/// swap may change while the lane runs) and how many it runs.
+#[derive(Default)]
+struct Slots {
+    allowed: AtomicUsize,
+    busy: AtomicUsize,
+}
+
+/// One worker's call slot, free again when the worker ends (returns or panics).
+struct Slot {
+    slots: Arc<Slots>,
+    held: bool,
+}
+
+impl Slot {
+    /// A slot for a new worker, if the lane runs fewer than it allows.
+    fn take(slots: &Arc<Slots>) -> Option<Slot> {
+        slots
+            .busy
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |busy| {
+                (busy < slots.allowed.load(Ordering::SeqCst)).then_some(busy + 1)
+            })
+            .ok()
+            .map(|_| Slot {
+                slots: slots.clone(),
+                held: true,
+            })
+    }
+
+    /// Frees this slot if the lane runs more workers than it now allows; the worker then
+    /// ends after its call, so a lowered concurrency holds from the next call on, not from
+    /// the end of the backlog.
+    fn shed(&mut self) -> bool {
+        let slots = &self.slots;
+        let shed = slots
+            .busy
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |busy| {
+                (busy > slots.allowed.load(Ordering::SeqCst)).then(|| busy - 1)
+            })
+            .is_ok();
+        if shed {
+            self.held = false;
+        }
+        shed
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.held {
+            self.slots.busy.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -803,6 +854,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lane_runs_at_most_its_concurrency_and_sheds_workers_when_it_is_lowered() {
+        let slots = Arc::new(Slots::default());
+        slots.allowed.store(2, Ordering::SeqCst);
+        let mut a = Slot::take(&slots).unwrap();
+        let mut b = Slot::take(&slots).unwrap();
+        assert!(Slot::take(&slots).is_none(), "two allowed, two running");
+        assert!(!a.shed() && !b.shed(), "none to shed at the allowed width");
+
+        // A swap lowers the concurrency to 1: exactly one worker ends after its call.
+        slots.allowed.store(1, Ordering::SeqCst);
+        assert!(a.shed());
+        assert!(!b.shed(), "the other keeps its slot");
+        drop(a);
+        assert_eq!(
+            slots.busy.load(Ordering::SeqCst),
+            1,
+            "a shed slot is freed once"
+        );
+        assert!(Slot::take(&slots).is_none());
+
+        // A worker that ends (or panics) frees its slot for the next.
+        drop(b);
+        assert_eq!(slots.busy.load(Ordering::SeqCst), 0);
+        assert!(Slot::take(&slots).is_some());
+    }
 
     #[test]
     fn the_route_reads_the_connectors_when_it_first_routes_not_when_it_is_made() {
