@@ -612,6 +612,9 @@ impl Lane {
                 _ = shutdown.changed() => {}
             }
         }
+        // No slot left: each worker ends after its call instead of taking the next held
+        // delivery, which would only find its connector gone and give it back on its own.
+        slots.allowed.store(0, Ordering::SeqCst);
         while let Some(res) = in_flight.join_next().await {
             if let Err(e) = res {
                 tracing::error!(connector = %self.connector, error = %e, "delivery task failed");
