@@ -139,21 +139,20 @@ const CLAIM_SQL: &str = "WITH picked AS ( \
          (SELECT o.payload FROM outbox o WHERE o.id = c.outbox_id) \
        FROM claimed c ORDER BY c.id";
 
-/// Leases up to the lane's limit of its connector's due deliveries, most overdue first,
-/// never one whose session has an earlier pending delivery to the same connector. One
-/// statement (the leases and the events' payloads) that commits on its own; rows another
-/// instance is claiming are skipped, not waited for. The leased rows and their payloads are
-/// looked up by key (`= ANY`, a scalar subquery): written as joins, the planner hashed the whole outbox for every claim (30 ms at 80,000 events). The session
-/// check is a scalar subquery too (the session's first pending delivery must be this one),
-/// which the planner runs per candidate on the pending-session index; written as `NOT
-/// EXISTS`, it became an anti-join, and with statistics taken while the table was small the
-/// planner compared every pending row of the connector with each candidate (26 ms per claim,
-/// 2,000 deliveries/s, in a backlog of 50,000). The check reads "no earlier than the
-/// session's first" (`<=`), which means the same (the row itself is pending): the planner
-/// takes an equality with a subquery to match one row, and for a claim larger than about a
-/// hundred it then sorted every pending row of the lane, running the check for each, instead
-/// of reading the lane index in order and stopping at the limit (53 ms against 4 ms for 256
-/// of a backlog of 20,000).
+/// Leases up to the lane's limit of its connector's due deliveries, most overdue first, never one
+/// whose session has an earlier pending delivery to the same connector. One statement (the leases
+/// and the events' payloads) that commits on its own; rows another instance is claiming are
+/// skipped, not waited for. The leased rows and their payloads are looked up by key (`= ANY`, a
+/// scalar subquery): written as joins, the planner hashed the whole outbox for every claim (30 ms
+/// at 80,000 events). The session check is a scalar subquery too (the session's first pending
+/// delivery must be this one), which the planner runs per candidate on the pending-session index;
+/// written as `NOT EXISTS`, it became an anti-join, and with statistics taken while the table was
+/// small the planner compared every pending row of the connector with each candidate (26 ms per
+/// claim, 2,000 deliveries/s, in a backlog of 50,000). The check reads "no earlier than the
+/// session's first" (`<=`), which means the same (the row itself is pending): the planner takes an
+/// equality with a subquery to match one row, and for a claim larger than about a hundred it then
+/// sorted every pending row of the lane, running the check for each, instead of reading the lane
+/// index in order and stopping at the limit (53 ms against 4 ms for 256 of a backlog of 20,000).
 pub(crate) async fn claim(
     pool: &PgPool,
     lane: &LaneClaim,
