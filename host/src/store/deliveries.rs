@@ -280,9 +280,15 @@ where
         ));
         qb.and("status = ", q.status.map(|s| s.as_str()))
             .and("connector = ", q.connector.as_deref())
-            .and("realm = ", q.realm.as_deref())
-            .and("external_id = ", q.session.as_deref())
-            .and("id > ", q.after)
+            .and("realm = ", q.realm.as_deref());
+        if let Some(session) = q.session.as_deref() {
+            // Through the outbox's session index: see `session_deliveries`.
+            qb.push(" AND outbox_id IN (SELECT o.id FROM outbox o WHERE o.external_id = ")
+                .push_bind(session)
+                .and("o.realm = ", q.realm.as_deref())
+                .push(")");
+        }
+        qb.and("id > ", q.after)
             .push(" ORDER BY id LIMIT ")
             .push_bind(i64::from(q.limit));
         let rows = qb.fetch_all(&mut *conn).await?;
@@ -316,7 +322,10 @@ where
         Ok(Some((row, attempts)))
     }
 
-    /// Deliveries of some sessions of a realm (for the session tree).
+    /// Deliveries of some sessions of a realm (for the session tree). Found through the
+    /// outbox's session index and the `(outbox_id, connector)` key: a delivery carries its
+    /// event's realm and session, but an index of its own on them would cost every delivery
+    /// two more index writes (at fan-out and at its decision) for a read made by people.
     pub(crate) async fn session_deliveries(
         conn: &mut DB::Connection,
         realm: &str,
@@ -329,7 +338,8 @@ where
         let sql = concat!(
             "SELECT ",
             delivery_columns!(),
-            " FROM deliveries WHERE realm = $1 AND external_id IN ({ids}) ORDER BY id"
+            " FROM deliveries WHERE outbox_id IN (SELECT o.id FROM outbox o \
+               WHERE o.realm = $1 AND o.external_id IN ({ids})) ORDER BY id"
         );
         Self::fetch_for_ids(conn, sql, realm, &ids).await
     }

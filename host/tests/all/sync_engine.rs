@@ -27,6 +27,7 @@ on_both_backends!(
     a_slow_connector_holds_only_its_own_lane,
     a_broken_connector_at_start_is_reported_and_the_others_serve,
     new_sessions_wait_for_a_delivery_backlog_and_logouts_never_do,
+    a_sessions_deliveries_are_listed_by_session_and_shown_on_its_tree,
 );
 
 const FAST_RETRY: &str =
@@ -980,4 +981,118 @@ async fn refresh_events_reach_only_connectors_that_subscribe_to_them(backend: Ba
     let expires =
         chrono::DateTime::parse_from_rfc3339(body["expiresAt"].as_str().unwrap()).unwrap();
     assert_eq!(expires.timestamp_millis(), later);
+}
+
+/// `items` of every page of `/admin/deliveries?{query}`, one delivery a page, once all
+/// `want` of them are delivered (recording follows the call, so poll a little).
+async fn delivered_pages(server: &Server, query: &str, want: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let mut items = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..=want {
+            let (status, page) = server
+                .admin_get(&format!("/admin/deliveries?{query}&limit=1{cursor}"))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            items.extend(page["items"].as_array().unwrap().iter().cloned());
+            match page["nextCursor"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => break,
+            }
+        }
+        if items.len() == want && items.iter().all(|d| d["status"] == "delivered") {
+            return items;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{query}: never {want} delivered deliveries");
+}
+
+/// Deliveries are found by their session (in one realm or in every one, page by page) and
+/// each session of a tree shows its own; the same session id in another realm is another
+/// session. (These reads go through the outbox's session index, not one of the deliveries.)
+async fn a_sessions_deliveries_are_listed_by_session_and_shown_on_its_tree(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(
+        dir.path(),
+        "billing",
+        "webhook",
+        &format!(
+            "realms = [\"acme\", \"other\"]\nallowed_hosts = [\"{}\"]\n{FAST_RETRY}\n[config]\nurl = \"{}\"\n",
+            receiver.origin(),
+            receiver.url("/billing")
+        ),
+    );
+    let server = start(backend, dir.path()).await;
+    let (acme, other) = (server.api("acme"), server.api("other"));
+    acme.map_parent("portal-1", "kc-1").await;
+    acme.map_child("app-1", "portal-1").await;
+    acme.map_parent("portal-2", "kc-2").await;
+    acme.map_child("app-2", "portal-2").await;
+    other.map_parent("portal-1", "kc-9").await;
+    // The logins arrive before the logouts are made (a login still pending at its logout
+    // would be dropped, not delivered).
+    receiver.wait_for(5, Duration::from_secs(10)).await;
+    acme.destroy_parent("portal-1").await;
+    receiver.wait_for(7, Duration::from_secs(10)).await;
+
+    let mine = delivered_pages(&server, "realm=acme&session=portal-1", 2).await;
+    let kinds: Vec<(&str, &str, &str)> = mine
+        .iter()
+        .map(|d| {
+            (
+                d["realm"].as_str().unwrap(),
+                d["externalId"].as_str().unwrap(),
+                d["eventType"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("acme", "portal-1", "login"),
+            ("acme", "portal-1", "logout")
+        ]
+    );
+    let everywhere = delivered_pages(&server, "session=portal-1", 3).await;
+    let realms: BTreeSet<&str> = everywhere
+        .iter()
+        .map(|d| d["realm"].as_str().unwrap())
+        .collect();
+    assert_eq!(realms, BTreeSet::from(["acme", "other"]));
+    let logouts = delivered_pages(
+        &server,
+        "session=app-1&status=delivered&connector=billing",
+        2,
+    )
+    .await;
+    assert_eq!(logouts[1]["eventType"], "logout");
+    let (_, none) = server
+        .admin_get("/admin/deliveries?realm=other&session=app-1")
+        .await;
+    assert_eq!(none["items"], json!([]), "app-1 is a session of acme only");
+
+    let (status, tree) = acme.get("session-tree/app-2").await;
+    assert_eq!(status, StatusCode::OK, "{tree}");
+    let shown: Vec<(String, Vec<String>)> = tree["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let deliveries = s["deliveries"].as_array().unwrap();
+            let each = deliveries
+                .iter()
+                .map(|d| format!("{}:{}", d["connector"], d["eventType"]).replace('"', ""))
+                .collect();
+            (s["externalId"].as_str().unwrap().to_owned(), each)
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("portal-2".to_owned(), vec!["billing:login".to_owned()]),
+            ("app-2".to_owned(), vec!["billing:login".to_owned()]),
+        ]
+    );
 }
