@@ -310,32 +310,6 @@ async fn map_child_racing_destroy_parent_on_other_instances_never_leaves_an_acti
     assert!(active.is_empty(), "{active:#?}");
 }
 
-/// Polls (bounded) until `pred` holds for every delivery of `connector`; returns them.
-async fn wait_all_deliveries(
-    server: &Server,
-    connector: &str,
-    timeout: Duration,
-    pred: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let all = server.all_deliveries(connector).await;
-        if pred(&all) {
-            return all;
-        }
-        let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
-        for d in &all {
-            *by_status.entry(d["status"].to_string()).or_default() += 1;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "deliveries of {connector} never satisfied the condition: {} {by_status:?}",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A connector's state as each instance reports it.
 async fn connector_on_each(servers: &[Server], name: &str) -> Vec<Value> {
     let mut out = Vec::new();
@@ -418,10 +392,11 @@ async fn a_shared_outbox_is_delivered_once_per_event_by_several_instances() {
     // another instance — 360 events, claimed while they are being written.
     let started = Instant::now();
     let live = load(&apis, "live-", 240).await;
-    wait_all_deliveries(&servers[0], "hook", Duration::from_secs(60), |d| {
-        d.len() == live && d.iter().all(|x| x["status"] == "delivered")
-    })
-    .await;
+    servers[0]
+        .wait_delivery_pages("connector=hook", 500, Duration::from_secs(60), |d| {
+            d.len() == live && d.iter().all(|x| x["status"] == "delivered")
+        })
+        .await;
     let live_took = started.elapsed();
     let after_live = served(&connector_on_each(&servers, "hook").await);
 
@@ -445,10 +420,11 @@ async fn a_shared_outbox_is_delivered_once_per_event_by_several_instances() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let held = load(&apis, "held-", 120).await;
-    wait_all_deliveries(&servers[1], "hook", Duration::from_secs(30), |d| {
-        d.len() == live + held && d.iter().filter(|x| x["status"] == "pending").count() == held
-    })
-    .await;
+    servers[1]
+        .wait_delivery_pages("connector=hook", 500, Duration::from_secs(30), |d| {
+            d.len() == live + held && d.iter().filter(|x| x["status"] == "pending").count() == held
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         receiver.requests().len(),
@@ -461,10 +437,11 @@ async fn a_shared_outbox_is_delivered_once_per_event_by_several_instances() {
         .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let events = live + held;
-    let deliveries = wait_all_deliveries(&servers[2], "hook", Duration::from_secs(60), |d| {
-        d.len() == events && d.iter().all(|x| x["status"] == "delivered")
-    })
-    .await;
+    let deliveries = servers[2]
+        .wait_delivery_pages("connector=hook", 500, Duration::from_secs(60), |d| {
+            d.len() == events && d.iter().all(|x| x["status"] == "delivered")
+        })
+        .await;
     let backlog_took = started.elapsed();
     // A second claim of the same delivery would arrive at once; give it a moment anyway.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -555,10 +532,14 @@ async fn a_connector_uploaded_on_one_instance_gets_every_later_event_from_every_
             .boxed()
         });
         all(tasks).await;
-        let got = wait_all_deliveries(&servers[0], &name, Duration::from_secs(30), |d| {
-            d.len() >= PER_ROUND
-        })
-        .await;
+        let got = servers[0]
+            .wait_delivery_pages(
+                &format!("connector={name}"),
+                500,
+                Duration::from_secs(30),
+                |d| d.len() >= PER_ROUND,
+            )
+            .await;
         let sessions: HashSet<&str> = got
             .iter()
             .filter_map(|d| d["externalId"].as_str())

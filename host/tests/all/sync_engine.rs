@@ -983,29 +983,14 @@ async fn refresh_events_reach_only_connectors_that_subscribe_to_them(backend: Ba
     assert_eq!(expires.timestamp_millis(), later);
 }
 
-/// `items` of every page of `/admin/deliveries?{query}`, one delivery a page, once all
-/// `want` of them are delivered (recording follows the call, so poll a little).
+/// Every delivery `/admin/deliveries?{query}` lists, one a page, once all `want` of them are
+/// delivered (recording follows the call, so poll a little).
 async fn delivered_pages(server: &Server, query: &str, want: usize) -> Vec<Value> {
-    for _ in 0..100 {
-        let mut items = Vec::new();
-        let mut cursor = String::new();
-        for _ in 0..=want {
-            let (status, page) = server
-                .admin_get(&format!("/admin/deliveries?{query}&limit=1{cursor}"))
-                .await;
-            assert_eq!(status, StatusCode::OK, "{page}");
-            items.extend(page["items"].as_array().unwrap().iter().cloned());
-            match page["nextCursor"].as_str() {
-                Some(next) => cursor = format!("&cursor={next}"),
-                None => break,
-            }
-        }
-        if items.len() == want && items.iter().all(|d| d["status"] == "delivered") {
-            return items;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{query}: never {want} delivered deliveries");
+    server
+        .wait_delivery_pages(query, 1, Duration::from_secs(10), |d| {
+            d.len() == want && d.iter().all(|d| d["status"] == "delivered")
+        })
+        .await
 }
 
 /// Deliveries are found by their session (in one realm or in every one, page by page) and
@@ -1019,7 +1004,8 @@ async fn a_sessions_deliveries_are_listed_by_session_and_shown_on_its_tree(backe
         "billing",
         "webhook",
         &format!(
-            "realms = [\"acme\", \"other\"]\nallowed_hosts = [\"{}\"]\n{FAST_RETRY}\n[config]\nurl = \"{}\"\n",
+            "realms = [\"acme\", \"other\"]\nallowed_hosts = [\"{}\"]\n{FAST_RETRY}\n\
+             [config]\nurl = \"{}\"\n",
             receiver.origin(),
             receiver.url("/billing")
         ),

@@ -360,13 +360,18 @@ impl Server {
     /// Every delivery of `connector` (`GET /admin/deliveries`), following the cursor
     /// (bounded).
     pub async fn all_deliveries(&self, connector: &str) -> Vec<Value> {
+        self.delivery_pages(&format!("connector={connector}"), 500)
+            .await
+    }
+
+    /// Every delivery `GET /admin/deliveries?{query}` lists, `limit` a page, following the
+    /// cursor (bounded).
+    pub async fn delivery_pages(&self, query: &str, limit: u32) -> Vec<Value> {
         let mut out = Vec::new();
         let mut cursor = String::new();
         for _ in 0..100 {
             let (code, body) = self
-                .admin_get(&format!(
-                    "/admin/deliveries?connector={connector}&limit=500{cursor}"
-                ))
+                .admin_get(&format!("/admin/deliveries?{query}&limit={limit}{cursor}"))
                 .await;
             assert_eq!(code, StatusCode::OK, "{body}");
             out.extend(body["items"].as_array().unwrap().iter().cloned());
@@ -375,7 +380,35 @@ impl Server {
                 None => return out,
             }
         }
-        panic!("too many pages of deliveries for {connector}");
+        panic!("too many pages of deliveries for {query}");
+    }
+
+    /// Polls (bounded) until `pred` holds for every delivery [`Self::delivery_pages`] lists;
+    /// returns them.
+    pub async fn wait_delivery_pages(
+        &self,
+        query: &str,
+        limit: u32,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let all = self.delivery_pages(query, limit).await;
+            if pred(&all) {
+                return all;
+            }
+            let mut by_status: std::collections::BTreeMap<String, usize> = Default::default();
+            for d in &all {
+                *by_status.entry(d["status"].to_string()).or_default() += 1;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "deliveries of {query} never satisfied the condition: {} {by_status:?}",
+                all.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Polls `/admin/deliveries` until `pred` holds for the filtered list (bounded).
