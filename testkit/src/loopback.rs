@@ -3,7 +3,7 @@
 //! ([`Receiver`]). Each stops when its handle is dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -100,6 +100,8 @@ struct Shared {
     status: AtomicU16,
     delay_ms: AtomicU64,
     arrived: Notify,
+    /// Requests received, answered or not yet (a delayed one counts from its arrival).
+    received: AtomicUsize,
 }
 
 impl Shared {
@@ -154,6 +156,12 @@ impl Receiver {
         self.shared.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Requests received so far, including those still waiting out the delay and those
+    /// answered with a status that is not recorded.
+    pub fn received(&self) -> usize {
+        self.shared.received.load(Ordering::SeqCst)
+    }
+
     /// Every request recorded so far, oldest first.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.requests().clone()
@@ -183,6 +191,7 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    shared.received.fetch_add(1, Ordering::SeqCst);
     let delay = shared.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -660,7 +660,7 @@ impl Lane {
         progress: &Arc<Notify>,
         shutdown: &watch::Receiver<bool>,
     ) {
-        let (d, finished, wake, call_us, held, progress, shutdown) = (
+        let (d, finished, wake, call_us, held, progress, mut shutdown) = (
             self.dispatcher.clone(),
             self.finished.clone(),
             self.wake.clone(),
@@ -671,15 +671,27 @@ impl Lane {
         );
         let task = async move {
             loop {
+                if *shutdown.borrow() || slot.shed() || lock(&held).is_empty() {
+                    return;
+                }
+                // Free slots were counted before the claim; another lane may have taken one
+                // since, and then this worker waits for the next (each ends by its deadline).
+                // It takes a delivery only once it has a slot: one taken before would be
+                // called after a stop that came during the wait, which must start no call,
+                // instead of going back with the rest of the lane's held deliveries.
+                let _call = tokio::select! {
+                    biased;
+                    // (A sender that is gone sends no stop: then only the slot counts.)
+                    Ok(_) = shutdown.wait_for(|stop| *stop) => return,
+                    permit = d.calls.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                };
                 if *shutdown.borrow() || slot.shed() {
                     return;
                 }
                 let Some((delivery, call_by)) = lock(&held).pop_front() else {
-                    return;
-                };
-                // Free slots were counted before the claim; another lane may have taken one
-                // since, and then this call waits for the next (each ends by its deadline).
-                let Ok(_call) = d.calls.clone().acquire_owned().await else {
                     return;
                 };
                 if now_millis() > call_by {

@@ -22,6 +22,7 @@ on_both_backends!(
     hostile_connectors_fail_with_reasons_while_the_api_and_others_keep_working,
     sigkill_with_pending_events_loses_nothing,
     a_graceful_stop_finishes_calls_and_gives_back_what_it_claimed_ahead,
+    a_graceful_stop_starts_no_call_that_waited_for_a_free_call_slot,
     deliveries_api_is_for_operators_only_and_validates_input,
     refresh_events_reach_only_connectors_that_subscribe_to_them,
     a_slow_connector_holds_only_its_own_lane,
@@ -560,6 +561,88 @@ async fn a_graceful_stop_finishes_calls_and_gives_back_what_it_claimed_ahead(bac
         .await,
         0,
         "a delivery claimed ahead is given back, not left leased"
+    );
+}
+
+/// Every call slot of the instance is busy with another connector's slow calls when a lane
+/// has deliveries to make: its workers wait for a slot. A graceful stop that comes during the
+/// wait must start none of those calls once slots free up (a stop starts no call); the
+/// deliveries go back unleased, and the slow calls in flight finish and are recorded.
+async fn a_graceful_stop_starts_no_call_that_waited_for_a_free_call_slot(backend: Backend) {
+    // The most calls an instance makes at once, all of them taken by `hog`.
+    const SLOTS: usize = 64;
+    let slow = Receiver::start().await;
+    slow.set_delay(Duration::from_millis(2_500));
+    let fast = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(
+        dir.path(),
+        "hog",
+        "webhook",
+        &format!(
+            "realms = [\"hog\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 10000\nconcurrency = {SLOTS}\n[config]\nurl = \"{}\"\n",
+            slow.origin(),
+            slow.url("/hog")
+        ),
+    );
+    webhook_manifest(dir.path(), "late", &fast, "", FAST_RETRY);
+    let server = start(backend, dir.path()).await;
+    let hog = server.api("hog");
+    for i in 0..SLOTS {
+        let (status, _) = hog
+            .post("map-fixed", json!({"externalId": format!("hog-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // The slow receiver records a call when it answers (2.5 s on): wait until it has
+    // received them all instead.
+    let began = std::time::Instant::now();
+    while slow.received() < SLOTS {
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{} of {SLOTS} calls started after {:?}",
+            slow.received(),
+            began.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let api = server.api("acme");
+    for i in 0..3 {
+        let (status, _) = api
+            .post("map-fixed", json!({"externalId": format!("late-{i}")}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    // Time for `late`'s lane to claim them and its workers to wait for a slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fast.requests().is_empty() && slow.requests().is_empty(),
+        "every call slot should still be busy"
+    );
+    let (status, url, _db) = server.terminate_keeping(Duration::from_secs(20)).await;
+    assert!(status.success(), "graceful stop: {status}");
+    assert_eq!(slow.requests().len(), SLOTS, "the calls in flight finished");
+    let late: Vec<Value> = fast
+        .requests()
+        .iter()
+        .map(|r| r.json()["externalId"].clone())
+        .collect();
+    assert!(late.is_empty(), "calls started after the stop: {late:?}");
+    let count = |sql| common::count_rows(backend, &url, sql);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM deliveries WHERE connector = 'hog' AND status = 'delivered'")
+            .await,
+        SLOTS as i64,
+        "the finished calls were recorded"
+    );
+    assert_eq!(
+        count(
+            "SELECT COUNT(*) FROM deliveries WHERE connector = 'late' AND status = 'pending' \
+             AND lease_until IS NULL AND attempts = 0"
+        )
+        .await,
+        3,
+        "what waited for a slot goes back untried, without a lease"
     );
 }
 
