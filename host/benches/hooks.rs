@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo xtask build-connectors && cargo bench -p lockstep --bench hooks`
 //! (`-- --calls N` to change the sample size; `-- --only fresh` or `-- --only webhook` runs
-//! only the fresh-instance or the pooled-webhook loops, for a profiler). The fresh-instance and
+//! only the fresh-instance or the pooled-webhook loops, for a profiler; `webhook-fresh` and
+//! `webhook-warm` run one in-place webhook loop alone). The fresh-instance and
 //! pooled-webhook calls are timed twice: from a Tokio worker of the bench (a hop to a hook
 //! thread and back per call) and on a hook thread, as the dispatcher calls (in place).
 //! Prints medians, p99 and ratios; figures go to docs/benchmarks.md.
@@ -267,6 +268,21 @@ async fn run(calls: usize, only: Option<&str>) {
     println!("# hooks benchmark: {calls} calls per figure, 2 tokio workers");
     let runtime = Runtime::new(None).unwrap();
     let ev = event();
+    // One loop alone, for a profiler: the pooled webhook in place, fresh or warm.
+    if let Some(warm) = match only {
+        Some("webhook-fresh") => Some(""),
+        Some("webhook-warm") => Some("reuse_instance = true"),
+        _ => None,
+    } {
+        let (waddr, _) = receiver().await;
+        let connector = runtime
+            .load(webhook_manifest_with(waddr, warm, ""))
+            .await
+            .unwrap();
+        let s = sequential_in_place(&runtime, &connector, &ev, calls).await;
+        row(only.unwrap_or_default(), &s);
+        return;
+    }
     if only == Some("webhook") {
         let (waddr, _) = receiver().await;
         let pooled = runtime.load(webhook_manifest(waddr, "")).await.unwrap();
