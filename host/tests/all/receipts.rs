@@ -7,7 +7,7 @@ use crate::common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::components::write_manifest;
+use common::components::unsigned_webhook_manifest;
 use common::receiver::Receiver;
 use common::{Api, Backend, Server, ServerOptions, assert_problem};
 use reqwest::StatusCode;
@@ -28,15 +28,12 @@ const FAILING: &str =
     "[policy]\non_failure = \"retry\"\nmax_attempts = 3\nbackoff_ms = 200\nmax_backoff_ms = 400\n";
 
 fn webhook(dir: &Path, name: &str, receiver: &Receiver, policy: &str) {
-    write_manifest(
+    unsigned_webhook_manifest(
         dir,
         name,
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n{policy}\n[config]\nurl = \"{}\"\n",
-            receiver.origin(),
-            receiver.url(&format!("/{name}"))
-        ),
+        &["acme"],
+        receiver,
+        &format!("timeout_ms = 2000\n{policy}"),
     );
 }
 

@@ -16,7 +16,7 @@ use crate::common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::components::write_manifest;
+use common::components::unsigned_webhook_manifest;
 use common::receiver::Receiver;
 use common::{Api, Backend, Server, ServerOptions, fresh_database, skip_postgres};
 use futures::FutureExt;
@@ -351,17 +351,12 @@ async fn a_shared_outbox_is_delivered_once_per_event_by_several_instances() {
     let receiver = Receiver::start().await;
     // Each instance loads the same directory content (here: the same directory).
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(
+    unsigned_webhook_manifest(
         dir.path(),
         "hook",
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n\
-             [policy]\non_failure = \"retry\"\nmax_attempts = 5\n\
-             [config]\nurl = \"{}\"\n",
-            receiver.origin(),
-            receiver.url("/hook")
-        ),
+        &["acme"],
+        &receiver,
+        "timeout_ms = 2000\n[policy]\non_failure = \"retry\"\nmax_attempts = 5\n",
     );
     let Some(servers) = three_instances(ServerOptions {
         connectors_dir: Some(dir.path().to_owned()),

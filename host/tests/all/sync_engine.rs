@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use common::components::{webhook_manifest, write_manifest};
+use common::components::{unsigned_webhook_manifest, webhook_manifest, write_manifest};
 use common::receiver::Receiver;
 use common::{Backend, Server, ServerOptions};
 use reqwest::StatusCode;
@@ -305,15 +305,12 @@ async fn a_slow_connector_holds_only_its_own_lane(backend: Backend) {
     slow.set_delay(Duration::from_millis(1_000));
     let dir = tempfile::tempdir().unwrap();
     webhook_manifest(dir.path(), "fast", &fast, "", FAST_RETRY);
-    write_manifest(
+    unsigned_webhook_manifest(
         dir.path(),
         "slow",
-        "webhook",
-        &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 5000\nconcurrency = 2\n{FAST_RETRY}\n[config]\nurl = \"{}\"\n",
-            slow.origin(),
-            slow.url("/slow")
-        ),
+        &["acme"],
+        &slow,
+        &format!("timeout_ms = 5000\nconcurrency = 2\n{FAST_RETRY}"),
     );
     let server = start(backend, dir.path()).await;
     let api = server.api("acme");
@@ -575,15 +572,12 @@ async fn a_graceful_stop_starts_no_call_that_waited_for_a_free_call_slot(backend
     slow.set_delay(Duration::from_millis(2_500));
     let fast = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(
+    unsigned_webhook_manifest(
         dir.path(),
         "hog",
-        "webhook",
-        &format!(
-            "realms = [\"hog\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 10000\nconcurrency = {SLOTS}\n[config]\nurl = \"{}\"\n",
-            slow.origin(),
-            slow.url("/hog")
-        ),
+        &["hog"],
+        &slow,
+        &format!("timeout_ms = 10000\nconcurrency = {SLOTS}"),
     );
     webhook_manifest(dir.path(), "late", &fast, "", FAST_RETRY);
     let server = start(backend, dir.path()).await;
@@ -1082,16 +1076,12 @@ async fn delivered_pages(server: &Server, query: &str, want: usize) -> Vec<Value
 async fn a_sessions_deliveries_are_listed_by_session_and_shown_on_its_tree(backend: Backend) {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    write_manifest(
+    unsigned_webhook_manifest(
         dir.path(),
         "billing",
-        "webhook",
-        &format!(
-            "realms = [\"acme\", \"other\"]\nallowed_hosts = [\"{}\"]\n{FAST_RETRY}\n\
-             [config]\nurl = \"{}\"\n",
-            receiver.origin(),
-            receiver.url("/billing")
-        ),
+        &["acme", "other"],
+        &receiver,
+        FAST_RETRY,
     );
     let server = start(backend, dir.path()).await;
     let (acme, other) = (server.api("acme"), server.api("other"));

@@ -37,12 +37,46 @@ pub fn write_manifest(
 /// `receiver` at `/{name}` (signing with the secret `s3cret`), with `extra` settings and a
 /// `policy` table (either may be empty).
 pub fn webhook_manifest(dir: &Path, name: &str, receiver: &Receiver, extra: &str, policy: &str) {
+    webhook_manifest_in(
+        dir,
+        name,
+        &["acme"],
+        receiver,
+        &format!("timeout_ms = 2000\n{extra}\n{policy}"),
+        "secret = \"s3cret\"\n",
+    );
+}
+
+/// Writes a manifest for an unsigned webhook connector `name` that gets the events of
+/// `realms` and posts them to `receiver` at `/{name}`; `extra` goes before `[config]`
+/// (top-level settings first, then tables such as `[policy]`).
+pub fn unsigned_webhook_manifest(
+    dir: &Path,
+    name: &str,
+    realms: &[&str],
+    receiver: &Receiver,
+    extra: &str,
+) {
+    webhook_manifest_in(dir, name, realms, receiver, extra, "");
+}
+
+/// A webhook manifest: `extra` before `[config]`, `config` after its `url`.
+fn webhook_manifest_in(
+    dir: &Path,
+    name: &str,
+    realms: &[&str],
+    receiver: &Receiver,
+    extra: &str,
+    config: &str,
+) {
+    let realms: Vec<String> = realms.iter().map(|r| format!("{r:?}")).collect();
     write_manifest(
         dir,
         name,
         "webhook",
         &format!(
-            "realms = [\"acme\"]\nallowed_hosts = [\"{}\"]\ntimeout_ms = 2000\n{extra}\n{policy}\n[config]\nurl = \"{}\"\nsecret = \"s3cret\"\n",
+            "realms = [{}]\nallowed_hosts = [\"{}\"]\n{extra}\n[config]\nurl = \"{}\"\n{config}",
+            realms.join(", "),
             receiver.origin(),
             receiver.url(&format!("/{name}"))
         ),
