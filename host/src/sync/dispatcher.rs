@@ -173,6 +173,7 @@ impl Dispatcher {
     ) -> Self {
         let wake = store.committed();
         let calls = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        metrics.set_call_slots(config.concurrency.max(1));
         Dispatcher {
             store,
             runtime,
@@ -404,6 +405,8 @@ impl Dispatcher {
             outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
+        let metrics = self.metrics.connector(&delivery.connector);
+        let running = metrics.call_started();
         let clock = std::time::Instant::now();
         let outcome = match &target {
             Target::Hook(connector) => {
@@ -419,9 +422,9 @@ impl Dispatcher {
             }
         };
         let took = clock.elapsed();
+        drop(running);
         let _enter = span.enter();
         let finished_at = now_millis();
-        let metrics = self.metrics.connector(&delivery.connector);
         let (policy, version) = match &target {
             Target::Hook(connector) => (&connector.manifest.policy, connector.version.clone()),
             // The receiver's answer stands in for a hook's result, under a fixed policy.

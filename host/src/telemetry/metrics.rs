@@ -104,9 +104,32 @@ pub struct ConnectorMetrics {
     dropped: AtomicU64,
     swaps: AtomicU64,
     rejected: AtomicU64,
+    /// Calls running now (a gauge).
+    in_flight: AtomicU64,
+}
+
+/// One running call of a connector, counted in its in-flight gauge until dropped (also when
+/// the call's task is cancelled).
+pub struct CallInFlight(Arc<ConnectorMetrics>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ConnectorMetrics {
+    /// A call starts: counted as running until the returned guard drops.
+    pub fn call_started(self: &Arc<Self>) -> CallInFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        CallInFlight(self.clone())
+    }
+
+    /// Calls running now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// One hook call with its outcome label.
     pub fn hook_call(&self, outcome: &str, took: Duration) {
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
@@ -250,6 +273,8 @@ pub struct Metrics {
     compile_hits: AtomicU64,
     compile_misses: AtomicU64,
     admission: AdmissionMetrics,
+    /// Calls the instance runs at once at most, over every connector (0 until set).
+    call_slots: AtomicU64,
     /// Request latency by (method, route template, status).
     http: RwLock<BTreeMap<RequestKey, Arc<Histogram>>>,
 }
@@ -270,6 +295,12 @@ impl Metrics {
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The most calls the instance runs at once (the dispatcher's limit), for the scrape.
+    pub fn set_call_slots(&self, slots: usize) {
+        self.call_slots
+            .store(u64::try_from(slots).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The counters of one connector, created on first use.
@@ -431,6 +462,29 @@ impl Metrics {
                     m.calls(outcome)
                 );
             }
+        }
+        family(
+            &mut out,
+            "lockstep_hook_calls_in_flight",
+            "gauge",
+            "Hook calls running now, by connector (calls waiting for a free call slot are not counted).",
+        );
+        for (name, m) in &snapshot {
+            let _ = writeln!(
+                out,
+                "lockstep_hook_calls_in_flight{{connector=\"{name}\"}} {}",
+                m.in_flight()
+            );
+        }
+        let slots = self.call_slots.load(Ordering::Relaxed);
+        if slots > 0 {
+            family(
+                &mut out,
+                "lockstep_hook_call_slots",
+                "gauge",
+                "Hook calls the instance runs at once at most, over every connector; when the in-flight calls of all connectors reach it, deliveries wait for a slot.",
+            );
+            let _ = writeln!(out, "lockstep_hook_call_slots {slots}");
         }
         family(
             &mut out,
@@ -638,6 +692,10 @@ mod tests {
         c.hook_call("delivered", Duration::from_micros(80));
         c.hook_call("retry", Duration::from_millis(3));
         c.dead_letter();
+        let running = c.call_started();
+        let ended = c.call_started();
+        drop(ended);
+        m.set_call_slots(64);
         m.compiled(true);
         let text = m.render(
             &[ConnectorGauge {
@@ -664,6 +722,8 @@ mod tests {
             "lockstep_hook_duration_seconds_bucket{connector=\"billing\",le=\"+Inf\"} 2",
             "lockstep_hook_duration_seconds_count{connector=\"billing\"} 2",
             "lockstep_dead_letters_total{connector=\"billing\"} 1",
+            "lockstep_hook_calls_in_flight{connector=\"billing\"} 1",
+            "lockstep_hook_call_slots 64",
             "lockstep_connector_enabled{connector=\"billing\"} 0",
             "lockstep_deliveries_queued{connector=\"billing\",status=\"pending\"} 4",
             "lockstep_compile_cache_total{outcome=\"hit\"} 1",
@@ -680,5 +740,7 @@ mod tests {
                 .trim_end_matches("_count");
             assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
         }
+        drop(running);
+        assert_eq!(c.in_flight(), 0);
     }
 }

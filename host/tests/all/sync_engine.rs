@@ -613,6 +613,14 @@ async fn a_graceful_stop_starts_no_call_that_waited_for_a_free_call_slot(backend
         fast.requests().is_empty() && slow.requests().is_empty(),
         "every call slot should still be busy"
     );
+    // What an operator sees meanwhile: every slot taken by `hog`.
+    let metrics = server.metrics().await;
+    for line in [
+        format!("lockstep_hook_calls_in_flight{{connector=\"hog\"}} {SLOTS}\n"),
+        format!("lockstep_hook_call_slots {SLOTS}\n"),
+    ] {
+        assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+    }
     let (status, url, _db) = server.terminate_keeping(Duration::from_secs(20)).await;
     assert!(status.success(), "graceful stop: {status}");
     assert_eq!(slow.requests().len(), SLOTS, "the calls in flight finished");
