@@ -172,8 +172,9 @@ impl Dispatcher {
         admission: Arc<Admission>,
     ) -> Self {
         let wake = store.committed();
-        let calls = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        metrics.set_call_slots(config.concurrency.max(1));
+        let slots = config.concurrency.max(1);
+        let calls = Arc::new(Semaphore::new(slots));
+        metrics.set_call_slots(slots);
         Dispatcher {
             store,
             runtime,
